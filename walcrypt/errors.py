@@ -1,0 +1,98 @@
+"""The typed exception hierarchy.
+
+Two families never mix: a caller's mistake (:class:`UsageError`) and bad bytes on
+disk (:class:`StorageError`).  Every message says what happened, where (file,
+offset, index) and what to do next.  No message ever contains key material.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "WalcryptError",
+    "UsageError",
+    "CompactedError",
+    "UnavailableError",
+    "WalcryptKeyError",
+    "KeyNotFoundError",
+    "WrongKeyError",
+    "KeyProviderError",
+    "StorageError",
+    "CorruptionError",
+    "AuthenticationError",
+    "UnsupportedFormatError",
+    "LockedError",
+    "StoreFailedError",
+]
+
+
+class WalcryptError(Exception):
+    """Base class of every error walcrypt raises on purpose."""
+
+
+class UsageError(WalcryptError, ValueError):
+    """The caller misused the API: closed store, non-contiguous entries, bad options."""
+
+
+class CompactedError(WalcryptError):
+    """The requested index lies before the first retained index (etcd ErrCompacted)."""
+
+
+class UnavailableError(WalcryptError):
+    """The requested index lies after the last index (etcd ErrUnavailable)."""
+
+
+class WalcryptKeyError(WalcryptError):
+    """Base of the key family (named so it does not shadow the builtin KeyError)."""
+
+
+
+class KeyNotFoundError(WalcryptKeyError):
+    """A key ID named on disk is not in the keyring (or was destroyed)."""
+
+
+class WrongKeyError(WalcryptKeyError):
+    """The key-encryption key given cannot unwrap this store's data keys."""
+
+
+class KeyProviderError(WalcryptKeyError):
+    """A KEK provider could not produce or use its key (missing file, bad mode, KMS failure)."""
+
+
+class StorageError(WalcryptError):
+    """What is on disk is bad.  Fuzz invariant: parsers raise only this family on bad input."""
+
+
+class CorruptionError(StorageError):
+    """Bytes on disk fail their checks.  Carries the file, the offset and a detail."""
+
+    def __init__(self, path: str | None, offset: int | None, detail: str, hint: str | None = None):
+        self.path = path
+        self.offset = offset
+        self.detail = detail
+        self.hint = hint
+        where = ""
+        if path is not None:
+            where = f"{path}"
+            if offset is not None:
+                where += f" at offset {offset}"
+            where += ": "
+        message = where + detail
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+class AuthenticationError(CorruptionError):
+    """An AEAD tag, chain value or MAC failed: tampering, or data from elsewhere."""
+
+
+class UnsupportedFormatError(StorageError):
+    """An unknown format version or algorithm ID."""
+
+
+class LockedError(WalcryptError):
+    """Another process (or another open store in this one) holds the data directory."""
+
+
+class StoreFailedError(WalcryptError):
+    """An earlier write or fsync failed; the store refuses writes until it is reopened."""

@@ -1,0 +1,94 @@
+"""Versioned directories of a data directory, and the process lock.
+
+```
+DATA/
+  LOCK                  flock: one writer process at a time
+  meta/                 LMDB environment
+  wal-v1-encrypted/     encrypted segments      (preferred)
+  snap-v1-encrypted/    encrypted snapshots
+  wal-v1/  snap-v1/     legacy plaintext format (algorithm NONE)
+```
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+
+from .errors import LockedError, UsageError
+
+LOCK_NAME = "LOCK"
+META_DIR = "meta"
+WAL_ENCRYPTED = "wal-v1-encrypted"
+SNAP_ENCRYPTED = "snap-v1-encrypted"
+WAL_PLAIN = "wal-v1"
+SNAP_PLAIN = "snap-v1"
+
+
+@dataclass(frozen=True)
+class DirPair:
+    wal: str
+    snap: str
+    encrypted: bool
+
+
+ENCRYPTED_PAIR = DirPair(WAL_ENCRYPTED, SNAP_ENCRYPTED, True)
+PLAIN_PAIR = DirPair(WAL_PLAIN, SNAP_PLAIN, False)
+PAIRS_BY_PREFERENCE = (ENCRYPTED_PAIR, PLAIN_PAIR)
+
+
+def pair_for(encrypted: bool) -> DirPair:
+    return ENCRYPTED_PAIR if encrypted else PLAIN_PAIR
+
+
+def has_data(root: str, pair: DirPair) -> bool:
+    for d in (pair.wal, pair.snap):
+        p = os.path.join(root, d)
+        if os.path.isdir(p) and any(not n.startswith(".") for n in os.listdir(p)):
+            return True
+    return False
+
+
+def pairs_with_data(root: str) -> list[DirPair]:
+    return [p for p in PAIRS_BY_PREFERENCE if has_data(root, p)]
+
+
+def looks_like_store(root: str) -> bool:
+    return os.path.isdir(os.path.join(root, META_DIR))
+
+
+class DirLock:
+    """An exclusive flock on DATA/LOCK, held for the life of an open store.
+
+    flock locks belong to the open file description, so a second open of the same
+    directory - from another process or this one - gets :class:`LockedError`.
+    """
+
+    def __init__(self, root: str, *, shared: bool = False):
+        self.path = os.path.join(root, LOCK_NAME)
+        flags = os.O_RDWR | os.O_CREAT if not shared else os.O_RDONLY
+        try:
+            self.fd = os.open(self.path, flags, 0o600)
+        except FileNotFoundError:
+            raise UsageError(f"{root} is not a walcrypt data directory (no {LOCK_NAME} file)") from None
+        except PermissionError:
+            raise UsageError(f"no permission to open {self.path}") from None
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self.fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockedError(
+                    f"{root} is in use by another process or another open store (lock {self.path}); "
+                    "stop it first, or open read-only") from None
+            raise
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self.fd)
+                self.fd = None

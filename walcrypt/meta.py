@@ -1,0 +1,218 @@
+"""The metadata database: one LMDB environment per data directory (``DATA/meta``).
+
+It holds the store identity, the KEK parameters and check value, the keyring of
+wrapped keys, the segment manifest, the stable key/value store and the
+compaction/rotation state.  It is written when segments or keys change, never
+once per append: a synced LMDB commit costs two flushes.
+
+Every value except the store identity records carries a 16-byte MAC (HMAC-SHA256
+under the metadata key, or keyless BLAKE2b for plaintext stores) over the
+database name, the key and the value, so that editing the manifest or the
+keyring is detected as :class:`AuthenticationError`.
+
+Concurrency: one writer process (the ``LOCK`` flock guarantees it); within the
+process the storage engine serialises writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import lmdb
+
+from . import format as fmt
+from .errors import AuthenticationError, CorruptionError, StorageError, UsageError
+
+DB_STORE = b"store"
+DB_KEYRING = b"keyring"
+DB_SEGMENTS = b"segments"
+DB_STABLE = b"stable"
+DB_STATE = b"state"
+
+# keys of DB_STORE (not MAC'd: they are needed to derive the MAC key)
+K_STORE_ID = b"store_id"
+K_FORMAT_VERSION = b"format_version"
+K_ENCRYPTED = b"encrypted"
+K_ALGORITHM = b"algorithm"
+K_KEK_PARAMS = b"kek_params"
+K_KEK_CHECK = b"kek_check"
+K_META_KEY = b"meta_key"          # wrapped metadata MAC key
+K_META_KEY_ID = b"meta_key_id"
+
+# keys of DB_STATE (MAC'd)
+K_COMPACTED = b"compacted"        # u64 index, u64 term
+K_NEXT_SEGMENT = b"next_segment"  # u64
+K_ROTATION = b"rotation"          # JSON
+
+MAC_SIZE = 16
+MAP_SIZE = 1 << 30
+
+
+def _keyless_mac(*parts: bytes) -> bytes:
+    h = hashlib.blake2b(digest_size=MAC_SIZE)
+    for p in parts:
+        h.update(len(p).to_bytes(4, "little"))
+        h.update(p)
+    return h.digest()
+
+
+class Meta:
+    """Thin, typed access to the LMDB environment."""
+
+    def __init__(self, path: str, *, readonly: bool = False, create: bool = True):
+        self.path = path
+        if not os.path.isdir(path):
+            if readonly or not create:
+                raise UsageError(f"{path} does not exist: not a walcrypt data directory")
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        try:
+            self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
+                                 lock=not readonly, sync=True, metasync=True, mode=0o600, create=not readonly)
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
+        try:
+            self.dbs = {name: self.env.open_db(name, create=not readonly)
+                        for name in (DB_STORE, DB_KEYRING, DB_SEGMENTS, DB_STABLE, DB_STATE)}
+        except lmdb.NotFoundError:
+            self.env.close()
+            raise CorruptionError(path, None, "the metadata database lacks walcrypt tables",
+                                  "this is not a walcrypt data directory") from None
+        except lmdb.Error as exc:
+            self.env.close()
+            raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
+        self._mac_key: bytes | None = None
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- MAC ---------------------------------------------------------------
+    def set_mac_key(self, key: bytes | None) -> None:
+        self._mac_key = key
+
+    def mac(self, db: bytes, key: bytes, value: bytes) -> bytes:
+        if self._mac_key is None:
+            return _keyless_mac(db, key, value)
+        h = hmac.new(self._mac_key, digestmod=hashlib.sha256)
+        for p in (db, key, value):
+            h.update(len(p).to_bytes(4, "little"))
+            h.update(p)
+        return h.digest()[:MAC_SIZE]
+
+    def seal_value(self, db: bytes, key: bytes, value: bytes) -> bytes:
+        return value + self.mac(db, key, value)
+
+    def open_value(self, db: bytes, key: bytes, stored: bytes, *, verify: bool = True) -> bytes:
+        if len(stored) < MAC_SIZE:
+            raise CorruptionError(self.path, None, f"metadata record {db.decode()}/{key.hex()} is truncated")
+        value, tag = stored[:-MAC_SIZE], stored[-MAC_SIZE:]
+        if verify and not hmac.compare_digest(tag, self.mac(db, key, value)):
+            raise AuthenticationError(
+                self.path, None, f"metadata record {db.decode()}/{key.hex()} failed its MAC check (edited or damaged)",
+                "restore the node from a snapshot export or let Raft re-replicate it")
+        return value
+
+    # -- transactions --------------------------------------------------------
+    @contextmanager
+    def write(self) -> Iterator["WriteTxn"]:
+        try:
+            with self.env.begin(write=True) as txn:
+                yield WriteTxn(self, txn)
+        except lmdb.MapFullError:
+            raise StorageError(f"the metadata database {self.path} is full") from None
+        except lmdb.Error as exc:
+            raise StorageError(f"metadata commit failed in {self.path}: {exc}") from None
+
+    @contextmanager
+    def read(self) -> Iterator["ReadTxn"]:
+        with self.env.begin(write=False) as txn:
+            yield ReadTxn(self, txn)
+
+
+class ReadTxn:
+    def __init__(self, meta: Meta, txn):
+        self.meta = meta
+        self.txn = txn
+
+    def raw(self, db: bytes, key: bytes) -> bytes | None:
+        v = self.txn.get(key, db=self.meta.dbs[db])
+        return None if v is None else bytes(v)
+
+    def get(self, db: bytes, key: bytes, *, verify: bool = True) -> bytes | None:
+        v = self.raw(db, key)
+        return None if v is None else self.meta.open_value(db, key, v, verify=verify)
+
+    def items(self, db: bytes, *, verify: bool = True) -> list[tuple[bytes, bytes]]:
+        with self.txn.cursor(db=self.meta.dbs[db]) as cur:
+            return [(bytes(k), self.meta.open_value(db, bytes(k), bytes(v), verify=verify)) for k, v in cur]
+
+    def raw_items(self, db: bytes) -> list[tuple[bytes, bytes]]:
+        with self.txn.cursor(db=self.meta.dbs[db]) as cur:
+            return [(bytes(k), bytes(v)) for k, v in cur]
+
+    def store_json(self, key: bytes) -> dict | None:
+        v = self.raw(DB_STORE, key)
+        if v is None:
+            return None
+        try:
+            return json.loads(v)
+        except ValueError:
+            raise CorruptionError(self.meta.path, None, f"store record {key.decode()} is not valid JSON") from None
+
+
+class WriteTxn(ReadTxn):
+    def put_raw(self, db: bytes, key: bytes, value: bytes) -> None:
+        self.txn.put(key, value, db=self.meta.dbs[db])
+
+    def put(self, db: bytes, key: bytes, value: bytes) -> None:
+        self.txn.put(key, self.meta.seal_value(db, key, value), db=self.meta.dbs[db])
+
+    def delete(self, db: bytes, key: bytes) -> None:
+        self.txn.delete(key, db=self.meta.dbs[db])
+
+
+# -- typed records ----------------------------------------------------------------
+
+def encode_manifest(rec: dict) -> bytes:
+    return fmt.MANIFEST_STRUCT.pack(1, rec["state"], rec["algorithm"], 0, rec["dir_code"], rec["base_index"],
+                                    rec["key_id"], rec.get("index_offset", 0), rec.get("end_offset", 0),
+                                    rec.get("last_index", 0), rec.get("records", 0), rec.get("bytes", 0))
+
+
+def decode_manifest(b: bytes, path: str) -> dict:
+    if len(b) != fmt.MANIFEST_STRUCT.size:
+        raise CorruptionError(path, None, f"segment manifest record has {len(b)} bytes, expected {fmt.MANIFEST_STRUCT.size}")
+    (version, state, algorithm, _r, dir_code, base_index, key_id, index_offset, end_offset,
+     last_index, records, nbytes) = fmt.MANIFEST_STRUCT.unpack(b)
+    if version != 1 or state not in (fmt.SEG_OPEN, fmt.SEG_SEALED):
+        raise CorruptionError(path, None, f"segment manifest record version {version} state {state} is unknown")
+    return {"state": state, "algorithm": algorithm, "dir_code": dir_code, "base_index": base_index,
+            "key_id": key_id, "index_offset": index_offset, "end_offset": end_offset,
+            "last_index": last_index, "records": records, "bytes": nbytes}
+
+
+def encode_keyring(entry) -> bytes:
+    return fmt.KEYRING_PREFIX_STRUCT.pack(1, entry.state, entry.algorithm, entry.purpose, entry.created_ns,
+                                          entry.state_changed_ns, len(entry.wrapped)) + entry.wrapped
+
+
+def decode_keyring(key_id: bytes, b: bytes, path: str):
+    from .keys import KeyEntry
+    n = fmt.KEYRING_PREFIX_STRUCT.size
+    if len(b) < n:
+        raise CorruptionError(path, None, f"keyring record {key_id.hex()} is truncated")
+    version, state, algorithm, purpose, created, changed, wlen = fmt.KEYRING_PREFIX_STRUCT.unpack_from(b)
+    if version != 1 or len(b) != n + wlen:
+        raise CorruptionError(path, None, f"keyring record {key_id.hex()} is malformed")
+    return KeyEntry(key_id, state, algorithm, purpose, created, changed, b[n:])
+
+
+def u64(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+MacFunction = Callable[[bytes, bytes, bytes], bytes]

@@ -1,0 +1,518 @@
+"""One segment file: create, append durable batches, seal with an index, read, recover the tail.
+
+Durability contract:
+
+* A segment is created complete (header, an initial HARDSTATE record and its
+  COMMIT, preallocated to its size), fsynced, and its directory fsynced before
+  the engine registers it in the manifest.  Only then are batches acknowledged.
+* A batch is one ``pwrite`` of its frames followed by a COMMIT frame; the batch
+  is durable once the fdatasync that follows returns.  Anything after the last
+  valid COMMIT frame was never acknowledged.
+* A segment is written by one process lifetime only (fresh salt, fresh key,
+  counter nonces from 0), so nonces never repeat.  After an open, a repair or a
+  suffix truncation the engine writes into a new segment.
+* Sealing writes an INDEX frame (the table of records and term runs), syncs,
+  then truncates the unused preallocated space.
+
+Torn tail vs corruption (FORMAT.md, "Recovery"): the first frame that fails
+at offset X in an unsealed segment is a torn tail when no CRC-valid COMMIT
+frame follows X and the failure looks like an incomplete write: the frame runs
+past the end of the file, or its extent holds an all-zero run of at least 32
+bytes starting at X or at a 512-byte boundary (a sector that never reached the
+disk).  Everything else is a :class:`CorruptionError` naming file and offset.
+A CRC-valid frame that fails authentication, sequence, nonce, key or chain
+checks is always an :class:`AuthenticationError`.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass
+
+from crc32c import crc32c
+
+from . import crypto
+from . import format as fmt
+from .errors import AuthenticationError, CorruptionError, UnsupportedFormatError
+from .types import Entry, HardState
+from .vfs import VFS
+
+SECTOR = 512
+ZERO_RUN = 32
+_READ_AHEAD = 4096
+_COMMIT_LEN = fmt.COMMIT_STRUCT.size + fmt.TAG_SIZE
+
+
+def segment_file_name(seg_id: int, base_index: int) -> str:
+    return f"{seg_id:016x}-{base_index:016x}.wal"
+
+
+@dataclass
+class SegmentIdentity:
+    """The fields of a segment header other than magic/version/size/crc."""
+
+    store_id: bytes
+    segment_id: int
+    base_index: int
+    algorithm: int
+    key_id: bytes
+    salt: bytes
+    commitment: bytes
+
+
+def encode_header(ident: SegmentIdentity) -> bytes:
+    body = fmt.SEGMENT_HEADER_STRUCT.pack(
+        fmt.SEGMENT_MAGIC, fmt.FORMAT_VERSION, fmt.SEGMENT_HEADER_SIZE, ident.algorithm, 0, 0,
+        ident.store_id, ident.segment_id, ident.base_index, ident.key_id, ident.salt, ident.commitment, 0, 0)
+    return body[:124] + crc32c(body[:124]).to_bytes(4, "little")
+
+
+def decode_header(raw: bytes, path: str) -> SegmentIdentity:
+    if len(raw) < fmt.SEGMENT_HEADER_SIZE:
+        raise CorruptionError(path, 0, f"segment header is truncated ({len(raw)} bytes)",
+                              "the file is not a complete walcrypt segment")
+    (magic, version, hsize, alg, flags, _r0, store_id, seg_id, base, key_id, salt, commitment,
+     _r1, crc) = fmt.SEGMENT_HEADER_STRUCT.unpack_from(raw)
+    if magic != fmt.SEGMENT_MAGIC:
+        raise CorruptionError(path, 0, "not a walcrypt segment (bad magic)")
+    if crc32c(raw[:124]) != crc:
+        raise CorruptionError(path, 0, "segment header fails its CRC32C")
+    if version != fmt.FORMAT_VERSION or hsize != fmt.SEGMENT_HEADER_SIZE:
+        raise UnsupportedFormatError(
+            f"{path}: segment format version {version} (header {hsize} bytes) is not supported; upgrade walcrypt")
+    fmt.check_algorithm(alg, path=path, offset=12)
+    return SegmentIdentity(store_id, seg_id, base, alg, key_id, salt, commitment)
+
+
+def encode_entries_payload(entries, start: int, stop: int) -> bytes:
+    n = stop - start
+    chunk = entries[start:stop]
+    return b"".join((
+        fmt.ENTRIES_PREFIX_STRUCT.pack(n, 0),
+        struct.pack(f"<{n}Q", *[e[1] for e in chunk]),
+        struct.pack(f"<{n}I", *[len(e[2]) for e in chunk]),
+        *[e[2] for e in chunk],
+    ))
+
+
+def decode_entries_payload(payload: bytes, first_index: int, count: int, *, path: str, offset: int):
+    """-> (terms array, list of data bytes).  Lengths are checked before slicing."""
+    n = len(payload)
+    if n < 8:
+        raise CorruptionError(path, offset, "entries record payload is truncated")
+    pcount, _ = fmt.ENTRIES_PREFIX_STRUCT.unpack_from(payload)
+    table_end = 8 + 12 * pcount
+    if pcount != count or pcount == 0 or table_end > n:
+        raise CorruptionError(path, offset, f"entries record table is inconsistent (count {pcount})")
+    terms = array("Q")
+    terms.frombytes(payload[8:8 + 8 * pcount])
+    lengths = array("I")
+    lengths.frombytes(payload[8 + 8 * pcount:table_end])
+    if table_end + sum(lengths) != n:
+        raise CorruptionError(path, offset, "entries record lengths do not add up to its payload")
+    datas = []
+    pos = table_end
+    for ln in lengths:
+        datas.append(payload[pos:pos + ln])
+        pos += ln
+    return terms, datas
+
+
+class Segment:
+    """The in-memory index of one segment file plus, while active, its writer state.
+
+    Index: ``rec_offset``/``rec_index``/``rec_count`` describe the ENTRIES records
+    (20 bytes per record; no object per entry).  Terms live in the WAL's term runs.
+    """
+
+    def __init__(self, vfs: VFS, path: str, ident: SegmentIdentity, cipher: crypto.FrameCipher):
+        self.vfs = vfs
+        self.path = path
+        self.ident = ident
+        self.seg_id = ident.segment_id
+        self.base_index = ident.base_index
+        self.cipher = cipher
+        self.rec_offset = array("Q")
+        self.rec_index = array("Q")
+        self.rec_count = array("I")
+        self.last_index = ident.base_index - 1
+        self.hardstate: HardState | None = None
+        self.hardstate_offset = 0
+        self.runs: list[tuple[int, int]] = []     # (first index, term) runs seen in this segment
+        self.sealed = False
+        self.fd: int | None = None
+        # writer state
+        self.write_offset = fmt.SEGMENT_HEADER_SIZE
+        self.seq = 0
+        self.chain = crypto.ZERO_CHAIN
+        self.records_written = 0
+        self.bytes_written = 0
+        self.writable = False
+        self.end_offset = 0
+
+    # ------------------------------------------------------------------ create
+    @classmethod
+    def create(cls, vfs: VFS, directory: str, ident: SegmentIdentity, cipher: crypto.FrameCipher,
+               size: int, hardstate: HardState) -> "Segment":
+        path = os.path.join(directory, segment_file_name(ident.segment_id, ident.base_index))
+        seg = cls(vfs, path, ident, cipher)
+        fd = vfs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        seg.fd = fd
+        seg.writable = True
+        try:
+            vfs.preallocate(fd, max(size, fmt.SEGMENT_HEADER_SIZE + 4096))
+            buf, pending = seg.encode_batch([(fmt.FRAME_HARDSTATE, 0, hardstate.term, 0,
+                                              fmt.HARDSTATE_STRUCT.pack(*hardstate), None)])
+            vfs.pwrite(fd, encode_header(ident), 0)
+            vfs.pwrite(fd, buf, seg.write_offset)
+            vfs.fdatasync(fd)
+            seg.apply_batch(buf, pending)
+            vfs.fsync_dir(directory)
+        except BaseException:
+            vfs.close(fd)
+            seg.fd = None
+            raise
+        return seg
+
+    # ------------------------------------------------------------------ write
+    def encode_batch(self, records):
+        """Frames for ``records`` plus the COMMIT frame.  State is not changed (see apply_batch).
+
+        records: list of (type, index, term, count, payload, entry terms or None).
+        """
+        seq = self.seq
+        chain = self.chain
+        offset = self.write_offset
+        parts = []
+        placed = []
+        seal = self.cipher.seal
+        for ftype, index, term, count, payload, terms in records:
+            frame, chain = seal(ftype, seq, index, term, count, payload, chain)
+            parts.append(frame)
+            placed.append((ftype, offset, index, count, terms, payload))
+            offset += len(frame)
+            seq += 1
+        last = records[-1]
+        frame, chain = seal(fmt.FRAME_COMMIT, seq, last[1] + max(last[3], 1) - 1, last[2], len(records),
+                            fmt.COMMIT_STRUCT.pack(len(records), 0), chain)
+        parts.append(frame)
+        seq += 1
+        buf = b"".join(parts)
+        return buf, (placed, seq, chain, sum(len(r[4]) for r in records))
+
+    def apply_batch(self, buf: bytes, pending) -> None:
+        """Record a batch that was written (and synced as the policy requires) in the index."""
+        placed, seq, chain, nbytes = pending
+        for ftype, offset, index, count, terms, payload in placed:
+            if ftype == fmt.FRAME_ENTRIES:
+                self._index_entries(offset, index, count, terms)
+            elif ftype == fmt.FRAME_HARDSTATE:
+                self.hardstate = HardState(*fmt.HARDSTATE_STRUCT.unpack(payload))
+                self.hardstate_offset = offset
+        self.write_offset += len(buf)
+        self.seq = seq
+        self.chain = chain
+        self.records_written += len(placed) + 1
+        self.bytes_written += nbytes
+
+    def _index_entries(self, offset: int, index: int, count: int, terms) -> None:
+        if index <= self.last_index:  # a later record of this segment rewrote a suffix (never happens in v1)
+            raise CorruptionError(self.path, offset, f"entries record at index {index} overlaps earlier records")
+        self.rec_offset.append(offset)
+        self.rec_index.append(index)
+        self.rec_count.append(count)
+        self.last_index = index + count - 1
+        runs = self.runs
+        for k, t in enumerate(terms):
+            if not runs or runs[-1][1] != t:
+                runs.append((index + k, t))
+
+    def write(self, buf: bytes) -> int:
+        """pwrite one encoded batch at the write offset; returns the offset written."""
+        off = self.write_offset
+        self.vfs.pwrite(self.fd, buf, off)
+        return off
+
+    def sync(self) -> None:
+        self.vfs.fdatasync(self.fd)
+
+    # ------------------------------------------------------------------ seal
+    def encode_index(self) -> bytes:
+        n = len(self.rec_offset)
+        parts = [fmt.INDEX_PREFIX_STRUCT.pack(n, len(self.runs), self.write_offset, self.hardstate_offset)]
+        rec = fmt.INDEX_RECORD_STRUCT.pack
+        parts.extend(rec(self.rec_offset[k], self.rec_index[k], self.rec_count[k], 0) for k in range(n))
+        run = fmt.TERM_RUN_STRUCT.pack
+        parts.extend(run(i, t) for i, t in self.runs)
+        return b"".join(parts)
+
+    def seal(self) -> None:
+        """Write the INDEX frame, sync, truncate the preallocated tail, sync.  Manifest update is the caller's."""
+        frame, _tag = self.cipher.seal(fmt.FRAME_INDEX, self.seq, self.last_index, 0, len(self.rec_offset),
+                                       self.encode_index(), self.chain)
+        self.index_offset = self.write_offset
+        self.vfs.pwrite(self.fd, frame, self.write_offset)
+        end = self.write_offset + len(frame)
+        self.vfs.fdatasync(self.fd)
+        self.vfs.ftruncate(self.fd, end)
+        self.vfs.fsync(self.fd)
+        self.end_offset = end
+        self.sealed = True
+        self.writable = False
+
+    # ------------------------------------------------------------------ read
+    def ensure_open(self) -> int:
+        if self.fd is None:
+            try:
+                self.fd = self.vfs.open(self.path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorruptionError(self.path, None, "segment file is missing",
+                                      "a segment listed in the manifest was deleted; restore from a snapshot") from None
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            self.vfs.close(self.fd)
+            self.fd = None
+
+    def read_frame(self, offset: int, expect_type: int):
+        """Read, check and open the frame at ``offset``.  Returns (header tuple, plaintext)."""
+        fd = self.ensure_open()
+        raw = self.vfs.pread(fd, fmt.FRAME_HEADER_SIZE + _READ_AHEAD, offset)
+        if len(raw) < fmt.FRAME_HEADER_SIZE:
+            raise CorruptionError(self.path, offset, "frame header is cut off by the end of the file")
+        h = fmt.FRAME_HEADER_STRUCT.unpack_from(raw)
+        length = h[4]
+        if length < fmt.TAG_SIZE or length > fmt.MAX_RECORD_PAYLOAD:
+            raise CorruptionError(self.path, offset, f"frame length {length} is out of bounds")
+        need = fmt.FRAME_HEADER_SIZE + length
+        if len(raw) < need:
+            raw += self.vfs.pread(fd, need - len(raw), offset + len(raw))
+            if len(raw) < need:
+                raise CorruptionError(self.path, offset, "frame is cut off by the end of the file")
+        header = raw[:fmt.FRAME_HEADER_SIZE]
+        ct = raw[fmt.FRAME_HEADER_SIZE:need]
+        if crypto.frame_crc(header, ct) != h[9]:
+            raise CorruptionError(self.path, offset, "frame fails its CRC32C")
+        self._check_frame_fields(h, offset, expect_type=expect_type)
+        return h, self.cipher.open(header, ct, path=self.path, offset=offset)
+
+    def _check_frame_fields(self, h, offset: int, *, expect_type: int | None = None, seq: int | None = None,
+                            chain: bytes | None = None) -> None:
+        ftype, alg, flags, r0, length, fseq, _index, _term, _count, _crc, nonce, r1, key_id, prev = h
+        problems = []
+        if expect_type is not None and ftype != expect_type:
+            problems.append(f"type {ftype} where {fmt.FRAME_TYPES.get(expect_type)} was expected")
+        if alg != self.ident.algorithm:
+            problems.append(f"algorithm {alg} differs from the segment's {self.ident.algorithm}")
+        if key_id != self.ident.key_id:
+            problems.append("key ID differs from the segment's")
+        if flags or r0 or r1:
+            problems.append("reserved bits are set")
+        if nonce != crypto.nonce_for(fseq):
+            problems.append("nonce does not follow the counter schedule")
+        if seq is not None and fseq != seq:
+            problems.append(f"sequence {fseq} where {seq} was expected (records reordered, duplicated or deleted)")
+        if chain is not None and prev != chain:
+            problems.append("chain value does not match the previous record (records reordered or removed)")
+        if problems:
+            raise AuthenticationError(self.path, offset, "record " + "; ".join(problems),
+                                      "do not trust this segment; restore the node from a snapshot")
+
+    def locate(self, index: int) -> int:
+        """Record number holding ``index`` (caller guarantees base <= index <= last)."""
+        return bisect_right(self.rec_index, index) - 1
+
+    def read_entries_record(self, r: int):
+        """(first index, terms, datas) of ENTRIES record number r, fully checked."""
+        offset = self.rec_offset[r]
+        h, payload = self.read_frame(offset, fmt.FRAME_ENTRIES)
+        if h[6] != self.rec_index[r] or h[8] != self.rec_count[r]:
+            raise AuthenticationError(self.path, offset,
+                                      f"record holds index {h[6]} x{h[8]} where the index expects "
+                                      f"{self.rec_index[r]} x{self.rec_count[r]} (records swapped or moved)")
+        terms, datas = decode_entries_payload(payload, h[6], h[8], path=self.path, offset=offset)
+        return h[6], terms, datas
+
+    # ------------------------------------------------------------------ open
+    def check_identity(self, found: SegmentIdentity, expected_commitment: bytes) -> None:
+        exp = self.ident
+        if found.store_id != exp.store_id:
+            raise AuthenticationError(self.path, 0, "segment belongs to another store",
+                                      "a segment file was copied in from elsewhere; remove it")
+        if found.segment_id != exp.segment_id or found.base_index != exp.base_index:
+            raise AuthenticationError(self.path, 0,
+                                      f"segment header says segment {found.segment_id} at index {found.base_index}, "
+                                      f"the manifest says {exp.segment_id} at {exp.base_index} (renamed or replaced)")
+        if found.key_id != exp.key_id or found.algorithm != exp.algorithm:
+            raise AuthenticationError(self.path, 0, "segment header key ID or algorithm differs from the manifest")
+        if not crypto.constant_time_equal(found.commitment, expected_commitment):
+            raise AuthenticationError(self.path, 0,
+                                      "segment key commitment does not match its data key (tampered header or "
+                                      "a segment from another store)")
+
+    def load_sealed(self, index_offset: int, end_offset: int) -> None:
+        """Build the index from the INDEX frame of a sealed segment (no scan)."""
+        fd = self.ensure_open()
+        size = self.vfs.fstat_size(fd)
+        if size != end_offset:
+            raise CorruptionError(self.path, min(size, end_offset),
+                                  f"sealed segment is {size} bytes, the manifest says {end_offset} (truncated or extended)")
+        h, payload = self.read_frame(index_offset, fmt.FRAME_INDEX)
+        if len(payload) < fmt.INDEX_PREFIX_STRUCT.size:
+            raise CorruptionError(self.path, index_offset, "index frame payload is truncated")
+        nrec, nruns, end, hs_off = fmt.INDEX_PREFIX_STRUCT.unpack_from(payload)
+        pos = fmt.INDEX_PREFIX_STRUCT.size
+        if end != index_offset or pos + nrec * fmt.INDEX_RECORD_STRUCT.size + nruns * 16 != len(payload):
+            raise CorruptionError(self.path, index_offset, "index frame table is inconsistent")
+        for k in range(nrec):
+            off, idx, cnt, _ = fmt.INDEX_RECORD_STRUCT.unpack_from(payload, pos)
+            pos += fmt.INDEX_RECORD_STRUCT.size
+            self.rec_offset.append(off)
+            self.rec_index.append(idx)
+            self.rec_count.append(cnt)
+        for k in range(nruns):
+            self.runs.append(fmt.TERM_RUN_STRUCT.unpack_from(payload, pos))
+            pos += 16
+        if nrec:
+            self.last_index = self.rec_index[-1] + self.rec_count[-1] - 1
+        if self.last_index != h[6]:
+            raise CorruptionError(self.path, index_offset, "index frame's last index disagrees with its table")
+        self.hardstate_offset = hs_off
+        if hs_off:
+            _h, hs_payload = self.read_frame(hs_off, fmt.FRAME_HARDSTATE)
+            self.hardstate = HardState(*fmt.HARDSTATE_STRUCT.unpack(hs_payload))
+        self.sealed = True
+        self.end_offset = end_offset
+        self.index_offset = index_offset
+
+    def scan(self, data: bytes, *, on_entries=None):
+        """Scan every frame of ``data`` (the whole file), building the index.
+
+        Returns (committed_end, torn) where torn is None for a clean end or a
+        (offset, detail) pair for a torn tail after committed_end.  Raises for
+        corruption.  ``on_entries(first_index, terms, datas)`` sees every committed
+        entries record (used by verify and replay).
+        """
+        path = self.path
+        size = len(data)
+        off = fmt.SEGMENT_HEADER_SIZE
+        seq = 0
+        chain = crypto.ZERO_CHAIN
+        pending = []
+        committed_end = off
+        hsize = fmt.FRAME_HEADER_SIZE
+        unpack = fmt.FRAME_HEADER_STRUCT.unpack_from
+        while True:
+            if off + hsize > size:
+                return self._classify(data, committed_end, off, size, "frame header cut off by the end of the file")
+            h = unpack(data, off)
+            ftype, length = h[0], h[4]
+            if ftype == fmt.FRAME_UNWRITTEN:
+                return self._classify(data, committed_end, off, off + hsize, "unwritten space")
+            if ftype not in fmt.FRAME_TYPES or length < fmt.TAG_SIZE or length > fmt.MAX_RECORD_PAYLOAD:
+                return self._classify(data, committed_end, off, off + hsize, "malformed frame header")
+            end = off + hsize + length
+            if end > size:
+                return self._classify(data, committed_end, off, end, "frame runs past the end of the file")
+            header = data[off:off + hsize]
+            ct = data[off + hsize:end]
+            if crypto.frame_crc(header, ct) != h[9]:
+                return self._classify(data, committed_end, off, end, "frame fails its CRC32C")
+            # From here on the frame is intact: any failure is tampering or foreign data.
+            self._check_frame_fields(h, off, seq=seq, chain=chain)
+            plain = self.cipher.open(header, ct, path=path, offset=off)
+            chain = ct[-fmt.TAG_SIZE:]
+            seq += 1
+            next_off = fmt.align_up(end)
+            if ftype == fmt.FRAME_COMMIT:
+                if len(plain) != fmt.COMMIT_STRUCT.size or fmt.COMMIT_STRUCT.unpack(plain)[0] != len(pending):
+                    raise AuthenticationError(path, off, "commit frame does not close the records before it")
+                for p in pending:
+                    self._apply_scanned(p, on_entries)
+                pending = []
+                committed_end = next_off
+                self.write_offset = next_off
+                self.seq = seq
+                self.chain = chain
+            elif ftype == fmt.FRAME_INDEX:
+                if pending:
+                    raise AuthenticationError(path, off, "index frame follows uncommitted records")
+                self.index_offset = off
+                self.end_offset = next_off
+                self.sealed = True
+                if len(data.rstrip(b"\x00")) > next_off:
+                    raise CorruptionError(path, next_off, "bytes follow the index frame of a sealed segment")
+                return committed_end, None
+            else:
+                pending.append((ftype, off, h, plain))
+            off = next_off
+
+    def _apply_scanned(self, p, on_entries) -> None:
+        ftype, off, h, plain = p
+        if ftype == fmt.FRAME_ENTRIES:
+            terms, datas = decode_entries_payload(plain, h[6], h[8], path=self.path, offset=off)
+            if h[6] != self.last_index + 1:
+                raise AuthenticationError(self.path, off,
+                                          f"entries record starts at index {h[6]}, expected {self.last_index + 1}")
+            self._index_entries(off, h[6], h[8], terms)
+            if on_entries is not None:
+                on_entries(h[6], terms, datas)
+        elif ftype == fmt.FRAME_HARDSTATE:
+            if len(plain) != fmt.HARDSTATE_STRUCT.size:
+                raise CorruptionError(self.path, off, "hard state record has a bad size")
+            self.hardstate = HardState(*fmt.HARDSTATE_STRUCT.unpack(plain))
+            self.hardstate_offset = off
+        else:
+            raise AuthenticationError(self.path, off, f"unexpected frame type {ftype} inside a batch")
+
+    def _classify(self, data: bytes, committed_end: int, bad: int, extent_end: int, detail: str):
+        """Decide torn tail vs corruption for the first failing frame at ``bad`` (see module doc)."""
+        size = len(data)
+        written_end = len(data.rstrip(b"\x00"))      # one past the last nonzero byte of the file
+        if written_end <= committed_end:
+            return committed_end, None                # clean end: nothing but preallocated zeros
+        pattern = bytes([fmt.FRAME_COMMIT, self.ident.algorithm, 0, 0]) + _COMMIT_LEN.to_bytes(4, "little")
+        pos = data.find(pattern, bad + 1)
+        while pos != -1:
+            commit_end = pos + fmt.FRAME_HEADER_SIZE + _COMMIT_LEN
+            if pos % fmt.ALIGN == 0 and commit_end <= size and written_end > fmt.align_up(commit_end):
+                header = data[pos:pos + fmt.FRAME_HEADER_SIZE]
+                if crypto.frame_crc(header, data[pos + fmt.FRAME_HEADER_SIZE:commit_end]) == \
+                        fmt.FRAME_HEADER_STRUCT.unpack_from(header)[9]:
+                    raise CorruptionError(self.path, bad, f"{detail}, but data written after a later commit follows",
+                                          "mid-log corruption is not repaired automatically; restore the node "
+                                          "from a snapshot or wipe it and let Raft re-replicate")
+            pos = data.find(pattern, pos + 1)
+        if not _looks_incomplete(data, bad, extent_end):
+            raise CorruptionError(self.path, bad, f"{detail} in the last batch, and the damage does not look like "
+                                  "an incomplete write", "run 'walcrypt verify'; restore from a snapshot if needed")
+        return committed_end, (bad, detail)
+
+
+def _looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
+    """A frame at ``lo`` with extent [lo, hi) looks like an incomplete write: it runs past the end of
+    the file, it ends in zero bytes (a prefix reached the disk), or it holds an all-zero run of
+    ZERO_RUN bytes starting at ``lo`` or at a sector boundary (a sector that never reached the disk)."""
+    if hi > len(data):
+        return True
+    if hi > lo and data[hi - 1] == 0:
+        return True
+    for s in [lo] + list(range((lo // SECTOR + 1) * SECTOR, hi, SECTOR)):
+        e = min(hi, s + ZERO_RUN)
+        if e - s >= min(ZERO_RUN, hi - lo) and not any(data[s:e]):
+            return True
+    return False
+
+
+def runs_term(run_start: array, run_term: array, index: int) -> int:
+    return run_term[bisect_right(run_start, index) - 1]
+
+
+def entries_from_record(first: int, terms, datas, lo: int, hi: int) -> list[Entry]:
+    a = max(lo, first) - first
+    b = min(hi, first + len(datas)) - first
+    return [Entry(first + k, terms[k], datas[k]) for k in range(a, b)]

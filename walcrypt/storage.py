@@ -1,0 +1,421 @@
+"""The engine: open/bootstrap a data directory, recover it, and serve the Storage API.
+
+Order of operations on open (nothing is modified before the KEK is proven):
+lock -> metadata -> KEK check value -> unwrap keys -> verify manifest MACs ->
+open segments (sealed: read their index; open: scan and repair a torn tail,
+keeping a ``.broken`` copy) -> remove orphan segment files that never made it
+into the manifest.  Writing always continues in a fresh segment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from typing import Iterable, Sequence
+
+from . import crypto
+from . import format as fmt
+from . import keys as K
+from . import layout
+from . import meta as M
+from .errors import (AuthenticationError, CorruptionError, KeyNotFoundError, KeyProviderError,
+                     StorageError, UsageError, WalcryptError, WrongKeyError)
+from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
+from .types import ConfState, Entry, HardState
+from .vfs import DEFAULT_VFS, VFS
+from .wal import Wal
+
+log = logging.getLogger("walcrypt")
+
+_SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")
+
+
+class Store:
+    """An open walcrypt data directory.  Use :func:`walcrypt.open`.
+
+    Thread safety: ``save`` may be called from several threads (group commit);
+    reads may run concurrently with writes.  One process opens a directory at a time.
+    """
+
+    def __init__(self, path: str, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
+                 sync: str = "batch", segment_size: int = 64 << 20, algorithm: str = "aes-256-gcm",
+                 max_entry_size: int = fmt.MAX_ENTRY_SIZE_DEFAULT, read_only: bool = False,
+                 vfs: VFS | None = None):
+        self.path = os.path.abspath(os.fspath(path))
+        self.vfs = vfs or DEFAULT_VFS
+        self.read_only = read_only
+        self.encrypted = encrypted
+        self.closed = True
+        self.repairs: list[dict] = []
+        if segment_size < 4096:
+            raise UsageError("segment_size must be at least 4096 bytes")
+        if encrypted and kek is None:
+            raise KeyProviderError(
+                "this store is encrypted and no key-encryption key was given; pass kek=KeyFile(...), "
+                "RawKey(...), Passphrase(...) or EnvKey(...) (or encrypted=False for a plaintext store)")
+        if not encrypted and kek is not None:
+            raise UsageError("a KEK was given for a plaintext store; drop kek= or open with encrypted=True")
+        self._prepare_root()
+        self._lock = layout.DirLock(self.path) if not read_only else None
+        try:
+            self.meta = M.Meta(os.path.join(self.path, layout.META_DIR), readonly=read_only)
+            try:
+                self._open_keys(kek, algorithm)
+                self.pair = layout.pair_for(self.encrypted)
+                self.wal_dir = os.path.join(self.path, self.pair.wal)
+                if not read_only:
+                    self.vfs.makedirs(self.wal_dir)
+                self.wal = Wal(self, sync=sync, segment_size=segment_size, max_entry_size=max_entry_size)
+                self._recover()
+            except BaseException:
+                self.meta.close()
+                raise
+        except BaseException:
+            if self._lock:
+                self._lock.release()
+            raise
+        self.closed = False
+
+    # ------------------------------------------------------------------ bootstrap
+    def _prepare_root(self) -> None:
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UsageError(f"{self.path} exists and is not a directory")
+        if self.read_only:
+            if not layout.looks_like_store(self.path):
+                raise UsageError(f"{self.path} is not a walcrypt data directory (no meta/)")
+            return
+        if not os.path.isdir(self.path):
+            os.makedirs(self.path, mode=0o700, exist_ok=True)
+            self.vfs.fsync_dir(os.path.dirname(self.path))
+        elif os.listdir(self.path) and not layout.looks_like_store(self.path):
+            raise UsageError(f"{self.path} is not empty and is not a walcrypt data directory; "
+                             "choose an empty or new directory")
+        other = [p for p in layout.pairs_with_data(self.path) if p.encrypted != self.encrypted]
+        if other and not layout.has_data(self.path, layout.pair_for(self.encrypted)):
+            want = "encrypted" if self.encrypted else "plaintext"
+            have = "encrypted" if other[0].encrypted else "plaintext"
+            raise UsageError(f"{self.path} holds {have} data but was opened as {want}; migrating between the two "
+                             "is not supported by this version - open it as it was created")
+
+    def _open_keys(self, kek: K.KeyEncryptionKey | None, algorithm: str) -> None:
+        with self.meta.read() as r:
+            store_id = r.raw(M.DB_STORE, M.K_STORE_ID)
+            stored_enc = r.raw(M.DB_STORE, M.K_ENCRYPTED)
+        if store_id is None:
+            if self.read_only:
+                raise UsageError(f"{self.path} is not an initialised walcrypt store")
+            self._bootstrap(kek, algorithm)
+            return
+        if len(store_id) != fmt.STORE_ID_SIZE or stored_enc not in (b"\x00", b"\x01"):
+            raise CorruptionError(self.meta.path, None, "store identity record is damaged")
+        self.store_id = store_id
+        if (stored_enc == b"\x01") != self.encrypted:
+            have = "encrypted" if stored_enc == b"\x01" else "plaintext"
+            raise UsageError(f"{self.path} is a {have} store; open it with "
+                             + ("kek=..." if have == "encrypted" else "encrypted=False"))
+        with self.meta.read() as r:
+            alg = r.raw(M.DB_STORE, M.K_ALGORITHM)
+            params = r.store_json(M.K_KEK_PARAMS)
+            check = r.raw(M.DB_STORE, M.K_KEK_CHECK)
+            wrapped_meta = r.raw(M.DB_STORE, M.K_META_KEY)
+            meta_key_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
+        self.algorithm = alg[0] if alg else fmt.ALG_NONE
+        fmt.check_algorithm(self.algorithm, path=self.meta.path)
+        self.kek_params = params
+        self.keys: dict[bytes, K.KeyEntry] = {}
+        self._secrets: dict[bytes, K.SecretKey] = {}
+        if not self.encrypted:
+            self.meta.set_mac_key(None)
+            self._load_keyring()
+            return
+        self.wrapper = kek.wrapper(params)
+        cv = self.wrapper.check_value()
+        if check and cv is not None and not crypto.constant_time_equal(cv, check):
+            raise WrongKeyError(f"the key-encryption key given ({kek.describe()}) is not the one {self.path} "
+                                "was created or last re-keyed with")
+        if not wrapped_meta or not meta_key_id:
+            raise CorruptionError(self.meta.path, None, "the wrapped metadata key is missing")
+        meta_key = self.wrapper.unwrap(wrapped_meta, K.wrap_context(store_id, meta_key_id, K.PURPOSE_META))
+        self.meta.set_mac_key(meta_key)
+        self._load_keyring()
+
+    def _bootstrap(self, kek: K.KeyEncryptionKey | None, algorithm: str) -> None:
+        self.store_id = os.urandom(fmt.STORE_ID_SIZE)
+        self.keys, self._secrets = {}, {}
+        with self.meta.write() as w:
+            w.put_raw(M.DB_STORE, M.K_STORE_ID, self.store_id)
+            w.put_raw(M.DB_STORE, M.K_FORMAT_VERSION, bytes([fmt.FORMAT_VERSION]))
+            w.put_raw(M.DB_STORE, M.K_ENCRYPTED, b"\x01" if self.encrypted else b"\x00")
+            if self.encrypted:
+                self.algorithm = crypto.suite_by_name(algorithm).alg_id
+                self.kek_params = kek.new_params()
+                self.wrapper = kek.wrapper(self.kek_params)
+                w.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(self.kek_params).encode())
+                cv = self.wrapper.check_value()
+                if cv is not None:
+                    w.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
+                meta_entry, meta_secret = K.new_key_entry(self.wrapper, self.store_id, algorithm=0,
+                                                          purpose=K.PURPOSE_META, state=K.ACTIVE)
+                w.put_raw(M.DB_STORE, M.K_META_KEY_ID, meta_entry.key_id)
+                w.put_raw(M.DB_STORE, M.K_META_KEY, meta_entry.wrapped)
+                self.meta.set_mac_key(meta_secret.material)
+                dek, secret = K.new_key_entry(self.wrapper, self.store_id, algorithm=self.algorithm,
+                                              purpose=K.PURPOSE_DEK, state=K.ACTIVE)
+                w.put(M.DB_KEYRING, dek.key_id, M.encode_keyring(dek))
+                self.keys[dek.key_id] = dek
+                self._secrets[dek.key_id] = secret
+            else:
+                self.algorithm = fmt.ALG_NONE
+                self.kek_params = None
+                self.meta.set_mac_key(None)
+            w.put_raw(M.DB_STORE, M.K_ALGORITHM, bytes([self.algorithm]))
+            w.put(M.DB_STATE, M.K_COMPACTED, (0).to_bytes(8, "little") * 2)
+            w.put(M.DB_STATE, M.K_NEXT_SEGMENT, (1).to_bytes(8, "little"))
+
+    def _load_keyring(self) -> None:
+        with self.meta.read() as r:
+            for key_id, value in r.items(M.DB_KEYRING):
+                self.keys[key_id] = M.decode_keyring(key_id, value, self.meta.path)
+
+    def active_key_id(self) -> bytes:
+        if not self.encrypted:
+            return crypto.ZERO_KEY_ID
+        active = [k for k in self.keys.values() if k.state == K.ACTIVE and k.purpose == K.PURPOSE_DEK]
+        if len(active) != 1:
+            raise CorruptionError(self.meta.path, None, f"the keyring has {len(active)} active data keys, expected 1")
+        return active[0].key_id
+
+    def _secret(self, key_id: bytes) -> bytes:
+        s = self._secrets.get(key_id)
+        if s is None:
+            entry = self.keys.get(key_id)
+            if entry is None:
+                raise KeyNotFoundError(f"data key {key_id.hex()} is not in the keyring of {self.path}")
+            s = K.unwrap_entry(self.wrapper, self.store_id, entry)
+            self._secrets[key_id] = s
+        return s.material
+
+    def _cipher(self, ident: SegmentIdentity) -> tuple[crypto.FrameCipher, bytes]:
+        """Frame cipher and expected commitment for a segment."""
+        if ident.algorithm == fmt.ALG_NONE:
+            if self.encrypted:
+                raise AuthenticationError(None, None, f"segment {ident.segment_id} is plaintext inside an encrypted store")
+            return crypto.FrameCipher(fmt.ALG_NONE, crypto.suite(fmt.ALG_NONE).new(b""), ident.key_id,
+                                      self.store_id, ident.segment_id), bytes(fmt.COMMITMENT_SIZE)
+        key, commitment = crypto.segment_keys(self._secret(ident.key_id), ident.salt, self.store_id,
+                                              ident.segment_id, ident.algorithm)
+        return crypto.FrameCipher(ident.algorithm, crypto.suite(ident.algorithm).new(key), ident.key_id,
+                                  self.store_id, ident.segment_id), commitment
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self) -> None:
+        with self.meta.read() as r:
+            manifest = [(int.from_bytes(k, "big"), M.decode_manifest(v, self.meta.path))
+                        for k, v in r.items(M.DB_SEGMENTS)]
+            compacted = r.get(M.DB_STATE, M.K_COMPACTED)
+            nxt = r.get(M.DB_STATE, M.K_NEXT_SEGMENT)
+        if compacted is None or len(compacted) != 16 or nxt is None or len(nxt) != 8:
+            raise CorruptionError(self.meta.path, None, "store state records are missing or damaged")
+        c_index, c_term = int.from_bytes(compacted[:8], "little"), int.from_bytes(compacted[8:], "little")
+        self.next_segment = int.from_bytes(nxt, "little")
+        segments = []
+        for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
+            segments.append(self._open_segment(seg_id, rec))
+        self.wal.load(segments, c_index, c_term)
+        if not self.read_only:
+            self._remove_orphans({s.seg_id for s in segments})
+
+    def _open_segment(self, seg_id: int, rec: dict) -> Segment:
+        directory = os.path.join(self.path, layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED
+                                 else layout.WAL_PLAIN)
+        path = os.path.join(directory, segment_file_name(seg_id, rec["base_index"]))
+        if not os.path.exists(path):
+            raise CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
+                                  "a segment file was deleted or renamed; restore the node from a snapshot "
+                                  "or wipe it and let Raft re-replicate")
+        raw = self.vfs.read_file(path) if rec["state"] == fmt.SEG_OPEN else None
+        if raw is None:
+            fd = self.vfs.open(path, os.O_RDONLY)
+            try:
+                head = self.vfs.pread(fd, fmt.SEGMENT_HEADER_SIZE, 0)
+            finally:
+                self.vfs.close(fd)
+        else:
+            head = raw[:fmt.SEGMENT_HEADER_SIZE]
+        found = decode_header(head, path)
+        expected = SegmentIdentity(self.store_id, seg_id, rec["base_index"], rec["algorithm"], rec["key_id"],
+                                   found.salt, found.commitment)
+        if found.key_id != rec["key_id"]:
+            raise AuthenticationError(path, 48, "segment header key ID differs from the manifest")
+        cipher, commitment = self._cipher(expected)
+        seg = Segment(self.vfs, path, expected, cipher)
+        seg.check_identity(found, commitment)
+        if rec["state"] == fmt.SEG_SEALED:
+            seg.load_sealed(rec["index_offset"], rec["end_offset"])
+            return seg
+        committed_end, torn = seg.scan(raw)
+        if torn is not None:
+            self._repair_tail(seg, committed_end, torn, len(raw))
+        return seg
+
+    def _repair_tail(self, seg: Segment, committed_end: int, torn: tuple[int, str], size: int) -> None:
+        offset, detail = torn
+        if self.read_only:
+            raise CorruptionError(seg.path, offset, f"torn tail ({detail})",
+                                  "open the store read-write (or run 'walcrypt repair') to truncate it")
+        broken = seg.path + ".broken"
+        self.vfs.copy_file(seg.path, broken)
+        fd = self.vfs.open(seg.path, os.O_RDWR)
+        try:
+            self.vfs.ftruncate(fd, committed_end)
+            self.vfs.fsync(fd)
+        finally:
+            self.vfs.close(fd)
+        log.warning("%s: torn tail at offset %d (%s); truncated to %d, copy kept in %s",
+                    seg.path, offset, detail, committed_end, broken)
+        self.repairs.append({"path": seg.path, "offset": offset, "detail": detail,
+                             "truncated_to": committed_end, "broken_copy": broken})
+
+    def _remove_orphans(self, known: set[int]) -> None:
+        if not os.path.isdir(self.wal_dir):
+            return
+        removed = False
+        for name in self.vfs.listdir(self.wal_dir):
+            m = _SEGMENT_NAME.match(name)
+            if m and int(m.group(1), 16) not in known and int(m.group(1), 16) >= self.next_segment:
+                # Created by a crash before it was registered: it holds nothing acknowledged.
+                self.vfs.unlink(os.path.join(self.wal_dir, name))
+                removed = True
+        if removed:
+            self.vfs.fsync_dir(self.wal_dir)
+
+    # ------------------------------------------------------------------ SegmentProvider
+    def create_segment(self, base_index: int, hardstate: HardState) -> Segment:
+        seg_id = self.next_segment
+        key_id = self.active_key_id()
+        salt = os.urandom(fmt.SALT_SIZE) if self.encrypted else bytes(fmt.SALT_SIZE)
+        ident = SegmentIdentity(self.store_id, seg_id, base_index, self.algorithm, key_id, salt, b"")
+        cipher, commitment = self._cipher(ident)
+        ident.commitment = commitment
+        seg = Segment.create(self.vfs, self.wal_dir, ident, cipher, self.wal.segment_size, hardstate)
+        rec = {"state": fmt.SEG_OPEN, "algorithm": self.algorithm,
+               "dir_code": fmt.DIR_CODE_ENCRYPTED if self.encrypted else fmt.DIR_CODE_PLAIN,
+               "base_index": base_index, "key_id": key_id}
+        try:
+            with self.meta.write() as w:
+                w.put(M.DB_SEGMENTS, M.u64(seg_id), M.encode_manifest(rec))
+                w.put(M.DB_STATE, M.K_NEXT_SEGMENT, (seg_id + 1).to_bytes(8, "little"))
+        except StorageError as exc:
+            seg.close()
+            raise OSError(f"registering segment {seg_id} failed: {exc}") from exc
+        self.next_segment = seg_id + 1
+        return seg
+
+    def segment_sealed(self, seg: Segment) -> None:
+        rec = {"state": fmt.SEG_SEALED, "algorithm": seg.ident.algorithm,
+               "dir_code": fmt.DIR_CODE_ENCRYPTED if self.encrypted else fmt.DIR_CODE_PLAIN,
+               "base_index": seg.base_index, "key_id": seg.ident.key_id, "index_offset": seg.index_offset,
+               "end_offset": seg.end_offset, "last_index": seg.last_index, "records": seg.records_written,
+               "bytes": seg.bytes_written}
+        with self.meta.write() as w:
+            w.put(M.DB_SEGMENTS, M.u64(seg.seg_id), M.encode_manifest(rec))
+
+    def remove_segments(self, segs: list[Segment]) -> None:
+        if not segs:
+            return
+        with self.meta.write() as w:
+            for seg in segs:
+                w.delete(M.DB_SEGMENTS, M.u64(seg.seg_id))
+        self.wal.forget(segs)
+        for seg in segs:
+            self.vfs.unlink(seg.path)
+        self.vfs.fsync_dir(self.wal_dir)
+
+    # ------------------------------------------------------------------ Storage API
+    def _check_open(self) -> None:
+        if self.closed:
+            raise UsageError("the store is closed")
+
+    def _check_write(self) -> None:
+        self._check_open()
+        if self.read_only:
+            raise UsageError("the store was opened read-only")
+
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        self._check_open()
+        return self.wal.hardstate, ConfState()
+
+    def save(self, hard_state: HardState | None = None, entries: Sequence[Entry] = ()) -> None:
+        """Persist entries (replacing any conflicting suffix) and the hard state atomically.
+
+        Durable on return unless the store was opened with sync="none".
+        """
+        self._check_write()
+        self.wal.append(entries, hard_state)
+
+    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
+        self._check_open()
+        return self.wal.entries(lo, hi, max_size)
+
+    def term(self, index: int) -> int:
+        self._check_open()
+        return self.wal.term(index)
+
+    def first_index(self) -> int:
+        self._check_open()
+        return self.wal.first_index()
+
+    def last_index(self) -> int:
+        self._check_open()
+        return self.wal.last_index()
+
+    def compact(self, index: int) -> None:
+        """Discard entries up to and including ``index``; whole segments below it are deleted."""
+        self._check_write()
+        self.wal.check_writable()
+        term = self.wal.term(index) if index > self.wal.compacted_index else None
+        removable = self.wal.compact(index, term)
+        with self.meta.write() as w:
+            w.put(M.DB_STATE, M.K_COMPACTED, index.to_bytes(8, "little") + self.wal.compacted_term.to_bytes(8, "little"))
+        self.remove_segments(removable)
+
+    @property
+    def fsync_count(self) -> int:
+        return self.wal.fsyncs
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if not self.read_only:
+                try:
+                    self.wal.seal_for_close()
+                except WalcryptError as exc:
+                    log.warning("sealing on close failed: %s", exc)
+        finally:
+            self.wal.close()
+            self.meta.close()
+            if self._lock:
+                self._lock.release()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        mode = "encrypted" if self.encrypted else "plaintext"
+        return f"<walcrypt.Store {self.path} {mode} {state}>"
+
+
+def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool | None = None, **options) -> Store:
+    """Open (creating if needed) a walcrypt data directory.  Encrypted unless ``encrypted=False``."""
+    if encrypted is None:
+        encrypted = True
+    return Store(path, kek=kek, encrypted=encrypted, **options)

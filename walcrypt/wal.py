@@ -1,0 +1,413 @@
+"""The ordered segments: append with group commit, suffix replacement, prefix compaction, reads.
+
+Concurrency and durability contract:
+
+* ``append`` may be called from many threads.  Requests queue up; whichever
+  caller holds the write lock is the *leader*: it takes every queued request
+  (policy ``batch``) or only its own (``always``/``none``), encodes them into
+  one write unit ending in a single COMMIT frame, writes it with one pwrite and
+  makes it durable with one fdatasync, then wakes the requesters.  A unit is
+  the only thing that can be torn by a crash; the next unit is written only
+  after the previous one's fdatasync returned (recovery relies on this).
+* ``append`` returns only once its unit is durable (except policy ``none``).
+* A failed write or fdatasync fails the WAL: every later write raises
+  :class:`StoreFailedError` until the store is reopened and recovered; the
+  in-memory index is never advanced past what was written.
+* Readers take the state lock briefly to locate records, then read with
+  positioned reads; a small cache keeps the last decrypted records.
+"""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from bisect import bisect_right
+from collections import OrderedDict
+from typing import Protocol, Sequence
+
+from . import format as fmt
+from .errors import CompactedError, StoreFailedError, UnavailableError, UsageError
+from .segment import Segment, encode_entries_payload
+from .types import Entry, HardState
+
+SYNC_POLICIES = ("always", "batch", "none")
+
+
+class SegmentProvider(Protocol):
+    """What the engine supplies to the WAL: segment creation and manifest bookkeeping."""
+
+    def create_segment(self, base_index: int, hardstate: HardState) -> Segment: ...
+    def segment_sealed(self, seg: Segment) -> None: ...
+    def remove_segments(self, segs: list[Segment]) -> None: ...
+    def sync_meta_failed(self, exc: BaseException) -> None: ...
+
+
+class _Request:
+    __slots__ = ("entries", "hardstate", "done", "error")
+
+    def __init__(self, entries, hardstate):
+        self.entries = entries
+        self.hardstate = hardstate
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class Wal:
+    def __init__(self, provider: SegmentProvider, *, sync: str = "batch", segment_size: int = 64 << 20,
+                 max_entry_size: int = fmt.MAX_ENTRY_SIZE_DEFAULT):
+        if sync not in SYNC_POLICIES:
+            raise UsageError(f"sync must be one of {', '.join(SYNC_POLICIES)}, not {sync!r}")
+        self.provider = provider
+        self.sync_policy = sync
+        self.segment_size = segment_size
+        self.max_entry_size = max_entry_size
+        self.segments: list[Segment] = []        # every live segment, in ID order
+        # The visible log: contiguous pieces (first, seg) in index order.
+        self.view_first: list[int] = []
+        self.view_seg: list[Segment] = []
+        self.run_start = array("Q")
+        self.run_term = array("Q")
+        self.compacted_index = 0
+        self.compacted_term = 0
+        self.last = 0
+        self.hardstate = HardState()
+        self.active: Segment | None = None
+        self.failed: BaseException | None = None
+        self.fsyncs = 0
+        self._state = threading.Lock()           # guards the index (short critical sections)
+        self._write = threading.Lock()           # one leader writes at a time
+        self._queue: list[_Request] = []
+        self._queue_lock = threading.Lock()
+        self._cache: OrderedDict = OrderedDict()
+
+    # ------------------------------------------------------------------ loading
+    def load(self, segments: list[Segment], compacted_index: int, compacted_term: int) -> None:
+        """Install segments recovered by the engine (ID order) and the compaction point."""
+        self.segments = list(segments)
+        self.compacted_index = compacted_index
+        self.compacted_term = compacted_term
+        self.view_first, self.view_seg = [], []
+        self.run_start, self.run_term = array("Q"), array("Q")
+        self.last = compacted_index
+        hs = None
+        for seg in self.segments:
+            if seg.hardstate is not None:
+                hs = seg.hardstate
+            self._truncate_view(seg.base_index)
+            if seg.last_index >= seg.base_index:
+                self.view_first.append(seg.base_index)
+                self.view_seg.append(seg)
+                self._add_runs(seg.runs)
+                self.last = seg.last_index
+        if self.last < compacted_index:
+            self.last = compacted_index
+        self.hardstate = hs or HardState()
+
+    def _truncate_view(self, base: int) -> None:
+        """Forget visible entries >= base (a later segment replaced them)."""
+        while self.view_first and self.view_first[-1] >= base:
+            self.view_first.pop()
+            self.view_seg.pop()
+        while self.run_start and self.run_start[-1] >= base:
+            self.run_start.pop()
+            self.run_term.pop()
+        if self.last >= base:
+            self.last = base - 1
+
+    def _add_runs(self, runs) -> None:
+        """Extend the term runs with (first index, term) runs that follow the current log."""
+        for start, term in runs:
+            if not self.run_term or self.run_term[-1] != term:
+                self.run_start.append(start)
+                self.run_term.append(term)
+
+    # ------------------------------------------------------------------ queries
+    def first_index(self) -> int:
+        return self.compacted_index + 1
+
+    def last_index(self) -> int:
+        return self.last
+
+    def term(self, index: int) -> int:
+        with self._state:
+            if index == self.compacted_index:
+                return self.compacted_term
+            if index < self.compacted_index:
+                raise CompactedError(f"index {index} is compacted (first index is {self.compacted_index + 1})")
+            if index > self.last:
+                raise UnavailableError(f"index {index} is beyond the last index {self.last}")
+            return self.run_term[bisect_right(self.run_start, index) - 1]
+
+    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
+        """Entries in [lo, hi); at least one when any is in range, then up to ``max_size`` bytes."""
+        if lo > hi:
+            raise UsageError(f"entries({lo}, {hi}): lo must not exceed hi")
+        with self._state:
+            if lo <= self.compacted_index:
+                raise CompactedError(f"index {lo} is compacted (first index is {self.compacted_index + 1})")
+            if hi > self.last + 1:
+                raise UnavailableError(f"entries up to {hi - 1} requested, the last index is {self.last}")
+            pieces = self._locate(lo, hi)
+        out: list[Entry] = []
+        size = 0
+        for seg, r, piece_hi in pieces:
+            idx = lo if not out else out[-1].index + 1
+            while idx < piece_hi:
+                first, terms, datas = self._record(seg, r)
+                b = min(piece_hi, first + len(datas))
+                for k in range(idx - first, b - first):
+                    d = datas[k]
+                    size += len(d)
+                    if max_size is not None and out and size > max_size:
+                        return out
+                    out.append(Entry(first + k, terms[k], d))
+                idx = b
+                r += 1
+        return out
+
+    def _locate(self, lo: int, hi: int):
+        """[(segment, first record number, stop index)] covering [lo, hi).  Caller holds _state."""
+        pieces = []
+        v = bisect_right(self.view_first, lo) - 1
+        idx = lo
+        while idx < hi:
+            seg = self.view_seg[v]
+            stop = self.view_first[v + 1] if v + 1 < len(self.view_first) else self.last + 1
+            stop = min(stop, hi)
+            pieces.append((seg, seg.locate(idx), stop))
+            idx = stop
+            v += 1
+        return pieces
+
+    def _record(self, seg: Segment, r: int):
+        key = (seg.seg_id, r)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        rec = seg.read_entries_record(r)
+        self._cache[key] = rec
+        if len(self._cache) > 8:
+            self._cache.popitem(last=False)
+        return rec
+
+    # ------------------------------------------------------------------ writing
+    def check_writable(self) -> None:
+        if self.failed is not None:
+            raise StoreFailedError(
+                f"an earlier write or fsync failed ({self.failed}); the store refuses writes until it is "
+                "reopened, which runs recovery") from None
+
+    def append(self, entries: Sequence[Entry], hardstate: HardState | None) -> None:
+        if not entries and hardstate is None:
+            return
+        self._validate_shape(entries)
+        self.check_writable()
+        req = _Request(entries, hardstate)
+        if self.sync_policy != "batch":
+            with self._write:
+                self._run_unit([req])
+            if req.error is not None:
+                raise req.error
+            return
+        with self._queue_lock:
+            self._queue.append(req)
+        # Whoever gets the write lock first writes every queued request; the others find
+        # their request done when they get the lock.  Bounded: each pass drains the queue.
+        with self._write:
+            if not req.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._run_unit(batch)
+        if req.error is not None:
+            raise req.error
+
+    def _validate_shape(self, entries) -> None:
+        if not entries:
+            return
+        first = entries[0][0]
+        limit = self.max_entry_size
+        for k, e in enumerate(entries):
+            if e[0] != first + k:
+                raise UsageError(f"entries are not contiguous: index {e[0]} at position {k}, expected {first + k}")
+            if len(e[2]) > limit:
+                raise UsageError(f"entry {e[0]} is {len(e[2])} bytes; the maximum entry size is {limit} "
+                                 "(raise max_entry_size= when opening)")
+            if e[1] <= 0:
+                raise UsageError(f"entry {e[0]} has term {e[1]}; terms start at 1")
+
+    def _run_unit(self, batch: list[_Request]) -> None:
+        """Leader: write the requests as write units; mark each request done."""
+        records: list = []
+        hardstate = None
+        members: list[_Request] = []
+        for req in batch:
+            try:
+                self.check_writable()
+                entries = self._trim_compacted(req.entries)
+                if entries and entries[0][0] <= self.last:
+                    # Raft suffix replacement: flush what we have, then continue in a new segment.
+                    self._flush(records, hardstate, members)
+                    records, hardstate, members = [], None, []
+                    self._replace_from(entries[0][0])
+                elif entries and entries[0][0] != self._next_index(records):
+                    raise UsageError(
+                        f"entries start at index {entries[0][0]} but the log ends at {self._next_index(records) - 1}; "
+                        "a gap is not allowed")
+                if entries:
+                    for k in range(0, len(entries), fmt.RECORD_MAX_ENTRIES):
+                        self._entries_records(records, entries[k:k + fmt.RECORD_MAX_ENTRIES])
+                if req.hardstate is not None:
+                    hardstate = HardState(*req.hardstate)
+                members.append(req)
+            except BaseException as exc:  # this request only
+                req.error = exc
+                req.done = True
+        self._flush(records, hardstate, members)
+
+    def _next_index(self, records) -> int:
+        for rec in reversed(records):
+            if rec[0] == fmt.FRAME_ENTRIES:
+                return rec[1] + rec[3]
+        return self.last + 1
+
+    def _trim_compacted(self, entries):
+        if entries and entries[0][0] <= self.compacted_index:
+            return entries[self.compacted_index + 1 - entries[0][0]:]
+        return entries
+
+    def _entries_records(self, records: list, entries) -> None:
+        n = len(entries)
+        start = 0
+        size = 0
+        for k in range(n):
+            size += len(entries[k][2])
+            if size >= fmt.RECORD_TARGET_BYTES or k == n - 1:
+                chunk_first = entries[start][0]
+                payload = encode_entries_payload(entries, start, k + 1)
+                terms = [e[1] for e in entries[start:k + 1]]
+                records.append((fmt.FRAME_ENTRIES, chunk_first, entries[start][1], k + 1 - start, payload, terms))
+                start = k + 1
+                size = 0
+
+    def _flush(self, records: list, hardstate: HardState | None, members: list[_Request]) -> None:
+        if hardstate is not None:
+            records.append((fmt.FRAME_HARDSTATE, 0, hardstate.term, 0, fmt.HARDSTATE_STRUCT.pack(*hardstate), None))
+        if not records:
+            for req in members:
+                req.done = True
+            return
+        try:
+            self._write_unit(records)
+        except BaseException as exc:
+            for req in members:
+                req.error = exc
+                req.done = True
+            return
+        if hardstate is not None:
+            self.hardstate = hardstate
+        for req in members:
+            req.done = True
+
+    def _write_unit(self, records: list) -> None:
+        seg = self.active
+        estimate = sum(len(r[4]) + fmt.FRAME_HEADER_SIZE + 24 for r in records) + 128
+        if seg is None or not seg.writable:
+            seg = self._cut(self.last + 1)
+        elif seg.write_offset + estimate > self.segment_size and seg.records_written > 2:
+            self._seal_active()
+            seg = self._cut(self.last + 1)
+        buf, pending = seg.encode_batch(records)
+        try:
+            seg.write(buf)
+            if self.sync_policy != "none":
+                seg.sync()
+                self.fsyncs += 1
+        except OSError as exc:
+            self.failed = exc
+            raise StoreFailedError(f"writing {seg.path} failed: {exc}; reopen the store to recover") from exc
+        with self._state:
+            before = seg.last_index
+            seg.apply_batch(buf, pending)
+            if seg.last_index > before:
+                if not self.view_seg or self.view_seg[-1] is not seg:
+                    self.view_first.append(before + 1)
+                    self.view_seg.append(seg)
+                self._add_runs([(i, t) for i, t in seg.runs if i > before])
+                self.last = seg.last_index
+
+    def _replace_from(self, index: int) -> None:
+        """Entries >= index are superseded: seal the active segment and start a new one at index."""
+        if index <= self.compacted_index:
+            raise UsageError(f"cannot replace entries from {index}: compacted up to {self.compacted_index}")
+        if self.active is not None and self.active.writable:
+            self._seal_active()
+        with self._state:
+            self._truncate_view(index)
+            self._cache.clear()
+        self._cut(index)
+
+    def _cut(self, base_index: int) -> Segment:
+        try:
+            seg = self.provider.create_segment(base_index, self.hardstate)
+        except OSError as exc:
+            self.failed = exc
+            raise StoreFailedError(f"creating a segment failed: {exc}; free space and reopen the store") from exc
+        with self._state:
+            self.segments.append(seg)
+            self.active = seg
+        return seg
+
+    def _seal_active(self) -> None:
+        seg = self.active
+        if seg is None or not seg.writable:
+            return
+        try:
+            seg.seal()
+            self.fsyncs += 2
+            self.provider.segment_sealed(seg)
+        except OSError as exc:
+            self.failed = exc
+            raise StoreFailedError(f"sealing {seg.path} failed: {exc}; reopen the store to recover") from exc
+
+    def seal_for_close(self) -> None:
+        with self._write:
+            if self.failed is None and self.active is not None and self.active.writable:
+                self._seal_active()
+
+    # ------------------------------------------------------------------ compaction
+    def compact(self, index: int, term: int | None = None) -> list[Segment]:
+        """Discard entries <= index.  Returns segments now wholly below the first index (to remove)."""
+        with self._write, self._state:
+            if index <= self.compacted_index:
+                raise CompactedError(f"already compacted up to {self.compacted_index}")
+            if index > self.last:
+                raise UnavailableError(f"cannot compact up to {index}: the last index is {self.last}")
+            if term is None:
+                term = self.run_term[bisect_right(self.run_start, index) - 1]
+            self.compacted_index, self.compacted_term = index, term
+            return self._removable()
+
+    def _removable(self) -> list[Segment]:
+        """Sealed segments holding no visible entry above the compaction point (never the newest)."""
+        keep_from = max(bisect_right(self.view_first, self.compacted_index + 1) - 1, 0)
+        needed = {id(s) for s in self.view_seg[keep_from:]}
+        if self.active is not None:
+            needed.add(id(self.active))
+        newest = self.segments[-1] if self.segments else None
+        return [seg for seg in self.segments
+                if seg.sealed and seg is not newest and id(seg) not in needed]
+
+    def forget(self, segs: list[Segment]) -> None:
+        ids = {id(s) for s in segs}
+        with self._state:
+            self.segments = [s for s in self.segments if id(s) not in ids]
+            keep = [(f, s) for f, s in zip(self.view_first, self.view_seg) if id(s) not in ids]
+            self.view_first = [f for f, _ in keep]
+            self.view_seg = [s for _, s in keep]
+            self._cache.clear()
+        for s in segs:
+            s.close()
+
+    def close(self) -> None:
+        for seg in self.segments:
+            seg.close()
