@@ -14,12 +14,22 @@ Durability contract:
 * Sealing writes an INDEX frame (the table of records and term runs), syncs,
   then truncates the unused preallocated space.
 
-Torn tail vs corruption (FORMAT.md, "Recovery"): the first frame that fails
-at offset X in an unsealed segment is a torn tail when no CRC-valid COMMIT
-frame follows X and the failure looks like an incomplete write: the frame runs
-past the end of the file, or its extent holds an all-zero run of at least 32
-bytes starting at X or at a 512-byte boundary (a sector that never reached the
-disk).  Everything else is a :class:`CorruptionError` naming file and offset.
+Torn tail vs corruption (FORMAT.md, "Recovery").  Let X be the offset of the
+first frame of an unsealed segment that is incomplete or fails its CRC, and C
+the end of the last valid COMMIT frame before it (everything after C was never
+acknowledged).  Then:
+
+1. a CRC-valid COMMIT frame after X that is followed by more written bytes
+   proves a later write unit started after X was durable: CorruptionError;
+2. otherwise, if the bytes at X are not the head of the frame this segment
+   wrote next (none of its nonce, key ID and chain fields match: zeros,
+   garbage, stale blocks), the tail is torn;
+3. otherwise the frame is ours and damaged: torn when it looks like an
+   incomplete write (runs past the end of the file, ends in zero bytes, or
+   holds an all-zero run of 32 bytes at its start or at a 512-byte sector
+   boundary), else CorruptionError naming file and offset.
+
+A torn tail is truncated to C after a ``.broken`` copy of the file is kept.
 A CRC-valid frame that fails authentication, sequence, nonce, key or chain
 checks is always an :class:`AuthenticationError`.
 """
@@ -408,20 +418,21 @@ class Segment:
         unpack = fmt.FRAME_HEADER_STRUCT.unpack_from
         while True:
             if off + hsize > size:
-                return self._classify(data, committed_end, off, size, "frame header cut off by the end of the file")
+                return self._classify(data, committed_end, off, size, "frame header cut off by the end of the file",
+                                      seq, chain)
             h = unpack(data, off)
             ftype, length = h[0], h[4]
             if ftype == fmt.FRAME_UNWRITTEN:
-                return self._classify(data, committed_end, off, off + hsize, "unwritten space")
+                return self._classify(data, committed_end, off, off + hsize, "unwritten space", seq, chain)
             if ftype not in fmt.FRAME_TYPES or length < fmt.TAG_SIZE or length > fmt.MAX_RECORD_PAYLOAD:
-                return self._classify(data, committed_end, off, off + hsize, "malformed frame header")
+                return self._classify(data, committed_end, off, off + hsize, "malformed frame header", seq, chain)
             end = off + hsize + length
             if end > size:
-                return self._classify(data, committed_end, off, end, "frame runs past the end of the file")
+                return self._classify(data, committed_end, off, end, "frame runs past the end of the file", seq, chain)
             header = data[off:off + hsize]
             ct = data[off + hsize:end]
             if crypto.frame_crc(header, ct) != h[9]:
-                return self._classify(data, committed_end, off, end, "frame fails its CRC32C")
+                return self._classify(data, committed_end, off, end, "frame fails its CRC32C", seq, chain)
             # From here on the frame is intact: any failure is tampering or foreign data.
             self._check_frame_fields(h, off, seq=seq, chain=chain)
             plain = self.cipher.open(header, ct, path=path, offset=off)
@@ -469,7 +480,8 @@ class Segment:
         else:
             raise AuthenticationError(self.path, off, f"unexpected frame type {ftype} inside a batch")
 
-    def _classify(self, data: bytes, committed_end: int, bad: int, extent_end: int, detail: str):
+    def _classify(self, data: bytes, committed_end: int, bad: int, extent_end: int, detail: str,
+                  seq: int, chain: bytes):
         """Decide torn tail vs corruption for the first failing frame at ``bad`` (see module doc)."""
         size = len(data)
         written_end = len(data.rstrip(b"\x00"))      # one past the last nonzero byte of the file
@@ -487,10 +499,21 @@ class Segment:
                                           "mid-log corruption is not repaired automatically; restore the node "
                                           "from a snapshot or wipe it and let Raft re-replicate")
             pos = data.find(pattern, pos + 1)
-        if not _looks_incomplete(data, bad, extent_end):
+        if self._is_our_frame(data, bad, seq, chain) and not _looks_incomplete(data, bad, extent_end):
             raise CorruptionError(self.path, bad, f"{detail} in the last batch, and the damage does not look like "
                                   "an incomplete write", "run 'walcrypt verify'; restore from a snapshot if needed")
         return committed_end, (bad, detail)
+
+
+    def _is_our_frame(self, data: bytes, off: int, seq: int, chain: bytes) -> bool:
+        """Whether the bytes at ``off`` are the head of the frame this segment wrote next: at least one
+        of its nonce, key ID and chain value fields holds exactly the expected bytes.  One damaged
+        field cannot hide the other two; zeros, garbage and stale blocks match none."""
+        h = data[off:off + fmt.FRAME_HEADER_SIZE]
+        if len(h) < fmt.FRAME_HEADER_SIZE:
+            return False
+        return (h[40:52] == crypto.nonce_for(seq) or h[56:72] == self.ident.key_id
+                or h[72:88] == chain)
 
 
 def _looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
