@@ -71,9 +71,9 @@ def check(path: str, *, kek=None, encrypted: bool = True, fix: bool = False,
                 data = store.vfs.read_file(seg.path)
                 fresh = type(seg)(store.vfs, seg.path, seg.ident, seg.cipher)
 
-                def on_entries(first, terms, datas):
-                    report.entries += len(datas)
-                    report.bytes += sum(len(d) for d in datas)
+                def on_entries(rec):
+                    report.entries += len(rec)
+                    report.bytes += rec.ends[-1] - rec.ends[0]
 
                 committed_end, torn = fresh.scan(data, on_entries=on_entries)
                 report.records += fresh.seq

@@ -56,7 +56,7 @@ FLAG_NONE = 0
 # Limits
 MAX_ENTRY_SIZE_DEFAULT = 64 << 20        # one entry
 MAX_RECORD_PAYLOAD = 1 << 30             # hard bound checked before any allocation
-RECORD_TARGET_BYTES = 1 << 20            # a save() is split into records of about this size
+RECORD_TARGET_BYTES = 32 << 10           # a save() is split into records of about this size
 RECORD_MAX_ENTRIES = 4096                # ... or this many entries
 MAX_INDEX_RECORDS = 1 << 24
 

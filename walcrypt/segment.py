@@ -40,6 +40,7 @@ import os
 import struct
 from array import array
 from bisect import bisect_right
+from itertools import accumulate
 from dataclasses import dataclass
 
 from crc32c import crc32c
@@ -108,8 +109,34 @@ def encode_entries_payload(entries, start: int, stop: int) -> bytes:
     ))
 
 
-def decode_entries_payload(payload: bytes, first_index: int, count: int, *, path: str, offset: int):
-    """-> (terms array, list of data bytes).  Lengths are checked before slicing."""
+class EntriesRecord:
+    """The decrypted payload of one ENTRIES record; entry data is sliced out only when asked for."""
+
+    __slots__ = ("first", "terms", "ends", "payload")
+
+    def __init__(self, first: int, terms: array, ends: array, payload: bytes):
+        self.first = first
+        self.terms = terms
+        self.ends = ends        # ends[k] .. ends[k + 1] is entry k's data in payload
+        self.payload = payload
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def data(self, k: int) -> bytes:
+        return self.payload[self.ends[k]:self.ends[k + 1]]
+
+    def datas(self) -> list[bytes]:
+        p, e = self.payload, self.ends
+        return [p[e[k]:e[k + 1]] for k in range(len(self.terms))]
+
+    def size(self, k: int) -> int:
+        return self.ends[k + 1] - self.ends[k]
+
+
+def decode_entries_payload(payload: bytes, first_index: int, count: int, *, path: str,
+                           offset: int) -> EntriesRecord:
+    """Check and index an ENTRIES payload.  Lengths are checked before anything is sliced."""
     n = len(payload)
     if n < 8:
         raise CorruptionError(path, offset, "entries record payload is truncated")
@@ -121,14 +148,10 @@ def decode_entries_payload(payload: bytes, first_index: int, count: int, *, path
     terms.frombytes(payload[8:8 + 8 * pcount])
     lengths = array("I")
     lengths.frombytes(payload[8 + 8 * pcount:table_end])
-    if table_end + sum(lengths) != n:
+    ends = array("Q", accumulate(lengths, initial=table_end))
+    if ends[-1] != n:
         raise CorruptionError(path, offset, "entries record lengths do not add up to its payload")
-    datas = []
-    pos = table_end
-    for ln in lengths:
-        datas.append(payload[pos:pos + ln])
-        pos += ln
-    return terms, datas
+    return EntriesRecord(first_index, terms, ends, payload)
 
 
 class Segment:
@@ -213,12 +236,15 @@ class Segment:
         buf = b"".join(parts)
         return buf, (placed, seq, chain, sum(len(r[4]) for r in records))
 
-    def apply_batch(self, buf: bytes, pending) -> None:
-        """Record a batch that was written (and synced as the policy requires) in the index."""
+    def apply_batch(self, buf: bytes, pending) -> list:
+        """Record a batch that was written (and synced as the policy requires) in the index.
+
+        Returns the term runs (first index, term) that the batch started."""
         placed, seq, chain, nbytes = pending
+        new_runs: list = []
         for ftype, offset, index, count, terms, payload in placed:
             if ftype == fmt.FRAME_ENTRIES:
-                self._index_entries(offset, index, count, terms)
+                new_runs += self._index_entries(offset, index, count, terms)
             elif ftype == fmt.FRAME_HARDSTATE:
                 self.hardstate = HardState(*fmt.HARDSTATE_STRUCT.unpack(payload))
                 self.hardstate_offset = offset
@@ -227,18 +253,26 @@ class Segment:
         self.chain = chain
         self.records_written += len(placed) + 1
         self.bytes_written += nbytes
+        return new_runs
 
-    def _index_entries(self, offset: int, index: int, count: int, terms) -> None:
-        if index <= self.last_index:  # a later record of this segment rewrote a suffix (never happens in v1)
+    def _index_entries(self, offset: int, index: int, count: int, terms) -> list:
+        """Index one ENTRIES record; returns the term runs it starts."""
+        if index <= self.last_index:  # records of a segment never overlap
             raise CorruptionError(self.path, offset, f"entries record at index {index} overlaps earlier records")
         self.rec_offset.append(offset)
         self.rec_index.append(index)
         self.rec_count.append(count)
         self.last_index = index + count - 1
         runs = self.runs
-        for k, t in enumerate(terms):
-            if not runs or runs[-1][1] != t:
-                runs.append((index + k, t))
+        start = len(runs)
+        if terms[0] == terms[-1]:   # the common case: one term (Raft terms never decrease)
+            if not runs or runs[-1][1] != terms[0]:
+                runs.append((index, terms[0]))
+        else:
+            for k, t in enumerate(terms):
+                if not runs or runs[-1][1] != t:
+                    runs.append((index + k, t))
+        return runs[start:]
 
     def write(self, buf: bytes) -> int:
         """pwrite one encoded batch at the write offset; returns the offset written."""
@@ -337,15 +371,14 @@ class Segment:
         return bisect_right(self.rec_index, index) - 1
 
     def read_entries_record(self, r: int):
-        """(first index, terms, datas) of ENTRIES record number r, fully checked."""
+        """ENTRIES record number r, fully checked."""
         offset = self.rec_offset[r]
         h, payload = self.read_frame(offset, fmt.FRAME_ENTRIES)
         if h[6] != self.rec_index[r] or h[8] != self.rec_count[r]:
             raise AuthenticationError(self.path, offset,
                                       f"record holds index {h[6]} x{h[8]} where the index expects "
                                       f"{self.rec_index[r]} x{self.rec_count[r]} (records swapped or moved)")
-        terms, datas = decode_entries_payload(payload, h[6], h[8], path=self.path, offset=offset)
-        return h[6], terms, datas
+        return decode_entries_payload(payload, h[6], h[8], path=self.path, offset=offset)
 
     # ------------------------------------------------------------------ open
     def check_identity(self, found: SegmentIdentity, expected_commitment: bytes) -> None:
@@ -404,7 +437,7 @@ class Segment:
 
         Returns (committed_end, torn) where torn is None for a clean end or a
         (offset, detail) pair for a torn tail after committed_end.  Raises for
-        corruption.  ``on_entries(first_index, terms, datas)`` sees every committed
+        corruption.  ``on_entries(record)`` sees every committed
         entries record (used by verify and replay).
         """
         path = self.path
@@ -465,13 +498,13 @@ class Segment:
     def _apply_scanned(self, p, on_entries) -> None:
         ftype, off, h, plain = p
         if ftype == fmt.FRAME_ENTRIES:
-            terms, datas = decode_entries_payload(plain, h[6], h[8], path=self.path, offset=off)
+            rec = decode_entries_payload(plain, h[6], h[8], path=self.path, offset=off)
             if h[6] != self.last_index + 1:
                 raise AuthenticationError(self.path, off,
                                           f"entries record starts at index {h[6]}, expected {self.last_index + 1}")
-            self._index_entries(off, h[6], h[8], terms)
+            self._index_entries(off, h[6], h[8], rec.terms)
             if on_entries is not None:
-                on_entries(h[6], terms, datas)
+                on_entries(rec)
         elif ftype == fmt.FRAME_HARDSTATE:
             if len(plain) != fmt.HARDSTATE_STRUCT.size:
                 raise CorruptionError(self.path, off, "hard state record has a bad size")
@@ -529,13 +562,3 @@ def _looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
         if e - s >= min(ZERO_RUN, hi - lo) and not any(data[s:e]):
             return True
     return False
-
-
-def runs_term(run_start: array, run_term: array, index: int) -> int:
-    return run_term[bisect_right(run_start, index) - 1]
-
-
-def entries_from_record(first: int, terms, datas, lo: int, hi: int) -> list[Entry]:
-    a = max(lo, first) - first
-    b = min(hi, first + len(datas)) - first
-    return [Entry(first + k, terms[k], datas[k]) for k in range(a, b)]

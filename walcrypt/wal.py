@@ -153,14 +153,15 @@ class Wal:
         for seg, r, piece_hi in pieces:
             idx = lo if not out else out[-1].index + 1
             while idx < piece_hi:
-                first, terms, datas = self._record(seg, r)
-                b = min(piece_hi, first + len(datas))
+                rec = self._record(seg, r)
+                first, terms = rec.first, rec.terms
+                b = min(piece_hi, first + len(terms))
                 for k in range(idx - first, b - first):
-                    d = datas[k]
-                    size += len(d)
-                    if max_size is not None and out and size > max_size:
-                        return out
-                    out.append(Entry(first + k, terms[k], d))
+                    if max_size is not None:
+                        size += rec.size(k)
+                        if out and size > max_size:
+                            return out
+                    out.append(Entry(first + k, terms[k], rec.data(k)))
                 idx = b
                 r += 1
         return out
@@ -327,12 +328,13 @@ class Wal:
             raise StoreFailedError(f"writing {seg.path} failed: {exc}; reopen the store to recover") from exc
         with self._state:
             before = seg.last_index
-            seg.apply_batch(buf, pending)
+            new_runs = seg.apply_batch(buf, pending)
             if seg.last_index > before:
                 if not self.view_seg or self.view_seg[-1] is not seg:
                     self.view_first.append(before + 1)
                     self.view_seg.append(seg)
-                self._add_runs([(i, t) for i, t in seg.runs if i > before])
+                if new_runs:
+                    self._add_runs(new_runs)
                 self.last = seg.last_index
 
     def _replace_from(self, index: int) -> None:

@@ -1,0 +1,494 @@
+"""Workloads: the walcrypt adapter, the case matrix and :func:`run_all`.
+
+Three kinds of case, each named with its parameters:
+
+* ``append/entry=1k/batch=64/sync=on/v=walcrypt-encrypted`` -- append a fixed
+  amount of payload in batches into a fresh store; one sync per batch when
+  ``sync=on``.  Throughput in payload MiB/s.  The cipher limit does no I/O, so
+  its cases say ``sync=na``; pysyncobj cannot sync, so its ``sync=on`` cases are
+  listed as skipped.
+* ``replay/entry=1k/v=lmdb`` -- open an existing store and read every entry
+  (decrypting).  The store is written untimed first; the page cache is warm.
+* ``read/entry=1k/pattern=random/v=sqlite`` -- single-entry reads at uniformly
+  random indexes of an existing store, in ops/s.
+
+Repetitions of the variants of one parameter set are interleaved.  walcrypt
+cases are listed as skipped while ``walcrypt.open`` does not exist yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from . import baselines
+from .harness import MIN_REPS, Case, Printer, Sample, machine_info, make_workdir, run_groups
+
+SCHEMA_VERSION = 1
+
+WALCRYPT_VARIANTS = ("walcrypt-encrypted", "walcrypt-plain")
+VARIANTS = WALCRYPT_VARIANTS + tuple(baselines.names())
+KINDS = ("append", "replay", "read")
+
+#: The KEK the benchmark opens walcrypt with (speed does not depend on it).
+WALCRYPT_KEK = b"k" * 32
+
+REPLAY_VARIANTS = WALCRYPT_VARIANTS + ("lmdb", "sqlite", "raw", "pysyncobj")
+READ_VARIANTS = WALCRYPT_VARIANTS + ("lmdb", "sqlite", "raw")
+
+
+# ------------------------------------------------------------------ walcrypt
+
+
+def walcrypt_status() -> Tuple[Optional[object], Optional[str]]:
+    """``(module, None)`` when walcrypt's API is usable, else ``(None, reason)``."""
+    try:
+        import walcrypt  # noqa: F401
+        from walcrypt import Entry, RawKey  # noqa: F401
+    except ImportError as exc:
+        return None, f"walcrypt API not importable yet ({exc})"
+    except Exception as exc:  # noqa: BLE001 - a half-written engine may raise anything
+        return None, f"walcrypt import failed ({type(exc).__name__}: {exc})"
+    if not callable(getattr(walcrypt, "open", None)):
+        return None, "walcrypt.open not available yet"
+    return walcrypt, None
+
+
+class WalcryptStore:
+    """walcrypt behind the baselines' interface (open/append_batch/scan/get/close)."""
+
+    supports_sync = True
+    supports_scan = True
+    supports_get = True
+
+    def __init__(self, sync: bool = True, encrypted: bool = True):
+        self.sync = bool(sync)
+        self.encrypted = bool(encrypted)
+        self.name = "walcrypt-encrypted" if encrypted else "walcrypt-plain"
+        import walcrypt
+
+        self._wc = walcrypt
+
+    def prepare(self, batches):
+        """Build the ``Entry`` objects outside the timed section (as for the baselines)."""
+        Entry = self._wc.Entry
+        return [[Entry(index=i, term=t, data=d) for i, t, d in b] for b in batches]
+
+    def open(self, dir: str) -> None:
+        kwargs = {"encrypted": self.encrypted, "sync": "always" if self.sync else "none"}
+        if self.encrypted:
+            kwargs["kek"] = self._wc.RawKey(WALCRYPT_KEK)
+        # A path that does not exist yet on first open: the store creates it.
+        self.store = self._wc.open(os.path.join(dir, "wal"), **kwargs)
+
+    def append_batch(self, batch) -> None:
+        self.store.save(entries=batch)
+
+    def scan(self) -> int:
+        s = self.store
+        lo, hi = s.first_index(), s.last_index()
+        if hi < lo:
+            return 0
+        return len(s.entries(lo, hi + 1))
+
+    def get(self, index: int) -> bytes:
+        return self.store.entries(index, index + 1)[0].data
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def make_store(variant: str, sync: bool):
+    if variant == "walcrypt-encrypted":
+        return WalcryptStore(sync=sync, encrypted=True)
+    if variant == "walcrypt-plain":
+        return WalcryptStore(sync=sync, encrypted=False)
+    return baselines.make(variant, sync)
+
+
+def capability(variant: str, attr: str) -> bool:
+    if variant in WALCRYPT_VARIANTS:
+        return getattr(WalcryptStore, attr)
+    return getattr(baselines.BASELINES[variant], attr)
+
+
+# -------------------------------------------------------------------- sizing
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How much work one repetition does.  Fixed per mode, so cases stay comparable."""
+
+    append_bytes: int  # payload per append case ...
+    max_entries: int  # ... but at most this many entries ...
+    max_sync_batches: int  # ... and at most this many syncs (sync=on)
+    replay_entries: int
+    read_store_entries: int
+    read_ops: int
+    reps: int
+
+
+# Sized so that the slowest baseline takes about 1-2 s per repetition (full) or
+# well under 1 s (quick) on a VM disk with ~0.5 ms fdatasync.
+FULL = Sizing(64 << 20, 40_000, 2000, 50_000, 20_000, 20_000, MIN_REPS)
+QUICK = Sizing(8 << 20, 16_000, 500, 20_000, 10_000, 10_000, MIN_REPS)
+TINY = Sizing(1 << 30, 50, 50, 50, 50, 50, 1)
+
+ENTRY_SIZES = {"128": 128, "1k": 1024, "16k": 16384}
+BATCHES = (1, 64)
+FULL_APPEND = [(e, b, s) for s in (True, False) for e in ENTRY_SIZES for b in BATCHES]
+QUICK_APPEND = [("1k", 1, True), ("1k", 64, True), ("128", 64, False), ("16k", 64, False)]
+
+
+def append_entries(sz: Sizing, entry: int, batch: int, sync: bool) -> int:
+    n = min(sz.append_bytes // entry, sz.max_entries)
+    if sync:
+        n = min(n, sz.max_sync_batches * batch)
+    return max(n, 1)
+
+
+def payload_pool(size: int, count: int = 16, seed: int = 1) -> List[bytes]:
+    rnd = random.Random(seed * 1_000_003 + size)
+    return [rnd.randbytes(size) for _ in range(count)]
+
+
+def make_batches(n: int, entry: int, batch: int, term: int = 1) -> List[List[Tuple[int, int, bytes]]]:
+    pool = payload_pool(entry)
+    out, cur = [], []
+    for i in range(1, n + 1):
+        cur.append((i, term, pool[i % len(pool)]))
+        if len(cur) == batch:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
+# ----------------------------------------------------------------- run_once
+
+
+def _append_once(variant: str, sync: bool, batches, nbytes: int) -> Callable[[str], Sample]:
+    n = sum(len(b) for b in batches)
+
+    def run(d: str) -> Sample:
+        store = make_store(variant, sync)
+        prepared = store.prepare(batches)
+        store.open(d)
+        try:
+            append = store.append_batch
+            t0 = time.perf_counter()
+            for b in prepared:
+                append(b)
+            dt = time.perf_counter() - t0
+        finally:
+            store.close()
+        return Sample(dt, n, nbytes)
+
+    return run
+
+
+def _populate(variant: str, d: str, n: int, entry: int) -> None:
+    store = make_store(variant, False)
+    prepared = store.prepare(make_batches(n, entry, 256))
+    store.open(d)
+    try:
+        for b in prepared:
+            store.append_batch(b)
+    finally:
+        store.close()
+
+
+def _replay_once(variant: str, n: int, entry: int) -> Callable[[str], Sample]:
+    def run(d: str) -> Sample:
+        _populate(variant, d, n, entry)
+        store = make_store(variant, False)
+        t0 = time.perf_counter()
+        store.open(d)
+        try:
+            got = store.scan()
+            dt = time.perf_counter() - t0
+        finally:
+            store.close()
+        if got != n:
+            raise AssertionError(f"{variant} replay read {got} entries, wrote {n}")
+        return Sample(dt, n, n * entry)
+
+    return run
+
+
+def _read_once(variant: str, n: int, ops: int, entry: int) -> Callable[[str], Sample]:
+    def run(d: str) -> Sample:
+        _populate(variant, d, n, entry)
+        rnd = random.Random(7)
+        idx = [rnd.randint(1, n) for _ in range(ops)]
+        store = make_store(variant, False)
+        store.open(d)
+        try:
+            if len(store.get(idx[0])) != entry:
+                raise AssertionError(f"{variant} get returned a payload of the wrong size")
+            get = store.get
+            t0 = time.perf_counter()
+            for i in idx:
+                get(i)
+            dt = time.perf_counter() - t0
+        finally:
+            store.close()
+        return Sample(dt, ops, ops * entry)
+
+    return run
+
+
+# ------------------------------------------------------------------- selection
+
+
+class Selector:
+    """``--only`` tokens: kinds (append/replay/read), variants (``walcrypt`` means
+    both walcrypt variants), or any other text as a substring of the case name.
+    Within one axis tokens are OR'ed; the axes are AND'ed."""
+
+    def __init__(self, tokens: Optional[Iterable[str]] = None):
+        self.kinds, self.variants, self.subs = set(), set(), []
+        for t in tokens or ():
+            if t in KINDS:
+                self.kinds.add(t)
+            elif any(v == t or v.startswith(t + "-") for v in VARIANTS):
+                self.variants.update(v for v in VARIANTS if v == t or v.startswith(t + "-"))
+            elif "=" in t or "/" in t:
+                self.subs.append(t)
+            else:
+                raise ValueError(
+                    f"--only {t!r}: not a kind ({', '.join(KINDS)}), a variant "
+                    f"({', '.join(VARIANTS)}, walcrypt) or a name fragment containing '=' or '/'"
+                )
+
+    def __call__(self, name: str, kind: str, variant: str) -> bool:
+        return (
+            (not self.kinds or kind in self.kinds)
+            and (not self.variants or variant in self.variants)
+            and (not self.subs or any(s in name for s in self.subs))
+        )
+
+
+# -------------------------------------------------------------------- matrix
+
+
+def build_groups(
+    sz: Sizing, append_matrix, wc_reason: Optional[str], select: Selector
+) -> List[List[Case]]:
+    groups: List[List[Case]] = []
+    cipher_done = set()
+
+    def skip_for(variant: str) -> Optional[str]:
+        # the details are printed once and kept in results["walcrypt_skip_reason"]
+        return "walcrypt unavailable" if wc_reason and variant in WALCRYPT_VARIANTS else None
+
+    for ename, batch, sync in append_matrix:
+        entry = ENTRY_SIZES[ename]
+        n = append_entries(sz, entry, batch, sync)
+        batches: Dict[int, list] = {}
+        group: List[Case] = []
+        for variant in VARIANTS:
+            syncname = "on" if sync else "off"
+            reason = skip_for(variant)
+            if variant == "cipher":
+                if (ename, batch) in cipher_done:
+                    continue
+                syncname = "na"
+            elif not capability(variant, "supports_sync") and sync:
+                reason = reason or f"{variant} cannot sync; measured with sync=off only"
+            name = f"append/entry={ename}/batch={batch}/sync={syncname}/v={variant}"
+            if not select(name, "append", variant):
+                continue
+            if variant == "cipher":
+                cipher_done.add((ename, batch))
+                n_case = append_entries(sz, entry, batch, False)
+            else:
+                n_case = n
+            case = Case(
+                name=name,
+                kind="append",
+                variant=variant,
+                unit="MiB/s",
+                params={"entry": entry, "batch": batch, "sync": syncname, "entries": n_case},
+                skip_reason=reason,
+            )
+            if not reason:
+                if n_case not in batches:
+                    batches[n_case] = make_batches(n_case, entry, batch)
+                bts = batches[n_case]
+                case.run_once = _append_once(variant, sync, bts, n_case * entry)
+            group.append(case)
+        if group:
+            groups.append(group)
+
+    entry = 1024
+    group = []
+    for variant in REPLAY_VARIANTS:
+        name = f"replay/entry=1k/v={variant}"
+        if not select(name, "replay", variant):
+            continue
+        reason = skip_for(variant)
+        case = Case(name, "replay", variant, "MiB/s",
+                    params={"entry": entry, "entries": sz.replay_entries}, skip_reason=reason)
+        if not reason:
+            case.run_once = _replay_once(variant, sz.replay_entries, entry)
+        group.append(case)
+    if group:
+        groups.append(group)
+
+    group = []
+    for variant in READ_VARIANTS:
+        name = f"read/entry=1k/pattern=random/v={variant}"
+        if not select(name, "read", variant):
+            continue
+        reason = skip_for(variant)
+        case = Case(name, "read", variant, "ops/s",
+                    params={"entry": entry, "entries": sz.read_store_entries, "ops": sz.read_ops},
+                    skip_reason=reason)
+        if not reason:
+            case.run_once = _read_once(variant, sz.read_store_entries, sz.read_ops, entry)
+        group.append(case)
+    if group:
+        groups.append(group)
+    return groups
+
+
+# -------------------------------------------------------------------- ratios
+
+_E = "walcrypt-encrypted"
+
+#: ratio key -> (walcrypt case, baseline case); ratio = median / median.
+RATIO_DEFS: Dict[str, Tuple[str, str]] = {
+    "encrypted_vs_plain_append_1k_b64": (
+        f"append/entry=1k/batch=64/sync=on/v={_E}",
+        "append/entry=1k/batch=64/sync=on/v=walcrypt-plain",
+    ),
+    "vs_raw_limit_append_1k_b1": (
+        f"append/entry=1k/batch=1/sync=on/v={_E}",
+        "append/entry=1k/batch=1/sync=on/v=raw",
+    ),
+    "vs_raw_limit_append_1k_b64": (
+        f"append/entry=1k/batch=64/sync=on/v={_E}",
+        "append/entry=1k/batch=64/sync=on/v=raw",
+    ),
+    "vs_lmdb_append_1k_b1": (
+        f"append/entry=1k/batch=1/sync=on/v={_E}",
+        "append/entry=1k/batch=1/sync=on/v=lmdb",
+    ),
+    "vs_lmdb_append_1k_b64": (
+        f"append/entry=1k/batch=64/sync=on/v={_E}",
+        "append/entry=1k/batch=64/sync=on/v=lmdb",
+    ),
+    "vs_sqlite_append_1k_b64": (
+        f"append/entry=1k/batch=64/sync=on/v={_E}",
+        "append/entry=1k/batch=64/sync=on/v=sqlite",
+    ),
+    "replay_vs_lmdb_scan_1k": (f"replay/entry=1k/v={_E}", "replay/entry=1k/v=lmdb"),
+}
+
+
+def compute_ratios(cases: Dict[str, Dict[str, object]]) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    for key, (num, den) in RATIO_DEFS.items():
+        a, b = cases.get(num), cases.get(den)
+        if a and b and b["median"]:
+            out[key] = float(a["median"]) / float(b["median"])
+    return out
+
+
+# ------------------------------------------------------------------- run_all
+
+
+def run_all(
+    *,
+    quick: bool = False,
+    tiny: bool = False,
+    out_dir: Optional[str] = None,
+    only: Optional[Sequence[str]] = None,
+    reps: Optional[int] = None,
+    printer: Optional[Printer] = None,
+) -> Dict[str, object]:
+    """Run the suite and return the results dict (nothing is written to the repo).
+
+    ``tiny`` runs every case once on ~50 entries (the smoke test); ``quick`` uses
+    the reduced matrix and sizes.  ``out_dir`` is where the temporary data
+    directory is made (default: the system temp dir); it is removed afterwards.
+    """
+    sz = TINY if tiny else (QUICK if quick else FULL)
+    if reps is None:
+        reps = sz.reps
+    if not tiny and reps < MIN_REPS:
+        raise ValueError(f"reps must be >= {MIN_REPS} (got {reps})")
+    matrix = QUICK_APPEND if quick else FULL_APPEND
+    select = Selector(only)
+    printer = printer or Printer(False)
+
+    _wc, wc_reason = walcrypt_status()
+    workdir = make_workdir(out_dir)
+    started = time.time()
+    t0 = time.perf_counter()
+    try:
+        machine = machine_info(workdir)
+        printer.line(
+            f"walcrypt benchmarks ({'tiny' if tiny else 'quick' if quick else 'full'}, "
+            f"{reps} reps, data in {workdir})"
+        )
+        printer.line(
+            f"{machine.get('cpu_model')} | {machine.get('cores_logical')} cores | "
+            f"Python {machine.get('python')} | cryptography {machine.get('cryptography')} "
+            f"({machine.get('openssl')}) | {machine.get('kernel')} | "
+            f"fs {machine.get('tempdir_fs', {}).get('fstype')}"
+        )
+        if wc_reason:
+            printer.line(f"walcrypt cases skipped: {wc_reason}")
+        printer.line()
+        groups = build_groups(sz, matrix, wc_reason, select)
+        run_groups(groups, reps, workdir, printer)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    cases: Dict[str, Dict[str, object]] = {}
+    skipped: Dict[str, str] = {}
+    errors: Dict[str, str] = {}
+    for group in groups:
+        for c in group:
+            if c.skip_reason:
+                skipped[c.name] = c.skip_reason
+                continue
+            if c.error:
+                errors[c.name] = c.error
+            if c.samples:
+                cases[c.name] = c.summary()
+    ratios = compute_ratios(cases)
+    elapsed = time.perf_counter() - t0
+    if ratios:
+        printer.line()
+        for k, v in ratios.items():
+            printer.line(f"ratios.{k:<40} {v:6.3f}")
+    printer.line(f"\n{len(cases)} cases measured, {len(skipped)} skipped, "
+                 f"{len(errors)} errors, {elapsed:.1f} s")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "date": _dt.date.fromtimestamp(started).isoformat(),
+        "started": _dt.datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
+        "elapsed_s": round(elapsed, 2),
+        "mode": "tiny" if tiny else ("quick" if quick else "full"),
+        "reps": reps,
+        "only": list(only or []),
+        "sizing": dataclasses.asdict(sz),
+        "walcrypt_available": wc_reason is None,
+        "walcrypt_skip_reason": wc_reason,
+        "machine": machine,
+        "cases": cases,
+        "skipped": skipped,
+        "errors": errors,
+        "ratios": ratios,
+        "ratio_defs": {k: list(v) for k, v in RATIO_DEFS.items()},
+    }
