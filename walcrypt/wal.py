@@ -19,6 +19,7 @@ Concurrency and durability contract:
 
 from __future__ import annotations
 
+import struct
 import threading
 from array import array
 from bisect import bisect_right
@@ -27,7 +28,7 @@ from typing import Protocol, Sequence
 
 from . import format as fmt
 from .errors import CompactedError, StoreFailedError, UnavailableError, UsageError
-from .segment import Segment, encode_entries_payload
+from .segment import Segment
 from .types import Entry, HardState
 
 SYNC_POLICIES = ("always", "batch", "none")
@@ -43,10 +44,14 @@ class SegmentProvider(Protocol):
 
 
 class _Request:
-    __slots__ = ("entries", "hardstate", "done", "error")
+    """One save(): its entries already encoded as record payloads (by the calling thread)."""
 
-    def __init__(self, entries, hardstate):
+    __slots__ = ("entries", "first", "records", "hardstate", "done", "error")
+
+    def __init__(self, entries, first: int, records: list, hardstate):
         self.entries = entries
+        self.first = first            # first entry index, 0 when there are no entries
+        self.records = records
         self.hardstate = hardstate
         self.done = False
         self.error: BaseException | None = None
@@ -201,9 +206,8 @@ class Wal:
     def append(self, entries: Sequence[Entry], hardstate: HardState | None) -> None:
         if not entries and hardstate is None:
             return
-        self._validate_shape(entries)
         self.check_writable()
-        req = _Request(entries, hardstate)
+        req = _Request(entries, entries[0][0] if entries else 0, self._prepare(entries), hardstate)
         if self.sync_policy != "batch":
             with self._write:
                 self._run_unit([req])
@@ -222,19 +226,46 @@ class Wal:
         if req.error is not None:
             raise req.error
 
-    def _validate_shape(self, entries) -> None:
-        if not entries:
-            return
+    def _prepare(self, entries) -> list:
+        """Validate a save's entries and encode them into ENTRIES record payloads.
+
+        Runs in the caller's thread, outside the write lock, so that with group commit
+        the next batch is prepared while the leader waits on fdatasync."""
+        n = len(entries)
+        if not n:
+            return []
         first = entries[0][0]
-        limit = self.max_entry_size
-        for k, e in enumerate(entries):
-            if e[0] != first + k:
-                raise UsageError(f"entries are not contiguous: index {e[0]} at position {k}, expected {first + k}")
-            if len(e[2]) > limit:
-                raise UsageError(f"entry {e[0]} is {len(e[2])} bytes; the maximum entry size is {limit} "
-                                 "(raise max_entry_size= when opening)")
-            if e[1] <= 0:
-                raise UsageError(f"entry {e[0]} has term {e[1]}; terms start at 1")
+        indexes = [e[0] for e in entries]
+        if indexes != list(range(first, first + n)):
+            k = next(k for k in range(n) if indexes[k] != first + k)
+            raise UsageError(f"entries are not contiguous: index {indexes[k]} at position {k}, expected {first + k}")
+        terms = [e[1] for e in entries]
+        datas = [e[2] for e in entries]
+        lengths = list(map(len, datas))
+        if max(lengths) > self.max_entry_size:
+            k = next(k for k in range(n) if lengths[k] > self.max_entry_size)
+            raise UsageError(f"entry {first + k} is {lengths[k]} bytes; the maximum entry size is "
+                             f"{self.max_entry_size} (raise max_entry_size= when opening)")
+        if min(terms) < 1:
+            k = next(k for k in range(n) if terms[k] < 1)
+            raise UsageError(f"entry {first + k} has term {terms[k]}; terms start at 1")
+        records = []
+        start = 0
+        while start < n:
+            stop = start + 1
+            size = lengths[start]
+            limit = min(n, start + fmt.RECORD_MAX_ENTRIES)
+            while stop < limit and size < fmt.RECORD_TARGET_BYTES:
+                size += lengths[stop]
+                stop += 1
+            c = stop - start
+            payload = b"".join((fmt.ENTRIES_PREFIX_STRUCT.pack(c, 0),
+                                struct.pack(f"<{c}Q", *terms[start:stop]),
+                                struct.pack(f"<{c}I", *lengths[start:stop]),
+                                *datas[start:stop]))
+            records.append((fmt.FRAME_ENTRIES, first + start, terms[start], c, payload, terms[start:stop]))
+            start = stop
+        return records
 
     def _run_unit(self, batch: list[_Request]) -> None:
         """Leader: write the requests as write units; mark each request done."""
@@ -244,19 +275,21 @@ class Wal:
         for req in batch:
             try:
                 self.check_writable()
-                entries = self._trim_compacted(req.entries)
-                if entries and entries[0][0] <= self.last:
+                first, recs = req.first, req.records
+                if recs and first <= self.compacted_index:
+                    # Entries at or below the compaction point are already covered by it.
+                    skip = self.compacted_index + 1 - first
+                    first, recs = first + skip, self._prepare(req.entries[skip:])
+                if recs and first <= self._next_index(records) - 1:
                     # Raft suffix replacement: flush what we have, then continue in a new segment.
                     self._flush(records, hardstate, members)
                     records, hardstate, members = [], None, []
-                    self._replace_from(entries[0][0])
-                elif entries and entries[0][0] != self._next_index(records):
+                    self._replace_from(first)
+                elif recs and first != self._next_index(records):
                     raise UsageError(
-                        f"entries start at index {entries[0][0]} but the log ends at {self._next_index(records) - 1}; "
+                        f"entries start at index {first} but the log ends at {self._next_index(records) - 1}; "
                         "a gap is not allowed")
-                if entries:
-                    for k in range(0, len(entries), fmt.RECORD_MAX_ENTRIES):
-                        self._entries_records(records, entries[k:k + fmt.RECORD_MAX_ENTRIES])
+                records.extend(recs)
                 if req.hardstate is not None:
                     hardstate = HardState(*req.hardstate)
                 members.append(req)
@@ -270,25 +303,6 @@ class Wal:
             if rec[0] == fmt.FRAME_ENTRIES:
                 return rec[1] + rec[3]
         return self.last + 1
-
-    def _trim_compacted(self, entries):
-        if entries and entries[0][0] <= self.compacted_index:
-            return entries[self.compacted_index + 1 - entries[0][0]:]
-        return entries
-
-    def _entries_records(self, records: list, entries) -> None:
-        n = len(entries)
-        start = 0
-        size = 0
-        for k in range(n):
-            size += len(entries[k][2])
-            if size >= fmt.RECORD_TARGET_BYTES or k == n - 1:
-                chunk_first = entries[start][0]
-                payload = encode_entries_payload(entries, start, k + 1)
-                terms = [e[1] for e in entries[start:k + 1]]
-                records.append((fmt.FRAME_ENTRIES, chunk_first, entries[start][1], k + 1 - start, payload, terms))
-                start = k + 1
-                size = 0
 
     def _flush(self, records: list, hardstate: HardState | None, members: list[_Request]) -> None:
         if hardstate is not None:
