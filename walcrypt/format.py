@@ -43,11 +43,13 @@ FRAME_ENTRIES = 1     # a batch of consecutive Raft entries
 FRAME_HARDSTATE = 2   # term, vote, commit
 FRAME_COMMIT = 3      # closes one durable batch (one write + one fdatasync)
 FRAME_INDEX = 4       # seals a segment: the table of its records
+FRAME_SNAPSHOT = 5    # ties a published snapshot (ID, index, term, file digest) to the log
 FRAME_TYPES = {
     FRAME_ENTRIES: "entries",
     FRAME_HARDSTATE: "hardstate",
     FRAME_COMMIT: "commit",
     FRAME_INDEX: "index",
+    FRAME_SNAPSHOT: "snapshot",
 }
 
 # Frame flags
@@ -125,6 +127,23 @@ EntriesPayload = c.Struct(
     "data" / c.GreedyBytes,
 )
 
+SnapshotRecordPayload = c.Struct(
+    "snapshot_id" / c.Int64ul,
+    "index" / c.Int64ul,
+    "term" / c.Int64ul,
+    "digest" / c.Bytes(16),     # first 16 bytes of SHA-256 over the snapshot file's header
+)
+
+SnapshotManifestRecord = c.Struct(
+    "version" / c.Int8ul,
+    "reserved" / c.Bytes(7),
+    "index" / c.Int64ul,
+    "term" / c.Int64ul,
+    "key_id" / c.Bytes(KEY_ID_SIZE),
+    "digest" / c.Bytes(16),
+    "size" / c.Int64ul,         # data bytes
+)
+
 CommitPayload = c.Struct(
     "records" / c.Int32ul,      # records in the batch this frame closes (commit frame excluded)
     "reserved" / c.Int32ul,
@@ -193,6 +212,8 @@ SEGMENT_HEADER_STRUCT = struct.Struct("<8sHHBBH16sQQ16s32s24sII")
 FRAME_HEADER_STRUCT = struct.Struct("<BBBBIQQQII12sI16s16s")
 HARDSTATE_STRUCT = struct.Struct("<QQQ")
 COMMIT_STRUCT = struct.Struct("<II")
+SNAPSHOT_RECORD_STRUCT = struct.Struct("<QQQ16s")
+SNAPSHOT_MANIFEST_STRUCT = struct.Struct("<B7sQQ16s16sQ")
 ENTRIES_PREFIX_STRUCT = struct.Struct("<II")
 INDEX_PREFIX_STRUCT = struct.Struct("<IIQQ")
 INDEX_RECORD_STRUCT = struct.Struct("<QQII")

@@ -33,6 +33,7 @@ DB_KEYRING = b"keyring"
 DB_SEGMENTS = b"segments"
 DB_STABLE = b"stable"
 DB_STATE = b"state"
+DB_SNAPSHOTS = b"snapshots"
 
 # keys of DB_STORE (not MAC'd: they are needed to derive the MAC key)
 K_STORE_ID = b"store_id"
@@ -45,8 +46,9 @@ K_META_KEY = b"meta_key"          # wrapped metadata MAC key
 K_META_KEY_ID = b"meta_key_id"
 
 # keys of DB_STATE (MAC'd)
-K_COMPACTED = b"compacted"        # u64 index, u64 term
+K_COMPACTED = b"compacted"        # u64 index, u64 term, u64 reset segment (0: none)
 K_NEXT_SEGMENT = b"next_segment"  # u64
+K_NEXT_SNAPSHOT = b"next_snapshot"  # u64
 K_ROTATION = b"rotation"          # JSON
 
 MAC_SIZE = 16
@@ -77,7 +79,7 @@ class Meta:
             raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
         try:
             self.dbs = {name: self.env.open_db(name, create=not readonly)
-                        for name in (DB_STORE, DB_KEYRING, DB_SEGMENTS, DB_STABLE, DB_STATE)}
+                        for name in (DB_STORE, DB_KEYRING, DB_SEGMENTS, DB_STABLE, DB_STATE, DB_SNAPSHOTS)}
         except lmdb.NotFoundError:
             self.env.close()
             raise CorruptionError(path, None, "the metadata database lacks walcrypt tables",
@@ -209,6 +211,17 @@ def decode_keyring(key_id: bytes, b: bytes, path: str):
     if version != 1 or len(b) != n + wlen:
         raise CorruptionError(path, None, f"keyring record {key_id.hex()} is malformed")
     return KeyEntry(key_id, state, algorithm, purpose, created, changed, b[n:])
+
+
+def encode_compacted(index: int, term: int, reset_segment: int = 0) -> bytes:
+    """The compaction point; ``reset_segment`` > 0 records a log reset by a snapshot (see Wal.load)."""
+    return b"".join(x.to_bytes(8, "little") for x in (index, term, reset_segment))
+
+
+def decode_compacted(raw: bytes | None, path: str) -> tuple[int, int, int]:
+    if raw is None or len(raw) != 24:
+        raise CorruptionError(path, None, "the compaction point record is missing or damaged")
+    return tuple(int.from_bytes(raw[k:k + 8], "little") for k in (0, 8, 16))  # type: ignore[return-value]
 
 
 def u64(n: int) -> bytes:

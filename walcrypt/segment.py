@@ -175,6 +175,7 @@ class Segment:
         self.hardstate: HardState | None = None
         self.hardstate_offset = 0
         self.runs: list[tuple[int, int]] = []     # (first index, term) runs seen in this segment
+        self.snapshot_records: list[tuple] = []   # SNAPSHOT records seen while scanning
         self.sealed = False
         self.fd: int | None = None
         # writer state
@@ -510,6 +511,10 @@ class Segment:
                 raise CorruptionError(self.path, off, "hard state record has a bad size")
             self.hardstate = HardState(*fmt.HARDSTATE_STRUCT.unpack(plain))
             self.hardstate_offset = off
+        elif ftype == fmt.FRAME_SNAPSHOT:
+            if len(plain) != fmt.SNAPSHOT_RECORD_STRUCT.size:
+                raise CorruptionError(self.path, off, "snapshot record has a bad size")
+            self.snapshot_records.append(fmt.SNAPSHOT_RECORD_STRUCT.unpack(plain))
         else:
             raise AuthenticationError(self.path, off, f"unexpected frame type {ftype} inside a batch")
 

@@ -24,8 +24,9 @@ from . import meta as M
 from .errors import (AuthenticationError, CorruptionError, KeyNotFoundError, KeyProviderError,
                      StorageError, UsageError, WalcryptError, WrongKeyError)
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
-from .types import ConfState, Entry, HardState
+from .types import ConfState, Entry, HardState, SnapshotMeta
 from .vfs import DEFAULT_VFS, VFS
+from .snapstore import Snapshot, Snapshots
 from .wal import Wal
 
 log = logging.getLogger("walcrypt")
@@ -43,7 +44,7 @@ class Store:
     def __init__(self, path: str, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
                  sync: str = "batch", segment_size: int = 64 << 20, algorithm: str = "aes-256-gcm",
                  max_entry_size: int = fmt.MAX_ENTRY_SIZE_DEFAULT, read_only: bool = False,
-                 vfs: VFS | None = None):
+                 keep_snapshots: int = 2, snapshot_chunk_size: int = 1 << 20, vfs: VFS | None = None):
         self.path = os.path.abspath(os.fspath(path))
         self.vfs = vfs or DEFAULT_VFS
         self.read_only = read_only
@@ -69,6 +70,8 @@ class Store:
                 if not read_only:
                     self.vfs.makedirs(self.wal_dir)
                 self.wal = Wal(self, sync=sync, segment_size=segment_size, max_entry_size=max_entry_size)
+                self.snapshots = Snapshots(self, os.path.join(self.path, self.pair.snap), keep=keep_snapshots,
+                                           chunk_size=snapshot_chunk_size)
                 self._recover()
             except BaseException:
                 self.meta.close()
@@ -172,7 +175,7 @@ class Store:
                 self.kek_params = None
                 self.meta.set_mac_key(None)
             w.put_raw(M.DB_STORE, M.K_ALGORITHM, bytes([self.algorithm]))
-            w.put(M.DB_STATE, M.K_COMPACTED, (0).to_bytes(8, "little") * 2)
+            w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(0, 0))
             w.put(M.DB_STATE, M.K_NEXT_SEGMENT, (1).to_bytes(8, "little"))
 
     def _load_keyring(self) -> None:
@@ -187,6 +190,30 @@ class Store:
         if len(active) != 1:
             raise CorruptionError(self.meta.path, None, f"the keyring has {len(active)} active data keys, expected 1")
         return active[0].key_id
+
+    def write_key_id(self) -> bytes:
+        """The key new segments and snapshots are written under (pending during a rotation)."""
+        return self.active_key_id()
+
+    def keyring_bundle(self) -> bytes:
+        """The wrapped keys (never a KEK) that travel inside every snapshot."""
+        if not self.encrypted:
+            return b""
+        with self.meta.read() as r:
+            meta_key_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
+            meta_wrapped = r.raw(M.DB_STORE, M.K_META_KEY)
+            check = r.raw(M.DB_STORE, M.K_KEK_CHECK)
+        doc = {"version": 1, "store_id": self.store_id.hex(), "algorithm": self.algorithm,
+               "kek_params": self.kek_params, "kek_check": check.hex() if check else None,
+               "meta_key": {"id": meta_key_id.hex(), "wrapped": meta_wrapped.hex()},
+               "keys": [{"id": k.key_id.hex(), "state": k.state, "algorithm": k.algorithm, "purpose": k.purpose,
+                         "created_ns": k.created_ns, "state_changed_ns": k.state_changed_ns,
+                         "wrapped": k.wrapped.hex()}
+                        for k in self.keys.values() if k.state != K.DESTROYED]}
+        return json.dumps(doc, sort_keys=True).encode()
+
+    def secret(self, key_id: bytes) -> bytes:
+        return self._secret(key_id)
 
     def _secret(self, key_id: bytes) -> bytes:
         s = self._secrets.get(key_id)
@@ -217,16 +244,37 @@ class Store:
                         for k, v in r.items(M.DB_SEGMENTS)]
             compacted = r.get(M.DB_STATE, M.K_COMPACTED)
             nxt = r.get(M.DB_STATE, M.K_NEXT_SEGMENT)
-        if compacted is None or len(compacted) != 16 or nxt is None or len(nxt) != 8:
+        if nxt is None or len(nxt) != 8:
             raise CorruptionError(self.meta.path, None, "store state records are missing or damaged")
-        c_index, c_term = int.from_bytes(compacted[:8], "little"), int.from_bytes(compacted[8:], "little")
+        c_index, c_term, reset_seg = M.decode_compacted(compacted, self.meta.path)
         self.next_segment = int.from_bytes(nxt, "little")
         segments = []
         for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
             segments.append(self._open_segment(seg_id, rec))
-        self.wal.load(segments, c_index, c_term)
+        self.wal.load(segments, c_index, c_term, reset_seg)
         if not self.read_only:
             self._remove_orphans({s.seg_id for s in segments})
+        self.snapshots.load()
+        self._after_snapshot_fallback()
+
+    def _after_snapshot_fallback(self) -> None:
+        """If the newest snapshot was quarantined, the compaction point may lie beyond the snapshot now
+        in use: move it back when the log still holds the entries after that snapshot."""
+        cur = self.snapshots.current
+        wal = self.wal
+        if cur is None or cur.meta.index >= wal.compacted_index or not any(
+                r.get("kind") == "snapshot" for r in self.repairs):
+            return
+        idx = cur.meta.index
+        physical_first = wal.view_first[0] if wal.view_first else wal.last + 1
+        if physical_first > idx + 1:
+            raise CorruptionError(cur.info.path, None,
+                                  f"the newest snapshot was broken and the log no longer reaches back to the "
+                                  f"older snapshot at index {idx}",
+                                  "wipe this node's data directory and let Raft re-replicate it")
+        with self.meta.write() as w:
+            w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(idx, cur.meta.term))
+        wal.compacted_index, wal.compacted_term = idx, cur.meta.term
 
     def _open_segment(self, seg_id: int, rec: dict) -> Segment:
         directory = os.path.join(self.path, layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED
@@ -295,7 +343,7 @@ class Store:
     # ------------------------------------------------------------------ SegmentProvider
     def create_segment(self, base_index: int, hardstate: HardState) -> Segment:
         seg_id = self.next_segment
-        key_id = self.active_key_id()
+        key_id = self.write_key_id()
         salt = os.urandom(fmt.SALT_SIZE) if self.encrypted else bytes(fmt.SALT_SIZE)
         ident = SegmentIdentity(self.store_id, seg_id, base_index, self.algorithm, key_id, salt, b"")
         cipher, commitment = self._cipher(ident)
@@ -373,14 +421,39 @@ class Store:
         return self.wal.last_index()
 
     def compact(self, index: int) -> None:
-        """Discard entries up to and including ``index``; whole segments below it are deleted."""
+        """Discard entries up to and including ``index``.
+
+        Whole segments below both the compaction point and the oldest retained snapshot
+        are deleted (the log after a retained snapshot is kept so a broken newer
+        snapshot can fall back to it)."""
         self._check_write()
         self.wal.check_writable()
         term = self.wal.term(index) if index > self.wal.compacted_index else None
-        removable = self.wal.compact(index, term)
+        self.wal.compact(index, term)
         with self.meta.write() as w:
-            w.put(M.DB_STATE, M.K_COMPACTED, index.to_bytes(8, "little") + self.wal.compacted_term.to_bytes(8, "little"))
-        self.remove_segments(removable)
+            w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, self.wal.compacted_term))
+        self.purge_segments()
+
+    def purge_segments(self) -> None:
+        floor = self.wal.compacted_index
+        snap_floor = self.snapshots.floor()
+        if snap_floor is not None:
+            floor = min(floor, snap_floor)
+        self.remove_segments(self.wal.removable(floor))
+
+    # ------------------------------------------------------------------ snapshots
+    def save_snapshot(self, meta: SnapshotMeta, data) -> None:
+        """Persist a snapshot (bytes or a binary file object, streamed in chunks).
+
+        Durable on return.  When the snapshot is ahead of the log or disagrees with it
+        (a snapshot received from the leader), the log is reset to start after it."""
+        self._check_write()
+        self.snapshots.save(meta, data)
+
+    def snapshot(self) -> Snapshot | None:
+        """The newest snapshot (``.meta``, ``.open()``, ``.data``), or None."""
+        self._check_open()
+        return self.snapshots.current
 
     @property
     def fsync_count(self) -> int:

@@ -46,13 +46,14 @@ class SegmentProvider(Protocol):
 class _Request:
     """One save(): its entries already encoded as record payloads (by the calling thread)."""
 
-    __slots__ = ("entries", "first", "records", "hardstate", "done", "error")
+    __slots__ = ("entries", "first", "records", "hardstate", "extra", "done", "error")
 
     def __init__(self, entries, first: int, records: list, hardstate):
         self.entries = entries
         self.first = first            # first entry index, 0 when there are no entries
         self.records = records
         self.hardstate = hardstate
+        self.extra: list = []
         self.done = False
         self.error: BaseException | None = None
 
@@ -86,8 +87,12 @@ class Wal:
         self._cache: OrderedDict = OrderedDict()
 
     # ------------------------------------------------------------------ loading
-    def load(self, segments: list[Segment], compacted_index: int, compacted_term: int) -> None:
-        """Install segments recovered by the engine (ID order) and the compaction point."""
+    def load(self, segments: list[Segment], compacted_index: int, compacted_term: int,
+             reset_segment: int = 0) -> None:
+        """Install segments recovered by the engine (ID order) and the compaction point.
+
+        ``reset_segment`` > 0 means a snapshot reset the log at the compaction point:
+        entries above it in segments older than ``reset_segment`` are discarded."""
         self.segments = list(segments)
         self.compacted_index = compacted_index
         self.compacted_term = compacted_term
@@ -95,15 +100,21 @@ class Wal:
         self.run_start, self.run_term = array("Q"), array("Q")
         self.last = compacted_index
         hs = None
+        pending_reset = reset_segment > 0
         for seg in self.segments:
             if seg.hardstate is not None:
                 hs = seg.hardstate
+            if pending_reset and seg.seg_id >= reset_segment:
+                self._truncate_view(compacted_index + 1)
+                pending_reset = False
             self._truncate_view(seg.base_index)
             if seg.last_index >= seg.base_index:
                 self.view_first.append(seg.base_index)
                 self.view_seg.append(seg)
                 self._add_runs(seg.runs)
                 self.last = seg.last_index
+        if pending_reset:
+            self._truncate_view(compacted_index + 1)
         if self.last < compacted_index:
             self.last = compacted_index
         self.hardstate = hs or HardState()
@@ -203,11 +214,14 @@ class Wal:
                 f"an earlier write or fsync failed ({self.failed}); the store refuses writes until it is "
                 "reopened, which runs recovery") from None
 
-    def append(self, entries: Sequence[Entry], hardstate: HardState | None) -> None:
-        if not entries and hardstate is None:
+    def append(self, entries: Sequence[Entry], hardstate: HardState | None, extra: list | None = None) -> None:
+        """Persist entries, hard state and ``extra`` records (snapshot records) in one write unit."""
+        if not entries and hardstate is None and not extra:
             return
         self.check_writable()
         req = _Request(entries, entries[0][0] if entries else 0, self._prepare(entries), hardstate)
+        if extra:
+            req.extra = extra
         if self.sync_policy != "batch":
             with self._write:
                 self._run_unit([req])
@@ -290,6 +304,7 @@ class Wal:
                         f"entries start at index {first} but the log ends at {self._next_index(records) - 1}; "
                         "a gap is not allowed")
                 records.extend(recs)
+                records.extend(req.extra)
                 if req.hardstate is not None:
                     hardstate = HardState(*req.hardstate)
                 members.append(req)
@@ -391,8 +406,8 @@ class Wal:
                 self._seal_active()
 
     # ------------------------------------------------------------------ compaction
-    def compact(self, index: int, term: int | None = None) -> list[Segment]:
-        """Discard entries <= index.  Returns segments now wholly below the first index (to remove)."""
+    def compact(self, index: int, term: int | None = None) -> None:
+        """Discard entries <= index (logically; the engine removes segments below its purge floor)."""
         with self._write, self._state:
             if index <= self.compacted_index:
                 raise CompactedError(f"already compacted up to {self.compacted_index}")
@@ -401,11 +416,22 @@ class Wal:
             if term is None:
                 term = self.run_term[bisect_right(self.run_start, index) - 1]
             self.compacted_index, self.compacted_term = index, term
-            return self._removable()
 
-    def _removable(self) -> list[Segment]:
-        """Sealed segments holding no visible entry above the compaction point (never the newest)."""
-        keep_from = max(bisect_right(self.view_first, self.compacted_index + 1) - 1, 0)
+    def reset_to(self, index: int, term: int) -> None:
+        """A snapshot at (index, term) replaces the log: every entry is discarded and the next
+        entry is index + 1, written into a new segment."""
+        with self._write:
+            self._seal_active()
+            with self._state:
+                self._truncate_view(index + 1)     # entries <= index remain until purged, compacted
+                self.compacted_index, self.compacted_term = index, term
+                self.last = index
+                self.active = None                 # the next entry starts a new segment at index + 1
+                self._cache.clear()
+
+    def removable(self, floor: int) -> list[Segment]:
+        """Sealed segments holding no visible entry above ``floor`` (never the newest or the active one)."""
+        keep_from = max(bisect_right(self.view_first, floor + 1) - 1, 0)
         needed = {id(s) for s in self.view_seg[keep_from:]}
         if self.active is not None:
             needed.add(id(self.active))

@@ -1,0 +1,348 @@
+"""Snapshot files: streaming encrypted write, atomic publish, verification and streaming read.
+
+File layout (FORMAT.md, "Snapshot files"):
+
+    header (128 bytes, CRC32C)
+    keyring bundle (clear JSON: wrapped keys only, never a KEK; length in the header)
+    META frame     AEAD(snapshot metadata), nonce counter 0,
+                   associated data = header + SHA-256(keyring bundle)
+    chunk frames   AEAD(chunk i), nonce counter i >= 1, associated data = counter,
+                   flags (bit 0 = final chunk) and length; the last chunk is final
+
+Each snapshot has its own subkey: HKDF over the DEK with a random 16-byte salt,
+bound to the store, the snapshot ID, index and term; the header carries a key
+commitment checked before anything is decrypted.  Truncation (no final chunk),
+reordering and swapping chunks (counter in nonce and associated data) and
+chunks from another snapshot (per-snapshot key) are all detected.
+
+Durability: a snapshot is written to a ``.tmp-`` file, fsynced, renamed to its
+final name and the directory fsynced, so a reader never sees a partial file.
+Memory: one chunk at a time, whatever the snapshot size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+from crc32c import crc32c
+from cryptography.exceptions import InvalidTag
+
+from . import crypto
+from . import format as fmt
+from .errors import AuthenticationError, CorruptionError, UnsupportedFormatError
+from .types import ConfState, SnapshotMeta
+from .vfs import VFS
+
+SNAPSHOT_HEADER_STRUCT = struct.Struct("<8sHHBBHQQQII16s16s16s24sII")
+assert SNAPSHOT_HEADER_STRUCT.size == 128
+CHUNK_HEADER_STRUCT = struct.Struct("<II")      # length (ciphertext + tag), flags
+CHUNK_FINAL = 1
+DEFAULT_CHUNK_SIZE = 1 << 20
+MAX_CHUNK_SIZE = 64 << 20
+MAX_KEYRING_BUNDLE = 1 << 20
+MAX_META = 1 << 20
+FRAME_META = 0x10
+SNAP_SALT_SIZE = 16
+
+
+def snapshot_file_name(snap_id: int, index: int, term: int) -> str:
+    return f"{snap_id:016x}-{index:016x}-{term:016x}.snap"
+
+
+@dataclass
+class SnapshotHeader:
+    algorithm: int
+    flags: int
+    store_id: bytes
+    snapshot_id: int
+    index: int
+    term: int
+    chunk_size: int
+    bundle_len: int
+    key_id: bytes
+    salt: bytes
+    commitment: bytes
+
+    def encode(self) -> bytes:
+        body = SNAPSHOT_HEADER_STRUCT.pack(
+            fmt.SNAPSHOT_MAGIC, fmt.FORMAT_VERSION, 128, self.algorithm, self.flags, 0, self.snapshot_id,
+            self.index, self.term, self.chunk_size, self.bundle_len, self.store_id, self.key_id, self.salt,
+            self.commitment, 0, 0)
+        return body[:124] + crc32c(body[:124]).to_bytes(4, "little")
+
+    @classmethod
+    def decode(cls, raw: bytes, path: str) -> "SnapshotHeader":
+        if len(raw) < 128:
+            raise CorruptionError(path, 0, "snapshot header is truncated")
+        (magic, version, hsize, alg, flags, _r0, snap_id, index, term, chunk_size, bundle_len, store_id,
+         key_id, salt, commitment, _r1, crc) = SNAPSHOT_HEADER_STRUCT.unpack_from(raw)
+        if magic != fmt.SNAPSHOT_MAGIC:
+            raise CorruptionError(path, 0, "not a walcrypt snapshot (bad magic)")
+        if crc32c(raw[:124]) != crc:
+            raise CorruptionError(path, 0, "snapshot header fails its CRC32C")
+        if version != fmt.FORMAT_VERSION or hsize != 128:
+            raise UnsupportedFormatError(f"{path}: snapshot format version {version} is not supported; upgrade walcrypt")
+        fmt.check_algorithm(alg, path=path, offset=12)
+        if not 0 < chunk_size <= MAX_CHUNK_SIZE or bundle_len > MAX_KEYRING_BUNDLE:
+            raise CorruptionError(path, 0, f"snapshot header sizes are out of bounds (chunk {chunk_size}, "
+                                           f"keyring {bundle_len})")
+        return cls(alg, flags, store_id, snap_id, index, term, chunk_size, bundle_len, key_id, salt, commitment)
+
+
+def snapshot_keys(dek: bytes, h: SnapshotHeader) -> tuple[bytes, bytes]:
+    info = (b"walcrypt/v1/snapshot" + h.store_id + struct.pack("<QQQ", h.snapshot_id, h.index, h.term)
+            + bytes([h.algorithm]))
+    okm = crypto.hkdf(dek, salt=h.salt, info=info, length=32 + fmt.COMMITMENT_SIZE)
+    return okm[:32], okm[32:]
+
+
+def encode_meta(meta: SnapshotMeta, extra: dict | None = None) -> bytes:
+    doc = {"index": meta.index, "term": meta.term,
+           "conf_state": {"voters": list(meta.conf_state.voters), "learners": list(meta.conf_state.learners)}}
+    if extra:
+        doc.update(extra)
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def decode_meta(raw: bytes, path: str) -> tuple[SnapshotMeta, dict]:
+    try:
+        doc = json.loads(raw)
+        cs = doc["conf_state"]
+        meta = SnapshotMeta(int(doc["index"]), int(doc["term"]),
+                            ConfState(tuple(cs.get("voters", ())), tuple(cs.get("learners", ()))))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CorruptionError(path, 128, "snapshot metadata is malformed") from None
+    return meta, doc
+
+
+def _chunk_aad(counter: int, flags: int, length: int) -> bytes:
+    return struct.pack("<QII", counter, flags, length)
+
+
+class SnapshotWriter:
+    """Writes one snapshot to a temporary file; ``publish()`` makes it durable and visible."""
+
+    def __init__(self, vfs: VFS, directory: str, header: SnapshotHeader, aead, bundle: bytes,
+                 meta: SnapshotMeta, extra_meta: dict | None = None):
+        self.vfs = vfs
+        self.directory = directory
+        self.header = header
+        self.name = snapshot_file_name(header.snapshot_id, header.index, header.term)
+        self.path = os.path.join(directory, self.name)
+        self.tmp = os.path.join(directory, ".tmp-" + self.name)
+        self._aead = aead
+        self._counter = 1
+        self._pending: bytes | None = None
+        self.data_bytes = 0
+        self.fd = vfs.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.offset = 0
+        try:
+            hdr = header.encode()
+            meta_plain = encode_meta(meta, extra_meta)
+            nonce = crypto.nonce_for(0)
+            ct = aead.encrypt(nonce, meta_plain, hdr + hashlib.sha256(bundle).digest())
+            self._put(hdr + bundle + CHUNK_HEADER_STRUCT.pack(len(ct), 0) + ct)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _put(self, data: bytes) -> None:
+        self.vfs.pwrite(self.fd, data, self.offset)
+        self.offset += len(data)
+
+    def _emit(self, chunk: bytes, final: bool) -> None:
+        flags = CHUNK_FINAL if final else 0
+        length = len(chunk) + fmt.TAG_SIZE
+        ct = self._aead.encrypt(crypto.nonce_for(self._counter), chunk, _chunk_aad(self._counter, flags, length))
+        self._put(CHUNK_HEADER_STRUCT.pack(length, flags) + ct)
+        self._counter += 1
+
+    def write(self, data: bytes) -> None:
+        """Append data; chunks are sealed as they fill.  The last chunk is sealed by publish()."""
+        size = self.header.chunk_size
+        buf = memoryview(data)
+        while len(buf):
+            if self._pending is not None and len(self._pending) == size:
+                self._emit(self._pending, False)
+                self._pending = None
+            room = size - (len(self._pending) if self._pending else 0)
+            piece = bytes(buf[:room])
+            self._pending = piece if self._pending is None else self._pending + piece
+            buf = buf[room:]
+            self.data_bytes += len(piece)
+
+    def write_from(self, source: BinaryIO | bytes | bytearray | memoryview) -> None:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            self.write(bytes(source))
+            return
+        size = self.header.chunk_size
+        while True:
+            block = source.read(size)
+            if not block:
+                break
+            self.write(block)
+
+    def publish(self) -> str:
+        """Seal the final chunk, fsync, rename into place, fsync the directory."""
+        self._emit(self._pending or b"", True)
+        self._pending = None
+        self.vfs.fsync(self.fd)
+        self.vfs.close(self.fd)
+        self.fd = None
+        self.vfs.rename(self.tmp, self.path)
+        self.vfs.fsync_dir(self.directory)
+        return self.path
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            self.vfs.close(self.fd)
+            self.fd = None
+        try:
+            self.vfs.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    @property
+    def digest(self) -> bytes:
+        """16 bytes naming this snapshot file: hash of its header (includes the random salt)."""
+        return hashlib.sha256(self.header.encode()).digest()[:16]
+
+
+class SnapshotFile:
+    """A snapshot on disk: header, keyring bundle and metadata parsed; data read on demand."""
+
+    def __init__(self, vfs: VFS, path: str):
+        self.vfs = vfs
+        self.path = path
+        with open(path, "rb") as f:
+            raw = f.read(128)
+            self.header = SnapshotHeader.decode(raw, path)
+            self.bundle = f.read(self.header.bundle_len)
+            if len(self.bundle) != self.header.bundle_len:
+                raise CorruptionError(path, 128, "snapshot keyring bundle is truncated")
+            self.meta_offset = 128 + self.header.bundle_len
+            head = f.read(8)
+            if len(head) != 8:
+                raise CorruptionError(path, self.meta_offset, "snapshot metadata frame is truncated")
+            length, flags = CHUNK_HEADER_STRUCT.unpack(head)
+            if length < fmt.TAG_SIZE or length > MAX_META or flags:
+                raise CorruptionError(path, self.meta_offset, "snapshot metadata frame header is malformed")
+            self.meta_ct = f.read(length)
+            if len(self.meta_ct) != length:
+                raise CorruptionError(path, self.meta_offset, "snapshot metadata frame is truncated")
+        self.data_offset = self.meta_offset + 8 + length
+        self.header_bytes = raw[:128]
+        self.meta: SnapshotMeta | None = None
+        self.extra: dict = {}
+        self._aead = None
+
+    @property
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.header_bytes).digest()[:16]
+
+    def bundle_doc(self) -> dict:
+        try:
+            return json.loads(self.bundle) if self.bundle else {}
+        except ValueError:
+            raise CorruptionError(self.path, 128, "snapshot keyring bundle is not valid JSON") from None
+
+    def unlock(self, aead, commitment: bytes) -> SnapshotMeta:
+        """Check the key commitment, then authenticate and decode the metadata frame."""
+        if not crypto.constant_time_equal(commitment, self.header.commitment):
+            raise AuthenticationError(self.path, 96, "snapshot key commitment does not match its data key "
+                                                     "(tampered header or a snapshot from another store)")
+        try:
+            plain = aead.decrypt(crypto.nonce_for(0), self.meta_ct,
+                                 self.header_bytes + hashlib.sha256(self.bundle).digest())
+        except InvalidTag:
+            raise AuthenticationError(self.path, self.meta_offset,
+                                      "snapshot metadata failed authentication (tampered header, keyring "
+                                      "bundle or metadata)") from None
+        self.meta, self.extra = decode_meta(plain, self.path)
+        if self.meta.index != self.header.index or self.meta.term != self.header.term:
+            raise AuthenticationError(self.path, self.meta_offset, "snapshot metadata disagrees with its header")
+        self._aead = aead
+        return self.meta
+
+    def chunks(self):
+        """Yield decrypted chunks in order; raises on any damage, including a missing final chunk."""
+        if self._aead is None:
+            raise RuntimeError("unlock() first")
+        fd = self.vfs.open(self.path, os.O_RDONLY)
+        try:
+            size = self.vfs.fstat_size(fd)
+            off = self.data_offset
+            counter = 1
+            limit = self.header.chunk_size + fmt.TAG_SIZE
+            while True:
+                head = self.vfs.pread(fd, 8, off)
+                if len(head) < 8:
+                    raise AuthenticationError(self.path, off, "snapshot ends before its final chunk (truncated)")
+                length, flags = CHUNK_HEADER_STRUCT.unpack(head)
+                if length < fmt.TAG_SIZE or length > limit or flags & ~CHUNK_FINAL:
+                    raise CorruptionError(self.path, off, f"snapshot chunk {counter} header is malformed")
+                ct = self.vfs.pread(fd, length, off + 8)
+                if len(ct) < length:
+                    raise AuthenticationError(self.path, off, "snapshot ends inside a chunk (truncated)")
+                try:
+                    plain = self._aead.decrypt(crypto.nonce_for(counter), ct, _chunk_aad(counter, flags, length))
+                except InvalidTag:
+                    raise AuthenticationError(self.path, off,
+                                              f"snapshot chunk {counter} failed authentication (flipped, "
+                                              "reordered, duplicated or from another snapshot)") from None
+                off += 8 + length
+                yield plain
+                if flags & CHUNK_FINAL:
+                    if off != size:
+                        raise CorruptionError(self.path, off, "bytes follow the final snapshot chunk")
+                    return
+                counter += 1
+        finally:
+            self.vfs.close(fd)
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> int:
+        """Authenticate every chunk without keeping it; returns the data size."""
+        total = 0
+        for c in self.chunks():
+            total += len(c)
+            if progress:
+                progress(total)
+        return total
+
+    def stream(self) -> "SnapshotStream":
+        return SnapshotStream(self.chunks())
+
+
+class SnapshotStream(io.RawIOBase):
+    """A read-only binary stream over a snapshot's decrypted data, one chunk in memory at a time."""
+
+    def __init__(self, chunks):
+        super().__init__()
+        self._chunks = chunks
+        self._buf = memoryview(b"")
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not len(self._buf) and not self._eof:
+            try:
+                self._buf = memoryview(next(self._chunks))
+            except StopIteration:
+                self._eof = True
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._chunks.close()
+        super().close()

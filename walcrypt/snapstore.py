@@ -1,0 +1,254 @@
+"""The snapshot side of a store: publish, registry, retention, fallback, reads.
+
+Order of operations when saving a snapshot (etcd #10219 is the lesson):
+
+1. the snapshot file is written to a temporary name, fsynced, renamed and its
+   directory fsynced;
+2. a SNAPSHOT record (ID, index, term, file digest) is written to the WAL in a
+   durable write unit;
+3. one LMDB transaction registers the snapshot and, when the snapshot is ahead
+   of the log or disagrees with it, moves the compaction point to it (a log
+   reset: older entries are discarded);
+4. retention and purging: snapshots beyond ``keep`` and the segments no longer
+   needed by any retained snapshot are removed.
+
+A crash before 3 leaves an unregistered file, removed at the next open (the
+call never returned).  The LMDB registry is authoritative.  At open the newest
+registered snapshot is authenticated end to end; one that fails is renamed
+``.broken``, a warning is logged, and the next older one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from . import crypto
+from . import format as fmt
+from . import meta as M
+from .errors import CorruptionError, StorageError, UsageError, WalcryptError
+from .snapshot import (DEFAULT_CHUNK_SIZE, SNAP_SALT_SIZE, SnapshotFile, SnapshotHeader, SnapshotWriter,
+                       snapshot_file_name, snapshot_keys)
+from .types import SnapshotMeta
+
+log = logging.getLogger("walcrypt")
+
+_SNAP_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
+
+
+@dataclass
+class SnapshotInfo:
+    snapshot_id: int
+    index: int
+    term: int
+    key_id: bytes
+    digest: bytes
+    size: int
+    path: str
+
+
+class Snapshot:
+    """A readable snapshot: ``meta``, ``size``, ``open()`` (a stream) and ``data`` (all bytes)."""
+
+    def __init__(self, info: SnapshotInfo, file: SnapshotFile):
+        self.info = info
+        self._file = file
+        self.meta: SnapshotMeta = file.meta
+
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    def open(self) -> BinaryIO:
+        """A binary stream of the decrypted data, authenticated chunk by chunk."""
+        import io
+        return io.BufferedReader(self._file.stream(), buffer_size=self._file.header.chunk_size)
+
+    @property
+    def data(self) -> bytes:
+        with self.open() as f:
+            return f.read()
+
+    def __repr__(self) -> str:
+        return f"<Snapshot index={self.meta.index} term={self.meta.term} size={self.size}>"
+
+
+def encode_info(info: SnapshotInfo) -> bytes:
+    return fmt.SNAPSHOT_MANIFEST_STRUCT.pack(1, bytes(7), info.index, info.term, info.key_id, info.digest, info.size)
+
+
+def decode_info(snap_id: int, raw: bytes, directory: str, path: str) -> SnapshotInfo:
+    if len(raw) != fmt.SNAPSHOT_MANIFEST_STRUCT.size:
+        raise CorruptionError(path, None, f"snapshot registry record {snap_id} has a bad size")
+    version, _r, index, term, key_id, digest, size = fmt.SNAPSHOT_MANIFEST_STRUCT.unpack(raw)
+    if version != 1:
+        raise CorruptionError(path, None, f"snapshot registry record {snap_id} has unknown version {version}")
+    return SnapshotInfo(snap_id, index, term, key_id, digest, size,
+                        os.path.join(directory, snapshot_file_name(snap_id, index, term)))
+
+
+class Snapshots:
+    """Snapshot registry of one open store.  Writes are serialised by the caller (Store)."""
+
+    def __init__(self, store, directory: str, *, keep: int = 2, chunk_size: int = DEFAULT_CHUNK_SIZE):
+        if keep < 1:
+            raise UsageError("snapshot retention (keep_snapshots) must be at least 1")
+        self.store = store
+        self.dir = directory
+        self.keep = keep
+        self.chunk_size = chunk_size
+        self.infos: list[SnapshotInfo] = []      # registered, oldest first
+        self.current: Snapshot | None = None
+
+    # ------------------------------------------------------------------ open
+    def load(self) -> None:
+        st = self.store
+        with st.meta.read() as r:
+            rows = r.items(M.DB_SNAPSHOTS)
+        self.infos = sorted((decode_info(int.from_bytes(k, "big"), v, self.dir, st.meta.path) for k, v in rows),
+                            key=lambda i: i.snapshot_id)
+        if not st.read_only:
+            self._remove_orphans()
+        while self.infos:
+            info = self.infos[-1]
+            try:
+                self.current = self._open_verified(info)
+                return
+            except (StorageError, WalcryptError) as exc:
+                if isinstance(exc, UsageError):
+                    raise
+                self._quarantine(info, exc)
+
+    def _open_verified(self, info: SnapshotInfo) -> Snapshot:
+        st = self.store
+        if not os.path.exists(info.path):
+            raise CorruptionError(info.path, None, "registered snapshot file is missing")
+        f = SnapshotFile(st.vfs, info.path)
+        h = f.header
+        if h.store_id != st.store_id or h.snapshot_id != info.snapshot_id or f.digest != info.digest:
+            raise CorruptionError(info.path, 0, "snapshot file does not match its registry record "
+                                                "(replaced, renamed or from another store)")
+        aead, commitment = self._keys(h)
+        f.unlock(aead, commitment)
+        size = f.verify()
+        if size != info.size:
+            raise CorruptionError(info.path, None, f"snapshot holds {size} bytes, the registry says {info.size}")
+        return Snapshot(info, f)
+
+    def _keys(self, h: SnapshotHeader):
+        st = self.store
+        if h.algorithm == fmt.ALG_NONE:
+            if st.encrypted:
+                raise CorruptionError(None, None, "plaintext snapshot inside an encrypted store")
+            return crypto.suite(fmt.ALG_NONE).new(b""), bytes(fmt.COMMITMENT_SIZE)
+        key, commitment = snapshot_keys(st.secret(h.key_id), h)
+        return crypto.suite(h.algorithm).new(key), commitment
+
+    def _quarantine(self, info: SnapshotInfo, exc: BaseException) -> None:
+        """Rename a failing snapshot to .broken, drop it from the registry, fall back to the older one."""
+        st = self.store
+        log.warning("snapshot %s failed its checks (%s); using the next older snapshot", info.path, exc)
+        if st.read_only:
+            raise exc
+        if os.path.exists(info.path):
+            st.vfs.rename(info.path, info.path + ".broken")
+            st.vfs.fsync_dir(self.dir)
+        with st.meta.write() as w:
+            w.delete(M.DB_SNAPSHOTS, M.u64(info.snapshot_id))
+        self.infos.pop()
+        st.repairs.append({"path": info.path, "offset": getattr(exc, "offset", None), "detail": str(exc),
+                           "broken_copy": info.path + ".broken", "kind": "snapshot"})
+
+    def _remove_orphans(self) -> None:
+        if not os.path.isdir(self.dir):
+            return
+        known = {os.path.basename(i.path) for i in self.infos}
+        removed = False
+        for name in self.store.vfs.listdir(self.dir):
+            if name.startswith(".tmp-") or (_SNAP_NAME.match(name) and name not in known):
+                # A snapshot whose save never returned (crash before its registration).
+                self.store.vfs.unlink(os.path.join(self.dir, name))
+                removed = True
+        if removed:
+            self.store.vfs.fsync_dir(self.dir)
+
+    # ------------------------------------------------------------------ write
+    def save(self, meta: SnapshotMeta, data, *, extra_meta: dict | None = None) -> SnapshotInfo:
+        st = self.store
+        if meta.index < 1 or meta.term < 1:
+            raise UsageError(f"a snapshot needs index >= 1 and term >= 1, not {meta.index}/{meta.term}")
+        if self.infos and meta.index < self.infos[-1].index:
+            raise UsageError(f"snapshot at index {meta.index} is older than the newest snapshot at "
+                             f"{self.infos[-1].index} (etcd's ErrSnapOutOfDate)")
+        st.wal.check_writable()
+        st.vfs.makedirs(self.dir)
+        with st.meta.read() as r:
+            nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+        snap_id = int.from_bytes(nxt, "little") if nxt else 1
+        key_id = st.write_key_id()
+        salt = os.urandom(SNAP_SALT_SIZE) if st.encrypted else bytes(SNAP_SALT_SIZE)
+        bundle = st.keyring_bundle()
+        h = SnapshotHeader(st.algorithm, 0, st.store_id, snap_id, meta.index, meta.term, self.chunk_size,
+                           len(bundle), key_id, salt, b"")
+        aead, commitment = self._keys(h)
+        h.commitment = commitment
+        w = SnapshotWriter(st.vfs, self.dir, h, aead, bundle, meta, extra_meta)
+        try:
+            w.write_from(data)
+            path = w.publish()
+        except BaseException:
+            w.abort()
+            raise
+        info = SnapshotInfo(snap_id, meta.index, meta.term, key_id, w.digest, w.data_bytes, path)
+        # 2. tie it to the log
+        record = (fmt.FRAME_SNAPSHOT, meta.index, meta.term, 0,
+                  fmt.SNAPSHOT_RECORD_STRUCT.pack(snap_id, meta.index, meta.term, info.digest), None)
+        st.wal.append((), None, extra=[record])
+        # 3. register it; reset the log when the snapshot is ahead of it or disagrees with it
+        wal = st.wal
+        reset = meta.index > wal.last_index() or (meta.index > wal.compacted_index
+                                                 and wal.term(meta.index) != meta.term)
+        with st.meta.write() as tx:
+            tx.put(M.DB_SNAPSHOTS, M.u64(snap_id), encode_info(info))
+            tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, (snap_id + 1).to_bytes(8, "little"))
+            if reset:
+                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(meta.index, meta.term, st.next_segment))
+        if reset:
+            wal.reset_to(meta.index, meta.term)
+        self.infos.append(info)
+        f = SnapshotFile(st.vfs, path)
+        f.unlock(aead, commitment)
+        self.current = Snapshot(info, f)
+        # 4. retention
+        self.apply_retention()
+        return info
+
+    def apply_retention(self, *, drop_keys: set[bytes] | None = None) -> None:
+        """Keep the newest ``keep`` snapshots (and none under ``drop_keys`` but the newest)."""
+        st = self.store
+        keep = self.infos[-self.keep:]
+        if drop_keys:
+            keep = [i for i in keep if i.key_id not in drop_keys or i is self.infos[-1]]
+        gone = [i for i in self.infos if i not in keep]
+        if gone:
+            with st.meta.write() as w:
+                for i in gone:
+                    w.delete(M.DB_SNAPSHOTS, M.u64(i.snapshot_id))
+            for i in gone:
+                try:
+                    st.vfs.unlink(i.path)
+                except FileNotFoundError:
+                    pass
+            st.vfs.fsync_dir(self.dir)
+            self.infos = keep
+        st.purge_segments()
+
+    def floor(self) -> int | None:
+        """Lowest index a retained snapshot may need the log from (None without snapshots)."""
+        return self.infos[0].index if self.infos else None
+
+    def key_ids(self) -> set[bytes]:
+        return {i.key_id for i in self.infos}
