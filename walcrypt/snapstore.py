@@ -184,11 +184,37 @@ class Snapshots:
             raise UsageError(f"snapshot at index {meta.index} is older than the newest snapshot at "
                              f"{self.infos[-1].index} (etcd's ErrSnapOutOfDate)")
         st.wal.check_writable()
+        info, _aead, _commitment = self.write_file(meta, data, st.write_key_id(), extra_meta=extra_meta)
+        # 2. tie it to the log
+        record = (fmt.FRAME_SNAPSHOT, meta.index, meta.term, 0,
+                  fmt.SNAPSHOT_RECORD_STRUCT.pack(info.snapshot_id, meta.index, meta.term, info.digest), None)
+        st.wal.append((), None, extra=[record])
+        # 3. register it; reset the log when the snapshot is ahead of it or disagrees with it
+        wal = st.wal
+        reset = meta.index > wal.last_index() or (meta.index > wal.compacted_index
+                                                 and wal.term(meta.index) != meta.term)
+        with st.meta.write() as tx:
+            tx.put(M.DB_SNAPSHOTS, M.u64(info.snapshot_id), encode_info(info))
+            tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, (info.snapshot_id + 1).to_bytes(8, "little"))
+            if reset:
+                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(meta.index, meta.term, st.next_segment))
+        if reset:
+            wal.reset_to(meta.index, meta.term)
+        self.install(info)
+        # 4. retention, and a DEK rotation waiting for this snapshot
+        self.apply_retention()
+        st.rotation.on_snapshot(info)
+        return info
+
+    def write_file(self, meta: SnapshotMeta, data, key_id: bytes, *, extra_meta: dict | None = None,
+                   snap_id: int | None = None):
+        """Write and publish a snapshot file under ``key_id`` (not registered).  -> (info, aead, commitment)"""
+        st = self.store
         st.vfs.makedirs(self.dir)
-        with st.meta.read() as r:
-            nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
-        snap_id = int.from_bytes(nxt, "little") if nxt else 1
-        key_id = st.write_key_id()
+        if snap_id is None:
+            with st.meta.read() as r:
+                nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+            snap_id = int.from_bytes(nxt, "little") if nxt else 1
         salt = os.urandom(SNAP_SALT_SIZE) if st.encrypted else bytes(SNAP_SALT_SIZE)
         bundle = st.keyring_bundle()
         h = SnapshotHeader(st.algorithm, 0, st.store_id, snap_id, meta.index, meta.term, self.chunk_size,
@@ -202,29 +228,15 @@ class Snapshots:
         except BaseException:
             w.abort()
             raise
-        info = SnapshotInfo(snap_id, meta.index, meta.term, key_id, w.digest, w.data_bytes, path)
-        # 2. tie it to the log
-        record = (fmt.FRAME_SNAPSHOT, meta.index, meta.term, 0,
-                  fmt.SNAPSHOT_RECORD_STRUCT.pack(snap_id, meta.index, meta.term, info.digest), None)
-        st.wal.append((), None, extra=[record])
-        # 3. register it; reset the log when the snapshot is ahead of it or disagrees with it
-        wal = st.wal
-        reset = meta.index > wal.last_index() or (meta.index > wal.compacted_index
-                                                 and wal.term(meta.index) != meta.term)
-        with st.meta.write() as tx:
-            tx.put(M.DB_SNAPSHOTS, M.u64(snap_id), encode_info(info))
-            tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, (snap_id + 1).to_bytes(8, "little"))
-            if reset:
-                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(meta.index, meta.term, st.next_segment))
-        if reset:
-            wal.reset_to(meta.index, meta.term)
-        self.infos.append(info)
-        f = SnapshotFile(st.vfs, path)
+        return SnapshotInfo(snap_id, meta.index, meta.term, key_id, w.digest, w.data_bytes, path), aead, commitment
+
+    def install(self, info: SnapshotInfo) -> None:
+        """Make a registered snapshot the current one."""
+        f = SnapshotFile(self.store.vfs, info.path)
+        aead, commitment = self._keys(f.header)
         f.unlock(aead, commitment)
+        self.infos.append(info)
         self.current = Snapshot(info, f)
-        # 4. retention
-        self.apply_retention()
-        return info
 
     def apply_retention(self, *, drop_keys: set[bytes] | None = None) -> None:
         """Keep the newest ``keep`` snapshots (and none under ``drop_keys`` but the newest)."""

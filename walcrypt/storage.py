@@ -26,6 +26,7 @@ from .errors import (AuthenticationError, CorruptionError, KeyNotFoundError, Key
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
 from .types import ConfState, Entry, HardState, SnapshotMeta
 from .vfs import DEFAULT_VFS, VFS
+from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
 from .snapstore import Snapshot, Snapshots
 from .wal import Wal
 
@@ -44,7 +45,10 @@ class Store:
     def __init__(self, path: str, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
                  sync: str = "batch", segment_size: int = 64 << 20, algorithm: str = "aes-256-gcm",
                  max_entry_size: int = fmt.MAX_ENTRY_SIZE_DEFAULT, read_only: bool = False,
-                 keep_snapshots: int = 2, snapshot_chunk_size: int = 1 << 20, vfs: VFS | None = None):
+                 keep_snapshots: int = 2, snapshot_chunk_size: int = 1 << 20, snapshot_source=None,
+                 destroy_retired_keys: bool = False, max_records_per_dek: int = DEFAULT_MAX_RECORDS_PER_DEK,
+                 max_bytes_per_dek: int = DEFAULT_MAX_BYTES_PER_DEK, max_dek_age_s: float | None = None,
+                 vfs: VFS | None = None):
         self.path = os.path.abspath(os.fspath(path))
         self.vfs = vfs or DEFAULT_VFS
         self.read_only = read_only
@@ -72,6 +76,10 @@ class Store:
                 self.wal = Wal(self, sync=sync, segment_size=segment_size, max_entry_size=max_entry_size)
                 self.snapshots = Snapshots(self, os.path.join(self.path, self.pair.snap), keep=keep_snapshots,
                                            chunk_size=snapshot_chunk_size)
+                self.rotation = Rotation(self, snapshot_source=snapshot_source,
+                                         destroy_retired_keys=destroy_retired_keys,
+                                         max_records_per_dek=max_records_per_dek,
+                                         max_bytes_per_dek=max_bytes_per_dek, max_dek_age_s=max_dek_age_s)
                 self._recover()
             except BaseException:
                 self.meta.close()
@@ -193,7 +201,8 @@ class Store:
 
     def write_key_id(self) -> bytes:
         """The key new segments and snapshots are written under (pending during a rotation)."""
-        return self.active_key_id()
+        pending = self.rotation.pending_key_id if self.encrypted else None
+        return pending or self.active_key_id()
 
     def keyring_bundle(self) -> bytes:
         """The wrapped keys (never a KEK) that travel inside every snapshot."""
@@ -251,11 +260,18 @@ class Store:
         segments = []
         for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
             segments.append(self._open_segment(seg_id, rec))
+            if rec["state"] == fmt.SEG_SEALED:
+                u = self.rotation.usage.setdefault(rec["key_id"], [0, 0])
+                u[0] += rec["records"]
+                u[1] += rec["bytes"]
         self.wal.load(segments, c_index, c_term, reset_seg)
         if not self.read_only:
             self._remove_orphans({s.seg_id for s in segments})
         self.snapshots.load()
         self._after_snapshot_fallback()
+        self.rotation.load()
+        if not self.read_only:
+            self.rotation.resume()
 
     def _after_snapshot_fallback(self) -> None:
         """If the newest snapshot was quarantined, the compaction point may lie beyond the snapshot now
@@ -341,35 +357,114 @@ class Store:
             self.vfs.fsync_dir(self.wal_dir)
 
     # ------------------------------------------------------------------ SegmentProvider
-    def create_segment(self, base_index: int, hardstate: HardState) -> Segment:
-        seg_id = self.next_segment
-        key_id = self.write_key_id()
+    def _segment_file(self, seg_id: int, base_index: int, key_id: bytes, hardstate: HardState,
+                      size: int | None = None) -> Segment:
+        """Create a complete, durable segment file (not registered in the manifest)."""
         salt = os.urandom(fmt.SALT_SIZE) if self.encrypted else bytes(fmt.SALT_SIZE)
         ident = SegmentIdentity(self.store_id, seg_id, base_index, self.algorithm, key_id, salt, b"")
         cipher, commitment = self._cipher(ident)
         ident.commitment = commitment
-        seg = Segment.create(self.vfs, self.wal_dir, ident, cipher, self.wal.segment_size, hardstate)
-        rec = {"state": fmt.SEG_OPEN, "algorithm": self.algorithm,
+        return Segment.create(self.vfs, self.wal_dir, ident, cipher, size or self.wal.segment_size, hardstate)
+
+    def _manifest_record(self, seg: Segment) -> dict:
+        rec = {"state": fmt.SEG_SEALED if seg.sealed else fmt.SEG_OPEN, "algorithm": seg.ident.algorithm,
                "dir_code": fmt.DIR_CODE_ENCRYPTED if self.encrypted else fmt.DIR_CODE_PLAIN,
-               "base_index": base_index, "key_id": key_id}
+               "base_index": seg.base_index, "key_id": seg.ident.key_id}
+        if seg.sealed:
+            rec.update(index_offset=seg.index_offset, end_offset=seg.end_offset, last_index=seg.last_index,
+                       records=seg.records_written, bytes=seg.bytes_written)
+        return rec
+
+    def create_segment(self, base_index: int, hardstate: HardState) -> Segment:
+        seg_id = self.next_segment
+        seg = self._segment_file(seg_id, base_index, self.write_key_id(), hardstate)
         try:
             with self.meta.write() as w:
-                w.put(M.DB_SEGMENTS, M.u64(seg_id), M.encode_manifest(rec))
+                w.put(M.DB_SEGMENTS, M.u64(seg_id), M.encode_manifest(self._manifest_record(seg)))
                 w.put(M.DB_STATE, M.K_NEXT_SEGMENT, (seg_id + 1).to_bytes(8, "little"))
         except StorageError as exc:
             seg.close()
             raise OSError(f"registering segment {seg_id} failed: {exc}") from exc
         self.next_segment = seg_id + 1
+        if self.encrypted:
+            self.rotation.check_budget()
         return seg
 
     def segment_sealed(self, seg: Segment) -> None:
-        rec = {"state": fmt.SEG_SEALED, "algorithm": seg.ident.algorithm,
-               "dir_code": fmt.DIR_CODE_ENCRYPTED if self.encrypted else fmt.DIR_CODE_PLAIN,
-               "base_index": seg.base_index, "key_id": seg.ident.key_id, "index_offset": seg.index_offset,
-               "end_offset": seg.end_offset, "last_index": seg.last_index, "records": seg.records_written,
-               "bytes": seg.bytes_written}
         with self.meta.write() as w:
-            w.put(M.DB_SEGMENTS, M.u64(seg.seg_id), M.encode_manifest(rec))
+            w.put(M.DB_SEGMENTS, M.u64(seg.seg_id), M.encode_manifest(self._manifest_record(seg)))
+        if self.encrypted:
+            self.rotation.account(seg.ident.key_id, seg.records_written, seg.bytes_written)
+
+    # ------------------------------------------------------------------ staged rewrites (re-key, migration)
+    def rewrite_under(self, key_id: bytes):
+        """Rewrite every retained entry, the hard state and the newest snapshot under ``key_id``.
+
+        Writers are blocked meanwhile.  The new segments and snapshot are durable but not
+        registered: ``register_staged`` makes them visible in one LMDB commit, and a crash
+        before it leaves orphans that the next open removes.  -> (segments, snapshot info)"""
+        wal = self.wal
+        staged: list[Segment] = []
+        with wal._write:
+            wal.check_writable()
+            wal._seal_active()
+            lo, hi = wal.compacted_index + 1, wal.last_index()
+            seg_id = self.next_segment
+            seg = self._segment_file(seg_id, lo, key_id, wal.hardstate)
+            staged.append(seg)
+            idx = lo
+            while idx <= hi:
+                batch = wal.entries(idx, min(hi + 1, idx + fmt.RECORD_MAX_ENTRIES), max_size=fmt.RECORD_TARGET_BYTES * 8)
+                records = wal._prepare(batch)
+                if seg.write_offset + sum(len(r[4]) + 128 for r in records) > wal.segment_size and seg.seq > 2:
+                    self._seal_staged(seg)
+                    seg_id += 1
+                    seg = self._segment_file(seg_id, idx, key_id, wal.hardstate)
+                    staged.append(seg)
+                buf, pending = seg.encode_batch(records)
+                seg.write(buf)
+                seg.apply_batch(buf, pending)
+                idx = batch[-1].index + 1
+            self._seal_staged(seg)
+            snap_info = None
+            cur = self.snapshots.current
+            if cur is not None:
+                with cur.open() as stream:
+                    snap_info, _a, _c = self.snapshots.write_file(cur.meta, stream, key_id,
+                                                                  snap_id=self._next_snapshot_id())
+        return staged, snap_info
+
+    def _seal_staged(self, seg: Segment) -> None:
+        seg.sync()
+        seg.seal()
+        seg.close()
+
+    def _next_snapshot_id(self) -> int:
+        with self.meta.read() as r:
+            nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+        return int.from_bytes(nxt, "little") if nxt else 1
+
+    def register_staged(self, tx, staged: list[Segment], snap_info) -> None:
+        for seg in staged:
+            tx.put(M.DB_SEGMENTS, M.u64(seg.seg_id), M.encode_manifest(self._manifest_record(seg)))
+        tx.put(M.DB_STATE, M.K_NEXT_SEGMENT, (staged[-1].seg_id + 1).to_bytes(8, "little"))
+        if snap_info is not None:
+            from .snapstore import encode_info
+            tx.put(M.DB_SNAPSHOTS, M.u64(snap_info.snapshot_id), encode_info(snap_info))
+            tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, (snap_info.snapshot_id + 1).to_bytes(8, "little"))
+
+    def install_staged(self, staged: list[Segment], snap_info) -> None:
+        """After register_staged committed: the staged segments supersede the older ones."""
+        wal = self.wal
+        self.next_segment = staged[-1].seg_id + 1
+        with wal._write:
+            wal.load(wal.segments + staged, wal.compacted_index, wal.compacted_term)
+            wal.active = None
+        if snap_info is not None:
+            self.snapshots.install(snap_info)
+        for seg in staged:
+            if self.encrypted:
+                self.rotation.account(seg.ident.key_id, seg.records_written, seg.bytes_written)
 
     def remove_segments(self, segs: list[Segment]) -> None:
         if not segs:
@@ -403,6 +498,9 @@ class Store:
         """
         self._check_write()
         self.wal.append(entries, hard_state)
+        if self.rotation.auto_due:
+            self.rotation.auto_due = False
+            self.rotation.rotate_dek(reason="key budget reached")
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         self._check_open()
@@ -454,6 +552,35 @@ class Store:
         """The newest snapshot (``.meta``, ``.open()``, ``.data``), or None."""
         self._check_open()
         return self.snapshots.current
+
+    # ------------------------------------------------------------------ keys
+    def rotate_dek(self) -> None:
+        """Start a DEK rotation by forced snapshot (queued if one is in flight).  See rotation.py."""
+        self.rotation.rotate_dek()
+
+    def rekey(self) -> None:
+        """Full re-key: rewrite all retained data under a new DEK and destroy the old ones."""
+        self._check_write()
+        self.rotation.rekey()
+
+    def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
+        """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store."""
+        self.rotation.rotate_kek(new_kek)
+
+    @property
+    def needs_snapshot(self) -> bool:
+        """True while a DEK rotation waits for the host to save a snapshot at or above
+        ``snapshot_index_needed``."""
+        return self.encrypted and self.rotation.needs_snapshot
+
+    @property
+    def snapshot_index_needed(self) -> int | None:
+        return self.rotation.snapshot_index_needed if self.encrypted else None
+
+    def key_info(self) -> dict:
+        """Key IDs, states and usage (never key material)."""
+        self._check_open()
+        return self.rotation.describe()
 
     @property
     def fsync_count(self) -> int:

@@ -81,7 +81,7 @@ class Wal:
         self.failed: BaseException | None = None
         self.fsyncs = 0
         self._state = threading.Lock()           # guards the index (short critical sections)
-        self._write = threading.Lock()           # one leader writes at a time
+        self._write = threading.RLock()          # one leader writes at a time (re-entrant for re-key)
         self._queue: list[_Request] = []
         self._queue_lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
@@ -400,6 +400,13 @@ class Wal:
             self.failed = exc
             raise StoreFailedError(f"sealing {seg.path} failed: {exc}; reopen the store to recover") from exc
 
+    def cut_now(self) -> None:
+        """Seal the active segment and start a new one now (a DEK rotation's step 2)."""
+        with self._write:
+            self.check_writable()
+            self._seal_active()
+            self._cut(self.last + 1)
+
     def seal_for_close(self) -> None:
         with self._write:
             if self.failed is None and self.active is not None and self.active.writable:
@@ -431,10 +438,12 @@ class Wal:
 
     def removable(self, floor: int) -> list[Segment]:
         """Sealed segments holding no visible entry above ``floor`` (never the newest or the active one)."""
-        keep_from = max(bisect_right(self.view_first, floor + 1) - 1, 0)
-        needed = {id(s) for s in self.view_seg[keep_from:]}
-        if self.active is not None:
-            needed.add(id(self.active))
+        needed = {id(self.active)} if self.active is not None else set()
+        n = len(self.view_first)
+        for v in range(n):
+            end = self.view_first[v + 1] - 1 if v + 1 < n else self.last
+            if end > floor:
+                needed.add(id(self.view_seg[v]))
         newest = self.segments[-1] if self.segments else None
         return [seg for seg in self.segments
                 if seg.sealed and seg is not newest and id(seg) not in needed]

@@ -1,0 +1,294 @@
+"""Key rotation: DEK rotation by forced snapshot, full re-key, KEK rotation, key budgets.
+
+DEK rotation state machine (DESIGN.md; state in LMDB ``state/rotation``):
+
+1. ``rotate_dek()`` creates a DEK, wraps it and records it *pending* together
+   with the rotation state in one durable LMDB commit, before anything else.
+2. The WAL seals its segment and continues in a new segment under the pending
+   DEK; the first index written under it is recorded.
+3. A snapshot at or above ``first_index - 1`` is needed: the host's
+   ``snapshot_source`` is called, or ``needs_snapshot`` tells the host.
+4. When such a snapshot is durable (written under the pending DEK), one LMDB
+   commit makes pending active and the old DEK retiring; the compaction point
+   moves to the snapshot; segments and snapshots under retiring keys are
+   purged; a retiring key no longer referenced becomes inactive (and, with
+   ``destroy_retired_keys=True``, destroyed: its wrapped blob is erased).
+
+Every step is idempotent and re-run at open, so a crash anywhere resumes.
+Rotating while a rotation is in flight queues one more.
+
+Full re-key (a compromised DEK): everything retained is rewritten under a new
+DEK into staged segments and a re-encrypted snapshot that become visible in one
+LMDB commit; the old DEKs are then purged and destroyed.  A crash before that
+commit leaves only unregistered files (removed at open) and the rotation state
+asks for the re-key to be redone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from . import keys as K
+from . import meta as M
+from .errors import UsageError
+from .types import SnapshotMeta
+
+log = logging.getLogger("walcrypt")
+
+# Automatic rotation budgets.  Each segment and snapshot is encrypted under its own
+# HKDF subkey with counter nonces, so the per-key AEAD limits (NIST SP 800-38D: at most
+# 2^32 invocations per GCM key; draft-irtf-cfrg-aead-limits: about 2^36 16-byte blocks,
+# ~1 TiB, per key for a 2^-57 confidentiality advantage) bind a subkey, never the DEK.
+# The DEK-wide budgets below reuse those figures as conservative caps on how much data
+# one DEK protects, which bounds what a leaked DEK exposes.
+DEFAULT_MAX_RECORDS_PER_DEK = 1 << 32
+DEFAULT_MAX_BYTES_PER_DEK = 1 << 40
+DEFAULT_MAX_DEK_AGE_S: float | None = None
+
+
+class Rotation:
+    def __init__(self, store, *, snapshot_source=None, destroy_retired_keys: bool = False,
+                 max_records_per_dek: int = DEFAULT_MAX_RECORDS_PER_DEK,
+                 max_bytes_per_dek: int = DEFAULT_MAX_BYTES_PER_DEK,
+                 max_dek_age_s: float | None = DEFAULT_MAX_DEK_AGE_S):
+        self.store = store
+        self.snapshot_source = snapshot_source
+        self.destroy_retired_keys = destroy_retired_keys
+        self.max_records = max_records_per_dek
+        self.max_bytes = max_bytes_per_dek
+        self.max_age_s = max_dek_age_s
+        self.state: dict | None = None
+        self.usage: dict[bytes, list[int]] = {}
+        self.auto_due = False
+
+    # ------------------------------------------------------------------ state
+    def load(self) -> None:
+        with self.store.meta.read() as r:
+            raw = r.get(M.DB_STATE, M.K_ROTATION)
+        self.state = json.loads(raw) if raw else None
+
+    def _put_state(self, tx, state: dict | None) -> None:
+        if state is None:
+            tx.delete(M.DB_STATE, M.K_ROTATION)
+        else:
+            tx.put(M.DB_STATE, M.K_ROTATION, json.dumps(state, sort_keys=True).encode())
+
+    @property
+    def pending_key_id(self) -> bytes | None:
+        return bytes.fromhex(self.state["pending"]) if self.state else None
+
+    @property
+    def needs_snapshot(self) -> bool:
+        """True while a DEK rotation waits for a snapshot at or above ``snapshot_index_needed``."""
+        return bool(self.state) and not self.state.get("rekey")
+
+    @property
+    def snapshot_index_needed(self) -> int | None:
+        return self.state["first_index"] - 1 if self.state else None
+
+    def describe(self) -> dict:
+        st = self.store
+        keys = [{"key_id": k.key_id.hex(), "state": k.state_name, "purpose": "dek",
+                 "created_ns": k.created_ns, "records": self.usage.get(k.key_id, [0, 0])[0],
+                 "bytes": self.usage.get(k.key_id, [0, 0])[1]}
+                for k in st.keys.values() if k.purpose == K.PURPOSE_DEK]
+        return {"keys": keys, "rotation": dict(self.state) if self.state else None}
+
+    # ------------------------------------------------------------------ DEK rotation
+    def rotate_dek(self, *, reason: str = "requested", rekey: bool = False) -> None:
+        st = self.store
+        st._check_write()
+        if not st.encrypted:
+            raise UsageError("a plaintext store has no data keys to rotate")
+        if self.state:
+            with st.meta.write() as tx:
+                self.state["queued"] = self.state.get("queued", 0) + 1
+                self._put_state(tx, self.state)
+            log.info("DEK rotation queued behind the one in flight")
+            return
+        st.wal.check_writable()
+        entry, secret = K.new_key_entry(st.wrapper, st.store_id, algorithm=st.algorithm,
+                                        purpose=K.PURPOSE_DEK, state=K.PENDING)
+        state = {"pending": entry.key_id.hex(), "first_index": st.wal.last_index() + 1, "queued": 0,
+                 "requested_ns": time.time_ns(), "reason": reason, "rekey": rekey}
+        with st.meta.write() as tx:                       # step 1: durable before anything else
+            tx.put(M.DB_KEYRING, entry.key_id, M.encode_keyring(entry))
+            self._put_state(tx, state)
+        st.keys[entry.key_id] = entry
+        st._secrets[entry.key_id] = secret
+        self.state = state
+        if not rekey:
+            st.wal.cut_now()                              # step 2: new segment under the pending DEK
+            self._ask_for_snapshot()
+
+    def _ask_for_snapshot(self) -> None:
+        if self.snapshot_source is None or not self.state:
+            return
+        meta, data = self.snapshot_source()               # step 3
+        if not isinstance(meta, SnapshotMeta):
+            meta = SnapshotMeta(*meta)
+        self.store.save_snapshot(meta, data)
+
+    def on_snapshot(self, info) -> None:
+        """Called after a snapshot is registered (step 4 when it satisfies the rotation)."""
+        if not self.state or self.state.get("rekey"):
+            return
+        if info.key_id == self.pending_key_id and info.index >= self.state["first_index"] - 1:
+            self._promote(info.index, info.term)
+
+    def _promote(self, index: int, term: int) -> None:
+        st = self.store
+        pending = self.pending_key_id
+        now = time.time_ns()
+        queued = self.state.get("queued", 0)
+        changed = []
+        with st.meta.write() as tx:
+            for k in st.keys.values():
+                if k.purpose != K.PURPOSE_DEK:
+                    continue
+                if k.key_id == pending:
+                    k.state, k.state_changed_ns = K.ACTIVE, now
+                elif k.state == K.ACTIVE:
+                    k.state, k.state_changed_ns = K.RETIRING, now
+                else:
+                    continue
+                changed.append(k)
+                tx.put(M.DB_KEYRING, k.key_id, M.encode_keyring(k))
+            if index > st.wal.compacted_index:
+                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term))
+            self._put_state(tx, None)
+        if index > st.wal.compacted_index:
+            st.wal.compact(index, term)
+        self.state = None
+        log.info("DEK rotation complete: key %s active", pending.hex())
+        self.finish_retirement()
+        if queued:
+            self.rotate_dek(reason="queued")
+            if self.state:
+                with st.meta.write() as tx:
+                    self.state["queued"] = queued - 1
+                    self._put_state(tx, self.state)
+
+    def finish_retirement(self) -> None:
+        """Purge what retiring keys protect; retire keys nothing references any more."""
+        st = self.store
+        retiring = {k.key_id for k in st.keys.values() if k.purpose == K.PURPOSE_DEK and k.state == K.RETIRING}
+        if not retiring:
+            return
+        st.snapshots.apply_retention(drop_keys=retiring)
+        st.purge_segments()
+        referenced = {s.ident.key_id for s in st.wal.segments} | st.snapshots.key_ids()
+        now = time.time_ns()
+        with st.meta.write() as tx:
+            for kid in retiring - referenced:
+                k = st.keys[kid]
+                if self.destroy_retired_keys:
+                    k.state, k.wrapped = K.DESTROYED, b""
+                    st._secrets.pop(kid, None)
+                else:
+                    k.state = K.INACTIVE
+                k.state_changed_ns = now
+                tx.put(M.DB_KEYRING, kid, M.encode_keyring(k))
+
+    def resume(self) -> None:
+        """Run at open (read-write): finish whatever a crash interrupted."""
+        st = self.store
+        if self.state:
+            if self.state.get("rekey"):
+                log.warning("a full re-key was interrupted; redoing it")
+                self.rekey(resume=True)
+                return
+            cur = st.snapshots.infos[-1] if st.snapshots.infos else None
+            if cur is not None:
+                self.on_snapshot(cur)
+        self.finish_retirement()
+
+    # ------------------------------------------------------------------ budgets
+    def account(self, key_id: bytes, records: int, nbytes: int) -> None:
+        u = self.usage.setdefault(key_id, [0, 0])
+        u[0] += records
+        u[1] += nbytes
+        self.check_budget()
+
+    def check_budget(self) -> None:
+        st = self.store
+        if not st.encrypted or self.state:
+            return
+        kid = st.active_key_id()
+        records, nbytes = self.usage.get(kid, [0, 0])
+        entry = st.keys[kid]
+        age_s = (time.time_ns() - entry.state_changed_ns) / 1e9
+        if (records >= self.max_records or nbytes >= self.max_bytes
+                or (self.max_age_s is not None and age_s >= self.max_age_s)):
+            self.auto_due = True
+
+    # ------------------------------------------------------------------ full re-key
+    def rekey(self, *, resume: bool = False) -> None:
+        """Rewrite every retained record and the newest snapshot under a new DEK, then destroy the old DEKs."""
+        st = self.store
+        if not resume:
+            if self.state:
+                raise UsageError("a DEK rotation is in flight; wait for its snapshot before a full re-key")
+            self.rotate_dek(reason="rekey", rekey=True)
+        new_id = self.pending_key_id
+        staged, snap_info = st.rewrite_under(new_id)
+        now = time.time_ns()
+        with st.meta.write() as tx:
+            st.register_staged(tx, staged, snap_info)
+            for k in st.keys.values():
+                if k.purpose != K.PURPOSE_DEK:
+                    continue
+                if k.key_id == new_id:
+                    k.state = K.ACTIVE
+                elif k.state in (K.ACTIVE, K.PENDING, K.RETIRING, K.INACTIVE):
+                    k.state = K.RETIRING   # destroyed below once nothing references it
+                else:
+                    continue
+                k.state_changed_ns = now
+                tx.put(M.DB_KEYRING, k.key_id, M.encode_keyring(k))
+            self._put_state(tx, None)
+        self.state = None
+        st.install_staged(staged, snap_info)
+        destroy = self.destroy_retired_keys
+        self.destroy_retired_keys = True                  # a compromised key is always destroyed
+        try:
+            self.finish_retirement()
+        finally:
+            self.destroy_retired_keys = destroy
+
+    # ------------------------------------------------------------------ KEK rotation
+    def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
+        """Re-wrap every key with ``new_kek`` in one LMDB transaction; no data is rewritten."""
+        st = self.store
+        st._check_write()
+        if not st.encrypted:
+            raise UsageError("a plaintext store has no KEK")
+        params = new_kek.new_params()
+        wrapper = new_kek.wrapper(params)
+        with st.meta.read() as r:
+            meta_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
+            meta_wrapped = r.raw(M.DB_STORE, M.K_META_KEY)
+        meta_secret = st.wrapper.unwrap(meta_wrapped, K.wrap_context(st.store_id, meta_id, K.PURPOSE_META))
+        rewrapped = {}
+        for k in st.keys.values():
+            if k.state == K.DESTROYED:
+                continue
+            secret = K.unwrap_entry(st.wrapper, st.store_id, k).material
+            rewrapped[k.key_id] = wrapper.wrap(secret, K.wrap_context(st.store_id, k.key_id, k.purpose))
+        with st.meta.write() as tx:
+            tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
+            cv = wrapper.check_value()
+            if cv is None:
+                tx.delete(M.DB_STORE, M.K_KEK_CHECK)
+            else:
+                tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
+            tx.put_raw(M.DB_STORE, M.K_META_KEY, wrapper.wrap(meta_secret,
+                                                             K.wrap_context(st.store_id, meta_id, K.PURPOSE_META)))
+            for kid, blob in rewrapped.items():
+                k = st.keys[kid]
+                k.wrapped = blob
+                tx.put(M.DB_KEYRING, kid, M.encode_keyring(k))
+        st.wrapper = wrapper
+        st.kek_params = params
