@@ -50,6 +50,7 @@ K_COMPACTED = b"compacted"        # u64 index, u64 term, u64 reset segment (0: n
 K_NEXT_SEGMENT = b"next_segment"  # u64
 K_NEXT_SNAPSHOT = b"next_snapshot"  # u64
 K_ROTATION = b"rotation"          # JSON
+K_MIGRATION = b"migration"        # JSON, present only while a migration is in progress
 
 MAC_SIZE = 16
 MAP_SIZE = 1 << 30

@@ -69,6 +69,9 @@ class Store:
             self.meta = M.Meta(os.path.join(self.path, layout.META_DIR), readonly=read_only)
             try:
                 self._open_keys(kek, algorithm)
+                if not read_only:
+                    from .migrate import cleanup_interrupted
+                    cleanup_interrupted(self)
                 self.pair = layout.pair_for(self.encrypted)
                 self.wal_dir = os.path.join(self.path, self.pair.wal)
                 if not read_only:
@@ -104,12 +107,6 @@ class Store:
         elif os.listdir(self.path) and not layout.looks_like_store(self.path):
             raise UsageError(f"{self.path} is not empty and is not a walcrypt data directory; "
                              "choose an empty or new directory")
-        other = [p for p in layout.pairs_with_data(self.path) if p.encrypted != self.encrypted]
-        if other and not layout.has_data(self.path, layout.pair_for(self.encrypted)):
-            want = "encrypted" if self.encrypted else "plaintext"
-            have = "encrypted" if other[0].encrypted else "plaintext"
-            raise UsageError(f"{self.path} holds {have} data but was opened as {want}; migrating between the two "
-                             "is not supported by this version - open it as it was created")
 
     def _open_keys(self, kek: K.KeyEncryptionKey | None, algorithm: str) -> None:
         with self.meta.read() as r:
@@ -614,8 +611,42 @@ class Store:
         return f"<walcrypt.Store {self.path} {mode} {state}>"
 
 
-def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool | None = None, **options) -> Store:
-    """Open (creating if needed) a walcrypt data directory.  Encrypted unless ``encrypted=False``."""
-    if encrypted is None:
-        encrypted = True
-    return Store(path, kek=kek, encrypted=encrypted, **options)
+def stored_mode(path) -> bool | None:
+    """True/False for an existing encrypted/plaintext store, None when there is none yet."""
+    meta_dir = os.path.join(os.fspath(path), layout.META_DIR)
+    if not os.path.isdir(meta_dir):
+        return None
+    m = M.Meta(meta_dir, readonly=True)
+    try:
+        with m.read() as r:
+            v = r.raw(M.DB_STORE, M.K_ENCRYPTED)
+    finally:
+        m.close()
+    return None if v is None else v == b"\x01"
+
+
+def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True, decrypt_existing: bool = False,
+         migration_progress=None, **options) -> Store:
+    """Open (creating if needed) a walcrypt data directory.  Encrypted unless ``encrypted=False``.
+
+    A plaintext store opened with ``encrypted=True`` and a KEK is migrated to encrypted.
+    Turning encryption off is never silent: an encrypted store opened with
+    ``encrypted=False`` is migrated to plaintext only with ``decrypt_existing=True``
+    (and its KEK); otherwise it is a UsageError.  ``migration_progress(stage, done, total)``
+    reports progress."""
+    have = stored_mode(path)
+    if have is not None and have != encrypted:
+        if not encrypted and not decrypt_existing:
+            raise UsageError(f"{path} is encrypted; opening it as plaintext would decrypt every record on disk. "
+                             "Pass decrypt_existing=True (and its kek=) to migrate it, or open it with its kek=")
+        if encrypted and kek is None:
+            raise KeyProviderError(f"{path} is a plaintext store: pass kek=... to migrate it to encrypted, or "
+                                   "open it with encrypted=False")
+        from .migrate import migrate
+        algorithm = options.get("algorithm", "aes-256-gcm")
+        src = Store(path, kek=kek if have else None, encrypted=have, **options)
+        try:
+            migrate(src, to_encrypted=encrypted, kek=kek, algorithm=algorithm, progress=migration_progress)
+        finally:
+            src.close()
+    return Store(path, kek=kek if encrypted else None, encrypted=encrypted, **options)

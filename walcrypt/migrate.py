@@ -1,0 +1,295 @@
+"""Migration between encrypted (``wal-v1-encrypted/``, ``snap-v1-encrypted/``) and legacy
+plaintext (``wal-v1/``, ``snap-v1/``) data.
+
+Procedure (each step durable before the next; FORMAT.md, "Migration"):
+
+A. one LMDB commit records the migration (``state/migration``) and, towards
+   encryption, creates the KEK parameters, the metadata key and a DEK;
+B. every retained entry, the hard state and the newest snapshot are rewritten
+   into hidden temporary directories (``.migrate-wal``, ``.migrate-snap``) in
+   the target format, fsynced;
+C. stale target directories (left by an earlier migration the other way) are
+   removed, the temporary directories renamed to their final names, and the
+   data directory fsynced;
+D. one LMDB commit switches the store: the mode flag, the manifest, the snapshot
+   registry and every MAC (keyless BLAKE2b for plaintext, HMAC under the
+   metadata key for encrypted), and clears the migration record.
+
+A crash before D leaves the store in its source mode: the next open removes
+the temporary and unregistered target directories and clears the record, and
+the migration is redone when the caller asks for it again.  The source
+directories are kept after D (so a downgrade stays possible) until removed on
+purpose with :func:`remove_source`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Callable
+
+from . import crypto
+from . import format as fmt
+from . import keys as K
+from . import layout
+from . import meta as M
+from .errors import KeyProviderError, UsageError
+from .segment import Segment, SegmentIdentity
+from .snapshot import SNAP_SALT_SIZE, SnapshotHeader, SnapshotWriter, snapshot_keys
+from .snapstore import SnapshotInfo, encode_info
+
+TMP_WAL = ".migrate-wal"
+TMP_SNAP = ".migrate-snap"
+
+Progress = Callable[[str, int, int], None]
+
+
+def cleanup_interrupted(store) -> bool:
+    """Run at open in the source mode: undo an interrupted migration (steps A-C).  True if one was found."""
+    with store.meta.read() as r:
+        raw = r.get(M.DB_STATE, M.K_MIGRATION)
+    if raw is None:
+        return False
+    target = layout.pair_for(json.loads(raw)["to"] == "encrypted")
+    for d in (TMP_WAL, TMP_SNAP, target.wal, target.snap):
+        if target.encrypted == store.encrypted and d in (target.wal, target.snap):
+            continue  # never touch the directories the store lives in
+        p = os.path.join(store.path, d)
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+    store.vfs.fsync_dir(store.path)
+    with store.meta.write() as tx:
+        tx.delete(M.DB_STATE, M.K_MIGRATION)
+    return True
+
+
+def migrate(store, *, to_encrypted: bool, kek: K.KeyEncryptionKey | None, algorithm: str = "aes-256-gcm",
+            progress: Progress | None = None) -> None:
+    """Migrate an open store (in its source mode) to the other mode.  The caller reopens it afterwards."""
+    if store.encrypted == to_encrypted:
+        raise UsageError("the store is already in the requested mode")
+    if store.encrypted and store.rotation.state:
+        raise UsageError("a DEK rotation is in flight; let it finish (save a snapshot) before migrating")
+    if to_encrypted and kek is None:
+        raise KeyProviderError("migrating to encrypted needs a key-encryption key (kek=...)")
+    say = progress or (lambda stage, done, total: None)
+    root = store.path
+    target = layout.pair_for(to_encrypted)
+
+    # A. record the migration; create the target keys
+    ctx = _TargetKeys.create(store, to_encrypted, kek, algorithm)
+    # B. rewrite into temporary directories
+    tmp_wal, tmp_snap = os.path.join(root, TMP_WAL), os.path.join(root, TMP_SNAP)
+    for d in (tmp_wal, tmp_snap):
+        if os.path.isdir(d):
+            shutil.rmtree(d)
+        store.vfs.makedirs(d)
+    store.vfs.fsync_dir(root)
+    segments = _rewrite_log(store, ctx, tmp_wal, say)
+    snap = _rewrite_snapshot(store, ctx, tmp_snap, say)
+    store.vfs.fsync_dir(tmp_wal)
+    store.vfs.fsync_dir(tmp_snap)
+    # C. put the directories in place
+    for tmp, final in ((tmp_wal, target.wal), (tmp_snap, target.snap)):
+        dest = os.path.join(root, final)
+        if os.path.isdir(dest):
+            shutil.rmtree(dest)      # stale copy left by an earlier migration the other way
+        store.vfs.rename(tmp, dest)
+    store.vfs.fsync_dir(root)
+    for seg in segments:
+        seg.path = os.path.join(root, target.wal, os.path.basename(seg.path))
+    if snap is not None:
+        snap.path = os.path.join(root, target.snap, os.path.basename(snap.path))
+    # D. switch in one commit
+    _switch(store, ctx, segments, snap)
+    say("done", 1, 1)
+
+
+class _TargetKeys:
+    """The key material of the target mode."""
+
+    def __init__(self, encrypted: bool, algorithm: int, key_id: bytes, dek: bytes | None, mac_key: bytes | None):
+        self.encrypted = encrypted
+        self.algorithm = algorithm
+        self.key_id = key_id
+        self.dek = dek
+        self.mac_key = mac_key
+
+    @classmethod
+    def create(cls, store, to_encrypted: bool, kek, algorithm: str) -> "_TargetKeys":
+        state = json.dumps({"to": "encrypted" if to_encrypted else "plaintext", "started_ns": time.time_ns()})
+        if not to_encrypted:
+            with store.meta.write() as tx:
+                tx.put(M.DB_STATE, M.K_MIGRATION, state.encode())
+            return cls(False, fmt.ALG_NONE, crypto.ZERO_KEY_ID, None, None)
+        alg = crypto.suite_by_name(algorithm).alg_id
+        params = kek.new_params()
+        wrapper = kek.wrapper(params)
+        meta_entry, meta_secret = K.new_key_entry(wrapper, store.store_id, algorithm=0, purpose=K.PURPOSE_META,
+                                                  state=K.ACTIVE)
+        dek, secret = K.new_key_entry(wrapper, store.store_id, algorithm=alg, purpose=K.PURPOSE_DEK, state=K.ACTIVE)
+        with store.meta.write() as tx:
+            tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
+            cv = wrapper.check_value()
+            if cv is not None:
+                tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
+            tx.put_raw(M.DB_STORE, M.K_META_KEY_ID, meta_entry.key_id)
+            tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_entry.wrapped)
+            tx.put(M.DB_STATE, M.K_MIGRATION, state.encode())
+        ctx = cls(True, alg, dek.key_id, secret.material, meta_secret.material)
+        ctx.entry = dek
+        ctx.params = params
+        return ctx
+
+    def aead(self, key: bytes):
+        return crypto.suite(self.algorithm).new(key)
+
+
+def _rewrite_log(store, ctx: _TargetKeys, directory: str, say: Progress) -> list[Segment]:
+    wal = store.wal
+    lo, hi = wal.compacted_index + 1, wal.last_index()
+    total = max(hi - lo + 1, 0)
+    seg_id = store.next_segment
+    segments: list[Segment] = []
+
+    def new_segment(base: int) -> Segment:
+        salt = os.urandom(fmt.SALT_SIZE) if ctx.encrypted else bytes(fmt.SALT_SIZE)
+        ident = SegmentIdentity(store.store_id, seg_id, base, ctx.algorithm, ctx.key_id, salt, b"")
+        if ctx.encrypted:
+            key, commitment = crypto.segment_keys(ctx.dek, salt, store.store_id, seg_id, ctx.algorithm)
+        else:
+            key, commitment = b"", bytes(fmt.COMMITMENT_SIZE)
+        ident.commitment = commitment
+        cipher = crypto.FrameCipher(ctx.algorithm, ctx.aead(key), ctx.key_id, store.store_id, seg_id)
+        seg = Segment.create(store.vfs, directory, ident, cipher, wal.segment_size, wal.hardstate)
+        segments.append(seg)
+        return seg
+
+    seg = new_segment(lo)
+    idx = lo
+    while idx <= hi:
+        batch = wal.entries(idx, min(hi + 1, idx + fmt.RECORD_MAX_ENTRIES), max_size=fmt.RECORD_TARGET_BYTES * 8)
+        records = wal._prepare(batch)
+        if seg.write_offset + sum(len(r[4]) + 128 for r in records) > wal.segment_size and seg.seq > 2:
+            store._seal_staged(seg)
+            seg_id += 1
+            seg = new_segment(idx)
+        buf, pending = seg.encode_batch(records)
+        seg.write(buf)
+        seg.apply_batch(buf, pending)
+        idx = batch[-1].index + 1
+        say("log", idx - lo, total)
+    store._seal_staged(seg)
+    return segments
+
+
+def _rewrite_snapshot(store, ctx: _TargetKeys, directory: str, say: Progress) -> SnapshotInfo | None:
+    cur = store.snapshots.current
+    if cur is None:
+        return None
+    snap_id = store._next_snapshot_id()
+    salt = os.urandom(SNAP_SALT_SIZE) if ctx.encrypted else bytes(SNAP_SALT_SIZE)
+    bundle = _target_bundle(store, ctx)
+    h = SnapshotHeader(ctx.algorithm, 0, store.store_id, snap_id, cur.meta.index, cur.meta.term,
+                       store.snapshots.chunk_size, len(bundle), ctx.key_id, salt, b"")
+    if ctx.encrypted:
+        key, h.commitment = snapshot_keys(ctx.dek, h)
+    else:
+        key, h.commitment = b"", bytes(fmt.COMMITMENT_SIZE)
+    w = SnapshotWriter(store.vfs, directory, h, ctx.aead(key), bundle, cur.meta)
+    try:
+        with cur.open() as stream:
+            while True:
+                block = stream.read(h.chunk_size)
+                if not block:
+                    break
+                w.write(block)
+                say("snapshot", w.data_bytes, cur.size)
+        path = w.publish()
+    except BaseException:
+        w.abort()
+        raise
+    return SnapshotInfo(snap_id, cur.meta.index, cur.meta.term, ctx.key_id, w.digest, w.data_bytes, path)
+
+
+def _target_bundle(store, ctx: _TargetKeys) -> bytes:
+    if not ctx.encrypted:
+        return b""
+    saved = (store.encrypted, store.kek_params, dict(store.keys))
+    store.encrypted, store.kek_params = True, ctx.params
+    store.keys = {ctx.key_id: ctx.entry}
+    try:
+        return store.keyring_bundle()
+    finally:
+        store.encrypted, store.kek_params, store.keys = saved
+
+
+def _switch(store, ctx: _TargetKeys, segments: list[Segment], snap: SnapshotInfo | None) -> None:
+    """Step D: one LMDB commit flips the mode, replaces the manifests and re-MACs every record."""
+    meta = store.meta
+    with meta.read() as r:
+        carried = {db: r.items(db) for db in (M.DB_KEYRING, M.DB_STABLE, M.DB_STATE)}
+        old_segments = [k for k, _ in r.raw_items(M.DB_SEGMENTS)]
+        old_snaps = [k for k, _ in r.raw_items(M.DB_SNAPSHOTS)]
+    old_mac = meta._mac_key
+    meta.set_mac_key(ctx.mac_key)
+    try:
+        with meta.write() as tx:
+            tx.put_raw(M.DB_STORE, M.K_ENCRYPTED, b"\x01" if ctx.encrypted else b"\x00")
+            tx.put_raw(M.DB_STORE, M.K_ALGORITHM, bytes([ctx.algorithm]))
+            for db, items in carried.items():
+                for k, v in items:
+                    if db == M.DB_STATE and k in (M.K_MIGRATION, M.K_ROTATION):
+                        continue
+                    if db == M.DB_KEYRING:
+                        if ctx.encrypted:
+                            tx.delete(db, k)   # stale keys from an earlier encrypted life
+                            continue
+                        entry = M.decode_keyring(k, v, meta.path)
+                        if entry.state in (K.PENDING, K.ACTIVE, K.RETIRING):
+                            entry.state, entry.state_changed_ns = K.INACTIVE, time.time_ns()
+                        v = M.encode_keyring(entry)
+                    tx.put(db, k, v)
+            tx.delete(M.DB_STATE, M.K_MIGRATION)
+            if ctx.encrypted:
+                tx.put(M.DB_KEYRING, ctx.key_id, M.encode_keyring(ctx.entry))
+            for k in old_segments:
+                tx.delete(M.DB_SEGMENTS, k)
+            for k in old_snaps:
+                tx.delete(M.DB_SNAPSHOTS, k)
+            dir_code = fmt.DIR_CODE_ENCRYPTED if ctx.encrypted else fmt.DIR_CODE_PLAIN
+            for seg in segments:
+                rec = {"state": fmt.SEG_SEALED, "algorithm": ctx.algorithm, "dir_code": dir_code,
+                       "base_index": seg.base_index, "key_id": ctx.key_id, "index_offset": seg.index_offset,
+                       "end_offset": seg.end_offset, "last_index": seg.last_index,
+                       "records": seg.records_written, "bytes": seg.bytes_written}
+                tx.put(M.DB_SEGMENTS, M.u64(seg.seg_id), M.encode_manifest(rec))
+            tx.put(M.DB_STATE, M.K_NEXT_SEGMENT, (segments[-1].seg_id + 1).to_bytes(8, "little"))
+            if snap is not None:
+                tx.put(M.DB_SNAPSHOTS, M.u64(snap.snapshot_id), encode_info(snap))
+                tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, (snap.snapshot_id + 1).to_bytes(8, "little"))
+            wal = store.wal
+            tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(wal.compacted_index, wal.compacted_term))
+    except BaseException:
+        meta.set_mac_key(old_mac)
+        raise
+
+
+def remove_source(path: str) -> list[str]:
+    """Remove the directories of the mode a store is no longer in (after a migration).  Returns them."""
+    m = M.Meta(os.path.join(path, layout.META_DIR), readonly=True)
+    try:
+        with m.read() as r:
+            enc = r.raw(M.DB_STORE, M.K_ENCRYPTED) == b"\x01"
+    finally:
+        m.close()
+    other = layout.pair_for(not enc)
+    removed = []
+    for d in (other.wal, other.snap):
+        p = os.path.join(path, d)
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed
