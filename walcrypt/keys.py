@@ -112,6 +112,10 @@ class KeyEncryptionKey:
     def wrapper(self, params: dict | None) -> Wrapper:
         raise NotImplementedError
 
+    def material(self, params: dict | None) -> bytes:
+        """The 32 effective KEK bytes, for an explicitly requested embedded-KEK export only."""
+        raise UsageError(f"a KEK held by {self.describe()} cannot be embedded in an export")
+
     def describe(self) -> str:
         return self.kind
 
@@ -159,6 +163,9 @@ class RawKey(KeyEncryptionKey):
     def wrapper(self, params: dict | None) -> Wrapper:
         return _LocalWrapper(self._key)
 
+    def material(self, params: dict | None) -> bytes:
+        return self._key
+
     def describe(self) -> str:
         return "raw key"
 
@@ -192,6 +199,9 @@ class KeyFile(KeyEncryptionKey):
 
     def wrapper(self, params: dict | None) -> Wrapper:
         return _LocalWrapper(self.read())
+
+    def material(self, params: dict | None) -> bytes:
+        return self.read()
 
     def describe(self) -> str:
         return f"key file {self.path}"
@@ -227,12 +237,15 @@ class EnvKey(KeyEncryptionKey):
     def __init__(self, name: str):
         self.name = name
 
-    def wrapper(self, params: dict | None) -> Wrapper:
+    def material(self, params: dict | None) -> bytes:
         value = os.environ.get(self.name)
         if not value:
             raise KeyProviderError(
                 f"environment variable {self.name} is not set; set it to a 32-byte key in hex or base64")
-        return _LocalWrapper(decode_key_text(value.encode(), f"environment variable {self.name}"))
+        return decode_key_text(value.encode(), f"environment variable {self.name}")
+
+    def wrapper(self, params: dict | None) -> Wrapper:
+        return _LocalWrapper(self.material(params))
 
     def describe(self) -> str:
         return f"environment variable {self.name}"
@@ -256,13 +269,15 @@ class Passphrase(KeyEncryptionKey):
                 "n": self._n, "r": self._r, "p": self._p}
 
     def wrapper(self, params: dict | None) -> Wrapper:
+        return _LocalWrapper(self.material(params))
+
+    def material(self, params: dict | None) -> bytes:
         if not params or params.get("kdf") != "scrypt":
             raise WrongKeyError("this store was not created with a passphrase KEK; use the KEK it was created with")
         n, r, p = int(params["n"]), int(params["r"]), int(params["p"])
         if not (2 <= n <= 1 << 22 and 1 <= r <= 32 and 1 <= p <= 16):
             raise AuthenticationError(None, None, f"implausible stored scrypt parameters n={n} r={r} p={p}")
-        kek = Scrypt(salt=bytes.fromhex(params["salt"]), length=KEY_SIZE, n=n, r=r, p=p).derive(self._passphrase)
-        return _LocalWrapper(kek)
+        return Scrypt(salt=bytes.fromhex(params["salt"]), length=KEY_SIZE, n=n, r=r, p=p).derive(self._passphrase)
 
     def describe(self) -> str:
         return "passphrase"

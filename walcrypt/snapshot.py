@@ -217,16 +217,19 @@ class SnapshotWriter:
 class SnapshotFile:
     """A snapshot on disk: header, keyring bundle and metadata parsed; data read on demand."""
 
-    def __init__(self, vfs: VFS, path: str):
+    def __init__(self, vfs: VFS, path: str, *, offset: int = 0):
+        """``offset``: where the snapshot starts inside ``path`` (an export file embeds one)."""
         self.vfs = vfs
         self.path = path
+        self.base = offset
         with open(path, "rb") as f:
+            f.seek(offset)
             raw = f.read(128)
             self.header = SnapshotHeader.decode(raw, path)
             self.bundle = f.read(self.header.bundle_len)
             if len(self.bundle) != self.header.bundle_len:
-                raise CorruptionError(path, 128, "snapshot keyring bundle is truncated")
-            self.meta_offset = 128 + self.header.bundle_len
+                raise CorruptionError(path, offset + 128, "snapshot keyring bundle is truncated")
+            self.meta_offset = offset + 128 + self.header.bundle_len
             head = f.read(8)
             if len(head) != 8:
                 raise CorruptionError(path, self.meta_offset, "snapshot metadata frame is truncated")

@@ -63,6 +63,7 @@ class Store:
                 "RawKey(...), Passphrase(...) or EnvKey(...) (or encrypted=False for a plaintext store)")
         if not encrypted and kek is not None:
             raise UsageError("a KEK was given for a plaintext store; drop kek= or open with encrypted=True")
+        self._kek = kek
         self._prepare_root()
         self._lock = layout.DirLock(self.path) if not read_only else None
         try:
@@ -217,6 +218,10 @@ class Store:
                          "wrapped": k.wrapped.hex()}
                         for k in self.keys.values() if k.state != K.DESTROYED]}
         return json.dumps(doc, sort_keys=True).encode()
+
+    def kek_material(self) -> bytes:
+        """The effective KEK bytes, only for an explicitly requested embedded-KEK export."""
+        return self._kek.material(self.kek_params)
 
     def secret(self, key_id: bytes) -> bytes:
         return self._secret(key_id)
@@ -486,7 +491,8 @@ class Store:
 
     def initial_state(self) -> tuple[HardState, ConfState]:
         self._check_open()
-        return self.wal.hardstate, ConfState()
+        cur = self.snapshots.current
+        return self.wal.hardstate, (cur.meta.conf_state if cur is not None else ConfState())
 
     def save(self, hard_state: HardState | None = None, entries: Sequence[Entry] = ()) -> None:
         """Persist entries (replacing any conflicting suffix) and the hard state atomically.
@@ -563,6 +569,11 @@ class Store:
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
         """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store."""
         self.rotation.rotate_kek(new_kek)
+
+    def export_snapshot(self, out_path: str, *, embed_kek: bool = False) -> dict:
+        """Write the newest snapshot and its wrapped keys to one file (see walcrypt.backup)."""
+        from .backup import export_snapshot
+        return export_snapshot(self, out_path, embed_kek=embed_kek)
 
     @property
     def needs_snapshot(self) -> bool:

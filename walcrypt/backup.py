@@ -1,0 +1,236 @@
+"""Backups: a single-file export of the newest snapshot, its inspection, redaction and restore.
+
+Export file layout (FORMAT.md, "Export files"):
+
+    header (64 bytes, CRC32C)        magic WCRYPEXP, version, flags (bit 0: KEK embedded),
+                                     KEK section length, snapshot length, creation time,
+                                     store ID, CRC32C of the KEK section
+    KEK section (optional)           the 32-byte KEK, present only when asked for explicitly
+    snapshot file                    byte for byte, with its keyring bundle of wrapped keys
+
+A snapshot file carries the wrapped keys it needs, so an export plus the KEK
+is enough to restore; Nomad's outages (#16640, #23665) came from backups and
+keys travelling separately.  An embedded KEK makes the export alone enough, and
+makes it as secret as the KEK: ``inspect`` warns loudly, ``redact`` removes it.
+Restoring re-encrypts the snapshot into a new store with its own store ID and
+data key, wrapped by the same KEK.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+
+from crc32c import crc32c
+
+from . import crypto
+from . import format as fmt
+from . import keys as K
+from .errors import CorruptionError, KeyProviderError, UnsupportedFormatError, UsageError, WrongKeyError
+from .snapshot import SnapshotFile, snapshot_keys
+from .vfs import DEFAULT_VFS
+
+EXPORT_MAGIC = b"WCRYPEXP"
+EXPORT_HEADER = struct.Struct("<8sHHIQQ16sII")
+assert EXPORT_HEADER.size == 56
+EXPORT_HEADER_SIZE = 64
+FLAG_KEK_EMBEDDED = 1
+_COPY = 1 << 20
+
+
+def _header(flags: int, kek_len: int, snap_len: int, store_id: bytes, kek_crc: int) -> bytes:
+    body = EXPORT_HEADER.pack(EXPORT_MAGIC, fmt.FORMAT_VERSION, flags, kek_len, snap_len, time.time_ns(),
+                              store_id, kek_crc, 0).ljust(EXPORT_HEADER_SIZE - 4, b"\0")
+    return body + crc32c(body).to_bytes(4, "little")
+
+
+class ExportFile:
+    """A parsed export: header fields, optional embedded KEK, and the offset of its snapshot file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                raw = f.read(EXPORT_HEADER_SIZE)
+                if len(raw) < EXPORT_HEADER_SIZE:
+                    raise CorruptionError(path, 0, "export header is truncated")
+                magic, version, flags, kek_len, snap_len, created, store_id, kek_crc, _r = \
+                    EXPORT_HEADER.unpack_from(raw)
+                if magic != EXPORT_MAGIC:
+                    raise CorruptionError(path, 0, "not a walcrypt export (bad magic)")
+                if crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                    raise CorruptionError(path, 0, "export header fails its CRC32C")
+                if version != fmt.FORMAT_VERSION:
+                    raise UnsupportedFormatError(f"{path}: export format version {version}; upgrade walcrypt")
+                if kek_len not in (0, K.KEY_SIZE) or bool(flags & FLAG_KEK_EMBEDDED) != bool(kek_len) \
+                        or flags & ~FLAG_KEK_EMBEDDED:
+                    raise CorruptionError(path, 0, "export header flags and KEK section disagree")
+                if EXPORT_HEADER_SIZE + kek_len + snap_len != size:
+                    raise CorruptionError(path, 0, f"export is {size} bytes, its header announces "
+                                                   f"{EXPORT_HEADER_SIZE + kek_len + snap_len}")
+                self.kek = f.read(kek_len) if kek_len else None
+                if self.kek is not None and crc32c(self.kek) != kek_crc:
+                    raise CorruptionError(path, EXPORT_HEADER_SIZE, "embedded KEK fails its CRC32C")
+        except FileNotFoundError:
+            raise UsageError(f"{path} does not exist") from None
+        self.flags, self.created_ns, self.store_id = flags, created, store_id
+        self.snapshot_offset = EXPORT_HEADER_SIZE + kek_len
+        self.snapshot_length = snap_len
+
+    @property
+    def kek_embedded(self) -> bool:
+        return self.kek is not None
+
+    def snapshot_file(self) -> SnapshotFile:
+        return SnapshotFile(DEFAULT_VFS, self.path, offset=self.snapshot_offset)
+
+
+def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
+    """Write the store's newest snapshot (with its wrapped keys) to ``out_path`` (0600, never overwritten)."""
+    store._check_open()
+    cur = store.snapshots.current
+    if cur is None:
+        raise UsageError("the store has no snapshot to export; save one first")
+    kek = b""
+    if embed_kek:
+        if not store.encrypted:
+            raise UsageError("a plaintext store has no KEK to embed")
+        kek = store.kek_material()
+    src = cur.info.path
+    snap_len = os.path.getsize(src)
+    flags = FLAG_KEK_EMBEDDED if kek else 0
+    tmp = out_path + ".tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{tmp} exists (an interrupted export?); remove it first") from None
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            out.write(_header(flags, len(kek), snap_len, store.store_id, crc32c(kek) if kek else 0))
+            out.write(kek)
+            while True:
+                block = inp.read(_COPY)
+                if not block:
+                    break
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if os.path.exists(out_path):
+            raise UsageError(f"{out_path} already exists; refusing to overwrite it")
+        os.rename(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {"path": out_path, "index": cur.meta.index, "term": cur.meta.term, "kek_embedded": bool(kek),
+            "size": os.path.getsize(out_path)}
+
+
+def inspect_export(path: str, kek: K.KeyEncryptionKey | None = None) -> dict:
+    """Metadata without any key; with one (or an embedded KEK), the snapshot is authenticated too."""
+    ex = ExportFile(path)
+    sf = ex.snapshot_file()
+    h = sf.header
+    bundle = sf.bundle_doc()
+    info = {
+        "path": path,
+        "format_version": fmt.FORMAT_VERSION,
+        "kek_embedded": ex.kek_embedded,
+        "store_id": h.store_id.hex(),
+        "index": h.index,
+        "term": h.term,
+        "algorithm": crypto.suite(h.algorithm).name,
+        "key_id": h.key_id.hex(),
+        "snapshot_bytes": ex.snapshot_length,
+        "created_ns": ex.created_ns,
+        "keys": [{"key_id": k["id"], "state": K.STATE_NAMES.get(k["state"], "?")} for k in bundle.get("keys", [])],
+        "warnings": [],
+        "verified": False,
+    }
+    if ex.kek_embedded:
+        info["warnings"].append("this export embeds the key-encryption key: anyone holding the file can read "
+                                "everything in it; run 'walcrypt snapshot redact' before storing or sending it")
+    if kek is not None or ex.kek_embedded:
+        f = _unlock(ex, kek)
+        info["conf_state"] = {"voters": list(f.meta.conf_state.voters), "learners": list(f.meta.conf_state.learners)}
+        info["data_bytes"] = f.verify()
+        info["verified"] = True
+    return info
+
+
+def _unlock(ex: ExportFile, kek: K.KeyEncryptionKey | None) -> SnapshotFile:
+    sf = ex.snapshot_file()
+    h = sf.header
+    if h.algorithm == fmt.ALG_NONE:
+        sf.unlock(crypto.suite(fmt.ALG_NONE).new(b""), bytes(fmt.COMMITMENT_SIZE))
+        return sf
+    if kek is None:
+        if ex.kek is None:
+            raise KeyProviderError(f"{ex.path} is encrypted and embeds no KEK: give the KEK it was made with")
+        kek = K.RawKey(ex.kek)
+    doc = sf.bundle_doc()
+    try:
+        store_id = bytes.fromhex(doc["store_id"])
+        wrapper = kek.wrapper(doc.get("kek_params"))
+        check = bytes.fromhex(doc["kek_check"]) if doc.get("kek_check") else None
+        entry = next(k for k in doc["keys"] if bytes.fromhex(k["id"]) == h.key_id)
+    except (KeyError, ValueError, TypeError, StopIteration):
+        raise CorruptionError(ex.path, ex.snapshot_offset + 128,
+                              "the export's keyring bundle lacks the snapshot's data key") from None
+    cv = wrapper.check_value()
+    if check is not None and cv is not None and not crypto.constant_time_equal(cv, check):
+        raise WrongKeyError(f"the KEK given is not the one {ex.path} was exported under")
+    dek = wrapper.unwrap(bytes.fromhex(entry["wrapped"]), K.wrap_context(store_id, h.key_id, entry["purpose"]))
+    key, commitment = snapshot_keys(dek, h)
+    sf.unlock(crypto.suite(h.algorithm).new(key), commitment)
+    return sf
+
+
+def redact_export(path: str, *, out_path: str | None = None, kek_out: str | None = None) -> dict:
+    """Remove an embedded KEK (optionally saving it to ``kek_out``, 0600).  In place unless ``out_path``."""
+    ex = ExportFile(path)
+    if not ex.kek_embedded:
+        return {"path": out_path or path, "redacted": False}
+    if kek_out:
+        fd = os.open(kek_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            import base64
+            f.write(base64.b64encode(ex.kek) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    dest = out_path or path
+    tmp = dest + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out, open(path, "rb") as inp:
+        out.write(_header(0, 0, ex.snapshot_length, ex.store_id, 0))
+        inp.seek(ex.snapshot_offset)
+        while True:
+            block = inp.read(_COPY)
+            if not block:
+                break
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, dest)
+    return {"path": dest, "redacted": True, "kek_saved_to": kek_out}
+
+
+def restore_export(path: str, data_dir: str, *, kek: K.KeyEncryptionKey | None = None, **options) -> dict:
+    """Restore an export into an empty data directory: a new store holding the snapshot,
+    re-encrypted under a new data key wrapped by the same KEK (or by the embedded one)."""
+    from .storage import Store
+    from .types import HardState
+    if os.path.exists(data_dir) and os.listdir(data_dir):
+        raise UsageError(f"{data_dir} is not empty; restore only into an empty or new directory")
+    ex = ExportFile(path)
+    sf = _unlock(ex, kek)
+    encrypted = sf.header.algorithm != fmt.ALG_NONE
+    store_kek = (kek or K.RawKey(ex.kek)) if encrypted else None
+    with Store(data_dir, kek=store_kek, encrypted=encrypted, **options) as s:
+        with sf.stream() as stream:
+            s.save_snapshot(sf.meta, stream)
+        s.save(hard_state=HardState(term=sf.meta.term, vote=0, commit=sf.meta.index))
+        return {"data_dir": data_dir, "index": sf.meta.index, "term": sf.meta.term,
+                "data_bytes": s.snapshot().size}
