@@ -158,6 +158,7 @@ class Rotation:
                 tx.put(M.DB_KEYRING, k.key_id, M.encode_keyring(k))
             if index > st.wal.compacted_index:
                 tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term))
+            st.reseal_stable(tx, pending)
             self._put_state(tx, None)
         if index > st.wal.compacted_index:
             st.wal.compact(index, term)
@@ -180,6 +181,9 @@ class Rotation:
         st.snapshots.apply_retention(drop_keys=retiring)
         st.purge_segments()
         referenced = {s.ident.key_id for s in st.wal.segments} | st.snapshots.key_ids()
+        with st.meta.read() as r:
+            from .stable import key_id_of
+            referenced |= {key_id_of(blob) for _k, blob in r.items(M.DB_STABLE)}
         now = time.time_ns()
         with st.meta.write() as tx:
             for kid in retiring - referenced:
@@ -237,6 +241,7 @@ class Rotation:
         now = time.time_ns()
         with st.meta.write() as tx:
             st.register_staged(tx, staged, snap_info)
+            st.reseal_stable(tx, new_id)
             for k in st.keys.values():
                 if k.purpose != K.PURPOSE_DEK:
                     continue

@@ -556,6 +556,32 @@ class Store:
         self._check_open()
         return self.snapshots.current
 
+    # ------------------------------------------------------------------ stable store
+    def stable_set(self, key: bytes, value: bytes) -> None:
+        """Durably store ``value`` under ``key`` (sealed under the DEK; one synced LMDB commit)."""
+        self._check_write()
+        key, value = bytes(key), bytes(value)
+        if not key or len(key) > 400:
+            raise UsageError("a stable-store key is 1 to 400 bytes")
+        from . import stable
+        with self.meta.write() as w:
+            w.put(M.DB_STABLE, key, stable.seal(self, key, value))
+
+    def stable_get(self, key: bytes) -> bytes | None:
+        """The value stored under ``key``, or None."""
+        self._check_open()
+        from . import stable
+        with self.meta.read() as r:
+            blob = r.get(M.DB_STABLE, bytes(key))
+        return None if blob is None else stable.open_value(self, bytes(key), blob)
+
+    def reseal_stable(self, tx, key_id: bytes) -> None:
+        """Re-seal every stable value under ``key_id`` inside the transaction ``tx`` (DEK rotation)."""
+        from . import stable
+        for k, blob in tx.items(M.DB_STABLE):
+            if stable.key_id_of(blob) != key_id:
+                tx.put(M.DB_STABLE, k, stable.seal(self, k, stable.open_value(self, k, blob), key_id))
+
     # ------------------------------------------------------------------ keys
     def rotate_dek(self) -> None:
         """Start a DEK rotation by forced snapshot (queued if one is in flight).  See rotation.py."""
