@@ -232,12 +232,12 @@ def _switch(store, ctx: _TargetKeys, segments: list[Segment], snap: SnapshotInfo
     from . import stable
     with meta.read() as r:
         carried = {db: r.items(db) for db in (M.DB_KEYRING, M.DB_STABLE, M.DB_STATE)}
+        old_segments = [k for k, _ in r.raw_items(M.DB_SEGMENTS)]
+        old_snaps = [k for k, _ in r.raw_items(M.DB_SNAPSHOTS)]
     carried[M.DB_STABLE] = [
         (k, stable.seal_with(store.store_id, k, stable.open_value(store, k, blob), key_id=ctx.key_id,
                              dek=ctx.dek, algorithm=ctx.algorithm))
         for k, blob in carried[M.DB_STABLE]]
-        old_segments = [k for k, _ in r.raw_items(M.DB_SEGMENTS)]
-        old_snaps = [k for k, _ in r.raw_items(M.DB_SNAPSHOTS)]
     old_mac = meta._mac_key
     meta.set_mac_key(ctx.mac_key)
     try:
