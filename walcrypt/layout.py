@@ -59,6 +59,16 @@ def looks_like_store(root: str) -> bool:
     return os.path.isdir(os.path.join(root, META_DIR))
 
 
+_HELD: set[str] = set()      # data directories this process holds open (realpaths)
+
+
+def check_not_held(root: str) -> None:
+    """LockedError when this process already has ``root`` open (checked before touching LMDB,
+    which refuses a second environment handle in one process)."""
+    if os.path.realpath(root) in _HELD:
+        raise LockedError(f"{root} is already open in this process; close the other Store first")
+
+
 class DirLock:
     """An exclusive flock on DATA/LOCK, held for the life of an open store.
 
@@ -67,6 +77,8 @@ class DirLock:
     """
 
     def __init__(self, root: str, *, shared: bool = False):
+        check_not_held(root)
+        self.real = os.path.realpath(root)
         self.path = os.path.join(root, LOCK_NAME)
         flags = os.O_RDWR | os.O_CREAT if not shared else os.O_RDONLY
         try:
@@ -84,8 +96,10 @@ class DirLock:
                     f"{root} is in use by another process or another open store (lock {self.path}); "
                     "stop it first, or open read-only") from None
             raise
+        _HELD.add(self.real)
 
     def release(self) -> None:
+        _HELD.discard(self.real)
         if self.fd is not None:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)

@@ -54,6 +54,10 @@ from .vfs import VFS
 SECTOR = 512
 ZERO_RUN = 32
 _READ_AHEAD = 4096
+# Sealing a segment that an earlier process lifetime wrote (after recovery) must not reuse the
+# nonce of a torn frame that lifetime may have written past the last commit: the INDEX frame's
+# sequence number skips ahead by this much, far beyond any count of records one segment can hold.
+RECOVERY_SEQ_JUMP = 1 << 32
 _COMMIT_LEN = fmt.COMMIT_STRUCT.size + fmt.TAG_SIZE
 
 
@@ -94,6 +98,8 @@ def decode_header(raw: bytes, path: str) -> SegmentIdentity:
     if version != fmt.FORMAT_VERSION or hsize != fmt.SEGMENT_HEADER_SIZE:
         raise UnsupportedFormatError(
             f"{path}: segment format version {version} (header {hsize} bytes) is not supported; upgrade walcrypt")
+    if flags or _r0 or _r1:
+        raise CorruptionError(path, 13, "segment header has reserved bits set")
     fmt.check_algorithm(alg, path=path, offset=12)
     return SegmentIdentity(store_id, seg_id, base, alg, key_id, salt, commitment)
 
@@ -229,8 +235,9 @@ class Segment:
             placed.append((ftype, offset, index, count, terms, payload))
             offset += len(frame)
             seq += 1
-        last = records[-1]
-        frame, chain = seal(fmt.FRAME_COMMIT, seq, last[1] + max(last[3], 1) - 1, last[2], len(records),
+        last_entries = [r for r in records if r[0] == fmt.FRAME_ENTRIES]
+        last_index = last_entries[-1][1] + last_entries[-1][3] - 1 if last_entries else self.last_index
+        frame, chain = seal(fmt.FRAME_COMMIT, seq, last_index, records[-1][2], len(records),
                             fmt.COMMIT_STRUCT.pack(len(records), 0), chain)
         parts.append(frame)
         seq += 1
@@ -294,8 +301,12 @@ class Segment:
         parts.extend(run(i, t) for i, t in self.runs)
         return b"".join(parts)
 
-    def seal(self) -> None:
-        """Write the INDEX frame, sync, truncate the preallocated tail, sync.  Manifest update is the caller's."""
+    def seal(self, *, recovered: bool = False) -> None:
+        """Write the INDEX frame, sync, truncate the preallocated tail, sync.  Manifest update is the caller's.
+
+        ``recovered``: this process did not write the segment (see RECOVERY_SEQ_JUMP)."""
+        if recovered:
+            self.seq += RECOVERY_SEQ_JUMP
         frame, _tag = self.cipher.seal(fmt.FRAME_INDEX, self.seq, self.last_index, 0, len(self.rec_offset),
                                        self.encode_index(), self.chain)
         self.index_offset = self.write_offset
@@ -458,16 +469,19 @@ class Segment:
             ftype, length = h[0], h[4]
             if ftype == fmt.FRAME_UNWRITTEN:
                 return self._classify(data, committed_end, off, off + hsize, "unwritten space", seq, chain)
+            end = off + hsize + length
+            if ftype in fmt.FRAME_TYPES and length >= fmt.TAG_SIZE and end > size:
+                # A length pointing past the end of the file is a torn write (etcd #14114), whatever its size.
+                return self._classify(data, committed_end, off, end, "frame runs past the end of the file", seq, chain)
             if ftype not in fmt.FRAME_TYPES or length < fmt.TAG_SIZE or length > fmt.MAX_RECORD_PAYLOAD:
                 return self._classify(data, committed_end, off, off + hsize, "malformed frame header", seq, chain)
-            end = off + hsize + length
-            if end > size:
-                return self._classify(data, committed_end, off, end, "frame runs past the end of the file", seq, chain)
             header = data[off:off + hsize]
             ct = data[off + hsize:end]
             if crypto.frame_crc(header, ct) != h[9]:
                 return self._classify(data, committed_end, off, end, "frame fails its CRC32C", seq, chain)
             # From here on the frame is intact: any failure is tampering or foreign data.
+            if ftype == fmt.FRAME_INDEX and seq < h[5] < seq + RECOVERY_SEQ_JUMP + 1:
+                seq = h[5]      # an index written by recovery skips ahead (see Segment.seal)
             self._check_frame_fields(h, off, seq=seq, chain=chain)
             plain = self.cipher.open(header, ct, path=path, offset=off)
             chain = ct[-fmt.TAG_SIZE:]
@@ -525,15 +539,18 @@ class Segment:
         written_end = len(data.rstrip(b"\x00"))      # one past the last nonzero byte of the file
         if written_end <= committed_end:
             return committed_end, None                # clean end: nothing but preallocated zeros
+        # Rule 1: a CRC-valid COMMIT frame after ``bad`` that closes a write unit starting after the
+        # sequence number ``bad`` should have had proves that ``bad`` lay in an earlier, durable unit.
         pattern = bytes([fmt.FRAME_COMMIT, self.ident.algorithm, 0, 0]) + _COMMIT_LEN.to_bytes(4, "little")
         pos = data.find(pattern, bad + 1)
         while pos != -1:
             commit_end = pos + fmt.FRAME_HEADER_SIZE + _COMMIT_LEN
-            if pos % fmt.ALIGN == 0 and commit_end <= size and written_end > fmt.align_up(commit_end):
+            if pos % fmt.ALIGN == 0 and commit_end <= size:
                 header = data[pos:pos + fmt.FRAME_HEADER_SIZE]
-                if crypto.frame_crc(header, data[pos + fmt.FRAME_HEADER_SIZE:commit_end]) == \
-                        fmt.FRAME_HEADER_STRUCT.unpack_from(header)[9]:
-                    raise CorruptionError(self.path, bad, f"{detail}, but data written after a later commit follows",
+                h = fmt.FRAME_HEADER_STRUCT.unpack_from(header)
+                if (crypto.frame_crc(header, data[pos + fmt.FRAME_HEADER_SIZE:commit_end]) == h[9]
+                        and h[5] - h[8] > seq):
+                    raise CorruptionError(self.path, bad, f"{detail}, but a later write unit was committed after it",
                                           "mid-log corruption is not repaired automatically; restore the node "
                                           "from a snapshot or wipe it and let Raft re-replicate")
             pos = data.find(pattern, pos + 1)
@@ -556,13 +573,17 @@ class Segment:
 
 def _looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
     """A frame at ``lo`` with extent [lo, hi) looks like an incomplete write: it runs past the end of
-    the file, it ends in zero bytes (a prefix reached the disk), or it holds an all-zero run of
-    ZERO_RUN bytes starting at ``lo`` or at a sector boundary (a sector that never reached the disk)."""
+    the file, it ends in zero bytes (a prefix reached the disk), its bytes up to the first sector
+    boundary are all zero, or it holds an all-zero run of ZERO_RUN bytes starting at ``lo`` or at a
+    sector boundary (a sector that never reached the disk)."""
     if hi > len(data):
         return True
     if hi > lo and data[hi - 1] == 0:
         return True
-    for s in [lo] + list(range((lo // SECTOR + 1) * SECTOR, hi, SECTOR)):
+    first_boundary = (lo // SECTOR + 1) * SECTOR
+    if not any(data[lo:min(hi, first_boundary)]):
+        return True          # the part of the frame in its first sector never reached the disk
+    for s in [lo] + list(range(first_boundary, hi, SECTOR)):
         e = min(hi, s + ZERO_RUN)
         if e - s >= min(ZERO_RUN, hi - lo) and not any(data[s:e]):
             return True

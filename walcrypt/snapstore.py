@@ -29,7 +29,7 @@ from typing import BinaryIO
 from . import crypto
 from . import format as fmt
 from . import meta as M
-from .errors import CorruptionError, StorageError, UsageError, WalcryptError
+from .errors import CorruptionError, StorageError, UsageError
 from .snapshot import (DEFAULT_CHUNK_SIZE, SNAP_SALT_SIZE, SnapshotFile, SnapshotHeader, SnapshotWriter,
                        snapshot_file_name, snapshot_keys)
 from .types import SnapshotMeta
@@ -117,9 +117,7 @@ class Snapshots:
             try:
                 self.current = self._open_verified(info)
                 return
-            except (StorageError, WalcryptError) as exc:
-                if isinstance(exc, UsageError):
-                    raise
+            except StorageError as exc:      # bad bytes only: a key or KMS failure must not cost a snapshot
                 self._quarantine(info, exc)
 
     def _open_verified(self, info: SnapshotInfo) -> Snapshot:

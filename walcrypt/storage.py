@@ -22,7 +22,8 @@ from . import keys as K
 from . import layout
 from . import meta as M
 from .errors import (AuthenticationError, CorruptionError, KeyNotFoundError, KeyProviderError,
-                     StorageError, UsageError, WalcryptError, WrongKeyError)
+                     StorageError, StoreFailedError, UnsupportedFormatError, UsageError, WalcryptError,
+                     WrongKeyError)
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
 from .types import ConfState, Entry, HardState, SnapshotMeta
 from .vfs import DEFAULT_VFS, VFS
@@ -33,6 +34,24 @@ from .wal import Wal
 log = logging.getLogger("walcrypt")
 
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")
+
+
+class _FailOnOSError:
+    """Fail-stop for mutating operations: an OSError (failed write, fsync, rename, unlink, full disk)
+    marks the store failed and surfaces as StoreFailedError; reopening runs recovery."""
+
+    def __init__(self, store: "Store", what: str):
+        self.store, self.what = store, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, OSError):
+            self.store.wal.failed = exc
+            raise StoreFailedError(f"{self.what} failed: {exc}; the store refuses writes until it is reopened "
+                                   "(reopening runs recovery; free space first if the disk is full)") from exc
+        return False
 
 
 class Store:
@@ -57,6 +76,8 @@ class Store:
         self.repairs: list[dict] = []
         if segment_size < 4096:
             raise UsageError("segment_size must be at least 4096 bytes")
+        if not 1 <= max_entry_size <= fmt.MAX_RECORD_PAYLOAD - 64:
+            raise UsageError(f"max_entry_size must be between 1 and {fmt.MAX_RECORD_PAYLOAD - 64} bytes")
         if encrypted and kek is None:
             raise KeyProviderError(
                 "this store is encrypted and no key-encryption key was given; pass kek=KeyFile(...), "
@@ -120,6 +141,12 @@ class Store:
             return
         if len(store_id) != fmt.STORE_ID_SIZE or stored_enc not in (b"\x00", b"\x01"):
             raise CorruptionError(self.meta.path, None, "store identity record is damaged")
+        with self.meta.read() as r:
+            version = r.raw(M.DB_STORE, M.K_FORMAT_VERSION)
+        if version != bytes([fmt.FORMAT_VERSION]):
+            raise UnsupportedFormatError(
+                f"{self.path} uses format version {version[0] if version else '?'}; this walcrypt reads version "
+                f"{fmt.FORMAT_VERSION} - upgrade walcrypt")
         self.store_id = store_id
         if (stored_enc == b"\x01") != self.encrypted:
             have = "encrypted" if stored_enc == b"\x01" else "plaintext"
@@ -148,6 +175,8 @@ class Store:
         if not wrapped_meta or not meta_key_id:
             raise CorruptionError(self.meta.path, None, "the wrapped metadata key is missing")
         meta_key = self.wrapper.unwrap(wrapped_meta, K.wrap_context(store_id, meta_key_id, K.PURPOSE_META))
+        if len(meta_key) != K.KEY_SIZE:
+            raise AuthenticationError(self.meta.path, None, "the metadata key unwrapped to a wrong size")
         self.meta.set_mac_key(meta_key)
         self._load_keyring()
 
@@ -325,7 +354,28 @@ class Store:
         committed_end, torn = seg.scan(raw)
         if torn is not None:
             self._repair_tail(seg, committed_end, torn, len(raw))
+        if not self.read_only:
+            self._seal_recovered(seg)
         return seg
+
+    def _seal_recovered(self, seg: Segment) -> None:
+        """Seal a segment an earlier lifetime left open, so later opens read its index instead of
+        scanning it.  Best effort: on a full disk it stays open and is scanned again next time."""
+        try:
+            fd = self.vfs.open(seg.path, os.O_RDWR)
+            seg.fd = fd
+            if seg.sealed:                        # crashed between writing its index and the manifest
+                self.vfs.ftruncate(fd, seg.end_offset)
+                self.vfs.fsync(fd)
+            else:
+                seg.seal(recovered=True)
+            seg.close()
+            with self.meta.write() as w:
+                w.put(M.DB_SEGMENTS, M.u64(seg.seg_id), M.encode_manifest(self._manifest_record(seg)))
+        except (OSError, StorageError) as exc:
+            seg.close()
+            log.warning("could not seal recovered segment %s (%s); it will be scanned again at the next open",
+                        seg.path, exc)
 
     def _repair_tail(self, seg: Segment, committed_end: int, torn: tuple[int, str], size: int) -> None:
         offset, detail = torn
@@ -351,8 +401,10 @@ class Store:
         removed = False
         for name in self.vfs.listdir(self.wal_dir):
             m = _SEGMENT_NAME.match(name)
-            if m and int(m.group(1), 16) not in known and int(m.group(1), 16) >= self.next_segment:
-                # Created by a crash before it was registered: it holds nothing acknowledged.
+            if m and int(m.group(1), 16) not in known:
+                # Not in the manifest: created by a crash before it was registered, or purged by a
+                # crash between the manifest commit and the unlink.  The log loaded without gaps,
+                # so it holds nothing the log needs.
                 self.vfs.unlink(os.path.join(self.wal_dir, name))
                 removed = True
         if removed:
@@ -533,7 +585,8 @@ class Store:
         self.wal.compact(index, term)
         with self.meta.write() as w:
             w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, self.wal.compacted_term))
-        self.purge_segments()
+        with _FailOnOSError(self, "removing compacted segments"):
+            self.purge_segments()
 
     def purge_segments(self) -> None:
         floor = self.wal.compacted_index
@@ -549,7 +602,8 @@ class Store:
         Durable on return.  When the snapshot is ahead of the log or disagrees with it
         (a snapshot received from the leader), the log is reset to start after it."""
         self._check_write()
-        self.snapshots.save(meta, data)
+        with _FailOnOSError(self, "saving a snapshot"):
+            self.snapshots.save(meta, data)
 
     def snapshot(self) -> Snapshot | None:
         """The newest snapshot (``.meta``, ``.open()``, ``.data``), or None."""
@@ -585,12 +639,14 @@ class Store:
     # ------------------------------------------------------------------ keys
     def rotate_dek(self) -> None:
         """Start a DEK rotation by forced snapshot (queued if one is in flight).  See rotation.py."""
-        self.rotation.rotate_dek()
+        with _FailOnOSError(self, "rotating the data key"):
+            self.rotation.rotate_dek()
 
     def rekey(self) -> None:
         """Full re-key: rewrite all retained data under a new DEK and destroy the old ones."""
         self._check_write()
-        self.rotation.rekey()
+        with _FailOnOSError(self, "re-keying"):
+            self.rotation.rekey()
 
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
         """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store."""
@@ -671,6 +727,7 @@ def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
     ``encrypted=False`` is migrated to plaintext only with ``decrypt_existing=True``
     (and its KEK); otherwise it is a UsageError.  ``migration_progress(stage, done, total)``
     reports progress."""
+    layout.check_not_held(os.fspath(path))
     have = stored_mode(path)
     if have is not None and have != encrypted:
         if not encrypted and not decrypt_existing:

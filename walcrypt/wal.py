@@ -27,7 +27,7 @@ from collections import OrderedDict
 from typing import Protocol, Sequence
 
 from . import format as fmt
-from .errors import CompactedError, StoreFailedError, UnavailableError, UsageError
+from .errors import CompactedError, CorruptionError, StoreFailedError, UnavailableError, UsageError
 from .segment import Segment
 from .types import Entry, HardState
 
@@ -107,6 +107,13 @@ class Wal:
             if pending_reset and seg.seg_id >= reset_segment:
                 self._truncate_view(compacted_index + 1)
                 pending_reset = False
+            reach = max(self.last, compacted_index)
+            if seg.base_index > reach + 1:
+                raise CorruptionError(
+                    seg.path, None, f"segment starts at index {seg.base_index} but the log before it ends at {reach}: "
+                    f"entries {reach + 1}..{seg.base_index - 1} are missing (a segment or its manifest record "
+                    "was deleted, or a segment was cut short)",
+                    "restore the node from a snapshot, or wipe it and let Raft re-replicate")
             self._truncate_view(seg.base_index)
             if seg.last_index >= seg.base_index:
                 self.view_first.append(seg.base_index)
