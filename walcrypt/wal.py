@@ -267,9 +267,9 @@ class Wal:
             k = next(k for k in range(n) if lengths[k] > self.max_entry_size)
             raise UsageError(f"entry {first + k} is {lengths[k]} bytes; the maximum entry size is "
                              f"{self.max_entry_size} (raise max_entry_size= when opening)")
-        if min(terms) < 1:
-            k = next(k for k in range(n) if terms[k] < 1)
-            raise UsageError(f"entry {first + k} has term {terms[k]}; terms start at 1")
+        if min(terms) < 0:
+            k = next(k for k in range(n) if terms[k] < 0)
+            raise UsageError(f"entry {first + k} has term {terms[k]}; terms are never negative")
         records = []
         start = 0
         while start < n:
