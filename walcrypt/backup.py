@@ -32,16 +32,16 @@ from .snapshot import SnapshotFile, snapshot_keys
 from .vfs import DEFAULT_VFS
 
 EXPORT_MAGIC = b"WCRYPEXP"
-EXPORT_HEADER = struct.Struct("<8sHHIQQ16sII")
-assert EXPORT_HEADER.size == 56
+EXPORT_HEADER = struct.Struct("<8sHHIQQ16sIII")
+assert EXPORT_HEADER.size == 60
 EXPORT_HEADER_SIZE = 64
 FLAG_KEK_EMBEDDED = 1
 _COPY = 1 << 20
 
 
-def _header(flags: int, kek_len: int, snap_len: int, store_id: bytes, kek_crc: int) -> bytes:
+def _header(flags: int, kek_len: int, snap_len: int, store_id: bytes, kek_crc: int, bundle: bytes) -> bytes:
     body = EXPORT_HEADER.pack(EXPORT_MAGIC, fmt.FORMAT_VERSION, flags, kek_len, snap_len, time.time_ns(),
-                              store_id, kek_crc, 0).ljust(EXPORT_HEADER_SIZE - 4, b"\0")
+                              store_id, kek_crc, len(bundle), crc32c(bundle))
     return body + crc32c(body).to_bytes(4, "little")
 
 
@@ -56,7 +56,7 @@ class ExportFile:
                 raw = f.read(EXPORT_HEADER_SIZE)
                 if len(raw) < EXPORT_HEADER_SIZE:
                     raise CorruptionError(path, 0, "export header is truncated")
-                magic, version, flags, kek_len, snap_len, created, store_id, kek_crc, _r = \
+                magic, version, flags, kek_len, snap_len, created, store_id, kek_crc, bundle_len, bundle_crc = \
                     EXPORT_HEADER.unpack_from(raw)
                 if magic != EXPORT_MAGIC:
                     raise CorruptionError(path, 0, "not a walcrypt export (bad magic)")
@@ -67,21 +67,33 @@ class ExportFile:
                 if kek_len not in (0, K.KEY_SIZE) or bool(flags & FLAG_KEK_EMBEDDED) != bool(kek_len) \
                         or flags & ~FLAG_KEK_EMBEDDED:
                     raise CorruptionError(path, 0, "export header flags and KEK section disagree")
-                if EXPORT_HEADER_SIZE + kek_len + snap_len != size:
+                if EXPORT_HEADER_SIZE + kek_len + bundle_len + snap_len != size or bundle_len > 1 << 20:
                     raise CorruptionError(path, 0, f"export is {size} bytes, its header announces "
-                                                   f"{EXPORT_HEADER_SIZE + kek_len + snap_len}")
+                                                   f"{EXPORT_HEADER_SIZE + kek_len + bundle_len + snap_len}")
                 self.kek = f.read(kek_len) if kek_len else None
                 if self.kek is not None and crc32c(self.kek) != kek_crc:
                     raise CorruptionError(path, EXPORT_HEADER_SIZE, "embedded KEK fails its CRC32C")
+                self.bundle = f.read(bundle_len)
+                if crc32c(self.bundle) != bundle_crc:
+                    raise CorruptionError(path, EXPORT_HEADER_SIZE + kek_len, "export keyring fails its CRC32C")
         except FileNotFoundError:
             raise UsageError(f"{path} does not exist") from None
         self.flags, self.created_ns, self.store_id = flags, created, store_id
-        self.snapshot_offset = EXPORT_HEADER_SIZE + kek_len
+        self.snapshot_offset = EXPORT_HEADER_SIZE + kek_len + bundle_len
         self.snapshot_length = snap_len
 
     @property
     def kek_embedded(self) -> bool:
         return self.kek is not None
+
+    def bundle_doc(self) -> dict:
+        if not self.bundle:
+            return {}
+        try:
+            import json
+            return json.loads(self.bundle)
+        except ValueError:
+            raise CorruptionError(self.path, EXPORT_HEADER_SIZE, "export keyring is not valid JSON") from None
 
     def snapshot_file(self) -> SnapshotFile:
         return SnapshotFile(DEFAULT_VFS, self.path, offset=self.snapshot_offset)
@@ -100,6 +112,7 @@ def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
         kek = store.kek_material()
     src = cur.info.path
     snap_len = os.path.getsize(src)
+    bundle = store.keyring_bundle({cur.info.key_id})   # wrapped under the current KEK
     flags = FLAG_KEK_EMBEDDED if kek else 0
     tmp = out_path + ".tmp"
     try:
@@ -108,8 +121,9 @@ def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
         raise UsageError(f"{tmp} exists (an interrupted export?); remove it first") from None
     try:
         with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            out.write(_header(flags, len(kek), snap_len, store.store_id, crc32c(kek) if kek else 0))
+            out.write(_header(flags, len(kek), snap_len, store.store_id, crc32c(kek) if kek else 0, bundle))
             out.write(kek)
+            out.write(bundle)
             while True:
                 block = inp.read(_COPY)
                 if not block:
@@ -133,7 +147,7 @@ def inspect_export(path: str, kek: K.KeyEncryptionKey | None = None) -> dict:
     ex = ExportFile(path)
     sf = ex.snapshot_file()
     h = sf.header
-    bundle = sf.bundle_doc()
+    bundle = ex.bundle_doc() or sf.bundle_doc()
     info = {
         "path": path,
         "format_version": fmt.FORMAT_VERSION,
@@ -170,19 +184,21 @@ def _unlock(ex: ExportFile, kek: K.KeyEncryptionKey | None) -> SnapshotFile:
         if ex.kek is None:
             raise KeyProviderError(f"{ex.path} is encrypted and embeds no KEK: give the KEK it was made with")
         kek = K.RawKey(ex.kek)
-    doc = sf.bundle_doc()
+    doc = ex.bundle_doc() or sf.bundle_doc()     # the export's keyring is wrapped under the newest KEK
     try:
         store_id = bytes.fromhex(doc["store_id"])
-        wrapper = kek.wrapper(doc.get("kek_params"))
         check = bytes.fromhex(doc["kek_check"]) if doc.get("kek_check") else None
         entry = next(k for k in doc["keys"] if bytes.fromhex(k["id"]) == h.key_id)
+        wrapped, purpose = bytes.fromhex(entry["wrapped"]), int(entry["purpose"])
+        params = doc.get("kek_params")
     except (KeyError, ValueError, TypeError, StopIteration):
-        raise CorruptionError(ex.path, ex.snapshot_offset + 128,
-                              "the export's keyring bundle lacks the snapshot's data key") from None
+        raise CorruptionError(ex.path, ex.snapshot_offset,
+                              "the export's keyring lacks the snapshot's data key or is malformed") from None
+    wrapper = kek.wrapper(params)
     cv = wrapper.check_value()
     if check is not None and cv is not None and not crypto.constant_time_equal(cv, check):
         raise WrongKeyError(f"the KEK given is not the one {ex.path} was exported under")
-    dek = wrapper.unwrap(bytes.fromhex(entry["wrapped"]), K.wrap_context(store_id, h.key_id, entry["purpose"]))
+    dek = wrapper.unwrap(wrapped, K.wrap_context(store_id, h.key_id, purpose))
     key, commitment = snapshot_keys(dek, h)
     sf.unlock(crypto.suite(h.algorithm).new(key), commitment)
     return sf
@@ -204,7 +220,8 @@ def redact_export(path: str, *, out_path: str | None = None, kek_out: str | None
     tmp = dest + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out, open(path, "rb") as inp:
-        out.write(_header(0, 0, ex.snapshot_length, ex.store_id, 0))
+        out.write(_header(0, 0, ex.snapshot_length, ex.store_id, 0, ex.bundle))
+        out.write(ex.bundle)
         inp.seek(ex.snapshot_offset)
         while True:
             block = inp.read(_COPY)

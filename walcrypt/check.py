@@ -1,20 +1,66 @@
-"""Verification: read and authenticate every record of a store.
+"""Verification and repair: read and authenticate every record and every snapshot chunk.
 
 ``check(path, kek=..., fix=False)`` returns findings instead of raising, the way
-python-diskcache's ``check`` does; ``fix=True`` is the same walk, opening the
-store read-write so that a torn tail is truncated (with a ``.broken`` copy).
-Mid-log corruption is never "fixed": it is reported with what to do instead.
+python-diskcache's ``check`` does; ``fix=True`` is the same walk followed by a
+repair of what the written rule calls repairable.
+
+The walk (``fix=False``) writes nothing and takes no lock.  It is two passes:
+
+1. the engine's own read-only open, so that every check the engine makes at
+   open time (manifest MACs, sealed indexes, the torn-tail rule, log
+   continuity, the newest snapshot) also runs here;
+2. an independent walk that does not stop at the first problem: each metadata
+   record's MAC on its own, every segment scanned from its header to its end
+   (sealed ones too: each frame's CRC, tag, sequence number and chain value,
+   then the INDEX frame compared with what the scan found), log continuity
+   across segments, every registered snapshot chunk by chunk, every
+   stable-store value, and warnings about leftovers (``.broken`` copies, files
+   the manifest does not list, data of the other mode, interrupted migrations).
+
+``fix=True`` runs the walk first.  Nothing wrong: nothing is written.  Only
+torn tails (and a broken newest snapshot with an intact older one the log still
+reaches back to): the store is opened read-write, which truncates each torn tail
+after keeping a ``.broken`` copy and quarantines the snapshot, and the walk runs
+again.  Anything else - mid-log corruption, tampering, a missing segment, an
+edited manifest - is refused with nothing modified and a note of what the
+operator can do instead.  Authenticated data is never deleted.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from . import format as fmt
-from .errors import CorruptionError, StorageError, WalcryptError
-from .storage import Store
+from . import layout
+from . import meta as M
+from .errors import (AuthenticationError, CorruptionError, KeyProviderError, LockedError, StorageError,
+                     UsageError, WalcryptError, WrongKeyError)
+from .segment import Segment, SegmentIdentity, decode_header
+from .storage import Store, stored_mode
+from .vfs import DEFAULT_VFS
+
+# Finding kinds.  Only TORN (and SNAPSHOT, when an older snapshot can take over) are repairable.
+TORN = "torn-tail"
+SEGMENT = "segment"
+LOG = "log"
+METADATA = "metadata"
+SNAPSHOT = "snapshot"
+KEY = "key"
+LEFTOVER = "leftover"
+ENGINE = "open"
+
+_SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")
+_SNAP_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
+
+RESTORE_ADVICE = (
+    "Do not start the node on this data. Keep a copy for analysis (cp -a {dir} {dir}.damaged), then either "
+    "restore the node from a backup export ('walcrypt snapshot restore EXPORT NEW_DIR', then swap the "
+    "directories) or wipe the data directory and let Raft re-replicate the node from the leader.")
+
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -24,6 +70,9 @@ class Finding:
     offset: int | None
     detail: str
     index: int | None = None
+    kind: str = SEGMENT
+    hint: str | None = None
+    repairable: bool = False         # what 'walcrypt repair' fixes: a torn tail, a snapshot with a fallback
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,64 +85,476 @@ class CheckReport:
     records: int = 0
     entries: int = 0
     bytes: int = 0
+    snapshots: int = 0
+    snapshot_bytes: int = 0
+    first_index: int | None = None
+    last_index: int | None = None
+    refused: bool = False            # fix=True declined to touch the store
+    advice: str | None = None        # what the operator can do instead
+    repaired: bool = False           # fix=True opened the store read-write and repaired something
 
     @property
     def ok(self) -> bool:
         return not any(f.severity == "error" for f in self.findings)
 
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
 
-def _finding(exc: WalcryptError) -> Finding:
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "segments": self.segments, "records": self.records, "entries": self.entries,
+                "bytes": self.bytes, "snapshots": self.snapshots, "snapshot_bytes": self.snapshot_bytes,
+                "first_index": self.first_index, "last_index": self.last_index,
+                "repaired": self.repaired, "refused": self.refused, "advice": self.advice,
+                "findings": [f.to_dict() for f in self.findings]}
+
+
+def _finding(exc: BaseException, kind: str, index: int | None = None) -> Finding:
     if isinstance(exc, CorruptionError):
-        return Finding("error", exc.path, exc.offset, str(exc))
-    return Finding("error", None, None, f"{type(exc).__name__}: {exc}")
+        return Finding("error", exc.path, exc.offset, exc.detail, index, kind, exc.hint)
+    return Finding("error", None, None, f"{type(exc).__name__}: {exc}", index, kind)
 
 
-def check(path: str, *, kek=None, encrypted: bool = True, fix: bool = False,
-          progress: Callable[[int, int], None] | None = None) -> CheckReport:
-    """Walk every segment of the store at ``path``; authenticate every record and chain link."""
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+def check(path: str, *, kek=None, encrypted: bool | None = None, fix: bool = False,
+          progress: Progress | None = None) -> CheckReport:
+    """Walk every segment and snapshot of the store at ``path``; authenticate every record and chunk.
+
+    ``encrypted=None`` takes the mode from the store.  Key and usage problems (wrong KEK,
+    missing key, not a store, locked for ``fix``) raise; problems with the bytes on disk
+    become findings.  ``progress(done, total)`` is called with byte counts."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise UsageError(f"{path} does not exist or is not a directory")
+    if not layout.looks_like_store(path):
+        raise UsageError(f"{path} is not a walcrypt data directory (no meta/)")
+    if encrypted is None:
+        encrypted = stored_mode(path)
+        if encrypted is None:
+            raise UsageError(f"{path} is not an initialised walcrypt store")
+    if encrypted and kek is None:
+        raise KeyProviderError(f"{path} is encrypted: a key-encryption key is needed to verify it")
+    kek = kek if encrypted else None
+    if not fix:
+        return _verify(path, kek, encrypted, progress)
+    return _repair(path, kek, encrypted, progress)
+
+
+def _verify(path: str, kek, encrypted: bool, progress: Progress | None) -> CheckReport:
     report = CheckReport()
+    engine_exc: WalcryptError | None = None
     try:
-        store = Store(path, kek=kek, encrypted=encrypted, read_only=not fix)
-    except StorageError as exc:
-        report.findings.append(_finding(exc))
-        return report
-    try:
-        for rep in store.repairs:
-            report.findings.append(Finding("repaired", rep["path"], rep["offset"],
-                                           f"torn tail truncated to {rep['truncated_to']} bytes "
-                                           f"({rep['detail']}); copy kept in {rep['broken_copy']}"))
-        segs = list(store.wal.segments)
-        total = sum(os.path.getsize(s.path) for s in segs if os.path.exists(s.path))
-        done = 0
-        for seg in segs:
-            report.segments += 1
-            try:
-                data = store.vfs.read_file(seg.path)
-                fresh = type(seg)(store.vfs, seg.path, seg.ident, seg.cipher)
-
-                def on_entries(rec):
-                    report.entries += len(rec)
-                    report.bytes += rec.ends[-1] - rec.ends[0]
-
-                committed_end, torn = fresh.scan(data, on_entries=on_entries)
-                report.records += fresh.seq
-                if torn is not None:
-                    report.findings.append(Finding("error", seg.path, torn[0], f"torn tail: {torn[1]}"))
-                if seg.sealed and not fresh.sealed:
-                    report.findings.append(Finding("error", seg.path, committed_end,
-                                                   "the manifest says sealed but the segment has no index frame"))
-                if seg.sealed and fresh.sealed and (fresh.rec_index != seg.rec_index
-                                                    or fresh.rec_offset != seg.rec_offset):
-                    report.findings.append(Finding("error", seg.path, getattr(seg, "index_offset", None),
-                                                   "the index frame disagrees with the records it indexes"))
-            except WalcryptError as exc:
-                report.findings.append(_finding(exc))
-            done += os.path.getsize(seg.path) if os.path.exists(seg.path) else 0
-            if progress:
-                progress(done, total)
-    finally:
-        store.close()
+        Store(path, kek=kek, encrypted=encrypted, read_only=True).close()
+    except (UsageError, LockedError, KeyProviderError, WrongKeyError):
+        raise
+    except WalcryptError as exc:
+        engine_exc = exc
+    _Walk(path, kek, encrypted, report, progress).run()
+    if engine_exc is not None:
+        epath = getattr(engine_exc, "path", None)
+        explained = any(f.severity == "error" and (epath is None or f.path == epath) for f in report.findings)
+        if not explained:
+            report.findings.insert(0, _finding(engine_exc, ENGINE))
     return report
+
+
+def _repair(path: str, kek, encrypted: bool, progress: Progress | None) -> CheckReport:
+    before = _verify(path, kek, encrypted, progress)
+    errors = before.errors
+    if not errors:
+        return before
+    blocking = [f for f in errors if not f.repairable]
+    if blocking:
+        before.refused = True
+        before.advice = ("nothing was modified. This is not a torn tail: 'walcrypt repair' only truncates an "
+                         "incomplete last write (and drops a broken newest snapshot when an older one can take "
+                         "over), and never deletes authenticated data. " + RESTORE_ADVICE.format(dir=path))
+        return before
+    with Store(path, kek=kek, encrypted=encrypted, read_only=False) as s:
+        repairs = list(s.repairs)
+    after = _verify(path, kek, encrypted, None)
+    done = []
+    for rep in repairs:
+        if rep.get("kind") == "snapshot":
+            detail = (f"broken snapshot renamed to {os.path.basename(rep['broken_copy'])} and dropped from the "
+                      f"registry; the next older snapshot is used ({rep['detail']})")
+        else:
+            detail = (f"torn tail truncated to {rep['truncated_to']} bytes ({rep['detail']}); "
+                      f"a copy of the file before the repair is kept in {os.path.basename(rep['broken_copy'])}")
+        done.append(Finding("repaired", rep["path"], rep.get("offset"), detail,
+                            kind=SNAPSHOT if rep.get("kind") == "snapshot" else TORN))
+    after.findings = done + after.findings
+    after.repaired = bool(done)
+    return after
+
+
+# ---------------------------------------------------------------------------
+# The walk
+# ---------------------------------------------------------------------------
+
+def bare_store(path: str, kek, encrypted: bool, meta: M.Meta) -> Store:
+    """A Store that has its keys unwrapped but has opened nothing else (no lock, no recovery).
+
+    Used by the walk, which must keep going where the engine's open stops at the first
+    problem.  Raises WrongKeyError / KeyProviderError for key problems."""
+    st = Store.__new__(Store)
+    st.path, st.vfs, st.read_only, st.encrypted, st.closed = path, DEFAULT_VFS, True, encrypted, True
+    st.repairs, st._kek, st._lock, st.meta = [], kek, None, meta
+    st._open_keys(kek, "aes-256-gcm")
+    return st
+
+
+class _Walk:
+    def __init__(self, path: str, kek, encrypted: bool, report: CheckReport, progress: Progress | None):
+        self.path = path
+        self.kek = kek
+        self.encrypted = encrypted
+        self.report = report
+        self.progress = progress
+        self.done = 0
+        self.total = 0
+
+    # -- helpers ---------------------------------------------------------------
+    def error(self, exc: BaseException, kind: str, index: int | None = None) -> Finding:
+        if isinstance(exc, KeyProviderError):     # a KMS outage says nothing about the data
+            raise exc
+        f = _finding(exc, kind, index)
+        self.report.findings.append(f)
+        return f
+
+    def warn(self, path: str | None, detail: str, hint: str | None = None, kind: str = LEFTOVER) -> None:
+        self.report.findings.append(Finding("warning", path, None, detail, kind=kind, hint=hint))
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.progress:
+            self.progress(min(self.done, self.total), self.total)
+
+    def value(self, db: bytes, key: bytes, what: str) -> bytes | None:
+        with self.meta.read() as r:
+            raw = r.raw(db, key)
+        if raw is None:
+            return None
+        try:
+            return self.meta.open_value(db, key, raw)
+        except StorageError as exc:
+            self.error(exc, METADATA)
+            return None
+
+    # -- the walk --------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            self.meta = M.Meta(os.path.join(self.path, layout.META_DIR), readonly=True)
+        except StorageError as exc:
+            self.error(exc, METADATA)
+            return
+        try:
+            try:
+                self.st = bare_store(self.path, self.kek, self.encrypted, self.meta)
+            except StorageError as exc:
+                self.error(exc, METADATA)
+                return
+            self._walk()
+        finally:
+            self.meta.close()
+
+    def _walk(self) -> None:
+        st, rep = self.st, self.report
+        if st.encrypted:
+            try:
+                st.active_key_id()
+            except StorageError as exc:
+                self.error(exc, KEY)
+        compacted = self.value(M.DB_STATE, M.K_COMPACTED, "compaction point")
+        nxt = self.value(M.DB_STATE, M.K_NEXT_SEGMENT, "next segment")
+        try:
+            c_index, c_term, reset = M.decode_compacted(compacted, self.meta.path)
+        except StorageError as exc:
+            self.error(exc, METADATA)
+            c_index, c_term, reset = 0, 0, 0
+        next_segment = int.from_bytes(nxt, "little") if nxt and len(nxt) == 8 else None
+        if next_segment is None:
+            self.error(CorruptionError(self.meta.path, None, "the next segment counter is missing or damaged"),
+                       METADATA)
+        for key in (M.K_NEXT_SNAPSHOT, M.K_ROTATION):
+            self.value(M.DB_STATE, key, key.decode())
+        migration = self.value(M.DB_STATE, M.K_MIGRATION, "migration")
+        if migration is not None:
+            self.warn(self.meta.path, "a migration between encrypted and plaintext was interrupted",
+                      "the next read-write open undoes it; run 'walcrypt migrate' again", kind=METADATA)
+
+        # manifest
+        with self.meta.read() as r:
+            seg_rows = r.raw_items(M.DB_SEGMENTS)
+            snap_rows = r.raw_items(M.DB_SNAPSHOTS)
+            stable_rows = r.raw_items(M.DB_STABLE)
+        manifest, all_ok = [], True
+        for k, raw in seg_rows:
+            seg_id = int.from_bytes(k, "big")
+            try:
+                rec = M.decode_manifest(self.meta.open_value(M.DB_SEGMENTS, k, raw), self.meta.path)
+            except StorageError as exc:
+                f = self.error(exc, METADATA)
+                f.detail = f"manifest record of segment {seg_id}: {f.detail}"
+                all_ok = False
+                continue
+            if next_segment is not None and seg_id >= next_segment:
+                self.error(CorruptionError(self.meta.path, None, f"segment {seg_id} is in the manifest but the "
+                                           f"next segment counter is {next_segment}"), METADATA)
+            manifest.append((seg_id, rec))
+        snap_infos = self._snapshot_infos(snap_rows)
+        for seg_id, rec in manifest:
+            self.total += _size(self._segment_path(seg_id, rec))
+        for info in snap_infos:
+            self.total += _size(info.path)
+
+        # segments
+        segments = []
+        for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
+            rep.segments += 1
+            seg = self._segment(seg_id, rec)
+            if seg is None:
+                all_ok = False
+            else:
+                segments.append(seg)
+        wal = None
+        if all_ok:
+            from .wal import Wal
+            wal = Wal(st)
+            try:
+                wal.load(segments, c_index, c_term, reset)
+                rep.first_index, rep.last_index = wal.first_index(), wal.last_index()
+            except StorageError as exc:
+                self.error(exc, LOG)
+                wal = None
+        self._leftover_segments({seg_id for seg_id, _ in manifest})
+
+        # snapshots
+        wal_snapshot_records = {r[0]: r for s in segments for r in s.snapshot_records}
+        good = []
+        for n, info in enumerate(snap_infos):
+            rep.snapshots += 1
+            try:
+                size = self._snapshot(info)
+                rec = wal_snapshot_records.get(info.snapshot_id)
+                if rec is not None and (rec[1], rec[2], rec[3]) != (info.index, info.term, info.digest):
+                    raise AuthenticationError(info.path, None, f"snapshot {info.snapshot_id} differs from the "
+                                              "SNAPSHOT record the log holds for it (replaced file or registry)")
+                rep.snapshot_bytes += size
+                good.append(info)
+            except WalcryptError as exc:
+                f = self.error(exc, SNAPSHOT, index=info.index)
+                if n == len(snap_infos) - 1 and good and wal is not None:
+                    # The engine renames a broken newest snapshot .broken and falls back to the next older
+                    # one, provided the log still reaches back to it (storage._after_snapshot_fallback).
+                    older = good[-1].index
+                    physical_first = wal.view_first[0] if wal.view_first else wal.last + 1
+                    if older >= c_index or physical_first <= older + 1:
+                        f.repairable = True
+                        f.hint = (f"'walcrypt repair' renames it .broken and falls back to the snapshot at "
+                                  f"index {older}")
+        self._leftover_snapshots({os.path.basename(i.path) for i in snap_infos})
+
+        # stable store
+        from . import stable
+        for k, raw in stable_rows:
+            try:
+                stable.open_value(st, k, self.meta.open_value(M.DB_STABLE, k, raw))
+            except WalcryptError as exc:
+                self.error(exc, METADATA)
+        self._other_mode()
+
+    # -- segments --------------------------------------------------------------
+    def _segment_path(self, seg_id: int, rec: dict) -> str:
+        d = layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED else layout.WAL_PLAIN
+        from .segment import segment_file_name
+        return os.path.join(self.path, d, segment_file_name(seg_id, rec["base_index"]))
+
+    def _segment(self, seg_id: int, rec: dict) -> Segment | None:
+        st, rep = self.st, self.report
+        path = self._segment_path(seg_id, rec)
+        size = _size(path)
+        seg = None
+        data = b""
+        try:
+            if (rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED) != self.encrypted:
+                raise AuthenticationError(self.meta.path, None, f"the manifest places segment {seg_id} in "
+                                          f"{os.path.basename(os.path.dirname(path))}/, which does not match the "
+                                          "store's mode")
+            if not os.path.exists(path):
+                raise CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
+                                      "a segment file was deleted or renamed; restore the node from a snapshot "
+                                      "or wipe it and let Raft re-replicate")
+            data = st.vfs.read_file(path)
+            found = decode_header(data[:fmt.SEGMENT_HEADER_SIZE], path)
+            expected = SegmentIdentity(st.store_id, seg_id, rec["base_index"], rec["algorithm"], rec["key_id"],
+                                       found.salt, found.commitment)
+            if found.key_id != rec["key_id"]:
+                raise AuthenticationError(path, 48, "segment header key ID differs from the manifest")
+            cipher, commitment = st._cipher(expected)
+            seg = Segment(st.vfs, path, expected, cipher)
+            seg.check_identity(found, commitment)
+
+            def on_entries(r):
+                rep.entries += len(r)
+                rep.bytes += r.ends[-1] - r.ends[0]
+
+            committed_end, torn = seg.scan(data, on_entries=on_entries)
+            rep.records += seg.seq
+            sealed = rec["state"] == fmt.SEG_SEALED
+            if torn is not None:
+                if sealed:
+                    raise CorruptionError(path, torn[0], f"sealed segment is damaged: {torn[1]}",
+                                          "a sealed segment is never repaired")
+                self.report.findings.append(Finding(
+                    "error", path, torn[0], f"torn tail: {torn[1]} after the last commit at offset "
+                    f"{committed_end} (an incomplete write by a process that crashed)", seg.last_index + 1, TORN,
+                    f"'walcrypt repair' truncates the file to {committed_end} bytes and keeps a .broken copy",
+                    repairable=True))
+            if sealed:
+                self._check_sealed(seg, rec, len(data))
+            return seg
+        except WalcryptError as exc:
+            self.error(exc, KEY if not isinstance(exc, StorageError) else SEGMENT,
+                       index=_index_at(data, getattr(exc, "offset", None), seg))
+            return None
+        finally:
+            if seg is not None:
+                seg.close()
+            self.advance(size)
+
+    def _check_sealed(self, seg: Segment, rec: dict, size: int) -> None:
+        path = seg.path
+        if not seg.sealed:
+            raise CorruptionError(path, None, "the manifest says sealed but the segment has no index frame")
+        if size != rec["end_offset"] or seg.index_offset != rec["index_offset"]:
+            raise CorruptionError(path, min(size, rec["end_offset"]),
+                                  f"sealed segment is {size} bytes with its index at {seg.index_offset}, the "
+                                  f"manifest says {rec['end_offset']} bytes with the index at {rec['index_offset']}")
+        ref = Segment(seg.vfs, path, seg.ident, seg.cipher)
+        try:
+            ref.load_sealed(rec["index_offset"], rec["end_offset"])
+        finally:
+            ref.close()
+        if (ref.rec_index != seg.rec_index or ref.rec_offset != seg.rec_offset or ref.rec_count != seg.rec_count
+                or ref.last_index != seg.last_index or ref.hardstate_offset != seg.hardstate_offset):
+            raise AuthenticationError(path, rec["index_offset"], "the index frame disagrees with the records it indexes")
+        if rec["last_index"] != seg.last_index:
+            raise AuthenticationError(self.meta.path, None, f"manifest record of segment {seg.seg_id} says last "
+                                      f"index {rec['last_index']}, the segment ends at {seg.last_index}")
+
+    def _leftover_segments(self, known: set[int]) -> None:
+        d = os.path.join(self.path, layout.pair_for(self.encrypted).wal)
+        if not os.path.isdir(d):
+            return
+        for name in sorted(os.listdir(d)):
+            p = os.path.join(d, name)
+            m = _SEGMENT_NAME.match(name)
+            if name.endswith(".broken"):
+                self.warn(p, "copy of a segment kept by an earlier torn-tail repair",
+                          "keep it for analysis or remove it; the store does not read it")
+            elif m and int(m.group(1), 16) not in known:
+                self.warn(p, "segment file not listed in the manifest (left by a crash before it was "
+                             "registered or after it was purged); the next read-write open deletes it")
+            elif not m:
+                self.warn(p, "unexpected file in the segment directory")
+
+    # -- snapshots -------------------------------------------------------------
+    def _snapshot_infos(self, rows) -> list:
+        from .snapstore import decode_info
+        snap_dir = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
+        infos = []
+        for k, raw in rows:
+            sid = int.from_bytes(k, "big")
+            try:
+                infos.append(decode_info(sid, self.meta.open_value(M.DB_SNAPSHOTS, k, raw), snap_dir, self.meta.path))
+            except StorageError as exc:
+                f = self.error(exc, METADATA)
+                f.detail = f"registry record of snapshot {sid}: {f.detail}"
+        return sorted(infos, key=lambda i: i.snapshot_id)
+
+    def _snapshot(self, info) -> int:
+        """Authenticate one registered snapshot end to end; returns its data size."""
+        from .snapshot import SnapshotFile
+        from .snapstore import Snapshots
+        st = self.st
+        if not os.path.exists(info.path):
+            raise CorruptionError(info.path, None, "registered snapshot file is missing")
+        fsize = _size(info.path)
+        counted = 0
+        try:
+            f = SnapshotFile(st.vfs, info.path)
+            h = f.header
+            if h.store_id != st.store_id or h.snapshot_id != info.snapshot_id or f.digest != info.digest:
+                raise CorruptionError(info.path, 0, "snapshot file does not match its registry record "
+                                                    "(replaced, renamed or from another store)")
+            if h.key_id != info.key_id:
+                raise AuthenticationError(info.path, 0, "snapshot header key ID differs from its registry record")
+            aead, commitment = Snapshots(st, os.path.dirname(info.path))._keys(h)
+            f.unlock(aead, commitment)
+            total = 0
+            for chunk in f.chunks():
+                total += len(chunk)
+                step = min(len(chunk), fsize - counted)
+                counted += step
+                self.advance(step)
+            if total != info.size:
+                raise CorruptionError(info.path, None, f"snapshot holds {total} bytes, the registry says {info.size}")
+            return total
+        finally:
+            self.advance(fsize - counted)
+
+    def _leftover_snapshots(self, known: set[str]) -> None:
+        d = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
+        if not os.path.isdir(d):
+            return
+        for name in sorted(os.listdir(d)):
+            p = os.path.join(d, name)
+            if name.endswith(".broken"):
+                self.warn(p, "snapshot quarantined because it failed its checks",
+                          "keep it for analysis or remove it; the store does not read it")
+            elif name.startswith(".tmp-"):
+                self.warn(p, "partly written snapshot (its save never returned); the next read-write open deletes it")
+            elif _SNAP_NAME.match(name) and name not in known:
+                self.warn(p, "snapshot file not in the registry; the next read-write open deletes it")
+            elif not _SNAP_NAME.match(name):
+                self.warn(p, "unexpected file in the snapshot directory")
+
+    def _other_mode(self) -> None:
+        other = layout.pair_for(not self.encrypted)
+        if layout.has_data(self.path, other):
+            what = "legacy plaintext" if self.encrypted else "encrypted"
+            self.warn(os.path.join(self.path, other.wal),
+                      f"{what} data of an earlier mode is still present in {other.wal}/ and {other.snap}/",
+                      "'walcrypt migrate DIR --to {} --remove-source' removes it".format(
+                          "encrypted" if self.encrypted else "plaintext"))
+        for name in (".migrate-wal", ".migrate-snap"):
+            p = os.path.join(self.path, name)
+            if os.path.isdir(p):
+                self.warn(p, "temporary directory of an interrupted migration",
+                          "the next read-write open removes it; run 'walcrypt migrate' again")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def _index_at(data: bytes, offset: int | None, seg: Segment | None) -> int | None:
+    """The Raft index a finding concerns: the frame's own (clear, authenticated) index when the frame
+    at ``offset`` holds entries, else the index after the last good one of the segment."""
+    if offset is not None and offset + fmt.FRAME_HEADER_SIZE <= len(data) and offset >= fmt.SEGMENT_HEADER_SIZE:
+        h = fmt.FRAME_HEADER_STRUCT.unpack_from(data, offset)
+        if h[0] in (fmt.FRAME_ENTRIES, fmt.FRAME_SNAPSHOT):
+            return h[6]
+    if seg is not None:
+        return seg.last_index + 1
+    return None
 
 
 def segment_summaries(store: Store) -> list[dict]:
@@ -106,8 +567,8 @@ def segment_summaries(store: Store) -> list[dict]:
             "first_index": seg.base_index,
             "last_index": seg.last_index,
             "key_id": seg.ident.key_id.hex(),
-            "algorithm": fmt.ALG_NONE if seg.ident.algorithm == fmt.ALG_NONE else seg.ident.algorithm,
+            "algorithm": seg.ident.algorithm,
             "sealed": seg.sealed,
-            "size": os.path.getsize(seg.path) if os.path.exists(seg.path) else None,
+            "size": _size(seg.path),
         })
     return rows

@@ -1,8 +1,14 @@
-"""The ``walcrypt`` command.
+"""The ``walcrypt`` command: the operator's view of a store.
 
-Exit codes: 0 ok, 1 findings or data errors, 2 usage errors.  Bad input gives one
-clear line on stderr, never a traceback (``--debug`` shows one).  Read-only
-commands never write to the store.
+Exit codes: 0 ok, 1 findings or data errors, 2 usage errors (bad options, a missing or
+wrong key, a missing directory, no permission, a store locked by a running process).
+Bad input gives one line on stderr saying what is wrong and what to do, never a
+traceback (``walcrypt --debug ...`` shows one), and modifies nothing.  Read-only
+commands (inspect, verify, dump, snapshot inspect) never write to the store; verify,
+dump and snapshot export hold a shared lock on ``DATA/LOCK`` while they read, so they
+refuse a store a running process has open and keep one from opening it meanwhile;
+inspect takes no lock at all.  Progress goes to stderr when it is a terminal
+(``--progress`` / ``--no-progress`` override).
 """
 
 from __future__ import annotations
@@ -11,223 +17,1006 @@ import base64
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
+import threading
+import time
 
 import click
 
 from . import keys as K
-from .errors import (KeyProviderError, LockedError, StorageError, UsageError, WalcryptError,
-                     WalcryptKeyError)
+from .errors import (CompactedError, KeyNotFoundError, KeyProviderError, LockedError, StorageError,
+                     UnavailableError, UsageError, WalcryptError, WrongKeyError)
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+
+EXIT_CODES = """\b
+Exit codes:
+  0  ok
+  1  findings or data errors (damaged, tampered or inconsistent data)
+  2  usage errors (bad options, missing or wrong key, missing directory,
+     no permission, store locked by a running process)"""
 
 
 class _Ctx:
     debug = False
+    progress: bool | None = None      # None: when stderr is a terminal
 
 
-def _fail(exc: BaseException, code: int) -> None:
+# ---------------------------------------------------------------------------
+# Errors: one line, an exit code, no traceback
+# ---------------------------------------------------------------------------
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, (UsageError, KeyProviderError, WrongKeyError, LockedError, CompactedError,
+                        UnavailableError, PermissionError, FileExistsError, FileNotFoundError,
+                        IsADirectoryError, NotADirectoryError)):
+        return EXIT_USAGE
+    return EXIT_FINDINGS
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, PermissionError):
+        return f"no permission to access {exc.filename or 'a file'}; run as the user that owns the store"
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename or 'a file'} does not exist"
+    if isinstance(exc, FileExistsError):
+        return f"{exc.filename or 'a file'} already exists; refusing to overwrite it"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+    if isinstance(exc, WalcryptError):
+        return " ".join(str(exc).split())
+    return (f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); nothing more was done. "
+            "Run 'walcrypt --debug ...' for a traceback and report it")
+
+
+def _fail(exc: BaseException, code: int | None = None) -> None:
     if _Ctx.debug:
         import traceback
         traceback.print_exception(exc)
-    click.echo(f"walcrypt: error: {exc}", err=True)
-    sys.exit(code)
+    if isinstance(exc, WrongKeyError):
+        hint = " (check --key-file / --key-env / --passphrase-env / --kms)"
+    else:
+        hint = ""
+    click.echo(f"walcrypt: error: {_message(exc)}{hint}", err=True)
+    sys.exit(_exit_code(exc) if code is None else code)
 
 
-def _run(fn, *args, **kwargs):
-    """Run a command body, mapping walcrypt errors to one line and an exit code."""
-    try:
-        return fn(*args, **kwargs)
-    except (UsageError, KeyProviderError, LockedError) as exc:
-        _fail(exc, EXIT_USAGE)
-    except (StorageError, WalcryptKeyError, WalcryptError) as exc:
-        _fail(exc, EXIT_FINDINGS)
-    except PermissionError as exc:
-        _fail(exc, EXIT_USAGE)
+class _Group(click.Group):
+    """Maps every exception a command raises to one line and an exit code."""
 
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except BrokenPipeError:               # `walcrypt dump ... | head`: the reader has had enough
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())    # so that the final flush at exit cannot fail again
+            sys.exit(EXIT_OK)
+        except KeyboardInterrupt:
+            click.echo("walcrypt: interrupted", err=True)
+            sys.exit(130)
+        except Exception as exc:              # noqa: BLE001 - the one place that turns errors into exit codes
+            _fail(exc)
+
+
+# ---------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------
 
 def key_options(f):
+    f = click.option("--kms-option", "kms_options", multiple=True, metavar="KEY=VALUE",
+                     help="Option passed to the KMS plug-in (repeatable).")(f)
     f = click.option("--kms", "kms", metavar="NAME", help="KMS plug-in (entry-point group walcrypt.kms).")(f)
-    f = click.option("--passphrase-env", metavar="NAME", help="Environment variable holding a passphrase.")(f)
+    f = click.option("--passphrase-env", metavar="NAME", help="Environment variable holding a passphrase (scrypt).")(f)
     f = click.option("--key-env", metavar="NAME", help="Environment variable holding the KEK (hex or base64).")(f)
-    f = click.option("--key-file", type=click.Path(dir_okay=False), help="File holding the KEK.")(f)
+    f = click.option("--key-file", type=click.Path(dir_okay=False), envvar="WALCRYPT_KEY_FILE", show_envvar=True,
+                     help="File holding the KEK (mode 0600; 'walcrypt keygen' makes one).")(f)
     return f
 
 
-def kek_from(key_file, key_env, passphrase_env, kms):
+def _kms_options(pairs) -> dict:
+    out = {}
+    for p in pairs or ():
+        if "=" not in p:
+            raise UsageError(f"--kms-option takes KEY=VALUE, not {p!r}")
+        k, v = p.split("=", 1)
+        out[k] = v
+    return out
+
+
+def kek_from(key_file, key_env, passphrase_env, kms, kms_options=(), *, prefix: str = "--"):
+    """The KEK provider the options name, or None."""
     given = [x for x in (key_file, key_env, passphrase_env, kms) if x]
     if len(given) > 1:
-        raise UsageError("give only one of --key-file, --key-env, --passphrase-env, --kms")
+        raise UsageError(f"give only one of {prefix}key-file, {prefix}key-env, {prefix}passphrase-env, {prefix}kms")
     if key_file:
         return K.KeyFile(key_file)
     if key_env:
+        if not os.environ.get(key_env):
+            raise KeyProviderError(f"environment variable {key_env} is not set (it should hold the KEK)")
         return K.EnvKey(key_env)
     if passphrase_env:
         value = os.environ.get(passphrase_env)
         if not value:
-            raise KeyProviderError(f"environment variable {passphrase_env} is not set")
+            raise KeyProviderError(f"environment variable {passphrase_env} is not set (it should hold the passphrase)")
         return K.Passphrase(value)
     if kms:
-        return K.Kms(kms)
+        return K.Kms(kms, **_kms_options(kms_options))
+    if kms_options:
+        raise UsageError("--kms-option needs --kms NAME")
     return None
 
 
-def _open_existing(directory: str, kek, *, read_only: bool):
+def _kek(kw) -> K.KeyEncryptionKey | None:
+    return kek_from(kw.pop("key_file"), kw.pop("key_env"), kw.pop("passphrase_env"), kw.pop("kms"),
+                    kw.pop("kms_options"))
+
+
+def _need_key(directory: str) -> KeyProviderError:
+    return KeyProviderError(f"{directory} is encrypted: give its key with --key-file F (or --key-env, "
+                            "--passphrase-env, --kms)")
+
+
+# ---------------------------------------------------------------------------
+# Opening stores
+# ---------------------------------------------------------------------------
+
+def _mode(root: str, directory: str) -> bool:
+    from .inspection import read_mode
+    return read_mode(root, directory)
+
+
+def _open_ro(root: str, directory: str, kek):
     from .storage import Store
-    from . import meta as M, layout
-    if not os.path.isdir(directory):
-        raise UsageError(f"{directory} does not exist")
-    if not layout.looks_like_store(directory):
-        raise UsageError(f"{directory} is not a walcrypt data directory (no meta/)")
-    encrypted = _is_encrypted(directory)
+    encrypted = _mode(root, directory)
     if encrypted and kek is None:
-        raise KeyProviderError(f"{directory} is encrypted: give --key-file, --key-env, --passphrase-env or --kms")
-    return Store(directory, kek=kek if encrypted else None, encrypted=encrypted, read_only=read_only)
+        raise _need_key(directory)
+    if not encrypted and kek is not None:
+        click.echo(f"walcrypt: note: {directory} is a plaintext store; the key given is not used", err=True)
+    return Store(root, kek=kek if encrypted else None, encrypted=encrypted, read_only=True)
 
 
-def _is_encrypted(directory: str) -> bool:
-    from . import meta as M, layout
-    m = M.Meta(os.path.join(directory, layout.META_DIR), readonly=True)
-    try:
-        with m.read() as r:
-            v = r.raw(M.DB_STORE, M.K_ENCRYPTED)
-    finally:
-        m.close()
-    if v is None:
-        raise UsageError(f"{directory} is not an initialised walcrypt store")
-    return v == b"\x01"
+def _open_rw(root: str, directory: str, kek):
+    from .storage import Store
+    from .inspection import lock_holders, locked_message
+    encrypted = _mode(root, directory)
+    holders = lock_holders(root)
+    if holders:
+        raise LockedError(locked_message(directory, holders))
+    if encrypted and kek is None:
+        raise _need_key(directory)
+    _preflight(root, kek if encrypted else None, encrypted)
+    store = Store(root, kek=kek if encrypted else None, encrypted=encrypted)
+    for rep in store.repairs:
+        click.echo(f"walcrypt: note: opening the store repaired {rep['path']}: {rep['detail']} "
+                   f"(copy kept in {rep['broken_copy']})", err=True)
+    return store
 
 
-HELP = """walcrypt - encrypted write-ahead log and snapshot store for Raft.
+def _preflight(root: str, kek, encrypted: bool) -> None:
+    """Open read-only first: a wrong key, damage or a torn tail is refused before a read-write open
+    touches anything (even LMDB's lock file).  A torn tail is 'walcrypt repair''s job, not a side
+    effect of a key operation."""
+    from .storage import Store
+    Store(root, kek=kek, encrypted=encrypted, read_only=True).close()
+
+
+def _store_dir(directory: str) -> str:
+    from .inspection import require_store
+    return require_store(directory)
+
+
+# ---------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------
+
+def _progress_on() -> bool:
+    if _Ctx.progress is not None:
+        return _Ctx.progress
+    return sys.stderr.isatty()
+
+
+class _Bar:
+    """A click progress bar on stderr driven by (done, total) callbacks; silent when progress is off."""
+
+    def __init__(self, label: str, *, unit: str = "bytes"):
+        self.label = label
+        self.unit = unit
+        self.bar = None
+
+    def __enter__(self) -> "_Bar":
+        if _progress_on():
+            self.bar = click.progressbar(length=1, label=self.label, file=sys.stderr, show_pos=False,
+                                         show_percent=True, show_eta=True, width=30)
+            # --progress on a non-terminal draws the bar too (click hides it there; the attribute
+            # is named is_hidden up to click 8.1 and _is_atty since)
+            if hasattr(self.bar, "is_hidden"):
+                self.bar.is_hidden = False
+            if hasattr(self.bar, "_is_atty"):
+                self.bar._is_atty = True
+            self.bar.__enter__()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.length = max(int(total), 1)
+        step = int(done) - self.bar.pos
+        if step:
+            self.bar.update(step)
+
+    def stage(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.label = label
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+class _Spinner:
+    """Elapsed time on stderr for operations that report no progress of their own."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        frames = "|/-\\"
+        n = 0
+        while not self._stop.wait(0.1):
+            sys.stderr.write(f"\r{self.label} {frames[n % 4]} {time.monotonic() - start:.1f}s")
+            sys.stderr.flush()
+            n += 1
+        sys.stderr.write(f"\r{self.label} done in {time.monotonic() - start:.1f}s\n")
+        sys.stderr.flush()
+
+    def __enter__(self) -> "_Spinner":
+        if _progress_on():
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
+
+
+# ---------------------------------------------------------------------------
+# The group
+# ---------------------------------------------------------------------------
+
+HELP = f"""walcrypt - encrypted write-ahead log and snapshot store for Raft.
 
 \b
-Exit codes: 0 ok, 1 findings or data errors, 2 usage errors.
-Key options (where a key is needed): --key-file F, --key-env NAME,
---passphrase-env NAME, --kms NAME.
+Typical session at 3 a.m.:
+  walcrypt inspect /var/lib/node1                      # what is there (no key needed)
+  walcrypt verify  /var/lib/node1 --key-file /secure/kek
+  walcrypt repair  /var/lib/node1 --key-file /secure/kek
+
+\b
+Key options (wherever a key is needed): --key-file F (or WALCRYPT_KEY_FILE),
+--key-env NAME, --passphrase-env NAME, --kms NAME [--kms-option K=V ...].
+Key material is never printed.
+
+{EXIT_CODES}
 """
 
 
-@click.group(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.group(cls=_Group, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.option("--progress/--no-progress", default=None, help="Force progress bars on or off (default: on a terminal).")
 @click.version_option(package_name="walcrypt")
-def main(debug: bool) -> None:
+def main(debug: bool, progress: bool | None) -> None:
     _Ctx.debug = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+    _Ctx.progress = progress
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR,
                         format="walcrypt: %(levelname)s: %(message)s")
 
 
-@main.command()
+def command(group=None, **kw):
+    """A subcommand whose --help ends with the exit codes."""
+    kw.setdefault("epilog", EXIT_CODES)
+    return (group or main).command(**kw)
+
+
+# ---------------------------------------------------------------------------
+# keygen, init
+# ---------------------------------------------------------------------------
+
+@command()
 @click.argument("path", type=click.Path())
 def keygen(path: str) -> None:
-    """Write a new random 32-byte KEK to PATH (mode 0600; never overwrites)."""
-    _run(K.generate_key_file, path)
-    click.echo(f"wrote a new key-encryption key to {path} (mode 0600); keep it away from the data directory")
+    """Write a new random 32-byte KEK to PATH (mode 0600; never overwrites).
+
+    Keep the file away from the data directory: walcrypt never stores the KEK
+    beside the data it protects.
+
+    \b
+    Example:
+      walcrypt keygen /secure/kek
+    """
+    if os.path.isdir(os.path.dirname(os.path.abspath(path))) is False:
+        raise UsageError(f"the directory of {path} does not exist; create it first")
+    K.generate_key_file(path)
+    click.echo(f"wrote a new key-encryption key to {path} (mode 0600); keep it away from the data directory "
+               "and back it up: without it the data cannot be read")
 
 
-@main.command()
+@command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--plaintext", is_flag=True, help="Create a legacy plaintext store (no encryption).")
 @click.option("--algorithm", default="aes-256-gcm", show_default=True,
               help="aes-256-gcm, chacha20-poly1305 or aes-256-gcm-siv.")
 @key_options
-def init(directory, plaintext, algorithm, key_file, key_env, passphrase_env, kms) -> None:
-    """Create an empty store in DIRECTORY."""
-    def body():
-        from .storage import Store
-        if os.path.exists(directory) and os.listdir(directory):
-            raise UsageError(f"{directory} is not empty")
-        kek = kek_from(key_file, key_env, passphrase_env, kms)
-        if not plaintext and kek is None:
-            raise KeyProviderError("an encrypted store needs a key: --key-file F (create one with 'walcrypt keygen F')")
-        Store(directory, kek=None if plaintext else kek, encrypted=not plaintext, algorithm=algorithm).close()
-        click.echo(f"created an empty {'plaintext' if plaintext else 'encrypted'} store in {directory}")
-    _run(body)
+def init(directory, plaintext, algorithm, **kw) -> None:
+    """Create an empty store in DIRECTORY (new or empty).
+
+    \b
+    Examples:
+      walcrypt init /var/lib/node1 --key-file /secure/kek
+      walcrypt init /var/lib/legacy --plaintext
+    """
+    from .storage import Store
+    kek = _kek(kw)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UsageError(f"{directory} exists and is not a directory")
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise UsageError(f"{directory} is not empty; choose a new or empty directory")
+    if plaintext and kek is not None:
+        raise UsageError("a plaintext store takes no key; drop the key option or --plaintext")
+    if not plaintext and kek is None:
+        raise KeyProviderError("an encrypted store needs a key: --key-file F (create one with 'walcrypt keygen F')")
+    from . import crypto
+    if not plaintext:
+        crypto.suite_by_name(algorithm)
+        if isinstance(kek, K.KeyFile):
+            kek.read()                       # a bad key file is refused before anything is created
+    Store(directory, kek=None if plaintext else kek, encrypted=not plaintext, algorithm=algorithm).close()
+    click.echo(f"created an empty {'plaintext' if plaintext else 'encrypted (' + algorithm + ')'} store in {directory}")
 
 
-@main.command()
+# ---------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------
+
+@command()
 @click.argument("directory", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @key_options
-def verify(directory, as_json, key_file, key_env, passphrase_env, kms) -> None:
-    """Read and authenticate every record; exit 1 if anything is wrong."""
-    from .check import check
+def inspect(directory, as_json, **kw) -> None:
+    """Show what a store holds; works on a running store and without any key.
 
-    def body():
-        if not os.path.isdir(directory):
-            raise UsageError(f"{directory} does not exist")
-        kek = kek_from(key_file, key_env, passphrase_env, kms)
-        encrypted = _is_encrypted(directory)
-        if encrypted and kek is None:
-            raise KeyProviderError(f"{directory} is encrypted: give --key-file (or another key option)")
-        if as_json or not sys.stderr.isatty():
-            report = check(directory, kek=kek if encrypted else None, encrypted=encrypted)
-        else:
-            with click.progressbar(length=1, label="verifying", file=sys.stderr) as bar:
-                def progress(done, total):
-                    bar.length = max(total, 1)
-                    bar.update(done - bar.pos)
-                report = check(directory, kek=kek if encrypted else None, encrypted=encrypted, progress=progress)
-        return report
-    report = _run(body)
+    Without a key: layout, segments, snapshots, keyring (IDs and states only),
+    rotation and migration state and warnings, read from the metadata without
+    authenticating it.  With a key: MACs are verified and the hard state and
+    first/last index are read through the engine.  Never writes, takes no lock.
+
+    \b
+    Examples:
+      walcrypt inspect /var/lib/node1
+      walcrypt inspect /var/lib/node1 --key-file /secure/kek --json
+    """
+    from .inspection import inspect_store, render
+    key_file = kw.get("key_file")
+    kek = _kek(kw)
+    rep = inspect_store(directory, kek, key_file=key_file)
     if as_json:
-        click.echo(json.dumps({"ok": report.ok, "segments": report.segments, "records": report.records,
-                               "entries": report.entries, "findings": [f.to_dict() for f in report.findings]},
-                              indent=2))
+        _emit_json(rep)
     else:
-        click.echo(f"checked {report.segments} segments, {report.records} records, {report.entries} entries")
-        for f in report.findings:
-            where = f"{f.path}" + (f" at offset {f.offset}" if f.offset is not None else "") if f.path else ""
-            click.echo(f"{f.severity.upper()}: {where}: {f.detail}" if where else f"{f.severity.upper()}: {f.detail}")
-        click.echo("OK" if report.ok else "FAILED")
+        click.echo(render(rep))
+    sys.exit(EXIT_FINDINGS if rep["errors"] else EXIT_OK)
+
+
+# ---------------------------------------------------------------------------
+# verify, repair
+# ---------------------------------------------------------------------------
+
+def _print_findings(report, root: str) -> None:
+    for f in report.findings:
+        where = os.path.relpath(f.path, root) if f.path and f.path.startswith(root) else (f.path or "(store)")
+        loc = [where]
+        if f.offset is not None:
+            loc.append(f"offset {f.offset}")
+        if f.index is not None:
+            loc.append(f"index {f.index}")
+        click.echo(f"{f.severity.upper():<9}{'  '.join(loc)}")
+        click.echo(f"{'':<9}{f.detail}")
+        if f.hint:
+            click.echo(f"{'':<9}what to do: {f.hint}")
+
+
+def _summary(report) -> str:
+    from .inspection import human_size
+    rng = (f"; log {report.first_index}..{report.last_index}" if report.first_index is not None
+           and report.last_index is not None and report.last_index >= report.first_index else "")
+    return (f"{report.segments} segment(s), {report.records} records, {report.entries} entries "
+            f"({human_size(report.bytes)}); {report.snapshots} snapshot(s) ({human_size(report.snapshot_bytes)})"
+            + rng)
+
+
+@command()
+@click.argument("directory", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@key_options
+def verify(directory, as_json, **kw) -> None:
+    """Read and authenticate every record and every snapshot chunk.
+
+    Lists each finding with its file, offset and Raft index, and what to do;
+    exits 1 if anything is wrong.  Read-only: writes nothing.
+
+    \b
+    Example:
+      walcrypt verify /var/lib/node1 --key-file /secure/kek
+    """
+    from .check import check
+    from .inspection import SharedLock
+    kek = _kek(kw)
+    root = _store_dir(directory)
+    with SharedLock(root, directory):
+        encrypted = _mode(root, directory)
+        if encrypted and kek is None:
+            raise _need_key(directory)
+        with _Bar("verifying") as bar:
+            report = check(root, kek=kek if encrypted else None, encrypted=encrypted, progress=bar)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(f"verified {directory}: {_summary(report)}")
+        _print_findings(report, root)
+        n_err = len(report.errors)
+        n_warn = sum(1 for f in report.findings if f.severity == "warning")
+        click.echo("OK" + (f" ({n_warn} warning(s))" if n_warn else "") if report.ok
+                   else f"FAILED: {n_err} error(s)" + (f", {n_warn} warning(s)" if n_warn else "")
+                   + (" - 'walcrypt repair' can fix the torn tail(s)" if all(f.repairable for f in report.errors)
+                      else ""))
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
-@main.command()
+@command()
 @click.argument("directory", type=click.Path())
-@click.option("--from", "lo", type=int, default=None, help="First index (default: first retained).")
-@click.option("--to", "hi", type=int, default=None, help="Last index, inclusive (default: last).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @key_options
-def dump(directory, lo, hi, as_json, key_file, key_env, passphrase_env, kms) -> None:
-    """Print decrypted entries and the hard state."""
-    def body():
-        kek = kek_from(key_file, key_env, passphrase_env, kms)
-        with _open_existing(directory, kek, read_only=True) as s:
-            first, last = s.first_index(), s.last_index()
+def repair(directory, as_json, **kw) -> None:
+    """Verify, then repair what can be repaired safely.
+
+    Truncates a torn tail (the incomplete last write of a crashed process),
+    keeping a .broken copy of the file, and drops a broken newest snapshot when
+    an older one can take over.  Never deletes authenticated data.  Refuses
+    anything else (mid-log corruption, tampering, missing segments) without
+    modifying the store, and says what to do instead.
+
+    \b
+    Example:
+      walcrypt repair /var/lib/node1 --key-file /secure/kek
+    """
+    from .check import check
+    kek = _kek(kw)
+    root = _store_dir(directory)
+    encrypted = _mode(root, directory)
+    if encrypted and kek is None:
+        raise _need_key(directory)
+    from .inspection import lock_holders, locked_message
+    holders = lock_holders(root)
+    if holders:
+        raise LockedError(locked_message(directory, holders))
+    with _Bar("checking") as bar:
+        report = check(root, kek=kek if encrypted else None, encrypted=encrypted, fix=True, progress=bar)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        _print_findings(report, root)
+        if report.refused:
+            click.echo(f"REFUSED: {report.advice}")
+        elif report.repaired:
+            click.echo(f"repaired; verified again: {_summary(report)}")
+            click.echo("OK" if report.ok else f"FAILED: {len(report.errors)} error(s) remain")
+        else:
+            click.echo(f"nothing to repair: {_summary(report)}")
+            click.echo("OK")
+    sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
+
+
+# ---------------------------------------------------------------------------
+# dump
+# ---------------------------------------------------------------------------
+
+def _data_view(d: bytes) -> dict:
+    try:
+        return {"text": d.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(d).decode()}
+
+
+@command()
+@click.argument("directory", type=click.Path())
+@click.option("--from", "lo", type=click.IntRange(min=1), default=None, help="First index (default: first retained).")
+@click.option("--to", "hi", type=click.IntRange(min=0), default=None, help="Last index, inclusive (default: last).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@key_options
+def dump(directory, lo, hi, as_json, **kw) -> None:
+    """Print decrypted entries and the hard state.
+
+    Entry data is shown as text where it is UTF-8, else as base64.  Read-only.
+
+    \b
+    Example:
+      walcrypt dump /var/lib/node1 --key-file /secure/kek --from 100 --to 120 --json
+    """
+    from .inspection import SharedLock
+    kek = _kek(kw)
+    root = _store_dir(directory)
+    with SharedLock(root, directory):
+        store = _open_ro(root, directory, kek)
+        try:
+            first, last = store.first_index(), store.last_index()
             a = first if lo is None else lo
             b = last if hi is None else hi
-            hs, _ = s.initial_state()
-            return hs, (s.entries(a, b + 1) if b >= a else [])
-    hs, entries = _run(body)
+            if a < first:
+                raise UsageError(f"--from {a} is below the first retained index {first} (earlier entries are "
+                                 "compacted into the snapshot)")
+            if b > last:
+                raise UsageError(f"--to {b} is beyond the last index {last}")
+            hs, cs = store.initial_state()
+            snap = store.snapshot()
+            head = {"first_index": first, "last_index": last,
+                    "hard_state": {"term": hs.term, "vote": hs.vote, "commit": hs.commit},
+                    "conf_state": {"voters": list(cs.voters), "learners": list(cs.learners)},
+                    "snapshot": None if snap is None else {"index": snap.meta.index, "term": snap.meta.term,
+                                                           "size": snap.size}}
+            if as_json:
+                click.echo(json.dumps(head, indent=2)[:-2] + ',\n  "entries": [', nl=False)
+            else:
+                click.echo(f"hard state: term={hs.term} vote={hs.vote} commit={hs.commit}")
+                click.echo(f"log: first index {first}, last index {last}"
+                           + (f"; snapshot at index {snap.meta.index} term {snap.meta.term}" if snap else ""))
+                click.echo("INDEX\tTERM\tSIZE\tDATA")
+            n = 0
+            idx = a
+            while idx <= b:
+                batch = store.entries(idx, min(b, idx + 1023) + 1, max_size=4 << 20)
+                for e in batch:
+                    v = _data_view(e.data)
+                    if as_json:
+                        click.echo(("\n    " if n == 0 else ",\n    ")
+                                   + json.dumps({"index": e.index, "term": e.term, **v}), nl=False)
+                    else:
+                        shown = json.dumps(v["text"], ensure_ascii=False) if "text" in v else "base64:" + v["base64"]
+                        click.echo(f"{e.index}\t{e.term}\t{len(e.data)}\t{shown}")
+                    n += 1
+                idx = batch[-1].index + 1
+            if as_json:
+                click.echo(("\n  ]\n}" if n else "]\n}"))
+        finally:
+            store.close()
 
-    def show(d: bytes):
-        try:
-            return {"text": d.decode("utf-8")}
-        except UnicodeDecodeError:
-            return {"base64": base64.b64encode(d).decode()}
+
+# ---------------------------------------------------------------------------
+# keys
+# ---------------------------------------------------------------------------
+
+@command(name="rotate-dek")
+@click.argument("directory", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@key_options
+def rotate_dek(directory, as_json, **kw) -> None:
+    """Re-encrypt everything under a new data key, offline (full re-key).
+
+    The store must be stopped.  Every retained entry, the hard state, the newest
+    snapshot and the stable-store values are rewritten under a new DEK; the old
+    DEKs are then destroyed.  A crash midway is redone at the next open.
+
+    \b
+    Example:
+      walcrypt rotate-dek /var/lib/node1 --key-file /secure/kek
+    """
+    kek = _kek(kw)
+    root = _store_dir(directory)
+    if not _mode(root, directory):
+        raise UsageError(f"{directory} is a plaintext store and has no data keys; encrypt it first with "
+                         "'walcrypt migrate DIR --to encrypted --key-file F'")
+    store = _open_rw(root, directory, kek)
+    try:
+        before = {k["key_id"]: k["state"] for k in store.key_info()["keys"]}
+        with _Spinner("re-encrypting"):
+            store.rekey()
+        after = store.key_info()["keys"]
+        active = next(k["key_id"] for k in after if k["state"] == "active")
+        entries = max(store.last_index() - store.first_index() + 1, 0)
+        snap = store.snapshot()
+    finally:
+        store.close()
+    retired = sorted(k for k in before if k != active)
+    out = {"active_key_id": active, "retired_key_ids": retired, "entries": entries,
+           "snapshot_index": snap.meta.index if snap else None}
     if as_json:
-        click.echo(json.dumps({"hard_state": hs._asdict(),
-                               "entries": [{"index": e.index, "term": e.term, **show(e.data)} for e in entries]},
-                              indent=2))
+        _emit_json(out)
     else:
-        click.echo(f"hard state: term={hs.term} vote={hs.vote} commit={hs.commit}")
-        for e in entries:
-            v = show(e.data)
-            click.echo(f"{e.index}\t{e.term}\t" + (v["text"] if "text" in v else "base64:" + v["base64"]))
+        click.echo(f"re-encrypted {entries} entries" + (f" and the snapshot at index {snap.meta.index}" if snap else "")
+                   + f" under the new data key {active}")
+        if retired:
+            click.echo(f"old data key(s) destroyed: {', '.join(retired)}")
 
 
-@main.command()
+@command(name="rotate-kek")
+@click.argument("directory", type=click.Path())
+@click.option("--new-key-file", type=click.Path(dir_okay=False), help="File holding the new KEK.")
+@click.option("--new-key-env", metavar="NAME", help="Environment variable holding the new KEK.")
+@click.option("--new-passphrase-env", metavar="NAME", help="Environment variable holding the new passphrase.")
+@click.option("--new-kms", metavar="NAME", help="KMS plug-in for the new KEK.")
+@key_options
+def rotate_kek(directory, new_key_file, new_key_env, new_passphrase_env, new_kms, **kw) -> None:
+    """Re-wrap every data key under a new KEK, offline (no data is rewritten).
+
+    The store must be stopped.  One atomic metadata commit; afterwards only the
+    new KEK opens the store.  Snapshot exports made earlier still need the old KEK.
+
+    \b
+    Example:
+      walcrypt keygen /secure/kek2
+      walcrypt rotate-kek /var/lib/node1 --key-file /secure/kek --new-key-file /secure/kek2
+    """
+    from .storage import Store
+    kek = _kek(kw)
+    new = kek_from(new_key_file, new_key_env, new_passphrase_env, new_kms, prefix="--new-")
+    if new is None:
+        raise UsageError("give the new KEK with --new-key-file F (create one with 'walcrypt keygen F')")
+    root = _store_dir(directory)
+    if not _mode(root, directory):
+        raise UsageError(f"{directory} is a plaintext store and has no KEK")
+    if kek is None:
+        raise _need_key(directory)
+    if isinstance(new, (K.KeyFile, K.EnvKey)):
+        fresh = new.material(None)           # a bad new key is refused before anything changes
+        if isinstance(kek, (K.KeyFile, K.EnvKey)) and fresh == kek.material(None):
+            raise UsageError("the new KEK is the same as the current one; create a new one with 'walcrypt keygen F'")
+    store = _open_rw(root, directory, kek)
+    try:
+        n = sum(1 for k in store.key_info()["keys"] if k["state"] != "destroyed")
+        store.rotate_kek(new)
+    finally:
+        store.close()
+    Store(root, kek=new, read_only=True).close()       # the new KEK opens it
+    click.echo(f"re-wrapped {n} data key(s) and the metadata key under the new KEK ({new.describe()}); the old KEK "
+               "no longer opens this store. Exports made before now still need the old KEK: keep it until they "
+               "have expired")
+
+
+# ---------------------------------------------------------------------------
+# migrate
+# ---------------------------------------------------------------------------
+
+@command()
+@click.argument("directory", type=click.Path())
+@click.option("--to", "target", type=click.Choice(["encrypted", "plaintext"]), required=True,
+              help="The mode to migrate the store to.")
+@click.option("--yes", is_flag=True, help="Confirm turning encryption off (required for --to plaintext).")
+@click.option("--remove-source", is_flag=True,
+              help="After success, remove the directories of the old mode (no downgrade afterwards).")
+@click.option("--algorithm", default="aes-256-gcm", show_default=True, help="Cipher for --to encrypted.")
+@key_options
+def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
+    """Migrate a stopped store between encrypted and legacy plaintext.
+
+    Rewrites every retained entry, the hard state and the newest snapshot into
+    the other directory pair, then switches in one atomic metadata commit; an
+    interrupted migration is undone at the next open and can simply be run
+    again.  The old directories are kept (downgrade stays possible) unless
+    --remove-source is given.  Turning encryption off needs --yes.
+
+    \b
+    Examples:
+      walcrypt migrate /var/lib/legacy --to encrypted --key-file /secure/kek --remove-source
+      walcrypt migrate /var/lib/node1 --to plaintext --key-file /secure/kek --yes
+    """
+    import walcrypt
+    from .migrate import remove_source as _remove_source
+    kek = _kek(kw)
+    root = _store_dir(directory)
+    have = _mode(root, directory)
+    want = target == "encrypted"
+    if have == want:
+        click.echo(f"{directory} is already {target}; nothing to migrate")
+    else:
+        if not want and not yes:
+            raise UsageError("turning encryption off writes every record to disk in clear; add --yes to confirm")
+        if kek is None:
+            raise (_need_key(directory) if have else
+                   KeyProviderError("migrating to encrypted needs a key: --key-file F (create one with "
+                                    "'walcrypt keygen F')"))
+        if want:
+            from . import crypto
+            crypto.suite_by_name(algorithm)
+            if isinstance(kek, (K.KeyFile, K.EnvKey)):
+                kek.material(None)
+        from .inspection import lock_holders, locked_message
+        holders = lock_holders(root)
+        if holders:
+            raise LockedError(locked_message(directory, holders))
+        _preflight(root, kek if have else None, have)
+        with _Bar(f"migrating to {target}") as bar:
+            def progress(stage, done, total):
+                bar.stage(f"migrating to {target}: {stage}")
+                bar(done, total)
+            walcrypt.open(root, kek=kek, encrypted=want, decrypt_existing=not want, migration_progress=progress,
+                          algorithm=algorithm).close()
+        click.echo(f"migrated {directory} to {target}"
+                   + ("" if remove_source else "; the old directories are kept (remove them with --remove-source)"))
+    if remove_source:
+        removed = _remove_source(root)
+        click.echo("removed " + ", ".join(os.path.basename(p) + "/" for p in removed) if removed
+                   else "no directories of the other mode to remove")
+
+
+# ---------------------------------------------------------------------------
+# snapshots
+# ---------------------------------------------------------------------------
+
+@main.group(cls=_Group, epilog=EXIT_CODES)
+def snapshot() -> None:
+    """Backups: export, inspect, redact and restore snapshot files."""
+
+
+@command(snapshot, name="export")
+@click.argument("directory", type=click.Path())
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--embed-kek", is_flag=True,
+              help="Embed the KEK in the export (the file alone then decrypts everything; redact it later).")
+@key_options
+def snapshot_export(directory, out, embed_kek, **kw) -> None:
+    """Write the newest snapshot and its wrapped keys to one file OUT (0600).
+
+    The export plus the KEK restores a node.  Read-only on the store.
+
+    \b
+    Example:
+      walcrypt snapshot export /var/lib/node1 /backup/node1.wcx --key-file /secure/kek
+    """
+    from .inspection import SharedLock, human_size
+    kek = _kek(kw)
+    root = _store_dir(directory)
+    out_abs = os.path.abspath(out)
+    if os.path.exists(out):
+        raise UsageError(f"{out} already exists; refusing to overwrite it")
+    if not os.path.isdir(os.path.dirname(out_abs)):
+        raise UsageError(f"the directory of {out} does not exist")
+    if out_abs.startswith(root + os.sep):
+        raise UsageError(f"{out} lies inside the data directory; write exports somewhere else")
+    with SharedLock(root, directory):
+        store = _open_ro(root, directory, kek)
+        try:
+            with _Spinner("exporting"):
+                info = store.export_snapshot(out_abs, embed_kek=embed_kek)
+        finally:
+            store.close()
+    click.echo(f"exported the snapshot at index {info['index']} term {info['term']} to {out} "
+               f"({human_size(info['size'])}, mode 0600)")
+    if info["kek_embedded"]:
+        click.echo(f"WARNING: {out} embeds the KEK: anyone who can read it can decrypt everything in it. "
+                   f"Run 'walcrypt snapshot redact {out} --kek-out F' before storing or sending it", err=True)
+
+
+class _SnapOnly:
+    """A raw ``.snap`` file presented the way backup._unlock expects an export."""
+
+    def __init__(self, path: str):
+        self.path, self.kek, self.snapshot_offset, self.bundle = path, None, 0, b""
+
+    def bundle_doc(self) -> dict:
+        return {}                 # no export keyring: the snapshot's own bundle is used
+
+    def snapshot_file(self):
+        from .snapshot import SnapshotFile
+        from .vfs import DEFAULT_VFS
+        return SnapshotFile(DEFAULT_VFS, self.path)
+
+
+def _inspect_snapshot_file(path: str, kek) -> dict:
+    from . import backup, crypto
+    from . import format as fmt
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(8)
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not a snapshot file") from None
+    if magic == backup.EXPORT_MAGIC:
+        info = backup.inspect_export(path, kek)
+        info["kind"] = "export"
+        return info
+    if magic != fmt.SNAPSHOT_MAGIC:
+        raise UsageError(f"{path} is not a walcrypt snapshot export or snapshot file")
+    shim = _SnapOnly(path)
+    sf = shim.snapshot_file()
+    h = sf.header
+    bundle = sf.bundle_doc()
+    info = {"path": path, "kind": "snapshot", "format_version": fmt.FORMAT_VERSION, "kek_embedded": False,
+            "store_id": h.store_id.hex(), "index": h.index, "term": h.term, "algorithm": crypto.suite(h.algorithm).name,
+            "key_id": h.key_id.hex(), "snapshot_bytes": os.path.getsize(path),
+            "keys": [{"key_id": k["id"], "state": K.STATE_NAMES.get(k["state"], "?")} for k in bundle.get("keys", [])],
+            "warnings": [], "verified": False}
+    if kek is not None or h.algorithm == fmt.ALG_NONE:
+        unlocked = backup._unlock(shim, kek)
+        info["conf_state"] = {"voters": list(unlocked.meta.conf_state.voters),
+                              "learners": list(unlocked.meta.conf_state.learners)}
+        info["data_bytes"] = unlocked.verify()
+        info["verified"] = True
+    return info
+
+
+@command(snapshot, name="inspect")
+@click.argument("file", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@key_options
+def snapshot_inspect(file, as_json, **kw) -> None:
+    """Show an export (or a snapshot file): index, term, keys, whether a KEK is embedded.
+
+    Without a key: metadata only.  With the KEK (or an embedded one) every chunk
+    is authenticated.  Warns loudly when a KEK is embedded.  Read-only.
+
+    \b
+    Example:
+      walcrypt snapshot inspect /backup/node1.wcx --key-file /secure/kek
+    """
+    from .inspection import format_table, human_size
+    kek = _kek(kw)
+    if not os.path.exists(file):
+        raise UsageError(f"{file} does not exist")
+    info = _inspect_snapshot_file(file, kek)
+    for w in info["warnings"]:
+        click.echo(f"WARNING: {w}", err=True)
+    if as_json:
+        _emit_json(info)
+        return
+    click.echo(f"file           {info['path']} ({info['kind']}, {human_size(info['snapshot_bytes'])} snapshot)")
+    click.echo(f"snapshot       index {info['index']} term {info['term']}, {info['algorithm']}, "
+               f"data key {info['key_id']}")
+    click.echo(f"store ID       {info['store_id']}")
+    click.echo(f"KEK embedded   {'YES - see the warning' if info['kek_embedded'] else 'no'}")
+    if info["verified"]:
+        cs = info.get("conf_state", {})
+        click.echo(f"authenticated  yes: {human_size(info['data_bytes'])} of data, every chunk verified; "
+                   f"voters={cs.get('voters')} learners={cs.get('learners')}")
+    else:
+        click.echo("authenticated  no (give the KEK to verify every chunk)")
+    if info["keys"]:
+        click.echo("wrapped keys carried (IDs and states only)")
+        click.echo(format_table(["KEY ID", "STATE"], [[k["key_id"], k["state"]] for k in info["keys"]]))
+
+
+@command(snapshot, name="redact")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--kek-out", type=click.Path(dir_okay=False),
+              help="Save the embedded KEK to this new file (0600) before removing it.")
+def snapshot_redact(file, kek_out) -> None:
+    """Remove an embedded KEK from an export, in place.
+
+    \b
+    Example:
+      walcrypt snapshot redact /backup/node1.wcx --kek-out /secure/kek-from-backup
+    """
+    from . import backup
+    if not os.path.exists(file):
+        raise UsageError(f"{file} does not exist")
+    if kek_out and os.path.exists(kek_out):
+        raise UsageError(f"{kek_out} already exists; refusing to overwrite it")
+    if kek_out and not os.path.isdir(os.path.dirname(os.path.abspath(kek_out))):
+        raise UsageError(f"the directory of {kek_out} does not exist")
+    with open(file, "rb") as f:
+        if f.read(8) != backup.EXPORT_MAGIC:
+            raise UsageError(f"{file} is not a walcrypt snapshot export")
+    res = backup.redact_export(file, kek_out=kek_out)
+    if not res["redacted"]:
+        click.echo(f"{file} embeds no KEK; nothing to redact")
+        if kek_out:
+            click.echo(f"(nothing was written to {kek_out})")
+        return
+    click.echo(f"removed the embedded KEK from {file}" + (f"; saved it to {kek_out} (mode 0600)" if kek_out else ""))
+
+
+@command(snapshot, name="restore")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("directory", type=click.Path(file_okay=False))
+@key_options
+def snapshot_restore(file, directory, **kw) -> None:
+    """Restore an export into a new (or empty) data directory.
+
+    The snapshot is authenticated end to end first, then re-encrypted into a new
+    store with its own store ID and data key, wrapped by the same KEK.  On any
+    failure the new directory is removed again.
+
+    \b
+    Example:
+      walcrypt snapshot restore /backup/node1.wcx /var/lib/node1.new --key-file /secure/kek
+    """
+    from . import backup
+    kek = _kek(kw)
+    if not os.path.exists(file):
+        raise UsageError(f"{file} does not exist")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UsageError(f"{directory} exists and is not a directory")
+    existed = os.path.isdir(directory)
+    if existed and os.listdir(directory):
+        raise UsageError(f"{directory} is not empty; restore only into a new or empty directory")
+    with open(file, "rb") as f:
+        if f.read(8) != backup.EXPORT_MAGIC:
+            raise UsageError(f"{file} is not a walcrypt snapshot export")
+    with _Spinner("verifying the export"):
+        info = backup.inspect_export(file, kek)
+    if not info["verified"]:
+        raise KeyProviderError(f"{file} is encrypted and embeds no KEK: give the KEK it was exported under")
+    try:
+        with _Spinner("restoring"):
+            res = backup.restore_export(file, directory, kek=kek)
+    except BaseException:
+        if existed:
+            for n in os.listdir(directory):
+                p = os.path.join(directory, n)
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+        elif os.path.isdir(directory):
+            shutil.rmtree(directory)
+        raise
+    click.echo(f"restored the snapshot at index {res['index']} term {res['term']} ({res['data_bytes']} bytes) "
+               f"into {directory}; start the node on it and Raft will catch it up from the leader")
+    if kek is None and info["kek_embedded"]:
+        click.echo(f"note: the new store is encrypted under the KEK embedded in {file}; save it with "
+                   f"'walcrypt snapshot redact {file} --kek-out F' to open the store later", err=True)
+
+
+# ---------------------------------------------------------------------------
+# demo, bench
+# ---------------------------------------------------------------------------
+
+@command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--entries", "n_entries", type=int, default=20000, show_default=True)
+@click.option("--entries", "n_entries", type=click.IntRange(min=1), default=20000, show_default=True)
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
               help="Where to create the demo store (default: a new temporary directory).")
 def demo(as_json, n_entries, workdir) -> None:
     """Write, reopen, verify and tamper with an encrypted store; print what was seen."""
     from .demo import run_demo
-    report = _run(run_demo, n_entries=n_entries, workdir=workdir, echo=None if as_json else click.echo)
+    report = run_demo(n_entries=n_entries, workdir=workdir, echo=None if as_json else click.echo)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        _emit_json(report)
     sys.exit(EXIT_OK if report["ok"] else EXIT_FINDINGS)
+
+
+def find_checkout() -> str | None:
+    """A source checkout holding benchmarks/: the current directory, or the one above the package."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (os.getcwd(), here):
+        if os.path.isfile(os.path.join(root, "benchmarks", "__main__.py")):
+            return root
+    return None
+
+
+@command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args) -> None:
+    """Run the quick benchmark suite (python -m benchmarks --quick [ARGS]).
+
+    Needs a source checkout with benchmarks/ (in the current directory or next
+    to the installed package); extra ARGS go to the suite, e.g. 'walcrypt bench
+    -- --list'.
+    """
+    root = find_checkout()
+    if root is None:
+        click.echo("walcrypt: error: 'walcrypt bench' needs a source checkout: no benchmarks/ in the current "
+                   "directory or next to the package; run it from a clone of the walcrypt repository", err=True)
+        sys.exit(EXIT_USAGE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", *args], cwd=root, env=env)
+    sys.exit(proc.returncode)
 
 
 if __name__ == "__main__":  # pragma: no cover

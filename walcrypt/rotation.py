@@ -97,7 +97,7 @@ class Rotation:
         return {"keys": keys, "rotation": dict(self.state) if self.state else None}
 
     # ------------------------------------------------------------------ DEK rotation
-    def rotate_dek(self, *, reason: str = "requested", rekey: bool = False) -> None:
+    def rotate_dek(self, *, reason: str = "requested", rekey: bool = False, queued: int = 0) -> None:
         st = self.store
         st._check_write()
         if not st.encrypted:
@@ -111,7 +111,7 @@ class Rotation:
         st.wal.check_writable()
         entry, secret = K.new_key_entry(st.wrapper, st.store_id, algorithm=st.algorithm,
                                         purpose=K.PURPOSE_DEK, state=K.PENDING)
-        state = {"pending": entry.key_id.hex(), "first_index": st.wal.last_index() + 1, "queued": 0,
+        state = {"pending": entry.key_id.hex(), "first_index": st.wal.last_index() + 1, "queued": queued,
                  "requested_ns": time.time_ns(), "reason": reason, "rekey": rekey}
         with st.meta.write() as tx:                       # step 1: durable before anything else
             tx.put(M.DB_KEYRING, entry.key_id, M.encode_keyring(entry))
@@ -126,7 +126,7 @@ class Rotation:
     def _ask_for_snapshot(self) -> None:
         if self.snapshot_source is None or not self.state:
             return
-        meta, data = self.snapshot_source()               # step 3
+        meta, data = self.snapshot_source(self.store)     # step 3
         if not isinstance(meta, SnapshotMeta):
             meta = SnapshotMeta(*meta)
         self.store.save_snapshot(meta, data)
@@ -166,11 +166,7 @@ class Rotation:
         log.info("DEK rotation complete: key %s active", pending.hex())
         self.finish_retirement()
         if queued:
-            self.rotate_dek(reason="queued")
-            if self.state:
-                with st.meta.write() as tx:
-                    self.state["queued"] = queued - 1
-                    self._put_state(tx, self.state)
+            self.rotate_dek(reason="queued", queued=queued - 1)
 
     def finish_retirement(self) -> None:
         """Purge what retiring keys protect; retire keys nothing references any more."""
@@ -207,6 +203,11 @@ class Rotation:
             cur = st.snapshots.infos[-1] if st.snapshots.infos else None
             if cur is not None:
                 self.on_snapshot(cur)
+            if self.state:
+                try:
+                    self._ask_for_snapshot()  # a host that registered a source gets asked again
+                except Exception as exc:      # the store stays usable; needs_snapshot tells the host
+                    log.warning("the snapshot source failed while resuming a DEK rotation: %s", exc)
         self.finish_retirement()
 
     # ------------------------------------------------------------------ budgets

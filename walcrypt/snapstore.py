@@ -208,13 +208,13 @@ class Snapshots:
                    snap_id: int | None = None):
         """Write and publish a snapshot file under ``key_id`` (not registered).  -> (info, aead, commitment)"""
         st = self.store
-        st.vfs.makedirs(self.dir)
+        st.ensure_dir(self.dir)
         if snap_id is None:
             with st.meta.read() as r:
                 nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
             snap_id = int.from_bytes(nxt, "little") if nxt else 1
         salt = os.urandom(SNAP_SALT_SIZE) if st.encrypted else bytes(SNAP_SALT_SIZE)
-        bundle = st.keyring_bundle()
+        bundle = st.keyring_bundle({key_id})
         h = SnapshotHeader(st.algorithm, 0, st.store_id, snap_id, meta.index, meta.term, self.chunk_size,
                            len(bundle), key_id, salt, b"")
         aead, commitment = self._keys(h)

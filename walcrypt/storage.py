@@ -67,7 +67,7 @@ class Store:
                  keep_snapshots: int = 2, snapshot_chunk_size: int = 1 << 20, snapshot_source=None,
                  destroy_retired_keys: bool = False, max_records_per_dek: int = DEFAULT_MAX_RECORDS_PER_DEK,
                  max_bytes_per_dek: int = DEFAULT_MAX_BYTES_PER_DEK, max_dek_age_s: float | None = None,
-                 vfs: VFS | None = None):
+                 vfs: VFS | None = None, _dirlock: layout.DirLock | None = None):
         self.path = os.path.abspath(os.fspath(path))
         self.vfs = vfs or DEFAULT_VFS
         self.read_only = read_only
@@ -86,7 +86,7 @@ class Store:
             raise UsageError("a KEK was given for a plaintext store; drop kek= or open with encrypted=True")
         self._kek = kek
         self._prepare_root()
-        self._lock = layout.DirLock(self.path) if not read_only else None
+        self._lock = _dirlock or (layout.DirLock(self.path) if not read_only else None)
         try:
             self.meta = M.Meta(os.path.join(self.path, layout.META_DIR), readonly=read_only)
             try:
@@ -97,7 +97,7 @@ class Store:
                 self.pair = layout.pair_for(self.encrypted)
                 self.wal_dir = os.path.join(self.path, self.pair.wal)
                 if not read_only:
-                    self.vfs.makedirs(self.wal_dir)
+                    self.ensure_dir(self.wal_dir)
                 self.wal = Wal(self, sync=sync, segment_size=segment_size, max_entry_size=max_entry_size)
                 self.snapshots = Snapshots(self, os.path.join(self.path, self.pair.snap), keep=keep_snapshots,
                                            chunk_size=snapshot_chunk_size)
@@ -114,6 +114,12 @@ class Store:
                 self._lock.release()
             raise
         self.closed = False
+        if not read_only:
+            try:
+                self.rotation.resume()        # finish a rotation a crash interrupted (may call snapshot_source)
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------------ bootstrap
     def _prepare_root(self) -> None:
@@ -231,8 +237,9 @@ class Store:
         pending = self.rotation.pending_key_id if self.encrypted else None
         return pending or self.active_key_id()
 
-    def keyring_bundle(self) -> bytes:
-        """The wrapped keys (never a KEK) that travel inside every snapshot."""
+    def keyring_bundle(self, key_ids: set[bytes] | None = None) -> bytes:
+        """The wrapped keys (never a KEK) that travel with a snapshot: only ``key_ids`` (the
+        snapshot's own DEK), so a key destroyed later does not live on inside older files."""
         if not self.encrypted:
             return b""
         with self.meta.read() as r:
@@ -245,8 +252,15 @@ class Store:
                "keys": [{"id": k.key_id.hex(), "state": k.state, "algorithm": k.algorithm, "purpose": k.purpose,
                          "created_ns": k.created_ns, "state_changed_ns": k.state_changed_ns,
                          "wrapped": k.wrapped.hex()}
-                        for k in self.keys.values() if k.state != K.DESTROYED]}
+                        for k in self.keys.values()
+                        if k.state != K.DESTROYED and (key_ids is None or k.key_id in key_ids)]}
         return json.dumps(doc, sort_keys=True).encode()
+
+    def ensure_dir(self, path: str) -> None:
+        """Create a directory durably: the new entry is fsynced in its parent."""
+        if not os.path.isdir(path):
+            self.vfs.makedirs(path)
+            self.vfs.fsync_dir(os.path.dirname(path))
 
     def kek_material(self) -> bytes:
         """The effective KEK bytes, only for an explicitly requested embedded-KEK export."""
@@ -301,8 +315,6 @@ class Store:
         self.snapshots.load()
         self._after_snapshot_fallback()
         self.rotation.load()
-        if not self.read_only:
-            self.rotation.resume()
 
     def _after_snapshot_fallback(self) -> None:
         """If the newest snapshot was quarantined, the compaction point may lie beyond the snapshot now
@@ -727,9 +739,16 @@ def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
     ``encrypted=False`` is migrated to plaintext only with ``decrypt_existing=True``
     (and its KEK); otherwise it is a UsageError.  ``migration_progress(stage, done, total)``
     reports progress."""
-    layout.check_not_held(os.fspath(path))
-    have = stored_mode(path)
-    if have is not None and have != encrypted:
+    path = os.fspath(path)
+    if options.get("read_only") or not layout.looks_like_store(path):
+        return Store(path, kek=kek, encrypted=encrypted, **options)
+    lock = layout.DirLock(path)          # before reading anything: no writer can be active
+    try:
+        have = stored_mode(path)
+        if have is None or have == encrypted:
+            if not encrypted and decrypt_existing:
+                kek = None                   # already plaintext (a finished migration): nothing to decrypt
+            return Store(path, kek=kek, encrypted=encrypted, _dirlock=lock, **options)
         if not encrypted and not decrypt_existing:
             raise UsageError(f"{path} is encrypted; opening it as plaintext would decrypt every record on disk. "
                              "Pass decrypt_existing=True (and its kek=) to migrate it, or open it with its kek=")
@@ -737,10 +756,15 @@ def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
             raise KeyProviderError(f"{path} is a plaintext store: pass kek=... to migrate it to encrypted, or "
                                    "open it with encrypted=False")
         from .migrate import migrate
-        algorithm = options.get("algorithm", "aes-256-gcm")
-        src = Store(path, kek=kek if have else None, encrypted=have, **options)
+        src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, **options)
+        lock = None                      # the source store owns it now and releases it on close
         try:
-            migrate(src, to_encrypted=encrypted, kek=kek, algorithm=algorithm, progress=migration_progress)
+            migrate(src, to_encrypted=encrypted, kek=kek, algorithm=options.get("algorithm", "aes-256-gcm"),
+                    progress=migration_progress)
         finally:
             src.close()
-    return Store(path, kek=kek if encrypted else None, encrypted=encrypted, **options)
+        return Store(path, kek=kek if encrypted else None, encrypted=encrypted, **options)
+    except BaseException:
+        if lock is not None and lock.fd is not None:
+            lock.release()
+        raise

@@ -1,0 +1,255 @@
+"""Shared helpers of the engine test suite (imported by conftest.py, the tests and the child script).
+
+Nothing here imports engine internals beyond ``walcrypt.format`` (the normative layout):
+frame and header parsing, CRC fixing and tampering are done independently of the engine's
+own code paths, so the tests check the format rather than reuse the code under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from crc32c import crc32c
+
+import walcrypt
+from walcrypt import Entry, HardState
+from walcrypt import format as fmt
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+CHILD = os.path.join(TESTS_DIR, "_wal_child.py")
+
+ENC_DIR = "wal-v1-encrypted"
+PLAIN_DIR = "wal-v1"
+SEG_SIZE = 64 * 1024
+KEK_BYTES = bytes.fromhex("8f1e3a5c7b9d0f2e4a6c8e0b1d3f5a7c9e1b3d5f7a9c0e2b4d6f8a1c3e5b7d9f")
+
+# ---------------------------------------------------------------------------
+# Deterministic payloads
+# ---------------------------------------------------------------------------
+
+
+def entry_data(index: int, length: int | None = None) -> bytes:
+    """Deterministic bytes for entry ``index`` (length 8..71 unless given)."""
+    if length is None:
+        length = 8 + index % 64
+    seed = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=32).digest()
+    reps = length // 32 + 1
+    return (seed * reps)[:length]
+
+
+def entry_term(index: int, per_term: int = 1000) -> int:
+    return 1 + index // per_term
+
+
+def make_entries(lo: int, hi: int, *, length: int | None = None, per_term: int = 1000) -> list[Entry]:
+    return [Entry(i, entry_term(i, per_term), entry_data(i, length)) for i in range(lo, hi)]
+
+
+# ---------------------------------------------------------------------------
+# Layout, parsed from walcrypt.format's construct declarations
+# ---------------------------------------------------------------------------
+
+
+def _field_offsets(struct) -> dict[str, tuple[int, int]]:
+    out, off = {}, 0
+    for sub in struct.subcons:
+        size = sub.sizeof()
+        out[sub.name] = (off, size)
+        off += size
+    return out
+
+
+FRAME_FIELDS = _field_offsets(fmt.FrameHeader)
+HEADER_FIELDS = _field_offsets(fmt.SegmentHeader)
+FRAME_HEADER_SIZE = sum(s for _, s in FRAME_FIELDS.values())
+SEGMENT_HEADER_SIZE = sum(s for _, s in HEADER_FIELDS.values())
+assert FRAME_HEADER_SIZE == fmt.FRAME_HEADER_SIZE
+assert SEGMENT_HEADER_SIZE == fmt.SEGMENT_HEADER_SIZE
+
+
+def align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+@dataclass
+class Frame:
+    offset: int
+    type: int
+    length: int
+    seq: int
+    index: int
+    count: int
+
+    @property
+    def end(self) -> int:          # one past the payload
+        return self.offset + FRAME_HEADER_SIZE + self.length
+
+    @property
+    def next(self) -> int:         # start of the next frame (8-byte aligned)
+        return align8(self.end)
+
+
+def _u(data: bytes, off: int, name: str) -> int:
+    o, s = FRAME_FIELDS[name]
+    return int.from_bytes(data[off + o:off + o + s], "little")
+
+
+def parse_frames(data: bytes) -> list[Frame]:
+    """Frames of a segment file, stopping at unwritten space, the INDEX frame or the end."""
+    frames = []
+    off = SEGMENT_HEADER_SIZE
+    while off + FRAME_HEADER_SIZE <= len(data):       # bounded by the file size
+        ftype = data[off]
+        if ftype == fmt.FRAME_UNWRITTEN:
+            break
+        length = _u(data, off, "length")
+        f = Frame(off, ftype, length, _u(data, off, "seq"), _u(data, off, "index"), _u(data, off, "count"))
+        frames.append(f)
+        if ftype == fmt.FRAME_INDEX or f.end > len(data):
+            break
+        off = f.next
+    return frames
+
+
+def batches(frames: list[Frame]) -> list[list[Frame]]:
+    """Frames grouped into write units, each ending with its COMMIT frame."""
+    out, cur = [], []
+    for f in frames:
+        if f.type == fmt.FRAME_INDEX:
+            break
+        cur.append(f)
+        if f.type == fmt.FRAME_COMMIT:
+            out.append(cur)
+            cur = []
+    return out
+
+
+def frame_crc(data: bytes | bytearray, f: Frame) -> int:
+    o = f.offset
+    co, _ = FRAME_FIELDS["crc"]
+    header = bytes(data[o:o + FRAME_HEADER_SIZE])
+    return crc32c(header[:co] + header[co + 4:] + bytes(data[o + FRAME_HEADER_SIZE:o + FRAME_HEADER_SIZE + f.length]))
+
+
+def fix_frame_crc(data: bytearray, offset: int) -> None:
+    """Recompute the CRC32C of the frame at ``offset`` after its bytes were changed (an attacker can)."""
+    length = _u(data, offset, "length")
+    f = Frame(offset, data[offset], length, 0, 0, 0)
+    co, _ = FRAME_FIELDS["crc"]
+    data[offset + co:offset + co + 4] = frame_crc(data, f).to_bytes(4, "little")
+
+
+def fix_header_crc(data: bytearray) -> None:
+    co, _ = HEADER_FIELDS["crc"]
+    data[co:co + 4] = crc32c(bytes(data[:co])).to_bytes(4, "little")
+
+
+def flip_bit(data: bytearray, offset: int, bit: int = 0) -> None:
+    data[offset] ^= 1 << bit
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write(path: str, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate(len(data))
+
+
+def wal_dir(data_dir: str, encrypted: bool = True) -> str:
+    return os.path.join(data_dir, ENC_DIR if encrypted else PLAIN_DIR)
+
+
+def segment_files(data_dir: str, encrypted: bool = True) -> list[str]:
+    d = wal_dir(data_dir, encrypted)
+    if not os.path.isdir(d):
+        return []
+    return [os.path.join(d, n) for n in sorted(os.listdir(d)) if n.endswith(".wal")]
+
+
+def all_files(root: str) -> list[str]:
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        for n in files:
+            out.append(os.path.join(dirpath, n))
+    return sorted(out)
+
+
+def tree_hashes(root: str, exclude=("lock.mdb",)) -> dict[str, str]:
+    return {os.path.relpath(p, root): hashlib.sha256(read(p)).hexdigest()
+            for p in all_files(root) if os.path.basename(p) not in exclude}
+
+
+def copy_store(src: str, dst: str) -> str:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+# ---------------------------------------------------------------------------
+# Store helpers
+# ---------------------------------------------------------------------------
+
+
+def open_store(path, *, kek=None, encrypted: bool = True, **opts):
+    opts.setdefault("segment_size", SEG_SIZE)
+    opts.setdefault("sync", "always")
+    if encrypted:
+        return walcrypt.open(path, kek=kek if kek is not None else walcrypt.RawKey(KEK_BYTES), **opts)
+    return walcrypt.open(path, encrypted=False, **opts)
+
+
+def read_everything(store) -> tuple[list[Entry], HardState]:
+    """Every entry (and its term via term()) plus the hard state; raises what the engine raises."""
+    hs, _cs = store.initial_state()
+    first, last = store.first_index(), store.last_index()
+    entries = store.entries(first, last + 1) if last >= first else []
+    for e in entries:
+        assert store.term(e.index) == e.term
+    return entries, hs
+
+
+def open_and_read_all(path, **kw) -> tuple[list[Entry], HardState]:
+    with open_store(path, **kw) as s:
+        return read_everything(s)
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_child(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    """Run tests/_wal_child.py to completion (bounded by ``timeout``; killed by PID on expiry)."""
+    proc = subprocess.Popen([sys.executable, CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=child_env(), cwd=REPO_ROOT)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, 9)
+            proc.wait()
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+    if check and res.returncode != 0:
+        raise AssertionError(f"child {args} failed with {res.returncode}:\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+def spawn_child(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, CHILD, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=child_env(), cwd=REPO_ROOT)
