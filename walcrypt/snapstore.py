@@ -90,6 +90,37 @@ def decode_info(snap_id: int, raw: bytes, directory: str, path: str) -> Snapshot
                         os.path.join(directory, snapshot_file_name(snap_id, index, term)))
 
 
+class PendingSnapshot:
+    """A snapshot being streamed in: ``write()`` data, then ``commit()`` (durable on return) or ``abort()``."""
+
+    def __init__(self, owner: "Snapshots", meta: SnapshotMeta, writer: SnapshotWriter):
+        self.owner, self.meta, self.writer = owner, meta, writer
+        self.done = False
+
+    def write(self, data) -> int:
+        self.writer.write(bytes(data))
+        return len(data)
+
+    def commit(self) -> SnapshotInfo:
+        if self.done:
+            raise UsageError("this snapshot was already committed or aborted")
+        self.done = True
+        w = self.writer
+        try:
+            path = w.publish()
+        except BaseException:
+            w.abort()
+            raise
+        info = SnapshotInfo(w.header.snapshot_id, self.meta.index, self.meta.term, w.header.key_id, w.digest,
+                            w.data_bytes, path)
+        return self.owner._commit(self.meta, info)
+
+    def abort(self) -> None:
+        if not self.done:
+            self.done = True
+            self.writer.abort()
+
+
 class Snapshots:
     """Snapshot registry of one open store.  Writes are serialised by the caller (Store)."""
 
@@ -175,6 +206,16 @@ class Snapshots:
 
     # ------------------------------------------------------------------ write
     def save(self, meta: SnapshotMeta, data, *, extra_meta: dict | None = None) -> SnapshotInfo:
+        pending = self.begin(meta, extra_meta=extra_meta)
+        try:
+            pending.writer.write_from(data)
+        except BaseException:
+            pending.abort()
+            raise
+        return pending.commit()
+
+    def begin(self, meta: SnapshotMeta, *, extra_meta: dict | None = None) -> "PendingSnapshot":
+        """Start a streamed snapshot: write() its data, then commit() (or abort())."""
         st = self.store
         if meta.index < 1 or meta.term < 1:
             raise UsageError(f"a snapshot needs index >= 1 and term >= 1, not {meta.index}/{meta.term}")
@@ -182,7 +223,10 @@ class Snapshots:
             raise UsageError(f"snapshot at index {meta.index} is older than the newest snapshot at "
                              f"{self.infos[-1].index} (etcd's ErrSnapOutOfDate)")
         st.wal.check_writable()
-        info, _aead, _commitment = self.write_file(meta, data, st.write_key_id(), extra_meta=extra_meta)
+        return PendingSnapshot(self, meta, self.open_writer(meta, st.write_key_id(), extra_meta=extra_meta))
+
+    def _commit(self, meta: SnapshotMeta, info: SnapshotInfo) -> SnapshotInfo:
+        st = self.store
         # 2. tie it to the log
         record = (fmt.FRAME_SNAPSHOT, meta.index, meta.term, 0,
                   fmt.SNAPSHOT_RECORD_STRUCT.pack(info.snapshot_id, meta.index, meta.term, info.digest), None)
@@ -204,9 +248,16 @@ class Snapshots:
         st.rotation.on_snapshot(info)
         return info
 
-    def write_file(self, meta: SnapshotMeta, data, key_id: bytes, *, extra_meta: dict | None = None,
-                   snap_id: int | None = None):
-        """Write and publish a snapshot file under ``key_id`` (not registered).  -> (info, aead, commitment)"""
+    def open_info(self, info: SnapshotInfo) -> Snapshot:
+        """A retained snapshot (not only the newest), authenticated as it is read."""
+        f = SnapshotFile(self.store.vfs, info.path)
+        aead, commitment = self._keys(f.header)
+        f.unlock(aead, commitment)
+        return Snapshot(info, f)
+
+    def open_writer(self, meta: SnapshotMeta, key_id: bytes, *, extra_meta: dict | None = None,
+                    snap_id: int | None = None) -> SnapshotWriter:
+        """A writer for a snapshot file under ``key_id`` (published by the caller, not registered)."""
         st = self.store
         st.ensure_dir(self.dir)
         if snap_id is None:
@@ -219,14 +270,19 @@ class Snapshots:
                            len(bundle), key_id, salt, b"")
         aead, commitment = self._keys(h)
         h.commitment = commitment
-        w = SnapshotWriter(st.vfs, self.dir, h, aead, bundle, meta, extra_meta)
+        return SnapshotWriter(st.vfs, self.dir, h, aead, bundle, meta, extra_meta)
+
+    def write_file(self, meta: SnapshotMeta, data, key_id: bytes, *, extra_meta: dict | None = None,
+                   snap_id: int | None = None) -> SnapshotInfo:
+        """Write and publish a snapshot file under ``key_id`` (not registered)."""
+        w = self.open_writer(meta, key_id, extra_meta=extra_meta, snap_id=snap_id)
         try:
             w.write_from(data)
             path = w.publish()
         except BaseException:
             w.abort()
             raise
-        return SnapshotInfo(snap_id, meta.index, meta.term, key_id, w.digest, w.data_bytes, path), aead, commitment
+        return SnapshotInfo(w.header.snapshot_id, meta.index, meta.term, key_id, w.digest, w.data_bytes, path)
 
     def install(self, info: SnapshotInfo) -> None:
         """Make a registered snapshot the current one."""

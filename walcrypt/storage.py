@@ -54,6 +54,25 @@ class _FailOnOSError:
         return False
 
 
+class _GuardedPending:
+    """A PendingSnapshot whose file errors fail the store (see _FailOnOSError)."""
+
+    def __init__(self, store: "Store", pending):
+        self._store, self._pending = store, pending
+        self.meta = pending.meta
+
+    def write(self, data) -> int:
+        with _FailOnOSError(self._store, "writing a snapshot"):
+            return self._pending.write(data)
+
+    def commit(self):
+        with _FailOnOSError(self._store, "saving a snapshot"):
+            return self._pending.commit()
+
+    def abort(self) -> None:
+        self._pending.abort()
+
+
 class Store:
     """An open walcrypt data directory.  Use :func:`walcrypt.open`.
 
@@ -496,7 +515,7 @@ class Store:
             cur = self.snapshots.current
             if cur is not None:
                 with cur.open() as stream:
-                    snap_info, _a, _c = self.snapshots.write_file(cur.meta, stream, key_id,
+                    snap_info = self.snapshots.write_file(cur.meta, stream, key_id,
                                                                   snap_id=self._next_snapshot_id())
         return staged, snap_info
 
@@ -621,6 +640,25 @@ class Store:
         """The newest snapshot (``.meta``, ``.open()``, ``.data``), or None."""
         self._check_open()
         return self.snapshots.current
+
+    def begin_snapshot(self, meta: SnapshotMeta, *, extra_meta: dict | None = None):
+        """Stream a snapshot in: ``w = store.begin_snapshot(meta); w.write(b); w.commit()`` (or
+        ``w.abort()``).  ``commit()`` is durable on return, like save_snapshot."""
+        self._check_write()
+        return _GuardedPending(self, self.snapshots.begin(meta, extra_meta=extra_meta))
+
+    def truncate(self, index: int) -> None:
+        """Durably discard every entry >= ``index`` (hashicorp's DeleteRange of a suffix).
+
+        Writing continues at ``index`` in a new segment; nothing before ``index`` changes."""
+        self._check_write()
+        wal = self.wal
+        if index > wal.last_index():
+            return
+        if index <= wal.compacted_index:
+            raise UsageError(f"cannot truncate from {index}: entries up to {wal.compacted_index} are compacted")
+        with _FailOnOSError(self, "truncating the log"):
+            wal.truncate_from(index)
 
     # ------------------------------------------------------------------ stable store
     def stable_set(self, key: bytes, value: bytes) -> None:

@@ -407,6 +407,12 @@ class Wal:
             self.failed = exc
             raise StoreFailedError(f"sealing {seg.path} failed: {exc}; reopen the store to recover") from exc
 
+    def truncate_from(self, index: int) -> None:
+        """Durably discard entries >= index: a new segment based at ``index`` supersedes them."""
+        with self._write:
+            self.check_writable()
+            self._replace_from(index)
+
     def cut_now(self) -> None:
         """Seal the active segment and start a new one now (a DEK rotation's step 2)."""
         with self._write:
