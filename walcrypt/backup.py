@@ -39,6 +39,14 @@ FLAG_KEK_EMBEDDED = 1
 _COPY = 1 << 20
 
 
+def _copy(inp, out) -> None:
+    while True:
+        block = inp.read(_COPY)
+        if not block:
+            return
+        out.write(block)
+
+
 def _header(flags: int, kek_len: int, snap_len: int, store_id: bytes, kek_crc: int, bundle: bytes) -> bytes:
     body = EXPORT_HEADER.pack(EXPORT_MAGIC, fmt.FORMAT_VERSION, flags, kek_len, snap_len, time.time_ns(),
                               store_id, kek_crc, len(bundle), crc32c(bundle))
@@ -124,11 +132,7 @@ def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
             out.write(_header(flags, len(kek), snap_len, store.store_id, crc32c(kek) if kek else 0, bundle))
             out.write(kek)
             out.write(bundle)
-            while True:
-                block = inp.read(_COPY)
-                if not block:
-                    break
-                out.write(block)
+            _copy(inp, out)
             out.flush()
             os.fsync(out.fileno())
         if os.path.exists(out_path):
@@ -223,11 +227,7 @@ def redact_export(path: str, *, out_path: str | None = None, kek_out: str | None
         out.write(_header(0, 0, ex.snapshot_length, ex.store_id, 0, ex.bundle))
         out.write(ex.bundle)
         inp.seek(ex.snapshot_offset)
-        while True:
-            block = inp.read(_COPY)
-            if not block:
-                break
-            out.write(block)
+        _copy(inp, out)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, dest)

@@ -148,13 +148,11 @@ class _TargetKeys:
 
 
 def _rewrite_log(store, ctx: _TargetKeys, directory: str, say: Progress) -> list[Segment]:
-    wal = store.wal
-    lo, hi = wal.compacted_index + 1, wal.last_index()
-    total = max(hi - lo + 1, 0)
-    seg_id = store.next_segment
-    segments: list[Segment] = []
+    next_id = [store.next_segment]
 
     def new_segment(base: int) -> Segment:
+        seg_id = next_id[0]
+        next_id[0] += 1
         salt = os.urandom(fmt.SALT_SIZE) if ctx.encrypted else bytes(fmt.SALT_SIZE)
         ident = SegmentIdentity(store.store_id, seg_id, base, ctx.algorithm, ctx.key_id, salt, b"")
         if ctx.encrypted:
@@ -163,26 +161,9 @@ def _rewrite_log(store, ctx: _TargetKeys, directory: str, say: Progress) -> list
             key, commitment = b"", bytes(fmt.COMMITMENT_SIZE)
         ident.commitment = commitment
         cipher = crypto.FrameCipher(ctx.algorithm, ctx.aead(key), ctx.key_id, store.store_id, seg_id)
-        seg = Segment.create(store.vfs, directory, ident, cipher, wal.segment_size, wal.hardstate)
-        segments.append(seg)
-        return seg
+        return Segment.create(store.vfs, directory, ident, cipher, store.wal.segment_size, store.wal.hardstate)
 
-    seg = new_segment(lo)
-    idx = lo
-    while idx <= hi:
-        batch = wal.entries(idx, min(hi + 1, idx + fmt.RECORD_MAX_ENTRIES), max_size=fmt.RECORD_TARGET_BYTES * 8)
-        records = wal._prepare(batch)
-        if seg.write_offset + sum(len(r[4]) + 128 for r in records) > wal.segment_size and seg.seq > 2:
-            store._seal_staged(seg)
-            seg_id += 1
-            seg = new_segment(idx)
-        buf, pending = seg.encode_batch(records)
-        seg.write(buf)
-        seg.apply_batch(buf, pending)
-        idx = batch[-1].index + 1
-        say("log", idx - lo, total)
-    store._seal_staged(seg)
-    return segments
+    return store.copy_log(new_segment, progress=lambda done, total: say("log", done, total))
 
 
 def _rewrite_snapshot(store, ctx: _TargetKeys, directory: str, say: Progress) -> SnapshotInfo | None:

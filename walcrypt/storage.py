@@ -489,28 +489,17 @@ class Store:
         registered: ``register_staged`` makes them visible in one LMDB commit, and a crash
         before it leaves orphans that the next open removes.  -> (segments, snapshot info)"""
         wal = self.wal
-        staged: list[Segment] = []
         with wal._write:
             wal.check_writable()
             wal._seal_active()
-            lo, hi = wal.compacted_index + 1, wal.last_index()
-            seg_id = self.next_segment
-            seg = self._segment_file(seg_id, lo, key_id, wal.hardstate)
-            staged.append(seg)
-            idx = lo
-            while idx <= hi:
-                batch = wal.entries(idx, min(hi + 1, idx + fmt.RECORD_MAX_ENTRIES), max_size=fmt.RECORD_TARGET_BYTES * 8)
-                records = wal._prepare(batch)
-                if seg.write_offset + sum(len(r[4]) + 128 for r in records) > wal.segment_size and seg.seq > 2:
-                    self._seal_staged(seg)
-                    seg_id += 1
-                    seg = self._segment_file(seg_id, idx, key_id, wal.hardstate)
-                    staged.append(seg)
-                buf, pending = seg.encode_batch(records)
-                seg.write(buf)
-                seg.apply_batch(buf, pending)
-                idx = batch[-1].index + 1
-            self._seal_staged(seg)
+            next_id = [self.next_segment]
+
+            def new_segment(base: int) -> Segment:
+                seg = self._segment_file(next_id[0], base, key_id, wal.hardstate)
+                next_id[0] += 1
+                return seg
+
+            staged = self.copy_log(new_segment)
             snap_info = None
             cur = self.snapshots.current
             if cur is not None:
@@ -518,6 +507,31 @@ class Store:
                     snap_info = self.snapshots.write_file(cur.meta, stream, key_id,
                                                                   snap_id=self._next_snapshot_id())
         return staged, snap_info
+
+    def copy_log(self, new_segment, progress=None) -> list[Segment]:
+        """Write every retained entry (and the hard state) into fresh segments made by
+        ``new_segment(base_index)``, rolling over at the segment size; each is synced and sealed.
+        Used by the full re-key and by migration.  The caller blocks writers."""
+        wal = self.wal
+        lo, hi = wal.compacted_index + 1, wal.last_index()
+        segments = [new_segment(lo)]
+        seg = segments[0]
+        idx = lo
+        while idx <= hi:
+            batch = wal.entries(idx, min(hi + 1, idx + fmt.RECORD_MAX_ENTRIES), max_size=fmt.RECORD_TARGET_BYTES * 8)
+            records = wal._prepare(batch)
+            if seg.write_offset + sum(len(r[4]) + 128 for r in records) > wal.segment_size and seg.seq > 2:
+                self._seal_staged(seg)
+                seg = new_segment(idx)
+                segments.append(seg)
+            buf, pending = seg.encode_batch(records)
+            seg.write(buf)
+            seg.apply_batch(buf, pending)
+            idx = batch[-1].index + 1
+            if progress:
+                progress(idx - lo, hi - lo + 1)
+        self._seal_staged(seg)
+        return segments
 
     def _seal_staged(self, seg: Segment) -> None:
         seg.sync()
