@@ -32,6 +32,7 @@ from .segment import Segment
 from .types import Entry, HardState
 
 SYNC_POLICIES = ("always", "batch", "none")
+_ONE_ENTRY_HEAD = struct.Struct("<IIQI")     # an ENTRIES payload's table for a single entry
 
 
 class SegmentProvider(Protocol):
@@ -255,6 +256,15 @@ class Wal:
         n = len(entries)
         if not n:
             return []
+        if n == 1:                                 # the common Raft case, without the list machinery
+            index, term, data = entries[0]
+            size = len(data)
+            if size > self.max_entry_size:
+                raise UsageError(f"entry {index} is {size} bytes; the maximum entry size is "
+                                 f"{self.max_entry_size} (raise max_entry_size= when opening)")
+            if term < 0:
+                raise UsageError(f"entry {index} has term {term}; terms are never negative")
+            return [(fmt.FRAME_ENTRIES, index, term, 1, _ONE_ENTRY_HEAD.pack(1, 0, term, size) + data, (term,))]
         first = entries[0][0]
         indexes = [e[0] for e in entries]
         if indexes != list(range(first, first + n)):
