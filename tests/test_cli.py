@@ -289,6 +289,19 @@ def test_init_encrypted_and_plaintext(tmp_path, keys):
     assert rep["mode"] == "plaintext" and rep["authenticated"] is True
 
 
+def test_key_env_and_passphrase_env(store, keys, tmp_path):
+    with open(keys["kek"]) as f:
+        key_text = f.read().strip()
+    ok(wc("verify", store, "--key-env", "WALCRYPT_TEST_KEK", env={"WALCRYPT_TEST_KEK": key_text}))
+    ok(wc("verify", store, env={"WALCRYPT_KEY_FILE": keys["kek"]}))        # --key-file's environment variable
+    d = str(tmp_path / "pass")
+    ok(wc("init", d, "--passphrase-env", "WALCRYPT_TEST_PASS", env={"WALCRYPT_TEST_PASS": "correct horse"}))
+    ok(wc("verify", d, "--passphrase-env", "WALCRYPT_TEST_PASS", env={"WALCRYPT_TEST_PASS": "correct horse"}))
+    with Unchanged(d):
+        one_line_error(wc("verify", d, "--passphrase-env", "WALCRYPT_TEST_PASS",
+                          env={"WALCRYPT_TEST_PASS": "wrong horse"}), 2, "not the one")
+
+
 def test_kms_plugin(tmp_path):
     """--kms NAME loads a plug-in from the entry-point group walcrypt.kms (here a tiny fake on PYTHONPATH)."""
     site = tmp_path / "site"
@@ -464,7 +477,7 @@ def _flip_sealed_frame(root):
 def _swap_records(root):
     seg = segments(root)[2]
     ents = [f for f in frames(seg) if f[1] == fmt.FRAME_ENTRIES]
-    (a, _ta, la, _ia), (b, _tb, lb, _ib) = ents[0], ents[1]
+    (a, la), (b, lb) = ents[0][::2], ents[1][::2]
     assert la == lb
     n = fmt.align_up(fmt.FRAME_HEADER_SIZE + la)
 
@@ -558,6 +571,38 @@ def test_repair_refuses_mid_log_corruption(tmp_path, keys):
     assert "REFUSED" in res.stdout and "nothing was modified" in res.stdout
     assert "restore the node from a backup export" in res.stdout and "re-replicate" in res.stdout
     assert os.path.basename(seg) in res.stdout and f"offset {off}" in res.stdout
+
+
+def test_repair_snapshot_fallback_and_refusal(tmp_path, keys):
+    """A broken newest snapshot is renamed .broken when an older one can take over; a broken only
+    snapshot is refused."""
+    two = str(tmp_path / "two")
+    opts = dict(segment_size=SEG, snapshot_chunk_size=CHUNK, sync="always")
+    with walcrypt.open(two, kek=KeyFile(keys["kek"]), **opts) as s:
+        for b in range(20):
+            lo = b * 10 + 1
+            s.save(hard_state=HardState(1, 1, lo + 9), entries=[Entry(i, 1, data(i)) for i in range(lo, lo + 10)])
+            if b == 9:
+                s.save_snapshot(SnapshotMeta(100, 1, ConfState((1,))), snap_bytes())
+        s.save_snapshot(SnapshotMeta(180, 1, ConfState((1,))), snap_bytes())
+    one = str(tmp_path / "one")
+    build(one, keys["kek"], batches=10, snapshot_at=50)
+    for root in (two, one):
+        _corrupt_snapshot_chunk_newest(root)
+    with Unchanged(one):
+        res = ok(wc("repair", one, "--key-file", keys["kek"]), 1)
+    assert "REFUSED" in res.stdout and "snapshot chunk" in res.stdout
+    newest = snapshot_files(two)[-1]
+    res = ok(wc("repair", two, "--key-file", keys["kek"]))
+    assert "REPAIRED" in res.stdout and os.path.exists(newest + ".broken") and not os.path.exists(newest)
+    rep = json.loads(ok(wc("inspect", two, "--key-file", keys["kek"], "--json")).stdout)
+    assert [s["index"] for s in rep["snapshots"]] == [100] and rep["log"]["last_index"] == 200
+
+
+def _corrupt_snapshot_chunk_newest(root):
+    snap = snapshot_files(root)[-1]
+    size = os.path.getsize(snap)
+    edit(snap, lambda d: d.__setitem__(size - 100, d[size - 100] ^ 0x01))
 
 
 def test_repair_with_nothing_to_repair_writes_nothing(store, keys):
@@ -836,7 +881,7 @@ def test_readme_documents_every_command_with_an_example():
     section = readme[readme.index("## Command line"):]
     section = section[:section.index("\n## ", 3)]
     examples = "\n".join(re.findall(r"```sh\n(.*?)```", section, re.S))
-    listed = {ln.split()[0] for ln in ok(wc("--help")).stdout.split("Commands:")[1].splitlines() if ln.strip()}
+    listed = set(re.findall(r"^  ([a-z][a-z-]*)  ", ok(wc("--help")).stdout.split("Commands:")[1], re.M))
     assert {"keygen", "init", "inspect", "verify", "repair", "dump", "rotate-dek", "rotate-kek", "migrate",
             "snapshot", "demo", "bench"} <= listed, listed
     for cmd in sorted(listed - {"snapshot"}) + ["snapshot export", "snapshot inspect", "snapshot redact",

@@ -180,7 +180,7 @@ def _repair(path: str, kek, encrypted: bool, progress: Progress | None) -> Check
     for rep in repairs:
         if rep.get("kind") == "snapshot":
             detail = (f"broken snapshot renamed to {os.path.basename(rep['broken_copy'])} and dropped from the "
-                      f"registry; the next older snapshot is used ({rep['detail']})")
+                      "registry; the next older snapshot is used")
         else:
             detail = (f"torn tail truncated to {rep['truncated_to']} bytes ({rep['detail']}); "
                       f"a copy of the file before the repair is kept in {os.path.basename(rep['broken_copy'])}")

@@ -26,8 +26,8 @@ import time
 import click
 
 from . import keys as K
-from .errors import (CompactedError, KeyNotFoundError, KeyProviderError, LockedError, StorageError,
-                     UnavailableError, UsageError, WalcryptError, WrongKeyError)
+from .errors import (CompactedError, KeyProviderError, LockedError, UnavailableError, UsageError, WalcryptError,
+                     WrongKeyError)
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
@@ -334,7 +334,7 @@ def command(group=None, **kw):
 # keygen, init
 # ---------------------------------------------------------------------------
 
-@command()
+@command(short_help="New 32-byte KEK file, mode 0600 (never overwrites).")
 @click.argument("path", type=click.Path())
 def keygen(path: str) -> None:
     """Write a new random 32-byte KEK to PATH (mode 0600; never overwrites).
@@ -353,7 +353,7 @@ def keygen(path: str) -> None:
                "and back it up: without it the data cannot be read")
 
 
-@command()
+@command(short_help="Create an empty store.")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--plaintext", is_flag=True, help="Create a legacy plaintext store (no encryption).")
 @click.option("--algorithm", default="aes-256-gcm", show_default=True,
@@ -390,7 +390,7 @@ def init(directory, plaintext, algorithm, **kw) -> None:
 # inspect
 # ---------------------------------------------------------------------------
 
-@command()
+@command(short_help="Show what a store holds (no key needed; never writes).")
 @click.argument("directory", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @key_options
@@ -445,7 +445,7 @@ def _summary(report) -> str:
             + rng)
 
 
-@command()
+@command(short_help="Authenticate every record and snapshot chunk (read-only).")
 @click.argument("directory", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @key_options
@@ -478,12 +478,12 @@ def verify(directory, as_json, **kw) -> None:
         n_warn = sum(1 for f in report.findings if f.severity == "warning")
         click.echo("OK" + (f" ({n_warn} warning(s))" if n_warn else "") if report.ok
                    else f"FAILED: {n_err} error(s)" + (f", {n_warn} warning(s)" if n_warn else "")
-                   + (" - 'walcrypt repair' can fix the torn tail(s)" if all(f.repairable for f in report.errors)
+                   + (" - 'walcrypt repair' can fix this" if all(f.repairable for f in report.errors)
                       else ""))
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
-@command()
+@command(short_help="Truncate a torn tail (keeping .broken); refuse anything else.")
 @click.argument("directory", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @key_options
@@ -538,7 +538,7 @@ def _data_view(d: bytes) -> dict:
         return {"base64": base64.b64encode(d).decode()}
 
 
-@command()
+@command(short_help="Print decrypted entries and the hard state.")
 @click.argument("directory", type=click.Path())
 @click.option("--from", "lo", type=click.IntRange(min=1), default=None, help="First index (default: first retained).")
 @click.option("--to", "hi", type=click.IntRange(min=0), default=None, help="Last index, inclusive (default: last).")
@@ -605,7 +605,7 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
 # keys
 # ---------------------------------------------------------------------------
 
-@command(name="rotate-dek")
+@command(name="rotate-dek", short_help="Re-encrypt everything under a new data key (offline re-key).")
 @click.argument("directory", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @key_options
@@ -648,7 +648,7 @@ def rotate_dek(directory, as_json, **kw) -> None:
             click.echo(f"old data key(s) destroyed: {', '.join(retired)}")
 
 
-@command(name="rotate-kek")
+@command(name="rotate-kek", short_help="Re-wrap the data keys under a new KEK (offline).")
 @click.argument("directory", type=click.Path())
 @click.option("--new-key-file", type=click.Path(dir_okay=False), help="File holding the new KEK.")
 @click.option("--new-key-env", metavar="NAME", help="Environment variable holding the new KEK.")
@@ -696,7 +696,7 @@ def rotate_kek(directory, new_key_file, new_key_env, new_passphrase_env, new_kms
 # migrate
 # ---------------------------------------------------------------------------
 
-@command()
+@command(short_help="Migrate between encrypted and legacy plaintext (offline).")
 @click.argument("directory", type=click.Path())
 @click.option("--to", "target", type=click.Choice(["encrypted", "plaintext"]), required=True,
               help="The mode to migrate the store to.")
@@ -762,12 +762,12 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
 # snapshots
 # ---------------------------------------------------------------------------
 
-@main.group(cls=_Group, epilog=EXIT_CODES)
+@main.group(cls=_Group, epilog=EXIT_CODES, short_help="Backups: export, inspect, redact, restore.")
 def snapshot() -> None:
     """Backups: export, inspect, redact and restore snapshot files."""
 
 
-@command(snapshot, name="export")
+@command(snapshot, name="export", short_help="Export the newest snapshot with its wrapped keys.")
 @click.argument("directory", type=click.Path())
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--embed-kek", is_flag=True,
@@ -853,7 +853,7 @@ def _inspect_snapshot_file(path: str, kek) -> dict:
     return info
 
 
-@command(snapshot, name="inspect")
+@command(snapshot, name="inspect", short_help="Show an export or snapshot file; warn on an embedded KEK.")
 @click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @key_options
@@ -893,7 +893,7 @@ def snapshot_inspect(file, as_json, **kw) -> None:
         click.echo(format_table(["KEY ID", "STATE"], [[k["key_id"], k["state"]] for k in info["keys"]]))
 
 
-@command(snapshot, name="redact")
+@command(snapshot, name="redact", short_help="Remove an embedded KEK from an export.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--kek-out", type=click.Path(dir_okay=False),
               help="Save the embedded KEK to this new file (0600) before removing it.")
@@ -923,7 +923,7 @@ def snapshot_redact(file, kek_out) -> None:
     click.echo(f"removed the embedded KEK from {file}" + (f"; saved it to {kek_out} (mode 0600)" if kek_out else ""))
 
 
-@command(snapshot, name="restore")
+@command(snapshot, name="restore", short_help="Restore an export into a new data directory.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("directory", type=click.Path(file_okay=False))
 @key_options
@@ -976,7 +976,7 @@ def snapshot_restore(file, directory, **kw) -> None:
 # demo, bench
 # ---------------------------------------------------------------------------
 
-@command()
+@command(short_help="The main job: a guided tour of one encrypted store.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--entries", "n_entries", type=click.IntRange(min=1), default=20000, show_default=True)
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
@@ -999,7 +999,8 @@ def find_checkout() -> str | None:
     return None
 
 
-@command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@command(short_help="Run the quick benchmark suite (source checkout).",
+         context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args) -> None:
     """Run the quick benchmark suite (python -m benchmarks --quick [ARGS]).
