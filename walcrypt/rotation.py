@@ -235,8 +235,12 @@ class Rotation:
         st = self.store
         if not resume:
             if self.state:
-                raise UsageError("a DEK rotation is in flight; wait for its snapshot before a full re-key")
-            self.rotate_dek(reason="rekey", rekey=True)
+                # A rotation waiting for its snapshot: the full rewrite completes it under its pending key.
+                with st.meta.write() as tx:
+                    self.state["rekey"] = True
+                    self._put_state(tx, self.state)
+            else:
+                self.rotate_dek(reason="rekey", rekey=True)
         new_id = self.pending_key_id
         staged, snap_info = st.rewrite_under(new_id)
         now = time.time_ns()

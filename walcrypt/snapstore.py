@@ -235,7 +235,7 @@ class Snapshots:
         wal = st.wal
         reset = meta.index > wal.last_index() or (meta.index > wal.compacted_index
                                                  and wal.term(meta.index) != meta.term)
-        with st.meta.write() as tx:
+        with st.meta.write() as tx:      # one commit: the snapshot and the log reset it implies
             tx.put(M.DB_SNAPSHOTS, M.u64(info.snapshot_id), encode_info(info))
             tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, (info.snapshot_id + 1).to_bytes(8, "little"))
             if reset:

@@ -9,6 +9,7 @@ into the manifest.  Writing always continues in a fresh segment.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -340,8 +341,24 @@ class Store:
         in use: move it back when the log still holds the entries after that snapshot."""
         cur = self.snapshots.current
         wal = self.wal
-        if cur is None or cur.meta.index >= wal.compacted_index or not any(
-                r.get("kind") == "snapshot" for r in self.repairs):
+        if not any(r.get("kind") == "snapshot" for r in self.repairs):
+            return
+        if cur is None:
+            # Every snapshot failed: only a log that still starts at index 1 can rebuild the state.
+            if wal.compacted_index == 0:
+                return
+            physical_first = wal.view_first[0] if wal.view_first else wal.last + 1
+            if physical_first > 1:
+                raise CorruptionError(self.snapshots.dir, None,
+                                      "the only snapshot failed its checks and the log was compacted after it: "
+                                      f"the state up to index {wal.compacted_index} cannot be rebuilt",
+                                      "wipe this node's data directory and let Raft re-replicate it, or "
+                                      "restore it from an export ('walcrypt snapshot restore')")
+            with self.meta.write() as w:
+                w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(0, 0))
+            wal.compacted_index, wal.compacted_term = 0, 0
+            return
+        if cur.meta.index >= wal.compacted_index:
             return
         idx = cur.meta.index
         physical_first = wal.view_first[0] if wal.view_first else wal.last + 1
@@ -427,18 +444,41 @@ class Store:
                              "truncated_to": committed_end, "broken_copy": broken})
 
     def _remove_orphans(self, known: set[int]) -> None:
+        """Segment files the manifest does not list.
+
+        * ID >= next_segment: created by a crash before registration (or staged by an
+          interrupted re-key); it never held an acknowledged batch -> deleted.
+        * lower ID, entries all compacted or under a retired key: left by a crash between a
+          purge's manifest commit and its unlink -> deleted.
+        * anything else (e.g. a manifest record deleted by hand): kept, renamed ``.unlisted``,
+          and a warning logged - walcrypt never deletes data it cannot account for."""
         if not os.path.isdir(self.wal_dir):
             return
-        removed = False
+        changed = False
+        live = {K.PENDING, K.ACTIVE}
         for name in self.vfs.listdir(self.wal_dir):
             m = _SEGMENT_NAME.match(name)
-            if m and int(m.group(1), 16) not in known:
-                # Not in the manifest: created by a crash before it was registered, or purged by a
-                # crash between the manifest commit and the unlink.  The log loaded without gaps,
-                # so it holds nothing the log needs.
-                self.vfs.unlink(os.path.join(self.wal_dir, name))
-                removed = True
-        if removed:
+            if not m or int(m.group(1), 16) in known:
+                continue
+            path = os.path.join(self.wal_dir, name)
+            seg_id, base = int(m.group(1), 16), int(m.group(2), 16)
+            leftover = seg_id >= self.next_segment or base <= self.wal.compacted_index
+            if not leftover and self.encrypted:
+                try:
+                    with builtins.open(path, "rb") as f:
+                        key_id = decode_header(f.read(fmt.SEGMENT_HEADER_SIZE), path).key_id
+                    entry = self.keys.get(key_id)
+                    leftover = entry is not None and entry.purpose == K.PURPOSE_DEK and entry.state not in live
+                except (OSError, StorageError):
+                    leftover = False
+            if leftover:
+                self.vfs.unlink(path)
+            else:
+                self.vfs.rename(path, path + ".unlisted")
+                log.warning("%s is not in the manifest and may hold entries the log does not account for; "
+                            "kept as %s.unlisted - inspect it with 'walcrypt verify', then remove it", path, name)
+            changed = True
+        if changed:
             self.vfs.fsync_dir(self.wal_dir)
 
     # ------------------------------------------------------------------ SegmentProvider
@@ -660,6 +700,19 @@ class Store:
         ``w.abort()``).  ``commit()`` is durable on return, like save_snapshot."""
         self._check_write()
         return _GuardedPending(self, self.snapshots.begin(meta, extra_meta=extra_meta))
+
+    def reset_log(self, index: int, term: int) -> None:
+        """Durably discard the whole log and continue after (index, term), as a snapshot ahead of
+        the log does (hashicorp hosts: DeleteRange over everything, then StoreLogs further on)."""
+        self._check_write()
+        wal = self.wal
+        if index < wal.compacted_index:
+            raise UsageError(f"cannot reset the log to {index}: it is compacted up to {wal.compacted_index}")
+        with _FailOnOSError(self, "resetting the log"):
+            with self.meta.write() as tx:
+                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, self.next_segment))
+            wal.reset_to(index, term)
+            self.purge_segments()
 
     def truncate(self, index: int) -> None:
         """Durably discard every entry >= ``index`` (hashicorp's DeleteRange of a suffix).

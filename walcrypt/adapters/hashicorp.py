@@ -90,9 +90,16 @@ class LogStore:
         self.store_logs([log])
 
     def store_logs(self, logs: Sequence[Log]) -> None:
-        """Atomic and durable; logs at or below last_index() replace the suffix (Raft semantics)."""
-        if logs:
-            self.store.save(entries=[encode_log(x) for x in logs])
+        """Atomic and durable; logs at or below last_index() replace the suffix (Raft semantics).
+
+        After the whole log was deleted, the first logs stored may start anywhere (after a
+        snapshot restore hashicorp/raft continues past the snapshot's index)."""
+        if not logs:
+            return
+        s = self.store
+        if s.last_index() < s.first_index() and logs[0].index > s.last_index() + 1:
+            s.reset_log(logs[0].index - 1, 0)
+        s.save(entries=[encode_log(x) for x in logs])
 
     def delete_range(self, lo: int, hi: int) -> None:
         """Delete logs lo..hi inclusive: a prefix (compaction) or a suffix (conflict truncation)."""
@@ -102,8 +109,9 @@ class LogStore:
             return
         if lo <= first:
             if hi >= last:
-                raise UsageError("delete_range over the whole log: save a snapshot instead, which resets it")
-            s.compact(hi)
+                s.truncate(first)      # everything: durable, and store_logs may start anywhere after
+            else:
+                s.compact(hi)
         elif hi >= last:
             s.truncate(lo)
         else:
@@ -126,6 +134,8 @@ class StableStore:
         return v
 
     def set_uint64(self, key: bytes, value: int) -> None:
+        if not 0 <= value < 1 << 64:
+            raise UsageError(f"{value} does not fit in a uint64")
         self.set(key, struct.pack("<Q", value))
 
     def get_uint64(self, key: bytes) -> int:

@@ -218,6 +218,7 @@ class WalcryptJournal(Journal):
         self._node = node
         self._store = store = node.store
         self._pending: list[Entry] = []
+        self._truncate_from: int | None = None    # a deleteEntriesFrom not yet made durable
         self._entries: list[tuple] = []
         snap = store.snapshot()
         first, last = store.first_index(), store.last_index()
@@ -236,7 +237,12 @@ class WalcryptJournal(Journal):
 
     # -- durability ------------------------------------------------------------------
     def flush(self) -> None:
-        """Make every queued entry durable (one save, one fdatasync)."""
+        """Make every queued entry (and a pending suffix deletion) durable: one save, one fdatasync."""
+        cut = self._truncate_from
+        if cut is not None:
+            self._truncate_from = None
+            if not self._pending or self._pending[0].index > cut:
+                self._store.truncate(cut)        # nothing will replace the suffix: drop it durably
         if self._pending:
             pending, self._pending = self._pending, []
             self._store.save(hard_state=HardState(self._term, 0, self._commit), entries=pending)
@@ -253,6 +259,7 @@ class WalcryptJournal(Journal):
     def clear(self):
         self._entries = []
         self._pending = []
+        self._truncate_from = None
 
     def deleteEntriesFrom(self, entryFrom):
         if entryFrom >= len(self._entries):
@@ -260,7 +267,8 @@ class WalcryptJournal(Journal):
         idx = self._entries[entryFrom][1]
         del self._entries[entryFrom:]
         self._pending = [e for e in self._pending if e.index < idx]
-        # The store replaces the suffix when the next entries (from idx) are saved.
+        if idx <= self._store.last_index():
+            self._truncate_from = min(idx, self._truncate_from or idx)
 
     def deleteEntriesTo(self, entryTo):
         self.flush()
