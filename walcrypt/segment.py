@@ -196,7 +196,10 @@ class Segment:
     # ------------------------------------------------------------------ create
     @classmethod
     def create(cls, vfs: VFS, directory: str, ident: SegmentIdentity, cipher: crypto.FrameCipher,
-               size: int, hardstate: HardState) -> "Segment":
+               size: int, hardstate: HardState, records=()) -> "Segment":
+        """A new segment file, durable on return: header, then one write unit holding the hard
+        state and ``records`` (a suffix replacement's entries travel in the segment that replaces
+        the suffix, so the replacement is atomic)."""
         path = os.path.join(directory, segment_file_name(ident.segment_id, ident.base_index))
         seg = cls(vfs, path, ident, cipher)
         fd = vfs.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -205,7 +208,7 @@ class Segment:
         try:
             vfs.preallocate(fd, max(size, fmt.SEGMENT_HEADER_SIZE + 4096))
             buf, pending = seg.encode_batch([(fmt.FRAME_HARDSTATE, 0, hardstate.term, 0,
-                                              fmt.HARDSTATE_STRUCT.pack(*hardstate), None)])
+                                              fmt.HARDSTATE_STRUCT.pack(*hardstate), None), *records])
             vfs.pwrite(fd, encode_header(ident), 0)
             vfs.pwrite(fd, buf, seg.write_offset)
             vfs.fdatasync(fd)

@@ -483,13 +483,14 @@ class Store:
 
     # ------------------------------------------------------------------ SegmentProvider
     def _segment_file(self, seg_id: int, base_index: int, key_id: bytes, hardstate: HardState,
-                      size: int | None = None) -> Segment:
+                      size: int | None = None, records=()) -> Segment:
         """Create a complete, durable segment file (not registered in the manifest)."""
         salt = os.urandom(fmt.SALT_SIZE) if self.encrypted else bytes(fmt.SALT_SIZE)
         ident = SegmentIdentity(self.store_id, seg_id, base_index, self.algorithm, key_id, salt, b"")
         cipher, commitment = self._cipher(ident)
         ident.commitment = commitment
-        return Segment.create(self.vfs, self.wal_dir, ident, cipher, size or self.wal.segment_size, hardstate)
+        return Segment.create(self.vfs, self.wal_dir, ident, cipher, size or self.wal.segment_size, hardstate,
+                              records)
 
     def _manifest_record(self, seg: Segment) -> dict:
         rec = {"state": fmt.SEG_SEALED if seg.sealed else fmt.SEG_OPEN, "algorithm": seg.ident.algorithm,
@@ -500,9 +501,10 @@ class Store:
                        records=seg.records_written, bytes=seg.bytes_written)
         return rec
 
-    def create_segment(self, base_index: int, hardstate: HardState) -> Segment:
+    def create_segment(self, base_index: int, hardstate: HardState, records=()) -> Segment:
+        """A new segment, durable and registered; registration is the commit point of ``records``."""
         seg_id = self.next_segment
-        seg = self._segment_file(seg_id, base_index, self.write_key_id(), hardstate)
+        seg = self._segment_file(seg_id, base_index, self.write_key_id(), hardstate, records=records)
         try:
             with self.meta.write() as w:
                 w.put(M.DB_SEGMENTS, M.u64(seg_id), M.encode_manifest(self._manifest_record(seg)))

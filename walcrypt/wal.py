@@ -38,7 +38,7 @@ _ONE_ENTRY_HEAD = struct.Struct("<IIQI")     # an ENTRIES payload's table for a 
 class SegmentProvider(Protocol):
     """What the engine supplies to the WAL: segment creation and manifest bookkeeping."""
 
-    def create_segment(self, base_index: int, hardstate: HardState) -> Segment: ...
+    def create_segment(self, base_index: int, hardstate: HardState, records=()) -> Segment: ...
     def segment_sealed(self, seg: Segment) -> None: ...
     def remove_segments(self, segs: list[Segment]) -> None: ...
     def sync_meta_failed(self, exc: BaseException) -> None: ...
@@ -312,10 +312,14 @@ class Wal:
                     skip = self.compacted_index + 1 - first
                     first, recs = first + skip, self._prepare(req.entries[skip:])
                 if recs and first <= self._next_index(records) - 1:
-                    # Raft suffix replacement: flush what we have, then continue in a new segment.
+                    # Raft suffix replacement: flush what we have, then write this save into the
+                    # new segment that supersedes the suffix, atomically.
                     self._flush(records, hardstate, members)
                     records, hardstate, members = [], None, []
-                    self._replace_from(first)
+                    hs = HardState(*req.hardstate) if req.hardstate is not None else None
+                    self._replace_from(first, recs + req.extra, hs)
+                    req.done = True
+                    continue
                 elif recs and first != self._next_index(records):
                     raise UsageError(
                         f"entries start at index {first} but the log ends at {self._next_index(records) - 1}; "
@@ -383,20 +387,29 @@ class Wal:
                     self._add_runs(new_runs)
                 self.last = seg.last_index
 
-    def _replace_from(self, index: int) -> None:
-        """Entries >= index are superseded: seal the active segment and start a new one at index."""
+    def _replace_from(self, index: int, records=(), hardstate: HardState | None = None) -> None:
+        """Entries >= index are superseded by ``records`` (possibly none): seal the active segment
+        and start a new one at ``index`` that carries them.  The new segment's registration is the
+        single commit point, so a crash leaves either the old suffix or the new one."""
         if index <= self.compacted_index:
             raise UsageError(f"cannot replace entries from {index}: compacted up to {self.compacted_index}")
         if self.active is not None and self.active.writable:
             self._seal_active()
+        seg = self._cut(index, records, hardstate)
         with self._state:
             self._truncate_view(index)
             self._cache.clear()
-        self._cut(index)
+            if seg.last_index >= index:
+                self.view_first.append(index)
+                self.view_seg.append(seg)
+                self._add_runs(seg.runs)
+                self.last = seg.last_index
+        if hardstate is not None:
+            self.hardstate = hardstate
 
-    def _cut(self, base_index: int) -> Segment:
+    def _cut(self, base_index: int, records=(), hardstate: HardState | None = None) -> Segment:
         try:
-            seg = self.provider.create_segment(base_index, self.hardstate)
+            seg = self.provider.create_segment(base_index, hardstate or self.hardstate, records)
         except OSError as exc:
             self.failed = exc
             raise StoreFailedError(f"creating a segment failed: {exc}; free space and reopen the store") from exc
