@@ -140,7 +140,7 @@ class FrameCipher:
     only immutable state and is safe from any thread.
     """
 
-    __slots__ = ("alg_id", "key_id", "ad_prefix", "_aead", "_frame_tail_template")
+    __slots__ = ("alg_id", "key_id", "ad_prefix", "_aead")
 
     def __init__(self, alg_id: int, aead, key_id: bytes, store_id: bytes, segment_id: int):
         self.alg_id = alg_id

@@ -60,7 +60,6 @@ MAX_ENTRY_SIZE_DEFAULT = 64 << 20        # one entry
 MAX_RECORD_PAYLOAD = 1 << 30             # hard bound checked before any allocation
 RECORD_TARGET_BYTES = 32 << 10           # a save() is split into records of about this size
 RECORD_MAX_ENTRIES = 4096                # ... or this many entries
-MAX_INDEX_RECORDS = 1 << 24
 
 KEY_ID_SIZE = 16
 STORE_ID_SIZE = 16

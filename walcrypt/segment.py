@@ -104,15 +104,22 @@ def decode_header(raw: bytes, path: str) -> SegmentIdentity:
     return SegmentIdentity(store_id, seg_id, base, alg, key_id, salt, commitment)
 
 
+_ONE_ENTRY_HEAD = struct.Struct("<IIQI")     # the whole table of a one-entry ENTRIES payload
+
+
+def encode_entries(terms, lengths, datas) -> bytes:
+    """The ENTRIES payload (FORMAT.md 4.4): count, reserved, terms, lengths, data."""
+    n = len(terms)
+    if n == 1:                                  # the common Raft case, one pack
+        return _ONE_ENTRY_HEAD.pack(1, 0, terms[0], lengths[0]) + datas[0]
+    return b"".join((fmt.ENTRIES_PREFIX_STRUCT.pack(n, 0), struct.pack(f"<{n}Q", *terms),
+                     struct.pack(f"<{n}I", *lengths), *datas))
+
+
 def encode_entries_payload(entries, start: int, stop: int) -> bytes:
-    n = stop - start
+    """The ENTRIES payload of ``entries[start:stop]`` (Entry-like (index, term, data) tuples)."""
     chunk = entries[start:stop]
-    return b"".join((
-        fmt.ENTRIES_PREFIX_STRUCT.pack(n, 0),
-        struct.pack(f"<{n}Q", *[e[1] for e in chunk]),
-        struct.pack(f"<{n}I", *[len(e[2]) for e in chunk]),
-        *[e[2] for e in chunk],
-    ))
+    return encode_entries([e[1] for e in chunk], [len(e[2]) for e in chunk], [e[2] for e in chunk])
 
 
 class EntriesRecord:

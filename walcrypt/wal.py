@@ -19,7 +19,6 @@ Concurrency and durability contract:
 
 from __future__ import annotations
 
-import struct
 import threading
 from array import array
 from bisect import bisect_right
@@ -28,11 +27,10 @@ from typing import Protocol, Sequence
 
 from . import format as fmt
 from .errors import CompactedError, CorruptionError, StoreFailedError, UnavailableError, UsageError
-from .segment import Segment
+from .segment import Segment, encode_entries
 from .types import Entry, HardState
 
 SYNC_POLICIES = ("always", "batch", "none")
-_ONE_ENTRY_HEAD = struct.Struct("<IIQI")     # an ENTRIES payload's table for a single entry
 
 
 class SegmentProvider(Protocol):
@@ -264,7 +262,7 @@ class Wal:
                                  f"{self.max_entry_size} (raise max_entry_size= when opening)")
             if term < 0:
                 raise UsageError(f"entry {index} has term {term}; terms are never negative")
-            return [(fmt.FRAME_ENTRIES, index, term, 1, _ONE_ENTRY_HEAD.pack(1, 0, term, size) + data, (term,))]
+            return [(fmt.FRAME_ENTRIES, index, term, 1, encode_entries((term,), (size,), (data,)), (term,))]
         first = entries[0][0]
         indexes = [e[0] for e in entries]
         if indexes != list(range(first, first + n)):
@@ -289,12 +287,9 @@ class Wal:
             while stop < limit and size < fmt.RECORD_TARGET_BYTES:
                 size += lengths[stop]
                 stop += 1
-            c = stop - start
-            payload = b"".join((fmt.ENTRIES_PREFIX_STRUCT.pack(c, 0),
-                                struct.pack(f"<{c}Q", *terms[start:stop]),
-                                struct.pack(f"<{c}I", *lengths[start:stop]),
-                                *datas[start:stop]))
-            records.append((fmt.FRAME_ENTRIES, first + start, terms[start], c, payload, terms[start:stop]))
+            t = terms[start:stop]
+            payload = encode_entries(t, lengths[start:stop], datas[start:stop])
+            records.append((fmt.FRAME_ENTRIES, first + start, terms[start], stop - start, payload, t))
             start = stop
         return records
 
