@@ -344,10 +344,11 @@ class Segment:
             self.vfs.close(self.fd)
             self.fd = None
 
-    def read_frame(self, offset: int, expect_type: int):
-        """Read, check and open the frame at ``offset``.  Returns (header tuple, plaintext)."""
+    def read_frame(self, offset: int, expect_type: int, size_hint: int = 0):
+        """Read, check and open the frame at ``offset`` (one read when ``size_hint`` covers it).
+        Returns (header tuple, plaintext)."""
         fd = self.ensure_open()
-        raw = self.vfs.pread(fd, fmt.FRAME_HEADER_SIZE + _READ_AHEAD, offset)
+        raw = self.vfs.pread(fd, max(size_hint, fmt.FRAME_HEADER_SIZE + _READ_AHEAD), offset)
         if len(raw) < fmt.FRAME_HEADER_SIZE:
             raise CorruptionError(self.path, offset, "frame header is cut off by the end of the file")
         h = fmt.FRAME_HEADER_STRUCT.unpack_from(raw)
@@ -360,10 +361,12 @@ class Segment:
             if len(raw) < need:
                 raise CorruptionError(self.path, offset, "frame is cut off by the end of the file")
         header = raw[:fmt.FRAME_HEADER_SIZE]
-        ct = raw[fmt.FRAME_HEADER_SIZE:need]
+        ct = memoryview(raw)[fmt.FRAME_HEADER_SIZE:need]
         if crypto.frame_crc(header, ct) != h[9]:
             raise CorruptionError(self.path, offset, "frame fails its CRC32C")
-        self._check_frame_fields(h, offset, expect_type=expect_type)
+        if (h[0] != expect_type or h[1] != self.ident.algorithm or h[2] or h[3] or h[11]
+                or h[12] != self.ident.key_id or h[10] != crypto.nonce_for(h[5])):
+            self._check_frame_fields(h, offset, expect_type=expect_type)   # raises, naming what is wrong
         return h, self.cipher.open(header, ct, path=self.path, offset=offset)
 
     def _check_frame_fields(self, h, offset: int, *, expect_type: int | None = None, seq: int | None = None,
@@ -395,7 +398,9 @@ class Segment:
     def read_entries_record(self, r: int):
         """ENTRIES record number r, fully checked."""
         offset = self.rec_offset[r]
-        h, payload = self.read_frame(offset, fmt.FRAME_ENTRIES)
+        # The next record's offset bounds this frame (commit frames may sit between them).
+        hint = self.rec_offset[r + 1] - offset if r + 1 < len(self.rec_offset) else 0
+        h, payload = self.read_frame(offset, fmt.FRAME_ENTRIES, min(hint, 8 << 20))
         if h[6] != self.rec_index[r] or h[8] != self.rec_count[r]:
             raise AuthenticationError(self.path, offset,
                                       f"record holds index {h[6]} x{h[8]} where the index expects "

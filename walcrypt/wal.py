@@ -31,6 +31,7 @@ from .segment import Segment, encode_entries
 from .types import Entry, HardState
 
 SYNC_POLICIES = ("always", "batch", "none")
+_new_tuple = tuple.__new__      # builds an Entry without NamedTuple's Python-level __new__ (hot read path)
 
 
 class SegmentProvider(Protocol):
@@ -178,12 +179,16 @@ class Wal:
                 rec = self._record(seg, r)
                 first, terms = rec.first, rec.terms
                 b = min(piece_hi, first + len(terms))
-                for k in range(idx - first, b - first):
-                    if max_size is not None:
+                if max_size is None:            # bulk path: one comprehension per record
+                    p, e = rec.payload, rec.ends
+                    out.extend([_new_tuple(Entry, (first + k, terms[k], p[e[k]:e[k + 1]]))
+                                for k in range(idx - first, b - first)])
+                else:
+                    for k in range(idx - first, b - first):
                         size += rec.size(k)
                         if out and size > max_size:
                             return out
-                    out.append(Entry(first + k, terms[k], rec.data(k)))
+                        out.append(Entry(first + k, terms[k], rec.data(k)))
                 idx = b
                 r += 1
         return out
