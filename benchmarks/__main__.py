@@ -13,15 +13,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=(
-            "walcrypt benchmarks: append / replay / random-read throughput of walcrypt "
-            "next to raw-disk, AES-GCM, LMDB, SQLite and pysyncobj baselines. "
-            "Writes benchmarks/results/<date>.json, benchmarks/RESULTS.md and "
-            "benchmarks/results/chart.png."
+            "walcrypt benchmarks: append / replay / random-read throughput, snapshot write and "
+            "read, open time, DEK rotation latency, memory (fresh subprocesses) and a 3-node "
+            "pysyncobj cluster, each next to its baselines (raw disk, AES-GCM, LMDB, SQLite, "
+            "pysyncobj FileJournal, a naive durable journal) in the same run. "
+            "Writes benchmarks/results/<date>.json (<date>-quick.json with --quick), "
+            "benchmarks/RESULTS.md and a chart (results/chart.png, results/chart-quick.png)."
         ),
     )
     p.add_argument("--quick", action="store_true",
-                   help="reduced matrix (1k x batch 1,64 sync on; 128B/16k batch 64 sync off) "
-                        "and smaller sizes")
+                   help="reduced append matrix (1k x batch 1,64 sync on; 128B/16k batch 64 "
+                        "sync off) and smaller sizes (256 MiB snapshots, ...): under 3 minutes")
     p.add_argument("--json", metavar="FILE", help="also write the results dict to FILE")
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these: variants (%s, walcrypt), kinds (%s), or name "
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
         sz = workloads.TINY if args.tiny else workloads.QUICK if args.quick else workloads.FULL
         matrix = workloads.QUICK_APPEND if args.quick else workloads.FULL_APPEND
         _, reason = workloads.walcrypt_status()
-        for group in workloads.build_groups(sz, matrix, reason, select):
+        groups, mem_cases, cluster_groups = workloads.build_all(sz, matrix, reason, select)
+        for group in groups + [mem_cases] + cluster_groups:
             for c in group:
                 print(c.name + (f"    [skipped: {c.skip_reason}]" if c.skip_reason else ""))
         return 0

@@ -13,6 +13,8 @@ repetitions (at least 5 in a real run).
 from __future__ import annotations
 
 import gc
+import itertools
+import math
 import os
 import platform
 import shutil
@@ -35,21 +37,52 @@ class Sample:
     seconds: float  # duration of the timed section only
     entries: int  # entries (or operations) done in it
     nbytes: int  # payload bytes moved in it
+    #: per-operation latencies in seconds (one per batch / op), for percentiles
+    latencies: Optional[List[float]] = None
+    #: the measured quantity itself, for cases whose unit is not a rate or a
+    #: duration (memory in MiB, bytes per entry)
+    value: Optional[float] = None
+    #: extra facts of this repetition (kept in the JSON of the last one)
+    extra: Optional[Dict[str, object]] = None
+
+
+#: Units: rates (higher is better), durations (lower is better), quantities (lower is better).
+RATE_UNITS = ("MiB/s", "ops/s")
+DURATION_UNITS = ("s",)
+VALUE_UNITS = ("MiB", "B/entry")
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+def percentile(sorted_xs: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted, non-empty sequence."""
+    if not sorted_xs:
+        raise ValueError("percentile of an empty sequence")
+    k = max(0, min(len(sorted_xs) - 1, math.ceil(p / 100.0 * len(sorted_xs)) - 1))
+    return sorted_xs[k]
 
 
 @dataclass
 class Case:
     name: str
-    kind: str  # "append" | "replay" | "read"
+    kind: str  # "append" | "replay" | "read" | "snapshot" | "open" | "rotation" | "cluster" | "memory"
     variant: str  # "walcrypt-encrypted", "raw", "lmdb", ...
-    unit: str  # "MiB/s" (payload bytes) or "ops/s"
+    unit: str  # "MiB/s" (payload bytes), "ops/s", "s" (a duration), "MiB" or "B/entry" (a quantity)
     run_once: Optional[Callable[[str], Sample]] = None
     params: Dict[str, object] = field(default_factory=dict)
     skip_reason: Optional[str] = None
     samples: List[Sample] = field(default_factory=list)
     error: Optional[str] = None
 
+    @property
+    def higher_is_better(self) -> bool:
+        return self.unit in RATE_UNITS
+
     def throughput(self, s: Sample) -> float:
+        """The figure of one repetition in this case's unit (a rate, a duration or a quantity)."""
+        if self.unit in VALUE_UNITS:
+            return float(s.value if s.value is not None else float("nan"))
+        if self.unit in DURATION_UNITS:
+            return s.seconds
         if s.seconds <= 0:
             return float("inf")
         if self.unit == "MiB/s":
@@ -61,7 +94,8 @@ class Case:
         eps = [s.entries / s.seconds for s in self.samples if s.seconds > 0]
         secs = [s.seconds for s in self.samples]
         last = self.samples[-1]
-        return {
+        lats = sorted(x for s in self.samples for x in (s.latencies or ()))
+        out = {
             "median": statistics.median(tps),
             "min": min(tps),
             "max": max(tps),
@@ -75,7 +109,16 @@ class Case:
             "entries_per_s_median": statistics.median(eps) if eps else None,
             "seconds_median": statistics.median(secs),
             "samples": tps,
+            "higher_is_better": self.higher_is_better,
         }
+        if lats:
+            # per-operation latency over every repetition, in microseconds
+            out["latency_us"] = {f"p{p:g}": percentile(lats, p) * 1e6 for p in PERCENTILES}
+            out["latency_us"]["max"] = lats[-1] * 1e6
+            out["latency_us"]["count"] = len(lats)
+        if last.extra:
+            out["extra"] = dict(last.extra)
+        return out
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -88,6 +131,10 @@ def timed(fn: Callable[[], object]) -> float:
 def fmt_num(x: Optional[float]) -> str:
     if x is None:
         return "-"
+    if x != x:  # NaN
+        return "nan"
+    if 0 < abs(x) < 1:
+        return f"{x:.3g}"
     if x >= 1e6:
         return f"{x / 1e6:.2f}M"
     if x >= 1e4:
@@ -130,6 +177,9 @@ class Printer:
         else:
             s = c.summary()
             extra = f"  (error after {s['reps']} reps: {c.error})" if c.error else ""
+            lat = s.get("latency_us")
+            if lat:
+                extra = f"  p50 {fmt_num(lat['p50'])} p99 {fmt_num(lat['p99'])} us" + extra
             self.line(
                 f"{c.name:<{self.NAME_W}} {fmt_num(s['median']):>9} {fmt_num(s['min']):>9} "
                 f"{fmt_num(s['max']):>9} {c.unit:<6} {s['reps']:>4}{extra}"
@@ -139,6 +189,9 @@ class Printer:
 def _short_error(exc: BaseException) -> str:
     msg = f"{type(exc).__name__}: {exc}"
     return msg if len(msg) <= 300 else msg[:297] + "..."
+
+
+_REP_SEQ = itertools.count(1)  # repetition directories are never reused within a process
 
 
 def run_groups(
@@ -154,15 +207,13 @@ def run_groups(
     the remaining repetitions; the other cases go on.
     """
     printer = printer or Printer(False)
-    seq = 0
     for group in groups:
         live = [c for c in group if not c.skip_reason]
         for _rep in range(reps):
             for case in live:
                 if case.error:
                     continue
-                seq += 1
-                d = os.path.join(workdir, f"r{seq:06d}")
+                d = os.path.join(workdir, f"r{next(_REP_SEQ):06d}")
                 os.mkdir(d)
                 gc.collect()
                 try:
@@ -278,7 +329,15 @@ def machine_info(tempdir: Optional[str] = None) -> Dict[str, object]:
     except Exception:  # noqa: BLE001
         pass
     info["pysyncobj"] = _version("pysyncobj")
-    info["walcrypt"] = _version("walcrypt")
+    info["psutil"] = _version("psutil")
+    info["matplotlib"] = _version("matplotlib")
+    try:
+        import walcrypt
+
+        info["walcrypt"] = getattr(walcrypt, "__version__", None) or _version("walcrypt")
+        info["walcrypt_path"] = os.path.dirname(os.path.abspath(walcrypt.__file__))
+    except Exception:  # noqa: BLE001 - a half-written engine may raise anything
+        info["walcrypt"] = _version("walcrypt")
     info["tempdir_fs"] = _filesystem(tempdir or tempfile.gettempdir())
     try:
         here = os.path.dirname(os.path.abspath(__file__))

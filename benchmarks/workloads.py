@@ -12,6 +12,12 @@ Three kinds of case, each named with its parameters:
 * ``read/entry=1k/pattern=random/v=sqlite`` -- single-entry reads at uniformly
   random indexes of an existing store, in ops/s.
 
+More kinds live in their own modules and run after these, in the same process
+run: ``snapshot``, ``open`` and ``rotation`` (:mod:`benchmarks.scenarios`),
+``memory`` (:mod:`benchmarks.memory`, fresh subprocesses) and ``cluster``
+(:mod:`benchmarks.cluster`, three pysyncobj nodes).  :mod:`benchmarks.goals`
+turns the cases into the ratios and metrics of the JSON and checks the goals.
+
 Repetitions of the variants of one parameter set are interleaved.  walcrypt
 cases are listed as skipped while ``walcrypt.open`` does not exist yet.
 """
@@ -30,11 +36,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from . import baselines
 from .harness import MIN_REPS, Case, Printer, Sample, machine_info, make_workdir, run_groups
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 WALCRYPT_VARIANTS = ("walcrypt-encrypted", "walcrypt-plain")
-VARIANTS = WALCRYPT_VARIANTS + tuple(baselines.names())
-KINDS = ("append", "replay", "read")
+#: every variant any case uses ("naive-durable" is the cluster's hand-written durable journal)
+STORE_VARIANTS = WALCRYPT_VARIANTS + tuple(baselines.names())  # the append/replay/read matrix
+VARIANTS = STORE_VARIANTS + ("naive-durable",)
+KINDS = ("append", "replay", "read", "snapshot", "open", "rotation", "memory", "cluster")
 
 #: The KEK the benchmark opens walcrypt with (speed does not depend on it).
 WALCRYPT_KEK = b"k" * 32
@@ -132,13 +140,32 @@ class Sizing:
     read_store_entries: int
     read_ops: int
     reps: int
+    snapshot_bytes: int  # snapshot write/read and its memory probes
+    rotation_state_bytes: int  # what the rotation's snapshot_source returns ...
+    rotation_entries: int  # ... on a store holding this many 1 KiB entries
+    open_entries: int  # 1 KiB entries in the store whose open time is measured
+    index_entries: int  # memory per indexed entry: entries in the store ...
+    index_batch: int  # ... written this many per save() ...
+    index_entry: int  # ... of this size
+    cluster_ops: int  # committed commands per cluster repetition (after a warm-up)
+    cluster_window: int  # outstanding commands at most
+    cluster_warmup: int
 
 
 # Sized so that the slowest baseline takes about 1-2 s per repetition (full) or
 # well under 1 s (quick) on a VM disk with ~0.5 ms fdatasync.
-FULL = Sizing(64 << 20, 40_000, 2000, 50_000, 20_000, 20_000, MIN_REPS)
-QUICK = Sizing(8 << 20, 16_000, 500, 20_000, 10_000, 10_000, MIN_REPS)
-TINY = Sizing(1 << 30, 50, 50, 50, 50, 50, 1)
+FULL = Sizing(64 << 20, 40_000, 2000, 50_000, 20_000, 20_000, MIN_REPS,
+              snapshot_bytes=1 << 30, rotation_state_bytes=100 << 20, rotation_entries=20_000,
+              open_entries=200_000, index_entries=1_000_000, index_batch=1, index_entry=64,
+              cluster_ops=10_000, cluster_window=1000, cluster_warmup=1000)
+QUICK = Sizing(8 << 20, 16_000, 500, 20_000, 10_000, 10_000, MIN_REPS,
+               snapshot_bytes=256 << 20, rotation_state_bytes=32 << 20, rotation_entries=5_000,
+               open_entries=50_000, index_entries=1_000_000, index_batch=1, index_entry=64,
+               cluster_ops=2_000, cluster_window=1000, cluster_warmup=100)
+TINY = Sizing(1 << 30, 50, 50, 50, 50, 50, 1,
+              snapshot_bytes=2 << 20, rotation_state_bytes=1 << 20, rotation_entries=100,
+              open_entries=200, index_entries=2_000, index_batch=1, index_entry=64,
+              cluster_ops=30, cluster_window=10, cluster_warmup=0)
 
 ENTRY_SIZES = {"128": 128, "1k": 1024, "16k": 16384}
 BATCHES = (1, 64)
@@ -180,16 +207,21 @@ def _append_once(variant: str, sync: bool, batches, nbytes: int) -> Callable[[st
     def run(d: str) -> Sample:
         store = make_store(variant, sync)
         prepared = store.prepare(batches)
+        lat = [0.0] * len(prepared)
         store.open(d)
         try:
             append = store.append_batch
-            t0 = time.perf_counter()
-            for b in prepared:
+            clock = time.perf_counter
+            t0 = prev = clock()
+            for k, b in enumerate(prepared):
                 append(b)
-            dt = time.perf_counter() - t0
+                now = clock()
+                lat[k] = now - prev
+                prev = now
+            dt = prev - t0
         finally:
             store.close()
-        return Sample(dt, n, nbytes)
+        return Sample(dt, n, nbytes, latencies=lat)
 
     return run
 
@@ -294,7 +326,7 @@ def build_groups(
         n = append_entries(sz, entry, batch, sync)
         batches: Dict[int, list] = {}
         group: List[Case] = []
-        for variant in VARIANTS:
+        for variant in STORE_VARIANTS:
             syncname = "on" if sync else "off"
             reason = skip_for(variant)
             if variant == "cipher":
@@ -395,6 +427,7 @@ RATIO_DEFS: Dict[str, Tuple[str, str]] = {
 
 
 def compute_ratios(cases: Dict[str, Dict[str, object]]) -> Dict[str, float]:
+    """The append/replay ratios only (see :func:`benchmarks.goals.compute_metrics` for all)."""
     out: Dict[str, float] = {}
     for key, (num, den) in RATIO_DEFS.items():
         a, b = cases.get(num), cases.get(den)
@@ -404,6 +437,15 @@ def compute_ratios(cases: Dict[str, Dict[str, object]]) -> Dict[str, float]:
 
 
 # ------------------------------------------------------------------- run_all
+
+
+def build_all(sz: Sizing, matrix, wc_reason: Optional[str], select: Selector):
+    """Every case of a run, by phase: (throughput groups, memory cases, cluster groups)."""
+    from . import cluster, memory, scenarios
+
+    groups = build_groups(sz, matrix, wc_reason, select)
+    groups += scenarios.build_groups(sz, wc_reason, select)
+    return groups, memory.build_cases(sz, wc_reason, select), cluster.build_groups(sz, wc_reason, select)
 
 
 def run_all(
@@ -421,6 +463,8 @@ def run_all(
     the reduced matrix and sizes.  ``out_dir`` is where the temporary data
     directory is made (default: the system temp dir); it is removed afterwards.
     """
+    from . import goals, memory
+
     sz = TINY if tiny else (QUICK if quick else FULL)
     if reps is None:
         reps = sz.reps
@@ -434,6 +478,7 @@ def run_all(
     workdir = make_workdir(out_dir)
     started = time.time()
     t0 = time.perf_counter()
+    phases: Dict[str, float] = {}
     try:
         machine = machine_info(workdir)
         printer.line(
@@ -449,15 +494,27 @@ def run_all(
         if wc_reason:
             printer.line(f"walcrypt cases skipped: {wc_reason}")
         printer.line()
-        groups = build_groups(sz, matrix, wc_reason, select)
-        run_groups(groups, reps, workdir, printer)
+        groups, mem_cases, cluster_groups = build_all(sz, matrix, wc_reason, select)
+        for group in groups:
+            p0 = time.perf_counter()
+            run_groups([group], reps, workdir, printer)
+            kind = group[0].kind
+            phases[kind] = phases.get(kind, 0.0) + time.perf_counter() - p0
+        if mem_cases:
+            p0 = time.perf_counter()
+            memory.run_cases(mem_cases, workdir, sz, reps, printer)
+            phases["memory"] = time.perf_counter() - p0
+        if cluster_groups:
+            p0 = time.perf_counter()
+            run_groups(cluster_groups, reps, workdir, printer)
+            phases["cluster"] = time.perf_counter() - p0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     cases: Dict[str, Dict[str, object]] = {}
     skipped: Dict[str, str] = {}
     errors: Dict[str, str] = {}
-    for group in groups:
+    for group in groups + [mem_cases] + cluster_groups:
         for c in group:
             if c.skip_reason:
                 skipped[c.name] = c.skip_reason
@@ -466,19 +523,14 @@ def run_all(
                 errors[c.name] = c.error
             if c.samples:
                 cases[c.name] = c.summary()
-    ratios = compute_ratios(cases)
+    metrics = goals.compute_metrics(cases, sz)
     elapsed = time.perf_counter() - t0
-    if ratios:
-        printer.line()
-        for k, v in ratios.items():
-            printer.line(f"ratios.{k:<40} {v:6.3f}")
-    printer.line(f"\n{len(cases)} cases measured, {len(skipped)} skipped, "
-                 f"{len(errors)} errors, {elapsed:.1f} s")
-    return {
+    results: Dict[str, object] = {
         "schema_version": SCHEMA_VERSION,
         "date": _dt.date.fromtimestamp(started).isoformat(),
         "started": _dt.datetime.fromtimestamp(started).astimezone().isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 2),
+        "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
         "mode": "tiny" if tiny else ("quick" if quick else "full"),
         "reps": reps,
         "only": list(only or []),
@@ -489,6 +541,19 @@ def run_all(
         "cases": cases,
         "skipped": skipped,
         "errors": errors,
-        "ratios": ratios,
-        "ratio_defs": {k: list(v) for k, v in RATIO_DEFS.items()},
+        **metrics,
+        "ratio_defs": {k: list(v) for k, v in goals.ratio_defs(sz).items()},
     }
+    results["goals"] = goals.evaluate(results)
+    printer.line()
+    for section in ("ratios", "open", "memory", "latency"):
+        for k, v in metrics[section].items():
+            printer.line(f"{section}.{k:<42} " + (f"{v:10d}" if isinstance(v, int) else f"{v:10.3f}"))
+    printer.line()
+    for g in results["goals"]:
+        val = "-" if g["value"] is None else f"{g['value']:.3f}"
+        printer.line(f"goal {g['status']:<12} {g['key']:<46} {val:>9} {g['op']} {g['target']:g}")
+    printer.line(f"\n{len(cases)} cases measured, {len(skipped)} skipped, "
+                 f"{len(errors)} errors, {elapsed:.1f} s "
+                 f"({', '.join(f'{k} {v:.0f} s' for k, v in phases.items())})")
+    return results
