@@ -166,9 +166,6 @@ def test_injected_enospc(template, tmp_path, operation, fault):
         assert hit, f"{fault} never hit during {operation}"
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: fail-stop is not enforced for rotate_dek() while a DEK "
-                   "rotation is in flight: Rotation.rotate_dek queues another rotation (an LMDB write) and returns "
-                   "before it checks wal.failed, so a failed store accepts the call")
 def test_rotate_dek_is_refused_on_a_failed_store_with_a_rotation_in_flight(template, tmp_path):
     d = str(tmp_path / "d")
     shutil.copytree(template, d)
@@ -223,10 +220,6 @@ def test_recovery_on_a_disk_that_is_still_full(template, tmp_path):
     _verify_after_space_freed(d, _entries(1, k), [], 50, None)
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="engine bug: opening a store whose unsealed segment has a torn tail on a full disk "
-                          "lets a bare OSError (ENOSPC) escape from walcrypt.open: Store._repair_tail copies the "
-                          "segment to .broken (VFS.copy_file) and nothing maps the failure to a typed error")
 def test_open_with_a_torn_tail_on_a_full_disk_raises_a_typed_error(template, tmp_path):
     d = str(tmp_path / "d")
     shutil.copytree(template, d)

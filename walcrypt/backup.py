@@ -28,7 +28,7 @@ from . import crypto
 from . import format as fmt
 from . import keys as K
 from .errors import CorruptionError, KeyProviderError, UnsupportedFormatError, UsageError, WrongKeyError
-from .snapshot import SnapshotFile, snapshot_keys
+from .snapshot import SnapshotFile, parse_bundle, snapshot_keys
 from .vfs import DEFAULT_VFS
 
 EXPORT_MAGIC = b"WCRYPEXP"
@@ -95,13 +95,7 @@ class ExportFile:
         return self.kek is not None
 
     def bundle_doc(self) -> dict:
-        if not self.bundle:
-            return {}
-        try:
-            import json
-            return json.loads(self.bundle)
-        except ValueError:
-            raise CorruptionError(self.path, EXPORT_HEADER_SIZE, "export keyring is not valid JSON") from None
+        return parse_bundle(self.bundle, self.path, EXPORT_HEADER_SIZE)
 
     def snapshot_file(self) -> SnapshotFile:
         return SnapshotFile(DEFAULT_VFS, self.path, offset=self.snapshot_offset)

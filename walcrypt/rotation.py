@@ -102,6 +102,7 @@ class Rotation:
         st._check_write()
         if not st.encrypted:
             raise UsageError("a plaintext store has no data keys to rotate")
+        st.wal.check_writable()                           # fail-stop applies to queueing too
         if self.state:
             with st.meta.write() as tx:
                 self.state["queued"] = self.state.get("queued", 0) + 1

@@ -357,6 +357,8 @@ class Segment:
             raise CorruptionError(self.path, offset, f"frame length {length} is out of bounds")
         need = fmt.FRAME_HEADER_SIZE + length
         if len(raw) < need:
+            if offset + need > self.vfs.fstat_size(fd):      # check before allocating the declared length
+                raise CorruptionError(self.path, offset, f"frame length {length} runs past the end of the file")
             raw += self.vfs.pread(fd, need - len(raw), offset + len(raw))
             if len(raw) < need:
                 raise CorruptionError(self.path, offset, "frame is cut off by the end of the file")

@@ -121,6 +121,31 @@ def decode_meta(raw: bytes, path: str) -> tuple[SnapshotMeta, dict]:
     return meta, doc
 
 
+def parse_bundle(raw: bytes, path: str, offset: int) -> dict:
+    """A keyring bundle (FORMAT.md 10.5) as a dict whose "keys" are dicts with hex "id" and "wrapped"
+    and int "state" and "purpose"; anything else is a CorruptionError."""
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise TypeError("not an object")
+        keys = doc.get("keys", [])
+        if not isinstance(keys, list):
+            raise TypeError("keys is not a list")
+        for k in keys:
+            if not isinstance(k, dict):
+                raise TypeError("a key is not an object")
+            bytes.fromhex(k["id"]), bytes.fromhex(k["wrapped"])
+            if not isinstance(k["state"], int) or not isinstance(k["purpose"], int) or not 0 <= k["purpose"] < 256:
+                raise TypeError("bad state or purpose")
+        if not isinstance(doc.get("store_id", ""), str) or not isinstance(doc.get("kek_params") or {}, dict):
+            raise TypeError("bad store_id or kek_params")
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise CorruptionError(path, offset, f"keyring bundle is malformed ({type(exc).__name__})") from None
+    return doc
+
+
 def _chunk_aad(counter: int, flags: int, length: int) -> bytes:
     return struct.pack("<QII", counter, flags, length)
 
@@ -250,10 +275,7 @@ class SnapshotFile:
         return hashlib.sha256(self.header_bytes).digest()[:16]
 
     def bundle_doc(self) -> dict:
-        try:
-            return json.loads(self.bundle) if self.bundle else {}
-        except ValueError:
-            raise CorruptionError(self.path, 128, "snapshot keyring bundle is not valid JSON") from None
+        return parse_bundle(self.bundle, self.path, self.base + 128)
 
     def unlock(self, aead, commitment: bytes) -> SnapshotMeta:
         """Check the key commitment, then authenticate and decode the metadata frame."""

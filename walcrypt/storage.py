@@ -129,9 +129,12 @@ class Store:
             except BaseException:
                 self.meta.close()
                 raise
-        except BaseException:
+        except BaseException as exc:
             if self._lock:
                 self._lock.release()
+            if isinstance(exc, OSError):
+                raise StorageError(f"opening {self.path} failed: {exc} (if the disk is full, free space and "
+                                   "open again; nothing was lost)") from exc
             raise
         self.closed = False
         if not read_only:

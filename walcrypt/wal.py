@@ -108,7 +108,7 @@ class Wal:
                 self._truncate_view(compacted_index + 1)
                 pending_reset = False
             reach = max(self.last, compacted_index)
-            if seg.base_index > reach + 1:
+            if seg.base_index > reach + 1 and seg.last_index >= seg.base_index:   # an empty segment leaves no gap
                 raise CorruptionError(
                     seg.path, None, f"segment starts at index {seg.base_index} but the log before it ends at {reach}: "
                     f"entries {reach + 1}..{seg.base_index - 1} are missing (a segment or its manifest record "

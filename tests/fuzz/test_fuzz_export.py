@@ -80,10 +80,5 @@ def _bundle_variant(name: str) -> bytes:
 
 @pytest.mark.parametrize("name", ["json-list", "deeply-nested", "keys-not-a-list", "key-not-an-object",
                                   "key-without-state", "state-not-a-number", "purpose-out-of-range"])
-@pytest.mark.xfail(strict=True, raises=(AssertionError, AttributeError, KeyError, TypeError, ValueError, RecursionError),
-                   reason="engine bug: backup.ExportFile.bundle_doc / inspect_export / _unlock do not validate the "
-                          "shape of the export's keyring JSON (CRC-valid but not an object, 'keys' not a list of "
-                          "objects, a key without 'state', a purpose > 255, deep nesting): AttributeError, KeyError, "
-                          "TypeError, ValueError or RecursionError escape instead of CorruptionError")
 def test_export_with_a_malformed_keyring_is_a_storage_error(name):
     fuzzlib.export(_bundle_variant(name))
