@@ -354,10 +354,6 @@ def test_canary_missing_fsync_is_caught(fs, runner, place):
 
 # ------------------------------------------------------------------------------------------ creation
 
-@pytest.mark.xfail(strict=True, raises=walcrypt.StorageError,
-                   reason="engine bug: the LMDB files (meta/data.mdb, meta/lock.mdb) are created without an "
-                          "fsync of meta/, so a power cut after the first acknowledged saves of a new store "
-                          "loses data.mdb's directory entry and the store cannot be opened")
 def test_new_store_survives_power_cut(fs, runner, place):
     mnt, _back = place
     ledger = Ledger()
@@ -724,8 +720,6 @@ def _report(errors) -> str:
     return "\n".join(f"power cut before point {n}: {name}\n{tb[-700:]}" for n, name, tb in errors[:3])
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: an I/O error during migration (e.g. the fsync of the data "
-                                       "directory in migrate.py) escapes walcrypt.open as a bare OSError")
 def test_migration_io_errors_are_typed(fs, runner, place):
     errors = _untyped_errors(fs, runner, place, "migrate",
                              lambda path: _populate(path, 20, snap_at=10, plain=True))
@@ -733,12 +727,8 @@ def test_migration_io_errors_are_typed(fs, runner, place):
 
 
 @pytest.mark.parametrize("interrupted", [
-    pytest.param("append-torn", marks=pytest.mark.xfail(strict=True, reason=(
-        "engine bug: when a metadata commit fails during open (the best-effort seal of a recovered segment "
-        "is logged and skipped), the next LMDB read raises lmdb.PanicError (MDB_PANIC) out of walcrypt.open"))),
-    pytest.param("rotate_dek", marks=pytest.mark.xfail(strict=True, reason=(
-        "engine bug: open-time cleanup (snapstore._remove_orphans, apply_retention while resuming a rotation) "
-        "lets a failed unlink/fsync escape walcrypt.open as a bare OSError; lmdb.PanicError as above"))),
+    "append-torn",
+    "rotate_dek",
 ])
 def test_recovery_io_errors_are_typed(fs, runner, place, interrupted):
     op = interrupted.split("-")[0]

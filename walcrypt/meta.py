@@ -56,6 +56,14 @@ MAC_SIZE = 16
 MAP_SIZE = 1 << 30
 
 
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _keyless_mac(*parts: bytes) -> bytes:
     h = hashlib.blake2b(digest_size=MAC_SIZE)
     for p in parts:
@@ -69,13 +77,20 @@ class Meta:
 
     def __init__(self, path: str, *, readonly: bool = False, create: bool = True):
         self.path = path
+        created = False
         if not os.path.isdir(path):
             if readonly or not create:
                 raise UsageError(f"{path} does not exist: not a walcrypt data directory")
             os.makedirs(path, mode=0o700, exist_ok=True)
+            created = True
         try:
+            fresh = created or not os.path.exists(os.path.join(path, "data.mdb"))
             self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
                                  lock=not readonly, sync=True, metasync=True, mode=0o600, create=not readonly)
+            if fresh and not readonly:
+                # LMDB syncs its files, never the directory entries that name them.
+                _fsync_dir(path)
+                _fsync_dir(os.path.dirname(os.path.abspath(path)))
         except lmdb.Error as exc:
             raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
         try:
@@ -132,8 +147,11 @@ class Meta:
 
     @contextmanager
     def read(self) -> Iterator["ReadTxn"]:
-        with self.env.begin(write=False) as txn:
-            yield ReadTxn(self, txn)
+        try:
+            with self.env.begin(write=False) as txn:
+                yield ReadTxn(self, txn)
+        except lmdb.Error as exc:
+            raise StorageError(f"reading the metadata database {self.path} failed: {exc}; reopen the store") from None
 
 
 class ReadTxn:

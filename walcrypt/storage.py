@@ -140,8 +140,11 @@ class Store:
         if not read_only:
             try:
                 self.rotation.resume()        # finish a rotation a crash interrupted (may call snapshot_source)
-            except BaseException:
+            except BaseException as exc:
                 self.close()
+                if isinstance(exc, OSError):
+                    raise StorageError(f"finishing an interrupted DEK rotation in {self.path} failed: {exc}; "
+                                       "free space if the disk is full and open again (nothing was lost)") from exc
                 raise
 
     # ------------------------------------------------------------------ bootstrap
@@ -849,7 +852,14 @@ def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
     ``encrypted=False`` is migrated to plaintext only with ``decrypt_existing=True``
     (and its KEK); otherwise it is a UsageError.  ``migration_progress(stage, done, total)``
     reports progress."""
-    path = os.fspath(path)
+    try:
+        return _open(os.fspath(path), kek, encrypted, decrypt_existing, migration_progress, options)
+    except OSError as exc:                   # a file error anywhere in open or migration: typed, with a hint
+        raise StorageError(f"opening {path} failed: {exc} (if the disk is full or failing, fix that and open "
+                           "again; an interrupted migration is redone)") from exc
+
+
+def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_progress, options: dict) -> Store:
     if options.get("read_only") or not layout.looks_like_store(path):
         return Store(path, kek=kek, encrypted=encrypted, **options)
     lock = layout.DirLock(path)          # before reading anything: no writer can be active
