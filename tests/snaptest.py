@@ -69,15 +69,8 @@ def fill(store, lo: int, hi: int, length: int | None = None) -> None:
         store.save(hard_state=HardState(ents[-1].term, 1, ents[-1].index), entries=ents)
 
 
-def read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def write(path: str, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.write(data)
-        f.truncate(len(data))
+read = wctest.read        # one copy of the file helpers (tests/wctest.py)
+write = wctest.write
 
 
 def sha256_file(path: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
@@ -439,21 +438,7 @@ def test_rotation_resumes_at_open_with_source(data_dir, kek):
 CHILD = os.path.join(wctest.TESTS_DIR, "_rotation_child.py")
 
 
-def _read_until(proc, lines, pred, deadline):
-    buf = b""
-    while not pred(lines) and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        chunk = os.read(proc.stdout.fileno(), 65536)
-        if not chunk:
-            break
-        buf += chunk
-        *done, buf = buf.split(b"\n")
-        lines.extend(x.decode() for x in done)
-    if buf:
-        lines.append("PARTIAL " + buf.decode(errors="replace"))
-
+_read_until = wctest.read_lines_until
 
 def _child_entry(i: int) -> Entry:
     return Entry(i, wctest.entry_term(i), wctest.entry_data(i, 100 + i % 300))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import select
 import signal
 import time
 
@@ -27,22 +26,7 @@ SEG = 16 * 1024
 PER_TERM = 500
 
 
-def _read_until(proc, lines: list[str], pred, deadline: float) -> None:
-    """Read child stdout lines into ``lines`` until pred(lines) or the deadline (bounded)."""
-    buf = b""
-    while not pred(lines) and time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        chunk = os.read(proc.stdout.fileno(), 65536)
-        if not chunk:
-            break
-        buf += chunk
-        *done, buf = buf.split(b"\n")
-        lines.extend(x.decode() for x in done)
-    if buf:
-        lines.append("PARTIAL " + buf.decode(errors="replace"))
-
+_read_until = wctest.read_lines_until
 
 def _drain(proc, lines: list[str]) -> None:
     rest = proc.stdout.read()                   # the child is dead: EOF comes

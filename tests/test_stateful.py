@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule

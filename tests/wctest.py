@@ -253,3 +253,24 @@ def run_child(*args: str, timeout: float = 120, check: bool = True) -> subproces
 def spawn_child(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, CHILD, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=child_env(), cwd=REPO_ROOT)
+
+
+def read_lines_until(proc, lines: list[str], pred, deadline: float) -> None:
+    """Read a child's stdout lines into ``lines`` until pred(lines) or the deadline (bounded);
+    an unterminated last line is kept as "PARTIAL <text>"."""
+    import select
+    import time
+    buf = b""
+    while not pred(lines) and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(proc.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        buf += chunk
+        *done, buf = buf.split(b"\n")
+        lines.extend(x.decode() for x in done)
+    if buf:
+        lines.append("PARTIAL " + buf.decode(errors="replace"))
+

@@ -311,7 +311,7 @@ class _KmsWrapper:
 
     def unwrap(self, blob: bytes, context: bytes) -> bytes:
         if not blob or blob[0] != WRAP_VERSION_KMS:
-            raise WrongKeyError(f"this data key was not wrapped by a KMS plug-in; open the store with its own KEK")
+            raise WrongKeyError("this data key was not wrapped by a KMS plug-in; open the store with its own KEK")
         try:
             secret = self._plugin.unwrap(blob[1:], context)
         except Exception as exc:

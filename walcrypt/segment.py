@@ -48,7 +48,7 @@ from crc32c import crc32c
 from . import crypto
 from . import format as fmt
 from .errors import AuthenticationError, CorruptionError, UnsupportedFormatError
-from .types import Entry, HardState
+from .types import HardState
 from .vfs import VFS
 
 SECTOR = 512

@@ -14,8 +14,7 @@ import json
 import logging
 import os
 import re
-import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from . import crypto
 from . import format as fmt
