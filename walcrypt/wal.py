@@ -24,6 +24,7 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
+from itertools import repeat
 from typing import Protocol, Sequence
 
 from . import format as fmt
@@ -191,10 +192,11 @@ class Wal:
                 rec = self._record(seg, r)
                 first, terms = rec.first, rec.terms
                 b = min(piece_hi, first + len(terms))
-                if max_size is None:            # bulk path: one comprehension per record
+                if max_size is None:            # bulk path: C-level iteration, no Python frame per entry
                     p, e = rec.payload, rec.ends
-                    out.extend([_new_tuple(Entry, (first + k, terms[k], p[e[k]:e[k + 1]]))
-                                for k in range(idx - first, b - first)])
+                    a, z = idx - first, b - first
+                    out.extend(map(_new_tuple, repeat(Entry),
+                                   zip(range(idx, b), terms[a:z], map(p.__getitem__, map(slice, e[a:z], e[a + 1:z + 1])))))
                 else:
                     for k in range(idx - first, b - first):
                         size += rec.size(k)
