@@ -264,7 +264,7 @@ def _filesystem(path: str) -> Dict[str, object]:
                         best = (dev, mnt, fstype, opts)
     except OSError:
         pass
-    info: Dict[str, object] = {"path": real}
+    info: Dict[str, object] = {}          # no local paths in committed results
     if best:
         info.update(device=best[0], mountpoint=best[1], fstype=best[2], options=best[3])
     try:
@@ -335,7 +335,9 @@ def machine_info(tempdir: Optional[str] = None) -> Dict[str, object]:
         import walcrypt
 
         info["walcrypt"] = getattr(walcrypt, "__version__", None) or _version("walcrypt")
-        info["walcrypt_path"] = os.path.dirname(os.path.abspath(walcrypt.__file__))
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        pkg = os.path.dirname(os.path.abspath(walcrypt.__file__))
+        info["walcrypt_path"] = ("this checkout" if os.path.dirname(pkg) == here else "an installed copy")
     except Exception:  # noqa: BLE001 - a half-written engine may raise anything
         info["walcrypt"] = _version("walcrypt")
     info["tempdir_fs"] = _filesystem(tempdir or tempfile.gettempdir())
