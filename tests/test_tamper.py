@@ -30,7 +30,7 @@ from walcrypt import AuthenticationError, CorruptionError, HardState
 from walcrypt import format as fmt
 
 import wctest
-from wctest import FRAME_FIELDS, FRAME_HEADER_SIZE, HEADER_FIELDS, Frame
+from wctest import FRAME_FIELDS, HEADER_FIELDS, Frame
 
 BATCHES = 400
 BATCH = 10
@@ -134,13 +134,7 @@ def flip_frame_field(field: str, fix_crc: bool, which: str = "entries"):
             if which == "hardstate-middle":
                 cands = cands[1:-1]
             f = cands[-1] if which in ("index", "hardstate") and ctx.variant == "sealed" else cands[len(cands) // 2]
-        if field == "payload":
-            o, size = FRAME_HEADER_SIZE, f.length - fmt.TAG_SIZE
-        elif field == "tag":
-            o, size = FRAME_HEADER_SIZE + f.length - fmt.TAG_SIZE, fmt.TAG_SIZE
-        else:
-            o, size = FRAME_FIELDS[field]
-        pos = f.offset + o + (size // 2 if field in ("payload", "tag", "nonce", "key_id", "prev_chain") else 0)
+        pos = wctest.frame_field_flip_position(f, field)
 
         def tamper(data: bytearray) -> None:
             wctest.flip_bit(data, pos, bit)

@@ -66,6 +66,18 @@ def _field_offsets(struct) -> dict[str, tuple[int, int]]:
 
 
 FRAME_FIELDS = _field_offsets(fmt.FrameHeader)
+
+
+def frame_field_flip_position(f, field: str) -> int:
+    """The byte to flip for ``field`` of frame ``f`` (a header field, "payload" or "tag"): the
+    field's middle for the long fields, its first byte otherwise."""
+    if field == "payload":
+        o, size = FRAME_HEADER_SIZE, f.length - fmt.TAG_SIZE
+    elif field == "tag":
+        o, size = FRAME_HEADER_SIZE + f.length - fmt.TAG_SIZE, fmt.TAG_SIZE
+    else:
+        o, size = FRAME_FIELDS[field]
+    return f.offset + o + (size // 2 if field in ("payload", "tag", "nonce", "key_id", "prev_chain") else 0)
 HEADER_FIELDS = _field_offsets(fmt.SegmentHeader)
 FRAME_HEADER_SIZE = sum(s for _, s in FRAME_FIELDS.values())
 SEGMENT_HEADER_SIZE = sum(s for _, s in HEADER_FIELDS.values())

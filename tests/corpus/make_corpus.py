@@ -321,13 +321,7 @@ def build_cases(stores: dict, rollback: bytes, exports_dir: str) -> list[dict]:
     f = bs[2][0]
     assert f.type == fmt.FRAME_ENTRIES and len(bs) - 2 >= 3
     for field in list(FRAME_FIELDS) + ["payload", "tag"]:
-        if field == "payload":
-            o, size = FRAME_HEADER_SIZE, f.length - fmt.TAG_SIZE
-        elif field == "tag":
-            o, size = FRAME_HEADER_SIZE + f.length - fmt.TAG_SIZE, fmt.TAG_SIZE
-        else:
-            o, size = FRAME_FIELDS[field]
-        pos = f.offset + o + (size // 2 if field in ("payload", "tag", "nonce", "key_id", "prev_chain") else 0)
+        pos = wctest.frame_field_flip_position(f, field)
         bit = 1 if field == "type" else 0
 
         def flip(b, pos=pos, bit=bit):
