@@ -121,6 +121,17 @@ def mode_append(a: dict) -> None:
     s.close()
 
 
+def save_batches(s, nxt: int, batches: int, rng) -> int:
+    """Save ``batches`` batches of 1-12 entries from ``nxt``, announcing TRY/ACK; returns the next index."""
+    for _ in range(batches):
+        hi = nxt + rng.randint(1, 12) - 1
+        emit(f"TRY {hi}")
+        s.save(hard_state=HardState(term_of(hi), 1, hi), entries=entries(nxt, hi + 1))
+        emit(f"ACK {hi}")
+        nxt = hi + 1
+    return nxt
+
+
 def mode_snapshots(a: dict) -> None:
     """Save batches and, every few batches, a snapshot with data: mostly at the last index, sometimes
     ahead of the log (a snapshot from the leader: the log is reset to start after it)."""
@@ -131,13 +142,7 @@ def mode_snapshots(a: dict) -> None:
     nxt = s.last_index() + 1
     emit(f"START {nxt - 1}")
     for _ in range(100_000):                           # bounded; the parent kills us long before
-        for _b in range(rng.randint(1, 4)):
-            n = rng.randint(1, 12)
-            hi = nxt + n - 1
-            emit(f"TRY {hi}")
-            s.save(hard_state=HardState(term_of(hi), 1, hi), entries=entries(nxt, hi + 1))
-            emit(f"ACK {hi}")
-            nxt = hi + 1
+        nxt = save_batches(s, nxt, rng.randint(1, 4), rng)
         last = nxt - 1
         idx = last + rng.randint(1, 5) if rng.random() < 0.25 else last
         if idx <= snap_idx:
@@ -160,13 +165,7 @@ def mode_rotate(a: dict) -> None:
         s = open_store(a, snapshot_source=snapshot_source)
         emit(f"OPEN {s.first_index()} {s.last_index()}")
         nxt = s.last_index() + 1
-        for _ in range(rng.randint(1, 5)):
-            n = rng.randint(1, 12)
-            hi = nxt + n - 1
-            emit(f"TRY {hi}")
-            s.save(hard_state=HardState(term_of(hi), 1, hi), entries=entries(nxt, hi + 1))
-            emit(f"ACK {hi}")
-            nxt = hi + 1
+        nxt = save_batches(s, nxt, rng.randint(1, 5), rng)
         emit(f"ROTTRY {cycle}")
         s.rotate_dek()
         emit(f"ROTACK {cycle} {s.last_index()}")
