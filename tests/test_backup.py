@@ -256,8 +256,13 @@ def test_plaintext_export_restore(tmp_path):
         s.export_snapshot(str(tmp_path / "p.wcx"))
     info = backup.inspect_export(str(tmp_path / "p.wcx"))
     assert info["index"] == 10 and not info["kek_embedded"]
+    assert info["plaintext"] and not info["verified"]
     fresh = str(tmp_path / "restored")
-    backup.restore_export(str(tmp_path / "p.wcx"), fresh)
+    with pytest.raises(walcrypt.errors.AuthenticationError, match="plaintext=True"):
+        backup.restore_export(str(tmp_path / "p.wcx"), fresh)      # plaintext only when asked for
+    assert not os.path.exists(fresh) or not os.listdir(fresh)
+    assert backup.inspect_export(str(tmp_path / "p.wcx"), plaintext=True)["verified"]
+    backup.restore_export(str(tmp_path / "p.wcx"), fresh, plaintext=True)
     with walcrypt.open(fresh, encrypted=False) as s:
         assert s.snapshot().data == b"plain-state" * 1000
         assert s.initial_state()[0].commit == 10

@@ -441,7 +441,7 @@ def test_rotate_kek(log_template, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Migration: walcrypt.open(plaintext store, kek=...)
+# Migration: walcrypt.open(plaintext store, kek=..., migrate=True)
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -456,7 +456,7 @@ def test_migration_to_encrypted(plain_template, tmp_path):
     """Interrupted at the call kinds tests/test_migration.py does not cover: the next open with the
     KEK finishes (or redoes) the migration and the content is intact."""
     initial = _state_after_fill(31, snap=(20, 1))
-    kw = dict(kek=KEK, **OPTS)
+    kw = dict(kek=KEK, migrate=True, **OPTS)
 
     def action(s, m, cv):
         pass                                             # walcrypt.open itself is the operation

@@ -94,7 +94,9 @@ def test_plaintext_to_encrypted_and_back(plain_template, tmp_path, kek):
     plain_before = {p: T.sha256_file(p) for p in T.files_in(os.path.join(d, T.PLAIN_WAL))
                     + T.files_in(os.path.join(d, T.PLAIN_SNAP))}
 
-    with walcrypt.open(d, kek=kek, **OPTS) as s:           # migrates
+    with pytest.raises(UsageError, match="migrate=True"):  # a KEK alone never adopts plaintext data
+        walcrypt.open(d, kek=kek, **OPTS)
+    with walcrypt.open(d, kek=kek, migrate=True, **OPTS) as s:   # migrates
         assert s.encrypted
         _check_content(s, "after migrating to encrypted")
     _assert_no_marker(d)
@@ -150,7 +152,7 @@ def test_progress_callback(plain_template, tmp_path, kek):
     d = str(tmp_path / "store")
     shutil.copytree(plain_template, d)
     events = []
-    with walcrypt.open(d, kek=kek, migration_progress=lambda *a: events.append(a), **OPTS) as s:
+    with walcrypt.open(d, kek=kek, migrate=True, migration_progress=lambda *a: events.append(a), **OPTS) as s:
         _check_content(s)
     stages = [e[0] for e in events]
     assert {"log", "snapshot"} <= set(stages)
@@ -163,7 +165,7 @@ def test_progress_callback(plain_template, tmp_path, kek):
     assert [x for x in events if x[0] == "snapshot"][-1][2] == len(_snapshot_bytes())
     # no migration, no callback
     events.clear()
-    with walcrypt.open(d, kek=kek, migration_progress=lambda *a: events.append(a), **OPTS):
+    with walcrypt.open(d, kek=kek, migrate=True, migration_progress=lambda *a: events.append(a), **OPTS):
         pass
     assert events == []
 
@@ -187,7 +189,7 @@ def _stages(template, tmp_path, **kw) -> list[str]:
 @pytest.mark.parametrize("direction", ["to-encrypted", "to-plaintext"])
 def test_interrupted_by_progress_exception(plain_template, enc_template, tmp_path, kek, direction):
     if direction == "to-encrypted":
-        template, kw, redo_kek = plain_template, dict(kek=kek), kek
+        template, kw, redo_kek = plain_template, dict(kek=kek, migrate=True), kek
     else:
         template, kw, redo_kek = enc_template, dict(kek=ENC_KEK, encrypted=False, decrypt_existing=True), ENC_KEK
     stages = _stages(template, tmp_path, **kw)
@@ -233,7 +235,7 @@ def test_interrupted_by_crash(plain_template, enc_template, tmp_path, kek, op, d
     """Power loss at every durability point of a migration (LMDB commits are outside the VFS and
     taken as durable when they return)."""
     if direction == "to-encrypted":
-        template, kw = plain_template, dict(kek=kek)
+        template, kw = plain_template, dict(kek=kek, migrate=True)
     else:
         template, kw = enc_template, dict(kek=ENC_KEK, encrypted=False, decrypt_existing=True)
     fired = 0

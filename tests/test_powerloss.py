@@ -553,7 +553,7 @@ def _verify_migration(path, done: bool) -> None:
     from walcrypt.storage import stored_mode
     if done:
         assert stored_mode(path) is True, "an acknowledged migration was rolled back"
-    with _open(path) as s:                       # migrates (again) when the power cut came first
+    with _open(path, migrate=True) as s:         # migrates (again) when the power cut came first
         _base_entries_ok(s)
         _check_snapshot(s, {BASE_SNAP}, BASE_SNAP)
     assert stored_mode(path) is True

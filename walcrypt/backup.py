@@ -27,7 +27,8 @@ from crc32c import crc32c
 from . import crypto
 from . import format as fmt
 from . import keys as K
-from .errors import CorruptionError, KeyProviderError, UnsupportedFormatError, UsageError, WrongKeyError
+from .errors import (AuthenticationError, CorruptionError, KeyProviderError, UnsupportedFormatError, UsageError,
+                     WrongKeyError)
 from .snapshot import SnapshotFile, parse_bundle, snapshot_keys
 from .vfs import DEFAULT_VFS
 
@@ -140,8 +141,20 @@ def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
             "size": os.path.getsize(out_path)}
 
 
-def inspect_export(path: str, kek: K.KeyEncryptionKey | None = None) -> dict:
-    """Metadata without any key; with one (or an embedded KEK), the snapshot is authenticated too."""
+def _refuse_plaintext(path: str, plaintext: bool, why: str) -> None:
+    if not plaintext:
+        raise AuthenticationError(
+            path, 0, f"this is a plaintext export (algorithm NONE): nothing in it is authenticated by a key, so "
+            f"anyone who can write files could have made it; {why}",
+            "pass plaintext=True (--plaintext on the command line) if you exported a plaintext store on purpose; "
+            "otherwise do not use this file")
+
+
+def inspect_export(path: str, kek: K.KeyEncryptionKey | None = None, *, plaintext: bool = False) -> dict:
+    """Metadata without any key; with one (or an embedded KEK), the snapshot is authenticated too.
+
+    A plaintext export cannot be authenticated: with a KEK given it is refused unless
+    ``plaintext=True`` says a plaintext export is what the caller expects."""
     ex = ExportFile(path)
     sf = ex.snapshot_file()
     h = sf.header
@@ -164,18 +177,22 @@ def inspect_export(path: str, kek: K.KeyEncryptionKey | None = None) -> dict:
     if ex.kek_embedded:
         info["warnings"].append("this export embeds the key-encryption key: anyone holding the file can read "
                                 "everything in it; run 'walcrypt snapshot redact' before storing or sending it")
-    if kek is not None or ex.kek_embedded:
-        f = _unlock(ex, kek)
+    info["plaintext"] = h.algorithm == fmt.ALG_NONE
+    if info["plaintext"] and kek is not None:
+        _refuse_plaintext(path, plaintext, "a KEK was given, so an encrypted export was expected")
+    if kek is not None or ex.kek_embedded or (info["plaintext"] and plaintext):
+        f = _unlock(ex, kek, plaintext=plaintext)
         info["conf_state"] = {"voters": list(f.meta.conf_state.voters), "learners": list(f.meta.conf_state.learners)}
         info["data_bytes"] = f.verify()
         info["verified"] = True
     return info
 
 
-def _unlock(ex: ExportFile, kek: K.KeyEncryptionKey | None) -> SnapshotFile:
+def _unlock(ex: ExportFile, kek: K.KeyEncryptionKey | None, *, plaintext: bool = False) -> SnapshotFile:
     sf = ex.snapshot_file()
     h = sf.header
     if h.algorithm == fmt.ALG_NONE:
+        _refuse_plaintext(ex.path, plaintext, "it is used only when asked for explicitly")
         sf.unlock(crypto.suite(fmt.ALG_NONE).new(b""), bytes(fmt.COMMITMENT_SIZE))
         return sf
     if kek is None:
@@ -228,15 +245,19 @@ def redact_export(path: str, *, out_path: str | None = None, kek_out: str | None
     return {"path": dest, "redacted": True, "kek_saved_to": kek_out}
 
 
-def restore_export(path: str, data_dir: str, *, kek: K.KeyEncryptionKey | None = None, **options) -> dict:
+def restore_export(path: str, data_dir: str, *, kek: K.KeyEncryptionKey | None = None, plaintext: bool = False,
+                   **options) -> dict:
     """Restore an export into an empty data directory: a new store holding the snapshot,
-    re-encrypted under a new data key wrapped by the same KEK (or by the embedded one)."""
+    re-encrypted under a new data key wrapped by the same KEK (or by the embedded one).
+
+    A plaintext export makes a plaintext store, and only with ``plaintext=True``: a
+    plaintext file where an encrypted backup was expected is refused."""
     from .storage import Store
     from .types import HardState
     if os.path.exists(data_dir) and os.listdir(data_dir):
         raise UsageError(f"{data_dir} is not empty; restore only into an empty or new directory")
     ex = ExportFile(path)
-    sf = _unlock(ex, kek)
+    sf = _unlock(ex, kek, plaintext=plaintext)
     encrypted = sf.header.algorithm != fmt.ALG_NONE
     store_kek = (kek or K.RawKey(ex.kek)) if encrypted else None
     with Store(data_dir, kek=store_kek, encrypted=encrypted, **options) as s:

@@ -137,7 +137,10 @@ def check(path: str, *, kek=None, encrypted: bool | None = None, fix: bool = Fal
             raise UsageError(f"{path} is not an initialised walcrypt store")
     if encrypted and kek is None:
         raise KeyProviderError(f"{path} is encrypted: a key-encryption key is needed to verify it")
-    kek = kek if encrypted else None
+    if kek is not None and not encrypted:
+        raise UsageError(f"{path} holds a plaintext store, but a key was given: nothing in it is authenticated "
+                         "by a key. If this store was encrypted, its metadata was replaced and must not be "
+                         "trusted; if it is a plaintext store, verify it without a key")
     if not fix:
         return _verify(path, kek, encrypted, progress)
     return _repair(path, kek, encrypted, progress)

@@ -169,13 +169,22 @@ def _mode(root: str, directory: str) -> bool:
     return read_mode(root, directory)
 
 
+def _refuse_key_for_plaintext(directory: str, encrypted: bool, kek) -> None:
+    """A key given for a store whose metadata says plaintext: the operator expects an encrypted
+    store, and plaintext metadata can be planted by anyone who can write the directory."""
+    if kek is not None and not encrypted:
+        raise UsageError(
+            f"{directory} holds a plaintext store, but a key was given: nothing in it is authenticated by a key. "
+            "If this store was encrypted, its metadata was replaced and must not be trusted; if it is a "
+            "plaintext store, run the command without a key")
+
+
 def _open_ro(root: str, directory: str, kek):
     from .storage import Store
     encrypted = _mode(root, directory)
     if encrypted and kek is None:
         raise _need_key(directory)
-    if not encrypted and kek is not None:
-        click.echo(f"walcrypt: note: {directory} is a plaintext store; the key given is not used", err=True)
+    _refuse_key_for_plaintext(directory, encrypted, kek)
     return Store(root, kek=kek if encrypted else None, encrypted=encrypted, read_only=True)
 
 
@@ -188,6 +197,7 @@ def _open_rw(root: str, directory: str, kek):
         raise LockedError(locked_message(directory, holders))
     if encrypted and kek is None:
         raise _need_key(directory)
+    _refuse_key_for_plaintext(directory, encrypted, kek)
     _preflight(root, kek if encrypted else None, encrypted)
     store = Store(root, kek=kek if encrypted else None, encrypted=encrypted)
     for rep in store.repairs:
@@ -467,6 +477,7 @@ def verify(directory, as_json, **kw) -> None:
         encrypted = _mode(root, directory)
         if encrypted and kek is None:
             raise _need_key(directory)
+        _refuse_key_for_plaintext(directory, encrypted, kek)
         with _Bar("verifying") as bar:
             report = check(root, kek=kek if encrypted else None, encrypted=encrypted, progress=bar)
     if as_json:
@@ -506,6 +517,7 @@ def repair(directory, as_json, **kw) -> None:
     encrypted = _mode(root, directory)
     if encrypted and kek is None:
         raise _need_key(directory)
+    _refuse_key_for_plaintext(directory, encrypted, kek)
     from .inspection import lock_holders, locked_message
     holders = lock_holders(root)
     if holders:
@@ -748,7 +760,7 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
             def progress(stage, done, total):
                 bar.stage(f"migrating to {target}: {stage}")
                 bar(done, total)
-            walcrypt.open(root, kek=kek, encrypted=want, decrypt_existing=not want, migration_progress=progress,
+            walcrypt.open(root, kek=kek, encrypted=want, migrate=True, migration_progress=progress,
                           algorithm=algorithm).close()
         click.echo(f"migrated {directory} to {target}"
                    + ("" if remove_source else "; the old directories are kept (remove them with --remove-source)"))
@@ -821,7 +833,7 @@ class _SnapOnly:
         return SnapshotFile(DEFAULT_VFS, self.path)
 
 
-def _inspect_snapshot_file(path: str, kek) -> dict:
+def _inspect_snapshot_file(path: str, kek, plaintext: bool = False) -> dict:
     from . import backup, crypto
     from . import format as fmt
     try:
@@ -830,7 +842,7 @@ def _inspect_snapshot_file(path: str, kek) -> dict:
     except IsADirectoryError:
         raise UsageError(f"{path} is a directory, not a snapshot file") from None
     if magic == backup.EXPORT_MAGIC:
-        info = backup.inspect_export(path, kek)
+        info = backup.inspect_export(path, kek, plaintext=plaintext)
         info["kind"] = "export"
         return info
     if magic != fmt.SNAPSHOT_MAGIC:
@@ -843,9 +855,11 @@ def _inspect_snapshot_file(path: str, kek) -> dict:
             "store_id": h.store_id.hex(), "index": h.index, "term": h.term, "algorithm": crypto.suite(h.algorithm).name,
             "key_id": h.key_id.hex(), "snapshot_bytes": os.path.getsize(path),
             "keys": [{"key_id": k["id"], "state": K.STATE_NAMES.get(k["state"], "?")} for k in bundle.get("keys", [])],
-            "warnings": [], "verified": False}
-    if kek is not None or h.algorithm == fmt.ALG_NONE:
-        unlocked = backup._unlock(shim, kek)
+            "warnings": [], "verified": False, "plaintext": h.algorithm == fmt.ALG_NONE}
+    if info["plaintext"] and kek is not None:
+        backup._refuse_plaintext(path, plaintext, "a KEK was given, so an encrypted snapshot was expected")
+    if kek is not None or (info["plaintext"] and plaintext):
+        unlocked = backup._unlock(shim, kek, plaintext=plaintext)
         info["conf_state"] = {"voters": list(unlocked.meta.conf_state.voters),
                               "learners": list(unlocked.meta.conf_state.learners)}
         info["data_bytes"] = unlocked.verify()
@@ -856,8 +870,10 @@ def _inspect_snapshot_file(path: str, kek) -> dict:
 @command(snapshot, name="inspect", short_help="Show an export or snapshot file; warn on an embedded KEK.")
 @click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plaintext", is_flag=True,
+              help="A plaintext (unencrypted) export is expected: check it for damage.")
 @key_options
-def snapshot_inspect(file, as_json, **kw) -> None:
+def snapshot_inspect(file, as_json, plaintext, **kw) -> None:
     """Show an export (or a snapshot file): index, term, keys, whether a KEK is embedded.
 
     Without a key: metadata only.  With the KEK (or an embedded one) every chunk
@@ -871,7 +887,7 @@ def snapshot_inspect(file, as_json, **kw) -> None:
     kek = _kek(kw)
     if not os.path.exists(file):
         raise UsageError(f"{file} does not exist")
-    info = _inspect_snapshot_file(file, kek)
+    info = _inspect_snapshot_file(file, kek, plaintext)
     for w in info["warnings"]:
         click.echo(f"WARNING: {w}", err=True)
     if as_json:
@@ -882,7 +898,12 @@ def snapshot_inspect(file, as_json, **kw) -> None:
                f"data key {info['key_id']}")
     click.echo(f"store ID       {info['store_id']}")
     click.echo(f"KEK embedded   {'YES - see the warning' if info['kek_embedded'] else 'no'}")
-    if info["verified"]:
+    if info["verified"] and info.get("plaintext"):
+        click.echo(f"authenticated  NO: a plaintext export (algorithm NONE) cannot be authenticated; "
+                   f"{human_size(info['data_bytes'])} of data checked for damage only")
+    elif info.get("plaintext"):
+        click.echo("authenticated  NO: a plaintext export (algorithm NONE); pass --plaintext to check it for damage")
+    elif info["verified"]:
         cs = info.get("conf_state", {})
         click.echo(f"authenticated  yes: {human_size(info['data_bytes'])} of data, every chunk verified; "
                    f"voters={cs.get('voters')} learners={cs.get('learners')}")
@@ -926,8 +947,10 @@ def snapshot_redact(file, kek_out) -> None:
 @command(snapshot, name="restore", short_help="Restore an export into a new data directory.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--plaintext", is_flag=True,
+              help="The export is a plaintext one made on purpose: restore it as a plaintext store.")
 @key_options
-def snapshot_restore(file, directory, **kw) -> None:
+def snapshot_restore(file, directory, plaintext, **kw) -> None:
     """Restore an export into a new (or empty) data directory.
 
     The snapshot is authenticated end to end first, then re-encrypted into a new
@@ -951,12 +974,14 @@ def snapshot_restore(file, directory, **kw) -> None:
         if f.read(8) != backup.EXPORT_MAGIC:
             raise UsageError(f"{file} is not a walcrypt snapshot export")
     with _Spinner("verifying the export"):
-        info = backup.inspect_export(file, kek)
+        info = backup.inspect_export(file, kek, plaintext=plaintext)
+    if info["plaintext"]:
+        backup._refuse_plaintext(file, plaintext, "it is restored only when asked for explicitly")
     if not info["verified"]:
         raise KeyProviderError(f"{file} is encrypted and embeds no KEK: give the KEK it was exported under")
     try:
         with _Spinner("restoring"):
-            res = backup.restore_export(file, directory, kek=kek)
+            res = backup.restore_export(file, directory, kek=kek, plaintext=plaintext)
     except BaseException:
         if existed:
             for n in os.listdir(directory):

@@ -7,17 +7,19 @@ A. one LMDB commit records the migration (``state/migration``) and, towards
    encryption, creates the KEK parameters, the metadata key and a DEK;
 B. every retained entry, the hard state and the newest snapshot are rewritten
    into hidden temporary directories (``.migrate-wal``, ``.migrate-snap``) in
-   the target format, fsynced;
-C. stale target directories (left by an earlier migration the other way) are
-   removed, the temporary directories renamed to their final names, and the
-   data directory fsynced;
+   the target format, fsynced; each carries a marker file naming the migration;
+C. a target-mode directory already in the way (left by an earlier life of the
+   store in that mode, or planted: the metadata does not vouch for it) is set
+   aside as ``<name>.replaced-<migration id>``, never deleted; the temporary
+   directories are renamed to their final names, and the data directory fsynced;
 D. one LMDB commit switches the store: the mode flag, the manifest, the snapshot
    registry and every MAC (keyless BLAKE2b for plaintext, HMAC under the
    metadata key for encrypted), and clears the migration record.
 
 A crash before D leaves the store in its source mode: the next open removes
-the temporary and unregistered target directories and clears the record, and
-the migration is redone when the caller asks for it again.  The source
+the temporary directories and a target directory carrying this migration's
+marker, puts back what was set aside, and clears the record; the migration is
+redone when the caller asks for it again (``migrate=True``: never implicitly).  The source
 directories are kept after D (so a downgrade stays possible) until removed on
 purpose with :func:`remove_source`.
 """
@@ -25,6 +27,7 @@ purpose with :func:`remove_source`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -40,25 +43,53 @@ from .segment import Segment, SegmentIdentity
 from .snapshot import SNAP_SALT_SIZE, SnapshotHeader, SnapshotWriter, snapshot_keys
 from .snapstore import SnapshotInfo, encode_info
 
+log = logging.getLogger("walcrypt")
+
 TMP_WAL = ".migrate-wal"
 TMP_SNAP = ".migrate-snap"
+MARKER = ".walcrypt-migration"          # names the migration that wrote a directory
+ASIDE_SUFFIX = ".replaced-"             # a target-mode directory found in the way is kept under this name
 
 Progress = Callable[[str, int, int], None]
 
 
+def _marker_id(directory: str) -> str | None:
+    """The migration ID in a directory's marker file, or None (no marker: not written by a migration)."""
+    p = os.path.join(directory, MARKER)
+    if os.path.islink(p) or not os.path.isfile(p):
+        return None
+    with open(p, "rb") as f:
+        return f.read(64).decode("ascii", "replace").strip()
+
+
 def cleanup_interrupted(store) -> bool:
-    """Run at open in the source mode: undo an interrupted migration (steps A-C).  True if one was found."""
+    """Run at open in the source mode: undo an interrupted migration (steps A-C).  True if one was found.
+
+    Only what the interrupted migration wrote is removed: its temporary directories and a target
+    directory carrying its marker.  A directory it had set aside is put back."""
     with store.meta.read() as r:
         raw = r.get(M.DB_STATE, M.K_MIGRATION)
     if raw is None:
         return False
-    target = layout.pair_for(json.loads(raw)["to"] == "encrypted")
-    for d in (TMP_WAL, TMP_SNAP, target.wal, target.snap):
-        if target.encrypted == store.encrypted and d in (target.wal, target.snap):
-            continue  # never touch the directories the store lives in
+    try:
+        record = json.loads(raw)
+        target = layout.pair_for(record["to"] == "encrypted")
+        mig_id = str(record.get("id", ""))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        from .errors import CorruptionError
+        raise CorruptionError(store.meta.path, None, "the migration record is malformed") from None
+    for d in (TMP_WAL, TMP_SNAP):
         p = os.path.join(store.path, d)
-        if os.path.isdir(p):
+        if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p)
+    if target.encrypted != store.encrypted:        # never touch the directories the store lives in
+        for d in (target.wal, target.snap):
+            p = os.path.join(store.path, d)
+            if mig_id and os.path.isdir(p) and not os.path.islink(p) and _marker_id(p) == mig_id:
+                shutil.rmtree(p)
+            aside = p + ASIDE_SUFFIX + mig_id
+            if mig_id and not os.path.lexists(p) and os.path.isdir(aside) and not os.path.islink(aside):
+                store.vfs.rename(aside, p)
     store.vfs.fsync_dir(store.path)
     with store.meta.write() as tx:
         tx.delete(M.DB_STATE, M.K_MIGRATION)
@@ -83,9 +114,10 @@ def migrate(store, *, to_encrypted: bool, kek: K.KeyEncryptionKey | None, algori
     # B. rewrite into temporary directories
     tmp_wal, tmp_snap = os.path.join(root, TMP_WAL), os.path.join(root, TMP_SNAP)
     for d in (tmp_wal, tmp_snap):
-        if os.path.isdir(d):
+        if os.path.isdir(d) and not os.path.islink(d):
             shutil.rmtree(d)
         store.vfs.makedirs(d)
+        _write_marker(store.vfs, d, ctx.mig_id)
     store.vfs.fsync_dir(root)
     segments = _rewrite_log(store, ctx, tmp_wal, say)
     snap = _rewrite_snapshot(store, ctx, tmp_snap, say)
@@ -94,8 +126,14 @@ def migrate(store, *, to_encrypted: bool, kek: K.KeyEncryptionKey | None, algori
     # C. put the directories in place
     for tmp, final in ((tmp_wal, target.wal), (tmp_snap, target.snap)):
         dest = os.path.join(root, final)
-        if os.path.isdir(dest):
-            shutil.rmtree(dest)      # stale copy left by an earlier migration the other way
+        if os.path.lexists(dest):
+            # A directory of the target mode is in the way: left by an earlier life of the store in
+            # that mode, or planted.  The metadata does not vouch for it, so it is neither used nor
+            # deleted: it is set aside (and put back if this migration is interrupted).
+            aside = dest + ASIDE_SUFFIX + ctx.mig_id
+            store.vfs.rename(dest, aside)
+            log.warning("%s was in the way of the migration; kept as %s - remove it once you know you do "
+                        "not need it", dest, aside)
         store.vfs.rename(tmp, dest)
     store.vfs.fsync_dir(root)
     for seg in segments:
@@ -104,7 +142,22 @@ def migrate(store, *, to_encrypted: bool, kek: K.KeyEncryptionKey | None, algori
         snap.path = os.path.join(root, target.snap, os.path.basename(snap.path))
     # D. switch in one commit
     _switch(store, ctx, segments, snap)
+    for final in (target.wal, target.snap):       # the markers only matter before the switch
+        try:
+            store.vfs.unlink(os.path.join(root, final, MARKER))
+        except OSError as exc:
+            log.warning("could not remove the migration marker in %s: %s", final, exc)
     say("done", 1, 1)
+
+
+def _write_marker(vfs, directory: str, mig_id: str) -> None:
+    fd = vfs.open(os.path.join(directory, MARKER), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        vfs.pwrite(fd, mig_id.encode("ascii") + b"\n", 0)
+        vfs.fsync(fd)
+    finally:
+        vfs.close(fd)
+    vfs.fsync_dir(directory)
 
 
 class _TargetKeys:
@@ -119,11 +172,15 @@ class _TargetKeys:
 
     @classmethod
     def create(cls, store, to_encrypted: bool, kek, algorithm: str) -> "_TargetKeys":
-        state = json.dumps({"to": "encrypted" if to_encrypted else "plaintext", "started_ns": time.time_ns()})
+        mig_id = os.urandom(8).hex()
+        state = json.dumps({"to": "encrypted" if to_encrypted else "plaintext", "started_ns": time.time_ns(),
+                            "id": mig_id})
         if not to_encrypted:
             with store.meta.write() as tx:
                 tx.put(M.DB_STATE, M.K_MIGRATION, state.encode())
-            return cls(False, fmt.ALG_NONE, crypto.ZERO_KEY_ID, None, None)
+            ctx = cls(False, fmt.ALG_NONE, crypto.ZERO_KEY_ID, None, None)
+            ctx.mig_id = mig_id
+            return ctx
         alg = crypto.suite_by_name(algorithm).alg_id
         params = kek.new_params()
         wrapper = kek.wrapper(params)
@@ -139,6 +196,7 @@ class _TargetKeys:
             tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_entry.wrapped)
             tx.put(M.DB_STATE, M.K_MIGRATION, state.encode())
         ctx = cls(True, alg, dek.key_id, secret.material, meta_secret.material)
+        ctx.mig_id = mig_id
         ctx.entry = dek
         ctx.params = params
         return ctx

@@ -38,6 +38,9 @@ def seal_with(store_id: bytes, key: bytes, value: bytes, *, key_id: bytes, dek: 
 def seal(store, key: bytes, value: bytes, key_id: bytes | None = None) -> bytes:
     if not store.encrypted:
         return seal_with(store.store_id, key, value, key_id=crypto.ZERO_KEY_ID, dek=None, algorithm=fmt.ALG_NONE)
+    if store.algorithm == fmt.ALG_NONE:     # an encrypted store never writes a value in clear
+        raise AuthenticationError(store.meta.path, None, "refusing to seal a stable value with algorithm NONE "
+                                  "in an encrypted store", "the store's metadata was tampered with; reopen it")
     key_id = key_id or store.write_key_id()
     return seal_with(store.store_id, key, value, key_id=key_id, dek=store.secret(key_id), algorithm=store.algorithm)
 

@@ -189,12 +189,15 @@ class Store:
             check = r.raw(M.DB_STORE, M.K_KEK_CHECK)
             wrapped_meta = r.raw(M.DB_STORE, M.K_META_KEY)
             meta_key_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
-        self.algorithm = alg[0] if alg else fmt.ALG_NONE
-        fmt.check_algorithm(self.algorithm, path=self.meta.path)
+        stored_alg = alg[0] if alg and len(alg) == 1 else None
         self.kek_params = params
         self.keys: dict[bytes, K.KeyEntry] = {}
         self._secrets: dict[bytes, K.SecretKey] = {}
         if not self.encrypted:
+            if stored_alg != fmt.ALG_NONE:
+                raise CorruptionError(self.meta.path, None, "the store record of a plaintext store names a cipher",
+                                      "the metadata was edited or damaged; do not trust this directory")
+            self.algorithm = fmt.ALG_NONE
             self.meta.set_mac_key(None)
             self._load_keyring()
             return
@@ -210,6 +213,30 @@ class Store:
             raise AuthenticationError(self.meta.path, None, "the metadata key unwrapped to a wrong size")
         self.meta.set_mac_key(meta_key)
         self._load_keyring()
+        self.algorithm = self._authenticated_algorithm(stored_alg)
+
+    def _authenticated_algorithm(self, stored_alg: int | None) -> int:
+        """The cipher suite of an encrypted store, taken from its active data key.
+
+        The ``store/algorithm`` record is not MAC'd (it predates the metadata key), so it is
+        never trusted as read: the keyring records are MAC'd under the metadata key that only
+        the KEK unwraps, and the active DEK's record names its suite.  A store record that
+        disagrees, or a data key whose suite is NONE, is an edit of the metadata."""
+        kid = self.active_key_id()
+        alg = self.keys[kid].algorithm
+        if alg == fmt.ALG_NONE or any(k.algorithm == fmt.ALG_NONE for k in self.keys.values()
+                                      if k.purpose == K.PURPOSE_DEK):
+            raise AuthenticationError(self.meta.path, None, "a data key of this encrypted store names the "
+                                      "plaintext algorithm NONE", "the metadata was tampered with; restore the "
+                                      "node from a snapshot export or let Raft re-replicate it")
+        fmt.check_algorithm(alg, path=self.meta.path)
+        if stored_alg != alg:
+            raise AuthenticationError(self.meta.path, None,
+                                      f"the store record names algorithm {stored_alg}, the authenticated keyring "
+                                      f"says {alg} (edited metadata: an attempt to weaken or turn off encryption)",
+                                      "do not trust this directory; restore the node from a snapshot export or "
+                                      "let Raft re-replicate it")
+        return alg
 
     def _bootstrap(self, kek: K.KeyEncryptionKey | None, algorithm: str) -> None:
         self.store_id = os.urandom(fmt.STORE_ID_SIZE)
@@ -842,44 +869,52 @@ def stored_mode(path) -> bool | None:
     return None if v is None else v == b"\x01"
 
 
-def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True, decrypt_existing: bool = False,
-         migration_progress=None, **options) -> Store:
+def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True, migrate: bool = False,
+         decrypt_existing: bool = False, migration_progress=None, **options) -> Store:
     """Open (creating if needed) a walcrypt data directory.  Encrypted unless ``encrypted=False``.
 
-    A plaintext store opened with ``encrypted=True`` and a KEK is migrated to encrypted.
-    Turning encryption off is never silent: an encrypted store opened with
-    ``encrypted=False`` is migrated to plaintext only with ``decrypt_existing=True``
-    (and its KEK); otherwise it is a UsageError.  ``migration_progress(stage, done, total)``
+    Migration between the modes is always an explicit act, never a side effect of the
+    arguments: a plaintext store opened with ``encrypted=True`` and a KEK is migrated to
+    encrypted only with ``migrate=True`` (otherwise it is a UsageError: anyone who can write
+    the directory could have planted that plaintext store), and an encrypted store opened
+    with ``encrypted=False`` is decrypted only with ``migrate=True`` (or its older spelling
+    ``decrypt_existing=True``) and its KEK.  ``migration_progress(stage, done, total)``
     reports progress."""
     try:
-        return _open(os.fspath(path), kek, encrypted, decrypt_existing, migration_progress, options)
+        return _open(os.fspath(path), kek, encrypted, migrate or decrypt_existing, migration_progress, options)
     except OSError as exc:                   # a file error anywhere in open or migration: typed, with a hint
         raise StorageError(f"opening {path} failed: {exc} (if the disk is full or failing, fix that and open "
                            "again; an interrupted migration is redone)") from exc
 
 
-def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_progress, options: dict) -> Store:
+def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, options: dict) -> Store:
     if options.get("read_only") or not layout.looks_like_store(path):
         return Store(path, kek=kek, encrypted=encrypted, **options)
     lock = layout.DirLock(path)          # before reading anything: no writer can be active
     try:
         have = stored_mode(path)
         if have is None or have == encrypted:
-            if not encrypted and decrypt_existing:
+            if not encrypted and migrate:
                 kek = None                   # already plaintext (a finished migration): nothing to decrypt
             return Store(path, kek=kek, encrypted=encrypted, _dirlock=lock, **options)
-        if not encrypted and not decrypt_existing:
+        if not encrypted and not migrate:
             raise UsageError(f"{path} is encrypted; opening it as plaintext would decrypt every record on disk. "
-                             "Pass decrypt_existing=True (and its kek=) to migrate it, or open it with its kek=")
+                             "Pass migrate=True (and its kek=) to migrate it, or open it with its kek=")
         if encrypted and kek is None:
-            raise KeyProviderError(f"{path} is a plaintext store: pass kek=... to migrate it to encrypted, or "
-                                   "open it with encrypted=False")
-        from .migrate import migrate
+            raise KeyProviderError(f"{path} is a plaintext store: open it with encrypted=False, or pass kek=... "
+                                   "and migrate=True to encrypt it")
+        if encrypted and not migrate:
+            raise UsageError(
+                f"{path} holds a plaintext store, but a KEK was given for an encrypted one. walcrypt never adopts "
+                "plaintext data implicitly: if this node's store was encrypted, its metadata was replaced and "
+                "must not be trusted (restore it from a backup or re-replicate the node); to encrypt a plaintext "
+                "store on purpose, open it with migrate=True (or run 'walcrypt migrate DIR --to encrypted')")
+        from .migrate import migrate as run_migration
         src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, **options)
         lock = None                      # the source store owns it now and releases it on close
         try:
-            migrate(src, to_encrypted=encrypted, kek=kek, algorithm=options.get("algorithm", "aes-256-gcm"),
-                    progress=migration_progress)
+            run_migration(src, to_encrypted=encrypted, kek=kek, algorithm=options.get("algorithm", "aes-256-gcm"),
+                          progress=migration_progress)
         finally:
             src.close()
         return Store(path, kek=kek if encrypted else None, encrypted=encrypted, **options)

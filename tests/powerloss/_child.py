@@ -177,7 +177,7 @@ def mode_op(a: dict) -> None:
     """One operation on an existing store, then DONE (and CLOSED after close)."""
     what = a["op"]
     if what == "migrate":
-        s = open_store(a)                              # a plaintext store opened with a KEK: migration
+        s = open_store(a, migrate=True)                # a plaintext store opened with a KEK: migration
         emit("DONE")
         s.close()
         emit("CLOSED")
