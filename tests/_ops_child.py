@@ -38,7 +38,7 @@ def open_store(path: str, encrypted: bool | None = None):
 
     if enc:
         return walcrypt.open(path, kek=KEK, segment_size=SEG, sync="always", snapshot_source=source,
-                             snapshot_chunk_size=4096, decrypt_existing=False)
+                             snapshot_chunk_size=4096, migrate=encrypted is not None)
     return walcrypt.open(path, kek=KEK if mode else None, encrypted=False, decrypt_existing=True,
                          segment_size=SEG, sync="always", snapshot_chunk_size=4096)
 

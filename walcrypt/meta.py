@@ -51,6 +51,8 @@ K_NEXT_SEGMENT = b"next_segment"  # u64
 K_NEXT_SNAPSHOT = b"next_snapshot"  # u64
 K_ROTATION = b"rotation"          # JSON
 K_MIGRATION = b"migration"        # JSON, present only while a migration is in progress
+K_PURGED = b"purged"              # u64 segment IDs of the latest purge (their files may outlive the commit)
+K_STAGING = b"staging"            # u64 first, u64 end: segment IDs reserved for a staged rewrite (re-key)
 
 MAC_SIZE = 16
 MAP_SIZE = 1 << 30
@@ -248,3 +250,15 @@ def u64(n: int) -> bytes:
 
 
 MacFunction = Callable[[bytes, bytes, bytes], bytes]
+
+
+def encode_ids(ids) -> bytes:
+    return b"".join(int(i).to_bytes(8, "little") for i in ids)
+
+
+def decode_ids(raw: bytes | None, path: str) -> list[int]:
+    if raw is None:
+        return []
+    if len(raw) % 8:
+        raise CorruptionError(path, None, "a segment ID list in the metadata has a bad size")
+    return [int.from_bytes(raw[k:k + 8], "little") for k in range(0, len(raw), 8)]

@@ -197,6 +197,7 @@ class Segment:
         self.chain = crypto.ZERO_CHAIN
         self.records_written = 0
         self.bytes_written = 0
+        self.units_scanned = 0                    # committed write units seen by scan()
         self.writable = False
         self.end_offset = 0
 
@@ -511,6 +512,7 @@ class Segment:
                     self._apply_scanned(p, on_entries)
                 pending = []
                 committed_end = next_off
+                self.units_scanned += 1
                 self.write_offset = next_off
                 self.seq = seq
                 self.chain = chain

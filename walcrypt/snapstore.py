@@ -192,17 +192,45 @@ class Snapshots:
                            "broken_copy": info.path + ".broken", "kind": "snapshot"})
 
     def _remove_orphans(self) -> None:
+        """Unregistered snapshot files.  Deleted only when they provably hold nothing acknowledged: a
+        temporary file, or an ID up to the next one the registry would give (a save whose registration
+        never committed, or a retention leftover).  A higher ID means the metadata is older than the data:
+        open refuses and deletes nothing."""
         if not os.path.isdir(self.dir):
             return
+        st = self.store
+        with st.meta.read() as r:
+            nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+        next_id = int.from_bytes(nxt, "little") if nxt else 1
         known = {os.path.basename(i.path) for i in self.infos}
         removed = False
-        for name in self.store.vfs.listdir(self.dir):
-            if name.startswith(".tmp-") or (_SNAP_NAME.match(name) and name not in known):
-                # A snapshot whose save never returned (crash before its registration).
-                self.store.vfs.unlink(os.path.join(self.dir, name))
-                removed = True
+        for name in sorted(st.vfs.listdir(self.dir)):
+            m = _SNAP_NAME.match(name)
+            if not name.startswith(".tmp-") and not (m and name not in known):
+                continue
+            path = os.path.join(self.dir, name)
+            if m and int(m.group(1), 16) > next_id:
+                self._refuse_newer(path, int(m.group(1), 16), next_id)
+                continue
+            st.vfs.unlink(path)
+            removed = True
         if removed:
-            self.store.vfs.fsync_dir(self.dir)
+            st.vfs.fsync_dir(self.dir)
+
+    def _refuse_newer(self, path: str, snap_id: int, next_id: int) -> None:
+        """A snapshot file with an ID the registry has not given out yet: ours means rolled-back metadata."""
+        try:
+            ours = SnapshotFile(self.store.vfs, path).header.store_id == self.store.store_id
+        except StorageError:
+            ours = False
+        if not ours:
+            log.warning("%s is not a snapshot of this store; left in place - inspect it, then remove it", path)
+            return
+        raise CorruptionError(
+            path, None, f"snapshot {snap_id} is not in the registry, which gives out ID {next_id} next: the "
+            "metadata (meta/) is older than the data - it was restored from an older copy or rolled back",
+            "walcrypt deleted nothing. Put back the meta/ that belongs to this data directory; otherwise "
+            "restore the node from a snapshot export or wipe it and let Raft re-replicate it")
 
     # ------------------------------------------------------------------ write
     def save(self, meta: SnapshotMeta, data, *, extra_meta: dict | None = None) -> SnapshotInfo:

@@ -9,7 +9,6 @@ into the manifest.  Writing always continues in a fresh segment.
 
 from __future__ import annotations
 
-import builtins
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from .wal import Wal
 log = logging.getLogger("walcrypt")
 
 _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")
+STAGING_BLOCK = 1 << 16      # segment IDs reserved at a time for a staged rewrite (re-key)
 
 
 class _FailOnOSError:
@@ -350,10 +350,15 @@ class Store:
                         for k, v in r.items(M.DB_SEGMENTS)]
             compacted = r.get(M.DB_STATE, M.K_COMPACTED)
             nxt = r.get(M.DB_STATE, M.K_NEXT_SEGMENT)
-        if nxt is None or len(nxt) != 8:
+            purged = M.decode_ids(r.get(M.DB_STATE, M.K_PURGED), self.meta.path)
+            staging = M.decode_ids(r.get(M.DB_STATE, M.K_STAGING), self.meta.path)
+        if nxt is None or len(nxt) != 8 or len(staging) not in (0, 2):
             raise CorruptionError(self.meta.path, None, "store state records are missing or damaged")
+        self._purged = set(purged)
+        self._staging = range(staging[0], staging[1]) if staging else range(0)
         c_index, c_term, reset_seg = M.decode_compacted(compacted, self.meta.path)
         self.next_segment = int.from_bytes(nxt, "little")
+        self._refuse_if_older_than_data({seg_id for seg_id, _ in manifest})
         segments = []
         for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
             segments.append(self._open_segment(seg_id, rec))
@@ -476,33 +481,40 @@ class Store:
                              "truncated_to": committed_end, "broken_copy": broken})
 
     def _remove_orphans(self, known: set[int]) -> None:
-        """Segment files the manifest does not list.
+        """Segment files the manifest does not list.  One is deleted only when it provably never held
+        an acknowledged write (FORMAT.md 11.6):
 
-        * ID >= next_segment: created by a crash before registration (or staged by an
-          interrupted re-key); it never held an acknowledged batch -> deleted.
-        * lower ID, entries all compacted or under a retired key: left by a crash between a
-          purge's manifest commit and its unlink -> deleted.
-        * anything else (e.g. a manifest record deleted by hand): kept, renamed ``.unlisted``,
-          and a warning logged - walcrypt never deletes data it cannot account for."""
+        * named by the latest purge record, or inside a staging reservation (an interrupted re-key);
+        * ID == next_segment with at most its creation unit and no index: a crash between creating a
+          segment and registering it (registration is what acknowledges its content);
+        * lower ID, entries all compacted or under a retired key: a purge leftover of an older store.
+
+        A segment the metadata cannot know of - a higher ID, or next_segment with more than its creation
+        unit - means ``meta/`` is older than the data (restored from an older copy, rolled back): open
+        refuses, naming both, and deletes nothing.  Anything else is kept, renamed ``.unlisted``."""
         if not os.path.isdir(self.wal_dir):
             return
         changed = False
         live = {K.PENDING, K.ACTIVE}
-        for name in self.vfs.listdir(self.wal_dir):
+        for name in sorted(self.vfs.listdir(self.wal_dir)):
             m = _SEGMENT_NAME.match(name)
             if not m or int(m.group(1), 16) in known:
                 continue
             path = os.path.join(self.wal_dir, name)
             seg_id, base = int(m.group(1), 16), int(m.group(2), 16)
-            leftover = seg_id >= self.next_segment or base <= self.wal.compacted_index
-            if not leftover and self.encrypted:
-                try:
-                    with builtins.open(path, "rb") as f:
-                        key_id = decode_header(f.read(fmt.SEGMENT_HEADER_SIZE), path).key_id
-                    entry = self.keys.get(key_id)
-                    leftover = entry is not None and entry.purpose == K.PURPOSE_DEK and entry.state not in live
-                except (OSError, StorageError):
-                    leftover = False
+            if seg_id in self._purged or seg_id in self._staging:
+                leftover = True
+            elif seg_id >= self.next_segment:
+                leftover = self._never_registered(path, seg_id, base)
+            else:
+                leftover = base <= self.wal.compacted_index
+                if not leftover and self.encrypted:
+                    try:
+                        key_id = decode_header(self._read_head(path), path).key_id
+                        entry = self.keys.get(key_id)
+                        leftover = entry is not None and entry.purpose == K.PURPOSE_DEK and entry.state not in live
+                    except (OSError, StorageError):
+                        leftover = False
             if leftover:
                 self.vfs.unlink(path)
             else:
@@ -512,6 +524,67 @@ class Store:
             changed = True
         if changed:
             self.vfs.fsync_dir(self.wal_dir)
+        if self._staging:
+            with self.meta.write() as tx:
+                tx.delete(M.DB_STATE, M.K_STAGING)
+            self._staging = range(0)
+
+    def _refuse_if_older_than_data(self, known: set[int]) -> None:
+        """Before anything is opened: a segment file of this store the metadata cannot know of proves
+        that meta/ is older than the data (see _never_registered); refuse before any other finding."""
+        if not os.path.isdir(self.wal_dir):
+            return
+        for name in sorted(self.vfs.listdir(self.wal_dir)):
+            m = _SEGMENT_NAME.match(name)
+            if m and int(m.group(1), 16) >= self.next_segment and int(m.group(1), 16) not in known \
+                    and int(m.group(1), 16) not in self._purged and int(m.group(1), 16) not in self._staging:
+                self._never_registered(os.path.join(self.wal_dir, name), int(m.group(1), 16), int(m.group(2), 16))
+
+    def _read_head(self, path: str) -> bytes:
+        fd = self.vfs.open(path, os.O_RDONLY)
+        try:
+            return self.vfs.pread(fd, fmt.SEGMENT_HEADER_SIZE, 0)
+        finally:
+            self.vfs.close(fd)
+
+    def _never_registered(self, path: str, seg_id: int, base: int) -> bool:
+        """For an unlisted segment at or above next_segment: True when it is the leftover of a crash
+        before its registration; raises when it proves that the metadata is older than the data."""
+        try:
+            found = decode_header(self._read_head(path), path)
+        except StorageError:
+            found = None
+        if found is None or found.store_id != self.store_id or found.segment_id != seg_id \
+                or found.base_index != base:
+            if seg_id == self.next_segment:
+                return True                  # a creation torn by the crash: its header never became durable
+            return False                     # not ours: kept aside as .unlisted, never deleted
+        evidence = None
+        if seg_id > self.next_segment:
+            evidence = "it was created after the segment the metadata expects next"
+        else:
+            try:
+                ident = SegmentIdentity(self.store_id, seg_id, base, found.algorithm, found.key_id, found.salt,
+                                        found.commitment)
+                cipher, commitment = self._cipher(ident)
+                seg = Segment(self.vfs, path, ident, cipher)
+                seg.check_identity(found, commitment)
+                seg.scan(self.vfs.read_file(path))
+            except KeyNotFoundError:
+                evidence = "it is written under a data key the metadata does not know"
+            except StorageError:
+                return True                  # its creation unit was torn: nothing in it was acknowledged
+            else:
+                if seg.sealed or seg.units_scanned > 1:
+                    evidence = "it holds writes made after its registration"
+        if evidence is None:
+            return True
+        raise CorruptionError(
+            path, None, f"segment {seg_id} is not in the manifest, but {evidence}: the metadata (meta/, which "
+            f"expects segment {self.next_segment} next) is older than the data - it was restored from an older "
+            "copy or rolled back",
+            "walcrypt deleted nothing. Put back the meta/ that belongs to this data directory; otherwise "
+            "restore the node from a snapshot export or wipe it and let Raft re-replicate it")
 
     # ------------------------------------------------------------------ SegmentProvider
     def _segment_file(self, seg_id: int, base_index: int, key_id: bytes, hardstate: HardState,
@@ -567,8 +640,11 @@ class Store:
             wal.check_writable()
             wal._seal_active()
             next_id = [self.next_segment]
+            self._reserve_staging(next_id[0])
 
             def new_segment(base: int) -> Segment:
+                if next_id[0] >= self.next_segment:
+                    self._reserve_staging(self.staging_first)
                 seg = self._segment_file(next_id[0], base, key_id, wal.hardstate)
                 next_id[0] += 1
                 return seg
@@ -581,6 +657,16 @@ class Store:
                     snap_info = self.snapshots.write_file(cur.meta, stream, key_id,
                                                                   snap_id=self._next_snapshot_id())
         return staged, snap_info
+
+    def _reserve_staging(self, first: int) -> None:
+        """Reserve segment IDs [first, next_segment + STAGING_BLOCK) for staged segments, durably, before
+        any is written: at open, unregistered files in that range are known to hold nothing acknowledged,
+        and no ID in it is ever used for anything else (so an older copy of the record names no live data)."""
+        end = self.next_segment + STAGING_BLOCK
+        with self.meta.write() as tx:
+            tx.put(M.DB_STATE, M.K_STAGING, M.encode_ids((first, end)))
+            tx.put(M.DB_STATE, M.K_NEXT_SEGMENT, end.to_bytes(8, "little"))
+        self.staging_first, self.next_segment = first, end
 
     def copy_log(self, new_segment, progress=None) -> list[Segment]:
         """Write every retained entry (and the hard state) into fresh segments made by
@@ -620,7 +706,9 @@ class Store:
     def register_staged(self, tx, staged: list[Segment], snap_info) -> None:
         for seg in staged:
             tx.put(M.DB_SEGMENTS, M.u64(seg.seg_id), M.encode_manifest(self._manifest_record(seg)))
-        tx.put(M.DB_STATE, M.K_NEXT_SEGMENT, (staged[-1].seg_id + 1).to_bytes(8, "little"))
+        nxt = max(self.next_segment, staged[-1].seg_id + 1)
+        tx.put(M.DB_STATE, M.K_NEXT_SEGMENT, nxt.to_bytes(8, "little"))
+        tx.delete(M.DB_STATE, M.K_STAGING)
         if snap_info is not None:
             from .snapstore import encode_info
             tx.put(M.DB_SNAPSHOTS, M.u64(snap_info.snapshot_id), encode_info(snap_info))
@@ -629,7 +717,7 @@ class Store:
     def install_staged(self, staged: list[Segment], snap_info) -> None:
         """After register_staged committed: the staged segments supersede the older ones."""
         wal = self.wal
-        self.next_segment = staged[-1].seg_id + 1
+        self.next_segment = max(self.next_segment, staged[-1].seg_id + 1)
         with wal._write:
             wal.load(wal.segments + staged, wal.compacted_index, wal.compacted_term)
             wal.active = None
@@ -645,6 +733,9 @@ class Store:
         with self.meta.write() as w:
             for seg in segs:
                 w.delete(M.DB_SEGMENTS, M.u64(seg.seg_id))
+            # Files that outlive this commit (a crash before the unlinks) are known leftovers at the
+            # next open; IDs are never reused, so an older copy of this record never names live data.
+            w.put(M.DB_STATE, M.K_PURGED, M.encode_ids(seg.seg_id for seg in segs))
         self.wal.forget(segs)
         for seg in segs:
             self.vfs.unlink(seg.path)
