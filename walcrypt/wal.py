@@ -45,6 +45,19 @@ class SegmentProvider(Protocol):
     def sync_meta_failed(self, exc: BaseException) -> None: ...
 
 
+def _clip_runs(runs, lo: int, hi: int) -> list:
+    """The (first index, term) runs of a segment restricted to the entries lo..hi."""
+    out = []
+    for start, term in runs:
+        if start > hi:
+            break
+        if start <= lo:
+            out = [(lo, term)]
+        else:
+            out.append((start, term))
+    return out
+
+
 class _Request:
     """One save(): its entries already encoded as record payloads (by the calling thread)."""
 
@@ -93,39 +106,63 @@ class Wal:
              reset_segment: int = 0) -> None:
         """Install segments recovered by the engine (ID order) and the compaction point.
 
-        ``reset_segment`` > 0 means a snapshot reset the log at the compaction point:
-        entries above it in segments older than ``reset_segment`` are discarded."""
+        Which entries of a segment are still part of the log follows from the segments written
+        after it, never from its neighbours alone: every newer segment based at ``b`` superseded
+        the entries >= ``b`` of all older ones (Raft suffix replacement, truncation, a re-key's
+        copies; an empty segment supersedes as well), and ``reset_segment`` > 0 means a snapshot
+        or ``reset_log`` reset the log at the compaction point: entries above it in segments
+        older than ``reset_segment`` are discarded.  Segments are therefore read newest first,
+        each contributing the part of its range below everything newer.  Superseded entries may
+        lie anywhere - a stale suffix left by several process lifetimes spans several segments,
+        with gaps between them that no longer matter - so only the assembled log is checked for
+        continuity: a hole above the compaction point is missing data (an error); a hole at or
+        below it only disconnects the older pieces, which are dropped (they are compacted, and no
+        older snapshot could be rebuilt from a log with a hole)."""
         self.segments = list(segments)
         self.compacted_index = compacted_index
         self.compacted_term = compacted_term
-        self.view_first, self.view_seg = [], []
-        self.run_start, self.run_term = array("Q"), array("Q")
-        self.last = compacted_index
+        self._cache.clear()
+        pieces = []                      # (first, last, segment) contributed, newest first
+        limit = None                     # entries above this were superseded by a newer segment
         hs = None
-        pending_reset = reset_segment > 0
-        for seg in self.segments:
-            if seg.hardstate is not None:
+        for seg in reversed(self.segments):
+            if hs is None and seg.hardstate is not None:
                 hs = seg.hardstate
-            if pending_reset and seg.seg_id >= reset_segment:
-                self._truncate_view(compacted_index + 1)
-                pending_reset = False
-            reach = max(self.last, compacted_index)
-            if seg.base_index > reach + 1 and seg.last_index >= seg.base_index:   # an empty segment leaves no gap
-                raise CorruptionError(
-                    seg.path, None, f"segment starts at index {seg.base_index} but the log before it ends at {reach}: "
-                    f"entries {reach + 1}..{seg.base_index - 1} are missing (a segment or its manifest record "
-                    "was deleted, or a segment was cut short)",
-                    "restore the node from a snapshot, or wipe it and let Raft re-replicate")
-            self._truncate_view(seg.base_index)
-            if seg.last_index >= seg.base_index:
-                self.view_first.append(seg.base_index)
-                self.view_seg.append(seg)
-                self._add_runs(seg.runs)
-                self.last = seg.last_index
-        if pending_reset:
-            self._truncate_view(compacted_index + 1)
-        if self.last < compacted_index:
-            self.last = compacted_index
+            top = seg.last_index if limit is None else min(seg.last_index, limit)
+            if reset_segment and seg.seg_id < reset_segment:
+                top = min(top, compacted_index)
+            if top >= seg.base_index:
+                pieces.append((seg.base_index, top, seg))
+            limit = seg.base_index - 1 if limit is None else min(limit, seg.base_index - 1)
+        # The log is one contiguous run of pieces reaching the compaction point or beyond.
+        keep = []
+        for lo, hi, seg in pieces:
+            below = keep[-1][0] - 1 if keep else max(hi, compacted_index)
+            if hi < below:
+                if below > compacted_index:
+                    raise CorruptionError(
+                        keep[-1][2].path if keep else seg.path, None,
+                        f"segment {keep[-1][2].seg_id if keep else seg.seg_id} holds entries from index "
+                        f"{below + 1} but the log before it ends at {max(hi, compacted_index)}: entries "
+                        f"{max(hi, compacted_index) + 1}..{below} are missing (a segment or its manifest record "
+                        "was deleted, or a segment was cut short)",
+                        "restore the node from a snapshot, or wipe it and let Raft re-replicate")
+                break                    # a hole at or below the compaction point: older pieces are unreachable
+            keep.append((lo, hi, seg))
+        if keep and keep[-1][0] > compacted_index + 1:
+            lo, _hi, seg = keep[-1]
+            raise CorruptionError(
+                seg.path, None, f"segment {seg.seg_id} starts at index {lo} but the log before it ends at "
+                f"{compacted_index}: entries {compacted_index + 1}..{lo - 1} are missing (a segment or its manifest "
+                "record was deleted, or a segment was cut short)",
+                "restore the node from a snapshot, or wipe it and let Raft re-replicate")
+        keep.reverse()
+        self.view_first = [lo for lo, _hi, _seg in keep]
+        self.view_seg = [seg for _lo, _hi, seg in keep]
+        self.run_start, self.run_term = array("Q"), array("Q")
+        for lo, hi, seg in keep:
+            self._add_runs(_clip_runs(seg.runs, lo, hi))
+        self.last = max(keep[-1][1] if keep else 0, compacted_index)
         self.hardstate = hs or HardState()
 
     def _truncate_view(self, base: int) -> None:
