@@ -26,6 +26,7 @@ asks for the re-key to be redone.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -62,6 +63,7 @@ class Rotation:
         self.state: dict | None = None
         self.usage: dict[bytes, list[int]] = {}
         self.auto_due = False
+        self.snapshot_wanted = False      # steps 1-2 of a rotation done: ask the host's source (step 3)
 
     # ------------------------------------------------------------------ state
     def load(self) -> None:
@@ -97,12 +99,20 @@ class Rotation:
         return {"keys": keys, "rotation": dict(self.state) if self.state else None}
 
     # ------------------------------------------------------------------ DEK rotation
-    def rotate_dek(self, *, reason: str = "requested", rekey: bool = False, queued: int = 0) -> None:
+    def check_rotatable(self) -> None:
+        """The caller's side of a rotation or re-key: checked before anything changes."""
         st = self.store
         st._check_write()
         if not st.encrypted:
             raise UsageError("a plaintext store has no data keys to rotate")
         st.wal.check_writable()                           # fail-stop applies to queueing too
+
+    def rotate_dek(self, *, reason: str = "requested", rekey: bool = False, queued: int = 0) -> None:
+        """Steps 1 and 2 (or queue one more rotation).  The caller holds a fail-stop guard
+        (Store.fail_stop); step 3, asking the host's snapshot source, is ask_for_snapshot(),
+        called once the guard is left so that the host's exceptions do not fail the store."""
+        st = self.store
+        self.check_rotatable()
         if self.state:
             with st.meta.write() as tx:
                 self.state["queued"] = self.state.get("queued", 0) + 1
@@ -122,10 +132,17 @@ class Rotation:
         self.state = state
         if not rekey:
             st.wal.cut_now()                              # step 2: new segment under the pending DEK
+            self.snapshot_wanted = True
+
+    def ask_for_snapshot(self) -> None:
+        """Step 3 of a rotation whose steps 1-2 just ran: call the host's snapshot source (if one is
+        registered) and save what it returns.  Runs outside any fail-stop guard."""
+        if self.snapshot_wanted:
             self._ask_for_snapshot()
 
     def _ask_for_snapshot(self) -> None:
-        if self.snapshot_source is None or not self.state:
+        self.snapshot_wanted = False
+        if self.snapshot_source is None or not self.state or self.state.get("rekey"):
             return
         meta, data = self.snapshot_source(self.store)     # step 3
         if not isinstance(meta, SnapshotMeta):
@@ -276,6 +293,7 @@ class Rotation:
         st._check_write()
         if not st.encrypted:
             raise UsageError("a plaintext store has no KEK")
+        st.wal.check_writable()
         params = new_kek.new_params()
         wrapper = new_kek.wrapper(params)
         with st.meta.read() as r:
@@ -288,18 +306,22 @@ class Rotation:
                 continue
             secret = K.unwrap_entry(st.wrapper, st.store_id, k).material
             rewrapped[k.key_id] = wrapper.wrap(secret, K.wrap_context(st.store_id, k.key_id, k.purpose))
-        with st.meta.write() as tx:
-            tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
-            cv = wrapper.check_value()
-            if cv is None:
-                tx.delete(M.DB_STORE, M.K_KEK_CHECK)
-            else:
-                tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
-            tx.put_raw(M.DB_STORE, M.K_META_KEY, wrapper.wrap(meta_secret,
-                                                             K.wrap_context(st.store_id, meta_id, K.PURPOSE_META)))
+        cv = wrapper.check_value()
+        meta_wrapped = wrapper.wrap(meta_secret, K.wrap_context(st.store_id, meta_id, K.PURPOSE_META))
+        # From the commit until the in-memory wrapper is swapped, an interruption would leave keys
+        # wrapped under one KEK in memory and another on disk (a new DEK wrapped by the old KEK would
+        # be lost at the next open): fail-stop.
+        with st.fail_stop("rotating the key-encryption key"):
+            with st.meta.write() as tx:
+                tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
+                if cv is None:
+                    tx.delete(M.DB_STORE, M.K_KEK_CHECK)
+                else:
+                    tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
+                tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_wrapped)
+                for kid, blob in rewrapped.items():
+                    tx.put(M.DB_KEYRING, kid, M.encode_keyring(dataclasses.replace(st.keys[kid], wrapped=blob)))
             for kid, blob in rewrapped.items():
-                k = st.keys[kid]
-                k.wrapped = blob
-                tx.put(M.DB_KEYRING, kid, M.encode_keyring(k))
-        st.wrapper = wrapper
-        st.kek_params = params
+                st.keys[kid].wrapped = blob
+            st.wrapper = wrapper
+            st.kek_params = params

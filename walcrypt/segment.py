@@ -47,7 +47,7 @@ from crc32c import crc32c
 
 from . import crypto
 from . import format as fmt
-from .errors import AuthenticationError, CorruptionError, UnsupportedFormatError
+from .errors import AuthenticationError, CorruptionError, StoreFailedError, UnsupportedFormatError
 from .types import HardState
 from .vfs import VFS
 
@@ -272,6 +272,7 @@ class Segment:
         self.chain = chain
         self.records_written += len(placed) + 1
         self.bytes_written += nbytes
+        self.writable = True                     # the writer state accounts for every frame written
         return new_runs
 
     def _index_entries(self, offset: int, index: int, count: int, terms) -> list:
@@ -294,8 +295,17 @@ class Segment:
         return runs[start:]
 
     def write(self, buf: bytes) -> int:
-        """pwrite one encoded batch at the write offset; returns the offset written."""
+        """pwrite one encoded batch at the write offset; returns the offset written.
+
+        The segment stays unwritable until ``apply_batch`` records the batch: if anything interrupts
+        the unit in between (a failed write or sync, KeyboardInterrupt, MemoryError), its frames
+        may be on disk under sequence numbers the writer state does not account for, so nothing
+        may ever be written into this segment again (that would reuse their nonces)."""
+        if not self.writable:
+            raise StoreFailedError(f"{self.path} is not writable (sealed, or its last write is in doubt); "
+                                   "reopen the store to recover")
         off = self.write_offset
+        self.writable = False
         self.vfs.pwrite(self.fd, buf, off)
         return off
 
@@ -315,9 +325,16 @@ class Segment:
     def seal(self, *, recovered: bool = False) -> None:
         """Write the INDEX frame, sync, truncate the preallocated tail, sync.  Manifest update is the caller's.
 
-        ``recovered``: this process did not write the segment (see RECOVERY_SEQ_JUMP)."""
+        ``recovered``: this process did not write the segment (see RECOVERY_SEQ_JUMP).  Otherwise the
+        segment must be writable (its last unit complete): an INDEX frame after a unit in doubt would
+        reuse that unit's nonces.  Sealing makes it unwritable first, so an interrupted seal is never
+        followed by another frame in this lifetime."""
         if recovered:
             self.seq += RECOVERY_SEQ_JUMP
+        elif not self.writable:
+            raise StoreFailedError(f"refusing to seal {self.path}: its last write is in doubt or it is sealed; "
+                                   "reopen the store to recover")
+        self.writable = False
         frame, _tag = self.cipher.seal(fmt.FRAME_INDEX, self.seq, self.last_index, 0, len(self.rec_offset),
                                        self.encode_index(), self.chain)
         self.index_offset = self.write_offset
@@ -341,9 +358,9 @@ class Segment:
         return self.fd
 
     def close(self) -> None:
-        if self.fd is not None:
-            self.vfs.close(self.fd)
-            self.fd = None
+        fd, self.fd = self.fd, None             # never closed twice, even if close() is interrupted
+        if fd is not None:
+            self.vfs.close(fd)
 
     def read_frame(self, offset: int, expect_type: int, size_hint: int = 0):
         """Read, check and open the frame at ``offset`` (one read when ``size_hint`` covers it).

@@ -218,16 +218,16 @@ class SnapshotWriter:
         self._emit(self._pending or b"", True)
         self._pending = None
         self.vfs.fsync(self.fd)
-        self.vfs.close(self.fd)
-        self.fd = None
+        fd, self.fd = self.fd, None              # never closed twice, even if close() is interrupted
+        self.vfs.close(fd)
         self.vfs.rename(self.tmp, self.path)
         self.vfs.fsync_dir(self.directory)
         return self.path
 
     def abort(self) -> None:
-        if self.fd is not None:
-            self.vfs.close(self.fd)
-            self.fd = None
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            self.vfs.close(fd)
         try:
             self.vfs.unlink(self.tmp)
         except FileNotFoundError:

@@ -30,9 +30,10 @@ from . import crypto
 from . import format as fmt
 from . import meta as M
 from .errors import CorruptionError, StorageError, UsageError
-from .snapshot import (DEFAULT_CHUNK_SIZE, SNAP_SALT_SIZE, SnapshotFile, SnapshotHeader, SnapshotWriter,
-                       snapshot_file_name, snapshot_keys)
-from .types import SnapshotMeta
+from .snapshot import (DEFAULT_CHUNK_SIZE, MAX_META, SNAP_SALT_SIZE, SnapshotFile, SnapshotHeader, SnapshotWriter,
+                       encode_meta, snapshot_file_name, snapshot_keys)
+from .types import ConfState, SnapshotMeta
+from .wal import MAX_ENTRY_INDEX, U64_MAX, check_u64
 
 log = logging.getLogger("walcrypt")
 
@@ -76,6 +77,44 @@ class Snapshot:
         return f"<Snapshot index={self.meta.index} term={self.meta.term} size={self.size}>"
 
 
+def check_snapshot_meta(meta, extra_meta: dict | None = None) -> SnapshotMeta:
+    """Validate a caller's SnapshotMeta (and extra metadata) before anything is written."""
+    try:
+        index, term, conf_state = meta
+    except (TypeError, ValueError):
+        raise UsageError("meta must be a SnapshotMeta(index, term, conf_state)") from None
+    index = check_u64(index, "snapshot index", 1, MAX_ENTRY_INDEX)
+    term = check_u64(term, "snapshot term", 1, U64_MAX)
+    try:
+        voters, learners = conf_state
+        conf_state = ConfState(tuple(voters), tuple(learners))
+    except (TypeError, ValueError):
+        raise UsageError("meta.conf_state must be a ConfState(voters, learners)") from None
+    meta = SnapshotMeta(index, term, conf_state)
+    try:
+        size = len(encode_meta(meta, extra_meta)) + fmt.TAG_SIZE
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"snapshot metadata cannot be encoded as JSON: {exc}") from None
+    if size > MAX_META:
+        raise UsageError(f"snapshot metadata is {size} bytes sealed; at most {MAX_META} are allowed")
+    return meta
+
+
+def _blocks(data, size: int):
+    """The blocks of a snapshot's data: bytes-like as one block, a binary file read ``size`` at a time."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        yield data
+        return
+    read = getattr(data, "read", None)
+    if read is None:
+        raise UsageError(f"snapshot data must be bytes-like or a binary file, not {type(data).__name__}")
+    while True:
+        block = read(size)
+        if not block:
+            return
+        yield block
+
+
 def encode_info(info: SnapshotInfo) -> bytes:
     return fmt.SNAPSHOT_MANIFEST_STRUCT.pack(1, bytes(7), info.index, info.term, info.key_id, info.digest, info.size)
 
@@ -91,29 +130,48 @@ def decode_info(snap_id: int, raw: bytes, directory: str, path: str) -> Snapshot
 
 
 class PendingSnapshot:
-    """A snapshot being streamed in: ``write()`` data, then ``commit()`` (durable on return) or ``abort()``."""
+    """A snapshot being streamed in: ``write()`` data, then ``commit()`` (durable on return) or ``abort()``.
+
+    Any exception inside ``write()`` or ``commit()`` fails the store (Store.fail_stop) and ends this
+    snapshot: a writer whose state is in doubt is never used again."""
 
     def __init__(self, owner: "Snapshots", meta: SnapshotMeta, writer: SnapshotWriter):
         self.owner, self.meta, self.writer = owner, meta, writer
         self.done = False
 
     def write(self, data) -> int:
-        self.writer.write(bytes(data))
+        if self.done:
+            raise UsageError("this snapshot was already committed or aborted")
+        if not isinstance(data, bytes):
+            try:
+                data = memoryview(data).tobytes()
+            except TypeError:
+                raise UsageError(f"snapshot data must be bytes-like, not {type(data).__name__}") from None
+        try:
+            with self.owner.store.fail_stop("writing a snapshot"):
+                self.writer.write(data)
+        except BaseException:
+            self.abort()
+            raise
         return len(data)
 
     def commit(self) -> SnapshotInfo:
         if self.done:
             raise UsageError("this snapshot was already committed or aborted")
         self.done = True
+        st = self.owner.store
         w = self.writer
-        try:
-            path = w.publish()
-        except BaseException:
-            w.abort()
-            raise
-        info = SnapshotInfo(w.header.snapshot_id, self.meta.index, self.meta.term, w.header.key_id, w.digest,
-                            w.data_bytes, path)
-        return self.owner._commit(self.meta, info)
+        with st.fail_stop("saving a snapshot"):
+            try:
+                path = w.publish()
+            except BaseException:
+                w.abort()
+                raise
+            info = SnapshotInfo(w.header.snapshot_id, self.meta.index, self.meta.term, w.header.key_id, w.digest,
+                                w.data_bytes, path)
+            self.owner._commit(self.meta, info)
+        st.rotation.ask_for_snapshot()          # a rotation queued behind the one this completed
+        return info
 
     def abort(self) -> None:
         if not self.done:
@@ -236,7 +294,10 @@ class Snapshots:
     def save(self, meta: SnapshotMeta, data, *, extra_meta: dict | None = None) -> SnapshotInfo:
         pending = self.begin(meta, extra_meta=extra_meta)
         try:
-            pending.writer.write_from(data)
+            # The data source is the host's: reading it runs outside the fail-stop guards (an error
+            # there aborts this snapshot and leaves the store as it is); writing is guarded.
+            for block in _blocks(data, self.chunk_size):
+                pending.write(block)
         except BaseException:
             pending.abort()
             raise
@@ -245,13 +306,14 @@ class Snapshots:
     def begin(self, meta: SnapshotMeta, *, extra_meta: dict | None = None) -> "PendingSnapshot":
         """Start a streamed snapshot: write() its data, then commit() (or abort())."""
         st = self.store
-        if meta.index < 1 or meta.term < 1:
-            raise UsageError(f"a snapshot needs index >= 1 and term >= 1, not {meta.index}/{meta.term}")
+        meta = check_snapshot_meta(meta, extra_meta)
         if self.infos and meta.index < self.infos[-1].index:
             raise UsageError(f"snapshot at index {meta.index} is older than the newest snapshot at "
                              f"{self.infos[-1].index} (etcd's ErrSnapOutOfDate)")
         st.wal.check_writable()
-        return PendingSnapshot(self, meta, self.open_writer(meta, st.write_key_id(), extra_meta=extra_meta))
+        with st.fail_stop("starting a snapshot"):
+            writer = self.open_writer(meta, st.write_key_id(), extra_meta=extra_meta)
+        return PendingSnapshot(self, meta, writer)
 
     def _commit(self, meta: SnapshotMeta, info: SnapshotInfo) -> SnapshotInfo:
         st = self.store

@@ -20,7 +20,7 @@ from . import format as fmt
 from . import keys as K
 from . import layout
 from . import meta as M
-from .errors import (AuthenticationError, CorruptionError, KeyNotFoundError, KeyProviderError,
+from .errors import (AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError, KeyProviderError,
                      StorageError, StoreFailedError, UnsupportedFormatError, UsageError, WalcryptError,
                      WrongKeyError)
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
@@ -28,7 +28,7 @@ from .types import ConfState, Entry, HardState, SnapshotMeta
 from .vfs import DEFAULT_VFS, VFS
 from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
 from .snapstore import Snapshot, Snapshots
-from .wal import Wal
+from .wal import MAX_ENTRY_INDEX, U64_MAX, Wal, check_u64
 
 log = logging.getLogger("walcrypt")
 
@@ -36,9 +36,17 @@ _SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")
 STAGING_BLOCK = 1 << 16      # segment IDs reserved at a time for a staged rewrite (re-key)
 
 
-class _FailOnOSError:
-    """Fail-stop for mutating operations: an OSError (failed write, fsync, rename, unlink, full disk)
-    marks the store failed and surfaces as StoreFailedError; reopening runs recovery."""
+class _FailStop:
+    """Fail-stop for the steps of a mutating operation (a segment cut or seal, a snapshot publish,
+    compaction, rotation, re-key, KEK rotation): any exception that escapes -- an OSError (failed
+    write, fsync, rename, unlink, full disk), but also KeyboardInterrupt, MemoryError or an
+    exception raised from a signal handler -- leaves the store failed: it refuses writes with
+    StoreFailedError until it is reopened, which runs recovery.  An OSError surfaces as
+    StoreFailedError; anything else propagates unchanged.  Validation of the caller's arguments
+    happens before a guard is entered, and the host's own code (a snapshot source, the stream a
+    snapshot is read from) runs outside guards: its exceptions leave the store as it is."""
+
+    __slots__ = ("store", "what")
 
     def __init__(self, store: "Store", what: str):
         self.store, self.what = store, what
@@ -47,30 +55,13 @@ class _FailOnOSError:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, OSError):
-            self.store.wal.failed = exc
+        if exc_type is None:
+            return False
+        self.store.wal.fail(exc)
+        if issubclass(exc_type, OSError):
             raise StoreFailedError(f"{self.what} failed: {exc}; the store refuses writes until it is reopened "
                                    "(reopening runs recovery; free space first if the disk is full)") from exc
         return False
-
-
-class _GuardedPending:
-    """A PendingSnapshot whose file errors fail the store (see _FailOnOSError)."""
-
-    def __init__(self, store: "Store", pending):
-        self._store, self._pending = store, pending
-        self.meta = pending.meta
-
-    def write(self, data) -> int:
-        with _FailOnOSError(self._store, "writing a snapshot"):
-            return self._pending.write(data)
-
-    def commit(self):
-        with _FailOnOSError(self._store, "saving a snapshot"):
-            return self._pending.commit()
-
-    def abort(self) -> None:
-        self._pending.abort()
 
 
 class Store:
@@ -461,6 +452,9 @@ class Store:
             seg.close()
             log.warning("could not seal recovered segment %s (%s); it will be scanned again at the next open",
                         seg.path, exc)
+        except BaseException:
+            seg.close()
+            raise
 
     def _repair_tail(self, seg: Segment, committed_end: int, torn: tuple[int, str], size: int) -> None:
         offset, detail = torn
@@ -679,7 +673,7 @@ class Store:
         idx = lo
         while idx <= hi:
             batch = wal.entries(idx, min(hi + 1, idx + fmt.RECORD_MAX_ENTRIES), max_size=fmt.RECORD_TARGET_BYTES * 8)
-            records = wal._prepare(batch)
+            records = wal.encode_stored(batch)
             if seg.write_offset + sum(len(r[4]) + 128 for r in records) > wal.segment_size and seg.seq > 2:
                 self._seal_staged(seg)
                 seg = new_segment(idx)
@@ -765,7 +759,7 @@ class Store:
         self.wal.append(entries, hard_state)
         if self.rotation.auto_due:
             self.rotation.auto_due = False
-            self.rotation.rotate_dek(reason="key budget reached")
+            self._rotate_dek("key budget reached")
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         self._check_open()
@@ -791,11 +785,15 @@ class Store:
         snapshot can fall back to it)."""
         self._check_write()
         self.wal.check_writable()
-        term = self.wal.term(index) if index > self.wal.compacted_index else None
-        self.wal.compact(index, term)
-        with self.meta.write() as w:
-            w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, self.wal.compacted_term))
-        with _FailOnOSError(self, "removing compacted segments"):
+        index = check_u64(index, "index", 0, U64_MAX)
+        wal = self.wal
+        if index <= wal.compacted_index:
+            raise CompactedError(f"already compacted up to {wal.compacted_index}")
+        term = wal.term(index)                  # UnavailableError beyond the last index
+        with _FailStop(self, "compacting the log"):
+            wal.compact(index, term)
+            with self.meta.write() as w:
+                w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, wal.compacted_term))
             self.purge_segments()
 
     def purge_segments(self) -> None:
@@ -812,8 +810,7 @@ class Store:
         Durable on return.  When the snapshot is ahead of the log or disagrees with it
         (a snapshot received from the leader), the log is reset to start after it."""
         self._check_write()
-        with _FailOnOSError(self, "saving a snapshot"):
-            self.snapshots.save(meta, data)
+        self.snapshots.save(meta, data)        # fail-stop guards inside: see Snapshots.save
 
     def snapshot(self) -> Snapshot | None:
         """The newest snapshot (``.meta``, ``.open()``, ``.data``), or None."""
@@ -824,16 +821,19 @@ class Store:
         """Stream a snapshot in: ``w = store.begin_snapshot(meta); w.write(b); w.commit()`` (or
         ``w.abort()``).  ``commit()`` is durable on return, like save_snapshot."""
         self._check_write()
-        return _GuardedPending(self, self.snapshots.begin(meta, extra_meta=extra_meta))
+        return self.snapshots.begin(meta, extra_meta=extra_meta)
 
     def reset_log(self, index: int, term: int) -> None:
         """Durably discard the whole log and continue after (index, term), as a snapshot ahead of
         the log does (hashicorp hosts: DeleteRange over everything, then StoreLogs further on)."""
         self._check_write()
         wal = self.wal
+        wal.check_writable()
+        index = check_u64(index, "index", 0, MAX_ENTRY_INDEX)
+        term = check_u64(term, "term", 0, U64_MAX)
         if index < wal.compacted_index:
             raise UsageError(f"cannot reset the log to {index}: it is compacted up to {wal.compacted_index}")
-        with _FailOnOSError(self, "resetting the log"):
+        with _FailStop(self, "resetting the log"):
             with self.meta.write() as tx:
                 tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, self.next_segment))
             wal.reset_to(index, term)
@@ -845,17 +845,20 @@ class Store:
         Writing continues at ``index`` in a new segment; nothing before ``index`` changes."""
         self._check_write()
         wal = self.wal
+        index = check_u64(index, "index", 0, U64_MAX)
         if index > wal.last_index():
             return
         if index <= wal.compacted_index:
             raise UsageError(f"cannot truncate from {index}: entries up to {wal.compacted_index} are compacted")
-        with _FailOnOSError(self, "truncating the log"):
+        wal.check_writable()
+        with _FailStop(self, "truncating the log"):
             wal.truncate_from(index)
 
     # ------------------------------------------------------------------ stable store
     def stable_set(self, key: bytes, value: bytes) -> None:
         """Durably store ``value`` under ``key`` (sealed under the DEK; one synced LMDB commit)."""
         self._check_write()
+        self.wal.check_writable()
         key, value = bytes(key), bytes(value)
         if not key or len(key) > 400:
             raise UsageError("a stable-store key is 1 to 400 bytes")
@@ -881,13 +884,22 @@ class Store:
     # ------------------------------------------------------------------ keys
     def rotate_dek(self) -> None:
         """Start a DEK rotation by forced snapshot (queued if one is in flight).  See rotation.py."""
-        with _FailOnOSError(self, "rotating the data key"):
-            self.rotation.rotate_dek()
+        self._rotate_dek("requested")
+
+    def _rotate_dek(self, reason: str) -> None:
+        self.rotation.check_rotatable()
+        with _FailStop(self, "rotating the data key"):
+            self.rotation.rotate_dek(reason=reason)       # steps 1 and 2
+        self.rotation.ask_for_snapshot()                   # step 3: the host's source, outside the guard
+
+    def fail_stop(self, what: str) -> _FailStop:
+        """A guard for the steps of a mutating operation (see _FailStop)."""
+        return _FailStop(self, what)
 
     def rekey(self) -> None:
         """Full re-key: rewrite all retained data under a new DEK and destroy the old ones."""
-        self._check_write()
-        with _FailOnOSError(self, "re-keying"):
+        self.rotation.check_rotatable()
+        with _FailStop(self, "re-keying"):
             self.rotation.rekey()
 
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
@@ -922,6 +934,7 @@ class Store:
         if self.closed:
             return
         self.closed = True
+        # Every resource is released even when a step raises (KeyboardInterrupt included).
         try:
             if not self.read_only:
                 try:
@@ -929,10 +942,14 @@ class Store:
                 except WalcryptError as exc:
                     log.warning("sealing on close failed: %s", exc)
         finally:
-            self.wal.close()
-            self.meta.close()
-            if self._lock:
-                self._lock.release()
+            try:
+                self.wal.close()
+            finally:
+                try:
+                    self.meta.close()
+                finally:
+                    if self._lock:
+                        self._lock.release()
 
     def __enter__(self) -> "Store":
         return self
@@ -1006,6 +1023,9 @@ def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, op
         try:
             run_migration(src, to_encrypted=encrypted, kek=kek, algorithm=options.get("algorithm", "aes-256-gcm"),
                           progress=migration_progress)
+        except BaseException as exc:
+            src.wal.fail(exc)                # nothing more is written; the next open redoes the migration
+            raise
         finally:
             src.close()
         return Store(path, kek=kek if encrypted else None, encrypted=encrypted, **options)

@@ -10,9 +10,20 @@ Concurrency and durability contract:
   the only thing that can be torn by a crash; the next unit is written only
   after the previous one's fdatasync returned (recovery relies on this).
 * ``append`` returns only once its unit is durable (except policy ``none``).
-* A failed write or fdatasync fails the WAL: every later write raises
-  :class:`StoreFailedError` until the store is reopened and recovered; the
-  in-memory index is never advanced past what was written.
+* Exception safety: any exception -- a failed write or fdatasync, but also
+  ``KeyboardInterrupt``, ``MemoryError`` or an exception raised by a signal
+  handler -- that escapes between the start of a write unit and its completion,
+  or from a seal or a segment cut, fails the WAL: every later write raises
+  :class:`StoreFailedError` until the store is reopened and recovered.  The
+  in-memory index is never advanced past what was written, and a segment whose
+  last unit is in doubt is never written again (not even sealed), so no
+  (key, nonce) pair is used twice.  The thread that got the exception sees it
+  (an OSError as StoreFailedError); the other requests of the unit get
+  StoreFailedError.
+* Validation runs in the caller's thread before a request is queued (entry
+  indexes and terms, hard-state fields, data types), so nothing one caller
+  passes can fail or falsify another caller's save in the same unit; every
+  queued request is either written durably or given an error.
 * Readers take the state lock briefly to locate records, then read with
   positioned reads; a small cache keeps the last decrypted records.
 """
@@ -20,6 +31,8 @@ Concurrency and durability contract:
 from __future__ import annotations
 
 import gc
+import operator
+import struct
 import threading
 from array import array
 from bisect import bisect_right
@@ -28,12 +41,81 @@ from itertools import repeat
 from typing import Protocol, Sequence
 
 from . import format as fmt
-from .errors import CompactedError, CorruptionError, StoreFailedError, UnavailableError, UsageError
+from .errors import (CompactedError, CorruptionError, StoreFailedError, UnavailableError, UsageError,
+                     WalcryptError)
 from .segment import Segment, encode_entries
 from .types import Entry, HardState
 
 SYNC_POLICIES = ("always", "batch", "none")
 _new_tuple = tuple.__new__      # builds an Entry without NamedTuple's Python-level __new__ (hot read path)
+U64_MAX = (1 << 64) - 1
+# The index after an entry must fit the u64 base index of the segment that follows it.
+MAX_ENTRY_INDEX = U64_MAX - 1
+_INT = {int}
+_BYTES = {bytes}
+_THREE = {3}
+
+
+def check_u64(value, what: str, lo: int, hi: int) -> int:
+    """``value`` as a plain int in [lo, hi] (anything ``operator.index`` accepts), or a UsageError
+    naming ``what``."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise UsageError(f"{what} must be an integer, not {type(value).__name__}") from None
+    if not lo <= v <= hi:
+        if v == 0 and lo == 1 and "term" in what:
+            raise UsageError(f"{what} is 0; entry terms start at 1 (FORMAT.md, section 13)")
+        raise UsageError(f"{what} is {v}; it must be between {lo} and {hi}")
+    return v
+
+
+def _as_bytes(data, what: str) -> bytes:
+    if type(data) is bytes:
+        return data
+    if isinstance(data, str):
+        raise UsageError(f"{what} must be bytes-like, not str (encode it first)")
+    try:
+        return memoryview(data).tobytes()
+    except TypeError:
+        raise UsageError(f"{what} must be bytes-like, not {type(data).__name__}") from None
+
+
+def _checked_entries(entries) -> list[Entry]:
+    """The slow path of validation: every entry checked and normalised (plain ints, bytes)."""
+    out = []
+    for k, e in enumerate(entries):
+        try:
+            index, term, data = e
+        except (TypeError, ValueError):
+            raise UsageError(f"entries[{k}] is not an Entry(index, term, data)") from None
+        index = check_u64(index, f"entries[{k}].index", 1, MAX_ENTRY_INDEX)
+        term = check_u64(term, f"entry {index}: term", 1, U64_MAX)
+        out.append(Entry(index, term, _as_bytes(data, f"entry {index}: data")))
+    return out
+
+
+def _hardstate_record(hardstate) -> tuple:
+    """(normalised HardState, its HARDSTATE record), validated; raises UsageError naming the field."""
+    try:
+        payload = fmt.HARDSTATE_STRUCT.pack(*hardstate)
+    except (struct.error, TypeError):
+        try:
+            fields = tuple(hardstate)
+        except TypeError:
+            fields = ()
+        if len(fields) != 3:
+            raise UsageError("hard_state must be a HardState(term, vote, commit)") from None
+        for name, v in zip(HardState._fields, fields):
+            check_u64(v, f"hard_state.{name}", 0, U64_MAX)
+        raise UsageError(f"hard_state {hardstate!r} cannot be encoded") from None
+    hs = _new_tuple(HardState, fmt.HARDSTATE_STRUCT.unpack(payload))
+    return hs, (fmt.FRAME_HARDSTATE, 0, hs.term, 0, payload, None)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class SegmentProvider(Protocol):
@@ -59,15 +141,17 @@ def _clip_runs(runs, lo: int, hi: int) -> list:
 
 
 class _Request:
-    """One save(): its entries already encoded as record payloads (by the calling thread)."""
+    """One save(): validated, its entries and hard state already encoded as record payloads (by
+    the calling thread)."""
 
-    __slots__ = ("entries", "first", "records", "hardstate", "extra", "done", "error")
+    __slots__ = ("entries", "first", "records", "hardstate", "hs_record", "extra", "done", "error")
 
-    def __init__(self, entries, first: int, records: list, hardstate):
+    def __init__(self, entries, first: int, records: list, hardstate, hs_record):
         self.entries = entries
         self.first = first            # first entry index, 0 when there are no entries
         self.records = records
         self.hardstate = hardstate
+        self.hs_record = hs_record
         self.extra: list = []
         self.done = False
         self.error: BaseException | None = None
@@ -273,67 +357,145 @@ class Wal:
     def check_writable(self) -> None:
         if self.failed is not None:
             raise StoreFailedError(
-                f"an earlier write or fsync failed ({self.failed}); the store refuses writes until it is "
-                "reopened, which runs recovery") from None
+                f"an earlier write failed or was interrupted ({_describe(self.failed)}); the store refuses "
+                "writes until it is reopened, which runs recovery") from None
+
+    def fail(self, exc: BaseException, seg: Segment | None = None) -> None:
+        """Fail the WAL (``exc`` interrupted a write or a multi-step operation): every later write
+        raises StoreFailedError until the store is reopened.  ``seg`` and the active segment are
+        never written again in this lifetime (their last unit may be in doubt)."""
+        if self.failed is None:
+            self.failed = exc
+        for s in (seg, self.active):
+            if s is not None:
+                s.writable = False
+
+    def _failure(self, exc: BaseException, seg: Segment | None, what: str) -> BaseException:
+        """Fail the WAL for ``exc``; the exception to raise: an OSError becomes StoreFailedError,
+        anything else (KeyboardInterrupt, MemoryError, ...) propagates unchanged."""
+        self.fail(exc, seg)
+        if isinstance(exc, OSError):
+            err = StoreFailedError(f"{what} failed: {exc}; reopen the store to recover")
+            err.__cause__ = exc
+            return err
+        return exc
 
     def append(self, entries: Sequence[Entry], hardstate: HardState | None, extra: list | None = None) -> None:
         """Persist entries, hard state and ``extra`` records (snapshot records) in one write unit."""
         if not entries and hardstate is None and not extra:
             return
         self.check_writable()
-        req = _Request(entries, entries[0][0] if entries else 0, self._prepare(entries), hardstate)
+        # Validation and encoding happen here, in the caller's thread: a bad request fails alone.
+        entries, records = self._prepare(entries)
+        hs, hs_record = _hardstate_record(hardstate) if hardstate is not None else (None, None)
+        req = _Request(entries, entries[0][0] if entries else 0, records, hs, hs_record)
         if extra:
             req.extra = extra
         if self.sync_policy != "batch":
             with self._write:
-                self._run_unit([req])
-            if req.error is not None:
-                raise req.error
-            return
-        with self._queue_lock:
-            self._queue.append(req)
-        # Whoever gets the write lock first writes every queued request; the others find
-        # their request done when they get the lock.  Bounded: each pass drains the queue.
-        with self._write:
-            if not req.done:
-                with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._run_unit(batch)
+                self._lead([req], req)
+        else:
+            with self._queue_lock:
+                self._queue.append(req)
+            # Whoever gets the write lock first writes every queued request; the others find
+            # their request done when they get the lock.  Bounded: each pass drains the queue.
+            try:
+                with self._write:
+                    if not req.done:
+                        self._lead(None, req)
+            except BaseException:
+                self._withdraw(req)
+                raise
         if req.error is not None:
             raise req.error
+        if not req.done:
+            # Taken from the queue by a leader that was interrupted before it could report on it:
+            # whether it was written is unknown.
+            exc = StoreFailedError("a save was interrupted in another thread before its outcome was known; "
+                                   "reopen the store to recover")
+            self.fail(exc)
+            raise exc
 
-    def _prepare(self, entries) -> list:
+    def _withdraw(self, req: _Request) -> None:
+        """The caller was interrupted while waiting (e.g. KeyboardInterrupt during the lock wait): a
+        request nobody took yet is withdrawn; one a leader took is settled by that leader."""
+        with self._queue_lock:
+            try:
+                self._queue.remove(req)
+            except ValueError:
+                pass
+
+    def _prepare(self, entries) -> tuple:
         """Validate a save's entries and encode them into ENTRIES record payloads.
+        -> (entries, normalised where needed, records)
 
         Runs in the caller's thread, outside the write lock, so that with group commit
-        the next batch is prepared while the leader waits on fdatasync."""
-        n = len(entries)
+        the next batch is prepared while the leader waits on fdatasync, and so that a bad
+        request fails in its own thread only."""
+        try:
+            n = len(entries)
+        except TypeError:
+            try:
+                entries = list(entries)
+            except TypeError:
+                raise UsageError(f"entries must be a sequence of Entry, not {type(entries).__name__}") from None
+            n = len(entries)
         if not n:
-            return []
+            return entries, []
         if n == 1:                                 # the common Raft case, without the list machinery
-            index, term, data = entries[0]
+            try:
+                index, term, data = entries[0]
+            except (TypeError, ValueError):
+                index = term = data = None
+            if not (type(index) is int and type(term) is int and type(data) is bytes
+                    and 0 < index <= MAX_ENTRY_INDEX and 0 < term <= U64_MAX):
+                entries = _checked_entries(entries)
+                index, term, data = entries[0]
             size = len(data)
             if size > self.max_entry_size:
                 raise UsageError(f"entry {index} is {size} bytes; the maximum entry size is "
                                  f"{self.max_entry_size} (raise max_entry_size= when opening)")
-            if term < 0:
-                raise UsageError(f"entry {index} has term {term}; terms are never negative")
-            return [(fmt.FRAME_ENTRIES, index, term, 1, encode_entries((term,), (size,), (data,)), (term,))]
-        first = entries[0][0]
-        indexes = [e[0] for e in entries]
+            return entries, [(fmt.FRAME_ENTRIES, index, term, 1, encode_entries((term,), (size,), (data,)), (term,))]
+        try:
+            indexes = [e[0] for e in entries]
+            terms = [e[1] for e in entries]
+            datas = [e[2] for e in entries]
+            ok = (set(map(type, indexes)) == _INT and set(map(type, terms)) == _INT
+                  and set(map(type, datas)) == _BYTES and set(map(len, entries)) == _THREE)
+        except (TypeError, IndexError, KeyError):
+            ok = False
+        if not ok:
+            entries = _checked_entries(entries)
+            indexes = [e[0] for e in entries]
+            terms = [e[1] for e in entries]
+            datas = [e[2] for e in entries]
+        first = indexes[0]
         if indexes != list(range(first, first + n)):
             k = next(k for k in range(n) if indexes[k] != first + k)
             raise UsageError(f"entries are not contiguous: index {indexes[k]} at position {k}, expected {first + k}")
-        terms = [e[1] for e in entries]
-        datas = [e[2] for e in entries]
+        if first < 1:
+            check_u64(first, "entries[0].index", 1, MAX_ENTRY_INDEX)              # raises
+        if indexes[-1] > MAX_ENTRY_INDEX:
+            check_u64(indexes[-1], f"entries[{n - 1}].index", 1, MAX_ENTRY_INDEX)  # raises
+        if min(terms) < 1 or max(terms) > U64_MAX:
+            k = next(k for k in range(n) if not 1 <= terms[k] <= U64_MAX)
+            check_u64(terms[k], f"entry {first + k}: term", 1, U64_MAX)  # raises
         lengths = list(map(len, datas))
         if max(lengths) > self.max_entry_size:
             k = next(k for k in range(n) if lengths[k] > self.max_entry_size)
             raise UsageError(f"entry {first + k} is {lengths[k]} bytes; the maximum entry size is "
                              f"{self.max_entry_size} (raise max_entry_size= when opening)")
-        if min(terms) < 0:
-            k = next(k for k in range(n) if terms[k] < 0)
-            raise UsageError(f"entry {first + k} has term {terms[k]}; terms are never negative")
+        return entries, self._records(first, terms, lengths, datas)
+
+    def encode_stored(self, entries) -> list:
+        """ENTRIES records for entries read back from this store (a re-key or a migration rewrites
+        them): no validation, they were accepted when they were saved."""
+        return self._records(entries[0][0], [e[1] for e in entries], [len(e[2]) for e in entries],
+                             [e[2] for e in entries])
+
+    @staticmethod
+    def _records(first: int, terms: list, lengths: list, datas: list) -> list:
+        n = len(terms)
         records = []
         start = 0
         while start < n:
@@ -349,41 +511,68 @@ class Wal:
             start = stop
         return records
 
+    def _lead(self, batch: list[_Request] | None, own: _Request) -> None:
+        """Leader (holds the write lock): write ``batch`` (None: everything queued).  Every request
+        taken is either written durably or given an error, whatever happens; an exception that
+        escapes fails the WAL and reaches the leader's caller, the other requesters get
+        StoreFailedError."""
+        taken: list[_Request] = [] if batch is None else batch
+        try:
+            if batch is None:
+                with self._queue_lock:
+                    taken, self._queue = self._queue, []
+            self._run_unit(taken)
+        except BaseException as exc:
+            self.fail(exc)
+            for req in taken:
+                if not req.done:
+                    if req is not own:
+                        err = StoreFailedError(f"the write unit holding this save was interrupted "
+                                               f"({_describe(exc)}); reopen the store to recover")
+                        err.__cause__ = exc
+                        req.error = err
+                    req.done = True
+            raise
+
     def _run_unit(self, batch: list[_Request]) -> None:
-        """Leader: write the requests as write units; mark each request done."""
+        """Write the requests as write units; mark each request done (or failed).  A request's own
+        problem (a gap, a refused write) is that request's error; anything else escapes."""
         records: list = []
-        hardstate = None
+        hs_record = hardstate = None
         members: list[_Request] = []
         for req in batch:
+            if req.done:                          # settled by an earlier, interrupted leader
+                continue
             try:
                 self.check_writable()
                 first, recs = req.first, req.records
                 if recs and first <= self.compacted_index:
                     # Entries at or below the compaction point are already covered by it.
                     skip = self.compacted_index + 1 - first
-                    first, recs = first + skip, self._prepare(req.entries[skip:])
+                    rest = req.entries[skip:]
+                    first, recs = first + skip, (self.encode_stored(rest) if rest else [])
                 if recs and first <= self._next_index(records) - 1:
                     # Raft suffix replacement: flush what we have, then write this save into the
                     # new segment that supersedes the suffix, atomically.
-                    self._flush(records, hardstate, members)
-                    records, hardstate, members = [], None, []
-                    hs = HardState(*req.hardstate) if req.hardstate is not None else None
-                    self._replace_from(first, recs + req.extra, hs)
+                    self._flush(records, hs_record, hardstate, members)
+                    records, hs_record, hardstate, members = [], None, None, []
+                    self._replace_from(first, recs + req.extra, req.hardstate)
                     req.done = True
                     continue
                 elif recs and first != self._next_index(records):
                     raise UsageError(
                         f"entries start at index {first} but the log ends at {self._next_index(records) - 1}; "
                         "a gap is not allowed")
-                records.extend(recs)
-                records.extend(req.extra)
-                if req.hardstate is not None:
-                    hardstate = HardState(*req.hardstate)
-                members.append(req)
-            except BaseException as exc:  # this request only
+            except WalcryptError as exc:  # this request only
                 req.error = exc
                 req.done = True
-        self._flush(records, hardstate, members)
+                continue
+            records.extend(recs)
+            records.extend(req.extra)
+            if req.hs_record is not None:
+                hs_record, hardstate = req.hs_record, req.hardstate
+            members.append(req)
+        self._flush(records, hs_record, hardstate, members)
 
     def _next_index(self, records) -> int:
         for rec in reversed(records):
@@ -391,22 +580,19 @@ class Wal:
                 return rec[1] + rec[3]
         return self.last + 1
 
-    def _flush(self, records: list, hardstate: HardState | None, members: list[_Request]) -> None:
-        if hardstate is not None:
-            records.append((fmt.FRAME_HARDSTATE, 0, hardstate.term, 0, fmt.HARDSTATE_STRUCT.pack(*hardstate), None))
-        if not records:
-            for req in members:
-                req.done = True
-            return
-        try:
-            self._write_unit(records)
-        except BaseException as exc:
-            for req in members:
-                req.error = exc
-                req.done = True
-            return
-        if hardstate is not None:
-            self.hardstate = hardstate
+    def _flush(self, records: list, hs_record, hardstate: HardState | None, members: list[_Request]) -> None:
+        if hs_record is not None:
+            records.append(hs_record)
+        if records:
+            try:
+                self._write_unit(records)
+            except WalcryptError as exc:        # a failed write (the WAL is failed): every member learns it
+                for req in members:
+                    req.error = exc
+                    req.done = True
+                return
+            if hardstate is not None:
+                self.hardstate = hardstate
         for req in members:
             req.done = True
 
@@ -418,25 +604,27 @@ class Wal:
         elif seg.write_offset + estimate > self.segment_size and seg.records_written > 2:
             self._seal_active()
             seg = self._cut(self.last + 1)
-        buf, pending = seg.encode_batch(records)
         try:
-            seg.write(buf)
+            buf, pending = seg.encode_batch(records)
+            seg.write(buf)                      # from here until apply_batch the segment is in doubt
             if self.sync_policy != "none":
                 seg.sync()
                 self.fsyncs += 1
-        except OSError as exc:
-            self.failed = exc
-            raise StoreFailedError(f"writing {seg.path} failed: {exc}; reopen the store to recover") from exc
-        with self._state:
-            before = seg.last_index
-            new_runs = seg.apply_batch(buf, pending)
-            if seg.last_index > before:
-                if not self.view_seg or self.view_seg[-1] is not seg:
-                    self.view_first.append(before + 1)
-                    self.view_seg.append(seg)
-                if new_runs:
-                    self._add_runs(new_runs)
-                self.last = seg.last_index
+            with self._state:
+                before = seg.last_index
+                new_runs = seg.apply_batch(buf, pending)
+                if seg.last_index > before:
+                    if not self.view_seg or self.view_seg[-1] is not seg:
+                        self.view_first.append(before + 1)
+                        self.view_seg.append(seg)
+                    if new_runs:
+                        self._add_runs(new_runs)
+                    self.last = seg.last_index
+        except BaseException as exc:
+            err = self._failure(exc, seg, f"writing {seg.path}")
+            if err is exc:
+                raise
+            raise err from exc
 
     def _replace_from(self, index: int, records=(), hardstate: HardState | None = None) -> None:
         """Entries >= index are superseded by ``records`` (possibly none): seal the active segment
@@ -447,29 +635,37 @@ class Wal:
         if self.active is not None and self.active.writable:
             self._seal_active()
         seg = self._cut(index, records, hardstate)
-        with self._state:
-            self._truncate_view(index)
-            self._cache.clear()
-            if seg.last_index >= index:
-                self.view_first.append(index)
-                self.view_seg.append(seg)
-                self._add_runs(seg.runs)
-                self.last = seg.last_index
-        if hardstate is not None:
-            self.hardstate = hardstate
+        try:
+            with self._state:
+                self._truncate_view(index)
+                self._cache.clear()
+                if seg.last_index >= index:
+                    self.view_first.append(index)
+                    self.view_seg.append(seg)
+                    self._add_runs(seg.runs)
+                    self.last = seg.last_index
+            if hardstate is not None:
+                self.hardstate = hardstate
+        except BaseException as exc:          # the index is half updated: stop writing
+            self.fail(exc)
+            raise
 
     def _cut(self, base_index: int, records=(), hardstate: HardState | None = None) -> Segment:
+        self.check_writable()
         try:
             seg = self.provider.create_segment(base_index, hardstate or self.hardstate, records)
-        except OSError as exc:
-            self.failed = exc
-            raise StoreFailedError(f"creating a segment failed: {exc}; free space and reopen the store") from exc
-        with self._state:
-            self.segments.append(seg)
-            self.active = seg
+            with self._state:
+                self.segments.append(seg)
+                self.active = seg
+        except BaseException as exc:
+            self.fail(exc)
+            if isinstance(exc, OSError):
+                raise StoreFailedError(f"creating a segment failed: {exc}; free space and reopen the store") from exc
+            raise
         return seg
 
     def _seal_active(self) -> None:
+        self.check_writable()                   # never seal after a failure: the last unit may be in doubt
         seg = self.active
         if seg is None or not seg.writable:
             return
@@ -477,9 +673,11 @@ class Wal:
             seg.seal()
             self.fsyncs += 2
             self.provider.segment_sealed(seg)
-        except OSError as exc:
-            self.failed = exc
-            raise StoreFailedError(f"sealing {seg.path} failed: {exc}; reopen the store to recover") from exc
+        except BaseException as exc:
+            err = self._failure(exc, seg, f"sealing {seg.path}")
+            if err is exc:
+                raise
+            raise err from exc
 
     def truncate_from(self, index: int) -> None:
         """Durably discard entries >= index: a new segment based at ``index`` supersedes them."""
@@ -515,7 +713,7 @@ class Wal:
         """A snapshot at (index, term) replaces the log: every entry is discarded and the next
         entry is index + 1, written into a new segment."""
         with self._write:
-            self._seal_active()
+            self._seal_active()                    # raises StoreFailedError on a failed WAL
             with self._state:
                 self._truncate_view(index + 1)     # entries <= index remain until purged, compacted
                 self.compacted_index, self.compacted_term = index, term
@@ -547,5 +745,13 @@ class Wal:
             s.close()
 
     def close(self) -> None:
+        """Close every segment file, even when closing one of them raises (the first error is
+        raised after the others were closed)."""
+        first = None
         for seg in self.segments:
-            seg.close()
+            try:
+                seg.close()
+            except BaseException as exc:        # noqa: BLE001 - re-raised below
+                first = first or exc
+        if first is not None:
+            raise first

@@ -59,6 +59,7 @@ from ..types import Entry, HardState, SnapshotMeta
 DUMP_MAGIC = b"WCPSO1"
 MARKER_NAME = "pysyncobj-snapshot.marker"
 _STABLE_TERM_VOTE = b"pysyncobj/term-vote"
+_STABLE_TERM_OFFSET = b"pysyncobj/term-offset"
 _REGISTRY: dict[str, "WalcryptNode"] = {}
 _INSTALLED = False
 _LOCK = threading.Lock()
@@ -96,6 +97,7 @@ class WalcryptNode:
         self.store_options = dict(store_options)
         self.store_options.setdefault("sync", "batch")
         self.marker = os.path.join(path, MARKER_NAME)
+        self.term_offset = 0
         self.store: Store | None = None
         self.journal: WalcryptJournal | None = None
         self.syncobj = None
@@ -110,6 +112,7 @@ class WalcryptNode:
         from .. import storage
         if self.store is None or self.store.closed:
             self.store = storage.open(self.path, kek=self.kek, encrypted=self.encrypted, **self.store_options)
+        self.term_offset = _term_offset(self.store)
         self.journal = WalcryptJournal(self)
         self._sync_marker()
         return self.journal
@@ -169,7 +172,7 @@ class WalcryptNode:
         last, prev, cluster = data
         self.journal.flush()                       # the snapshot never runs ahead of the durable log
         blob = encode_dump(last, prev, cluster, self._state())
-        self.store.save_snapshot(SnapshotMeta(last[1], last[2]), io.BytesIO(blob))
+        self.store.save_snapshot(SnapshotMeta(last[1], last[2] + self.term_offset), io.BytesIO(blob))
         self.snapshots_saved += 1
         _write_marker(tmp_file, last[1])
 
@@ -182,6 +185,20 @@ class WalcryptNode:
             last, prev, cluster, state = decode_dump(f)
         self._restore(state)
         return last, prev, cluster
+
+
+def _term_offset(store: Store) -> int:
+    """pysyncobj's first entry (the NO_OP at index 1) has term 0, but walcrypt requires entry (and
+    snapshot) terms >= 1 (FORMAT.md, section 13).  Stores this adapter creates keep pysyncobj's
+    term t as t + 1, recorded in the stable store; a store written before that keeps terms as they
+    are (offset 0)."""
+    raw = store.stable_get(_STABLE_TERM_OFFSET)
+    if raw is not None:
+        return int(raw)
+    if store.last_index() == 0 and store.snapshot() is None:
+        store.stable_set(_STABLE_TERM_OFFSET, b"1")
+        return 1
+    return 0
 
 
 def encode_dump(last, prev, cluster, state) -> bytes:
@@ -220,6 +237,7 @@ class WalcryptJournal(Journal):
         self._pending: list[Entry] = []
         self._truncate_from: int | None = None    # a deleteEntriesFrom not yet made durable
         self._entries: list[tuple] = []
+        self._off = off = node.term_offset
         snap = store.snapshot()
         first, last = store.first_index(), store.last_index()
         if snap is not None and first > snap.meta.index - 1:
@@ -227,7 +245,7 @@ class WalcryptJournal(Journal):
                 s_last, s_prev, _cluster = _read_head(f)
             self._entries = [tuple(e) for e in (s_prev, s_last) if e[1] < first]
         for lo in range(first, last + 1, 4096):
-            self._entries.extend((e.data, e.index, e.term) for e in store.entries(lo, min(last + 1, lo + 4096)))
+            self._entries.extend((e.data, e.index, e.term - off) for e in store.entries(lo, min(last + 1, lo + 4096)))
         hs, _cs = store.initial_state()
         self._commit = hs.commit or 1
         self._saved_commit = self._commit
@@ -254,7 +272,7 @@ class WalcryptJournal(Journal):
         self._entries.append((command, idx, term))
         if self._pending and idx != self._pending[-1].index + 1:
             self.flush()
-        self._pending.append(Entry(idx, term, command))
+        self._pending.append(Entry(idx, term + self._off, command))
 
     def clear(self):
         self._entries = []
@@ -474,7 +492,7 @@ def _install() -> None:
             last, _prev, _cluster = _read_head(head)
             stream = _ChunkStream(spool.reader())
             node.journal.flush()
-            node.store.save_snapshot(SnapshotMeta(last[1], last[2]), stream)   # re-encrypted under our DEK
+            node.store.save_snapshot(SnapshotMeta(last[1], last[2] + node.term_offset), stream)  # under our DEK
             node.snapshots_received += 1
             _write_marker(node.marker + ".tmp", last[1])
             os.replace(node.marker + ".tmp", node.marker)
