@@ -10,6 +10,7 @@ import stat
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from walcrypt import vfs as vfs_mod
 from walcrypt.vfs import DEFAULT_VFS, SECTOR_SIZE, VFS, CrashVFS, FaultyVFS, SimulatedCrash
 
 RW_CREATE = os.O_RDWR | os.O_CREAT
@@ -97,12 +98,16 @@ def test_pwrite_loops_over_partial_writes(tmp_path, monkeypatch):
     assert read(p) == b"\0\0" + b"0123456789"
 
 
-@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.EINVAL])
+@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL])
 def test_preallocate_falls_back_to_ftruncate(tmp_path, monkeypatch, code):
-    def unsupported(fd, off, length):
-        raise OSError(code, os.strerror(code))
-
-    monkeypatch.setattr(os, "posix_fallocate", unsupported, raising=False)
+    """Without fallocate the size is set with ftruncate: no block is written (glibc's
+    posix_fallocate would write a byte into every block), and the file never shrinks."""
+    monkeypatch.setattr(vfs_mod, "_fallocate", lambda fd, length: code)
+    monkeypatch.setattr(os, "posix_fallocate", _no_posix_fallocate, raising=False)
+    writes = []
+    real_pwrite, real_write = os.pwrite, os.write
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, off: writes.append(off) or real_pwrite(fd, data, off))
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(None) or real_write(fd, data))
     fd = DEFAULT_VFS.open(str(tmp_path / "a"), RW_CREATE)
     try:
         DEFAULT_VFS.preallocate(fd, 8192)
@@ -111,20 +116,71 @@ def test_preallocate_falls_back_to_ftruncate(tmp_path, monkeypatch, code):
         assert DEFAULT_VFS.fstat_size(fd) == 8192
     finally:
         DEFAULT_VFS.close(fd)
+    assert writes == []
+
+
+def _no_posix_fallocate(fd, off, length):
+    raise AssertionError("posix_fallocate emulates fallocate with a write per block; use fallocate(2)")
 
 
 def test_preallocate_other_errors_propagate(tmp_path, monkeypatch):
-    def full(fd, off, length):
-        raise OSError(errno.ENOSPC, "full")
-
-    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(vfs_mod, "_fallocate", lambda fd, length: errno.ENOSPC)
     fd = DEFAULT_VFS.open(str(tmp_path / "a"), RW_CREATE)
     try:
         with pytest.raises(OSError) as ei:
             DEFAULT_VFS.preallocate(fd, 8192)
         assert ei.value.errno == errno.ENOSPC
+        assert DEFAULT_VFS.fstat_size(fd) == 0
     finally:
         DEFAULT_VFS.close(fd)
+
+
+def _fallocate_supported(directory) -> bool:
+    probe = os.path.join(directory, "probe")
+    fd = os.open(probe, RW_CREATE, 0o600)
+    try:
+        return vfs_mod._fallocate(fd, 4096) == 0
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def test_preallocate_uses_the_fallocate_system_call(tmp_path, monkeypatch):
+    """The space is really allocated (st_blocks), not only the size set, and never through
+    glibc's posix_fallocate."""
+    if vfs_mod._LIBC_FALLOCATE is None:
+        pytest.skip("no fallocate in this C library")
+    if not _fallocate_supported(str(tmp_path)):
+        pytest.skip("the file system of the temporary directory has no fallocate")
+    monkeypatch.setattr(os, "posix_fallocate", _no_posix_fallocate, raising=False)
+    length = 4 << 20
+    fd = DEFAULT_VFS.open(str(tmp_path / "seg"), RW_CREATE)
+    try:
+        DEFAULT_VFS.pwrite(fd, b"head", 0)
+        DEFAULT_VFS.preallocate(fd, length)
+        st = os.fstat(fd)
+        assert st.st_size == length
+        assert st.st_blocks * 512 >= length, "preallocate only set the size"
+        assert DEFAULT_VFS.pread(fd, 4, 0) == b"head"
+        DEFAULT_VFS.preallocate(fd, 4096)                  # never shrinks
+        assert DEFAULT_VFS.fstat_size(fd) == length
+    finally:
+        DEFAULT_VFS.close(fd)
+
+
+def test_fallocate_binding_takes_64_bit_offsets(tmp_path):
+    """off_t is 64 bits: a length of 2**62 + 4096 reaches the kernel whole and is refused (EFBIG or
+    ENOSPC); a binding that cut it to 32 bits would allocate 4096 bytes and succeed."""
+    if vfs_mod._LIBC_FALLOCATE is None:
+        pytest.skip("no fallocate in this C library")
+    import ctypes
+    assert list(vfs_mod._LIBC_FALLOCATE.argtypes) == [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fd = os.open(str(tmp_path / "big"), RW_CREATE, 0o600)
+    try:
+        err = vfs_mod._fallocate(fd, (1 << 62) + 4096)
+        assert err != 0 and os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
 
 
 # -- FaultyVFS -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import fcntl
 import os
 from dataclasses import dataclass
 
+from . import vfs as _vfs
 from .errors import LockedError, UsageError
 
 LOCK_NAME = "LOCK"
@@ -79,14 +80,18 @@ class DirLock:
     def __init__(self, root: str, *, shared: bool = False):
         check_not_held(root)
         self.real = os.path.realpath(root)
+        self.root = os.path.abspath(root)
         self.path = os.path.join(root, LOCK_NAME)
-        flags = os.O_RDWR | os.O_CREAT if not shared else os.O_RDONLY
+        flags = (os.O_RDWR | os.O_CREAT if not shared else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             self.fd = os.open(self.path, flags, 0o600)
         except FileNotFoundError:
             raise UsageError(f"{root} is not a walcrypt data directory (no {LOCK_NAME} file)") from None
         except PermissionError:
             raise UsageError(f"no permission to open {self.path}") from None
+        except OSError:
+            _vfs.refuse_link(self.path)
+            raise
         try:
             fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
@@ -97,8 +102,11 @@ class DirLock:
                     "stop it first, or open read-only") from None
             raise
         _HELD.add(self.real)
+        _vfs.confine(self.root)        # from now on no path below root is resolved through a link
 
     def release(self) -> None:
+        if self.real in _HELD:
+            _vfs.release(self.root)
         _HELD.discard(self.real)
         if self.fd is not None:
             try:

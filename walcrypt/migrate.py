@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -39,6 +38,7 @@ from .errors import KeyProviderError, UsageError
 from .segment import Segment, SegmentIdentity
 from .snapshot import SNAP_SALT_SIZE, SnapshotHeader, SnapshotWriter, snapshot_keys
 from .snapstore import SnapshotInfo, encode_info
+from .vfs import DEFAULT_VFS
 
 TMP_WAL = ".migrate-wal"
 TMP_SNAP = ".migrate-snap"
@@ -56,9 +56,7 @@ def cleanup_interrupted(store) -> bool:
     for d in (TMP_WAL, TMP_SNAP, target.wal, target.snap):
         if target.encrypted == store.encrypted and d in (target.wal, target.snap):
             continue  # never touch the directories the store lives in
-        p = os.path.join(store.path, d)
-        if os.path.isdir(p):
-            shutil.rmtree(p)
+        store.vfs.rmtree(os.path.join(store.path, d))
     store.vfs.fsync_dir(store.path)
     with store.meta.write() as tx:
         tx.delete(M.DB_STATE, M.K_MIGRATION)
@@ -83,8 +81,7 @@ def migrate(store, *, to_encrypted: bool, kek: K.KeyEncryptionKey | None, algori
     # B. rewrite into temporary directories
     tmp_wal, tmp_snap = os.path.join(root, TMP_WAL), os.path.join(root, TMP_SNAP)
     for d in (tmp_wal, tmp_snap):
-        if os.path.isdir(d):
-            shutil.rmtree(d)
+        store.vfs.rmtree(d)
         store.vfs.makedirs(d)
     store.vfs.fsync_dir(root)
     segments = _rewrite_log(store, ctx, tmp_wal, say)
@@ -94,8 +91,7 @@ def migrate(store, *, to_encrypted: bool, kek: K.KeyEncryptionKey | None, algori
     # C. put the directories in place
     for tmp, final in ((tmp_wal, target.wal), (tmp_snap, target.snap)):
         dest = os.path.join(root, final)
-        if os.path.isdir(dest):
-            shutil.rmtree(dest)      # stale copy left by an earlier migration the other way
+        store.vfs.rmtree(dest)       # stale copy left by an earlier migration the other way
         store.vfs.rename(tmp, dest)
     store.vfs.fsync_dir(root)
     for seg in segments:
@@ -275,7 +271,6 @@ def remove_source(path: str) -> list[str]:
     removed = []
     for d in (other.wal, other.snap):
         p = os.path.join(path, d)
-        if os.path.isdir(p):
-            shutil.rmtree(p)
+        if DEFAULT_VFS.rmtree(p):
             removed.append(p)
     return removed

@@ -380,7 +380,7 @@ class Store:
         directory = os.path.join(self.path, layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED
                                  else layout.WAL_PLAIN)
         path = os.path.join(directory, segment_file_name(seg_id, rec["base_index"]))
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             raise CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
                                   "a segment file was deleted or renamed; restore the node from a snapshot "
                                   "or wipe it and let Raft re-replicate")
