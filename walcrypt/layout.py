@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 from . import vfs as _vfs
-from .errors import LockedError, UsageError
+from .errors import LockedError, SymlinkError, UsageError
 
 LOCK_NAME = "LOCK"
 META_DIR = "meta"
@@ -58,6 +58,36 @@ def pairs_with_data(root: str) -> list[DirPair]:
 
 def looks_like_store(root: str) -> bool:
     return os.path.isdir(os.path.join(root, META_DIR))
+
+
+def refuse_links(root: str) -> None:
+    """SymlinkError for a symbolic link directly inside the data directory ``root``: every entry
+    there (LOCK, meta/, the segment and snapshot directories, migration staging, adapter files) is
+    walcrypt's own, and none is ever a link.  (Deeper paths are resolved without following links
+    while the directory is held: see walcrypt.vfs.confine.)"""
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for e in sorted(entries, key=lambda e: e.name):
+        if e.is_symlink():
+            raise SymlinkError(e.path)
+
+
+class ReadOnlyHold:
+    """What a read-only store holds instead of a DirLock: no lock, but its paths are resolved
+    without following links while it is open (see walcrypt.vfs.confine)."""
+
+    fd = None
+
+    def __init__(self, root: str):
+        self.root = _vfs.confine(root)
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            _vfs.release(self.root)
 
 
 _HELD: set[str] = set()      # data directories this process holds open (realpaths)
