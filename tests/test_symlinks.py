@@ -479,7 +479,7 @@ def _copy_template(template: str, top: str) -> Ctx:
     return Ctx(top)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sentinels(tmp_path_factory):
     return Sentinels(str(tmp_path_factory.mktemp("sentinels") / "s"))
 
