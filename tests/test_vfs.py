@@ -765,3 +765,82 @@ def test_arm_crash_is_not_a_walcrypt_error():
     assert not issubclass(SimulatedCrash, WalcryptError)
     with pytest.raises(ValueError):
         CrashVFS().arm_crash("pwrite", 1, when="during")
+
+
+# -- symbolic links ------------------------------------------------------------------------
+
+
+def _sentinel(tmp_path):
+    target = tmp_path / "outside" / "target"
+    target.parent.mkdir()
+    target.write_bytes(b"target bytes")
+    os.chmod(target, 0o644)
+    return target
+
+
+def _intact(target) -> None:
+    assert target.read_bytes() == b"target bytes" and stat.S_IMODE(os.stat(target).st_mode) == 0o644
+
+
+@pytest.mark.parametrize("cls", [VFS, FaultyVFS, CrashVFS])
+def test_writes_never_follow_a_link(tmp_path, cls):
+    from walcrypt.errors import SymlinkError
+    vfs = cls() if cls is VFS else cls(DEFAULT_VFS)
+    target = _sentinel(tmp_path)
+    link = str(tmp_path / "link")
+    os.symlink(target, link)
+    for flags in (os.O_WRONLY | os.O_TRUNC, os.O_RDWR | os.O_CREAT, os.O_RDWR | os.O_CREAT | os.O_EXCL):
+        with pytest.raises(SymlinkError, match="is a symbolic link"):
+            vfs.open(link, flags)
+    src = str(tmp_path / "src")
+    write_file(DEFAULT_VFS, src, b"new")
+    with pytest.raises(SymlinkError):
+        vfs.copy_file(src, link)
+    with pytest.raises(SymlinkError):
+        vfs.rename(src, link)
+    assert os.path.islink(link) and os.path.exists(src)
+    vfs.unlink(link)                                  # removes the link itself
+    assert not os.path.lexists(link)
+    _intact(target)
+    if cls is CrashVFS:
+        vfs.crash()
+        _intact(target)
+
+
+def test_confined_paths_never_follow_any_component(tmp_path):
+    """Below a confined data directory no component is followed (reads included); the directory
+    itself may be a link."""
+    from walcrypt.errors import SymlinkError
+    target = _sentinel(tmp_path)
+    real = tmp_path / "real-data"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "f").write_bytes(b"mine")
+    root = tmp_path / "data"
+    os.symlink(real, root)                            # the operator's own link: fine
+    (real / "linkdir").symlink_to(target.parent, target_is_directory=True)
+    (real / "sub" / "linkfile").symlink_to(target)
+    vfs_mod.confine(str(root))
+    try:
+        assert DEFAULT_VFS.read_file(str(root / "sub" / "f")) == b"mine"
+        for p in (root / "linkdir" / "target", root / "sub" / "linkfile"):
+            with pytest.raises(SymlinkError):
+                DEFAULT_VFS.read_file(str(p))
+        for op in (lambda: DEFAULT_VFS.listdir(str(root / "linkdir")),
+                   lambda: DEFAULT_VFS.fsync_dir(str(root / "linkdir")),
+                   lambda: DEFAULT_VFS.makedirs(str(root / "linkdir" / "x")),
+                   lambda: DEFAULT_VFS.mkdir(str(root / "linkdir" / "x")),
+                   lambda: DEFAULT_VFS.unlink(str(root / "linkdir" / "target")),
+                   lambda: DEFAULT_VFS.rmtree(str(root / "linkdir")),
+                   lambda: DEFAULT_VFS.size(str(root / "sub" / "linkfile")),
+                   lambda: DEFAULT_VFS.rename(str(root / "sub" / "f"), str(root / "linkdir" / "y"))):
+            with pytest.raises(SymlinkError):
+                op()
+        DEFAULT_VFS.makedirs(str(root / "a" / "b"))
+        assert (real / "a" / "b").is_dir()
+        assert DEFAULT_VFS.rmtree(str(root / "a")) and not (real / "a").exists()
+        assert not DEFAULT_VFS.rmtree(str(root / "missing"))
+    finally:
+        vfs_mod.release(str(root))
+    assert vfs_mod.confined_root(str(root / "sub" / "f")) is None
+    _intact(target)
+    assert sorted(os.listdir(target.parent)) == ["target"]

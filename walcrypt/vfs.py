@@ -794,8 +794,8 @@ class CrashVFS(FaultyVFS):
     def _open(self, path: str, flags: int, mode: int) -> int:
         p = _abs(path)
         existed = os.path.lexists(p)
-        if existed and flags & os.O_TRUNC and stat.S_ISREG(os.stat(p).st_mode):
-            node = self._node_at(p, os.stat(p))
+        if existed and flags & os.O_TRUNC and stat.S_ISREG(os.lstat(p).st_mode):   # never through a link
+            node = self._node_at(p, os.lstat(p))
             if os.fstat(node.helper).st_size:
                 self._record_resize(node, 0, grow_only=False)
         fd = self.base.open(p, flags, mode)
@@ -886,6 +886,7 @@ class CrashVFS(FaultyVFS):
 
     def _rename(self, src: str, dst: str) -> None:
         s, d = _abs(src), _abs(dst)
+        refuse_link(d)                    # as VFS.rename: a link at the destination is not replaced
         if s == d or not os.path.lexists(s):
             self.base.rename(s, d)  # no-op, or the natural error
             return
