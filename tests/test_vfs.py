@@ -10,6 +10,7 @@ import stat
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from walcrypt import vfs as vfs_mod
 from walcrypt.vfs import DEFAULT_VFS, SECTOR_SIZE, VFS, CrashVFS, FaultyVFS, SimulatedCrash
 
 RW_CREATE = os.O_RDWR | os.O_CREAT
@@ -97,12 +98,16 @@ def test_pwrite_loops_over_partial_writes(tmp_path, monkeypatch):
     assert read(p) == b"\0\0" + b"0123456789"
 
 
-@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.EINVAL])
+@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL])
 def test_preallocate_falls_back_to_ftruncate(tmp_path, monkeypatch, code):
-    def unsupported(fd, off, length):
-        raise OSError(code, os.strerror(code))
-
-    monkeypatch.setattr(os, "posix_fallocate", unsupported, raising=False)
+    """Without fallocate the size is set with ftruncate: no block is written (glibc's
+    posix_fallocate would write a byte into every block), and the file never shrinks."""
+    monkeypatch.setattr(vfs_mod, "_fallocate", lambda fd, length: code)
+    monkeypatch.setattr(os, "posix_fallocate", _no_posix_fallocate, raising=False)
+    writes = []
+    real_pwrite, real_write = os.pwrite, os.write
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, off: writes.append(off) or real_pwrite(fd, data, off))
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(None) or real_write(fd, data))
     fd = DEFAULT_VFS.open(str(tmp_path / "a"), RW_CREATE)
     try:
         DEFAULT_VFS.preallocate(fd, 8192)
@@ -111,20 +116,71 @@ def test_preallocate_falls_back_to_ftruncate(tmp_path, monkeypatch, code):
         assert DEFAULT_VFS.fstat_size(fd) == 8192
     finally:
         DEFAULT_VFS.close(fd)
+    assert writes == []
+
+
+def _no_posix_fallocate(fd, off, length):
+    raise AssertionError("posix_fallocate emulates fallocate with a write per block; use fallocate(2)")
 
 
 def test_preallocate_other_errors_propagate(tmp_path, monkeypatch):
-    def full(fd, off, length):
-        raise OSError(errno.ENOSPC, "full")
-
-    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    monkeypatch.setattr(vfs_mod, "_fallocate", lambda fd, length: errno.ENOSPC)
     fd = DEFAULT_VFS.open(str(tmp_path / "a"), RW_CREATE)
     try:
         with pytest.raises(OSError) as ei:
             DEFAULT_VFS.preallocate(fd, 8192)
         assert ei.value.errno == errno.ENOSPC
+        assert DEFAULT_VFS.fstat_size(fd) == 0
     finally:
         DEFAULT_VFS.close(fd)
+
+
+def _fallocate_supported(directory) -> bool:
+    probe = os.path.join(directory, "probe")
+    fd = os.open(probe, RW_CREATE, 0o600)
+    try:
+        return vfs_mod._fallocate(fd, 4096) == 0
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
+def test_preallocate_uses_the_fallocate_system_call(tmp_path, monkeypatch):
+    """The space is really allocated (st_blocks), not only the size set, and never through
+    glibc's posix_fallocate."""
+    if vfs_mod._LIBC_FALLOCATE is None:
+        pytest.skip("no fallocate in this C library")
+    if not _fallocate_supported(str(tmp_path)):
+        pytest.skip("the file system of the temporary directory has no fallocate")
+    monkeypatch.setattr(os, "posix_fallocate", _no_posix_fallocate, raising=False)
+    length = 4 << 20
+    fd = DEFAULT_VFS.open(str(tmp_path / "seg"), RW_CREATE)
+    try:
+        DEFAULT_VFS.pwrite(fd, b"head", 0)
+        DEFAULT_VFS.preallocate(fd, length)
+        st = os.fstat(fd)
+        assert st.st_size == length
+        assert st.st_blocks * 512 >= length, "preallocate only set the size"
+        assert DEFAULT_VFS.pread(fd, 4, 0) == b"head"
+        DEFAULT_VFS.preallocate(fd, 4096)                  # never shrinks
+        assert DEFAULT_VFS.fstat_size(fd) == length
+    finally:
+        DEFAULT_VFS.close(fd)
+
+
+def test_fallocate_binding_takes_64_bit_offsets(tmp_path):
+    """off_t is 64 bits: a length of 2**62 + 4096 reaches the kernel whole and is refused (EFBIG or
+    ENOSPC); a binding that cut it to 32 bits would allocate 4096 bytes and succeed."""
+    if vfs_mod._LIBC_FALLOCATE is None:
+        pytest.skip("no fallocate in this C library")
+    import ctypes
+    assert list(vfs_mod._LIBC_FALLOCATE.argtypes) == [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fd = os.open(str(tmp_path / "big"), RW_CREATE, 0o600)
+    try:
+        err = vfs_mod._fallocate(fd, (1 << 62) + 4096)
+        assert err != 0 and os.fstat(fd).st_size == 0
+    finally:
+        os.close(fd)
 
 
 # -- FaultyVFS -----------------------------------------------------------------------------
@@ -709,3 +765,82 @@ def test_arm_crash_is_not_a_walcrypt_error():
     assert not issubclass(SimulatedCrash, WalcryptError)
     with pytest.raises(ValueError):
         CrashVFS().arm_crash("pwrite", 1, when="during")
+
+
+# -- symbolic links ------------------------------------------------------------------------
+
+
+def _sentinel(tmp_path):
+    target = tmp_path / "outside" / "target"
+    target.parent.mkdir()
+    target.write_bytes(b"target bytes")
+    os.chmod(target, 0o644)
+    return target
+
+
+def _intact(target) -> None:
+    assert target.read_bytes() == b"target bytes" and stat.S_IMODE(os.stat(target).st_mode) == 0o644
+
+
+@pytest.mark.parametrize("cls", [VFS, FaultyVFS, CrashVFS])
+def test_writes_never_follow_a_link(tmp_path, cls):
+    from walcrypt.errors import SymlinkError
+    vfs = cls() if cls is VFS else cls(DEFAULT_VFS)
+    target = _sentinel(tmp_path)
+    link = str(tmp_path / "link")
+    os.symlink(target, link)
+    for flags in (os.O_WRONLY | os.O_TRUNC, os.O_RDWR | os.O_CREAT, os.O_RDWR | os.O_CREAT | os.O_EXCL):
+        with pytest.raises(SymlinkError, match="is a symbolic link"):
+            vfs.open(link, flags)
+    src = str(tmp_path / "src")
+    write_file(DEFAULT_VFS, src, b"new")
+    with pytest.raises(SymlinkError):
+        vfs.copy_file(src, link)
+    with pytest.raises(SymlinkError):
+        vfs.rename(src, link)
+    assert os.path.islink(link) and os.path.exists(src)
+    vfs.unlink(link)                                  # removes the link itself
+    assert not os.path.lexists(link)
+    _intact(target)
+    if cls is CrashVFS:
+        vfs.crash()
+        _intact(target)
+
+
+def test_confined_paths_never_follow_any_component(tmp_path):
+    """Below a confined data directory no component is followed (reads included); the directory
+    itself may be a link."""
+    from walcrypt.errors import SymlinkError
+    target = _sentinel(tmp_path)
+    real = tmp_path / "real-data"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "f").write_bytes(b"mine")
+    root = tmp_path / "data"
+    os.symlink(real, root)                            # the operator's own link: fine
+    (real / "linkdir").symlink_to(target.parent, target_is_directory=True)
+    (real / "sub" / "linkfile").symlink_to(target)
+    vfs_mod.confine(str(root))
+    try:
+        assert DEFAULT_VFS.read_file(str(root / "sub" / "f")) == b"mine"
+        for p in (root / "linkdir" / "target", root / "sub" / "linkfile"):
+            with pytest.raises(SymlinkError):
+                DEFAULT_VFS.read_file(str(p))
+        for op in (lambda: DEFAULT_VFS.listdir(str(root / "linkdir")),
+                   lambda: DEFAULT_VFS.fsync_dir(str(root / "linkdir")),
+                   lambda: DEFAULT_VFS.makedirs(str(root / "linkdir" / "x")),
+                   lambda: DEFAULT_VFS.mkdir(str(root / "linkdir" / "x")),
+                   lambda: DEFAULT_VFS.unlink(str(root / "linkdir" / "target")),
+                   lambda: DEFAULT_VFS.rmtree(str(root / "linkdir")),
+                   lambda: DEFAULT_VFS.size(str(root / "sub" / "linkfile")),
+                   lambda: DEFAULT_VFS.rename(str(root / "sub" / "f"), str(root / "linkdir" / "y"))):
+            with pytest.raises(SymlinkError):
+                op()
+        DEFAULT_VFS.makedirs(str(root / "a" / "b"))
+        assert (real / "a" / "b").is_dir()
+        assert DEFAULT_VFS.rmtree(str(root / "a")) and not (real / "a").exists()
+        assert not DEFAULT_VFS.rmtree(str(root / "missing"))
+    finally:
+        vfs_mod.release(str(root))
+    assert vfs_mod.confined_root(str(root / "sub" / "f")) is None
+    _intact(target)
+    assert sorted(os.listdir(target.parent)) == ["target"]

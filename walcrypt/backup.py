@@ -27,10 +27,11 @@ from crc32c import crc32c
 from . import crypto
 from . import format as fmt
 from . import keys as K
-from .errors import (AuthenticationError, CorruptionError, KeyProviderError, UnsupportedFormatError, UsageError,
+from .errors import (AuthenticationError, CorruptionError, KeyProviderError, SymlinkError, UnsupportedFormatError,
+                     UsageError,
                      WrongKeyError)
 from .snapshot import SnapshotFile, parse_bundle, snapshot_keys
-from .vfs import DEFAULT_VFS
+from .vfs import DEFAULT_VFS, open_private
 
 EXPORT_MAGIC = b"WCRYPEXP"
 EXPORT_HEADER = struct.Struct("<8sHHIQQ16sIII")
@@ -46,6 +47,19 @@ def _copy(inp, out) -> None:
         if not block:
             return
         out.write(block)
+
+
+def _link_detail(path: str) -> str:
+    return (f"{path} is a symbolic link; walcrypt does not write through links (the file it points to is left "
+            "alone); remove it or choose another path")
+
+
+def _refuse_existing(path: str) -> None:
+    """Exports are never overwritten, and never written through a link."""
+    if os.path.islink(path):
+        raise SymlinkError(path, _link_detail(path))
+    if os.path.exists(path):
+        raise UsageError(f"{path} already exists; refusing to overwrite it")
 
 
 def _header(flags: int, kek_len: int, snap_len: int, store_id: bytes, kek_crc: int, bundle: bytes) -> bytes:
@@ -117,9 +131,10 @@ def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
     snap_len = os.path.getsize(src)
     bundle = store.keyring_bundle({cur.info.key_id})   # wrapped under the current KEK
     flags = FLAG_KEK_EMBEDDED if kek else 0
+    _refuse_existing(out_path)
     tmp = out_path + ".tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = open_private(tmp, detail=_link_detail(tmp))
     except FileExistsError:
         raise UsageError(f"{tmp} exists (an interrupted export?); remove it first") from None
     try:
@@ -130,13 +145,15 @@ def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
             _copy(inp, out)
             out.flush()
             os.fsync(out.fileno())
-        if os.path.exists(out_path):
-            raise UsageError(f"{out_path} already exists; refusing to overwrite it")
-        os.rename(tmp, out_path)
+        _refuse_existing(out_path)
+        DEFAULT_VFS.rename(tmp, out_path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            os.unlink(tmp)                    # ours: created above with O_EXCL
+        except FileNotFoundError:
+            pass
         raise
+    DEFAULT_VFS.fsync_dir(os.path.dirname(os.path.abspath(out_path)))
     return {"path": out_path, "index": cur.meta.index, "term": cur.meta.term, "kek_embedded": bool(kek),
             "size": os.path.getsize(out_path)}
 
@@ -224,24 +241,39 @@ def redact_export(path: str, *, out_path: str | None = None, kek_out: str | None
     ex = ExportFile(path)
     if not ex.kek_embedded:
         return {"path": out_path or path, "redacted": False}
+    dest = out_path or path
+    if os.path.islink(dest):
+        raise SymlinkError(dest, f"{dest} is a symbolic link; redacting it would replace the link and leave the "
+                                 f"KEK in the file it points to: redact {os.path.realpath(dest)} itself")
     if kek_out:
-        fd = os.open(kek_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = open_private(kek_out, detail=_link_detail(kek_out))
+        except FileExistsError:
+            raise UsageError(f"{kek_out} already exists; refusing to overwrite it") from None
         with os.fdopen(fd, "wb") as f:
             import base64
             f.write(base64.b64encode(ex.kek) + b"\n")
             f.flush()
             os.fsync(f.fileno())
-    dest = out_path or path
+        DEFAULT_VFS.fsync_dir(os.path.dirname(os.path.abspath(kek_out)))
     tmp = dest + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out, open(path, "rb") as inp:
-        out.write(_header(0, 0, ex.snapshot_length, ex.store_id, 0, ex.bundle))
-        out.write(ex.bundle)
-        inp.seek(ex.snapshot_offset)
-        _copy(inp, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, dest)
+    fd = open_private(tmp, replace_stale=True, detail=_link_detail(tmp))
+    try:
+        with os.fdopen(fd, "wb") as out, open(path, "rb") as inp:
+            out.write(_header(0, 0, ex.snapshot_length, ex.store_id, 0, ex.bundle))
+            out.write(ex.bundle)
+            inp.seek(ex.snapshot_offset)
+            _copy(inp, out)
+            out.flush()
+            os.fsync(out.fileno())
+        DEFAULT_VFS.rename(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    DEFAULT_VFS.fsync_dir(os.path.dirname(os.path.abspath(dest)))
     return {"path": dest, "redacted": True, "kek_saved_to": kek_out}
 
 

@@ -26,8 +26,8 @@ import time
 import click
 
 from . import keys as K
-from .errors import (CompactedError, KeyProviderError, LockedError, UnavailableError, UsageError, WalcryptError,
-                     WrongKeyError)
+from .errors import (CompactedError, KeyProviderError, LockedError, SymlinkError, UnavailableError, UsageError,
+                     WalcryptError, WrongKeyError)
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
 
@@ -781,7 +781,7 @@ def snapshot() -> None:
 
 @command(snapshot, name="export", short_help="Export the newest snapshot with its wrapped keys.")
 @click.argument("directory", type=click.Path())
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path())
 @click.option("--embed-kek", is_flag=True,
               help="Embed the KEK in the export (the file alone then decrypts everything; redact it later).")
 @key_options
@@ -798,8 +798,8 @@ def snapshot_export(directory, out, embed_kek, **kw) -> None:
     kek = _kek(kw)
     root = _store_dir(directory)
     out_abs = os.path.abspath(out)
-    if os.path.exists(out):
-        raise UsageError(f"{out} already exists; refusing to overwrite it")
+    from .backup import _refuse_existing
+    _refuse_existing(out)                # never overwritten, never written through a link
     if not os.path.isdir(os.path.dirname(out_abs)):
         raise UsageError(f"the directory of {out} does not exist")
     if out_abs.startswith(root + os.sep):
@@ -915,8 +915,8 @@ def snapshot_inspect(file, as_json, plaintext, **kw) -> None:
 
 
 @command(snapshot, name="redact", short_help="Remove an embedded KEK from an export.")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--kek-out", type=click.Path(dir_okay=False),
+@click.argument("file", type=click.Path())
+@click.option("--kek-out", type=click.Path(),
               help="Save the embedded KEK to this new file (0600) before removing it.")
 def snapshot_redact(file, kek_out) -> None:
     """Remove an embedded KEK from an export, in place.
@@ -926,8 +926,14 @@ def snapshot_redact(file, kek_out) -> None:
       walcrypt snapshot redact /backup/node1.wcx --kek-out /secure/kek-from-backup
     """
     from . import backup
+    if os.path.islink(file):             # redacting through a link would leave the KEK in its target
+        raise SymlinkError(file, f"{file} is a symbolic link; redacting it would replace the link and leave the "
+                                 f"KEK in the file it points to: redact {os.path.realpath(file)} itself")
     if not os.path.exists(file):
         raise UsageError(f"{file} does not exist")
+    if kek_out and os.path.islink(kek_out):
+        raise SymlinkError(kek_out, f"{kek_out} is a symbolic link; walcrypt does not write a key through a link; "
+                                    "remove it or choose another path")
     if kek_out and os.path.exists(kek_out):
         raise UsageError(f"{kek_out} already exists; refusing to overwrite it")
     if kek_out and not os.path.isdir(os.path.dirname(os.path.abspath(kek_out))):

@@ -20,6 +20,7 @@ __all__ = [
     "CorruptionError",
     "AuthenticationError",
     "UnsupportedFormatError",
+    "SymlinkError",
     "LockedError",
     "StoreFailedError",
 ]
@@ -88,6 +89,18 @@ class AuthenticationError(CorruptionError):
 
 class UnsupportedFormatError(StorageError):
     """An unknown format version or algorithm ID."""
+
+
+class SymlinkError(StorageError):
+    """A symbolic link where walcrypt expects a file or directory of its own.
+
+    walcrypt never follows a link inside its data directory (nor when it writes an export, a key
+    file or a temporary file): the link's target is not read, written, truncated or chmodded."""
+
+    def __init__(self, path: str, detail: str | None = None):
+        self.path = path
+        super().__init__(detail or (f"{path} is a symbolic link; walcrypt never follows links inside its data "
+                                    "directory; remove it"))
 
 
 class LockedError(WalcryptError):

@@ -30,7 +30,7 @@ from . import format as fmt
 from . import keys as K
 from . import layout
 from . import meta as M
-from .vfs import DEFAULT_VFS
+from .vfs import DEFAULT_VFS, refuse_link
 from .errors import KeyProviderError, LockedError, StorageError, UsageError, WalcryptError, WrongKeyError
 
 ROTATION_STUCK_AFTER_S = 3600
@@ -60,7 +60,11 @@ def require_store(directory: str) -> str:
         raise UsageError(f"{directory} is not a directory; give the data directory of a walcrypt store")
     if not os.access(path, os.R_OK | os.X_OK):
         raise UsageError(f"no permission to read {directory}; run as the user that owns the store")
+    layout.refuse_links(path)
     meta = os.path.join(path, layout.META_DIR)
+    if os.path.isdir(meta):
+        for n in sorted(os.listdir(meta)):
+            refuse_link(os.path.join(meta, n))
     if not os.path.isdir(meta):
         raise UsageError(f"{directory} is not a walcrypt data directory (it has no meta/ directory)")
     if not os.access(meta, os.R_OK | os.X_OK) or not all(
@@ -143,11 +147,14 @@ class SharedLock:
     def __enter__(self) -> "SharedLock":
         path = os.path.join(self.root, layout.LOCK_NAME)
         try:
-            self.fd = os.open(path, os.O_RDONLY)
+            self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             return self
         except PermissionError:
             raise UsageError(f"no permission to read {path}; run as the user that owns the store") from None
+        except OSError:
+            refuse_link(path)
+            raise
         try:
             fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:

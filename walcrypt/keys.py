@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from . import crypto
-from .errors import AuthenticationError, KeyProviderError, UsageError, WrongKeyError
+from .errors import AuthenticationError, KeyProviderError, SymlinkError, UsageError, WrongKeyError
 
 KEY_SIZE = 32
 
@@ -211,8 +211,11 @@ def generate_key_file(path: str | os.PathLike) -> str:
     """Write a new random 32-byte KEK (base64 text) to ``path``, mode 0600.  Never overwrites."""
     path = os.fspath(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except FileExistsError:
+        if os.path.islink(path):
+            raise SymlinkError(path, f"{path} is a symbolic link; walcrypt does not write a key file through a "
+                                     "link; remove it or choose another path") from None
         raise UsageError(f"{path} already exists; refusing to overwrite a key file") from None
     except OSError as exc:
         raise KeyProviderError(f"cannot create key file {path}: {exc.strerror}") from None

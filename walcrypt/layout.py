@@ -17,7 +17,8 @@ import fcntl
 import os
 from dataclasses import dataclass
 
-from .errors import LockedError, UsageError
+from . import vfs as _vfs
+from .errors import LockedError, SymlinkError, UsageError
 
 LOCK_NAME = "LOCK"
 META_DIR = "meta"
@@ -59,6 +60,36 @@ def looks_like_store(root: str) -> bool:
     return os.path.isdir(os.path.join(root, META_DIR))
 
 
+def refuse_links(root: str) -> None:
+    """SymlinkError for a symbolic link directly inside the data directory ``root``: every entry
+    there (LOCK, meta/, the segment and snapshot directories, migration staging, adapter files) is
+    walcrypt's own, and none is ever a link.  (Deeper paths are resolved without following links
+    while the directory is held: see walcrypt.vfs.confine.)"""
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for e in sorted(entries, key=lambda e: e.name):
+        if e.is_symlink():
+            raise SymlinkError(e.path)
+
+
+class ReadOnlyHold:
+    """What a read-only store holds instead of a DirLock: no lock, but its paths are resolved
+    without following links while it is open (see walcrypt.vfs.confine)."""
+
+    fd = None
+
+    def __init__(self, root: str):
+        self.root = _vfs.confine(root)
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            _vfs.release(self.root)
+
+
 _HELD: set[str] = set()      # data directories this process holds open (realpaths)
 
 
@@ -79,14 +110,18 @@ class DirLock:
     def __init__(self, root: str, *, shared: bool = False):
         check_not_held(root)
         self.real = os.path.realpath(root)
+        self.root = os.path.abspath(root)
         self.path = os.path.join(root, LOCK_NAME)
-        flags = os.O_RDWR | os.O_CREAT if not shared else os.O_RDONLY
+        flags = (os.O_RDWR | os.O_CREAT if not shared else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             self.fd = os.open(self.path, flags, 0o600)
         except FileNotFoundError:
             raise UsageError(f"{root} is not a walcrypt data directory (no {LOCK_NAME} file)") from None
         except PermissionError:
             raise UsageError(f"no permission to open {self.path}") from None
+        except OSError:
+            _vfs.refuse_link(self.path)
+            raise
         try:
             fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
@@ -97,8 +132,11 @@ class DirLock:
                     "stop it first, or open read-only") from None
             raise
         _HELD.add(self.real)
+        _vfs.confine(self.root)        # from now on no path below root is resolved through a link
 
     def release(self) -> None:
+        if self.real in _HELD:
+            _vfs.release(self.root)
         _HELD.discard(self.real)
         if self.fd is not None:
             try:

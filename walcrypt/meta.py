@@ -27,6 +27,7 @@ import lmdb
 
 from . import format as fmt
 from .errors import AuthenticationError, CorruptionError, StorageError, UsageError
+from .vfs import refuse_link
 
 DB_STORE = b"store"
 DB_KEYRING = b"keyring"
@@ -80,6 +81,9 @@ class Meta:
     def __init__(self, path: str, *, readonly: bool = False, create: bool = True):
         self.path = path
         created = False
+        # LMDB opens its files by name and follows links: refuse them before it does.
+        for p in (path, os.path.join(path, "data.mdb"), os.path.join(path, "lock.mdb")):
+            refuse_link(p)
         if not os.path.isdir(path):
             if readonly or not create:
                 raise UsageError(f"{path} does not exist: not a walcrypt data directory")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -42,6 +41,7 @@ from .errors import KeyProviderError, UsageError
 from .segment import Segment, SegmentIdentity
 from .snapshot import SNAP_SALT_SIZE, SnapshotHeader, SnapshotWriter, snapshot_keys
 from .snapstore import SnapshotInfo, encode_info
+from .vfs import DEFAULT_VFS
 
 log = logging.getLogger("walcrypt")
 
@@ -56,10 +56,13 @@ Progress = Callable[[str, int, int], None]
 def _marker_id(directory: str) -> str | None:
     """The migration ID in a directory's marker file, or None (no marker: not written by a migration)."""
     p = os.path.join(directory, MARKER)
-    if os.path.islink(p) or not os.path.isfile(p):
+    if os.path.islink(directory) or os.path.islink(p) or not os.path.isfile(p):
         return None
-    with open(p, "rb") as f:
-        return f.read(64).decode("ascii", "replace").strip()
+    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        return os.read(fd, 64).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
 
 
 def cleanup_interrupted(store) -> bool:
@@ -79,14 +82,12 @@ def cleanup_interrupted(store) -> bool:
         from .errors import CorruptionError
         raise CorruptionError(store.meta.path, None, "the migration record is malformed") from None
     for d in (TMP_WAL, TMP_SNAP):
-        p = os.path.join(store.path, d)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p)
+        store.vfs.rmtree(os.path.join(store.path, d))
     if target.encrypted != store.encrypted:        # never touch the directories the store lives in
         for d in (target.wal, target.snap):
             p = os.path.join(store.path, d)
-            if mig_id and os.path.isdir(p) and not os.path.islink(p) and _marker_id(p) == mig_id:
-                shutil.rmtree(p)
+            if mig_id and _marker_id(p) == mig_id:
+                store.vfs.rmtree(p)
             aside = p + ASIDE_SUFFIX + mig_id
             if mig_id and not os.path.lexists(p) and os.path.isdir(aside) and not os.path.islink(aside):
                 store.vfs.rename(aside, p)
@@ -114,8 +115,7 @@ def migrate(store, *, to_encrypted: bool, kek: K.KeyEncryptionKey | None, algori
     # B. rewrite into temporary directories
     tmp_wal, tmp_snap = os.path.join(root, TMP_WAL), os.path.join(root, TMP_SNAP)
     for d in (tmp_wal, tmp_snap):
-        if os.path.isdir(d) and not os.path.islink(d):
-            shutil.rmtree(d)
+        store.vfs.rmtree(d)
         store.vfs.makedirs(d)
         _write_marker(store.vfs, d, ctx.mig_id)
     store.vfs.fsync_dir(root)
@@ -333,7 +333,6 @@ def remove_source(path: str) -> list[str]:
     removed = []
     for d in (other.wal, other.snap):
         p = os.path.join(path, d)
-        if os.path.isdir(p):
-            shutil.rmtree(p)
+        if DEFAULT_VFS.rmtree(p):
             removed.append(p)
     return removed

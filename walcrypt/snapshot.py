@@ -247,7 +247,7 @@ class SnapshotFile:
         self.vfs = vfs
         self.path = path
         self.base = offset
-        with open(path, "rb") as f:
+        with os.fdopen(vfs.open(path, os.O_RDONLY), "rb") as f:     # below a data directory: no links
             f.seek(offset)
             raw = f.read(128)
             self.header = SnapshotHeader.decode(raw, path)

@@ -29,7 +29,7 @@ from typing import BinaryIO
 from . import crypto
 from . import format as fmt
 from . import meta as M
-from .errors import CorruptionError, StorageError, UsageError
+from .errors import CorruptionError, StorageError, SymlinkError, UsageError
 from .snapshot import (DEFAULT_CHUNK_SIZE, MAX_META, SNAP_SALT_SIZE, SnapshotFile, SnapshotHeader, SnapshotWriter,
                        encode_meta, snapshot_file_name, snapshot_keys)
 from .types import ConfState, SnapshotMeta
@@ -206,12 +206,14 @@ class Snapshots:
             try:
                 self.current = self._open_verified(info)
                 return
+            except SymlinkError:
+                raise                        # a link planted in the directory is not a damaged snapshot
             except StorageError as exc:      # bad bytes only: a key or KMS failure must not cost a snapshot
                 self._quarantine(info, exc)
 
     def _open_verified(self, info: SnapshotInfo) -> Snapshot:
         st = self.store
-        if not os.path.exists(info.path):
+        if not os.path.lexists(info.path):
             raise CorruptionError(info.path, None, "registered snapshot file is missing")
         f = SnapshotFile(st.vfs, info.path)
         h = f.header
@@ -240,7 +242,7 @@ class Snapshots:
         log.warning("snapshot %s failed its checks (%s); using the next older snapshot", info.path, exc)
         if st.read_only:
             raise exc
-        if os.path.exists(info.path):
+        if os.path.lexists(info.path):
             st.vfs.rename(info.path, info.path + ".broken")
             st.vfs.fsync_dir(self.dir)
         with st.meta.write() as w:

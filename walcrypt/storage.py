@@ -96,7 +96,7 @@ class Store:
             raise UsageError("a KEK was given for a plaintext store; drop kek= or open with encrypted=True")
         self._kek = kek
         self._prepare_root()
-        self._lock = _dirlock or (layout.DirLock(self.path) if not read_only else None)
+        self._lock = _dirlock or (layout.DirLock(self.path) if not read_only else layout.ReadOnlyHold(self.path))
         try:
             self.meta = M.Meta(os.path.join(self.path, layout.META_DIR), readonly=read_only)
             try:
@@ -141,6 +141,7 @@ class Store:
     def _prepare_root(self) -> None:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"{self.path} exists and is not a directory")
+        layout.refuse_links(self.path)
         if self.read_only:
             if not layout.looks_like_store(self.path):
                 raise UsageError(f"{self.path} is not a walcrypt data directory (no meta/)")
@@ -403,7 +404,7 @@ class Store:
         directory = os.path.join(self.path, layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED
                                  else layout.WAL_PLAIN)
         path = os.path.join(directory, segment_file_name(seg_id, rec["base_index"]))
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             raise CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
                                   "a segment file was deleted or renamed; restore the node from a snapshot "
                                   "or wipe it and let Raft re-replicate")

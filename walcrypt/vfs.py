@@ -27,24 +27,33 @@ through the VFS is tracked (LMDB does its own I/O and is out of scope).
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import errno
 import os
 import random
 import shutil
 import stat
+import sys
 import tempfile
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Callable, Iterator, Union
 
-__all__ = ["VFS", "DEFAULT_VFS", "FaultyVFS", "CrashVFS", "SimulatedCrash", "SECTOR_SIZE"]
+from .errors import SymlinkError
+
+__all__ = ["VFS", "DEFAULT_VFS", "FaultyVFS", "CrashVFS", "SimulatedCrash", "SECTOR_SIZE",
+           "confine", "release", "confined_root", "refuse_link", "open_private"]
 
 Buffer = Union[bytes, bytearray, memoryview]
 SECTOR_SIZE = 512
 _COPY_CHUNK = 1 << 20
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 
 
 def _pwrite_all(fd: int, data: Buffer, offset: int) -> int:
@@ -70,11 +79,185 @@ def _pread_all(fd: int, n: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
+# ---------------------------------------------------------------------------------------
+# fallocate(2)
+
+def _load_fallocate() -> Callable[..., int] | None:
+    """The C library's fallocate (64-bit offsets), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    for name in ("fallocate64", "fallocate"):
+        fn = getattr(libc, name, None)
+        if fn is None or (name == "fallocate" and ctypes.sizeof(ctypes.c_long) < 8):
+            continue                       # plain fallocate takes a 32-bit off_t on 32-bit glibc
+        fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        fn.restype = ctypes.c_int
+        return fn
+    return None
+
+
+_LIBC_FALLOCATE = _load_fallocate()
+
+
+def _fallocate(fd: int, length: int) -> int:
+    """``fallocate(fd, 0, 0, length)``: 0 on success, else the errno (ENOSYS without the call).
+
+    The system call itself, never glibc's ``posix_fallocate``: on a file system without
+    fallocate that one writes a byte into every block of the range (through FUSE, one request
+    per 4 KiB block: seconds per segment)."""
+    if _LIBC_FALLOCATE is None:
+        return errno.ENOSYS
+    while True:
+        if _LIBC_FALLOCATE(fd, 0, 0, length) == 0:
+            return 0
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            return err
+
+
+# ---------------------------------------------------------------------------------------
+# Symbolic links.  Below a data directory this process holds (``confine``), every path is
+# resolved one component at a time with O_NOFOLLOW from a descriptor of the data directory, so
+# no component - file or directory - is ever followed, and a directory swapped for a link while
+# a path is in use cannot redirect it.  The data directory itself may be a link (the operator's
+# choice).  Outside confined directories, files opened for writing and rename destinations are
+# still never followed.
+
+_CONFINED: dict[str, int] = {}
+_CONFINED_LOCK = threading.Lock()
+
+
+def confine(root: str) -> str:
+    """Resolve every path below ``root`` without following links until :func:`release`."""
+    r = os.path.abspath(os.fspath(root))
+    with _CONFINED_LOCK:
+        _CONFINED[r] = _CONFINED.get(r, 0) + 1
+    return r
+
+
+def release(root: str) -> None:
+    r = os.path.abspath(os.fspath(root))
+    with _CONFINED_LOCK:
+        n = _CONFINED.get(r, 0) - 1
+        if n > 0:
+            _CONFINED[r] = n
+        else:
+            _CONFINED.pop(r, None)
+
+
+def confined_root(path: str) -> str | None:
+    """The confined directory ``path`` lies strictly below (the innermost one), or None."""
+    p = os.path.abspath(os.fspath(path))
+    best = None
+    with _CONFINED_LOCK:
+        for r in _CONFINED:
+            if p.startswith(r.rstrip(os.sep) + os.sep) and (best is None or len(r) > len(best)):
+                best = r
+    return best
+
+
+def _is_link(name: str, dir_fd: int | None) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def refuse_link(path: str, *, dir_fd: int | None = None, name: str | None = None,
+                detail: str | None = None) -> None:
+    """Raise :class:`SymlinkError` when ``path`` (or ``name`` relative to ``dir_fd``) is a symbolic link."""
+    if _is_link(name if name is not None else path, dir_fd):
+        raise SymlinkError(path, detail)
+
+
+def _with_path(exc: OSError, path: str) -> OSError:
+    exc.filename = path
+    return exc
+
+
+def _open_dir_at(name: str, dir_fd: int | None, full: str) -> int:
+    """A directory component, never followed."""
+    try:
+        return os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as exc:
+        refuse_link(full, dir_fd=dir_fd, name=name)
+        raise _with_path(exc, full) from None
+
+
+@contextlib.contextmanager
+def _located(path: str) -> Iterator[tuple[int | None, str, str, bool]]:
+    """``(dir_fd, name, full path, confined)`` of ``path``.
+
+    Below a confined root, ``dir_fd`` is the parent directory, reached component by component
+    without following links, and ``name`` its last component; elsewhere ``(None, path, path, False)``."""
+    full = os.path.abspath(os.fspath(path))
+    root = confined_root(full)
+    if root is None:
+        yield None, full, full, False
+        return
+    parts = full[len(root.rstrip(os.sep)) + 1:].split(os.sep)
+    fd = os.open(root, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    try:
+        cur = root
+        for comp in parts[:-1]:
+            cur = os.path.join(cur, comp)
+            nfd = _open_dir_at(comp, fd, cur)
+            os.close(fd)
+            fd = nfd
+        yield fd, parts[-1], full, True
+    finally:
+        os.close(fd)
+
+
+def open_private(path: str, flags: int = os.O_WRONLY, *, replace_stale: bool = False,
+                 detail: str | None = None) -> int:
+    """Create a new file (mode 0600) without following a link: ``O_CREAT|O_EXCL|O_NOFOLLOW``.
+
+    A symbolic link at ``path`` is a :class:`SymlinkError` (its target is not touched).  A
+    regular file already there is a FileExistsError, or, with ``replace_stale``, unlinked first
+    (a temporary file of walcrypt's own left by a crash)."""
+    want = flags | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+    with _located(path) as (dfd, name, full, _):
+        for attempt in (1, 2):
+            try:
+                fd = os.open(name, want, 0o600, dir_fd=dfd)
+                break
+            except FileExistsError as exc:
+                refuse_link(full, dir_fd=dfd, name=name, detail=detail)
+                if not replace_stale or attempt == 2:
+                    raise _with_path(exc, full) from None
+                os.unlink(name, dir_fd=dfd)
+            except OSError as exc:
+                refuse_link(full, dir_fd=dfd, name=name, detail=detail)
+                raise _with_path(exc, full) from None
+    try:
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class VFS:
-    """The real filesystem (os module). All paths are str."""
+    """The real filesystem (os module). All paths are str.
+
+    Never follows a symbolic link below a confined data directory (see :func:`confine`), nor
+    one at a file opened for writing or at a rename destination anywhere: such a link is a
+    :class:`~walcrypt.errors.SymlinkError` and its target is left alone."""
 
     def open(self, path: str, flags: int, mode: int = 0o600) -> int:
-        return os.open(path, flags | _O_CLOEXEC, mode)
+        with _located(path) as (dfd, name, full, confined):
+            nofollow = confined or bool(flags & _WRITE_FLAGS)
+            try:
+                return os.open(name, flags | _O_CLOEXEC | (_O_NOFOLLOW if nofollow else 0), mode, dir_fd=dfd)
+            except OSError as exc:
+                if nofollow:
+                    refuse_link(full, dir_fd=dfd, name=name)
+                raise _with_path(exc, full) from None
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -93,24 +276,30 @@ class VFS:
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
+    def _open_dir(self, path: str) -> int:
+        with _located(path) as (dfd, name, full, confined):
+            if confined:
+                return _open_dir_at(name, dfd, full)
+            return os.open(full, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+
     def fsync_dir(self, path: str) -> None:
         """Make the entries (creates, renames, unlinks) of directory ``path`` durable."""
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_CLOEXEC)
+        fd = self._open_dir(path)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
     def preallocate(self, fd: int, length: int) -> None:
-        """Reserve ``length`` bytes (never shrinks); falls back to ftruncate where unsupported."""
-        try:
-            os.posix_fallocate(fd, 0, length)
+        """Reserve ``length`` bytes with fallocate(2) (never shrinks).  Where the file system has
+        no fallocate, the size is set with ftruncate (never shrinking) and no block is written."""
+        if length <= 0:
             return
-        except AttributeError:  # platform without posix_fallocate
-            pass
-        except OSError as exc:
-            if exc.errno not in _NO_FALLOCATE:
-                raise
+        err = _fallocate(fd, length)
+        if err == 0:
+            return
+        if err not in _NO_FALLOCATE:
+            raise OSError(err, f"fallocate: {os.strerror(err)}")
         if os.fstat(fd).st_size < length:
             os.ftruncate(fd, length)
 
@@ -121,25 +310,103 @@ class VFS:
         return os.fstat(fd).st_size
 
     def rename(self, src: str, dst: str) -> None:
-        os.replace(src, dst)
+        """Atomically replace ``dst`` by ``src``; a symbolic link at ``dst`` is refused, not replaced."""
+        with _located(src) as (sfd, sname, sfull, _), _located(dst) as (dfd, dname, dfull, _):
+            refuse_link(dfull, dir_fd=dfd, name=dname)
+            try:
+                os.replace(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+            except OSError as exc:
+                exc.filename, exc.filename2 = sfull, dfull
+                raise
 
     def unlink(self, path: str) -> None:
-        os.unlink(path)
+        """Remove a name (a link is removed itself, never its target)."""
+        with _located(path) as (dfd, name, full, _):
+            try:
+                os.unlink(name, dir_fd=dfd)
+            except OSError as exc:
+                raise _with_path(exc, full) from None
 
     def mkdir(self, path: str, mode: int = 0o700) -> None:
-        os.mkdir(path, mode)
+        with _located(path) as (dfd, name, full, _):
+            try:
+                os.mkdir(name, mode, dir_fd=dfd)
+            except OSError as exc:
+                refuse_link(full, dir_fd=dfd, name=name)
+                raise _with_path(exc, full) from None
 
     def makedirs(self, path: str, mode: int = 0o700) -> None:
-        os.makedirs(path, mode, exist_ok=True)
+        full = os.path.abspath(os.fspath(path))
+        root = confined_root(full)
+        if root is None:
+            refuse_link(full)
+            os.makedirs(full, mode, exist_ok=True)
+            return
+        fd = os.open(root, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            cur = root
+            for comp in full[len(root.rstrip(os.sep)) + 1:].split(os.sep):
+                cur = os.path.join(cur, comp)
+                try:
+                    os.mkdir(comp, mode, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise _with_path(exc, cur) from None
+                nfd = _open_dir_at(comp, fd, cur)
+                os.close(fd)
+                fd = nfd
+        finally:
+            os.close(fd)
 
     def listdir(self, path: str) -> list[str]:
-        return os.listdir(path)
+        if confined_root(path) is None:
+            return os.listdir(path)
+        fd = self._open_dir(path)
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
 
     def exists(self, path: str) -> bool:
-        return os.path.exists(path)
+        """Whether the name exists (below a confined directory: a link counts, unfollowed)."""
+        with _located(path) as (dfd, name, full, confined):
+            if not confined:
+                return os.path.exists(full)
+            try:
+                os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                return True
+            except FileNotFoundError:
+                return False
 
     def size(self, path: str) -> int:
-        return os.stat(path).st_size
+        with _located(path) as (dfd, name, full, confined):
+            if confined:
+                refuse_link(full, dir_fd=dfd, name=name)
+            try:
+                return os.stat(name, dir_fd=dfd).st_size
+            except OSError as exc:
+                raise _with_path(exc, full) from None
+
+    def rmtree(self, path: str) -> bool:
+        """Remove the directory tree at ``path``; False if there is no directory there.
+
+        A symbolic link at ``path`` is a SymlinkError; links inside the tree are removed, never
+        followed."""
+        with _located(path) as (dfd, name, full, _):
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if stat.S_ISLNK(st.st_mode):
+                raise SymlinkError(full)
+            if not stat.S_ISDIR(st.st_mode):
+                return False
+            if dfd is not None and sys.version_info >= (3, 11):
+                shutil.rmtree(name, dir_fd=dfd)
+            else:
+                shutil.rmtree(full)        # refuses a link at the top; fd-based below it
+            return True
 
     def read_file(self, path: str) -> bytes:
         fd = self.open(path, os.O_RDONLY)
@@ -153,7 +420,9 @@ class VFS:
             self.close(fd)
 
     def copy_file(self, src: str, dst: str) -> None:
-        """Copy ``src`` to ``dst`` (mode 0600), then fsync ``dst`` and its directory."""
+        """Copy ``src`` to ``dst`` (mode 0600), then fsync ``dst`` and its directory.
+
+        ``dst`` is opened without following a link (a link there is a SymlinkError)."""
         sfd = self.open(src, os.O_RDONLY)
         try:
             dfd = self.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -525,8 +794,8 @@ class CrashVFS(FaultyVFS):
     def _open(self, path: str, flags: int, mode: int) -> int:
         p = _abs(path)
         existed = os.path.lexists(p)
-        if existed and flags & os.O_TRUNC and stat.S_ISREG(os.stat(p).st_mode):
-            node = self._node_at(p, os.stat(p))
+        if existed and flags & os.O_TRUNC and stat.S_ISREG(os.lstat(p).st_mode):   # never through a link
+            node = self._node_at(p, os.lstat(p))
             if os.fstat(node.helper).st_size:
                 self._record_resize(node, 0, grow_only=False)
         fd = self.base.open(p, flags, mode)
@@ -617,6 +886,7 @@ class CrashVFS(FaultyVFS):
 
     def _rename(self, src: str, dst: str) -> None:
         s, d = _abs(src), _abs(dst)
+        refuse_link(d)                    # as VFS.rename: a link at the destination is not replaced
         if s == d or not os.path.lexists(s):
             self.base.rename(s, d)  # no-op, or the natural error
             return

@@ -80,7 +80,7 @@ class LazyFSMount:
 
     @classmethod
     def start(cls, backing: str, mountpoint: str, *, control: str | None = None, timeout: float = 20.0,
-              log_path: str | None = None) -> "LazyFSMount":
+              log_path: str | None = None, fallocate: bool = True) -> "LazyFSMount":
         reason = fuse_unavailable_reason()
         if reason:
             raise FuseUnavailable(reason)
@@ -90,7 +90,8 @@ class LazyFSMount:
         control = control or os.path.join(parent, "lazyfs.sock")
         log_path = log_path or os.path.join(parent, "lazyfs.log")
         log = open(log_path, "wb")
-        proc = subprocess.Popen([sys.executable, LAZYFS, backing, mountpoint, "--control", control],
+        proc = subprocess.Popen([sys.executable, LAZYFS, backing, mountpoint, "--control", control]
+                                + ([] if fallocate else ["--no-fallocate"]),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         m = cls(backing, mountpoint, control, proc, log_path)

@@ -2,10 +2,12 @@
 memory and drops it on command (the idea of LazyFS, the tool etcd's robustness suite uses for
 power cuts), written in Python on mfusepy (libfuse3).
 
-    python tests/powerloss/lazyfs.py BACKING MOUNTPOINT --control SOCKET
+    python tests/powerloss/lazyfs.py BACKING MOUNTPOINT --control SOCKET [--no-fallocate]
 
 mounts BACKING at MOUNTPOINT (in the foreground; stop it with ``fusermount3 -u MOUNTPOINT``) and
 answers JSON lines on the Unix socket SOCKET (see :class:`LazyFSClient` and ``tests/powerloss/harness.py``).
+With ``--no-fallocate`` it answers fallocate with EOPNOTSUPP, as file systems without it do (the
+``writes`` counter then shows whether a client emulates it by writing every block).
 
 Model (the durability contract of ``walcrypt/vfs.py``, applied to every process that uses the
 mount, LMDB included):
@@ -249,8 +251,9 @@ class LazyFS:
 
     use_ns = True
 
-    def __init__(self, backing: str):
+    def __init__(self, backing: str, *, fallocate: bool = True):
         self.backing = os.path.realpath(backing)
+        self.fallocate_supported = fallocate
         self.trash_dir = os.path.join(self.backing, TRASH)
         if os.path.isdir(self.trash_dir):
             shutil.rmtree(self.trash_dir)
@@ -271,7 +274,7 @@ class LazyFS:
         self.stats = {k: 0 for k in (
             "writes", "write_bytes", "fsyncs", "fdatasyncs", "fsyncdirs", "sync_writes", "sync_points",
             "synced_bytes", "ns_ops", "ns_ops_durable", "crashes", "refused_frozen", "internal_errors",
-            "anomalies")}
+            "anomalies", "fallocates")}
         self.last_crash: dict = {}
 
     # ------------------------------------------------------------------ paths and keys
@@ -604,7 +607,8 @@ class LazyFS:
 
     @op(mutating=True)
     def fallocate(self, path, mode, offset, size, fi):
-        if mode != 0:
+        self.stats["fallocates"] += 1
+        if mode != 0 or not self.fallocate_supported:
             raise _errno(errno.EOPNOTSUPP)
         ino, _flags = self._handle(fi)
         if offset + size > ino.size:
@@ -801,6 +805,8 @@ def main(argv=None) -> int:
     p.add_argument("mountpoint")
     p.add_argument("--control", required=True, help="Unix socket path for crash/stats/sync/arm/thaw commands")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--no-fallocate", action="store_true",
+                   help="answer fallocate with EOPNOTSUPP, like a file system without it")
     args = p.parse_args(argv)
 
     import mfusepy
@@ -811,7 +817,7 @@ def main(argv=None) -> int:
             return self.operations.rename(old.decode(self.encoding, self.errors),
                                           new.decode(self.encoding, self.errors), flags)
 
-    fs = LazyFS(args.backing)
+    fs = LazyFS(args.backing, fallocate=not args.no_fallocate)
     serve_control(fs, args.control)
     _FUSE(fs, args.mountpoint, raw_fi=True, foreground=True, nothreads=False, debug=args.debug,
           fsname="lazyfs", subtype="lazyfs")

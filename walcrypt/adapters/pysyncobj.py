@@ -53,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
     raise ImportError("walcrypt.adapters.pysyncobj needs pysyncobj: pip install 'walcrypt[pysyncobj]'") from exc
 
 from ..errors import UsageError
+from ..vfs import DEFAULT_VFS, open_private, refuse_link
 from ..storage import Store
 from ..types import Entry, HardState, SnapshotMeta
 
@@ -120,10 +121,12 @@ class WalcryptNode:
     def _sync_marker(self) -> None:
         """The marker file exists exactly when a snapshot does (pysyncobj loads it at start)."""
         if self.store.snapshot() is not None:
+            refuse_link(self.marker)
             if not os.path.exists(self.marker):
-                _write_marker(self.marker, self.store.snapshot().meta.index)
-        elif os.path.exists(self.marker):
-            os.unlink(self.marker)
+                _write_marker(self.marker + ".tmp", self.store.snapshot().meta.index)
+                DEFAULT_VFS.rename(self.marker + ".tmp", self.marker)
+        elif os.path.lexists(self.marker):
+            os.unlink(self.marker)          # a link is removed itself, never followed
 
     def bind(self, syncobj, consumers) -> None:
         from pysyncobj import SyncObjConsumer
@@ -170,6 +173,7 @@ class WalcryptNode:
     def serialize(self, tmp_file: str, data) -> None:
         """pysyncobj's custom serializer: ``data`` is (last entry, previous entry, cluster)."""
         last, prev, cluster = data
+        refuse_link(self.marker)                   # pysyncobj renames tmp_file onto it
         self.journal.flush()                       # the snapshot never runs ahead of the durable log
         blob = encode_dump(last, prev, cluster, self._state())
         self.store.save_snapshot(SnapshotMeta(last[1], last[2] + self.term_offset), io.BytesIO(blob))
@@ -221,7 +225,9 @@ def decode_dump(f):
 
 
 def _write_marker(path: str, index: int) -> None:
-    with open(path, "w") as f:
+    """Write the marker (a temporary name: the caller renames it into place), never through a link."""
+    fd = open_private(path, replace_stale=True)
+    with os.fdopen(fd, "w") as f:
         json.dump({"walcrypt_snapshot_index": index, "note": "the snapshot lives in the walcrypt store"}, f)
 
 
@@ -343,8 +349,13 @@ class _Spool:
     def __init__(self, directory: str):
         self.key = AESGCM(os.urandom(32))
         self.path = os.path.join(directory, ".incoming-snapshot.spool")
-        self.f = open(self.path, "w+b")
-        os.chmod(self.path, 0o600)
+        fd = open_private(self.path, os.O_RDWR, replace_stale=True)   # a link there is refused, not followed
+        try:
+            os.unlink(self.path)        # nameless from now on: nothing to clean up, nothing to swap
+        except BaseException:
+            os.close(fd)
+            raise
+        self.f = os.fdopen(fd, "w+b")
         self.n = 0
 
     def write(self, data: bytes) -> None:
@@ -361,8 +372,6 @@ class _Spool:
 
     def close(self) -> None:
         self.f.close()
-        if os.path.exists(self.path):
-            os.unlink(self.path)
 
 
 class _ChunkStream(io.RawIOBase):
@@ -495,7 +504,7 @@ def _install() -> None:
             node.store.save_snapshot(SnapshotMeta(last[1], last[2] + node.term_offset), stream)  # under our DEK
             node.snapshots_received += 1
             _write_marker(node.marker + ".tmp", last[1])
-            os.replace(node.marker + ".tmp", node.marker)
+            DEFAULT_VFS.rename(node.marker + ".tmp", node.marker)      # refuses a link at the marker
         finally:
             spool.close()
         return True
