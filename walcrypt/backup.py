@@ -28,9 +28,8 @@ from . import crypto
 from . import format as fmt
 from . import keys as K
 from .errors import (AuthenticationError, CorruptionError, KeyProviderError, SymlinkError, UnsupportedFormatError,
-                     UsageError,
-                     WrongKeyError)
-from .snapshot import SnapshotFile, parse_bundle, snapshot_keys
+                     UsageError, WrongKeyError)
+from .snapshot import MAX_KEYRING_BUNDLE, SnapshotFile, parse_bundle, snapshot_keys
 from .vfs import DEFAULT_VFS, open_private
 
 EXPORT_MAGIC = b"WCRYPEXP"
@@ -90,7 +89,7 @@ class ExportFile:
                 if kek_len not in (0, K.KEY_SIZE) or bool(flags & FLAG_KEK_EMBEDDED) != bool(kek_len) \
                         or flags & ~FLAG_KEK_EMBEDDED:
                     raise CorruptionError(path, 0, "export header flags and KEK section disagree")
-                if EXPORT_HEADER_SIZE + kek_len + bundle_len + snap_len != size or bundle_len > 1 << 20:
+                if EXPORT_HEADER_SIZE + kek_len + bundle_len + snap_len != size or bundle_len > MAX_KEYRING_BUNDLE:
                     raise CorruptionError(path, 0, f"export is {size} bytes, its header announces "
                                                    f"{EXPORT_HEADER_SIZE + kek_len + bundle_len + snap_len}")
                 self.kek = f.read(kek_len) if kek_len else None
@@ -216,16 +215,17 @@ def _unlock(ex: ExportFile, kek: K.KeyEncryptionKey | None, *, plaintext: bool =
         if ex.kek is None:
             raise KeyProviderError(f"{ex.path} is encrypted and embeds no KEK: give the KEK it was made with")
         kek = K.RawKey(ex.kek)
-    doc = ex.bundle_doc() or sf.bundle_doc()     # the export's keyring is wrapped under the newest KEK
-    try:
-        store_id = bytes.fromhex(doc["store_id"])
-        check = bytes.fromhex(doc["kek_check"]) if doc.get("kek_check") else None
-        entry = next(k for k in doc["keys"] if bytes.fromhex(k["id"]) == h.key_id)
-        wrapped, purpose = bytes.fromhex(entry["wrapped"]), int(entry["purpose"])
-        params = doc.get("kek_params")
-    except (KeyError, ValueError, TypeError, StopIteration):
-        raise CorruptionError(ex.path, ex.snapshot_offset,
-                              "the export's keyring lacks the snapshot's data key or is malformed") from None
+    # The export's keyring is wrapped under the newest KEK.  parse_bundle checked every field (hex
+    # lengths, numbers, the KEK parameters) before anything here uses them.
+    doc = ex.bundle_doc() or sf.bundle_doc()
+    entry = next((k for k in doc.get("keys", ()) if bytes.fromhex(k["id"]) == h.key_id), None)
+    if entry is None:
+        raise CorruptionError(ex.path, ex.snapshot_offset, "the export's keyring lacks the snapshot's data key",
+                              "use another export, or the snapshot file of the store it was made from")
+    store_id = bytes.fromhex(doc["store_id"])
+    check = bytes.fromhex(doc["kek_check"]) if doc.get("kek_check") else None
+    wrapped, purpose = bytes.fromhex(entry["wrapped"]), entry["purpose"]
+    params = doc.get("kek_params")
     wrapper = kek.wrapper(params)
     cv = wrapper.check_value()
     if check is not None and cv is not None and not crypto.constant_time_equal(cv, check):

@@ -34,6 +34,7 @@ from .vfs import DEFAULT_VFS, refuse_link
 from .errors import KeyProviderError, LockedError, StorageError, UsageError, WalcryptError, WrongKeyError
 
 ROTATION_STUCK_AFTER_S = 3600
+_MAX_STATE_JSON = 64 << 10          # a rotation or migration record is a few hundred bytes
 EXPORT_MAGIC = b"WCRYPEXP"
 DIRECTORIES = (
     (layout.META_DIR, "metadata (LMDB)"),
@@ -285,7 +286,7 @@ def inspect_store(directory: str, kek: K.KeyEncryptionKey | None = None, *,
             version = r.raw(M.DB_STORE, M.K_FORMAT_VERSION)
             encrypted = r.raw(M.DB_STORE, M.K_ENCRYPTED) == b"\x01"
             alg = r.raw(M.DB_STORE, M.K_ALGORITHM)
-            params = r.store_json(M.K_KEK_PARAMS)
+            raw_params = r.raw(M.DB_STORE, M.K_KEK_PARAMS)
             meta_key_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
             keyring = r.items(M.DB_KEYRING, verify=False)
             manifest = r.items(M.DB_SEGMENTS, verify=False)
@@ -296,6 +297,17 @@ def inspect_store(directory: str, kek: K.KeyEncryptionKey | None = None, *,
     finally:
         meta.close()
 
+    params = None
+    if encrypted:
+        try:
+            params = K.parse_kek_params(raw_params, meta.path)
+        except StorageError as exc:
+            errors.append(str(exc))
+        if params and params["kind"] == "passphrase":
+            problem = K.check_scrypt_costs(params["n"], params["r"], params["p"])
+            if problem:
+                warnings.append(f"store/kek_params: {problem}; a passphrase opens this store only with "
+                                "Passphrase(..., max_memory=...) raised (were the parameters edited?)")
     rep.update({
         "format_version": version[0] if version else None,
         "store_id": store_id.hex(),
@@ -516,12 +528,15 @@ def _kek_summary(params: dict | None) -> dict | None:
 
 
 def _json(raw: bytes | None) -> dict | None:
+    """A JSON object from the state table (read without checking its MAC): {"damaged": True} when it
+    is not one."""
     if raw is None:
         return None
     try:
-        return json.loads(raw)
-    except ValueError:
-        return {"damaged": True}
+        doc = json.loads(raw) if len(raw) <= _MAX_STATE_JSON else None
+    except (ValueError, RecursionError):
+        doc = None
+    return doc if isinstance(doc, dict) else {"damaged": True}
 
 
 def _rotation(raw: bytes | None, warnings: list[str]) -> dict | None:

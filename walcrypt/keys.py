@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, field
@@ -34,9 +36,24 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from . import crypto
-from .errors import AuthenticationError, KeyProviderError, SymlinkError, UsageError, WrongKeyError
+from .errors import (AuthenticationError, CorruptionError, KeyProviderError, SymlinkError, UnsupportedFormatError,
+                     UsageError, WrongKeyError)
 
 KEY_SIZE = 32
+
+# Bounds of the stored KEK parameters (FORMAT.md 8.1).  Everything read from ``store/kek_params`` or from
+# a keyring bundle is checked against them before it sizes or steers anything.
+KEK_KINDS = ("raw", "file", "env", "passphrase", "kms")
+MAX_KEK_PARAMS_BYTES = 4096           # the JSON text of store/kek_params
+SCRYPT_MAX_N = 1 << 22                # format range of the cost parameters
+SCRYPT_MAX_R = 32
+SCRYPT_MAX_P = 16
+SCRYPT_MIN_SALT = 16                  # salt bytes (the writer uses 16)
+SCRYPT_MAX_SALT = 64
+SCRYPT_MAX_MEMORY = 256 << 20         # 128 * n * r bytes: n <= 2^18 at r = 8 (the default n = 2^15 needs 32 MiB)
+MAX_PLUGIN_NAME = 128
+_PLUGIN_NAME = re.compile(r"[^\s=\[\x00-\x1f\x7f][^=\x00-\x1f\x7f]*(?<!\s)")   # an entry-point name
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 
 # Key states (FORMAT.md, "Keyring").
 PENDING = 1
@@ -57,6 +74,106 @@ WRAP_VERSION_KMS = 2
 def wrap_context(store_id: bytes, key_id: bytes, purpose: int) -> bytes:
     """Associated data of a wrapped key: names the store, the key and its purpose."""
     return b"walcrypt/v1/wrap" + store_id + key_id + bytes([purpose])
+
+
+# ---------------------------------------------------------------------------
+# Stored KEK parameters: parsed and bounded before anything uses them
+# ---------------------------------------------------------------------------
+
+_PARAMS_HINT = ("the store's KEK parameters (store/kek_params) were damaged or edited; restore the node from a "
+                "snapshot export ('walcrypt snapshot restore') or wipe it and let Raft re-replicate it")
+
+
+def is_uint(v, limit: int = 1 << 64) -> bool:
+    """A JSON integer in [0, limit) (bool is not an integer here)."""
+    return type(v) is int and 0 <= v < limit
+
+
+def hex_bytes(v, *, min_len: int, max_len: int) -> bytes | None:
+    """``v`` decoded from hex when it is a string of ``min_len`` .. ``max_len`` bytes, else None."""
+    if not isinstance(v, str) or not 2 * min_len <= len(v) <= 2 * max_len or not _HEX.fullmatch(v):
+        return None
+    return bytes.fromhex(v)
+
+
+def valid_plugin_name(name) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= MAX_PLUGIN_NAME and bool(_PLUGIN_NAME.fullmatch(name))
+
+
+def scrypt_memory(n: int, r: int) -> int:
+    """Bytes scrypt allocates for cost ``n`` and block size ``r`` (the p lanes run one after another)."""
+    return 128 * n * r
+
+
+def check_scrypt_costs(n, r, p, *, max_memory: int = SCRYPT_MAX_MEMORY) -> str | None:
+    """What is wrong with scrypt costs (None when they are within the bounds of FORMAT.md 8.1)."""
+    for name, v, hi in (("n", n, SCRYPT_MAX_N), ("r", r, SCRYPT_MAX_R), ("p", p, SCRYPT_MAX_P)):
+        if type(v) is not int:
+            return f"scrypt {name} is {type(v).__name__}, not an integer"
+    if not 2 <= n <= SCRYPT_MAX_N or n & (n - 1):
+        return f"scrypt n={n} is not a power of two between 2 and 2^22"
+    if not 1 <= r <= SCRYPT_MAX_R:
+        return f"scrypt r={r} is outside 1 .. {SCRYPT_MAX_R}"
+    if not 1 <= p <= SCRYPT_MAX_P:
+        return f"scrypt p={p} is outside 1 .. {SCRYPT_MAX_P}"
+    if scrypt_memory(n, r) > max_memory:
+        return (f"scrypt n={n} r={r} needs {scrypt_memory(n, r) >> 20} MiB, more than the "
+                f"{max_memory >> 20} MiB allowed")
+    return None
+
+
+def validate_kek_params(doc, path: str | None, *, offset: int | None = None, what: str = "store/kek_params",
+                        hint: str = _PARAMS_HINT) -> dict | None:
+    """The KEK parameters (FORMAT.md 8.1) as read from disk, checked field by field; ``None`` stays None.
+
+    Malformed values are a CorruptionError, a well-formed kind or KDF this version does not know an
+    UnsupportedFormatError.  Unknown extra fields are kept (and ignored).  The scrypt costs are held to
+    the format's range here; the memory they need is checked again, against the cap of the passphrase
+    given, before anything is derived (:meth:`Passphrase.material`)."""
+    if doc is None:
+        return None
+
+    def bad(detail: str) -> CorruptionError:
+        return CorruptionError(path, offset, f"{what}: {detail}", hint)
+
+    if not isinstance(doc, dict):
+        raise bad(f"a JSON {type(doc).__name__} where an object was expected")
+    kind = doc.get("kind")
+    if not isinstance(kind, str) or not 0 < len(kind) <= 32:
+        raise bad("the KEK kind is missing or not a short string")
+    if kind not in KEK_KINDS:
+        raise UnsupportedFormatError(f"{path or '<data>'}: {what}: unknown KEK kind {kind[:32]!r} (written by a "
+                                     "newer walcrypt? upgrade walcrypt to read it)")
+    if kind == "kms" and not valid_plugin_name(doc.get("plugin")):
+        raise bad(f"the KMS plug-in name is missing or malformed (at most {MAX_PLUGIN_NAME} printable "
+                  "characters, no '=')")
+    if kind == "passphrase":
+        kdf = doc.get("kdf")
+        if not isinstance(kdf, str) or not 0 < len(kdf) <= 32:
+            raise bad("the key derivation function is missing or not a short string")
+        if kdf != "scrypt":
+            raise UnsupportedFormatError(f"{path or '<data>'}: {what}: unknown key derivation function "
+                                         f"{kdf!r} (written by a newer walcrypt? upgrade walcrypt to read it)")
+        if hex_bytes(doc.get("salt"), min_len=SCRYPT_MIN_SALT, max_len=SCRYPT_MAX_SALT) is None:
+            raise bad(f"the scrypt salt is not {SCRYPT_MIN_SALT} .. {SCRYPT_MAX_SALT} bytes of hex")
+        problem = check_scrypt_costs(doc.get("n"), doc.get("r"), doc.get("p"), max_memory=1 << 64)
+        if problem:
+            raise bad(problem)
+    return doc
+
+
+def parse_kek_params(raw: bytes | None, path: str | None) -> dict | None:
+    """``store/kek_params`` (UTF-8 JSON, at most MAX_KEK_PARAMS_BYTES) parsed and validated; None if absent."""
+    if raw is None:
+        return None
+    if len(raw) > MAX_KEK_PARAMS_BYTES:
+        raise CorruptionError(path, None, f"store/kek_params is {len(raw)} bytes, more than the "
+                                          f"{MAX_KEK_PARAMS_BYTES} allowed", _PARAMS_HINT)
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CorruptionError(path, None, "store/kek_params is not valid JSON", _PARAMS_HINT) from None
+    return validate_kek_params(doc, path)
 
 
 # ---------------------------------------------------------------------------
@@ -259,13 +376,24 @@ class Passphrase(KeyEncryptionKey):
 
     kind = "passphrase"
 
-    def __init__(self, passphrase: str | bytes, *, n: int = 1 << 15, r: int = 8, p: int = 1):
+    def __init__(self, passphrase: str | bytes, *, n: int = 1 << 15, r: int = 8, p: int = 1,
+                 max_memory: int = SCRYPT_MAX_MEMORY):
+        """``n``, ``r``, ``p``: scrypt costs for a new store.  ``max_memory``: the most scrypt may allocate
+        (128 * n * r bytes) for this passphrase, new or stored costs alike; raise it explicitly to open
+        a store created with costs above the default cap."""
         if isinstance(passphrase, str):
             passphrase = passphrase.encode("utf-8")
         if not passphrase:
             raise UsageError("an empty passphrase is not a key")
+        if type(max_memory) is not int or max_memory < 1:
+            raise UsageError("max_memory is a positive number of bytes")
+        problem = check_scrypt_costs(n, r, p, max_memory=max_memory)
+        if problem:
+            raise UsageError(f"{problem} (n is a power of two from 2 to 2^22, 1 <= r <= {SCRYPT_MAX_R}, "
+                             f"1 <= p <= {SCRYPT_MAX_P}, 128*n*r <= max_memory)")
         self._passphrase = bytes(passphrase)
         self._n, self._r, self._p = n, r, p
+        self._max_memory = max_memory
 
     def new_params(self) -> dict:
         return {"kind": self.kind, "kdf": "scrypt", "salt": os.urandom(16).hex(),
@@ -275,11 +403,17 @@ class Passphrase(KeyEncryptionKey):
         return _LocalWrapper(self.material(params))
 
     def material(self, params: dict | None) -> bytes:
-        if not params or params.get("kdf") != "scrypt":
+        # Callers pass parameters that parse_kek_params / validate_kek_params accepted; they are checked
+        # again here because this is where they size an allocation.
+        params = validate_kek_params(params, None, what="KEK parameters")
+        if not params or params.get("kind") != "passphrase":
             raise WrongKeyError("this store was not created with a passphrase KEK; use the KEK it was created with")
-        n, r, p = int(params["n"]), int(params["r"]), int(params["p"])
-        if not (2 <= n <= 1 << 22 and 1 <= r <= 32 and 1 <= p <= 16):
-            raise AuthenticationError(None, None, f"implausible stored scrypt parameters n={n} r={r} p={p}")
+        n, r, p = params["n"], params["r"], params["p"]
+        problem = check_scrypt_costs(n, r, p, max_memory=self._max_memory)
+        if problem:
+            raise CorruptionError(None, None, f"refusing the stored KEK parameters (kek_params): {problem}",
+                                  "costs this high come from damage or tampering; if the store was created "
+                                  "with them deliberately, open it with Passphrase(..., max_memory=...) raised")
         return Scrypt(salt=bytes.fromhex(params["salt"]), length=KEY_SIZE, n=n, r=r, p=p).derive(self._passphrase)
 
     def describe(self) -> str:
@@ -331,6 +465,9 @@ class Kms(KeyEncryptionKey):
     kind = "kms"
 
     def __init__(self, name: str, **options):
+        if not valid_plugin_name(name):
+            raise UsageError(f"a KMS plug-in name is 1 .. {MAX_PLUGIN_NAME} printable characters without '=' "
+                             "(an entry-point name of the group walcrypt.kms)")
         self.name = name
         self.options = options
 

@@ -33,7 +33,7 @@ import time
 
 from . import keys as K
 from . import meta as M
-from .errors import UsageError
+from .errors import CorruptionError, UsageError
 from .types import SnapshotMeta
 
 log = logging.getLogger("walcrypt")
@@ -47,6 +47,40 @@ log = logging.getLogger("walcrypt")
 DEFAULT_MAX_RECORDS_PER_DEK = 1 << 32
 DEFAULT_MAX_BYTES_PER_DEK = 1 << 40
 DEFAULT_MAX_DEK_AGE_S: float | None = None
+
+
+MAX_STATE_BYTES = 4096       # state/rotation is a JSON object of a few hundred bytes
+
+
+def parse_state(raw: bytes | None, path: str | None) -> dict | None:
+    """``state/rotation`` (FORMAT.md 9.6) parsed and checked before anything uses it; None when absent."""
+    if not raw:
+        return None
+
+    def bad(detail: str) -> CorruptionError:
+        return CorruptionError(path, None, f"the DEK rotation record (state/rotation) is malformed: {detail}",
+                               "restore the node from a snapshot export or wipe it and let Raft re-replicate it")
+
+    if len(raw) > MAX_STATE_BYTES:
+        raise bad(f"{len(raw)} bytes, more than {MAX_STATE_BYTES}")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise bad("not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise bad(f"a JSON {type(doc).__name__} where an object was expected")
+    if K.hex_bytes(doc.get("pending"), min_len=16, max_len=16) is None:
+        raise bad("the pending key ID is not 16 bytes of hex")
+    if not K.is_uint(doc.get("first_index")) or doc["first_index"] < 1:
+        raise bad("first_index is not an index >= 1")
+    for name in ("queued", "requested_ns"):
+        if name in doc and not K.is_uint(doc[name]):
+            raise bad(f"{name} is not an unsigned 64-bit integer")
+    if "rekey" in doc and not isinstance(doc["rekey"], bool):
+        raise bad("rekey is not true or false")
+    if "reason" in doc and not (isinstance(doc["reason"], str) and len(doc["reason"]) <= 256):
+        raise bad("reason is not a short string")
+    return doc
 
 
 class Rotation:
@@ -69,7 +103,7 @@ class Rotation:
     def load(self) -> None:
         with self.store.meta.read() as r:
             raw = r.get(M.DB_STATE, M.K_ROTATION)
-        self.state = json.loads(raw) if raw else None
+        self.state = parse_state(raw, self.store.meta.path)
 
     def _put_state(self, tx, state: dict | None) -> None:
         if state is None:

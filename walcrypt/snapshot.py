@@ -35,6 +35,7 @@ from cryptography.exceptions import InvalidTag
 
 from . import crypto
 from . import format as fmt
+from . import keys as K
 from .errors import AuthenticationError, CorruptionError, UnsupportedFormatError
 from .types import ConfState, SnapshotMeta
 from .vfs import VFS
@@ -47,6 +48,8 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 64 << 20
 MAX_KEYRING_BUNDLE = 1 << 20
 MAX_META = 1 << 20
+MAX_BUNDLE_KEYS = 4096          # wrapped keys listed in one keyring bundle (a snapshot's lists one)
+MAX_WRAPPED_KEY = 16 << 10      # bytes of one wrapped key (a local wrap is 61; KMS blobs are a few hundred)
 FRAME_META = 0x10
 SNAP_SALT_SIZE = 16
 
@@ -111,38 +114,85 @@ def encode_meta(meta: SnapshotMeta, extra: dict | None = None) -> bytes:
 
 
 def decode_meta(raw: bytes, path: str) -> tuple[SnapshotMeta, dict]:
+    """The sealed metadata (FORMAT.md 10.5): an object with u64 ``index`` and ``term`` and a ``conf_state``
+    object whose ``voters`` and ``learners`` are lists of node IDs (JSON numbers or strings)."""
+    def ids(v) -> tuple:
+        if not isinstance(v, list) or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in v):
+            raise TypeError("node IDs are not a list of numbers or strings")
+        return tuple(v)
+
     try:
         doc = json.loads(raw)
+        if not isinstance(doc, dict) or not isinstance(doc.get("conf_state"), dict):
+            raise TypeError("not an object with a conf_state object")
+        if not K.is_uint(doc.get("index")) or not K.is_uint(doc.get("term")):
+            raise TypeError("index or term is not an unsigned 64-bit integer")
         cs = doc["conf_state"]
-        meta = SnapshotMeta(int(doc["index"]), int(doc["term"]),
-                            ConfState(tuple(cs.get("voters", ())), tuple(cs.get("learners", ()))))
-    except (ValueError, KeyError, TypeError, AttributeError):
+        meta = SnapshotMeta(doc["index"], doc["term"], ConfState(ids(cs.get("voters", [])), ids(cs.get("learners", []))))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise CorruptionError(path, 128, "snapshot metadata is malformed") from None
     return meta, doc
 
 
+_BUNDLE_HINT = "the keyring bundle was damaged or edited; use another snapshot or export"
+
+
 def parse_bundle(raw: bytes, path: str, offset: int) -> dict:
-    """A keyring bundle (FORMAT.md 10.5) as a dict whose "keys" are dicts with hex "id" and "wrapped"
-    and int "state" and "purpose"; anything else is a CorruptionError."""
+    """A keyring bundle (FORMAT.md 10.5), checked field by field before anything uses it: {} when empty,
+    else a dict whose hex fields decode to the right lengths, whose numbers are in range and whose
+    ``kek_params`` pass :func:`walcrypt.keys.validate_kek_params`.  Anything else is a StorageError:
+    a CorruptionError, or an UnsupportedFormatError for a bundle version or algorithm this walcrypt
+    does not know."""
     if not raw:
         return {}
+
+    def bad(detail: str) -> CorruptionError:
+        return CorruptionError(path, offset, f"keyring bundle is malformed: {detail}", _BUNDLE_HINT)
+
+    def wrapped_key(k, what: str) -> None:
+        if not isinstance(k, dict):
+            raise bad(f"{what} is not an object")
+        if K.hex_bytes(k.get("id"), min_len=16, max_len=16) is None:
+            raise bad(f"{what} has no 16-byte hex id")
+        if K.hex_bytes(k.get("wrapped"), min_len=1, max_len=MAX_WRAPPED_KEY) is None:
+            raise bad(f"{what} has no wrapped key of 1 .. {MAX_WRAPPED_KEY} bytes of hex")
+
+    if len(raw) > MAX_KEYRING_BUNDLE:
+        raise bad(f"{len(raw)} bytes, more than {MAX_KEYRING_BUNDLE}")
     try:
         doc = json.loads(raw)
-        if not isinstance(doc, dict):
-            raise TypeError("not an object")
-        keys = doc.get("keys", [])
-        if not isinstance(keys, list):
-            raise TypeError("keys is not a list")
-        for k in keys:
-            if not isinstance(k, dict):
-                raise TypeError("a key is not an object")
-            bytes.fromhex(k["id"]), bytes.fromhex(k["wrapped"])
-            if not isinstance(k["state"], int) or not isinstance(k["purpose"], int) or not 0 <= k["purpose"] < 256:
-                raise TypeError("bad state or purpose")
-        if not isinstance(doc.get("store_id", ""), str) or not isinstance(doc.get("kek_params") or {}, dict):
-            raise TypeError("bad store_id or kek_params")
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-        raise CorruptionError(path, offset, f"keyring bundle is malformed ({type(exc).__name__})") from None
+    except (ValueError, RecursionError):
+        raise bad("not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise bad(f"a JSON {type(doc).__name__} where an object was expected")
+    version = doc.get("version")
+    if not K.is_uint(version):
+        raise bad("no version number")
+    if version != 1:
+        raise UnsupportedFormatError(f"{path}: keyring bundle version {version} is not supported; upgrade walcrypt")
+    if K.hex_bytes(doc.get("store_id"), min_len=16, max_len=16) is None:
+        raise bad("store_id is not 16 bytes of hex")
+    if not K.is_uint(doc.get("algorithm"), 256):
+        raise bad("algorithm is not a one-byte number")
+    fmt.check_algorithm(doc["algorithm"], path=path, offset=offset)
+    if doc.get("kek_check") is not None and K.hex_bytes(doc["kek_check"], min_len=16, max_len=16) is None:
+        raise bad("kek_check is not 16 bytes of hex")
+    K.validate_kek_params(doc.get("kek_params"), path, offset=offset, what="keyring bundle kek_params",
+                          hint=_BUNDLE_HINT)
+    wrapped_key(doc.get("meta_key"), "meta_key")
+    keys = doc.get("keys")
+    if not isinstance(keys, list) or len(keys) > MAX_BUNDLE_KEYS:
+        raise bad(f"keys is not a list of at most {MAX_BUNDLE_KEYS} entries")
+    for n, k in enumerate(keys):
+        wrapped_key(k, f"key {n}")
+        if type(k.get("state")) is not int or k["state"] not in K.STATE_NAMES:
+            raise bad(f"key {n} has no known state")
+        if type(k.get("purpose")) is not int or k["purpose"] not in (K.PURPOSE_DEK, K.PURPOSE_META):
+            raise bad(f"key {n} has no known purpose")
+        if not K.is_uint(k.get("algorithm"), 256):
+            raise bad(f"key {n} has no one-byte algorithm")
+        if not K.is_uint(k.get("created_ns")) or not K.is_uint(k.get("state_changed_ns")):
+            raise bad(f"key {n} has no creation or state-change time")
     return doc
 
 

@@ -177,11 +177,12 @@ class Store:
                              + ("kek=..." if have == "encrypted" else "encrypted=False"))
         with self.meta.read() as r:
             alg = r.raw(M.DB_STORE, M.K_ALGORITHM)
-            params = r.store_json(M.K_KEK_PARAMS)
+            raw_params = r.raw(M.DB_STORE, M.K_KEK_PARAMS)
             check = r.raw(M.DB_STORE, M.K_KEK_CHECK)
             wrapped_meta = r.raw(M.DB_STORE, M.K_META_KEY)
             meta_key_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
         stored_alg = alg[0] if alg and len(alg) == 1 else None
+        params = K.parse_kek_params(raw_params, self.meta.path) if self.encrypted else None
         self.kek_params = params
         self.keys: dict[bytes, K.KeyEntry] = {}
         self._secrets: dict[bytes, K.SecretKey] = {}
