@@ -349,6 +349,22 @@ def run_redact(c):
     cli("snapshot", "redact", c.out + "/node.wcx", "--kek-out", c.out + "/kek-from-export")
 
 
+def prep_torn_with_key(c):
+    _keyfile(c)
+    prep_torn(c)
+    with open(c.keys + "/kek", "w") as f:            # the child's store is under wctest's KEK
+        import base64
+        f.write(base64.b64encode(wctest.KEK_BYTES).decode() + "\n")
+
+
+def run_repair(c):
+    cli("repair", c.data, "--key-file", c.keys + "/kek")
+
+
+def run_verify(c):
+    cli("verify", c.data, "--key-file", c.keys + "/kek")
+
+
 def run_keygen(c):
     cli("keygen", c.out + "/new.kek")
 
@@ -440,6 +456,8 @@ SCENARIOS = [
              refusals=("is not empty",)),
     Scenario("snapshot-redact", lambda c: prep_export(c, embed=True), run_redact, roots=("data", "keys", "out")),
     Scenario("keygen", prep_nothing, run_keygen, roots=("out",)),
+    Scenario("repair-cli", prep_torn_with_key, run_repair, roots=("data", "keys")),
+    Scenario("verify-cli", prep_enc_with_key, run_verify, roots=("data", "keys", "out")),
     Scenario("pysyncobj-snapshot-install", prep_pysyncobj, run_pysyncobj_install, roots=("data", "leader")),
     Scenario("pysyncobj-reopen-marker", lambda c: (prep_pysyncobj(c), os.unlink(c.leader + "/pysyncobj-snapshot.marker")),
              run_pysyncobj_reopen, roots=("data", "leader")),
