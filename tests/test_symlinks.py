@@ -10,7 +10,8 @@ collects every path the operation touches:
 * every file opened for writing, renamed, created as a directory, chmodded or removed outside the
   VFS (Python audit events with absolute paths: the LOCK file, exports, key files, the pysyncobj
   spool and marker),
-* every entry that appears, changes or disappears in the directory tree (LMDB's own files).
+* every entry that appears, changes or disappears in the directory tree (LMDB's own files),
+* and every directory on the way to one of these.
 
 Then, for each such path and each kind of link - to a sentinel file, to a sentinel directory (both
 outside the tree), and a dangling one - the operation runs again on a fresh copy with the link
@@ -517,6 +518,7 @@ def test_planted_symlinks(sc: Scenario, tmp_path, monkeypatch, sentinels):
     after = tree_state(rec_top)
     rels = {os.path.relpath(p, rec_top) for p in seen if p.startswith(rec_top + os.sep)}
     rels |= {r for r in set(before) | set(after) if before.get(r) != after.get(r)}
+    rels |= {os.path.dirname(r) for r in rels} - {""}     # every directory on the way, too
     rels = sorted(r for r in rels if r not in sc.roots and not r.startswith("..") and sc.keep(r))
     assert rels, "the recording run saw no path"
     shutil.rmtree(rec_top)
