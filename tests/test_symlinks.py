@@ -185,6 +185,7 @@ class Scenario:
     run: Callable[[Ctx], None]
     roots: tuple[str, ...] = ("data",)             # the operator's own paths: never planted
     refusals: tuple[str, ...] = ()                 # other clear refusals before anything is written
+    expect: tuple[str, ...] = ("LOCK",)            # the recording must see paths ending so (a self-check)
 
 
 class CliFailed(Exception):
@@ -443,29 +444,35 @@ def run_pysyncobj_reopen(c):
 
 
 SCENARIOS = [
-    Scenario("bootstrap", prep_nothing, run_bootstrap, refusals=("is not empty",)),
+    Scenario("bootstrap", prep_nothing, run_bootstrap, refusals=("is not empty",),
+             expect=("LOCK", "meta", "data.mdb", "lock.mdb", "wal-v1-encrypted", ".wal")),
     Scenario("reopen-and-save", _new_store, run_reopen),
-    Scenario("save-with-rollover", _new_store, run_rollover),
-    Scenario("torn-tail-repair", prep_torn, run_open),
+    Scenario("save-with-rollover", _new_store, run_rollover, expect=("LOCK", "0000000000000004-000000000000008c.wal")),
+    Scenario("torn-tail-repair", prep_torn, run_open, expect=("LOCK", ".wal.broken")),
     Scenario("compaction", _new_store, run_compact),
-    Scenario("snapshot-save", _new_store, run_snapshot),
-    Scenario("broken-snapshot-quarantine", prep_broken_snapshot, run_open),
-    Scenario("unlisted-segment", prep_unlisted, run_open),
+    Scenario("snapshot-save", _new_store, run_snapshot, expect=("LOCK", ".snap", "snap-v1-encrypted")),
+    Scenario("broken-snapshot-quarantine", prep_broken_snapshot, run_open, expect=("LOCK", ".snap.broken")),
+    Scenario("unlisted-segment", prep_unlisted, run_open, expect=("LOCK", ".wal.unlisted")),
     Scenario("dek-rotation", _new_store, run_rotate_dek),
     Scenario("re-key", _new_store, run_rekey),
     Scenario("kek-rotation", _new_store, run_rotate_kek),
-    Scenario("migrate-to-encrypted", prep_plain, run_migrate_to_encrypted, roots=("data", "keys")),
-    Scenario("migrate-to-plaintext", prep_enc_with_key, run_migrate_to_plaintext, roots=("data", "keys")),
-    Scenario("snapshot-export", prep_enc_with_key, run_export, roots=("data", "keys", "out")),
+    Scenario("migrate-to-encrypted", prep_plain, run_migrate_to_encrypted, roots=("data", "keys"),
+             expect=("LOCK", ".migrate-wal", ".migrate-snap", "wal-v1", "snap-v1")),
+    Scenario("migrate-to-plaintext", prep_enc_with_key, run_migrate_to_plaintext, roots=("data", "keys"),
+             expect=("LOCK", ".migrate-wal", ".migrate-snap", "wal-v1-encrypted", "snap-v1-encrypted")),
+    Scenario("snapshot-export", prep_enc_with_key, run_export, roots=("data", "keys", "out"),
+             expect=("node.wcx", "node.wcx.tmp")),
     Scenario("snapshot-restore", prep_export, run_restore, roots=("data", "keys", "out", "restored"),
-             refusals=("is not empty",)),
-    Scenario("snapshot-redact", lambda c: prep_export(c, embed=True), run_redact, roots=("data", "keys", "out")),
-    Scenario("keygen", prep_nothing, run_keygen, roots=("out",)),
-    Scenario("repair-cli", prep_torn_with_key, run_repair, roots=("data", "keys")),
-    Scenario("verify-cli", prep_enc_with_key, run_verify, roots=("data", "keys", "out")),
-    Scenario("pysyncobj-snapshot-install", prep_pysyncobj, run_pysyncobj_install, roots=("data", "leader")),
+             refusals=("is not empty",), expect=("restored/LOCK", "restored/meta")),
+    Scenario("snapshot-redact", lambda c: prep_export(c, embed=True), run_redact, roots=("data", "keys", "out"),
+             expect=("node.wcx", "node.wcx.tmp", "kek-from-export")),
+    Scenario("keygen", prep_nothing, run_keygen, roots=("out",), expect=("new.kek",)),
+    Scenario("repair-cli", prep_torn_with_key, run_repair, roots=("data", "keys"), expect=("LOCK", ".wal.broken")),
+    Scenario("verify-cli", prep_enc_with_key, run_verify, roots=("data", "keys", "out"), expect=(".wal", ".snap")),
+    Scenario("pysyncobj-snapshot-install", prep_pysyncobj, run_pysyncobj_install, roots=("data", "leader"),
+             expect=("LOCK", ".incoming-snapshot.spool", "marker", "marker.tmp", ".snap")),
     Scenario("pysyncobj-reopen-marker", prep_pysyncobj_without_marker, run_pysyncobj_reopen,
-             roots=("data", "leader")),
+             roots=("data", "leader"), expect=("LOCK", "marker", "marker.tmp")),
 ]
 
 # ------------------------------------------------------------------------------ the test
@@ -523,7 +530,8 @@ def test_planted_symlinks(sc: Scenario, tmp_path, monkeypatch, sentinels):
     rels |= {r for r in set(before) | set(after) if before.get(r) != after.get(r)}
     rels |= {os.path.dirname(r) for r in rels} - {""}     # every directory on the way, too
     rels = sorted(r for r in rels if r not in sc.roots and not r.startswith(".."))
-    assert rels, "the recording run saw no path"
+    missing = [e for e in sc.expect if not any(r.endswith(e) for r in rels)]
+    assert not missing, f"the recording run did not see {missing} (it saw {rels})"
     shutil.rmtree(rec_top)
 
     # 2. one run per planted path and kind of link
