@@ -249,6 +249,13 @@ class _Walk:
 
     # -- the walk --------------------------------------------------------------
     def run(self) -> None:
+        hold = layout.ReadOnlyHold(self.path)      # nothing below the data directory is read through a link
+        try:
+            self._run()
+        finally:
+            hold.release()
+
+    def _run(self) -> None:
         try:
             self.meta = M.Meta(os.path.join(self.path, layout.META_DIR), readonly=True)
         except StorageError as exc:
@@ -387,7 +394,7 @@ class _Walk:
                 raise AuthenticationError(self.meta.path, None, f"the manifest places segment {seg_id} in "
                                           f"{os.path.basename(os.path.dirname(path))}/, which does not match the "
                                           "store's mode")
-            if not os.path.exists(path):
+            if not os.path.lexists(path):
                 raise CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
                                       "a segment file was deleted or renamed; restore the node from a snapshot "
                                       "or wipe it and let Raft re-replicate")
@@ -484,7 +491,7 @@ class _Walk:
         from .snapshot import SnapshotFile
         from .snapstore import Snapshots
         st = self.st
-        if not os.path.exists(info.path):
+        if not os.path.lexists(info.path):
             raise CorruptionError(info.path, None, "registered snapshot file is missing")
         fsize = _size(info.path)
         counted = 0

@@ -297,23 +297,25 @@ class SnapshotFile:
         self.vfs = vfs
         self.path = path
         self.base = offset
-        with os.fdopen(vfs.open(path, os.O_RDONLY), "rb") as f:     # below a data directory: no links
-            f.seek(offset)
-            raw = f.read(128)
+        fd = vfs.open(path, os.O_RDONLY)          # through the VFS: below a data directory, no links
+        try:
+            raw = vfs.pread(fd, 128, offset)
             self.header = SnapshotHeader.decode(raw, path)
-            self.bundle = f.read(self.header.bundle_len)
+            self.bundle = vfs.pread(fd, self.header.bundle_len, offset + 128)
             if len(self.bundle) != self.header.bundle_len:
                 raise CorruptionError(path, offset + 128, "snapshot keyring bundle is truncated")
             self.meta_offset = offset + 128 + self.header.bundle_len
-            head = f.read(8)
+            head = vfs.pread(fd, 8, self.meta_offset)
             if len(head) != 8:
                 raise CorruptionError(path, self.meta_offset, "snapshot metadata frame is truncated")
             length, flags = CHUNK_HEADER_STRUCT.unpack(head)
             if length < fmt.TAG_SIZE or length > MAX_META or flags:
                 raise CorruptionError(path, self.meta_offset, "snapshot metadata frame header is malformed")
-            self.meta_ct = f.read(length)
+            self.meta_ct = vfs.pread(fd, length, self.meta_offset + 8)
             if len(self.meta_ct) != length:
                 raise CorruptionError(path, self.meta_offset, "snapshot metadata frame is truncated")
+        finally:
+            vfs.close(fd)
         self.data_offset = self.meta_offset + 8 + length
         self.header_bytes = raw[:128]
         self.meta: SnapshotMeta | None = None
