@@ -303,12 +303,17 @@ def prep_unlisted(c):
     with _store(c.data) as s:
         for k in range(8):
             s.save(hard_state=HardState(2, 1, 20 * k + 19), entries=_entries(20 * k + 1, 20 * k + 21, size=120))
+        s.compact(40)                                 # the first segments are purged: their IDs are free
         s.save_snapshot(SnapshotMeta(index=100, term=s.term(100)), b"state " * 100)
-        s.compact(100)                                # the first segments are purged: their IDs are free
+        s.compact(100)                                # (the latest purge record names only this purge's)
+    with _store(c.data) as s:
+        purged = s._purged                            # files with these IDs are known purge leftovers
     wal = os.path.join(c.data, "wal-v1-encrypted")
     names = sorted(os.listdir(wal))
-    assert not names[0].startswith("%016x-" % 1), names
-    shutil.copyfile(os.path.join(wal, names[-1]), os.path.join(wal, "%016x-%016x.wal" % (1, 150)))
+    live = {int(n[:16], 16) for n in names}
+    free = min(i for i in range(1, 1000) if i not in purged and i not in live)
+    assert free < max(live), (purged, names)
+    shutil.copyfile(os.path.join(wal, names[-1]), os.path.join(wal, "%016x-%016x.wal" % (free, 150)))
 
 
 def prep_plain(c):
