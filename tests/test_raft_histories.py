@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -124,6 +125,7 @@ MAX_STEPS = int(os.environ.get("WALCRYPT_HISTORY_STEPS", "24"))
 _seed_env = os.environ.get("WALCRYPT_HISTORY_SEED", "0")
 BASE_SEED = random.SystemRandom().randrange(1 << 32) if _seed_env == "random" else int(_seed_env)
 CHUNKS = 8
+PEEK_SHARE = float(os.environ.get("WALCRYPT_HISTORY_PEEK", "0.15"))
 
 
 def entry_data(index: int, term: int, salt: int) -> bytes:
@@ -531,10 +533,12 @@ class History:
     sync: str
     keep: int
     ops: list
+    peek: bool = False          # also reopen a copy of the directory after every operation (Runner.peek)
 
     def code(self, upto: int | None = None) -> str:
         """The history as the calls a host makes (runnable with the helpers of this module)."""
-        lines = [f"# seed {self.seed}: encrypted={self.encrypted}, sync={self.sync!r}, keep_snapshots={self.keep}"]
+        lines = [f"# seed {self.seed}: encrypted={self.encrypted}, sync={self.sync!r}, keep_snapshots={self.keep}, "
+                 f"kill-and-reopen after each step={self.peek}"]
         for n, op in enumerate(self.ops[:upto]):
             lines.append(f"{n:3d}  " + describe(op))
         return "\n".join(lines)
@@ -583,7 +587,7 @@ def generate(seed: int, max_steps: int = MAX_STEPS) -> History:
         if since_restart >= 5:                  # reopen at least every few steps
             cluster.restart()
             since_restart = 0
-    return History(seed, encrypted, sync, keep, cluster.ops)
+    return History(seed, encrypted, sync, keep, cluster.ops, peek=rng.random() < PEEK_SHARE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,6 +655,8 @@ class Runner:
             if self.answers:
                 raise Mismatch("no call of the snapshot source", f"{self.answers}: ")
             self.check(op)
+            if self.h.peek:
+                self.peek(op)
             self.steps += 1
         self.close()                           # always end with a reopen
         self.answers = []
@@ -686,12 +692,30 @@ class Runner:
         else:
             raise AssertionError(op)
 
-    def check(self, op) -> None:
-        s, r = self.store, self.ref
+    def peek(self, op) -> None:
+        """What an open would find now, without closing the store: the data directory copied as it is
+        (a process killed between two operations; on tmpfs or with sync="none" the files hold every
+        completed write) and opened."""
+        copy = self.path + "-killed"
+        shutil.copytree(self.path, copy, ignore=shutil.ignore_patterns("lock.mdb", "LOCK"))
+        try:
+            kw = dict(segment_size=4096, sync="none", keep_snapshots=self.h.keep, snapshot_chunk_size=256)
+            s = walcrypt.open(copy, kek=KEK, **kw) if self.h.encrypted else \
+                walcrypt.open(copy, encrypted=False, **kw)
+            try:
+                self.check(op, s, "after a kill and reopen ")
+            finally:
+                s.close()
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+
+    def check(self, op, store=None, where: str = "") -> None:
+        s, r = store or self.store, self.ref
 
         def expect(what, got, want):
             if got != want:
-                raise Mismatch(what, f"after {describe(op) if op else 'open'}: {got!r} != {want!r} (reference): ")
+                raise Mismatch(what, f"{where}after {describe(op) if op else 'open'}: {got!r} != {want!r} "
+                                     "(reference): ")
 
         expect("(first_index, last_index)", (s.first_index(), s.last_index()), (r.first, r.last))
         expect("term at the compaction point", s.term(r.compacted), r.compacted_term)
@@ -700,7 +724,7 @@ class Runner:
         got = s.entries(r.first, r.last + 1)
         if got != want:
             bad = next((w.index for g, w in zip(got, want) if g != w), None)
-            raise Mismatch("entries", f"after {describe(op) if op else 'open'}: first difference at index {bad}; "
+            raise Mismatch("entries", f"{where}after {describe(op) if op else 'open'}: first difference at index {bad}; "
                            f"{len(got)} read, {len(want)} expected: ")
         for i, t in zip(range(r.first, r.last + 1), r.terms):
             expect("term", s.term(i), t)
@@ -814,7 +838,7 @@ def check_history(seed: int) -> int:
     steps, exc, _done = run_history(h)
     if exc is None:
         return steps
-    small = History(h.seed, h.encrypted, h.sync, h.keep, shrink(h, exc))
+    small = dataclasses.replace(h, ops=shrink(h, exc))
     _n, small_exc, _done = run_history(small, skip_illegal=True)
     raise AssertionError(f"history {seed} failed: {exc!r}\n\nshrunk to ({small_exc!r}):\n{small.code()}\n\n"
                          f"full history:\n{h.code()}") from exc
