@@ -114,6 +114,43 @@ def test_replaced_suffix_then_a_snapshot_disagreeing_below_it(tmp_path):
         assert _state(s) == before
 
 
+@pytest.mark.parametrize("how", ["ahead", "disagreeing", "reset_log"])
+@pytest.mark.parametrize("compact_after", [False, True])
+def test_a_broken_snapshot_never_falls_back_across_a_log_reset(tmp_path, how, compact_after):
+    """Entries a log reset discarded must never come back, not even when the snapshot that reset the
+    log turns out broken at the next open and an older snapshot takes over: the entries between the
+    two are the stale suffix the reset threw away (here 4..8 of term 1, which the cluster replaced by
+    entries of term 2), and applying them would diverge from the cluster.  The store must refuse
+    instead of serving them."""
+    d = str(tmp_path / "data")
+    with _open(d, keep_snapshots=2, snapshot_chunk_size=256) as s:
+        s.save(HardState(1, 1, 3), _ents(1, 10, 1))
+        s.save_snapshot(SnapshotMeta(2, 1, CS), b"state at 2")       # the node's own snapshot
+        index = 12 if how == "ahead" else 8
+        if how == "reset_log":
+            s.reset_log(index, 2)
+        else:
+            s.save_snapshot(SnapshotMeta(index, 2, CS), b"state at %d" % index * 100)
+        s.save(HardState(2, 2, index), _ents(index + 1, index + 4, 2))
+        if compact_after:
+            s.compact(index + 2)
+    # A bit flip in the last chunk of the newest snapshot.  After reset_log (the host keeps that
+    # snapshot elsewhere) the newest one here is the one at 2, and no snapshot is left at all.
+    snaps = sorted(os.listdir(os.path.join(d, "snap-v1-encrypted")))
+    newest = os.path.join(d, "snap-v1-encrypted", snaps[-1])
+    raw = bytearray(open(newest, "rb").read())
+    raw[-40] ^= 0x01
+    open(newest, "wb").write(bytes(raw))
+    try:
+        s = _open(d)
+    except walcrypt.CorruptionError:
+        return                               # refused: right (the node must be rebuilt)
+    with s:
+        first, last = s.first_index(), s.last_index()
+        ents = s.entries(first, last + 1)
+        assert all(e.term == 2 for e in ents if e.index > 3), (first, ents)
+
+
 # =============================================================================================
 # Generated histories
 # =============================================================================================
