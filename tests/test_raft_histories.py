@@ -19,8 +19,11 @@ always at the end.  A failing history is shrunk and printed as the calls a host 
 Knobs (environment):
     WALCRYPT_HISTORIES=200000     histories to run (default 2400, split over 8 test cases)
     WALCRYPT_HISTORY_STEPS=60     the most operations in one history (default 24)
-    WALCRYPT_HISTORY_SEED=random  another set of histories (default 0: the same ones every run;
-                                  a failure message names its seed, and the seed reproduces it)
+    WALCRYPT_HISTORY_SEED=random  another set of histories (default 0: the same ones every run)
+    WALCRYPT_HISTORY_ONLY=<seed>  run only the history a failure message names (with the same
+                                  WALCRYPT_HISTORY_STEPS), e.g. under a debugger
+    WALCRYPT_HISTORY_PEEK=0.15    the share of histories that also kill and reopen a copy of the
+                                  store after every step (slower)
 
 The regression tests before the generator are histories found by it or by the audit, as plain calls.
 """
@@ -311,6 +314,10 @@ class Ref:
             if queued:
                 self._rotate(queued - 1)
 
+    def _snapshot_aborted(self, index, term, conf) -> None:
+        if index < 1 or term < 1 or (self.snap and index < self.snap[0]):
+            raise Illegal("snapshot older than the newest")
+
     def _rotate(self, queued=0) -> None:
         if self.pending:
             self.pending[1] += 1
@@ -523,6 +530,12 @@ class Cluster:
         if kind in ("ahead", "disagrees") and rng.random() < 0.2:
             self.emit(("reset_log", s, t))       # a host keeping its snapshots elsewhere
         else:
+            if rng.random() < 0.1:               # a transfer the node gave up on (the leader changed)
+                self.emit(("snapshot_aborted", s, t, rng.randrange(len(CONFS))))
+                if rng.random() < 0.5:
+                    self.restart()            # (the restart may have made a newer snapshot)
+                if r.snap and r.snap[0] > s:
+                    return
             self.emit(("snapshot", s, t, rng.randrange(len(CONFS))))
         if rng.random() < 0.8:
             self.save(self.hard_state(commit=min(s, r.last)), 0, [])
@@ -597,6 +610,8 @@ def describe(op: tuple) -> str:
         return f"save({hs_text}, {ents})"
     if kind == "snapshot":
         return f"save_snapshot(SnapshotMeta({op[1]}, {op[2]}, CONFS[{op[3]}]))"
+    if kind == "snapshot_aborted":
+        return f"begin_snapshot(SnapshotMeta({op[1]}, {op[2]}, CONFS[{op[3]}])) ... abort()"
     if kind == "restart":
         return "restart(snapshot_source)" if op[1] else "restart()"
     if kind in ("rotate", "rekey"):
@@ -712,9 +727,16 @@ class Runner:
                                            for k, t in enumerate(terms)])
         elif kind == "compact":
             s.compact(op[1])
-        elif kind == "snapshot":
+        elif kind in ("snapshot", "snapshot_aborted"):
             _k, index, term, conf = op
-            s.save_snapshot(SnapshotMeta(index, term, CONFS[conf]), snap_data(index, term, self.ref.salt))
+            meta, data = SnapshotMeta(index, term, CONFS[conf]), snap_data(index, term, self.ref.salt)
+            if kind == "snapshot" and (index + term) % 3:
+                s.save_snapshot(meta, data)
+            else:                                # streamed in as it arrives, in uneven pieces
+                w = s.begin_snapshot(meta)
+                for k in range(0, len(data) if kind == "snapshot" else len(data) // 2, 300):
+                    w.write(data[k:k + 300])
+                w.commit() if kind == "snapshot" else w.abort()
         elif kind == "truncate":
             s.truncate(op[1])
         elif kind == "reset_log":
@@ -883,6 +905,11 @@ def check_history(seed: int) -> int:
 
 @pytest.mark.parametrize("chunk", range(CHUNKS))
 def test_generated_histories(chunk):
+    only = os.environ.get("WALCRYPT_HISTORY_ONLY")
+    if only:
+        if chunk == 0:
+            check_history(int(only))
+        return
     n = 0
     for k in range(chunk, HISTORIES, CHUNKS):
         n += check_history(BASE_SEED * 1_000_003 + k)
