@@ -567,6 +567,8 @@ class Cluster:
             except Illegal:
                 source = False
         self.emit(("restart", source))
+        if self.node_leads:                     # it comes back as a follower: a new term, a new leader
+            self.elect()
 
     def rotate(self) -> None:
         try:
