@@ -132,11 +132,10 @@ class Wal:
         for seg in reversed(self.segments):
             if hs is None and seg.hardstate is not None:
                 hs = seg.hardstate
-            top = seg.last_index if limit is None else min(seg.last_index, limit)
-            if seg.seg_id < reset_segment:
-                top = 0
-            if top >= seg.base_index:
-                pieces.append((seg.base_index, top, seg))
+            if seg.seg_id >= reset_segment:      # an older one predates the reset: nothing of it is in the log
+                top = seg.last_index if limit is None else min(seg.last_index, limit)
+                if top >= seg.base_index:
+                    pieces.append((seg.base_index, top, seg))
             limit = seg.base_index - 1 if limit is None else min(limit, seg.base_index - 1)
         # The log is one contiguous run of pieces reaching the compaction point or beyond.
         keep = []
