@@ -591,7 +591,7 @@ class History:
     peek: bool = False          # also reopen a copy of the directory after every operation (Runner.peek)
 
     def code(self, upto: int | None = None) -> str:
-        """The history as the calls a host makes (runnable with the helpers of this module)."""
+        """The history as the calls a host makes, one a line."""
         lines = [f"# seed {self.seed}: encrypted={self.encrypted}, sync={self.sync!r}, keep_snapshots={self.keep}, "
                  f"kill-and-reopen after each step={self.peek}"]
         for n, op in enumerate(self.ops[:upto]):
