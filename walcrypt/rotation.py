@@ -209,7 +209,7 @@ class Rotation:
                 changed.append(k)
                 tx.put(M.DB_KEYRING, k.key_id, M.encode_keyring(k))
             if index > st.wal.compacted_index:
-                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term))
+                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, st.wal.reset_segment))
             st.reseal_stable(tx, pending)
             self._put_state(tx, None)
         if index > st.wal.compacted_index:

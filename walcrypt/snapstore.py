@@ -327,13 +327,14 @@ class Snapshots:
         wal = st.wal
         reset = meta.index > wal.last_index() or (meta.index > wal.compacted_index
                                                  and wal.term(meta.index) != meta.term)
+        reset_segment = st.next_segment
         with st.meta.write() as tx:      # one commit: the snapshot and the log reset it implies
             tx.put(M.DB_SNAPSHOTS, M.u64(info.snapshot_id), encode_info(info))
             tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, (info.snapshot_id + 1).to_bytes(8, "little"))
             if reset:
-                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(meta.index, meta.term, st.next_segment))
+                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(meta.index, meta.term, reset_segment))
         if reset:
-            wal.reset_to(meta.index, meta.term)
+            wal.reset_to(meta.index, meta.term, reset_segment)
         self.install(info)
         # 4. retention, and a DEK rotation waiting for this snapshot
         self.apply_retention()

@@ -385,7 +385,7 @@ class Store:
                                       "wipe this node's data directory and let Raft re-replicate it, or "
                                       "restore it from an export ('walcrypt snapshot restore')")
             with self.meta.write() as w:
-                w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(0, 0))
+                w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(0, 0, wal.reset_segment))
             wal.compacted_index, wal.compacted_term = 0, 0
             return
         if cur.meta.index >= wal.compacted_index:
@@ -398,7 +398,7 @@ class Store:
                                   f"older snapshot at index {idx}",
                                   "wipe this node's data directory and let Raft re-replicate it")
         with self.meta.write() as w:
-            w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(idx, cur.meta.term))
+            w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(idx, cur.meta.term, wal.reset_segment))
         wal.compacted_index, wal.compacted_term = idx, cur.meta.term
 
     def _open_segment(self, seg_id: int, rec: dict) -> Segment:
@@ -715,7 +715,7 @@ class Store:
         wal = self.wal
         self.next_segment = max(self.next_segment, staged[-1].seg_id + 1)
         with wal._write:
-            wal.load(wal.segments + staged, wal.compacted_index, wal.compacted_term)
+            wal.load(wal.segments + staged, wal.compacted_index, wal.compacted_term, wal.reset_segment)
             wal.active = None
         if snap_info is not None:
             self.snapshots.install(snap_info)
@@ -795,7 +795,7 @@ class Store:
         with _FailStop(self, "compacting the log"):
             wal.compact(index, term)
             with self.meta.write() as w:
-                w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, wal.compacted_term))
+                w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, wal.compacted_term, wal.reset_segment))
             self.purge_segments()
 
     def purge_segments(self) -> None:
@@ -836,9 +836,10 @@ class Store:
         if index < wal.compacted_index:
             raise UsageError(f"cannot reset the log to {index}: it is compacted up to {wal.compacted_index}")
         with _FailStop(self, "resetting the log"):
+            reset_segment = self.next_segment
             with self.meta.write() as tx:
-                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, self.next_segment))
-            wal.reset_to(index, term)
+                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, reset_segment))
+            wal.reset_to(index, term, reset_segment)
             self.purge_segments()
 
     def truncate(self, index: int) -> None:

@@ -174,6 +174,7 @@ class Wal:
         self.run_term = array("Q")
         self.compacted_index = 0
         self.compacted_term = 0
+        self.reset_segment = 0                   # segments below this ID predate a log reset (see load)
         self.last = 0
         self.hardstate = HardState()
         self.active: Segment | None = None
@@ -194,8 +195,10 @@ class Wal:
         after it, never from its neighbours alone: every newer segment based at ``b`` superseded
         the entries >= ``b`` of all older ones (Raft suffix replacement, truncation, a re-key's
         copies; an empty segment supersedes as well), and ``reset_segment`` > 0 means a snapshot
-        or ``reset_log`` reset the log at the compaction point: entries above it in segments
-        older than ``reset_segment`` are discarded.  Segments are therefore read newest first,
+        or ``reset_log`` reset the log: segments older than ``reset_segment`` hold no entry of the
+        log any more.  Not even below the reset point: they may hold a stale suffix the cluster
+        replaced, and serving it to a snapshot fallback would diverge from the cluster (the snapshot
+        that reset the log covers everything up to it).  Segments are therefore read newest first,
         each contributing the part of its range below everything newer.  Superseded entries may
         lie anywhere - a stale suffix left by several process lifetimes spans several segments,
         with gaps between them that no longer matter - so only the assembled log is checked for
@@ -205,6 +208,7 @@ class Wal:
         self.segments = list(segments)
         self.compacted_index = compacted_index
         self.compacted_term = compacted_term
+        self.reset_segment = reset_segment
         self._cache.clear()
         pieces = []                      # (first, last, segment) contributed, newest first
         limit = None                     # entries above this were superseded by a newer segment
@@ -212,11 +216,10 @@ class Wal:
         for seg in reversed(self.segments):
             if hs is None and seg.hardstate is not None:
                 hs = seg.hardstate
-            top = seg.last_index if limit is None else min(seg.last_index, limit)
-            if reset_segment and seg.seg_id < reset_segment:
-                top = min(top, compacted_index)
-            if top >= seg.base_index:
-                pieces.append((seg.base_index, top, seg))
+            if seg.seg_id >= reset_segment:      # an older one predates the reset: nothing of it is in the log
+                top = seg.last_index if limit is None else min(seg.last_index, limit)
+                if top >= seg.base_index:
+                    pieces.append((seg.base_index, top, seg))
             limit = seg.base_index - 1 if limit is None else min(limit, seg.base_index - 1)
         # The log is one contiguous run of pieces reaching the compaction point or beyond.
         keep = []
@@ -709,14 +712,17 @@ class Wal:
                 term = self.run_term[bisect_right(self.run_start, index) - 1]
             self.compacted_index, self.compacted_term = index, term
 
-    def reset_to(self, index: int, term: int) -> None:
+    def reset_to(self, index: int, term: int, reset_segment: int) -> None:
         """A snapshot at (index, term) replaces the log: every entry is discarded and the next
-        entry is index + 1, written into a new segment."""
+        entry is index + 1, written into a new segment.  ``reset_segment`` is the ID that segment
+        will get (recorded with the compaction point): older segments are no part of the log any
+        more, not even below ``index`` (see load), and are purged."""
         with self._write:
             self._seal_active()                    # raises StoreFailedError on a failed WAL
             with self._state:
-                self._truncate_view(index + 1)     # entries <= index remain until purged, compacted
+                self._truncate_view(0)
                 self.compacted_index, self.compacted_term = index, term
+                self.reset_segment = reset_segment
                 self.last = index
                 self.active = None                 # the next entry starts a new segment at index + 1
                 self._cache.clear()
