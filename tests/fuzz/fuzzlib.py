@@ -22,8 +22,11 @@ Harnesses (``HARNESSES``):
 ``segment``         frame decoding and whole-segment recovery: the open path of
                     ``storage.Store._open_segment`` (header, identity, key commitment, then
                     ``Segment.scan``), ``Segment.scan`` with the segment's own key whatever the
-                    header says, and ``Segment.read_frame`` / ``load_sealed`` /
-                    ``read_entries_record`` on the bytes written to a file
+                    header says, the same scan of the file read in small windows
+                    (``walcrypt.bounded.FileSource``) checked against the whole-file scan the
+                    engine used before (``legacy_scan.py``): same outcome, same index, and
+                    ``Segment.read_frame`` / ``load_sealed`` / ``read_entries_record`` on the
+                    bytes written to a file
 ``snapshot``        ``walcrypt.snapshot.SnapshotFile``: header, bundle, unlock, every chunk
 ``records``         LMDB values: ``meta.decode_manifest``, ``decode_keyring``, ``decode_compacted``,
                     ``snapstore.decode_info``, ``stable.open_value`` (encrypted and plaintext) and
@@ -56,6 +59,7 @@ from walcrypt import crypto, stable  # noqa: E402
 from walcrypt import format as fmt  # noqa: E402
 from walcrypt import meta as M  # noqa: E402
 from walcrypt.backup import EXPORT_HEADER_SIZE, ExportFile, inspect_export  # noqa: E402
+from walcrypt.bounded import FileSource  # noqa: E402
 from walcrypt.errors import StorageError, WalcryptKeyError  # noqa: E402
 from walcrypt.segment import Segment, SegmentIdentity, decode_header, encode_header  # noqa: E402
 from walcrypt.snapshot import SnapshotFile, snapshot_keys  # noqa: E402
@@ -64,6 +68,7 @@ from walcrypt.types import HardState  # noqa: E402
 from walcrypt.vfs import VFS  # noqa: E402
 
 import wctest  # noqa: E402
+from legacy_scan import LegacySegment  # noqa: E402
 
 CORPUS = os.path.join(TESTS, "corpus")
 VECTORS = os.path.join(ROOT, "formats", "vectors")
@@ -200,11 +205,11 @@ def _cipher(info: dict, salt: bytes) -> tuple[crypto.FrameCipher, bytes]:
                               info["segment_id"]), commitment
 
 
-def _segment_for(info: dict, salt: bytes, path: str = PATH) -> Segment:
+def _segment_for(info: dict, salt: bytes, path: str = PATH, cls=Segment) -> Segment:
     cipher, commitment = _cipher(info, salt)
     ident = SegmentIdentity(info["store_id"], info["segment_id"], info["base_index"], info["algorithm"],
                             info["key_id"], salt, commitment)
-    return Segment(VFS(), path, ident, cipher)
+    return cls(VFS(), path, ident, cipher)
 
 
 def segment_header(data: bytes) -> None:
@@ -294,12 +299,48 @@ def _read_path(info: dict, data: bytes) -> None:
         seg.close()
 
 
+# Windows for the bounded scan: the smallest it accepts (one frame header), an odd size that puts
+# window ends anywhere in a frame, sector-sized ones, and one larger than any corpus file.
+SCAN_WINDOWS = (fmt.FRAME_HEADER_SIZE, 97, 512, 1000, 1 << 20)
+
+
+def _scan_outcome(seg: Segment, data, **kw) -> tuple:
+    """Everything a scan decides: its result or error (type, offset, detail) and the index it built."""
+    seen: list = []
+
+    def on_entries(rec):
+        seen.extend((rec.first + k, rec.terms[k], bytes(d)) for k, d in enumerate(rec.datas()))
+    try:
+        out: tuple = ("ok", seg.scan(data, on_entries=on_entries, **kw))
+    except StorageError as exc:
+        out = ("error", type(exc).__name__, getattr(exc, "offset", None), getattr(exc, "detail", str(exc)))
+    return out + (seg.last_index, seg.hardstate, tuple(seg.rec_offset), tuple(seg.rec_index), tuple(seg.rec_count),
+                  tuple(seg.runs), seg.sealed, seg.seq, seg.chain, seg.write_offset,
+                  tuple(tuple(r) for r in seg.snapshot_records), tuple(seen))
+
+
+def scan_windows(info: dict, data: bytes) -> None:
+    """The bounded scan of the file, for every window size, against the whole-file scan of before."""
+    expected = _scan_outcome(_segment_for(info, info["salt"], cls=LegacySegment), data)
+    path = scratch().write(data, "scan.wal")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for window in SCAN_WINDOWS:
+            got = _scan_outcome(_segment_for(info, info["salt"], path), FileSource(VFS(), fd), window=window)
+            assert got == expected, f"window {window}: the bounded scan decided {got[:4]}, the whole-file " \
+                                    f"scan {expected[:4]}"
+    finally:
+        os.close(fd)
+
+
 def segment(data: bytes, target: str = "enc-open") -> None:
-    """Frames and recovery of one segment: the open path, the scan with the segment's key, the reads."""
+    """Frames and recovery of one segment: the open path, the scan with the segment's key (whole and in
+    windows), the reads."""
     info = _segment_info(target)
     data = bytes(data)
     segment_open_path(info, data)
     _scan(info, _segment_for(info, info["salt"]), data)
+    scan_windows(info, data)
     _read_path(info, data)
 
 
