@@ -528,3 +528,27 @@ def test_sealed_segment_extended_sparsely_is_refused_in_bounded_memory(crash_ima
     assert not rep["ok"] and any(os.path.basename(target) in e and f"{size} bytes" in e for e in rep["errors"]), rep
     assert _limited("cli-verify", root) == {"exit": 1}
     assert os.path.getsize(target) == size            # nothing repaired, nothing deleted
+
+
+@pytest.mark.xfail(strict=True, reason="Store accepts max_entry_size up to MAX_RECORD_PAYLOAD - 64, so a record "
+                                       "(< 32 KiB of earlier entries + its last entry + table + tag) can exceed "
+                                       "MAX_RECORD_PAYLOAD and be refused by every reader after it was acknowledged")
+def test_max_entry_size_leaves_room_for_the_record_around_the_entry(tmp_path):
+    from walcrypt import format as fmt
+    with pytest.raises(UsageError):
+        walcrypt.open(str(tmp_path / "s"), kek=RawKey(KEK_BYTES), max_entry_size=fmt.MAX_ENTRY_SIZE_LIMIT + 1)
+    with walcrypt.open(str(tmp_path / "t"), kek=RawKey(KEK_BYTES), max_entry_size=fmt.MAX_ENTRY_SIZE_LIMIT):
+        pass
+
+
+def test_a_record_over_the_payload_bound_is_refused_by_readers(tmp_path, monkeypatch):
+    """What the xfail above leads to, scaled down: with the bound at 1 MiB and max_entry_size just
+    below it, an acknowledged save is written as a record readers refuse (a typed error, no more)."""
+    from walcrypt import format as fmt
+    monkeypatch.setattr(fmt, "MAX_RECORD_PAYLOAD", 1 << 20)
+    root = str(tmp_path / "s")
+    with walcrypt.open(root, kek=RawKey(KEK_BYTES), max_entry_size=(1 << 20) - 64, segment_size=8 << 20) as s:
+        s.save(entries=[Entry(1, 1, b"x" * 100), Entry(2, 1, b"y" * ((1 << 20) - 64))])
+    with walcrypt.open(root, kek=RawKey(KEK_BYTES), max_entry_size=(1 << 20) - 64, read_only=True) as s:
+        with pytest.raises(CorruptionError, match="out of bounds"):
+            s.entries(1, 3)

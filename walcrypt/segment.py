@@ -29,6 +29,9 @@ acknowledged).  Then:
    holds an all-zero run of 32 bytes at its start or at a 512-byte sector
    boundary), else CorruptionError naming file and offset.
 
+Recovery never holds the file whole: the scan and this classification read it a window at a time
+(:mod:`walcrypt.bounded`), so a preallocated or sparsely extended file costs no memory.
+
 A torn tail is truncated to C after a ``.broken`` copy of the file is kept.
 A CRC-valid frame that fails authentication, sequence, nonce, key or chain
 checks is always an :class:`AuthenticationError`.
