@@ -8,7 +8,7 @@ positioned reads, so the memory a scan or a verification needs does not depend o
 
 A :class:`Source` is a byte range of known size with positioned reads: :class:`FileSource` reads a
 file through the VFS seam (so fault injection and crash simulation see every read), and
-:class:`BytesSource` serves bytes already in memory (tests, fuzzers, golden vectors).  The helpers
+:class:`BytesSource` serves bytes already in memory (tests, fuzzers, golden vectors).  The functions
 below answer the questions recovery asks of a file tail -- is this range all zeros, where does this
 8-byte pattern occur, what is the CRC32C of this range -- one window at a time.
 """
