@@ -552,3 +552,22 @@ def test_a_record_over_the_payload_bound_is_refused_by_readers(tmp_path, monkeyp
     with walcrypt.open(root, kek=RawKey(KEK_BYTES), max_entry_size=(1 << 20) - 64, read_only=True) as s:
         with pytest.raises(CorruptionError, match="out of bounds"):
             s.entries(1, 3)
+
+
+def test_snapshot_extended_sparsely_is_refused_in_bounded_memory(tmp_path):
+    """The newest snapshot grown to 1 GiB of zeros after its final chunk: a typed error, read in chunks."""
+    root = str(tmp_path / "s")
+    with walcrypt.open(root, kek=RawKey(KEK_BYTES), segment_size=64 << 10) as s:
+        s.save(hard_state=HardState(1, 1, 10), entries=wctest.make_entries(1, 11))
+        s.save_snapshot(SnapshotMeta(10, wctest.entry_term(10), ConfState((1,))), b"state" * 1000)
+    with open(tmp_path / "kek", "wb") as f:
+        f.write(KEK_BYTES)
+    os.chmod(tmp_path / "kek", 0o600)
+    snap_dir = os.path.join(root, "snap-v1-encrypted")
+    (name,) = [n for n in os.listdir(snap_dir) if n.endswith(".snap")]
+    os.truncate(os.path.join(snap_dir, name), 1 << 30)
+    out = _limited("open-ro", root)
+    assert out["error"] == "CorruptionError" and "follow the final snapshot chunk" in out["message"], out
+    rep = _limited("verify", root)
+    assert not rep["ok"] and any(name in e for e in rep["errors"]), rep
+    assert _limited("cli-verify", root) == {"exit": 1}
