@@ -407,3 +407,167 @@ def test_malformed_snapshot_metadata_is_a_corruption_error(name):
     from walcrypt.snapshot import decode_meta
     with pytest.raises(CorruptionError):
         decode_meta(doc, "<snap>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files extended far beyond what was written: bounded memory whatever the file size
+# ---------------------------------------------------------------------------------------------
+
+HEADROOM = 600 << 20       # memory allowed above the interpreter's baseline (and LMDB's map, see below)
+KEK_BYTES = bytes(range(100, 132))
+
+_LIMITED_CHILD = textwrap.dedent("""
+    import json, os, resource, sys
+    import walcrypt, walcrypt.check, walcrypt.cli, walcrypt.inspection
+    from walcrypt import meta
+
+    def vm_size():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+
+    # Address space = what is mapped now + LMDB's map of the metadata (address space, not memory)
+    # + the headroom: a whole-file read of the extended segment cannot fit.
+    limit = vm_size() + meta.MAP_SIZE + int(sys.argv[3])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    op, root = sys.argv[1], sys.argv[2]
+    kek = walcrypt.RawKey(bytes(range(100, 132)))
+    out = {}
+    try:
+        if op == "open-ro" or op == "open-rw":
+            with walcrypt.open(root, kek=kek, read_only=op == "open-ro") as s:
+                ents = []
+                for lo in range(s.first_index(), s.last_index() + 1, 64):
+                    ents += s.entries(lo, min(lo + 64, s.last_index() + 1))
+                out = {"last_index": s.last_index(), "entries": len(ents), "repairs": len(s.repairs)}
+        elif op == "verify":
+            rep = walcrypt.check.check(root, kek=kek)
+            out = {"ok": rep.ok, "errors": [f"{f.path}: {f.detail}" for f in rep.errors],
+                   "last_index": rep.last_index}
+        elif op == "inspect":
+            rep = walcrypt.inspection.inspect_store(root)
+            out = {"errors": rep["errors"], "tails": [s["tail"] for s in rep["segments"]]}
+        elif op == "cli-verify":
+            kf = os.path.join(os.path.dirname(root), "kek")
+            try:
+                walcrypt.cli.main(["verify", root, "--key-file", kf], standalone_mode=True)
+            except SystemExit as exc:
+                out = {"exit": exc.code}
+    except walcrypt.WalcryptError as exc:
+        out = {"error": type(exc).__name__, "message": str(exc)}
+    except MemoryError:
+        out = {"error": "MemoryError"}
+    print(json.dumps(out))
+""")
+
+
+def _limited(op: str, root: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=REPO + (os.pathsep + os.environ["PYTHONPATH"]
+                                              if os.environ.get("PYTHONPATH") else ""))
+    res = subprocess.run([sys.executable, "-c", _LIMITED_CHILD, op, root, str(HEADROOM)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode in (0, 1), res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"exit {res.returncode}\nstdout:\n{res.stdout[-2000:]}\nstderr:\n{res.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def crash_image(tmp_path_factory):
+    """A store with sealed segments and an open (unsealed, preallocated) last segment, as a crash
+    leaves it: the directory is copied while the writer still has it open."""
+    d = tmp_path_factory.mktemp("extended")
+    live, image = str(d / "live"), str(d / "image")
+    s = walcrypt.open(live, kek=RawKey(KEK_BYTES), segment_size=64 << 10, sync="always")
+    try:
+        for k in range(1, 301, 10):
+            s.save(hard_state=HardState(1, 1, k + 9), entries=wctest.make_entries(k, k + 10, length=600))
+        wctest.copy_store(live, image)
+    finally:
+        s.close()
+    with open(d / "kek", "wb") as f:
+        f.write(KEK_BYTES)
+    os.chmod(d / "kek", 0o600)
+    segs = wctest.segment_files(image)
+    assert len(segs) >= 3
+    with walcrypt.open(wctest.copy_store(image, str(d / "probe")), kek=RawKey(KEK_BYTES), read_only=True) as s:
+        assert s.last_index() == 300 and not s.wal.segments[-1].sealed and s.wal.segments[0].sealed
+    return image
+
+
+def _extended(crash_image: str, tmp_path, which: str, size: int) -> tuple[str, str]:
+    root = wctest.copy_store(crash_image, str(tmp_path / "s"))
+    os.link(os.path.join(os.path.dirname(crash_image), "kek"), str(tmp_path / "kek"))
+    segs = wctest.segment_files(root)
+    target = segs[-1] if which == "open" else segs[0]
+    os.truncate(target, size)               # sparse: no disk space, zeros when read
+    return root, target
+
+
+@pytest.mark.parametrize("size", [1 << 30, 4 << 30], ids=["1GiB", "4GiB"])
+def test_open_segment_extended_sparsely_opens_in_bounded_memory(crash_image, tmp_path, size):
+    root, target = _extended(crash_image, tmp_path, "open", size)
+    assert _limited("open-ro", root) == {"last_index": 300, "entries": 300, "repairs": 0}
+    rep = _limited("verify", root)
+    assert rep["ok"] and rep["last_index"] == 300, rep
+    assert _limited("inspect", root)["tails"][-1] == "clean"
+    assert _limited("cli-verify", root) == {"exit": 0}
+    # read-write: the zeros are unwritten space; recovery seals the segment, which cuts the file
+    assert _limited("open-rw", root) == {"last_index": 300, "entries": 300, "repairs": 0}
+    assert os.path.getsize(target) < 64 << 10
+
+
+@pytest.mark.parametrize("size", [1 << 30, 4 << 30], ids=["1GiB", "4GiB"])
+def test_sealed_segment_extended_sparsely_is_refused_in_bounded_memory(crash_image, tmp_path, size):
+    root, target = _extended(crash_image, tmp_path, "sealed", size)
+    for op in ("open-ro", "open-rw"):
+        out = _limited(op, root)
+        assert out["error"] == "CorruptionError" and "manifest says" in out["message"], out
+    rep = _limited("verify", root)
+    assert not rep["ok"] and any(os.path.basename(target) in e and f"{size} bytes" in e for e in rep["errors"]), rep
+    assert _limited("cli-verify", root) == {"exit": 1}
+    assert os.path.getsize(target) == size            # nothing repaired, nothing deleted
+
+
+@pytest.mark.xfail(strict=True, reason="Store accepts max_entry_size up to MAX_RECORD_PAYLOAD - 64, so a record "
+                                       "(< 32 KiB of earlier entries + its last entry + table + tag) can exceed "
+                                       "MAX_RECORD_PAYLOAD and be refused by every reader after it was acknowledged")
+def test_max_entry_size_leaves_room_for_the_record_around_the_entry(tmp_path):
+    from walcrypt import format as fmt
+    with pytest.raises(UsageError):
+        walcrypt.open(str(tmp_path / "s"), kek=RawKey(KEK_BYTES), max_entry_size=fmt.MAX_ENTRY_SIZE_LIMIT + 1)
+    with walcrypt.open(str(tmp_path / "t"), kek=RawKey(KEK_BYTES), max_entry_size=fmt.MAX_ENTRY_SIZE_LIMIT):
+        pass
+
+
+def test_a_record_over_the_payload_bound_is_refused_by_readers(tmp_path, monkeypatch):
+    """What the xfail above leads to, scaled down: with the bound at 1 MiB and max_entry_size just
+    below it, an acknowledged save is written as a record readers refuse (a typed error, no more)."""
+    from walcrypt import format as fmt
+    monkeypatch.setattr(fmt, "MAX_RECORD_PAYLOAD", 1 << 20)
+    root = str(tmp_path / "s")
+    with walcrypt.open(root, kek=RawKey(KEK_BYTES), max_entry_size=(1 << 20) - 64, segment_size=8 << 20) as s:
+        s.save(entries=[Entry(1, 1, b"x" * 100), Entry(2, 1, b"y" * ((1 << 20) - 64))])
+    with walcrypt.open(root, kek=RawKey(KEK_BYTES), max_entry_size=(1 << 20) - 64, read_only=True) as s:
+        with pytest.raises(CorruptionError, match="out of bounds"):
+            s.entries(1, 3)
+
+
+def test_snapshot_extended_sparsely_is_refused_in_bounded_memory(tmp_path):
+    """The newest snapshot grown to 1 GiB of zeros after its final chunk: a typed error, read in chunks."""
+    root = str(tmp_path / "s")
+    with walcrypt.open(root, kek=RawKey(KEK_BYTES), segment_size=64 << 10) as s:
+        s.save(hard_state=HardState(1, 1, 10), entries=wctest.make_entries(1, 11))
+        s.save_snapshot(SnapshotMeta(10, wctest.entry_term(10), ConfState((1,))), b"state" * 1000)
+    with open(tmp_path / "kek", "wb") as f:
+        f.write(KEK_BYTES)
+    os.chmod(tmp_path / "kek", 0o600)
+    snap_dir = os.path.join(root, "snap-v1-encrypted")
+    (name,) = [n for n in os.listdir(snap_dir) if n.endswith(".snap")]
+    os.truncate(os.path.join(snap_dir, name), 1 << 30)
+    out = _limited("open-ro", root)
+    assert out["error"] == "CorruptionError" and "follow the final snapshot chunk" in out["message"], out
+    rep = _limited("verify", root)
+    assert not rep["ok"] and any(name in e for e in rep["errors"]), rep
+    assert _limited("cli-verify", root) == {"exit": 1}

@@ -36,6 +36,7 @@ from typing import Callable
 from . import format as fmt
 from . import layout
 from . import meta as M
+from .bounded import FileSource, Source
 from .errors import (AuthenticationError, CorruptionError, KeyProviderError, LockedError, StorageError,
                      UsageError, WalcryptError, WrongKeyError)
 from .segment import Segment, SegmentIdentity, decode_header
@@ -388,7 +389,8 @@ class _Walk:
         path = self._segment_path(seg_id, rec)
         size = _size(path)
         seg = None
-        data = b""
+        src = None
+        fd = None
         try:
             if (rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED) != self.encrypted:
                 raise AuthenticationError(self.meta.path, None, f"the manifest places segment {seg_id} in "
@@ -398,8 +400,9 @@ class _Walk:
                 raise CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
                                       "a segment file was deleted or renamed; restore the node from a snapshot "
                                       "or wipe it and let Raft re-replicate")
-            data = st.vfs.read_file(path)
-            found = decode_header(data[:fmt.SEGMENT_HEADER_SIZE], path)
+            fd = st.vfs.open(path, os.O_RDONLY)
+            src = FileSource(st.vfs, fd)           # read a window at a time, whatever the file size
+            found = decode_header(src.read(0, fmt.SEGMENT_HEADER_SIZE), path)
             expected = SegmentIdentity(st.store_id, seg_id, rec["base_index"], rec["algorithm"], rec["key_id"],
                                        found.salt, found.commitment)
             if found.key_id != rec["key_id"]:
@@ -412,7 +415,7 @@ class _Walk:
                 rep.entries += len(r)
                 rep.bytes += r.ends[-1] - r.ends[0]
 
-            committed_end, torn = seg.scan(data, on_entries=on_entries)
+            committed_end, torn = seg.scan(src, on_entries=on_entries)
             rep.records += seg.seq
             sealed = rec["state"] == fmt.SEG_SEALED
             if torn is not None:
@@ -425,13 +428,15 @@ class _Walk:
                     f"'walcrypt repair' truncates the file to {committed_end} bytes and keeps a .broken copy",
                     repairable=True))
             if sealed:
-                self._check_sealed(seg, rec, len(data))
+                self._check_sealed(seg, rec, src.size)
             return seg
         except WalcryptError as exc:
             self.error(exc, KEY if not isinstance(exc, StorageError) else SEGMENT,
-                       index=_index_at(data, getattr(exc, "offset", None), seg))
+                       index=_index_at(src, getattr(exc, "offset", None), seg))
             return None
         finally:
+            if fd is not None:
+                st.vfs.close(fd)
             if seg is not None:
                 seg.close()
             self.advance(size)
@@ -555,12 +560,13 @@ def _size(path: str) -> int:
         return 0
 
 
-def _index_at(data: bytes, offset: int | None, seg: Segment | None) -> int | None:
+def _index_at(src: Source | None, offset: int | None, seg: Segment | None) -> int | None:
     """The Raft index a finding concerns: the frame's own (clear, authenticated) index when the frame
     at ``offset`` holds entries, else the index after the last good one of the segment."""
-    if offset is not None and offset + fmt.FRAME_HEADER_SIZE <= len(data) and offset >= fmt.SEGMENT_HEADER_SIZE:
-        h = fmt.FRAME_HEADER_STRUCT.unpack_from(data, offset)
-        if h[0] in (fmt.FRAME_ENTRIES, fmt.FRAME_SNAPSHOT):
+    if src is not None and offset is not None and offset >= fmt.SEGMENT_HEADER_SIZE:
+        head = src.read(offset, fmt.FRAME_HEADER_SIZE)
+        h = fmt.FRAME_HEADER_STRUCT.unpack_from(head) if len(head) == fmt.FRAME_HEADER_SIZE else None
+        if h is not None and h[0] in (fmt.FRAME_ENTRIES, fmt.FRAME_SNAPSHOT):
             return h[6]
     if seg is not None:
         return seg.last_index + 1

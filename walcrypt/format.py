@@ -60,6 +60,9 @@ MAX_ENTRY_SIZE_DEFAULT = 64 << 20        # one entry
 MAX_RECORD_PAYLOAD = 1 << 30             # hard bound checked before any allocation
 RECORD_TARGET_BYTES = 32 << 10           # a save() is split into records of about this size
 RECORD_MAX_ENTRIES = 4096                # ... or this many entries
+# The largest max_entry_size whose records always fit MAX_RECORD_PAYLOAD: a record holds less than
+# RECORD_TARGET_BYTES before its last entry, a table of 8 + 12 bytes per entry, and the 16-byte tag.
+MAX_ENTRY_SIZE_LIMIT = MAX_RECORD_PAYLOAD - RECORD_TARGET_BYTES - 8 - 12 * RECORD_MAX_ENTRIES - 16
 
 KEY_ID_SIZE = 16
 STORE_ID_SIZE = 16

@@ -25,6 +25,9 @@ import json
 import os
 import time
 
+from crc32c import crc32c
+
+from . import bounded
 from . import crypto
 from . import format as fmt
 from . import keys as K
@@ -204,28 +207,44 @@ def _dir_summary(root: str) -> list[dict]:
     return out
 
 
-def scan_frame_headers(path: str) -> dict:
-    """Walk the clear frame headers of a segment (CRC-checked, not authenticated).
+def scan_frame_headers(path: str, *, window: int = bounded.WINDOW) -> dict:
+    """Walk the clear frame headers of a segment (CRC-checked, not authenticated), a window at a time.
 
     -> {"last_index", "committed_end", "sealed", "tail"} where tail says what follows the
     last COMMIT frame ("clean", or a description of uncommitted bytes)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    fd = DEFAULT_VFS.open(path, os.O_RDONLY)
+    try:
+        return _scan_frame_headers(bounded.FileSource(DEFAULT_VFS, fd), window)
+    finally:
+        DEFAULT_VFS.close(fd)
+
+
+def _scan_frame_headers(src: bounded.Source, window: int) -> dict:
+    size = src.size
+    hsize = fmt.FRAME_HEADER_SIZE
     off = fmt.SEGMENT_HEADER_SIZE
-    base = int.from_bytes(data[40:48], "little") if len(data) >= 48 else 0
+    head = src.read(0, 48)
+    base = int.from_bytes(head[40:48], "little") if len(head) >= 48 else 0
     last = base - 1
     pending_last = None
     committed_end = off
     sealed = False
     tail = "clean"
-    while off + fmt.FRAME_HEADER_SIZE <= len(data):
-        h = fmt.FRAME_HEADER_STRUCT.unpack_from(data, off)
+    buf, start = b"", 0              # bytes [start, start + len(buf)) of the file
+    while off + hsize <= size:
+        if not start <= off or off + hsize > start + len(buf):
+            buf, start = src.read(off, window), off
+            if len(buf) < hsize:
+                break
+        h = fmt.FRAME_HEADER_STRUCT.unpack_from(buf, off - start)
         ftype, length = h[0], h[4]
         if ftype == fmt.FRAME_UNWRITTEN:
             break
-        end = off + fmt.FRAME_HEADER_SIZE + length
-        if ftype not in fmt.FRAME_TYPES or length < fmt.TAG_SIZE or end > len(data) or \
-                crypto.frame_crc(data[off:off + fmt.FRAME_HEADER_SIZE], data[off + fmt.FRAME_HEADER_SIZE:end]) != h[9]:
+        end = off + hsize + length
+        header = buf[off - start:off - start + hsize]
+        crc = crc32c(header[fmt.FRAME_CRC_OFFSET + 4:], crc32c(header[:fmt.FRAME_CRC_OFFSET]))
+        if ftype not in fmt.FRAME_TYPES or length < fmt.TAG_SIZE or end > size or \
+                bounded.crc_range(src, off + hsize, end, crc, window) != h[9]:
             tail = f"unreadable or uncommitted bytes from offset {off}"
             break
         if ftype == fmt.FRAME_ENTRIES:
@@ -240,7 +259,7 @@ def scan_frame_headers(path: str) -> dict:
             break
         off = fmt.align_up(end)
     else:
-        if off < len(data) and any(data[off:]):
+        if off < size and not bounded.all_zero(src, off, size, window):
             tail = f"unreadable or uncommitted bytes from offset {off}"
     if tail == "clean" and pending_last is not None:
         tail = f"uncommitted records after offset {committed_end}"

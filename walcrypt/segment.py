@@ -29,6 +29,9 @@ acknowledged).  Then:
    holds an all-zero run of 32 bytes at its start or at a 512-byte sector
    boundary), else CorruptionError naming file and offset.
 
+Recovery never holds the file whole: the scan and this classification read it a window at a time
+(:mod:`walcrypt.bounded`), so a preallocated or sparsely extended file costs no memory.
+
 A torn tail is truncated to C after a ``.broken`` copy of the file is kept.
 A CRC-valid frame that fails authentication, sequence, nonce, key or chain
 checks is always an :class:`AuthenticationError`.
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 
 from crc32c import crc32c
 
+from . import bounded
 from . import crypto
 from . import format as fmt
 from .errors import AuthenticationError, CorruptionError, StoreFailedError, UnsupportedFormatError
@@ -479,16 +483,24 @@ class Segment:
         self.end_offset = end_offset
         self.index_offset = index_offset
 
-    def scan(self, data: bytes, *, on_entries=None):
-        """Scan every frame of ``data`` (the whole file), building the index.
+    def scan(self, data, *, on_entries=None, window: int = bounded.WINDOW):
+        """Scan every frame of a segment, building the index.
+
+        ``data`` is the whole file (bytes) or a :class:`walcrypt.bounded.Source` over it; a source
+        is read in windows of ``window`` bytes, so memory stays bounded whatever the file size
+        (FORMAT.md 11.3): a window, plus one frame when a frame is larger, plus the plaintexts of
+        the write unit being scanned.  A frame larger than the window is read whole only once its
+        CRC, computed window by window, matches.
 
         Returns (committed_end, torn) where torn is None for a clean end or a
         (offset, detail) pair for a torn tail after committed_end.  Raises for
         corruption.  ``on_entries(record)`` sees every committed
         entries record (used by verify and replay).
         """
+        src = data if isinstance(data, bounded.Source) else bounded.BytesSource(data)
+        window = max(window, fmt.FRAME_HEADER_SIZE)
         path = self.path
-        size = len(data)
+        size = src.size
         off = fmt.SEGMENT_HEADER_SIZE
         seq = 0
         chain = crypto.ZERO_CHAIN
@@ -496,30 +508,52 @@ class Segment:
         committed_end = off
         hsize = fmt.FRAME_HEADER_SIZE
         unpack = fmt.FRAME_HEADER_STRUCT.unpack_from
+        buf = view = b""            # bytes [base, base + len(buf)) of the file
+        base = 0
         while True:
             if off + hsize > size:
-                return self._classify(data, committed_end, off, size, "frame header cut off by the end of the file",
-                                      seq, chain)
-            h = unpack(data, off)
+                return self._classify(src, committed_end, off, size, "frame header cut off by the end of the file",
+                                      seq, chain, window)
+            rel = off - base
+            if rel < 0 or rel + hsize > len(buf):
+                buf, base, rel = src.read(off, window), off, 0
+                view = memoryview(buf)
+                if len(buf) < hsize:
+                    raise _changed(path, off)
+            h = unpack(buf, rel)
             ftype, length = h[0], h[4]
             if ftype == fmt.FRAME_UNWRITTEN:
-                return self._classify(data, committed_end, off, off + hsize, "unwritten space", seq, chain)
+                return self._classify(src, committed_end, off, off + hsize, "unwritten space", seq, chain, window)
             end = off + hsize + length
             if ftype in fmt.FRAME_TYPES and length >= fmt.TAG_SIZE and end > size:
                 # A length pointing past the end of the file is a torn write (etcd #14114), whatever its size.
-                return self._classify(data, committed_end, off, end, "frame runs past the end of the file", seq, chain)
+                return self._classify(src, committed_end, off, end, "frame runs past the end of the file", seq, chain,
+                                      window)
             if ftype not in fmt.FRAME_TYPES or length < fmt.TAG_SIZE or length > fmt.MAX_RECORD_PAYLOAD:
-                return self._classify(data, committed_end, off, off + hsize, "malformed frame header", seq, chain)
-            header = data[off:off + hsize]
-            ct = data[off + hsize:end]
+                return self._classify(src, committed_end, off, off + hsize, "malformed frame header", seq, chain,
+                                      window)
+            if rel + hsize + length > len(buf):
+                if hsize + length > window:
+                    # Bounded before it is allocated: the CRC decides whether this frame is read whole.
+                    head = buf[rel:rel + hsize]
+                    crc = crc32c(head[fmt.FRAME_CRC_OFFSET + 4:], crc32c(head[:fmt.FRAME_CRC_OFFSET]))
+                    if bounded.crc_range(src, off + hsize, end, crc, window) != h[9]:
+                        return self._classify(src, committed_end, off, end, "frame fails its CRC32C", seq, chain,
+                                              window)
+                buf, base, rel = src.read(off, max(hsize + length, window)), off, 0
+                view = memoryview(buf)
+                if len(buf) < hsize + length:
+                    raise _changed(path, off)
+            header = buf[rel:rel + hsize]
+            ct = view[rel + hsize:rel + hsize + length]
             if crypto.frame_crc(header, ct) != h[9]:
-                return self._classify(data, committed_end, off, end, "frame fails its CRC32C", seq, chain)
+                return self._classify(src, committed_end, off, end, "frame fails its CRC32C", seq, chain, window)
             # From here on the frame is intact: any failure is tampering or foreign data.
             if ftype == fmt.FRAME_INDEX and seq < h[5] < seq + RECOVERY_SEQ_JUMP + 1:
                 seq = h[5]      # an index written by recovery skips ahead (see Segment.seal)
             self._check_frame_fields(h, off, seq=seq, chain=chain)
             plain = self.cipher.open(header, ct, path=path, offset=off)
-            chain = ct[-fmt.TAG_SIZE:]
+            chain = bytes(ct[-fmt.TAG_SIZE:])
             seq += 1
             next_off = fmt.align_up(end)
             if ftype == fmt.FRAME_COMMIT:
@@ -539,7 +573,7 @@ class Segment:
                 self.index_offset = off
                 self.end_offset = next_off
                 self.sealed = True
-                if len(data.rstrip(b"\x00")) > next_off:
+                if not bounded.all_zero(src, next_off, size, window):
                     raise CorruptionError(path, next_off, "bytes follow the index frame of a sealed segment")
                 return committed_end, None
             else:
@@ -568,59 +602,72 @@ class Segment:
         else:
             raise AuthenticationError(self.path, off, f"unexpected frame type {ftype} inside a batch")
 
-    def _classify(self, data: bytes, committed_end: int, bad: int, extent_end: int, detail: str,
-                  seq: int, chain: bytes):
-        """Decide torn tail vs corruption for the first failing frame at ``bad`` (see module doc)."""
-        size = len(data)
-        written_end = len(data.rstrip(b"\x00"))      # one past the last nonzero byte of the file
-        if written_end <= committed_end:
+    def _classify(self, src: bounded.Source, committed_end: int, bad: int, extent_end: int, detail: str,
+                  seq: int, chain: bytes, window: int = bounded.WINDOW):
+        """Decide torn tail vs corruption for the first failing frame at ``bad`` (see module doc and
+        FORMAT.md 11.4).  Reads the file in windows: nothing here holds more than a window."""
+        size = src.size
+        # Rule 0: one past the last nonzero byte of the file is at most committed_end.
+        if bounded.all_zero(src, committed_end, size, window):
             return committed_end, None                # clean end: nothing but preallocated zeros
         # Rule 1: a CRC-valid COMMIT frame after ``bad`` that closes a write unit starting after the
         # sequence number ``bad`` should have had proves that ``bad`` lay in an earlier, durable unit.
         pattern = bytes([fmt.FRAME_COMMIT, self.ident.algorithm, 0, 0]) + _COMMIT_LEN.to_bytes(4, "little")
-        pos = data.find(pattern, bad + 1)
-        while pos != -1:
-            commit_end = pos + fmt.FRAME_HEADER_SIZE + _COMMIT_LEN
-            if pos % fmt.ALIGN == 0 and commit_end <= size:
-                header = data[pos:pos + fmt.FRAME_HEADER_SIZE]
-                h = fmt.FRAME_HEADER_STRUCT.unpack_from(header)
-                if (crypto.frame_crc(header, data[pos + fmt.FRAME_HEADER_SIZE:commit_end]) == h[9]
-                        and h[5] - h[8] > seq):
-                    raise CorruptionError(self.path, bad, f"{detail}, but a later write unit was committed after it",
-                                          "mid-log corruption is not repaired automatically; restore the node "
-                                          "from a snapshot or wipe it and let Raft re-replicate")
-            pos = data.find(pattern, pos + 1)
-        if self._is_our_frame(data, bad, seq, chain) and not _looks_incomplete(data, bad, extent_end):
+        hsize = fmt.FRAME_HEADER_SIZE
+        for pos in bounded.find_aligned(src, pattern, bad + 1, size, fmt.ALIGN, window):
+            if pos + hsize + _COMMIT_LEN > size:
+                break                                  # later matches end even further out
+            frame = src.read(pos, hsize + _COMMIT_LEN)
+            if len(frame) < hsize + _COMMIT_LEN:
+                break
+            header = frame[:hsize]
+            h = fmt.FRAME_HEADER_STRUCT.unpack_from(header)
+            if crypto.frame_crc(header, frame[hsize:]) == h[9] and h[5] - h[8] > seq:
+                raise CorruptionError(self.path, bad, f"{detail}, but a later write unit was committed after it",
+                                      "mid-log corruption is not repaired automatically; restore the node "
+                                      "from a snapshot or wipe it and let Raft re-replicate")
+        if self._is_our_frame(src, bad, seq, chain) and not _looks_incomplete(src, bad, extent_end, window):
             raise CorruptionError(self.path, bad, f"{detail} in the last batch, and the damage does not look like "
                                   "an incomplete write", "run 'walcrypt verify'; restore from a snapshot if needed")
         return committed_end, (bad, detail)
 
-
-    def _is_our_frame(self, data: bytes, off: int, seq: int, chain: bytes) -> bool:
+    def _is_our_frame(self, src: bounded.Source, off: int, seq: int, chain: bytes) -> bool:
         """Whether the bytes at ``off`` are the head of the frame this segment wrote next: at least one
         of its nonce, key ID and chain value fields holds exactly the expected bytes.  One damaged
         field cannot hide the other two; zeros, garbage and stale blocks match none."""
-        h = data[off:off + fmt.FRAME_HEADER_SIZE]
+        h = src.read(off, fmt.FRAME_HEADER_SIZE)
         if len(h) < fmt.FRAME_HEADER_SIZE:
             return False
         return (h[40:52] == crypto.nonce_for(seq) or h[56:72] == self.ident.key_id
                 or h[72:88] == chain)
 
 
-def _looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
+def _changed(path: str, offset: int) -> CorruptionError:
+    return CorruptionError(path, offset, "the file became shorter while it was being read",
+                           "another process is modifying the store; stop it and try again")
+
+
+def _looks_incomplete(src: bounded.Source, lo: int, hi: int, window: int = bounded.WINDOW) -> bool:
     """A frame at ``lo`` with extent [lo, hi) looks like an incomplete write: it runs past the end of
     the file, it ends in zero bytes (a prefix reached the disk), its bytes up to the first sector
     boundary are all zero, or it holds an all-zero run of ZERO_RUN bytes starting at ``lo`` or at a
-    sector boundary (a sector that never reached the disk)."""
-    if hi > len(data):
+    sector boundary (a sector that never reached the disk).  Reads [lo, hi) a window at a time."""
+    if hi > src.size:
         return True
-    if hi > lo and data[hi - 1] == 0:
+    if hi > lo and src.read(hi - 1, 1) == b"\x00":
         return True
     first_boundary = (lo // SECTOR + 1) * SECTOR
-    if not any(data[lo:min(hi, first_boundary)]):
+    if bounded.all_zero(src, lo, min(hi, first_boundary), window):
         return True          # the part of the frame in its first sector never reached the disk
-    for s in [lo] + list(range(first_boundary, hi, SECTOR)):
-        e = min(hi, s + ZERO_RUN)
-        if e - s >= min(ZERO_RUN, hi - lo) and not any(data[s:e]):
-            return True
+    need = min(ZERO_RUN, hi - lo)
+    a = lo
+    while a < hi:
+        w_end = min(hi, a + window)
+        block = src.read(a, min(hi, w_end + ZERO_RUN) - a)
+        starts = ([a] if a == lo else []) + list(range(max(first_boundary, -(-a // SECTOR) * SECTOR), w_end, SECTOR))
+        for s in starts:
+            e = min(hi, s + ZERO_RUN)
+            if e - s >= need and block.count(0, s - a, e - a) == e - s:
+                return True
+        a = w_end
     return False

@@ -364,7 +364,8 @@ class SnapshotFile:
                 length, flags = CHUNK_HEADER_STRUCT.unpack(head)
                 if length < fmt.TAG_SIZE or length > limit or flags & ~CHUNK_FINAL:
                     raise CorruptionError(self.path, off, f"snapshot chunk {counter} header is malformed")
-                ct = self.vfs.pread(fd, length, off + 8)
+                # pread allocates what it is asked for: a length past the end of the file is refused first
+                ct = self.vfs.pread(fd, length, off + 8) if off + 8 + length <= size else b""
                 if len(ct) < length:
                     raise AuthenticationError(self.path, off, "snapshot ends inside a chunk (truncated)")
                 try:

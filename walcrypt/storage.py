@@ -23,6 +23,7 @@ from . import meta as M
 from .errors import (AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError, KeyProviderError,
                      StorageError, StoreFailedError, UnsupportedFormatError, UsageError, WalcryptError,
                      WrongKeyError)
+from .bounded import FileSource
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
 from .types import ConfState, Entry, HardState, SnapshotMeta
 from .vfs import DEFAULT_VFS, VFS
@@ -409,29 +410,30 @@ class Store:
             raise CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
                                   "a segment file was deleted or renamed; restore the node from a snapshot "
                                   "or wipe it and let Raft re-replicate")
-        raw = self.vfs.read_file(path) if rec["state"] == fmt.SEG_OPEN else None
-        if raw is None:
-            fd = self.vfs.open(path, os.O_RDONLY)
-            try:
-                head = self.vfs.pread(fd, fmt.SEGMENT_HEADER_SIZE, 0)
-            finally:
-                self.vfs.close(fd)
-        else:
-            head = raw[:fmt.SEGMENT_HEADER_SIZE]
-        found = decode_header(head, path)
-        expected = SegmentIdentity(self.store_id, seg_id, rec["base_index"], rec["algorithm"], rec["key_id"],
-                                   found.salt, found.commitment)
-        if found.key_id != rec["key_id"]:
-            raise AuthenticationError(path, 48, "segment header key ID differs from the manifest")
-        cipher, commitment = self._cipher(expected)
-        seg = Segment(self.vfs, path, expected, cipher)
-        seg.check_identity(found, commitment)
-        if rec["state"] == fmt.SEG_SEALED:
+        sealed = rec["state"] == fmt.SEG_SEALED
+        fd = self.vfs.open(path, os.O_RDONLY)
+        try:
+            # An open segment is scanned through positioned reads a window at a time, never read
+            # whole: its size (preallocated, or extended by anyone) bounds nothing in memory.
+            src = None if sealed else FileSource(self.vfs, fd)
+            head = self.vfs.pread(fd, fmt.SEGMENT_HEADER_SIZE, 0) if sealed else src.read(0, fmt.SEGMENT_HEADER_SIZE)
+            found = decode_header(head, path)
+            expected = SegmentIdentity(self.store_id, seg_id, rec["base_index"], rec["algorithm"], rec["key_id"],
+                                       found.salt, found.commitment)
+            if found.key_id != rec["key_id"]:
+                raise AuthenticationError(path, 48, "segment header key ID differs from the manifest")
+            cipher, commitment = self._cipher(expected)
+            seg = Segment(self.vfs, path, expected, cipher)
+            seg.check_identity(found, commitment)
+            if not sealed:
+                committed_end, torn = seg.scan(src)
+        finally:
+            self.vfs.close(fd)
+        if sealed:
             seg.load_sealed(rec["index_offset"], rec["end_offset"])
             return seg
-        committed_end, torn = seg.scan(raw)
         if torn is not None:
-            self._repair_tail(seg, committed_end, torn, len(raw))
+            self._repair_tail(seg, committed_end, torn, src.size)
         if not self.read_only:
             self._seal_recovered(seg)
         return seg

@@ -22,13 +22,20 @@ Harnesses (``HARNESSES``):
 ``segment``         frame decoding and whole-segment recovery: the open path of
                     ``storage.Store._open_segment`` (header, identity, key commitment, then
                     ``Segment.scan``), ``Segment.scan`` with the segment's own key whatever the
-                    header says, and ``Segment.read_frame`` / ``load_sealed`` /
-                    ``read_entries_record`` on the bytes written to a file
+                    header says, the same scan of the file read in small windows
+                    (``walcrypt.bounded.FileSource``) checked against the whole-file scan the
+                    engine used before (``legacy_scan.py``): same outcome, same index, and
+                    ``Segment.read_frame`` / ``load_sealed`` / ``read_entries_record`` on the
+                    bytes written to a file
 ``snapshot``        ``walcrypt.snapshot.SnapshotFile``: header, bundle, unlock, every chunk
 ``records``         LMDB values: ``meta.decode_manifest``, ``decode_keyring``, ``decode_compacted``,
                     ``snapstore.decode_info``, ``stable.open_value`` (encrypted and plaintext) and
                     ``Meta.open_value`` (the value MAC); the first input byte picks the decoder
 ``export``          ``walcrypt.backup.ExportFile`` and ``inspect_export`` (with and without the KEK)
+``json``            the JSON records read from disk: ``keys.parse_kek_params`` (store/kek_params) and
+                    what a KEK provider does with accepted parameters, ``snapshot.parse_bundle``
+                    (keyring bundles) and how an export's keyring is used, ``rotation.parse_state``
+                    and ``snapshot.decode_meta``; the first input byte picks the parser
 """
 
 from __future__ import annotations
@@ -52,18 +59,21 @@ for _p in (ROOT, TESTS):
 from crc32c import crc32c  # noqa: E402
 
 import walcrypt  # noqa: E402
-from walcrypt import crypto, stable  # noqa: E402
+from walcrypt import crypto, rotation, stable  # noqa: E402
+from walcrypt import keys as K  # noqa: E402
 from walcrypt import format as fmt  # noqa: E402
 from walcrypt import meta as M  # noqa: E402
 from walcrypt.backup import EXPORT_HEADER_SIZE, ExportFile, inspect_export  # noqa: E402
+from walcrypt.bounded import FileSource  # noqa: E402
 from walcrypt.errors import StorageError, WalcryptKeyError  # noqa: E402
 from walcrypt.segment import Segment, SegmentIdentity, decode_header, encode_header  # noqa: E402
-from walcrypt.snapshot import SnapshotFile, snapshot_keys  # noqa: E402
+from walcrypt.snapshot import SnapshotFile, decode_meta, encode_meta, parse_bundle, snapshot_keys  # noqa: E402
 from walcrypt.snapstore import decode_info, encode_info  # noqa: E402
-from walcrypt.types import HardState  # noqa: E402
+from walcrypt.types import ConfState, HardState, SnapshotMeta  # noqa: E402
 from walcrypt.vfs import VFS  # noqa: E402
 
 import wctest  # noqa: E402
+from legacy_scan import LegacySegment  # noqa: E402
 
 CORPUS = os.path.join(TESTS, "corpus")
 VECTORS = os.path.join(ROOT, "formats", "vectors")
@@ -200,11 +210,11 @@ def _cipher(info: dict, salt: bytes) -> tuple[crypto.FrameCipher, bytes]:
                               info["segment_id"]), commitment
 
 
-def _segment_for(info: dict, salt: bytes, path: str = PATH) -> Segment:
+def _segment_for(info: dict, salt: bytes, path: str = PATH, cls=Segment) -> Segment:
     cipher, commitment = _cipher(info, salt)
     ident = SegmentIdentity(info["store_id"], info["segment_id"], info["base_index"], info["algorithm"],
                             info["key_id"], salt, commitment)
-    return Segment(VFS(), path, ident, cipher)
+    return cls(VFS(), path, ident, cipher)
 
 
 def segment_header(data: bytes) -> None:
@@ -294,12 +304,48 @@ def _read_path(info: dict, data: bytes) -> None:
         seg.close()
 
 
+# Windows for the bounded scan: the smallest it accepts (one frame header), an odd size that puts
+# window ends anywhere in a frame, sector-sized ones, and one larger than any corpus file.
+SCAN_WINDOWS = (fmt.FRAME_HEADER_SIZE, 97, 512, 1000, 1 << 20)
+
+
+def _scan_outcome(seg: Segment, data, **kw) -> tuple:
+    """Everything a scan decides: its result or error (type, offset, detail) and the index it built."""
+    seen: list = []
+
+    def on_entries(rec):
+        seen.extend((rec.first + k, rec.terms[k], bytes(d)) for k, d in enumerate(rec.datas()))
+    try:
+        out: tuple = ("ok", seg.scan(data, on_entries=on_entries, **kw))
+    except StorageError as exc:
+        out = ("error", type(exc).__name__, getattr(exc, "offset", None), getattr(exc, "detail", str(exc)))
+    return out + (seg.last_index, seg.hardstate, tuple(seg.rec_offset), tuple(seg.rec_index), tuple(seg.rec_count),
+                  tuple(seg.runs), seg.sealed, seg.seq, seg.chain, seg.write_offset,
+                  tuple(tuple(r) for r in seg.snapshot_records), tuple(seen))
+
+
+def scan_windows(info: dict, data: bytes) -> None:
+    """The bounded scan of the file, for every window size, against the whole-file scan of before."""
+    expected = _scan_outcome(_segment_for(info, info["salt"], cls=LegacySegment), data)
+    path = scratch().write(data, "scan.wal")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for window in SCAN_WINDOWS:
+            got = _scan_outcome(_segment_for(info, info["salt"], path), FileSource(VFS(), fd), window=window)
+            assert got == expected, f"window {window}: the bounded scan decided {got[:4]}, the whole-file " \
+                                    f"scan {expected[:4]}"
+    finally:
+        os.close(fd)
+
+
 def segment(data: bytes, target: str = "enc-open") -> None:
-    """Frames and recovery of one segment: the open path, the scan with the segment's key, the reads."""
+    """Frames and recovery of one segment: the open path, the scan with the segment's key (whole and in
+    windows), the reads."""
     info = _segment_info(target)
     data = bytes(data)
     segment_open_path(info, data)
     _scan(info, _segment_for(info, info["salt"]), data)
+    scan_windows(info, data)
     _read_path(info, data)
 
 
@@ -567,6 +613,103 @@ def export(data: bytes) -> None:
 
 
 # =============================================================================================
+# JSON records
+# =============================================================================================
+
+_FUZZ_PASSPHRASE_MEMORY = 1 << 20           # derivations the harness lets through stay cheap
+
+
+def _json_kek_params(b: bytes) -> None:
+    try:
+        doc = K.parse_kek_params(b, PATH)
+    except StorageError:
+        return
+    if doc is None:
+        return
+    assert isinstance(doc, dict) and doc["kind"] in K.KEK_KINDS
+    if doc["kind"] == "kms":
+        assert K.valid_plugin_name(doc["plugin"])
+    if doc["kind"] == "passphrase":
+        n, r, p = doc["n"], doc["r"], doc["p"]
+        assert K.check_scrypt_costs(n, r, p, max_memory=1 << 64) is None
+        assert K.SCRYPT_MIN_SALT <= len(bytes.fromhex(doc["salt"])) <= K.SCRYPT_MAX_SALT
+    # What the providers do with accepted parameters: a KEK or a typed error, never more memory than
+    # the provider's cap (the passphrase's cap here is 1 MiB, so nothing slow is derived).
+    for kek in (K.RawKey(bytes(32)), K.Passphrase("pw", n=2, r=1, max_memory=_FUZZ_PASSPHRASE_MEMORY)):
+        try:
+            kek.wrapper(doc)
+        except (StorageError, walcrypt.WrongKeyError):
+            pass
+
+
+def _json_bundle(b: bytes) -> None:
+    try:
+        doc = parse_bundle(b, PATH, 0)
+    except StorageError:
+        return
+    if not doc:
+        assert not b
+        return
+    # Everything backup._unlock and the inspectors take from an accepted bundle is usable as is.
+    assert len(bytes.fromhex(doc["store_id"])) == 16
+    assert doc.get("kek_check") is None or len(bytes.fromhex(doc["kek_check"])) == 16
+    for k in doc["keys"] + [doc["meta_key"]]:
+        assert len(bytes.fromhex(k["id"])) == 16 and bytes.fromhex(k["wrapped"])
+    for k in doc["keys"]:
+        assert k["state"] in K.STATE_NAMES and k["purpose"] in (K.PURPOSE_DEK, K.PURPOSE_META)
+        K.wrap_context(bytes.fromhex(doc["store_id"]), bytes.fromhex(k["id"]), k["purpose"])
+    if doc.get("kek_params") is not None:
+        _json_kek_params(json.dumps(doc["kek_params"]).encode())
+
+
+def _json_rotation(b: bytes) -> None:
+    try:
+        doc = rotation.parse_state(b, PATH)
+    except StorageError:
+        return
+    if doc is not None:
+        assert len(bytes.fromhex(doc["pending"])) == 16 and doc["first_index"] >= 1
+        assert isinstance(doc.get("queued", 0), int) and doc.get("queued", 0) >= 0
+
+
+def _json_meta(b: bytes) -> None:
+    try:
+        meta, doc = decode_meta(b, PATH)
+    except StorageError:
+        return
+    assert isinstance(doc, dict) and 0 <= meta.index < 2 ** 64 and 0 <= meta.term < 2 ** 64
+    assert all(isinstance(x, (int, str)) for x in meta.conf_state.voters + meta.conf_state.learners)
+
+
+JSON_PARSERS: list[Callable[[bytes], None]] = [_json_kek_params, _json_bundle, _json_rotation, _json_meta]
+
+
+def json_records(data: bytes) -> None:
+    """First byte: which parser; the rest: the record as stored."""
+    data = bytes(data)
+    if not data:
+        return
+    JSON_PARSERS[data[0] % len(JSON_PARSERS)](data[1:])
+
+
+def json_seeds() -> list[bytes]:
+    """Real records for every parser: KEK parameters of every kind, the corpus exports' and snapshots'
+    keyring bundles, a rotation record, snapshot metadata."""
+    params = [{"kind": "raw"}, {"kind": "file"}, {"kind": "env"}, {"kind": "kms", "plugin": "demo-kms"},
+              {"kind": "passphrase", "kdf": "scrypt", "salt": "5a" * 16, "n": 1 << 15, "r": 8, "p": 1}]
+    out = [bytes([0]) + json.dumps(p).encode() for p in params]
+    bundles = set(_export_info()["bundles"])
+    for f in _snapshot_info()["files"].values():
+        blen = int.from_bytes(f["raw"][44:48], "little")
+        bundles.add(f["raw"][128:128 + blen])
+    out += [bytes([1]) + b for b in sorted(bundles) if b]
+    out.append(bytes([2]) + json.dumps({"pending": "ab" * 16, "first_index": 41, "queued": 1, "requested_ns": 1,
+                                        "reason": "requested", "rekey": False}, sort_keys=True).encode())
+    out.append(bytes([3]) + encode_meta(SnapshotMeta(40, 3, ConfState((1, 2, 3), (4,))), {"app": [1, "x"]}))
+    return out
+
+
+# =============================================================================================
 # Seeds and CRC fixers (what lets a mutation get past the checksums to the checks behind them)
 # =============================================================================================
 
@@ -627,11 +770,13 @@ def seeds(name: str, target: str = "enc-open") -> list[bytes]:
     if name == "export":
         return [_read(os.path.join(CORPUS, "exports", n)) for n in manifest()["exports"]] + \
             _case_files(lambda c: c["kind"] == "export")
+    if name == "json":
+        return json_seeds()
     raise KeyError(name)
 
 
 CRC_FIXERS = {"segment_header": fix_segment_crcs, "segment": fix_segment_crcs, "snapshot": fix_snapshot_crc,
-              "export": fix_export_crcs, "records": lambda b: None}
+              "export": fix_export_crcs, "records": lambda b: None, "json": lambda b: None}
 
 HARNESSES: dict[str, Callable[[bytes], None]] = {
     "segment_header": segment_header,
@@ -639,6 +784,7 @@ HARNESSES: dict[str, Callable[[bytes], None]] = {
     "snapshot": snapshot,
     "records": records,
     "export": export,
+    "json": json_records,
 }
 
 

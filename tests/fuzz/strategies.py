@@ -9,6 +9,8 @@ the number of examples (e.g. ``WALCRYPT_FUZZ_EXAMPLES=20`` for a run 20 times lo
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 
 from hypothesis import HealthCheck, settings
@@ -82,3 +84,71 @@ def inputs(name: str, target: str = "enc-open"):
     return st.one_of(mutated(seeds, fuzzlib.CRC_FIXERS[name]),
                      st.sampled_from(seeds),
                      st.binary(max_size=2048))
+
+
+# Values a JSON field is set to: types a parser must not trust, numbers at and around every bound of
+# FORMAT.md 8.1 / 10.5 / 13, hex of the wrong length or alphabet, deep and wide nesting.
+INTERESTING_JSON = [None, True, False, 0, 1, -1, 2, 3, 7, 15, 16, 17, 32, 33, 255, 256, 1000, 1 << 14, 1 << 15,
+                    1 << 18, (1 << 18) + 1, 1 << 19, 1 << 22, 1 << 24, 2 ** 32, 2 ** 63, 2 ** 64, 2 ** 64 + 1,
+                    -(2 ** 63), 1.5, 1e308, "", "0", "00", "zz", "0" * 31, "00" * 16, "AB" * 16, "00" * 15,
+                    "00" * 17, "00" * 64, "00" * 65, "ff" * 8192, "x" * 300, "a=b", " demo", "demo\n",
+                    "scrypt", "passphrase", "kms", "raw", [], {}, [1], [[1]], {"a": 1}, ["1", 2],
+                    [[[[[[[[[[]]]]]]]]]]]
+
+
+@st.composite
+def json_mutated(draw, seeds: list[bytes]):
+    """A seed record (selector byte + JSON) with fields replaced, deleted, added or retyped at any depth;
+    now and then serialised oddly or cut."""
+    seed = draw(st.sampled_from(seeds))
+    sel, doc = seed[:1], json.loads(seed[1:])
+    big = 5000                     # one operation per example may multiply a value this much
+    for _ in range(draw(st.integers(1, 3))):
+        # walk to a random container
+        node, path = doc, []
+        while isinstance(node, (dict, list)) and node and draw(st.booleans()):
+            key = draw(st.sampled_from(sorted(node) if isinstance(node, dict) else range(len(node))))
+            if not isinstance(node[key], (dict, list)):
+                break
+            node = node[key]
+        value = copy.deepcopy(draw(st.one_of(st.sampled_from(INTERESTING_JSON), st.integers(), st.text(max_size=40))))
+        if isinstance(node, dict) and node:
+            key = draw(st.sampled_from(sorted(node)))
+            op = draw(st.sampled_from(["set", "set", "delete", "add", "wrap"]))
+            if op == "set":
+                node[key] = value
+            elif op == "delete":
+                del node[key]
+            elif op == "add":
+                node[draw(st.text(max_size=8))] = value
+            else:
+                node[key] = [node[key]] * draw(st.integers(1, max(big, 3)))
+                big = 0
+        elif isinstance(node, list) and node:
+            k = draw(st.integers(0, len(node) - 1))
+            op = draw(st.sampled_from(["set", "delete", "repeat"]))
+            if op == "set":
+                node[k] = value
+            elif op == "delete":
+                del node[k]
+            else:
+                node.extend([node[k]] * draw(st.integers(1, max(big, 3))))
+                big = 0
+        else:
+            doc = value
+    raw = json.dumps(doc, sort_keys=draw(st.booleans())).encode()
+    form = draw(st.sampled_from(["plain", "plain", "plain", "cut", "nested", "bytes"]))
+    if form == "cut" and raw:
+        raw = raw[:draw(st.integers(0, len(raw) - 1))]
+    elif form == "nested":
+        depth = draw(st.sampled_from([10, 1000, 100000]))
+        raw = b"[" * depth + raw + b"]" * depth
+    elif form == "bytes":
+        raw = draw(st.binary(max_size=64)) + raw
+    return sel + raw
+
+
+def json_inputs():
+    seeds = fuzzlib.seeds("json")
+    return st.one_of(json_mutated(seeds), st.sampled_from(seeds), mutated(seeds, max_ops=2),
+                     st.binary(max_size=512))

@@ -95,3 +95,92 @@ def test_read_frame_memory_is_bounded_by_the_format_limit():
     finally:
         seg.close()
     assert peak < BOUND           # over the limit: rejected before any read
+
+
+# ---------------------------------------------------------------------------------------------
+# The bounded scan decides like the whole-file scan, on systematic damage to multi-sector frames
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def multi_sector_segment(tmp_path_factory):
+    """An unsealed segment (a crash image) whose last write units hold records spanning several
+    512-byte sectors, with the identity and cipher needed to scan it outside a store."""
+    import shutil
+    import walcrypt
+    from walcrypt import Entry, HardState
+    d = tmp_path_factory.mktemp("multisector")
+    live, image = str(d / "live"), str(d / "image")
+    kek = walcrypt.RawKey(bytes(range(32)))
+    s = walcrypt.open(live, kek=kek, segment_size=16 << 10)
+    try:
+        s.save(hard_state=HardState(1, 1, 0), entries=[Entry(1, 1, b"a" * 40), Entry(2, 1, b"b" * 40)])
+        s.save(hard_state=HardState(1, 1, 2), entries=[Entry(3, 1, bytes(range(256)) * 12)])     # 3 KiB
+        s.save(hard_state=HardState(2, 1, 3), entries=[Entry(4, 2, bytes(range(255, -1, -1)) * 20)])  # 5 KiB
+        shutil.copytree(live, image)
+    finally:
+        s.close()
+    with walcrypt.open(image, kek=kek, read_only=True) as s:
+        seg = s.wal.segments[-1]
+        assert not seg.sealed and seg.last_index == 4
+        ident, cipher, path = seg.ident, seg.cipher, seg.path
+    with open(path, "rb") as f:
+        data = f.read()
+    return ident, cipher, data
+
+
+def _damage_cases(data: bytes):
+    """(name, bytes): truncations, zeroed runs and bit flips (with and without the frame CRC fixed)
+    over the last two write units, at frame fields, sector boundaries and window-ish offsets."""
+    frames = wctest.parse_frames(data)
+    units = wctest.batches(frames)
+    lo, hi = units[-2][0].offset, units[-1][-1].end
+    points = set()
+    for f in units[-2] + units[-1]:
+        points.update(f.offset + d for d in (0, 1, 8, 32, 36, 40, 52, 56, 72, 80, 87, 88, 89))
+        points.update((f.end - 1, f.end, f.end - 16))
+    for b in range((lo // 512 + 1) * 512, hi, 512):
+        points.update((b - 33, b - 32, b - 1, b, b + 1, b + 31, b + 32))
+    points = sorted(p for p in points if lo <= p < hi)
+    for cut in list(range(lo, hi + 1, 24)) + points:
+        yield f"cut@{cut}", data[:cut]
+        yield f"cut@{cut}+zeros", data[:cut] + bytes(len(data) - cut)
+    for p in points:
+        for n in (1, 8, 31, 32, 33, 88, 512):
+            b = bytearray(data)
+            b[p:p + n] = bytes(len(b[p:p + n]))
+            yield f"zero@{p}x{n}", bytes(b)
+        for fix in (False, True):
+            b = bytearray(data)
+            b[p] ^= 0x40
+            if fix:
+                owner = [f for f in frames if f.offset <= p < f.end]
+                if owner:
+                    wctest.fix_frame_crc(b, owner[0].offset)
+            yield f"flip@{p}{'+crc' if fix else ''}", bytes(b)
+            if p < units[-1][0].offset:       # damage before the last unit, whose COMMIT ends the file
+                yield f"flip@{p}{'+crc' if fix else ''}+cut", bytes(b[:units[-1][-1].end])
+
+
+def test_bounded_scan_matches_the_whole_file_scan_on_systematic_damage(multi_sector_segment):
+    from walcrypt.bounded import FileSource
+    from walcrypt.segment import Segment
+    from walcrypt.vfs import VFS
+    from walcrypt.inspection import scan_frame_headers
+    from legacy_scan import LegacySegment, legacy_scan_frame_headers
+    ident, cipher, data = multi_sector_segment
+    outcomes = set()
+    n = 0
+    for name, damaged in _damage_cases(data):
+        path = fuzzlib.scratch().write(damaged, "systematic.wal")
+        expected = fuzzlib._scan_outcome(LegacySegment(VFS(), path, ident, cipher), damaged)
+        outcomes.add(expected[0] if expected[0] == "error" else ("torn" if expected[1][1] else "clean"))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for window in fuzzlib.SCAN_WINDOWS:
+                got = fuzzlib._scan_outcome(Segment(VFS(), path, ident, cipher), FileSource(VFS(), fd), window=window)
+                assert got == expected, f"{name}, window {window}: {got[:4]} where the whole-file scan gave {expected[:4]}"
+                assert scan_frame_headers(path, window=window) == legacy_scan_frame_headers(damaged), (name, window)
+        finally:
+            os.close(fd)
+        n += 1
+    assert n > 1000 and outcomes == {"error", "torn", "clean"}, (n, outcomes)
