@@ -530,9 +530,6 @@ def test_sealed_segment_extended_sparsely_is_refused_in_bounded_memory(crash_ima
     assert os.path.getsize(target) == size            # nothing repaired, nothing deleted
 
 
-@pytest.mark.xfail(strict=True, reason="Store accepts max_entry_size up to MAX_RECORD_PAYLOAD - 64, so a record "
-                                       "(< 32 KiB of earlier entries + its last entry + table + tag) can exceed "
-                                       "MAX_RECORD_PAYLOAD and be refused by every reader after it was acknowledged")
 def test_max_entry_size_leaves_room_for_the_record_around_the_entry(tmp_path):
     from walcrypt import format as fmt
     with pytest.raises(UsageError):
@@ -542,8 +539,9 @@ def test_max_entry_size_leaves_room_for_the_record_around_the_entry(tmp_path):
 
 
 def test_a_record_over_the_payload_bound_is_refused_by_readers(tmp_path, monkeypatch):
-    """What the xfail above leads to, scaled down: with the bound at 1 MiB and max_entry_size just
-    below it, an acknowledged save is written as a record readers refuse (a typed error, no more)."""
+    """Readers check the payload bound whatever wrote the record, scaled down: with the bound at 1 MiB
+    and an entry just below it (which Store's max_entry_size limit no longer allows), the record is
+    refused with a typed error, no more."""
     from walcrypt import format as fmt
     monkeypatch.setattr(fmt, "MAX_RECORD_PAYLOAD", 1 << 20)
     root = str(tmp_path / "s")

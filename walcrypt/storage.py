@@ -87,8 +87,10 @@ class Store:
         self.repairs: list[dict] = []
         if segment_size < 4096:
             raise UsageError("segment_size must be at least 4096 bytes")
-        if not 1 <= max_entry_size <= fmt.MAX_RECORD_PAYLOAD - 64:
-            raise UsageError(f"max_entry_size must be between 1 and {fmt.MAX_RECORD_PAYLOAD - 64} bytes")
+        if not 1 <= max_entry_size <= fmt.MAX_ENTRY_SIZE_LIMIT:
+            # The limit leaves room for the rest of the record the entry may share (FORMAT.md 13): a
+            # larger entry could be acknowledged in a record every reader refuses.
+            raise UsageError(f"max_entry_size must be between 1 and {fmt.MAX_ENTRY_SIZE_LIMIT} bytes")
         if encrypted and kek is None:
             raise KeyProviderError(
                 "this store is encrypted and no key-encryption key was given; pass kek=KeyFile(...), "
@@ -200,7 +202,7 @@ class Store:
         if check and cv is not None and not crypto.constant_time_equal(cv, check):
             raise WrongKeyError(f"the key-encryption key given ({kek.describe()}) is not the one {self.path} "
                                 "was created or last re-keyed with")
-        if not wrapped_meta or not meta_key_id:
+        if not wrapped_meta or not meta_key_id or len(meta_key_id) != fmt.KEY_ID_SIZE:
             raise CorruptionError(self.meta.path, None, "the wrapped metadata key is missing")
         meta_key = self.wrapper.unwrap(wrapped_meta, K.wrap_context(store_id, meta_key_id, K.PURPOSE_META))
         if len(meta_key) != K.KEY_SIZE:
