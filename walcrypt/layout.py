@@ -99,10 +99,12 @@ class DirLock:
         _HELD.add(self.real)
 
     def release(self) -> None:
-        _HELD.discard(self.real)
-        if self.fd is not None:
+        """Idempotent.  The descriptor is taken before it is closed, so an interrupted release never
+        closes it twice (a reused descriptor number would be someone else's file)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
-                os.close(self.fd)
-                self.fd = None
+                os.close(fd)
+        _HELD.discard(self.real)

@@ -83,6 +83,7 @@ class Store:
         self.read_only = read_only
         self.encrypted = encrypted
         self.closed = True
+        self._released = True                # set to False once there is something to release
         self.repairs: list[dict] = []
         if segment_size < 4096:
             raise UsageError("segment_size must be at least 4096 bytes")
@@ -127,6 +128,7 @@ class Store:
                                    "open again; nothing was lost)") from exc
             raise
         self.closed = False
+        self._released = False
         if not read_only:
             try:
                 self.rotation.resume()        # finish a rotation a crash interrupted (may call snapshot_source)
@@ -813,12 +815,15 @@ class Store:
         return self.wal.fsyncs
 
     def close(self) -> None:
-        if self.closed:
+        """Seal the active segment and release every resource.  Every resource is released even when
+        a step raises (KeyboardInterrupt included); a close() interrupted in the middle can be
+        called again to finish releasing (it does not seal again)."""
+        if self._released:
             return
+        sealing = not self.closed
         self.closed = True
-        # Every resource is released even when a step raises (KeyboardInterrupt included).
         try:
-            if not self.read_only:
+            if sealing and not self.read_only:
                 try:
                     self.wal.seal_for_close()
                 except WalcryptError as exc:
@@ -832,6 +837,7 @@ class Store:
                 finally:
                     if self._lock:
                         self._lock.release()
+        self._released = True
 
     def __enter__(self) -> "Store":
         return self
@@ -843,6 +849,17 @@ class Store:
         state = "closed" if self.closed else "open"
         mode = "encrypted" if self.encrypted else "plaintext"
         return f"<walcrypt.Store {self.path} {mode} {state}>"
+
+
+def _close_fully(store: Store) -> None:
+    """Close a store the caller never sees: if close() itself is interrupted (KeyboardInterrupt),
+    it is called again to release what is left (the directory lock above all), then the
+    interruption propagates."""
+    try:
+        store.close()
+    except BaseException:
+        store.close()
+        raise
 
 
 def stored_mode(path) -> bool | None:
@@ -901,7 +918,7 @@ def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_pro
             src.wal.fail(exc)                # nothing more is written; the next open redoes the migration
             raise
         finally:
-            src.close()
+            _close_fully(src)
         return Store(path, kek=kek if encrypted else None, encrypted=encrypted, **options)
     except BaseException:
         if lock is not None and lock.fd is not None:

@@ -35,7 +35,7 @@ import operator
 import struct
 import threading
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from itertools import repeat
 from typing import Protocol, Sequence
@@ -214,12 +214,11 @@ class Wal:
 
     def _truncate_view(self, base: int) -> None:
         """Forget visible entries >= base (a later segment replaced them)."""
-        while self.view_first and self.view_first[-1] >= base:
-            self.view_first.pop()
-            self.view_seg.pop()
-        while self.run_start and self.run_start[-1] >= base:
-            self.run_start.pop()
-            self.run_term.pop()
+        k = bisect_left(self.view_first, base)
+        j = bisect_left(self.run_start, base)
+        # No call between the deletions: an asynchronous exception (KeyboardInterrupt) cannot
+        # leave the paired lists out of step.
+        del self.view_first[k:], self.view_seg[k:], self.run_start[j:], self.run_term[j:]
         if self.last >= base:
             self.last = base - 1
 
@@ -245,7 +244,18 @@ class Wal:
                 raise CompactedError(f"index {index} is compacted (first index is {self.compacted_index + 1})")
             if index > self.last:
                 raise UnavailableError(f"index {index} is beyond the last index {self.last}")
-            return self.run_term[bisect_right(self.run_start, index) - 1]
+            try:
+                return self.run_term[bisect_right(self.run_start, index) - 1]
+            except IndexError as exc:
+                raise self._read_failure(exc) from exc
+
+    def _read_failure(self, exc: Exception) -> Exception:
+        """A read tripped over the in-memory index: after an interrupted write (the WAL is failed)
+        it may be half updated, which reopening repairs; otherwise it is a bug, raised as is."""
+        if self.failed is None:
+            return exc
+        return StoreFailedError(f"the in-memory index is incomplete after an interrupted write "
+                                f"({_describe(self.failed)}); reopen the store to read")
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         """Entries in [lo, hi); at least one when any is in range, then up to ``max_size`` bytes."""
@@ -256,16 +266,22 @@ class Wal:
                 raise CompactedError(f"index {lo} is compacted (first index is {self.compacted_index + 1})")
             if hi > self.last + 1:
                 raise UnavailableError(f"entries up to {hi - 1} requested, the last index is {self.last}")
-            pieces = self._locate(lo, hi)
-        if hi - lo > 2048 and gc.isenabled():
-            # Building many small tuples triggers collections that find nothing to free (a
-            # third of a bulk read's time); pause the collector for this call only.
-            gc.disable()
             try:
-                return self._read_pieces(lo, pieces, max_size)
-            finally:
-                gc.enable()
-        return self._read_pieces(lo, pieces, max_size)
+                pieces = self._locate(lo, hi)
+            except (IndexError, TypeError, AttributeError) as exc:
+                raise self._read_failure(exc) from exc
+        try:
+            if hi - lo > 2048 and gc.isenabled():
+                # Building many small tuples triggers collections that find nothing to free (a
+                # third of a bulk read's time); pause the collector for this call only.
+                gc.disable()
+                try:
+                    return self._read_pieces(lo, pieces, max_size)
+                finally:
+                    gc.enable()
+            return self._read_pieces(lo, pieces, max_size)
+        except (IndexError, TypeError, AttributeError) as exc:
+            raise self._read_failure(exc) from exc
 
     def _read_pieces(self, lo: int, pieces, max_size: int | None) -> list[Entry]:
         out: list[Entry] = []
@@ -699,10 +715,10 @@ class Wal:
     def forget(self, segs: list[Segment]) -> None:
         ids = {id(s) for s in segs}
         with self._state:
-            self.segments = [s for s in self.segments if id(s) not in ids]
             keep = [(f, s) for f, s in zip(self.view_first, self.view_seg) if id(s) not in ids]
-            self.view_first = [f for f, _ in keep]
-            self.view_seg = [s for _, s in keep]
+            # one statement: an interruption never leaves the two lists of the view out of step
+            self.segments, self.view_first, self.view_seg = (
+                [s for s in self.segments if id(s) not in ids], [f for f, _ in keep], [s for _, s in keep])
             self._cache.clear()
         for s in segs:
             s.close()
