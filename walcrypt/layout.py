@@ -76,27 +76,41 @@ class DirLock:
     directory - from another process or this one - gets :class:`LockedError`.
     """
 
-    def __init__(self, root: str, *, shared: bool = False):
+    def __init__(self, root: str, *, shared: bool = False, holder: list | None = None):
+        """``holder``: the lock appends itself to this list as soon as it is held, so a caller
+        interrupted (KeyboardInterrupt) before it could store the new lock can still release it."""
         check_not_held(root)
         self.real = os.path.realpath(root)
         self.path = os.path.join(root, LOCK_NAME)
+        self.fd = None
+        added = False
         flags = os.O_RDWR | os.O_CREAT if not shared else os.O_RDONLY
         try:
-            self.fd = os.open(self.path, flags, 0o600)
-        except FileNotFoundError:
-            raise UsageError(f"{root} is not a walcrypt data directory (no {LOCK_NAME} file)") from None
-        except PermissionError:
-            raise UsageError(f"no permission to open {self.path}") from None
-        try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self.fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockedError(
-                    f"{root} is in use by another process or another open store (lock {self.path}); "
-                    "stop it first, or open read-only") from None
+            try:
+                self.fd = os.open(self.path, flags, 0o600)
+            except FileNotFoundError:
+                raise UsageError(f"{root} is not a walcrypt data directory (no {LOCK_NAME} file)") from None
+            except PermissionError:
+                raise UsageError(f"no permission to open {self.path}") from None
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise LockedError(
+                        f"{root} is in use by another process or another open store (lock {self.path}); "
+                        "stop it first, or open read-only") from None
+                raise
+            added = True
+            _HELD.add(self.real)
+            if holder is not None:
+                holder.append(self)
+        except BaseException:
+            fd, self.fd = self.fd, None          # whatever interrupted us: the lock is not kept
+            if fd is not None:
+                os.close(fd)
+            if added:
+                _HELD.discard(self.real)
             raise
-        _HELD.add(self.real)
 
     def release(self) -> None:
         """Idempotent.  The descriptor is taken before it is closed, so an interrupted release never

@@ -97,8 +97,12 @@ class Store:
             raise UsageError("a KEK was given for a plaintext store; drop kek= or open with encrypted=True")
         self._kek = kek
         self._prepare_root()
-        self._lock = _dirlock or (layout.DirLock(self.path) if not read_only else None)
+        held: list = [_dirlock] if _dirlock else []      # the lock, even if we are interrupted storing it
+        self._lock = None
         try:
+            if not held and not read_only:
+                layout.DirLock(self.path, holder=held)
+            self._lock = held[0] if held else None
             self.meta = M.Meta(os.path.join(self.path, layout.META_DIR), readonly=read_only)
             try:
                 self._open_keys(kek, algorithm)
@@ -121,8 +125,8 @@ class Store:
                 self.meta.close()
                 raise
         except BaseException as exc:
-            if self._lock:
-                self._lock.release()
+            for lock in held:
+                lock.release()
             if isinstance(exc, OSError):
                 raise StorageError(f"opening {self.path} failed: {exc} (if the disk is full, free space and "
                                    "open again; nothing was lost)") from exc
@@ -895,8 +899,9 @@ def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
 def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_progress, options: dict) -> Store:
     if options.get("read_only") or not layout.looks_like_store(path):
         return Store(path, kek=kek, encrypted=encrypted, **options)
-    lock = layout.DirLock(path)          # before reading anything: no writer can be active
+    held: list = []                      # the lock, even if we are interrupted storing it
     try:
+        lock = layout.DirLock(path, holder=held)     # before reading anything: no writer can be active
         have = stored_mode(path)
         if have is None or have == encrypted:
             if not encrypted and decrypt_existing:
@@ -910,7 +915,6 @@ def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_pro
                                    "open it with encrypted=False")
         from .migrate import migrate
         src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, **options)
-        lock = None                      # the source store owns it now and releases it on close
         try:
             migrate(src, to_encrypted=encrypted, kek=kek, algorithm=options.get("algorithm", "aes-256-gcm"),
                     progress=migration_progress)
@@ -921,6 +925,6 @@ def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_pro
             _close_fully(src)
         return Store(path, kek=kek if encrypted else None, encrypted=encrypted, **options)
     except BaseException:
-        if lock is not None and lock.fd is not None:
-            lock.release()
+        for held_lock in held:           # our lock, unless a store we built and lost is holding it
+            held_lock.release()          # idempotent: a store it was handed to may have released it
         raise

@@ -109,8 +109,10 @@ def _hardstate_record(hardstate) -> tuple:
         for name, v in zip(HardState._fields, fields):
             check_u64(v, f"hard_state.{name}", 0, U64_MAX)
         raise UsageError(f"hard_state {hardstate!r} cannot be encoded") from None
-    hs = _new_tuple(HardState, fmt.HARDSTATE_STRUCT.unpack(payload))
-    return hs, (fmt.FRAME_HARDSTATE, 0, hs.term, 0, payload, None)
+    hs = hardstate
+    if not (type(hs) is HardState and type(hs[0]) is int and type(hs[1]) is int and type(hs[2]) is int):
+        hs = _new_tuple(HardState, fmt.HARDSTATE_STRUCT.unpack(payload))    # plain ints from here on
+    return hs, (fmt.FRAME_HARDSTATE, 0, hs[0], 0, payload, None)
 
 
 def _describe(exc: BaseException) -> str:
@@ -178,39 +180,57 @@ class Wal:
         """Install segments recovered by the engine (ID order) and the compaction point.
 
         ``reset_segment`` > 0 means a snapshot reset the log at the compaction point:
-        entries above it in segments older than ``reset_segment`` are discarded."""
-        self.segments = list(segments)
-        self.compacted_index = compacted_index
-        self.compacted_term = compacted_term
-        self.view_first, self.view_seg = [], []
-        self.run_start, self.run_term = array("Q"), array("Q")
-        self.last = compacted_index
+        entries above it in segments older than ``reset_segment`` are discarded.
+
+        The new index is built aside and installed in one step under the state lock: readers
+        never see it half built, and an interruption (a re-key installs its segments this way)
+        leaves the old one whole."""
+        view_first: list[int] = []
+        view_seg: list[Segment] = []
+        run_start, run_term = array("Q"), array("Q")
+        last = compacted_index
+
+        def truncate(base: int) -> None:
+            nonlocal last
+            k, j = bisect_left(view_first, base), bisect_left(run_start, base)
+            del view_first[k:], view_seg[k:], run_start[j:], run_term[j:]
+            if last >= base:
+                last = base - 1
+
         hs = None
         pending_reset = reset_segment > 0
-        for seg in self.segments:
+        for seg in segments:
             if seg.hardstate is not None:
                 hs = seg.hardstate
             if pending_reset and seg.seg_id >= reset_segment:
-                self._truncate_view(compacted_index + 1)
+                truncate(compacted_index + 1)
                 pending_reset = False
-            reach = max(self.last, compacted_index)
+            reach = max(last, compacted_index)
             if seg.base_index > reach + 1 and seg.last_index >= seg.base_index:   # an empty segment leaves no gap
                 raise CorruptionError(
                     seg.path, None, f"segment starts at index {seg.base_index} but the log before it ends at {reach}: "
                     f"entries {reach + 1}..{seg.base_index - 1} are missing (a segment or its manifest record "
                     "was deleted, or a segment was cut short)",
                     "restore the node from a snapshot, or wipe it and let Raft re-replicate")
-            self._truncate_view(seg.base_index)
+            truncate(seg.base_index)
             if seg.last_index >= seg.base_index:
-                self.view_first.append(seg.base_index)
-                self.view_seg.append(seg)
-                self._add_runs(seg.runs)
-                self.last = seg.last_index
+                view_first.append(seg.base_index)
+                view_seg.append(seg)
+                for start, term in seg.runs:
+                    if not run_term or run_term[-1] != term:
+                        run_start.append(start)
+                        run_term.append(term)
+                last = seg.last_index
         if pending_reset:
-            self._truncate_view(compacted_index + 1)
-        if self.last < compacted_index:
-            self.last = compacted_index
-        self.hardstate = hs or HardState()
+            truncate(compacted_index + 1)
+        if last < compacted_index:
+            last = compacted_index
+        with self._state:
+            (self.segments, self.compacted_index, self.compacted_term, self.view_first, self.view_seg,
+             self.run_start, self.run_term, self.last, self.hardstate) = (
+                list(segments), compacted_index, compacted_term, view_first, view_seg, run_start, run_term,
+                last, hs or HardState())
+            self._cache.clear()
 
     def _truncate_view(self, base: int) -> None:
         """Forget visible entries >= base (a later segment replaced them)."""
