@@ -161,6 +161,7 @@ class Scenario:
     pre: Callable | None = None         # pre(run): before arming
     extra_allowed: Callable | None = None   # extra_allowed(allowed states) -> more that recovery may reach
     at_open: bool = False               # the open itself is the operation (migration)
+    open_model: Callable | None = None  # what an open that returns does to the state (at_open)
     verify_keks: tuple = (KEK,)         # KEKs to try at reopen, in order (KEK rotation)
 
 
@@ -233,6 +234,25 @@ def build_templates(shm_root) -> dict:
         _fill(s, 1, 31)
         s.save_snapshot(SnapshotMeta(20, 1, CS), T.snap_data(20, 1500))
     t["plain"] = _template(shm_root, "plain", plain, encrypted=False, **OPTS)
+
+    # A store as a crash leaves it: the active segment unsealed (manifest OPEN) and torn garbage
+    # after its last commit; the next open repairs the tail and seals it (with the sequence jump).
+    live, crashed = str(shm_root / "templates" / "live"), str(shm_root / "templates" / "crashed")
+    s = walcrypt.open(live, **ENC)
+    _fill(s, 1, 31)
+    active = s.wal.active
+    shutil.copytree(live, crashed)
+    s.close()
+    with open(os.path.join(crashed, os.path.relpath(active.path, live)), "r+b") as f:
+        f.seek(active.write_offset)
+        f.write(bytes(range(256)) * 2)              # not a frame of this segment: a torn tail
+    t["crashed"] = crashed
+
+    def pending(s):                                 # a DEK rotation waiting for its snapshot
+        _fill(s, 1, 31)
+        s.save_snapshot(SnapshotMeta(15, 1, CS), T.snap_data(15, 1500))
+        s.rotate_dek()
+    t["rotation-pending"] = _template(shm_root, "rotation-pending", pending, **ENC)
     return t
 
 
@@ -391,6 +411,15 @@ def scenarios(t: dict) -> dict[str, Scenario]:
         pass                                        # the open is the operation
     out["migrate"] = Scenario("migrate", t["plain"], plain0, migrate, at_open=True,
                               retry=lambda run: None)
+
+    # -- open after a crash: torn-tail repair (.broken copy, truncate) and sealing with the jump ------
+    out["open-recover"] = Scenario("open-recover", t["crashed"], log0, migrate, at_open=True,
+                                   retry=lambda run: None)
+
+    # -- open resuming a DEK rotation: the source is asked, the snapshot saved, the key promoted ----
+    out["open-resume-rotation"] = Scenario("open-resume-rotation", t["rotation-pending"], snap0, migrate,
+                                           at_open=True, retry=lambda run: None, open_kw=rot_kw,
+                                           open_model=rotated)
     return out
 
 
@@ -476,6 +505,14 @@ class LineInjector:
         self._active = True
         threading.settrace(self._call)
         sys.settrace(self._call)
+        # Engine frames already running (a group-commit follower waiting for the write lock) are
+        # traced from here on too; their threads called enter_thread() when they started.
+        for top in sys._current_frames().values():
+            f = top
+            while f is not None:
+                if f.f_code.co_filename.startswith(_ENGINE_DIR):
+                    f.f_trace, f.f_trace_opcodes, f.f_trace_lines = self._opcode, True, False
+                f = f.f_back
 
     def enter_thread(self):
         """Trace the calling thread too (a thread started before arming)."""
@@ -564,8 +601,12 @@ def run_point(sc: Scenario, work: str, k: int | None, when: str, kind: str,
     try:
         if sc.at_open:
             arm()
+            if sc.open_model is not None:
+                run.doubt = [sc.open_model(run.acked)]
         try:
             run.s = walcrypt.open(root, vfs=vfs, **sc.open_kw)
+            if sc.at_open and sc.open_model is not None:
+                run.acked, run.doubt = sc.open_model(run.acked), []
             if sc.pre is not None and not sc.at_open:
                 inj.disarm()
                 sc.pre(run)
@@ -601,6 +642,8 @@ def run_point(sc: Scenario, work: str, k: int | None, when: str, kind: str,
         if sc.at_open and raised is not None:      # the open failed: the application opens again
             try:
                 s = run.s = walcrypt.open(root, vfs=vfs, **sc.open_kw)
+                if sc.open_model is not None:
+                    run.acked, run.doubt = sc.open_model(run.acked), []
             except BaseException as exc:  # noqa: BLE001
                 problems.append(f"{label}: opening again after the injection failed: {exc!r}")
                 return fired, counted, problems
@@ -698,7 +741,8 @@ def enumerate_scenario(sc: Scenario, work: str, kinds=tuple(KINDS)) -> tuple[int
 
 
 SCENARIOS = ["save", "group-commit", "rollover", "suffix-replace", "truncate", "compact", "snapshot-ahead",
-             "snapshot-stream", "rotate-dek", "rekey", "rotate-kek", "close", "migrate"]
+             "snapshot-stream", "rotate-dek", "rekey", "rotate-kek", "close", "migrate", "open-recover",
+             "open-resume-rotation"]
 
 
 @pytest.fixture(scope="module")
