@@ -48,6 +48,8 @@ class InjectVFS(FaultyVFS):
         self.on_fire: Callable[[], None] | None = None
         self._global: dict[tuple[str, int], int] = {}
         self.open_fds: set[int] = set()
+        self._steps: dict[str, int] = {}
+        self.trace: list[str] | None = None        # set to a list to record the points' kinds
 
     # -- configuration -------------------------------------------------------------------
     def count_calls(self) -> None:
@@ -80,6 +82,8 @@ class InjectVFS(FaultyVFS):
             return
         if when == "before":
             self.count += 1
+            if self.trace is not None:
+                self.trace.append(cat)
             if self._armed_op is None:
                 k = self.count
             elif cat == self._armed_op:
@@ -98,6 +102,14 @@ class InjectVFS(FaultyVFS):
             if self.on_fire is not None:
                 self.on_fire()
             raise exc
+
+    def step(self, name: str, when: str) -> None:
+        """An injection point that is not a VFS call (a step boundary such as an LMDB commit):
+        counted and fired like one.  Call it with "before" and then, once the step is done, "after"."""
+        with self._lock:
+            if when == "before":
+                self._steps[name] = self._steps.get(name, 0) + 1
+            self._check_crash(name, -self._steps.get(name, 0), when)
 
     def _open(self, path: str, flags: int, mode: int) -> int:
         fd = super()._open(path, flags, mode)

@@ -323,3 +323,78 @@ def test_pysyncobj_store_written_before_the_offset_keeps_its_terms(tmp_path):
     j.flush()
     assert j._store.entries(3, 4) == [Entry(3, 3, b"more")]
     j._destroy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by the injection enumeration (tests/test_exception_injection.py)
+# ---------------------------------------------------------------------------------------------
+
+def _InterruptOnce(fn):
+    """``fn`` whose first call raises KeyboardInterrupt before doing anything (usable as a method)."""
+    fired = []
+
+    def wrapper(*args, **kw):
+        if not fired:
+            fired.append(True)
+            raise KeyboardInterrupt("injected")
+        return fn(*args, **kw)
+    return wrapper
+
+
+def test_close_interrupted_before_the_lock_is_released_can_be_finished(data_dir, monkeypatch):
+    from walcrypt import layout
+    s = wctest.open_store(data_dir, segment_size=SEG)
+    s.save(entries=wctest.make_entries(1, 5))
+    monkeypatch.setattr(layout.DirLock, "release", _InterruptOnce(layout.DirLock.release))
+    with pytest.raises(KeyboardInterrupt):
+        s.close()
+    s.close()                                                  # finishes releasing
+    with wctest.open_store(data_dir, segment_size=SEG) as s2:
+        assert s2.last_index() == 4
+
+
+def test_open_interrupted_while_closing_its_migration_source_releases_the_lock(data_dir, monkeypatch):
+    from walcrypt import layout
+    with wctest.open_store(data_dir, encrypted=False, segment_size=SEG) as s:
+        s.save(entries=wctest.make_entries(1, 5))
+    monkeypatch.setattr(layout.DirLock, "release", _InterruptOnce(layout.DirLock.release))
+    with pytest.raises(KeyboardInterrupt):
+        wctest.open_store(data_dir, segment_size=SEG)          # migrates, then closes the source
+    with wctest.open_store(data_dir, segment_size=SEG) as s2:  # not "already open in this process"
+        assert s2.encrypted and s2.last_index() == 4
+
+
+def test_lock_taken_by_an_interrupted_open_is_not_kept(data_dir, monkeypatch):
+    from walcrypt import layout
+    with wctest.open_store(data_dir, segment_size=SEG) as s:
+        s.save(entries=wctest.make_entries(1, 3))
+
+    class Held(set):
+        fired = False
+
+        def add(self, item):
+            super().add(item)
+            if not Held.fired:
+                Held.fired = True
+                raise KeyboardInterrupt("injected right after the flock")
+    monkeypatch.setattr(layout, "_HELD", Held())
+    with pytest.raises(KeyboardInterrupt):
+        wctest.open_store(data_dir, segment_size=SEG)
+    with wctest.open_store(data_dir, segment_size=SEG) as s2:
+        assert s2.last_index() == 2
+
+
+def test_interrupted_close_of_a_snapshot_file_is_not_closed_twice(data_dir):
+    """KeyboardInterrupt right after the snapshot writer closed its file: the abort that follows must
+    not close the descriptor again (by then it may be another file's)."""
+    vfs = InjectVFS()
+    s = wctest.open_store(data_dir, segment_size=SEG, vfs=vfs)
+    s.save(entries=wctest.make_entries(1, 5))
+    vfs.arm_op("close", 1, "after", KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):                    # not StoreFailedError(EBADF)
+        s.save_snapshot(walcrypt.SnapshotMeta(4, 1), b"snapshot data")
+    with pytest.raises(StoreFailedError):
+        s.save(entries=wctest.make_entries(5, 6))
+    s.close()
+    with wctest.open_store(data_dir, segment_size=SEG) as s2:
+        assert s2.last_index() == 4 and s2.snapshot() is None

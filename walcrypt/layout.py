@@ -80,9 +80,11 @@ class ReadOnlyHold:
 
     fd = None
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, *, holder: list | None = None):
         self.root = _vfs.confine(root)
         self._held = True
+        if holder is not None:
+            holder.append(self)
 
     def release(self) -> None:
         if self._held:
@@ -107,40 +109,59 @@ class DirLock:
     directory - from another process or this one - gets :class:`LockedError`.
     """
 
-    def __init__(self, root: str, *, shared: bool = False):
+    def __init__(self, root: str, *, shared: bool = False, holder: list | None = None):
+        """``holder``: the lock appends itself to this list as soon as it is held, so a caller
+        interrupted (KeyboardInterrupt) before it could store the new lock can still release it."""
         check_not_held(root)
         self.real = os.path.realpath(root)
         self.root = os.path.abspath(root)
         self.path = os.path.join(root, LOCK_NAME)
+        self.fd = None
+        added = confined = False
         flags = (os.O_RDWR | os.O_CREAT if not shared else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            self.fd = os.open(self.path, flags, 0o600)
-        except FileNotFoundError:
-            raise UsageError(f"{root} is not a walcrypt data directory (no {LOCK_NAME} file)") from None
-        except PermissionError:
-            raise UsageError(f"no permission to open {self.path}") from None
-        except OSError:
-            _vfs.refuse_link(self.path)
+            try:
+                self.fd = os.open(self.path, flags, 0o600)
+            except FileNotFoundError:
+                raise UsageError(f"{root} is not a walcrypt data directory (no {LOCK_NAME} file)") from None
+            except PermissionError:
+                raise UsageError(f"no permission to open {self.path}") from None
+            except OSError:
+                _vfs.refuse_link(self.path)
+                raise
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise LockedError(
+                        f"{root} is in use by another process or another open store (lock {self.path}); "
+                        "stop it first, or open read-only") from None
+                raise
+            added = True
+            _HELD.add(self.real)
+            _vfs.confine(self.root)        # from now on no path below root is resolved through a link
+            confined = True
+            if holder is not None:
+                holder.append(self)
+        except BaseException:
+            fd, self.fd = self.fd, None          # whatever interrupted us: the lock is not kept
+            if confined:
+                _vfs.release(self.root)
+            if fd is not None:
+                os.close(fd)
+            if added:
+                _HELD.discard(self.real)
             raise
-        try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self.fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockedError(
-                    f"{root} is in use by another process or another open store (lock {self.path}); "
-                    "stop it first, or open read-only") from None
-            raise
-        _HELD.add(self.real)
-        _vfs.confine(self.root)        # from now on no path below root is resolved through a link
 
     def release(self) -> None:
+        """Idempotent.  The descriptor is taken before it is closed, so an interrupted release never
+        closes it twice (a reused descriptor number would be someone else's file)."""
         if self.real in _HELD:
             _vfs.release(self.root)
-        _HELD.discard(self.real)
-        if self.fd is not None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
             try:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
             finally:
-                os.close(self.fd)
-                self.fd = None
+                os.close(fd)
+        _HELD.discard(self.real)

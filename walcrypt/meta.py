@@ -93,13 +93,15 @@ class Meta:
             fresh = created or not os.path.exists(os.path.join(path, "data.mdb"))
             self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
                                  lock=not readonly, sync=True, metasync=True, mode=0o600, create=not readonly)
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
+        # From here any exception (KeyboardInterrupt included) closes the environment: LMDB refuses a
+        # second handle on it in this process, so a leaked one would block every later open.
+        try:
             if fresh and not readonly:
                 # LMDB syncs its files, never the directory entries that name them.
                 _fsync_dir(path)
                 _fsync_dir(os.path.dirname(os.path.abspath(path)))
-        except lmdb.Error as exc:
-            raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
-        try:
             self.dbs = {name: self.env.open_db(name, create=not readonly)
                         for name in (DB_STORE, DB_KEYRING, DB_SEGMENTS, DB_STABLE, DB_STATE, DB_SNAPSHOTS)}
         except lmdb.NotFoundError:
@@ -109,6 +111,9 @@ class Meta:
         except lmdb.Error as exc:
             self.env.close()
             raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
+        except BaseException:
+            self.env.close()
+            raise
         self._mac_key: bytes | None = None
 
     def close(self) -> None:

@@ -174,11 +174,18 @@ class Rotation:
         if self.snapshot_wanted:
             self._ask_for_snapshot()
 
-    def _ask_for_snapshot(self) -> None:
+    def _ask_for_snapshot(self, *, tolerate_source_errors: bool = False) -> None:
         self.snapshot_wanted = False
         if self.snapshot_source is None or not self.state or self.state.get("rekey"):
             return
-        meta, data = self.snapshot_source(self.store)     # step 3
+        try:
+            meta, data = self.snapshot_source(self.store)     # step 3: the host's code
+        except Exception as exc:
+            if not tolerate_source_errors:
+                raise
+            # the store stays usable; needs_snapshot tells the host, and the next open asks again
+            log.warning("the snapshot source failed while resuming a DEK rotation: %s", exc)
+            return
         if not isinstance(meta, SnapshotMeta):
             meta = SnapshotMeta(*meta)
         self.store.save_snapshot(meta, data)
@@ -256,10 +263,10 @@ class Rotation:
             if cur is not None:
                 self.on_snapshot(cur)
             if self.state:
-                try:
-                    self._ask_for_snapshot()  # a host that registered a source gets asked again
-                except Exception as exc:      # the store stays usable; needs_snapshot tells the host
-                    log.warning("the snapshot source failed while resuming a DEK rotation: %s", exc)
+                # A host that registered a source gets asked again.  If the source itself fails, the
+                # open goes on; if saving what it returned fails, the open fails (nothing is lost: the
+                # rotation is durable and the next open resumes it).
+                self._ask_for_snapshot(tolerate_source_errors=True)
         self.finish_retirement()
 
     # ------------------------------------------------------------------ budgets

@@ -84,6 +84,7 @@ class Store:
         self.read_only = read_only
         self.encrypted = encrypted
         self.closed = True
+        self._released = True                # set to False once there is something to release
         self.repairs: list[dict] = []
         if segment_size < 4096:
             raise UsageError("segment_size must be at least 4096 bytes")
@@ -99,8 +100,15 @@ class Store:
             raise UsageError("a KEK was given for a plaintext store; drop kek= or open with encrypted=True")
         self._kek = kek
         self._prepare_root()
-        self._lock = _dirlock or (layout.DirLock(self.path) if not read_only else layout.ReadOnlyHold(self.path))
+        held: list = [_dirlock] if _dirlock else []      # the lock, even if we are interrupted storing it
+        self._lock = None
         try:
+            if not held:
+                if read_only:
+                    layout.ReadOnlyHold(self.path, holder=held)
+                else:
+                    layout.DirLock(self.path, holder=held)
+            self._lock = held[0]
             self.meta = M.Meta(os.path.join(self.path, layout.META_DIR), readonly=read_only)
             try:
                 self._open_keys(kek, algorithm)
@@ -123,13 +131,14 @@ class Store:
                 self.meta.close()
                 raise
         except BaseException as exc:
-            if self._lock:
-                self._lock.release()
+            for lock in held:
+                lock.release()
             if isinstance(exc, OSError):
                 raise StorageError(f"opening {self.path} failed: {exc} (if the disk is full, free space and "
                                    "open again; nothing was lost)") from exc
             raise
         self.closed = False
+        self._released = False
         if not read_only:
             try:
                 self.rotation.resume()        # finish a rotation a crash interrupted (may call snapshot_source)
@@ -938,12 +947,15 @@ class Store:
         return self.wal.fsyncs
 
     def close(self) -> None:
-        if self.closed:
+        """Seal the active segment and release every resource.  Every resource is released even when
+        a step raises (KeyboardInterrupt included); a close() interrupted in the middle can be
+        called again to finish releasing (it does not seal again)."""
+        if self._released:
             return
+        sealing = not self.closed
         self.closed = True
-        # Every resource is released even when a step raises (KeyboardInterrupt included).
         try:
-            if not self.read_only:
+            if sealing and not self.read_only:
                 try:
                     self.wal.seal_for_close()
                 except WalcryptError as exc:
@@ -957,6 +969,7 @@ class Store:
                 finally:
                     if self._lock:
                         self._lock.release()
+        self._released = True
 
     def __enter__(self) -> "Store":
         return self
@@ -968,6 +981,17 @@ class Store:
         state = "closed" if self.closed else "open"
         mode = "encrypted" if self.encrypted else "plaintext"
         return f"<walcrypt.Store {self.path} {mode} {state}>"
+
+
+def _close_fully(store: Store) -> None:
+    """Close a store the caller never sees: if close() itself is interrupted (KeyboardInterrupt),
+    it is called again to release what is left (the directory lock above all), then the
+    interruption propagates."""
+    try:
+        store.close()
+    except BaseException:
+        store.close()
+        raise
 
 
 def stored_mode(path) -> bool | None:
@@ -1005,8 +1029,9 @@ def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
 def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, options: dict) -> Store:
     if options.get("read_only") or not layout.looks_like_store(path):
         return Store(path, kek=kek, encrypted=encrypted, **options)
-    lock = layout.DirLock(path)          # before reading anything: no writer can be active
+    held: list = []                      # the lock, even if we are interrupted storing it
     try:
+        lock = layout.DirLock(path, holder=held)     # before reading anything: no writer can be active
         have = stored_mode(path)
         if have is None or have == encrypted:
             if not encrypted and migrate:
@@ -1026,7 +1051,6 @@ def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, op
                 "store on purpose, open it with migrate=True (or run 'walcrypt migrate DIR --to encrypted')")
         from .migrate import migrate as run_migration
         src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, **options)
-        lock = None                      # the source store owns it now and releases it on close
         try:
             run_migration(src, to_encrypted=encrypted, kek=kek, algorithm=options.get("algorithm", "aes-256-gcm"),
                           progress=migration_progress)
@@ -1034,9 +1058,9 @@ def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, op
             src.wal.fail(exc)                # nothing more is written; the next open redoes the migration
             raise
         finally:
-            src.close()
+            _close_fully(src)
         return Store(path, kek=kek if encrypted else None, encrypted=encrypted, **options)
     except BaseException:
-        if lock is not None and lock.fd is not None:
-            lock.release()
+        for held_lock in held:           # our lock, unless a store we built and lost is holding it
+            held_lock.release()          # idempotent: a store it was handed to may have released it
         raise

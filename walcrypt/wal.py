@@ -35,7 +35,7 @@ import operator
 import struct
 import threading
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from itertools import repeat
 from typing import Protocol, Sequence
@@ -109,8 +109,10 @@ def _hardstate_record(hardstate) -> tuple:
         for name, v in zip(HardState._fields, fields):
             check_u64(v, f"hard_state.{name}", 0, U64_MAX)
         raise UsageError(f"hard_state {hardstate!r} cannot be encoded") from None
-    hs = _new_tuple(HardState, fmt.HARDSTATE_STRUCT.unpack(payload))
-    return hs, (fmt.FRAME_HARDSTATE, 0, hs.term, 0, payload, None)
+    hs = hardstate
+    if not (type(hs) is HardState and type(hs[0]) is int and type(hs[1]) is int and type(hs[2]) is int):
+        hs = _new_tuple(HardState, fmt.HARDSTATE_STRUCT.unpack(payload))    # plain ints from here on
+    return hs, (fmt.FRAME_HARDSTATE, 0, hs[0], 0, payload, None)
 
 
 def _describe(exc: BaseException) -> str:
@@ -204,12 +206,11 @@ class Wal:
         with gaps between them that no longer matter - so only the assembled log is checked for
         continuity: a hole above the compaction point is missing data (an error); a hole at or
         below it only disconnects the older pieces, which are dropped (they are compacted, and no
-        older snapshot could be rebuilt from a log with a hole)."""
-        self.segments = list(segments)
-        self.compacted_index = compacted_index
-        self.compacted_term = compacted_term
-        self.reset_segment = reset_segment
-        self._cache.clear()
+        older snapshot could be rebuilt from a log with a hole).
+
+        The new index is built aside and installed in one step under the state lock: readers
+        never see it half built, and an interruption (a re-key installs its segments this way)
+        leaves the old one whole."""
         pieces = []                      # (first, last, segment) contributed, newest first
         limit = None                     # entries above this were superseded by a newer segment
         hs = None
@@ -244,22 +245,29 @@ class Wal:
                 "record was deleted, or a segment was cut short)",
                 "restore the node from a snapshot, or wipe it and let Raft re-replicate")
         keep.reverse()
-        self.view_first = [lo for lo, _hi, _seg in keep]
-        self.view_seg = [seg for _lo, _hi, seg in keep]
-        self.run_start, self.run_term = array("Q"), array("Q")
+        run_start, run_term = array("Q"), array("Q")
         for lo, hi, seg in keep:
-            self._add_runs(_clip_runs(seg.runs, lo, hi))
-        self.last = max(keep[-1][1] if keep else 0, compacted_index)
-        self.hardstate = hs or HardState()
+            for start, term in _clip_runs(seg.runs, lo, hi):
+                if not run_term or run_term[-1] != term:
+                    run_start.append(start)
+                    run_term.append(term)
+        view_first = [lo for lo, _hi, _seg in keep]
+        view_seg = [seg for _lo, _hi, seg in keep]
+        last = max(keep[-1][1] if keep else 0, compacted_index)
+        with self._state:
+            (self.segments, self.compacted_index, self.compacted_term, self.reset_segment, self.view_first,
+             self.view_seg, self.run_start, self.run_term, self.last, self.hardstate) = (
+                list(segments), compacted_index, compacted_term, reset_segment, view_first, view_seg,
+                run_start, run_term, last, hs or HardState())
+            self._cache.clear()
 
     def _truncate_view(self, base: int) -> None:
         """Forget visible entries >= base (a later segment replaced them)."""
-        while self.view_first and self.view_first[-1] >= base:
-            self.view_first.pop()
-            self.view_seg.pop()
-        while self.run_start and self.run_start[-1] >= base:
-            self.run_start.pop()
-            self.run_term.pop()
+        k = bisect_left(self.view_first, base)
+        j = bisect_left(self.run_start, base)
+        # No call between the deletions: an asynchronous exception (KeyboardInterrupt) cannot
+        # leave the paired lists out of step.
+        del self.view_first[k:], self.view_seg[k:], self.run_start[j:], self.run_term[j:]
         if self.last >= base:
             self.last = base - 1
 
@@ -285,7 +293,18 @@ class Wal:
                 raise CompactedError(f"index {index} is compacted (first index is {self.compacted_index + 1})")
             if index > self.last:
                 raise UnavailableError(f"index {index} is beyond the last index {self.last}")
-            return self.run_term[bisect_right(self.run_start, index) - 1]
+            try:
+                return self.run_term[bisect_right(self.run_start, index) - 1]
+            except IndexError as exc:
+                raise self._read_failure(exc) from exc
+
+    def _read_failure(self, exc: Exception) -> Exception:
+        """A read tripped over the in-memory index: after an interrupted write (the WAL is failed)
+        it may be half updated, which reopening repairs; otherwise it is a bug, raised as is."""
+        if self.failed is None:
+            return exc
+        return StoreFailedError(f"the in-memory index is incomplete after an interrupted write "
+                                f"({_describe(self.failed)}); reopen the store to read")
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         """Entries in [lo, hi); at least one when any is in range, then up to ``max_size`` bytes."""
@@ -296,16 +315,22 @@ class Wal:
                 raise CompactedError(f"index {lo} is compacted (first index is {self.compacted_index + 1})")
             if hi > self.last + 1:
                 raise UnavailableError(f"entries up to {hi - 1} requested, the last index is {self.last}")
-            pieces = self._locate(lo, hi)
-        if hi - lo > 2048 and gc.isenabled():
-            # Building many small tuples triggers collections that find nothing to free (a
-            # third of a bulk read's time); pause the collector for this call only.
-            gc.disable()
             try:
-                return self._read_pieces(lo, pieces, max_size)
-            finally:
-                gc.enable()
-        return self._read_pieces(lo, pieces, max_size)
+                pieces = self._locate(lo, hi)
+            except (IndexError, TypeError, AttributeError) as exc:
+                raise self._read_failure(exc) from exc
+        try:
+            if hi - lo > 2048 and gc.isenabled():
+                # Building many small tuples triggers collections that find nothing to free (a
+                # third of a bulk read's time); pause the collector for this call only.
+                gc.disable()
+                try:
+                    return self._read_pieces(lo, pieces, max_size)
+                finally:
+                    gc.enable()
+            return self._read_pieces(lo, pieces, max_size)
+        except (IndexError, TypeError, AttributeError) as exc:
+            raise self._read_failure(exc) from exc
 
     def _read_pieces(self, lo: int, pieces, max_size: int | None) -> list[Entry]:
         out: list[Entry] = []
@@ -742,10 +767,10 @@ class Wal:
     def forget(self, segs: list[Segment]) -> None:
         ids = {id(s) for s in segs}
         with self._state:
-            self.segments = [s for s in self.segments if id(s) not in ids]
             keep = [(f, s) for f, s in zip(self.view_first, self.view_seg) if id(s) not in ids]
-            self.view_first = [f for f, _ in keep]
-            self.view_seg = [s for _, s in keep]
+            # one statement: an interruption never leaves the two lists of the view out of step
+            self.segments, self.view_first, self.view_seg = (
+                [s for s in self.segments if id(s) not in ids], [f for f, _ in keep], [s for _, s in keep])
             self._cache.clear()
         for s in segs:
             s.close()
