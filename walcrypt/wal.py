@@ -214,7 +214,7 @@ class Wal:
         pieces = []                      # (first, last, segment) contributed, newest first
         limit = None                     # entries above this were superseded by a newer segment
         hs = None
-        for seg in reversed(self.segments):
+        for seg in reversed(segments):
             if hs is None and seg.hardstate is not None:
                 hs = seg.hardstate
             if seg.seg_id >= reset_segment:      # an older one predates the reset: nothing of it is in the log
