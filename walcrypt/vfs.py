@@ -205,9 +205,8 @@ def _located(path: str) -> Iterator[tuple[int | None, str, str, bool]]:
         cur = root
         for comp in parts[:-1]:
             cur = os.path.join(cur, comp)
-            nfd = _open_dir_at(comp, fd, cur)
-            os.close(fd)
-            fd = nfd
+            prev, fd = fd, _open_dir_at(comp, fd, cur)
+            os.close(prev)       # after the swap: an interruption here leaks one fd, never closes one twice
         yield fd, parts[-1], full, True
     finally:
         os.close(fd)
