@@ -114,6 +114,24 @@ def test_torn_tail_repair_writes_through_a_hard_link_planted_at_the_broken_copy(
         "the repair wrote segment bytes into (and chmodded) the file the hard link names"
 
 
+@pytest.mark.xfail(strict=True, reason="SnapshotWriter opens .tmp-<name> with O_CREAT|O_TRUNC, not O_EXCL: a "
+                   "hard link planted at the (predictable) temporary name is truncated and overwritten")
+def test_snapshot_publish_writes_through_a_hard_link_planted_at_its_temporary_name(tmp_path):
+    data_dir = str(tmp_path / "data")
+    victim = tmp_path / "victim.conf"
+    victim.write_bytes(b"IMPORTANT=1\n" * 100)
+    before = victim.read_bytes()
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(1, 1, 3), _ents(1, 5, 1))
+        os.makedirs(os.path.join(data_dir, SNAP), exist_ok=True)
+        os.link(victim, os.path.join(data_dir, SNAP, ".tmp-%016x-%016x-%016x.snap" % (1, 3, 1)))
+        try:
+            s.save_snapshot(SnapshotMeta(3, 1, CS), b"state at 3")
+        except WalcryptError:
+            pass
+    assert victim.read_bytes() == before, "the snapshot was written into the hard-linked file"
+
+
 @pytest.mark.xfail(strict=True, reason="LMDB opens meta/lock.mdb by name and writes its lock header; only "
                    "symbolic links are refused, so a hard link there is written through")
 def test_lmdb_lock_file_hard_link_is_written_through(tmp_path):
