@@ -427,6 +427,34 @@ def test_deleted_rotation_record_silently_cancels_a_dek_rotation(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Validation in the caller's thread: metadata the writer accepts and the reader rejects
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="check_snapshot_meta only checks that the metadata encodes as JSON: "
+                   "non-integer node IDs, or extra_meta keys that override index/term/conf_state, are sealed "
+                   "and registered (with the log reset), then rejected by decode_meta as corrupt or tampered; "
+                   "the store fails and never reopens")
+@pytest.mark.parametrize("conf_state,extra_meta", [
+    (ConfState(voters=(1.5,)), None),
+    (ConfState(voters=(True, 2)), None),
+    (CS, {"index": 7}),
+    (CS, {"conf_state": []}),
+], ids=["float-voter", "bool-voter", "extra-overrides-index", "extra-overrides-conf-state"])
+def test_snapshot_metadata_accepted_on_write_bricks_the_store(tmp_path, conf_state, extra_meta):
+    data_dir = str(tmp_path / "data")
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(1, 1, 3), _ents(1, 21, 1))
+        try:
+            w = s.begin_snapshot(SnapshotMeta(50, 2, conf_state), extra_meta=extra_meta)   # InstallSnapshot
+            w.write(b"leader state at 50")
+            w.commit()
+        except WalcryptError:
+            pass                                 # refusing the caller's metadata is fine
+    with walcrypt.open(data_dir, kek=KEK) as s:  # the node must restart, whatever the call did
+        assert s.last_index() in (20, 50)
+
+
+# ---------------------------------------------------------------------------------------------
 # Robustness: forged records of a plaintext store
 # ---------------------------------------------------------------------------------------------
 
