@@ -454,6 +454,24 @@ def test_snapshot_metadata_accepted_on_write_bricks_the_store(tmp_path, conf_sta
         assert s.last_index() in (20, 50)
 
 
+@pytest.mark.xfail(strict=True, reason="Wal._records fills a record while it is under RECORD_TARGET_BYTES and "
+                   "then adds one more entry of up to max_entry_size (allowed up to MAX_RECORD_PAYLOAD - 64): the "
+                   "ENTRIES frame can exceed MAX_RECORD_PAYLOAD, which every reader refuses; the acknowledged "
+                   "save cannot be read back and the store does not reopen")
+def test_a_save_the_writer_accepts_can_exceed_the_readers_frame_bound(tmp_path, monkeypatch):
+    from walcrypt import format as fmt
+    # The format's bound is 1 GiB; scaled down to 1 MiB so that the test needs no gigabytes of memory.
+    # Writer and reader read the same constant, so the arithmetic is the format's.
+    monkeypatch.setattr(fmt, "MAX_RECORD_PAYLOAD", 1 << 20)
+    data_dir = str(tmp_path / "data")
+    big = fmt.MAX_RECORD_PAYLOAD - 64                # the largest max_entry_size open() accepts
+    with walcrypt.open(data_dir, kek=KEK, max_entry_size=big) as s:
+        s.save(HardState(1, 1, 0), [Entry(1, 1, b"a"),
+                                    Entry(2, 1, b"s" * (fmt.RECORD_TARGET_BYTES - 100)), Entry(3, 1, b"b" * big)])
+    with walcrypt.open(data_dir, kek=KEK, max_entry_size=big) as s:
+        assert [len(e.data) for e in s.entries(1, 4)] == [1, fmt.RECORD_TARGET_BYTES - 100, big]
+
+
 # ---------------------------------------------------------------------------------------------
 # Robustness: forged records of a plaintext store
 # ---------------------------------------------------------------------------------------------
