@@ -472,6 +472,38 @@ def test_a_save_the_writer_accepts_can_exceed_the_readers_frame_bound(tmp_path, 
         assert [len(e.data) for e in s.entries(1, 4)] == [1, fmt.RECORD_TARGET_BYTES - 100, big]
 
 
+@pytest.mark.xfail(strict=True, reason="snapshot_chunk_size is not validated: 0 makes save_snapshot loop "
+                   "forever, above 64 MiB the snapshot is registered (with its log reset) and then refused by the "
+                   "reader (the store never reopens), 2^32 escapes as struct.error")
+@pytest.mark.parametrize("chunk_size", [0, (64 << 20) + 1, 1 << 32], ids=["zero", "above-64MiB", "2^32"])
+def test_unvalidated_snapshot_chunk_size(tmp_path, chunk_size):
+    data_dir = str(tmp_path / "data")
+    try:
+        walcrypt.open(data_dir, kek=KEK, snapshot_chunk_size=chunk_size).close()
+    except walcrypt.UsageError:
+        return                                        # refused up front: fixed
+    env = dict(os.environ, PYTHONPATH=wctest.REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = textwrap.dedent("""
+        import sys, walcrypt
+        from walcrypt import ConfState, Entry, HardState, SnapshotMeta, WalcryptError
+        with walcrypt.open(sys.argv[1], kek=walcrypt.RawKey(bytes.fromhex(sys.argv[2])),
+                           snapshot_chunk_size=int(sys.argv[3])) as s:
+            s.save(HardState(1, 1, 3), [Entry(i, 1, b"e%d" % i) for i in range(1, 21)])
+            try:
+                s.save_snapshot(SnapshotMeta(50, 2, ConfState((1, 2, 3))), b"leader state at 50")
+            except WalcryptError:
+                pass
+    """)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, data_dir, wctest.KEK_BYTES.hex(), str(chunk_size)],
+                              env=env, timeout=8, capture_output=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"save_snapshot with snapshot_chunk_size={chunk_size} never returns")
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode()[-300:]
+    with walcrypt.open(data_dir, kek=KEK) as s:       # and the node restarts
+        assert s.last_index() in (20, 50)
+
+
 # ---------------------------------------------------------------------------------------------
 # Robustness: forged records of a plaintext store
 # ---------------------------------------------------------------------------------------------
