@@ -259,8 +259,6 @@ def test_a_fifo_planted_in_the_segment_directory_blocks_open_and_verify(tmp_path
 # Open deletes authentic data
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="_remove_orphans deletes an unlisted segment whose *base* index is at "
-                   "or below the compaction point, although it holds entries above it")
 def test_open_deletes_an_unlisted_segment_holding_entries_above_the_compaction_point(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
@@ -326,10 +324,6 @@ def test_meta_rollback_deletes_an_acknowledged_snapshot(tmp_path):
     assert any(n.startswith(snap_name) for n in left), "the acknowledged snapshot file was deleted"
 
 
-@pytest.mark.xfail(strict=True, reason="unregistered snapshot files with an ID at most state/next_snapshot are "
-                   "deleted at open; after a keyless delete of the newest registry record that is the newest, "
-                   "authentic snapshot, and the store then serves an older snapshot below the compaction point "
-                   "(a known gap in FORMAT.md 15, but verify reports it OK and the open destroys the evidence)")
 def test_deleted_registry_record_makes_open_delete_the_newest_snapshot(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
@@ -351,9 +345,6 @@ def test_deleted_registry_record_makes_open_delete_the_newest_snapshot(tmp_path)
         f"verify OK={report.ok}; the open deleted {newest} and serves the snapshot at 10 before a log from 26"
 
 
-@pytest.mark.xfail(strict=True, reason="a meta/ holding walcrypt's tables but no store record (made with any "
-                   "LMDB library, no key) is bootstrapped as a new store: the node comes back with an empty log "
-                   "and no vote, and the open deletes the authentic segment 1 and snapshot 1")
 def test_empty_metadata_is_bootstrapped_over_authentic_data(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
@@ -381,8 +372,6 @@ def test_empty_metadata_is_bootstrapped_over_authentic_data(tmp_path):
 # Keyless edits of meta/ that are served (or verified) as if the KEK vouched for them
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="deleting the manifest record of a segment that superseded a suffix "
-                   "brings the superseded entries back in the middle of the log: no error at open, verify OK")
 def test_deleted_manifest_record_splices_a_superseded_suffix_into_the_log(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
@@ -404,9 +393,6 @@ def test_deleted_manifest_record_splices_a_superseded_suffix_into_the_log(tmp_pa
         f"verify says OK and the store serves entries 5..8 of term 1 between term-2 entries: {served[3:9]}"
 
 
-@pytest.mark.xfail(strict=True, reason="deleting state/rotation (no key needed) silently cancels a DEK "
-                   "rotation in flight: the pending key stays pending forever, data keeps going under the "
-                   "old DEK, and verify says OK")
 def test_deleted_rotation_record_silently_cancels_a_dek_rotation(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:

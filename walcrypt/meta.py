@@ -56,6 +56,8 @@ K_PURGED = b"purged"              # u64 segment IDs of the latest purge (their f
 K_STAGING = b"staging"            # u64 first, u64 end: segment IDs reserved for a staged rewrite (re-key)
 
 MAC_SIZE = 16
+CATALOG_SIZE = 32
+CATALOG_DBS = (DB_KEYRING, DB_SEGMENTS, DB_SNAPSHOTS, DB_STATE, DB_STABLE)
 MAP_SIZE = 1 << 30
 
 
@@ -151,10 +153,49 @@ class Meta:
         try:
             with self.env.begin(write=True) as txn:
                 yield WriteTxn(self, txn)
+                self._seal_catalog(txn)
         except lmdb.MapFullError:
             raise StorageError(f"the metadata database {self.path} is full") from None
         except lmdb.Error as exc:
             raise StorageError(f"metadata commit failed in {self.path}: {exc}") from None
+
+    # -- the catalog: which records exist -------------------------------------------------
+    # A MAC per value cannot show that a record was deleted (or that a table was emptied): anyone
+    # who can write meta/ could drop a manifest record, a snapshot registration or the rotation
+    # record without a key.  So every write transaction also seals a digest of the set of keys of
+    # every MAC'd table into the compaction-point record (which every open reads and which is
+    # itself MAC'd), and opening checks it.  Stores written before the catalog existed carry a
+    # 24-byte compaction record; their next write adds it.
+    def catalog_digest(self, txn) -> bytes:
+        h = hashlib.sha256(b"walcrypt/v1/catalog")
+        for db in CATALOG_DBS:
+            with txn.cursor(db=self.dbs[db]) as cur:
+                for k in cur.iternext(keys=True, values=False):
+                    if db == DB_STATE and k == K_COMPACTED:
+                        continue
+                    h.update(len(db).to_bytes(4, "little") + db + len(k).to_bytes(4, "little") + bytes(k))
+        return h.digest()
+
+    def _seal_catalog(self, txn) -> None:
+        raw = txn.get(K_COMPACTED, db=self.dbs[DB_STATE])
+        if raw is None:
+            return                      # not a store yet (bootstrap writes the record)
+        value = self.open_value(DB_STATE, K_COMPACTED, bytes(raw))
+        txn.put(K_COMPACTED, self.seal_value(DB_STATE, K_COMPACTED, value[:24] + self.catalog_digest(txn)),
+                db=self.dbs[DB_STATE])
+
+    def verify_catalog(self) -> None:
+        """AuthenticationError when a MAC'd record was deleted or added behind walcrypt's back."""
+        with self.read() as r:
+            raw = r.get(DB_STATE, K_COMPACTED)
+            if raw is None or len(raw) == 24:
+                return                  # no store yet, or written before the catalog existed
+            if len(raw) != 24 + CATALOG_SIZE or not hmac.compare_digest(raw[24:], self.catalog_digest(r.txn)):
+                raise AuthenticationError(
+                    self.path, None, "the set of metadata records does not match its catalog: a record (a segment "
+                    "or snapshot registration, a key, the rotation state, a stable value) was deleted or added "
+                    "without the key", "do not trust this directory; restore the node from a snapshot export or "
+                    "let Raft re-replicate it")
 
     @contextmanager
     def read(self) -> Iterator["ReadTxn"]:
@@ -249,7 +290,8 @@ def encode_compacted(index: int, term: int, reset_segment: int = 0) -> bytes:
 
 
 def decode_compacted(raw: bytes | None, path: str) -> tuple[int, int, int]:
-    if raw is None or len(raw) != 24:
+    """(index, term, reset segment); the catalog digest that may follow is Meta.verify_catalog's."""
+    if raw is None or len(raw) not in (24, 24 + CATALOG_SIZE):
         raise CorruptionError(path, None, "the compaction point record is missing or damaged")
     return tuple(int.from_bytes(raw[k:k + 8], "little") for k in (0, 8, 16))  # type: ignore[return-value]
 

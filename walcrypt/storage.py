@@ -172,6 +172,12 @@ class Store:
         if store_id is None:
             if self.read_only:
                 raise UsageError(f"{self.path} is not an initialised walcrypt store")
+            if layout.pairs_with_data(self.path):
+                raise CorruptionError(
+                    self.meta.path, None, "the metadata holds no store record, but the data directory holds "
+                    "segments or snapshots: meta/ was lost or replaced, and walcrypt will not create a new store "
+                    "over existing data", "put back this directory's meta/, or restore the node from a snapshot "
+                    "export or wipe it and let Raft re-replicate it")
             self._bootstrap(kek, algorithm)
             return
         if len(store_id) != fmt.STORE_ID_SIZE or stored_enc not in (b"\x00", b"\x01"):
@@ -204,6 +210,7 @@ class Store:
                                       "the metadata was edited or damaged; do not trust this directory")
             self.algorithm = fmt.ALG_NONE
             self.meta.set_mac_key(None)
+            self.meta.verify_catalog()
             self._load_keyring()
             return
         self.wrapper = kek.wrapper(params)
@@ -217,6 +224,7 @@ class Store:
         if len(meta_key) != K.KEY_SIZE:
             raise AuthenticationError(self.meta.path, None, "the metadata key unwrapped to a wrong size")
         self.meta.set_mac_key(meta_key)
+        self.meta.verify_catalog()
         self._load_keyring()
         self.algorithm = self._authenticated_algorithm(stored_alg)
 
