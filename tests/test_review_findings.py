@@ -275,9 +275,6 @@ def test_open_deletes_an_unlisted_segment_holding_entries_above_the_compaction_p
         "the segment holding acknowledged entries 11..20 was deleted as a purge leftover"
 
 
-@pytest.mark.xfail(strict=True, reason="with a meta/ from before a suffix replacement, open deletes the "
-                   "replacement segment as 'creation unit only', but that unit carried acknowledged entries "
-                   "and the new term and vote")
 def test_meta_rollback_deletes_a_replacement_segment_holding_acknowledged_entries(tmp_path):
     data_dir = str(tmp_path / "data")
     _crash_child("""
@@ -304,8 +301,6 @@ def test_meta_rollback_deletes_a_replacement_segment_holding_acknowledged_entrie
         "the segment holding acknowledged entries 5..8 (term 2, vote 2) was deleted"
 
 
-@pytest.mark.xfail(strict=True, reason="with a meta/ from before an InstallSnapshot, open deletes the "
-                   "acknowledged snapshot file because its ID equals state/next_snapshot")
 def test_meta_rollback_deletes_an_acknowledged_snapshot(tmp_path):
     data_dir = str(tmp_path / "data")
     copy = str(tmp_path / "meta-copy")

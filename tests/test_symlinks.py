@@ -298,7 +298,7 @@ def prep_broken_snapshot(c):
 
 
 def prep_unlisted(c):
-    """A segment file the manifest does not list, under a free lower ID with live entries: kept and
+    """A file with a segment name that is not this store's segment, under a free lower ID: kept and
     renamed .unlisted at open."""
     with _store(c.data) as s:
         for k in range(8):
@@ -313,7 +313,10 @@ def prep_unlisted(c):
     live = {int(n[:16], 16) for n in names}
     free = min(i for i in range(1, 1000) if i not in purged and i not in live)
     assert free < max(live), (purged, names)
-    shutil.copyfile(os.path.join(wal, names[-1]), os.path.join(wal, "%016x-%016x.wal" % (free, 150)))
+    planted = os.path.join(wal, "%016x-%016x.wal" % (free, 150))
+    shutil.copyfile(os.path.join(wal, names[-1]), planted)
+    with open(planted, "r+b") as f:                   # not this store's segment (a copy of its own would
+        f.write(b"NOT-OURS")                          # make the open refuse): kept aside as .unlisted
 
 
 def prep_plain(c):

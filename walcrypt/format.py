@@ -21,7 +21,13 @@ from .errors import CorruptionError, UnsupportedFormatError
 # Constants
 # ---------------------------------------------------------------------------
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1                  # segment, snapshot and export files
+# The metadata (FORMAT.md 9): 2 adds the record catalog, creation intents and purge records
+# (state/creating, snap_creating, purged, snap_purged, staging; a 56-byte compaction record).
+# Version 1 stores are read, and upgraded by their first read-write open; older releases refuse
+# a version 2 store instead of misreading it.
+META_FORMAT_VERSION = 2
+META_FORMAT_VERSIONS_READ = (1, 2)
 
 SEGMENT_MAGIC = b"WCRYPSEG"
 SNAPSHOT_MAGIC = b"WCRYPSNP"

@@ -337,9 +337,9 @@ def inspect_store(directory: str, kek: K.KeyEncryptionKey | None = None, *,
         "authenticated": False,
         "directories": _dir_summary(root),
     })
-    if version != bytes([fmt.FORMAT_VERSION]):
-        errors.append(f"format version {version[0] if version else '?'} is not the version this walcrypt reads "
-                      f"({fmt.FORMAT_VERSION}); upgrade walcrypt")
+    if version is None or len(version) != 1 or version[0] not in fmt.META_FORMAT_VERSIONS_READ:
+        errors.append(f"metadata format version {version[0] if version else '?'} is not one this walcrypt reads "
+                      f"({', '.join(map(str, fmt.META_FORMAT_VERSIONS_READ))}); upgrade walcrypt")
     if holders:
         warnings.append(f"the store is in use by process {', '.join(map(str, holders))}: what follows may be "
                         "changing; stop the process for a consistent picture")

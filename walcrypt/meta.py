@@ -54,6 +54,9 @@ K_ROTATION = b"rotation"          # JSON
 K_MIGRATION = b"migration"        # JSON, present only while a migration is in progress
 K_PURGED = b"purged"              # u64 segment IDs of the latest purge (their files may outlive the commit)
 K_STAGING = b"staging"            # u64 first, u64 end: segment IDs reserved for a staged rewrite (re-key)
+K_CREATING = b"creating"          # u64 segment IDs being created (recorded before the file exists)
+K_SNAP_CREATING = b"snap_creating"  # u64 snapshot IDs being written (recorded before the file exists)
+K_SNAP_PURGED = b"snap_purged"    # u64 snapshot IDs the latest retention removed from the registry
 
 MAC_SIZE = 16
 CATALOG_SIZE = 32

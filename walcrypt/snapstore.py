@@ -115,6 +115,15 @@ def _blocks(data, size: int):
         yield block
 
 
+def _registered(tx, snap_id: int) -> None:
+    """In the registering transaction: the ID is no longer being written, and never given out again."""
+    nxt = tx.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+    nxt = int.from_bytes(nxt, "little") if nxt else 1
+    tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, max(nxt, snap_id + 1).to_bytes(8, "little"))
+    intents = M.decode_ids(tx.get(M.DB_STATE, M.K_SNAP_CREATING), tx.meta.path)
+    tx.put(M.DB_STATE, M.K_SNAP_CREATING, M.encode_ids(i for i in intents if i != snap_id))
+
+
 def encode_info(info: SnapshotInfo) -> bytes:
     return fmt.SNAPSHOT_MANIFEST_STRUCT.pack(1, bytes(7), info.index, info.term, info.key_id, info.digest, info.size)
 
@@ -253,15 +262,20 @@ class Snapshots:
 
     def _remove_orphans(self) -> None:
         """Unregistered snapshot files.  Deleted only when they provably hold nothing acknowledged: a
-        temporary file, or an ID up to the next one the registry would give (a save whose registration
-        never committed, or a retention leftover).  A higher ID means the metadata is older than the data:
-        open refuses and deletes nothing."""
+        temporary file, an ID the metadata names as being written (a save whose registration never
+        committed) or as removed by the latest retention.  Any other snapshot of this store means a
+        registry record was deleted or the metadata is older than the data: open refuses and deletes
+        nothing.  (Stores written before creation intents existed: an ID up to next_snapshot is
+        deleted, a higher one refused.)"""
         if not os.path.isdir(self.dir):
             return
         st = self.store
         with st.meta.read() as r:
             nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+            creating = r.get(M.DB_STATE, M.K_SNAP_CREATING)
+            purged = set(M.decode_ids(r.get(M.DB_STATE, M.K_SNAP_PURGED), st.meta.path))
         next_id = int.from_bytes(nxt, "little") if nxt else 1
+        intents = None if creating is None else set(M.decode_ids(creating, st.meta.path))
         known = {os.path.basename(i.path) for i in self.infos}
         removed = False
         for name in sorted(st.vfs.listdir(self.dir)):
@@ -269,16 +283,22 @@ class Snapshots:
             if not name.startswith(".tmp-") and not (m and name not in known):
                 continue
             path = os.path.join(self.dir, name)
-            if m and int(m.group(1), 16) > next_id:
-                self._refuse_newer(path, int(m.group(1), 16), next_id)
-                continue
+            if m:
+                snap_id = int(m.group(1), 16)
+                leftover = snap_id in purged or (snap_id in intents if intents is not None else snap_id <= next_id)
+                if not leftover:
+                    self._refuse_newer(path, snap_id, next_id)
+                    continue
             st.vfs.unlink(path)
             removed = True
         if removed:
             st.vfs.fsync_dir(self.dir)
+        if intents:
+            with st.meta.write() as tx:
+                tx.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
 
     def _refuse_newer(self, path: str, snap_id: int, next_id: int) -> None:
-        """A snapshot file with an ID the registry has not given out yet: ours means rolled-back metadata."""
+        """An unaccounted snapshot file: ours means lost registry records or rolled-back metadata."""
         try:
             ours = SnapshotFile(self.store.vfs, path).header.store_id == self.store.store_id
         except StorageError:
@@ -287,8 +307,9 @@ class Snapshots:
             log.warning("%s is not a snapshot of this store; left in place - inspect it, then remove it", path)
             return
         raise CorruptionError(
-            path, None, f"snapshot {snap_id} is not in the registry, which gives out ID {next_id} next: the "
-            "metadata (meta/) is older than the data - it was restored from an older copy or rolled back",
+            path, None, f"snapshot {snap_id} of this store is not in the registry (which gives out ID {next_id} "
+            "next), and the metadata does not name it as a leftover: its registry record was deleted, or meta/ "
+            "is older than the data - restored from an older copy or rolled back",
             "walcrypt deleted nothing. Put back the meta/ that belongs to this data directory; otherwise "
             "restore the node from a snapshot export or wipe it and let Raft re-replicate it")
 
@@ -330,7 +351,7 @@ class Snapshots:
         reset_segment = st.next_segment
         with st.meta.write() as tx:      # one commit: the snapshot and the log reset it implies
             tx.put(M.DB_SNAPSHOTS, M.u64(info.snapshot_id), encode_info(info))
-            tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, (info.snapshot_id + 1).to_bytes(8, "little"))
+            _registered(tx, info.snapshot_id)
             if reset:
                 tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(meta.index, meta.term, reset_segment))
         if reset:
@@ -353,10 +374,14 @@ class Snapshots:
         """A writer for a snapshot file under ``key_id`` (published by the caller, not registered)."""
         st = self.store
         st.ensure_dir(self.dir)
-        if snap_id is None:
-            with st.meta.read() as r:
-                nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
-            snap_id = int.from_bytes(nxt, "little") if nxt else 1
+        # The ID is taken, and recorded as being written, before the file exists (see _remove_orphans).
+        with st.meta.write() as tx:
+            nxt = tx.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+            nxt = int.from_bytes(nxt, "little") if nxt else 1
+            snap_id = nxt if snap_id is None else snap_id
+            intents = M.decode_ids(tx.get(M.DB_STATE, M.K_SNAP_CREATING), st.meta.path)
+            tx.put(M.DB_STATE, M.K_SNAP_CREATING, M.encode_ids(sorted(set(intents) | {snap_id})))
+            tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, max(nxt, snap_id + 1).to_bytes(8, "little"))
         salt = os.urandom(SNAP_SALT_SIZE) if st.encrypted else bytes(SNAP_SALT_SIZE)
         bundle = st.keyring_bundle({key_id})
         h = SnapshotHeader(st.algorithm, 0, st.store_id, snap_id, meta.index, meta.term, self.chunk_size,
@@ -396,6 +421,7 @@ class Snapshots:
             with st.meta.write() as w:
                 for i in gone:
                     w.delete(M.DB_SNAPSHOTS, M.u64(i.snapshot_id))
+                w.put(M.DB_STATE, M.K_SNAP_PURGED, M.encode_ids(i.snapshot_id for i in gone))
             for i in gone:
                 try:
                     st.vfs.unlink(i.path)

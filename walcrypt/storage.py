@@ -184,10 +184,11 @@ class Store:
             raise CorruptionError(self.meta.path, None, "store identity record is damaged")
         with self.meta.read() as r:
             version = r.raw(M.DB_STORE, M.K_FORMAT_VERSION)
-        if version != bytes([fmt.FORMAT_VERSION]):
+        if version is None or len(version) != 1 or version[0] not in fmt.META_FORMAT_VERSIONS_READ:
             raise UnsupportedFormatError(
-                f"{self.path} uses format version {version[0] if version else '?'}; this walcrypt reads version "
-                f"{fmt.FORMAT_VERSION} - upgrade walcrypt")
+                f"{self.path} uses metadata format version {version[0] if version else '?'}; this walcrypt reads "
+                f"versions {', '.join(map(str, fmt.META_FORMAT_VERSIONS_READ))} - upgrade walcrypt")
+        self.meta_version = version[0]
         self.store_id = store_id
         if (stored_enc == b"\x01") != self.encrypted:
             have = "encrypted" if stored_enc == b"\x01" else "plaintext"
@@ -253,10 +254,11 @@ class Store:
 
     def _bootstrap(self, kek: K.KeyEncryptionKey | None, algorithm: str) -> None:
         self.store_id = os.urandom(fmt.STORE_ID_SIZE)
+        self.meta_version = fmt.META_FORMAT_VERSION
         self.keys, self._secrets = {}, {}
         with self.meta.write() as w:
             w.put_raw(M.DB_STORE, M.K_STORE_ID, self.store_id)
-            w.put_raw(M.DB_STORE, M.K_FORMAT_VERSION, bytes([fmt.FORMAT_VERSION]))
+            w.put_raw(M.DB_STORE, M.K_FORMAT_VERSION, bytes([fmt.META_FORMAT_VERSION]))
             w.put_raw(M.DB_STORE, M.K_ENCRYPTED, b"\x01" if self.encrypted else b"\x00")
             if self.encrypted:
                 self.algorithm = crypto.suite_by_name(algorithm).alg_id
@@ -283,6 +285,8 @@ class Store:
             w.put_raw(M.DB_STORE, M.K_ALGORITHM, bytes([self.algorithm]))
             w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(0, 0))
             w.put(M.DB_STATE, M.K_NEXT_SEGMENT, (1).to_bytes(8, "little"))
+            w.put(M.DB_STATE, M.K_CREATING, b"")
+            w.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
 
     def _load_keyring(self) -> None:
         with self.meta.read() as r:
@@ -365,10 +369,13 @@ class Store:
             nxt = r.get(M.DB_STATE, M.K_NEXT_SEGMENT)
             purged = M.decode_ids(r.get(M.DB_STATE, M.K_PURGED), self.meta.path)
             staging = M.decode_ids(r.get(M.DB_STATE, M.K_STAGING), self.meta.path)
+            creating = r.get(M.DB_STATE, M.K_CREATING)
         if nxt is None or len(nxt) != 8 or len(staging) not in (0, 2):
             raise CorruptionError(self.meta.path, None, "store state records are missing or damaged")
         self._purged = set(purged)
         self._staging = range(staging[0], staging[1]) if staging else range(0)
+        # None: a store written before creation intents existed (older, weaker rules apply)
+        self._creating = None if creating is None else set(M.decode_ids(creating, self.meta.path))
         c_index, c_term, reset_seg = M.decode_compacted(compacted, self.meta.path)
         self.next_segment = int.from_bytes(nxt, "little")
         self._refuse_if_older_than_data({seg_id for seg_id, _ in manifest})
@@ -382,6 +389,10 @@ class Store:
         self.wal.load(segments, c_index, c_term, reset_seg)
         if not self.read_only:
             self._remove_orphans({s.seg_id for s in segments})
+            if self.meta_version < fmt.META_FORMAT_VERSION:
+                with self.meta.write() as w:          # adds the catalog; intents follow the first writes
+                    w.put_raw(M.DB_STORE, M.K_FORMAT_VERSION, bytes([fmt.META_FORMAT_VERSION]))
+                self.meta_version = fmt.META_FORMAT_VERSION
         self.snapshots.load()
         self._after_snapshot_fallback()
         self.rotation.load()
@@ -499,63 +510,75 @@ class Store:
 
     def _remove_orphans(self, known: set[int]) -> None:
         """Segment files the manifest does not list.  One is deleted only when it provably never held
-        an acknowledged write (FORMAT.md 11.6):
-
-        * named by the latest purge record, or inside a staging reservation (an interrupted re-key);
-        * ID == next_segment with at most its creation unit and no index: a crash between creating a
-          segment and registering it (registration is what acknowledges its content);
-        * lower ID, entries all compacted or under a retired key: a purge leftover of an older store.
-
-        A segment the metadata cannot know of - a higher ID, or next_segment with more than its creation
-        unit - means ``meta/`` is older than the data (restored from an older copy, rolled back): open
-        refuses, naming both, and deletes nothing.  Anything else is kept, renamed ``.unlisted``."""
+        an acknowledged write (FORMAT.md 11.6): its ID is named by the latest purge record, a staging
+        reservation (an interrupted re-key) or a creation intent (a crash between creating a segment
+        and registering it, which is what acknowledges its content).  Any other file of this store
+        proves that a manifest record was deleted or that meta/ is older than the data: open refuses,
+        naming both, and deletes nothing.  A file that is not this store's is kept, renamed
+        ``.unlisted``.  (Stores written before creation intents existed follow older rules, see
+        ``_legacy_orphan``.)"""
         if not os.path.isdir(self.wal_dir):
             return
         changed = False
-        live = {K.PENDING, K.ACTIVE}
         for name in sorted(self.vfs.listdir(self.wal_dir)):
             m = _SEGMENT_NAME.match(name)
             if not m or int(m.group(1), 16) in known:
                 continue
             path = os.path.join(self.wal_dir, name)
-            seg_id, base = int(m.group(1), 16), int(m.group(2), 16)
-            if seg_id in self._purged or seg_id in self._staging:
-                leftover = True
-            elif seg_id >= self.next_segment:
-                leftover = self._never_registered(path, seg_id, base)
-            else:
-                leftover = base <= self.wal.compacted_index
-                if not leftover and self.encrypted:
-                    try:
-                        key_id = decode_header(self._read_head(path), path).key_id
-                        entry = self.keys.get(key_id)
-                        leftover = entry is not None and entry.purpose == K.PURPOSE_DEK and entry.state not in live
-                    except (OSError, StorageError):
-                        leftover = False
-            if leftover:
+            if self._orphan_is_leftover(path, int(m.group(1), 16), int(m.group(2), 16)):
                 self.vfs.unlink(path)
             else:
                 self.vfs.rename(path, path + ".unlisted")
-                log.warning("%s is not in the manifest and may hold entries the log does not account for; "
-                            "kept as %s.unlisted - inspect it with 'walcrypt verify', then remove it", path, name)
+                log.warning("%s is not in the manifest and is not a segment of this store; kept as %s.unlisted - "
+                            "inspect it, then remove it", path, name)
             changed = True
         if changed:
             self.vfs.fsync_dir(self.wal_dir)
-        if self._staging:
+        if self._staging or self._creating:
             with self.meta.write() as tx:
                 tx.delete(M.DB_STATE, M.K_STAGING)
-            self._staging = range(0)
+                tx.put(M.DB_STATE, M.K_CREATING, b"")
+            self._staging, self._creating = range(0), set()
+
+    def _orphan_is_leftover(self, path: str, seg_id: int, base: int) -> bool:
+        """True: delete (never acknowledged); False: not this store's, keep as .unlisted; raises when
+        the file proves that the metadata lacks records it should have."""
+        if seg_id in self._purged or seg_id in self._staging or (self._creating and seg_id in self._creating):
+            return True
+        if self._creating is None:
+            return self._legacy_orphan(path, seg_id, base)
+        try:
+            found = decode_header(self._read_head(path), path)
+        except StorageError:
+            return False
+        if found.store_id != self.store_id:
+            return False
+        raise CorruptionError(
+            path, None, f"segment {seg_id} of this store is not in the manifest, and the metadata does not name "
+            f"it as a leftover (it expects segment {self.next_segment} next): its manifest record was deleted, or "
+            "meta/ is older than the data - restored from an older copy or rolled back",
+            "walcrypt deleted nothing. Put back the meta/ that belongs to this data directory; otherwise "
+            "restore the node from a snapshot export or wipe it and let Raft re-replicate it")
+
+    def _legacy_orphan(self, path: str, seg_id: int, base: int) -> bool:
+        """Orphans of a store written before creation intents: at or above next_segment, only a file
+        holding at most its creation unit is deleted (_never_registered); below it, nothing is."""
+        if seg_id >= self.next_segment:
+            return self._never_registered(path, seg_id, base)
+        return False
 
     def _refuse_if_older_than_data(self, known: set[int]) -> None:
-        """Before anything is opened: a segment file of this store the metadata cannot know of proves
-        that meta/ is older than the data (see _never_registered); refuse before any other finding."""
+        """Before anything is opened: a segment file of this store the metadata cannot account for
+        proves that meta/ is older than the data (or lost records); refuse before any other finding."""
         if not os.path.isdir(self.wal_dir):
             return
         for name in sorted(self.vfs.listdir(self.wal_dir)):
             m = _SEGMENT_NAME.match(name)
-            if m and int(m.group(1), 16) >= self.next_segment and int(m.group(1), 16) not in known \
-                    and int(m.group(1), 16) not in self._purged and int(m.group(1), 16) not in self._staging:
-                self._never_registered(os.path.join(self.wal_dir, name), int(m.group(1), 16), int(m.group(2), 16))
+            if not m or int(m.group(1), 16) in known:
+                continue
+            seg_id, base = int(m.group(1), 16), int(m.group(2), 16)
+            if self._creating is not None or seg_id >= self.next_segment:
+                self._orphan_is_leftover(os.path.join(self.wal_dir, name), seg_id, base)
 
     def _read_head(self, path: str) -> bytes:
         fd = self.vfs.open(path, os.O_RDONLY)
@@ -626,15 +649,24 @@ class Store:
     def create_segment(self, base_index: int, hardstate: HardState, records=()) -> Segment:
         """A new segment, durable and registered; registration is the commit point of ``records``."""
         seg_id = self.next_segment
+        # The ID is taken, and recorded as being created, before the file exists: a file the
+        # metadata does not list is then either this one (never acknowledged: registration below
+        # is what acknowledges its content) or proof that meta/ is older than the data.
+        try:
+            with self.meta.write() as w:
+                w.put(M.DB_STATE, M.K_NEXT_SEGMENT, (seg_id + 1).to_bytes(8, "little"))
+                w.put(M.DB_STATE, M.K_CREATING, M.encode_ids([seg_id]))
+        except StorageError as exc:
+            raise OSError(f"recording segment {seg_id} failed: {exc}") from exc
+        self.next_segment = seg_id + 1
         seg = self._segment_file(seg_id, base_index, self.write_key_id(), hardstate, records=records)
         try:
             with self.meta.write() as w:
                 w.put(M.DB_SEGMENTS, M.u64(seg_id), M.encode_manifest(self._manifest_record(seg)))
-                w.put(M.DB_STATE, M.K_NEXT_SEGMENT, (seg_id + 1).to_bytes(8, "little"))
+                w.put(M.DB_STATE, M.K_CREATING, b"")
         except StorageError as exc:
             seg.close()
             raise OSError(f"registering segment {seg_id} failed: {exc}") from exc
-        self.next_segment = seg_id + 1
         if self.encrypted:
             self.rotation.check_budget()
         return seg
@@ -727,9 +759,9 @@ class Store:
         tx.put(M.DB_STATE, M.K_NEXT_SEGMENT, nxt.to_bytes(8, "little"))
         tx.delete(M.DB_STATE, M.K_STAGING)
         if snap_info is not None:
-            from .snapstore import encode_info
+            from .snapstore import _registered, encode_info
             tx.put(M.DB_SNAPSHOTS, M.u64(snap_info.snapshot_id), encode_info(snap_info))
-            tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, (snap_info.snapshot_id + 1).to_bytes(8, "little"))
+            _registered(tx, snap_info.snapshot_id)
 
     def install_staged(self, staged: list[Segment], snap_info) -> None:
         """After register_staged committed: the staged segments supersede the older ones."""
