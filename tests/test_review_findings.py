@@ -61,8 +61,6 @@ def _crash_child(code: str, *args: str) -> None:
 # Links: symbolic links swapped in while the store is open, hard links, LMDB's own files
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="export_snapshot opens the snapshot file with open() and getsize(), "
-                   "following a link planted after the store verified the file at open")
 def test_export_reads_through_a_symlink_swapped_in_for_the_snapshot_file(tmp_path):
     data_dir = str(tmp_path / "data")
     secret = tmp_path / "not-walcrypts.txt"             # say /etc/shadow: readable by the (root) process
@@ -82,9 +80,6 @@ def test_export_reads_through_a_symlink_swapped_in_for_the_snapshot_file(tmp_pat
         "the export carries the contents of the file the planted link points to"
 
 
-@pytest.mark.xfail(strict=True, reason="the torn-tail repair copies the segment to <segment>.broken with "
-                   "O_TRUNC (not O_EXCL, no link count check): a hard link planted there is truncated, "
-                   "overwritten with segment bytes and chmodded 0600")
 def test_torn_tail_repair_writes_through_a_hard_link_planted_at_the_broken_copy(tmp_path):
     data_dir = str(tmp_path / "data")
     _crash_child("""
@@ -114,8 +109,6 @@ def test_torn_tail_repair_writes_through_a_hard_link_planted_at_the_broken_copy(
         "the repair wrote segment bytes into (and chmodded) the file the hard link names"
 
 
-@pytest.mark.xfail(strict=True, reason="SnapshotWriter opens .tmp-<name> with O_CREAT|O_TRUNC, not O_EXCL: a "
-                   "hard link planted at the (predictable) temporary name is truncated and overwritten")
 def test_snapshot_publish_writes_through_a_hard_link_planted_at_its_temporary_name(tmp_path):
     data_dir = str(tmp_path / "data")
     victim = tmp_path / "victim.conf"
@@ -132,8 +125,6 @@ def test_snapshot_publish_writes_through_a_hard_link_planted_at_its_temporary_na
     assert victim.read_bytes() == before, "the snapshot was written into the hard-linked file"
 
 
-@pytest.mark.xfail(strict=True, reason="LMDB opens meta/lock.mdb by name and writes its lock header; only "
-                   "symbolic links are refused, so a hard link there is written through")
 def test_lmdb_lock_file_hard_link_is_written_through(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
@@ -151,8 +142,6 @@ def test_lmdb_lock_file_hard_link_is_written_through(tmp_path):
     assert victim.read_bytes() == before, "LMDB wrote its lock header into the hard-linked file"
 
 
-@pytest.mark.xfail(strict=True, reason="meta/ and its files are checked with lstat and then opened by name "
-                   "by LMDB: a link swapped in between is followed and its target's head overwritten")
 def test_lmdb_lock_file_swapped_for_a_symlink_after_the_check_is_followed(tmp_path, monkeypatch):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
@@ -180,9 +169,6 @@ def test_lmdb_lock_file_swapped_for_a_symlink_after_the_check_is_followed(tmp_pa
     assert victim.read_bytes() == before, "the link's target was written by LMDB"
 
 
-@pytest.mark.xfail(strict=True, reason="redact_export refuses a symbolic link at the export (the KEK would "
-                   "survive in its target) but not a second hard link: the embedded KEK survives there while "
-                   "redaction reports success")
 def test_redact_in_place_leaves_the_kek_in_a_hard_linked_copy(tmp_path):
     from walcrypt import backup
     data_dir, out = str(tmp_path / "data"), str(tmp_path / "node1.wcx")
@@ -235,8 +221,6 @@ def _blocked_call(fn, fifo: str, wait: float = 3.0) -> bool:
     return blocked
 
 
-@pytest.mark.xfail(strict=True, reason="segment files are opened O_RDONLY without O_NONBLOCK and without "
-                   "checking that they are regular files: a FIFO blocks open() and check() forever")
 @pytest.mark.parametrize("where", ["registered-segment", "unlisted-segment"])
 @pytest.mark.parametrize("entry_point", ["open", "check"])
 def test_a_fifo_planted_in_the_segment_directory_blocks_open_and_verify(tmp_path, where, entry_point):

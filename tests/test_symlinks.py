@@ -21,6 +21,18 @@ name a refusal that happens before anything is written (restoring into a directo
 empty).  In every case the sentinels keep their bytes, size, mode and ctime, the sentinel
 directory its entries, and no dangling target is created.
 
+The same class holds for other names that are not walcrypt's own file.  At every recorded path that
+is a file (not a directory), the operation also runs with
+
+* a hard link to a file outside the tree (holding the original file's bytes where there was one, so
+  that reads succeed and the operation goes on to write): afterwards that file keeps its bytes, size,
+  mode and mtime - nothing was written, truncated or chmodded through the second name;
+* a FIFO: the operation must not block on it (it is given a generous time limit, then the FIFO is
+  opened from both ends to set it free and the run is a failure).
+
+Either may succeed or fail with a typed StorageError (the CLI's one-line error); an internal error
+or a block is a failure.
+
 The data directory itself (and the directory of an export or key file) is the operator's path
 and may be a link; it is not planted.
 """
@@ -28,11 +40,14 @@ and may be a link; it is not planted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import shutil
 import stat
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -190,6 +205,10 @@ class Scenario:
 
 class CliFailed(Exception):
     pass
+
+
+class NothingToSend(Exception):
+    """The scenario's own precondition is gone (walcrypt set the planted file aside as broken)."""
 
 
 def cli(*args) -> str:
@@ -423,7 +442,8 @@ def run_pysyncobj_install(c):
             done = False
             for _ in range(1000):
                 chunk = src.getTransmissionData("t1")
-                assert chunk is not None
+                if chunk is None:                    # the leader set its planted snapshot aside: none to send
+                    raise NothingToSend("the leader has no snapshot to send")
                 done = dst.setTransmissionData(chunk)
                 if chunk[2]:
                     break
@@ -499,6 +519,85 @@ def _plant(top: str, rel: str, kind: str, sent: Sentinels) -> None:
     os.symlink(target, p)
 
 
+FILE_KINDS = ("hardlink", "fifo")
+FIFO_WAIT = 20.0                                   # seconds; a run normally takes well under one
+
+
+def _plant_file(top: str, rel: str, kind: str, template: str, victims: str, n: int) -> tuple | None:
+    """Put a hard link to an outside file, or a FIFO, at ``rel``; return (victim path, its state)."""
+    p = os.path.join(top, rel)
+    if os.path.islink(p) or (os.path.lexists(p) and not os.path.isdir(p)):
+        os.unlink(p)
+    elif os.path.isdir(p):
+        shutil.rmtree(p)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(p, 0o600)
+        return None
+    orig = os.path.join(template, rel)
+    victim = os.path.join(victims, f"victim-{n}")
+    with open(victim, "wb") as f:
+        if os.path.isfile(orig) and not os.path.islink(orig):
+            with open(orig, "rb") as o:
+                f.write(o.read())                     # walcrypt's own bytes: reads succeed, writes come next
+        else:
+            f.write(b"an outside file that a hard link names\n" * 100)
+    os.chmod(victim, 0o644)
+    os.link(victim, p)
+    return victim, _victim_state(victim)
+
+
+def _victim_state(path: str) -> tuple:
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        return f.read(), st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns
+
+
+def _run_unblocked(run: Callable[[], None], fifo: str) -> tuple[BaseException | None, bool]:
+    """Run ``run`` in a thread; (its exception, whether it blocked).  A blocked run is set free by
+    opening the FIFO from both ends."""
+    box: list[BaseException | None] = [None]
+    done = threading.Event()
+
+    def target():
+        try:
+            run()
+        except Exception as e:  # noqa: BLE001 - classified by the caller
+            box[0] = e
+        finally:
+            done.set()
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    blocked = not done.wait(FIFO_WAIT)
+    for _ in range(100):
+        if done.is_set():
+            break
+        for flags in (os.O_RDONLY | os.O_NONBLOCK, os.O_WRONLY | os.O_NONBLOCK):
+            try:
+                os.close(os.open(fifo, flags))
+            except OSError as exc:
+                if exc.errno not in (errno.ENXIO, errno.ENOENT, errno.ELOOP):
+                    raise
+        time.sleep(0.1)
+    t.join(10)
+    return box[0], blocked
+
+
+def _file_outcome(exc: BaseException | None, sc: Scenario) -> str | None:
+    """'ok', 'refused', or None: a hard link or FIFO may also be refused as bad bytes (any typed
+    StorageError, or the CLI's one-line error), never with an internal error."""
+    if exc is None or isinstance(exc, NothingToSend):
+        return "ok"
+    if isinstance(exc, StorageError):
+        return "refused"
+    if isinstance(exc, CliFailed) and "internal error" not in str(exc):
+        return "refused"
+    if isinstance(exc, (UsageError, CliFailed)) and any(r in str(exc) for r in sc.refusals):
+        return "refused"
+    return None
+
+
 def _outcome(exc: BaseException | None, sc: Scenario) -> str | None:
     """'ok', 'refused', or None for an unacceptable outcome."""
     if exc is None:
@@ -563,6 +662,37 @@ def test_planted_symlinks(sc: Scenario, tmp_path, monkeypatch, sentinels):
                 outcomes[verdict] += 1
             shutil.rmtree(top)
     print(f"\n{sc.name}: {len(rels)} paths x {len(LINK_KINDS)} links: {outcomes}; paths: {rels}")
+
+    # 3. at every path that is a file: a hard link to an outside file, and a FIFO
+    files = [r for r in rels if stat.S_IFDIR not in (before.get(r, (None,))[0], after.get(r, (None,))[0])
+             and not any(o.startswith(r + os.sep) for o in rels)]
+    victims = str(tmp_path / "victims")
+    os.makedirs(victims)
+    file_outcomes = {"ok": 0, "refused": 0}
+    n = 0
+    for i, rel in enumerate(files):
+        for kind in FILE_KINDS:
+            n += 1
+            top = str(tmp_path / f"f{i}-{kind}")
+            c = _copy_template(template, top)
+            planted = _plant_file(top, rel, kind, template, victims, n)
+            what = f"{sc.name}: {kind} at {rel}"
+            exc, blocked = _run_unblocked(lambda: sc.run(c), os.path.join(top, rel))
+            sentinels.check(what)
+            if blocked:
+                bad.append(f"{what}: blocked on it")
+            if planted is not None:
+                victim, state = planted
+                if _victim_state(victim) != state:
+                    bad.append(f"{what}: the file the hard link names was written, truncated or chmodded")
+                os.unlink(victim)
+            verdict = _file_outcome(exc, sc)
+            if verdict is None:
+                bad.append(f"{what}: {type(exc).__name__}: {exc}")
+            elif not blocked:
+                file_outcomes[verdict] += 1
+            shutil.rmtree(top)
+    print(f"{sc.name}: {len(files)} file paths x {len(FILE_KINDS)} kinds: {file_outcomes}")
     assert not bad, "\n".join(bad)
 
 

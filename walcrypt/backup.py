@@ -30,7 +30,7 @@ from . import keys as K
 from .errors import (AuthenticationError, CorruptionError, KeyProviderError, SymlinkError, UnsupportedFormatError,
                      UsageError, WrongKeyError)
 from .snapshot import MAX_KEYRING_BUNDLE, SnapshotFile, parse_bundle, snapshot_keys
-from .vfs import DEFAULT_VFS, open_private
+from .vfs import DEFAULT_VFS, open_private, open_regular, own_file
 
 EXPORT_MAGIC = b"WCRYPEXP"
 EXPORT_HEADER = struct.Struct("<8sHHIQQ16sIII")
@@ -46,6 +46,18 @@ def _copy(inp, out) -> None:
         if not block:
             return
         out.write(block)
+
+
+def _copy_exact(inp, out, length: int, path: str) -> None:
+    """Copy exactly ``length`` bytes (the length the header announces)."""
+    left = length
+    while left:
+        block = inp.read(min(_COPY, left))
+        if not block:
+            raise CorruptionError(path, length - left, f"snapshot file shrank while it was exported "
+                                                       f"({length} bytes expected)")
+        out.write(block)
+        left -= len(block)
 
 
 def _link_detail(path: str) -> str:
@@ -73,8 +85,9 @@ class ExportFile:
     def __init__(self, path: str):
         self.path = path
         try:
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
+            fd = open_regular(path)               # never blocks on a FIFO; only a regular file
+            size = os.fstat(fd).st_size
+            with os.fdopen(fd, "rb") as f:
                 raw = f.read(EXPORT_HEADER_SIZE)
                 if len(raw) < EXPORT_HEADER_SIZE:
                     raise CorruptionError(path, 0, "export header is truncated")
@@ -127,7 +140,30 @@ def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
             raise UsageError("a plaintext store has no KEK to embed")
         kek = store.kek_material()
     src = cur.info.path
-    snap_len = os.path.getsize(src)
+    vfs = getattr(store, "vfs", DEFAULT_VFS)
+    # Through the store's VFS (below its data directory no link is followed, no FIFO blocks), and the
+    # length from that descriptor: a name swapped in after open is refused or not used.
+    sfd = vfs.open(src, os.O_RDONLY)
+    try:
+        snap_len = own_file(sfd, src, exclusive=True).st_size      # a snapshot file has one name
+        return _export_from(store, cur, _FdReader(vfs, sfd), snap_len, out_path, kek)
+    finally:
+        vfs.close(sfd)
+
+
+class _FdReader:
+    """``read(n)`` over a VFS descriptor, from offset 0 on."""
+
+    def __init__(self, vfs, fd: int):
+        self.vfs, self.fd, self.offset = vfs, fd, 0
+
+    def read(self, n: int) -> bytes:
+        block = self.vfs.pread(self.fd, n, self.offset)
+        self.offset += len(block)
+        return block
+
+
+def _export_from(store, cur, inp, snap_len: int, out_path: str, kek: bytes) -> dict:
     bundle = store.keyring_bundle({cur.info.key_id})   # wrapped under the current KEK
     flags = FLAG_KEK_EMBEDDED if kek else 0
     _refuse_existing(out_path)
@@ -137,11 +173,11 @@ def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
     except FileExistsError:
         raise UsageError(f"{tmp} exists (an interrupted export?); remove it first") from None
     try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+        with os.fdopen(fd, "wb") as out:
             out.write(_header(flags, len(kek), snap_len, store.store_id, crc32c(kek) if kek else 0, bundle))
             out.write(kek)
             out.write(bundle)
-            _copy(inp, out)
+            _copy_exact(inp, out, snap_len, cur.info.path)
             out.flush()
             os.fsync(out.fileno())
         _refuse_existing(out_path)
@@ -245,6 +281,14 @@ def redact_export(path: str, *, out_path: str | None = None, kek_out: str | None
     if os.path.islink(dest):
         raise SymlinkError(dest, f"{dest} is a symbolic link; redacting it would replace the link and leave the "
                                  f"KEK in the file it points to: redact {os.path.realpath(dest)} itself")
+    # In place, the export must have no other name: the new file replaces this name only, and the KEK
+    # would survive under the other one while redaction reports success.
+    ifd = open_regular(path, exclusive=(os.path.abspath(dest) == os.path.abspath(path)))
+    with os.fdopen(ifd, "rb") as inp:
+        return _redact_into(ex, inp, dest, kek_out)
+
+
+def _redact_into(ex: "ExportFile", inp, dest: str, kek_out: str | None) -> dict:
     if kek_out:
         try:
             fd = open_private(kek_out, detail=_link_detail(kek_out))
@@ -259,7 +303,7 @@ def redact_export(path: str, *, out_path: str | None = None, kek_out: str | None
     tmp = dest + ".tmp"
     fd = open_private(tmp, replace_stale=True, detail=_link_detail(tmp))
     try:
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as inp:
+        with os.fdopen(fd, "wb") as out:
             out.write(_header(0, 0, ex.snapshot_length, ex.store_id, 0, ex.bundle))
             out.write(ex.bundle)
             inp.seek(ex.snapshot_offset)

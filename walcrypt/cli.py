@@ -833,14 +833,20 @@ class _SnapOnly:
         return SnapshotFile(DEFAULT_VFS, self.path)
 
 
+def _read_magic(path: str) -> bytes:
+    """The first 8 bytes of an operator's file: never blocks on a FIFO or device (UnsafeFileError)."""
+    from .vfs import open_regular
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not a snapshot file")
+    fd = open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(8)
+
+
 def _inspect_snapshot_file(path: str, kek, plaintext: bool = False) -> dict:
     from . import backup, crypto
     from . import format as fmt
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(8)
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory, not a snapshot file") from None
+    magic = _read_magic(path)
     if magic == backup.EXPORT_MAGIC:
         info = backup.inspect_export(path, kek, plaintext=plaintext)
         info["kind"] = "export"
@@ -938,9 +944,8 @@ def snapshot_redact(file, kek_out) -> None:
         raise UsageError(f"{kek_out} already exists; refusing to overwrite it")
     if kek_out and not os.path.isdir(os.path.dirname(os.path.abspath(kek_out))):
         raise UsageError(f"the directory of {kek_out} does not exist")
-    with open(file, "rb") as f:
-        if f.read(8) != backup.EXPORT_MAGIC:
-            raise UsageError(f"{file} is not a walcrypt snapshot export")
+    if _read_magic(file) != backup.EXPORT_MAGIC:
+        raise UsageError(f"{file} is not a walcrypt snapshot export")
     res = backup.redact_export(file, kek_out=kek_out)
     if not res["redacted"]:
         click.echo(f"{file} embeds no KEK; nothing to redact")
@@ -976,9 +981,8 @@ def snapshot_restore(file, directory, plaintext, **kw) -> None:
     existed = os.path.isdir(directory)
     if existed and os.listdir(directory):
         raise UsageError(f"{directory} is not empty; restore only into a new or empty directory")
-    with open(file, "rb") as f:
-        if f.read(8) != backup.EXPORT_MAGIC:
-            raise UsageError(f"{file} is not a walcrypt snapshot export")
+    if _read_magic(file) != backup.EXPORT_MAGIC:
+        raise UsageError(f"{file} is not a walcrypt snapshot export")
     with _Spinner("verifying the export"):
         info = backup.inspect_export(file, kek, plaintext=plaintext)
     if info["plaintext"]:

@@ -21,6 +21,7 @@ __all__ = [
     "AuthenticationError",
     "UnsupportedFormatError",
     "SymlinkError",
+    "UnsafeFileError",
     "LockedError",
     "StoreFailedError",
 ]
@@ -101,6 +102,20 @@ class SymlinkError(StorageError):
         self.path = path
         super().__init__(detail or (f"{path} is a symbolic link; walcrypt never follows links inside its data "
                                     "directory; remove it"))
+
+
+class UnsafeFileError(StorageError):
+    """Not a file walcrypt can call its own where it expects one: a FIFO, device, socket or directory
+    where a regular file should be, or a file that another name shares (a hard link) where walcrypt
+    writes, truncates or chmods.
+
+    walcrypt never opens such a name blocking and never writes through it: what it names is left
+    untouched.  ``path`` names it; ``reason`` is ``"not-regular"`` or ``"hard-link"``."""
+
+    def __init__(self, path: str, reason: str, detail: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(detail)
 
 
 class LockedError(WalcryptError):

@@ -33,7 +33,7 @@ from . import format as fmt
 from . import keys as K
 from . import layout
 from . import meta as M
-from .vfs import DEFAULT_VFS, refuse_link
+from .vfs import DEFAULT_VFS, own_file, refuse_link
 from .errors import KeyProviderError, LockedError, StorageError, UsageError, WalcryptError, WrongKeyError
 
 ROTATION_STUCK_AFTER_S = 3600
@@ -151,13 +151,19 @@ class SharedLock:
     def __enter__(self) -> "SharedLock":
         path = os.path.join(self.root, layout.LOCK_NAME)
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return self
         except PermissionError:
             raise UsageError(f"no permission to read {path}; run as the user that owns the store") from None
         except OSError:
             refuse_link(path)
+            raise
+        try:
+            own_file(self.fd, path, exclusive=False)       # never a FIFO or device
+        except BaseException:
+            os.close(self.fd)
+            self.fd = None
             raise
         try:
             fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

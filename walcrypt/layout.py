@@ -118,7 +118,8 @@ class DirLock:
         self.path = os.path.join(root, LOCK_NAME)
         self.fd = None
         added = confined = False
-        flags = (os.O_RDWR | os.O_CREAT if not shared else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = (os.O_RDWR | os.O_CREAT if not shared else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC \
+            | getattr(os, "O_NONBLOCK", 0)         # a FIFO planted here never blocks the open
         try:
             try:
                 self.fd = os.open(self.path, flags, 0o600)
@@ -129,6 +130,9 @@ class DirLock:
             except OSError:
                 _vfs.refuse_link(self.path)
                 raise
+            # Only a regular file of its own: never a FIFO or device, and (for the writer, which may
+            # create it) never a file another name shares, so no outside file is locked.
+            _vfs.own_file(self.fd, self.path, exclusive=not shared)
             try:
                 fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except OSError as exc:

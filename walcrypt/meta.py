@@ -27,7 +27,7 @@ import lmdb
 
 from . import format as fmt
 from .errors import AuthenticationError, CorruptionError, StorageError, UsageError
-from .vfs import refuse_link
+from .vfs import pinned_files, refuse_link
 
 DB_STORE = b"store"
 DB_KEYRING = b"keyring"
@@ -96,8 +96,13 @@ class Meta:
             created = True
         try:
             fresh = created or not os.path.exists(os.path.join(path, "data.mdb"))
-            self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
-                                 lock=not readonly, sync=True, metasync=True, mode=0o600, create=not readonly)
+            # LMDB opens its files by name: it is handed links to descriptors of the files checked here
+            # (regular, one name only, not followed), so a name swapped in after the check is never used.
+            names = ("data.mdb",) if readonly else ("data.mdb", "lock.mdb")
+            with pinned_files(path, names, writable=not readonly, create=not readonly) as lmdb_dir:
+                self.env = lmdb.open(lmdb_dir, map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
+                                     lock=not readonly, sync=True, metasync=True, mode=0o600,
+                                     create=not readonly)
         except lmdb.Error as exc:
             raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
         # From here any exception (KeyboardInterrupt included) closes the environment: LMDB refuses a

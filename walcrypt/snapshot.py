@@ -38,7 +38,7 @@ from . import format as fmt
 from . import keys as K
 from .errors import AuthenticationError, CorruptionError, UnsupportedFormatError
 from .types import ConfState, SnapshotMeta
-from .vfs import VFS
+from .vfs import VFS, create_replacing
 
 SNAPSHOT_HEADER_STRUCT = struct.Struct("<8sHHBBHQQQII16s16s16s24sII")
 assert SNAPSHOT_HEADER_STRUCT.size == 128
@@ -215,7 +215,9 @@ class SnapshotWriter:
         self._counter = 1
         self._pending: bytes | None = None
         self.data_bytes = 0
-        self.fd = vfs.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Created anew: a stale temporary file (a crash) or a name planted here loses its name first,
+        # so nothing that another name shares is ever written.
+        self.fd = create_replacing(vfs, self.tmp, os.O_RDWR)
         self.offset = 0
         try:
             hdr = header.encode()

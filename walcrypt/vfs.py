@@ -41,10 +41,16 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Union
 
-from .errors import SymlinkError
+from .errors import SymlinkError, UnsafeFileError
+
+try:
+    import fcntl
+except ImportError:                        # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["VFS", "DEFAULT_VFS", "FaultyVFS", "CrashVFS", "SimulatedCrash", "SECTOR_SIZE",
-           "confine", "release", "confined_root", "refuse_link", "open_private"]
+           "confine", "release", "confined_root", "refuse_link", "open_private", "own_file", "open_regular",
+           "create_replacing", "pinned_files"]
 
 Buffer = Union[bytes, bytearray, memoryview]
 SECTOR_SIZE = 512
@@ -52,6 +58,7 @@ _COPY_CHUNK = 1 << 20
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
 _NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 
@@ -174,6 +181,71 @@ def refuse_link(path: str, *, dir_fd: int | None = None, name: str | None = None
         raise SymlinkError(path, detail)
 
 
+_KIND_NAMES = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+               stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
+
+
+def _not_regular(path: str, mode: int) -> UnsafeFileError:
+    kind = _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
+    return UnsafeFileError(path, "not-regular",
+                           f"{path} is {kind}, not a regular file; walcrypt opens only regular files of its "
+                           "own there (and never blocks on a FIFO or device): remove it")
+
+
+def _hard_linked(path: str, nlink: int) -> UnsafeFileError:
+    return UnsafeFileError(path, "hard-link",
+                           f"{path} has {nlink} hard links (another name shares this file); walcrypt never "
+                           "writes, truncates or chmods a file it does not hold alone: remove this name")
+
+
+def own_file(fd: int, path: str, *, exclusive: bool) -> os.stat_result:
+    """``fstat`` of an opened ``fd``: refuse anything but a regular file, and, when ``exclusive``, a
+    file that another name shares (a hard link) - an :class:`UnsafeFileError`."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    if exclusive and st.st_nlink != 1:
+        raise _hard_linked(path, st.st_nlink)
+    return st
+
+
+def _refuse_special(full: str, *, dir_fd: int | None = None, name: str | None = None) -> None:
+    """After a failed open: an entry that is neither a regular file nor a link is an UnsafeFileError
+    (a FIFO without a writer, a socket: ENXIO; a directory where a file should be: EISDIR/EEXIST)."""
+    try:
+        st = os.stat(name if name is not None else full, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+        raise _not_regular(full, st.st_mode)
+
+
+def open_regular(path: str, *, exclusive: bool = False) -> int:
+    """Open an operator's file (an export) for reading: links are followed (the operator's path), but
+    the open never blocks and anything but a regular file - or, when ``exclusive``, a file another
+    name shares - is an :class:`UnsafeFileError`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC)
+    except OSError:
+        _refuse_special(os.path.abspath(path))
+        raise
+    try:
+        own_file(fd, path, exclusive=exclusive)
+        _blocking(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _blocking(fd: int) -> None:
+    """Clear O_NONBLOCK again (it was only there so a FIFO or device could not block the open)."""
+    if fcntl is not None and _O_NONBLOCK:
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if fl & _O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~_O_NONBLOCK)
+
+
 def _with_path(exc: OSError, path: str) -> OSError:
     exc.filename = path
     return exc
@@ -227,6 +299,7 @@ def open_private(path: str, flags: int = os.O_WRONLY, *, replace_stale: bool = F
                 break
             except FileExistsError as exc:
                 refuse_link(full, dir_fd=dfd, name=name, detail=detail)
+                _refuse_special(full, dir_fd=dfd, name=name)
                 if not replace_stale or attempt == 2:
                     raise _with_path(exc, full) from None
                 os.unlink(name, dir_fd=dfd)
@@ -249,14 +322,31 @@ class VFS:
     :class:`~walcrypt.errors.SymlinkError` and its target is left alone."""
 
     def open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        """Open a regular file.  The open itself never blocks (``O_NONBLOCK``, cleared again once the
+        fd is known to be a regular file); a FIFO, device, socket or directory is an
+        :class:`~walcrypt.errors.UnsafeFileError`, and so is, when opened for writing, a file that
+        another name shares (a hard link): ``O_TRUNC`` is applied only after that check."""
+        writing = bool(flags & _WRITE_FLAGS)
         with _located(path) as (dfd, name, full, confined):
-            nofollow = confined or bool(flags & _WRITE_FLAGS)
+            nofollow = confined or writing
+            want = (flags & ~os.O_TRUNC) | _O_CLOEXEC | _O_NONBLOCK | (_O_NOFOLLOW if nofollow else 0)
             try:
-                return os.open(name, flags | _O_CLOEXEC | (_O_NOFOLLOW if nofollow else 0), mode, dir_fd=dfd)
+                fd = os.open(name, want, mode, dir_fd=dfd)
             except OSError as exc:
                 if nofollow:
                     refuse_link(full, dir_fd=dfd, name=name)
+                _refuse_special(full, dir_fd=dfd, name=name)
                 raise _with_path(exc, full) from None
+        try:
+            st = own_file(fd, full, exclusive=writing)
+            if flags & os.O_TRUNC and st.st_size:
+                os.ftruncate(fd, 0)
+            if not flags & _O_NONBLOCK:
+                _blocking(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def close(self, fd: int) -> None:
         os.close(fd)
@@ -421,10 +511,11 @@ class VFS:
     def copy_file(self, src: str, dst: str) -> None:
         """Copy ``src`` to ``dst`` (mode 0600), then fsync ``dst`` and its directory.
 
-        ``dst`` is opened without following a link (a link there is a SymlinkError)."""
+        ``dst`` is created anew (``O_EXCL``), never through a link (a SymlinkError): a file already
+        there loses its name first, so a hard link planted at ``dst`` is never written through."""
         sfd = self.open(src, os.O_RDONLY)
         try:
-            dfd = self.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            dfd = create_replacing(self, dst, os.O_WRONLY)
             try:
                 os.fchmod(dfd, 0o600)
                 offset = 0
@@ -440,6 +531,61 @@ class VFS:
 
 
 DEFAULT_VFS = VFS()
+
+
+def create_replacing(vfs: VFS, path: str, flags: int = os.O_WRONLY, mode: int = 0o600) -> int:
+    """Create ``path`` anew through ``vfs`` (``O_CREAT|O_EXCL``, never following a link).
+
+    A regular file already there - a stale one of walcrypt's own left by a crash, or a name someone
+    planted, a hard link included - is unlinked first (only the name goes; what it names is never
+    opened).  A symbolic link there is a SymlinkError, anything else an UnsafeFileError."""
+    want = flags | os.O_CREAT | os.O_EXCL
+    try:
+        return vfs.open(path, want, mode)
+    except FileExistsError:
+        vfs.unlink(path)
+    return vfs.open(path, want, mode)
+
+
+@contextlib.contextmanager
+def pinned_files(directory: str, names: tuple[str, ...], *, writable: bool, create: bool) -> Iterator[str]:
+    """A directory to hand a library that opens ``directory``'s files ``names`` by name (LMDB).
+
+    Each file is opened here first, without following a link and without blocking, and must be a
+    regular file no other name shares (else SymlinkError / UnsafeFileError); it is created (never
+    through a link) when ``create``; a file that is missing and not created is left missing.
+    On Linux the directory yielded is a private temporary one whose entries are links to
+    ``/proc/self/fd/N`` of the descriptors opened here: the library reopens exactly the files that
+    were checked, whatever is swapped into ``directory`` meanwhile.  Without ``/proc`` the
+    directory itself is yielded (a name swapped between this check and the library's own open is
+    then followed: FORMAT.md's threat model)."""
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_CREAT if create else 0)
+    fds: dict[str, int] = {}
+    private: str | None = None
+    try:
+        for name in names:
+            try:
+                fds[name] = DEFAULT_VFS.open(os.path.join(directory, name), flags | _O_NOFOLLOW, 0o600)
+            except FileNotFoundError:
+                continue
+            except UnsafeFileError:
+                raise
+            except OSError:
+                refuse_link(os.path.join(directory, name))
+                raise
+            own_file(fds[name], os.path.join(directory, name), exclusive=True)     # read-only too: no shared file
+        if sys.platform.startswith("linux") and os.path.isdir("/proc/self/fd"):
+            private = tempfile.mkdtemp(prefix=".walcrypt-pin-")
+            for name, fd in fds.items():
+                os.symlink(f"/proc/self/fd/{fd}", os.path.join(private, name))
+            yield private
+        else:
+            yield directory
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 class SimulatedCrash(Exception):
