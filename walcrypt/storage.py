@@ -77,7 +77,7 @@ class Store:
                  keep_snapshots: int = 2, snapshot_chunk_size: int = 1 << 20, snapshot_source=None,
                  destroy_retired_keys: bool = False, max_records_per_dek: int = DEFAULT_MAX_RECORDS_PER_DEK,
                  max_bytes_per_dek: int = DEFAULT_MAX_BYTES_PER_DEK, max_dek_age_s: float | None = None,
-                 vfs: VFS | None = None, _dirlock: layout.DirLock | None = None):
+                 vfs: VFS | None = None, _dirlock: layout.DirLock | None = None, _holder: list | None = None):
         self.path = os.path.abspath(os.fspath(path))
         self.vfs = vfs or DEFAULT_VFS
         self.read_only = read_only
@@ -142,6 +142,8 @@ class Store:
                     raise StorageError(f"finishing an interrupted DEK rotation in {self.path} failed: {exc}; "
                                        "free space if the disk is full and open again (nothing was lost)") from exc
                 raise
+        if _holder is not None:
+            _holder.append(self)              # walcrypt.open closes it if interrupted before returning it
 
     # ------------------------------------------------------------------ bootstrap
     def _prepare_root(self) -> None:
@@ -855,14 +857,14 @@ class Store:
         return f"<walcrypt.Store {self.path} {mode} {state}>"
 
 
-def _close_fully(store: Store) -> None:
-    """Close a store the caller never sees: if close() itself is interrupted (KeyboardInterrupt),
-    it is called again to release what is left (the directory lock above all), then the
-    interruption propagates."""
+def _close_fully(closable) -> None:
+    """Close a store (or metadata environment) the caller never sees: if close() itself is
+    interrupted (KeyboardInterrupt), it is called again to release what is left (the directory
+    lock, the LMDB environment), then the interruption propagates."""
     try:
-        store.close()
+        closable.close()
     except BaseException:
-        store.close()
+        closable.close()
         raise
 
 
@@ -876,7 +878,11 @@ def stored_mode(path) -> bool | None:
         with m.read() as r:
             v = r.raw(M.DB_STORE, M.K_ENCRYPTED)
     finally:
-        m.close()
+        try:
+            m.close()
+        except BaseException:                # interrupted: close again (LMDB allows one handle per process)
+            m.close()
+            raise
     return None if v is None else v == b"\x01"
 
 
@@ -889,16 +895,24 @@ def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
     ``encrypted=False`` is migrated to plaintext only with ``decrypt_existing=True``
     (and its KEK); otherwise it is a UsageError.  ``migration_progress(stage, done, total)``
     reports progress."""
+    built: list[Store] = []                  # every store this call built, returned or not
     try:
-        return _open(os.fspath(path), kek, encrypted, decrypt_existing, migration_progress, options)
-    except OSError as exc:                   # a file error anywhere in open or migration: typed, with a hint
-        raise StorageError(f"opening {path} failed: {exc} (if the disk is full or failing, fix that and open "
-                           "again; an interrupted migration is redone)") from exc
+        return _open(os.fspath(path), kek, encrypted, decrypt_existing, migration_progress, options, built)
+    except BaseException as exc:
+        # Interrupted (KeyboardInterrupt) after a store was built but before it reached the caller:
+        # nobody else can close it, so its lock and files are released here.
+        for st in built:
+            _close_fully(st)
+        if isinstance(exc, OSError):         # a file error anywhere in open or migration: typed, with a hint
+            raise StorageError(f"opening {path} failed: {exc} (if the disk is full or failing, fix that and open "
+                               "again; an interrupted migration is redone)") from exc
+        raise
 
 
-def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_progress, options: dict) -> Store:
+def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_progress, options: dict,
+          built: list) -> Store:
     if options.get("read_only") or not layout.looks_like_store(path):
-        return Store(path, kek=kek, encrypted=encrypted, **options)
+        return Store(path, kek=kek, encrypted=encrypted, _holder=built, **options)
     held: list = []                      # the lock, even if we are interrupted storing it
     try:
         lock = layout.DirLock(path, holder=held)     # before reading anything: no writer can be active
@@ -906,7 +920,7 @@ def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_pro
         if have is None or have == encrypted:
             if not encrypted and decrypt_existing:
                 kek = None                   # already plaintext (a finished migration): nothing to decrypt
-            return Store(path, kek=kek, encrypted=encrypted, _dirlock=lock, **options)
+            return Store(path, kek=kek, encrypted=encrypted, _dirlock=lock, _holder=built, **options)
         if not encrypted and not decrypt_existing:
             raise UsageError(f"{path} is encrypted; opening it as plaintext would decrypt every record on disk. "
                              "Pass decrypt_existing=True (and its kek=) to migrate it, or open it with its kek=")
@@ -914,7 +928,7 @@ def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_pro
             raise KeyProviderError(f"{path} is a plaintext store: pass kek=... to migrate it to encrypted, or "
                                    "open it with encrypted=False")
         from .migrate import migrate
-        src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, **options)
+        src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, _holder=built, **options)
         try:
             migrate(src, to_encrypted=encrypted, kek=kek, algorithm=options.get("algorithm", "aes-256-gcm"),
                     progress=migration_progress)
@@ -923,7 +937,7 @@ def _open(path: str, kek, encrypted: bool, decrypt_existing: bool, migration_pro
             raise
         finally:
             _close_fully(src)
-        return Store(path, kek=kek if encrypted else None, encrypted=encrypted, **options)
+        return Store(path, kek=kek if encrypted else None, encrypted=encrypted, _holder=built, **options)
     except BaseException:
         for held_lock in held:           # our lock, unless a store we built and lost is holding it
             held_lock.release()          # idempotent: a store it was handed to may have released it
