@@ -26,7 +26,15 @@ Operations: a single save (which cuts a fresh segment after the open), a group c
 threads sharing one unit, segment rollover, suffix replacement below sealed segments, truncate,
 compaction, save_snapshot ahead of the log (a log reset), a streamed snapshot (begin_snapshot,
 write, commit) with retention, DEK rotation with a snapshot source, full re-key, KEK rotation,
-close (sealing the active segment) and migration of a plaintext store to encrypted.
+close (sealing the active segment), migration of a plaintext store to encrypted, an open that
+repairs a torn tail and seals the crashed segment, and an open that resumes a DEK rotation.
+
+A second enumeration injects at the engine's own step boundaries instead: the places inside
+``walcrypt`` code where CPython can deliver an asynchronous exception (after a call returns, on
+entering a function, on a loop's backward jump), found with ``dis`` and raised from an opcode
+trace event in every thread.  CI runs a sample of them per operation (KeyboardInterrupt and the
+application exception); ``WALCRYPT_INJECT_LINES=all`` runs every one (some 50 000 runs, about
+ten minutes).
 
 Per-operation figures (points, runs, seconds) are printed with -s.
 """
@@ -35,10 +43,11 @@ from __future__ import annotations
 
 import collections
 import dis
+import logging
 import os
-import sys
 import pathlib
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -50,7 +59,7 @@ from typing import Callable
 import pytest
 
 import walcrypt
-from walcrypt import ConfState, Entry, HardState, SnapshotMeta, StoreFailedError, UsageError
+from walcrypt import ConfState, Entry, HardState, SnapshotMeta, StoreFailedError
 from walcrypt import meta as M
 
 import noncescan
@@ -404,22 +413,23 @@ def scenarios(t: dict) -> dict[str, Scenario]:
         run.s.close()
     out["close"] = Scenario("close", t["log"], log0, close, pre=active)
 
-    # -- migration: walcrypt.open(plaintext store, kek=...) ------------------------------------------
+    # -- migration: walcrypt.open(plaintext store, kek=..., migrate=True) ---------------------------------------
     plain0 = _filled(31, snap=(20, 1))
 
-    def migrate(run):
+    def nothing(run):
         pass                                        # the open is the operation
-    out["migrate"] = Scenario("migrate", t["plain"], plain0, migrate, at_open=True,
-                              retry=lambda run: None)
+    out["migrate"] = Scenario("migrate", t["plain"], plain0, nothing, at_open=True,
+                              retry=lambda run: None, open_kw=dict(ENC, migrate=True))
 
     # -- open after a crash: torn-tail repair (.broken copy, truncate) and sealing with the jump ------
-    out["open-recover"] = Scenario("open-recover", t["crashed"], log0, migrate, at_open=True,
+    out["open-recover"] = Scenario("open-recover", t["crashed"], log0, nothing, at_open=True,
                                    retry=lambda run: None)
 
     # -- open resuming a DEK rotation: the source is asked, the snapshot saved, the key promoted ----
-    out["open-resume-rotation"] = Scenario("open-resume-rotation", t["rotation-pending"], snap0, migrate,
+    out["open-resume-rotation"] = Scenario("open-resume-rotation", t["rotation-pending"], snap0, nothing,
                                            at_open=True, retry=lambda run: None, open_kw=rot_kw,
-                                           open_model=rotated)
+                                           open_model=rotated,
+                                           extra_allowed=lambda states: [rotated(st) for st in states])
     return out
 
 
@@ -502,6 +512,7 @@ class LineInjector:
 
     def _start(self, k, exc_type, on_fire):
         self.count, self._k, self._exc_type, self._on_fire, self.fired = 0, k, exc_type, on_fire, None
+        self.fired_in_host = False
         self._active = True
         threading.settrace(self._call)
         sys.settrace(self._call)
@@ -540,6 +551,10 @@ class LineInjector:
             self._active = False
             code = frame.f_code
             self.fired_op = f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}"
+            f = frame
+            while f is not None and not self.fired_in_host:   # inside the host's snapshot source?
+                self.fired_in_host = f.f_code is _source.__code__
+                f = f.f_back
             exc = self.fired = self._exc_type(f"injected at {self.fired_op}")
             if self._on_fire is not None:
                 self._on_fire()
@@ -560,14 +575,41 @@ _AFTER = {"CALL", "CALL_FUNCTION_EX", "RESUME"}
 
 def _delivery_points(code) -> frozenset:
     """Offsets of the instructions that follow a call (or a function's RESUME), and the targets of
-    backward jumps: where CPython checks for a pending asynchronous exception."""
+    backward jumps: where CPython checks for a pending asynchronous exception.
+
+    A real one is raised by the call instruction itself, after the callee returned; ours is raised
+    at the next instruction.  The two agree only where both lie in the same exception-handling
+    regions, so a point whose next instruction leaves the call's region (``return f()`` as the
+    last statement of a ``try``, a ``with`` block's exit) is left out rather than tested wrongly."""
     found = _POINTS.get(code)
     if found is None:
         ins = list(dis.get_instructions(code))
-        out = {ins[i + 1].offset for i, x in enumerate(ins[:-1]) if x.opname in _AFTER}
-        out |= {x.argval for x in ins if x.opname.startswith("JUMP_BACKWARD")}
+        table = getattr(dis, "_parse_exception_table", None)
+        entries = table(code) if table is not None else []
+
+        def regions(offset: int) -> tuple:
+            return tuple((e.start, e.end, e.target) for e in entries if e.start <= offset < e.end)
+
+        out = {ins[i + 1].offset for i, x in enumerate(ins[:-1])
+               if x.opname in _AFTER and regions(x.offset) == regions(ins[i + 1].offset)}
+        out |= {x.argval for x in ins
+                if x.opname.startswith("JUMP_BACKWARD") and regions(x.offset) == regions(x.argval)}
         found = _POINTS[code] = frozenset(out)
     return found
+
+
+class _SourceFailures(logging.Handler):
+    """Collects the engine's warnings that a snapshot source failed while a rotation resumed."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def seen(self, exc: BaseException) -> bool:
+        return any("snapshot source failed" in m and str(exc) in m for m in self.messages)
 
 
 def run_point(sc: Scenario, work: str, k: int | None, when: str, kind: str,
@@ -598,6 +640,9 @@ def run_point(sc: Scenario, work: str, k: int | None, when: str, kind: str,
     run = Run(None, inj, root, sc.initial)
     _CURRENT[0] = None if lines else inj
     raised: BaseException | None = None
+    tolerated = False
+    source_failure = _SourceFailures()
+    logging.getLogger("walcrypt").addHandler(source_failure)
     try:
         if sc.at_open:
             arm()
@@ -605,7 +650,11 @@ def run_point(sc: Scenario, work: str, k: int | None, when: str, kind: str,
                 run.doubt = [sc.open_model(run.acked)]
         try:
             run.s = walcrypt.open(root, vfs=vfs, **sc.open_kw)
-            if sc.at_open and sc.open_model is not None:
+            # The host's snapshot source failing at open is logged and tolerated by design (the
+            # rotation stays pending, the next open asks again); a KeyboardInterrupt never is.
+            tolerated = (inj.fired is not None and kind != "KeyboardInterrupt"
+                         and (getattr(inj, "fired_in_host", False) or source_failure.seen(inj.fired)))
+            if sc.at_open and sc.open_model is not None and not tolerated:
                 run.acked, run.doubt = sc.open_model(run.acked), []
             if sc.pre is not None and not sc.at_open:
                 inj.disarm()
@@ -629,9 +678,9 @@ def run_point(sc: Scenario, work: str, k: int | None, when: str, kind: str,
             return False, counted, problems
         # 1. the caller got the injected exception itself
         if fired:
-            if raised is None:
+            if raised is None and not tolerated:
                 problems.append(f"{label}: the injected exception at {inj.fired_op} was swallowed")
-            elif raised is not inj.fired:
+            elif raised is not inj.fired and not (raised is None and tolerated):
                 problems.append(f"{label}: the operation raised {raised!r} instead of the injected "
                                 f"{inj.fired!r} ({inj.fired_op})")
         elif raised is not None:
@@ -687,6 +736,7 @@ def run_point(sc: Scenario, work: str, k: int | None, when: str, kind: str,
         _CURRENT[0] = None
         inj.disarm()
         inj.close_leftovers()
+        logging.getLogger("walcrypt").removeHandler(source_failure)
 
 
 def _verify(sc: Scenario, run: Run, root: str, label: str) -> list[str]:

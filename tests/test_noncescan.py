@@ -13,7 +13,6 @@ import shutil
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-import walcrypt
 from walcrypt import HardState, SnapshotMeta
 from walcrypt import crypto
 from walcrypt import format as fmt

@@ -78,7 +78,7 @@ class Store:
                  keep_snapshots: int = 2, snapshot_chunk_size: int = 1 << 20, snapshot_source=None,
                  destroy_retired_keys: bool = False, max_records_per_dek: int = DEFAULT_MAX_RECORDS_PER_DEK,
                  max_bytes_per_dek: int = DEFAULT_MAX_BYTES_PER_DEK, max_dek_age_s: float | None = None,
-                 vfs: VFS | None = None, _dirlock: layout.DirLock | None = None):
+                 vfs: VFS | None = None, _dirlock: layout.DirLock | None = None, _holder: list | None = None):
         self.path = os.path.abspath(os.fspath(path))
         self.vfs = vfs or DEFAULT_VFS
         self.read_only = read_only
@@ -148,6 +148,8 @@ class Store:
                     raise StorageError(f"finishing an interrupted DEK rotation in {self.path} failed: {exc}; "
                                        "free space if the disk is full and open again (nothing was lost)") from exc
                 raise
+        if _holder is not None:
+            _holder.append(self)              # walcrypt.open closes it if interrupted before returning it
 
     # ------------------------------------------------------------------ bootstrap
     def _prepare_root(self) -> None:
@@ -1023,14 +1025,14 @@ class Store:
         return f"<walcrypt.Store {self.path} {mode} {state}>"
 
 
-def _close_fully(store: Store) -> None:
-    """Close a store the caller never sees: if close() itself is interrupted (KeyboardInterrupt),
-    it is called again to release what is left (the directory lock above all), then the
-    interruption propagates."""
+def _close_fully(closable) -> None:
+    """Close a store (or metadata environment) the caller never sees: if close() itself is
+    interrupted (KeyboardInterrupt), it is called again to release what is left (the directory
+    lock, the LMDB environment), then the interruption propagates."""
     try:
-        store.close()
+        closable.close()
     except BaseException:
-        store.close()
+        closable.close()
         raise
 
 
@@ -1044,7 +1046,11 @@ def stored_mode(path) -> bool | None:
         with m.read() as r:
             v = r.raw(M.DB_STORE, M.K_ENCRYPTED)
     finally:
-        m.close()
+        try:
+            m.close()
+        except BaseException:                # interrupted: close again (LMDB allows one handle per process)
+            m.close()
+            raise
     return None if v is None else v == b"\x01"
 
 
@@ -1059,16 +1065,24 @@ def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
     with ``encrypted=False`` is decrypted only with ``migrate=True`` (or its older spelling
     ``decrypt_existing=True``) and its KEK.  ``migration_progress(stage, done, total)``
     reports progress."""
+    built: list[Store] = []                  # every store this call built, returned or not
     try:
-        return _open(os.fspath(path), kek, encrypted, migrate or decrypt_existing, migration_progress, options)
-    except OSError as exc:                   # a file error anywhere in open or migration: typed, with a hint
-        raise StorageError(f"opening {path} failed: {exc} (if the disk is full or failing, fix that and open "
-                           "again; an interrupted migration is redone)") from exc
+        return _open(os.fspath(path), kek, encrypted, migrate or decrypt_existing, migration_progress, options, built)
+    except BaseException as exc:
+        # Interrupted (KeyboardInterrupt) after a store was built but before it reached the caller:
+        # nobody else can close it, so its lock and files are released here.
+        for st in built:
+            _close_fully(st)
+        if isinstance(exc, OSError):         # a file error anywhere in open or migration: typed, with a hint
+            raise StorageError(f"opening {path} failed: {exc} (if the disk is full or failing, fix that and open "
+                               "again; an interrupted migration is redone)") from exc
+        raise
 
 
-def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, options: dict) -> Store:
+def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, options: dict,
+          built: list) -> Store:
     if options.get("read_only") or not layout.looks_like_store(path):
-        return Store(path, kek=kek, encrypted=encrypted, **options)
+        return Store(path, kek=kek, encrypted=encrypted, _holder=built, **options)
     held: list = []                      # the lock, even if we are interrupted storing it
     try:
         lock = layout.DirLock(path, holder=held)     # before reading anything: no writer can be active
@@ -1076,7 +1090,7 @@ def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, op
         if have is None or have == encrypted:
             if not encrypted and migrate:
                 kek = None                   # already plaintext (a finished migration): nothing to decrypt
-            return Store(path, kek=kek, encrypted=encrypted, _dirlock=lock, **options)
+            return Store(path, kek=kek, encrypted=encrypted, _dirlock=lock, _holder=built, **options)
         if not encrypted and not migrate:
             raise UsageError(f"{path} is encrypted; opening it as plaintext would decrypt every record on disk. "
                              "Pass migrate=True (and its kek=) to migrate it, or open it with its kek=")
@@ -1090,7 +1104,7 @@ def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, op
                 "must not be trusted (restore it from a backup or re-replicate the node); to encrypt a plaintext "
                 "store on purpose, open it with migrate=True (or run 'walcrypt migrate DIR --to encrypted')")
         from .migrate import migrate as run_migration
-        src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, **options)
+        src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, _holder=built, **options)
         try:
             run_migration(src, to_encrypted=encrypted, kek=kek, algorithm=options.get("algorithm", "aes-256-gcm"),
                           progress=migration_progress)
@@ -1099,7 +1113,7 @@ def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, op
             raise
         finally:
             _close_fully(src)
-        return Store(path, kek=kek if encrypted else None, encrypted=encrypted, **options)
+        return Store(path, kek=kek if encrypted else None, encrypted=encrypted, _holder=built, **options)
     except BaseException:
         for held_lock in held:           # our lock, unless a store we built and lost is holding it
             held_lock.release()          # idempotent: a store it was handed to may have released it
