@@ -359,8 +359,8 @@ def test_open_interrupted_while_closing_its_migration_source_releases_the_lock(d
         s.save(entries=wctest.make_entries(1, 5))
     monkeypatch.setattr(layout.DirLock, "release", _InterruptOnce(layout.DirLock.release))
     with pytest.raises(KeyboardInterrupt):
-        wctest.open_store(data_dir, segment_size=SEG)          # migrates, then closes the source
-    with wctest.open_store(data_dir, segment_size=SEG) as s2:  # not "already open in this process"
+        wctest.open_store(data_dir, segment_size=SEG, migrate=True)   # migrates, then closes the source
+    with wctest.open_store(data_dir, segment_size=SEG, migrate=True) as s2:   # not "already open here"
         assert s2.encrypted and s2.last_index() == 4
 
 
