@@ -29,7 +29,7 @@ from .types import ConfState, Entry, HardState, SnapshotMeta
 from .vfs import DEFAULT_VFS, VFS
 from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
 from .snapstore import Snapshot, Snapshots
-from .wal import MAX_ENTRY_INDEX, U64_MAX, Wal, check_u64
+from .wal import MAX_ENTRY_INDEX, SYNC_POLICIES, U64_MAX, Wal, check_u64
 
 log = logging.getLogger("walcrypt")
 
@@ -65,6 +65,48 @@ class _FailStop:
         return False
 
 
+MAX_SEGMENT_SIZE = 1 << 40          # segment_size: frames and offsets stay far inside their u64 fields
+
+
+def _check_bool(value, what: str) -> None:
+    if type(value) is not bool:
+        raise UsageError(f"{what} must be True or False, not {value!r}")
+
+
+def _check_options(*, kek, encrypted, sync, segment_size, algorithm, max_entry_size, read_only, keep_snapshots,
+                   snapshot_chunk_size, snapshot_source, destroy_retired_keys, max_records_per_dek,
+                   max_bytes_per_dek, max_dek_age_s) -> None:
+    """Every option of open(), checked before anything is touched, against what the readers accept
+    (FORMAT.md 13): a UsageError naming the option."""
+    for name, value in (("encrypted", encrypted), ("read_only", read_only),
+                        ("destroy_retired_keys", destroy_retired_keys)):
+        _check_bool(value, name)
+    if kek is not None and not isinstance(kek, K.KeyEncryptionKey):
+        raise UsageError(f"kek must be a key-encryption key (RawKey, KeyFile, Passphrase, EnvKey, Kms), not "
+                         f"{type(kek).__name__}")
+    if not isinstance(sync, str) or sync not in SYNC_POLICIES:
+        raise UsageError(f"sync must be one of {', '.join(SYNC_POLICIES)}, not {sync!r}")
+    if not isinstance(algorithm, str):
+        raise UsageError(f"algorithm must be a cipher suite name, not {type(algorithm).__name__}")
+    if encrypted:
+        crypto.suite_by_name(algorithm)                  # UsageError for an unknown or unavailable suite
+    check_u64(segment_size, "segment_size", 4096, MAX_SEGMENT_SIZE)
+    # The limit leaves room for the rest of the record the entry may share (FORMAT.md 13), and a record
+    # is never built beyond the readers' bound (Wal._records): a larger entry could be acknowledged in a
+    # record every reader refuses.
+    check_u64(max_entry_size, "max_entry_size", 1, min(fmt.MAX_ENTRY_SIZE_LIMIT, fmt.max_entry_size_bound()))
+    check_u64(keep_snapshots, "keep_snapshots", 1, U64_MAX)
+    check_u64(snapshot_chunk_size, "snapshot_chunk_size", 1, fmt.MAX_SNAPSHOT_CHUNK)
+    check_u64(max_records_per_dek, "max_records_per_dek", 1, U64_MAX)
+    check_u64(max_bytes_per_dek, "max_bytes_per_dek", 1, U64_MAX)
+    if max_dek_age_s is not None:
+        if isinstance(max_dek_age_s, bool) or not isinstance(max_dek_age_s, (int, float)) \
+                or not 0 < max_dek_age_s < float("inf"):
+            raise UsageError(f"max_dek_age_s must be a positive number of seconds or None, not {max_dek_age_s!r}")
+    if snapshot_source is not None and not callable(snapshot_source):
+        raise UsageError(f"snapshot_source must be callable or None, not {type(snapshot_source).__name__}")
+
+
 class Store:
     """An open walcrypt data directory.  Use :func:`walcrypt.open`.
 
@@ -86,12 +128,11 @@ class Store:
         self.closed = True
         self._released = True                # set to False once there is something to release
         self.repairs: list[dict] = []
-        if segment_size < 4096:
-            raise UsageError("segment_size must be at least 4096 bytes")
-        if not 1 <= max_entry_size <= fmt.MAX_ENTRY_SIZE_LIMIT:
-            # The limit leaves room for the rest of the record the entry may share (FORMAT.md 13): a
-            # larger entry could be acknowledged in a record every reader refuses.
-            raise UsageError(f"max_entry_size must be between 1 and {fmt.MAX_ENTRY_SIZE_LIMIT} bytes")
+        _check_options(kek=kek, encrypted=encrypted, sync=sync, segment_size=segment_size, algorithm=algorithm,
+                       max_entry_size=max_entry_size, read_only=read_only, keep_snapshots=keep_snapshots,
+                       snapshot_chunk_size=snapshot_chunk_size, snapshot_source=snapshot_source,
+                       destroy_retired_keys=destroy_retired_keys, max_records_per_dek=max_records_per_dek,
+                       max_bytes_per_dek=max_bytes_per_dek, max_dek_age_s=max_dek_age_s)
         if encrypted and kek is None:
             raise KeyProviderError(
                 "this store is encrypted and no key-encryption key was given; pass kek=KeyFile(...), "
@@ -357,12 +398,12 @@ class Store:
             nxt = r.get(M.DB_STATE, M.K_NEXT_SEGMENT)
             purged = M.decode_ids(r.get(M.DB_STATE, M.K_PURGED), self.meta.path)
             staging = M.decode_ids(r.get(M.DB_STATE, M.K_STAGING), self.meta.path)
-        if nxt is None or len(nxt) != 8 or len(staging) not in (0, 2):
+        if len(staging) not in (0, 2):
             raise CorruptionError(self.meta.path, None, "store state records are missing or damaged")
         self._purged = set(purged)
         self._staging = range(staging[0], staging[1]) if staging else range(0)
         c_index, c_term, reset_seg = M.decode_compacted(compacted, self.meta.path)
-        self.next_segment = int.from_bytes(nxt, "little")
+        self.next_segment = M.decode_counter(nxt, self.meta.path, "next segment")
         self._refuse_if_older_than_data({seg_id for seg_id, _ in manifest})
         segments = []
         for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
@@ -710,7 +751,7 @@ class Store:
     def _next_snapshot_id(self) -> int:
         with self.meta.read() as r:
             nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
-        return int.from_bytes(nxt, "little") if nxt else 1
+        return M.decode_counter(nxt, self.meta.path, "next snapshot", default=1)
 
     def register_staged(self, tx, staged: list[Segment], snap_info) -> None:
         for seg in staged:

@@ -523,14 +523,24 @@ class Wal:
 
     @staticmethod
     def _records(first: int, terms: list, lengths: list, datas: list) -> list:
+        """Split entries into ENTRIES records (FORMAT.md 12): a record is closed once its data reaches
+        RECORD_TARGET_BYTES or it holds RECORD_MAX_ENTRIES entries, and before an entry that would take
+        its sealed payload beyond MAX_RECORD_PAYLOAD (the readers' bound, read at call time); such an
+        entry starts the next record, where it fits alone (max_entry_size is capped at open)."""
         n = len(terms)
         records = []
         start = 0
+        row = fmt.ENTRIES_ROW_SIZE
+        room = fmt.MAX_RECORD_PAYLOAD - fmt.ENTRIES_RECORD_OVERHEAD - row   # data + rows beyond the first
         while start < n:
             stop = start + 1
             size = lengths[start]
+            used = size
             limit = min(n, start + fmt.RECORD_MAX_ENTRIES)
             while stop < limit and size < fmt.RECORD_TARGET_BYTES:
+                used += lengths[stop] + row
+                if used > room:
+                    break
                 size += lengths[stop]
                 stop += 1
             t = terms[start:stop]
