@@ -81,6 +81,7 @@ ENTRIES_ROW_SIZE = 12                    # per entry in the ENTRIES table: u64 t
 MAX_ID = (1 << 63) - 1
 MAX_FILE_OFFSET = (1 << 63) - 1
 
+MAX_STABLE_VALUE = 64 << 20              # one stable-store value (sealed in one AEAD call)
 MAX_SNAPSHOT_CHUNK = 64 << 20            # plaintext bytes of one snapshot chunk (readers refuse more)
 
 KEY_ID_SIZE = 16

@@ -29,7 +29,7 @@ from .types import ConfState, Entry, HardState, SnapshotMeta
 from .vfs import DEFAULT_VFS, VFS
 from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
 from .snapstore import Snapshot, Snapshots
-from .wal import MAX_ENTRY_INDEX, SYNC_POLICIES, U64_MAX, Wal, check_u64
+from .wal import MAX_ENTRY_INDEX, SYNC_POLICIES, U64_MAX, Wal, _as_bytes, check_u64
 
 log = logging.getLogger("walcrypt")
 
@@ -65,7 +65,15 @@ class _FailStop:
         return False
 
 
+MAX_STABLE_KEY = 400               # LMDB's key limit, with room for the table's own prefix
 MAX_SEGMENT_SIZE = 1 << 40          # segment_size: frames and offsets stay far inside their u64 fields
+
+
+def _stable_key(key) -> bytes:
+    key = _as_bytes(key, "a stable-store key")
+    if not 1 <= len(key) <= MAX_STABLE_KEY:
+        raise UsageError(f"a stable-store key is 1 to {MAX_STABLE_KEY} bytes, not {len(key)}")
+    return key
 
 
 def _check_bool(value, what: str) -> None:
@@ -819,11 +827,15 @@ class Store:
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         self._check_open()
+        lo = check_u64(lo, "lo", 0, U64_MAX)
+        hi = check_u64(hi, "hi", 0, U64_MAX)
+        if max_size is not None:
+            max_size = check_u64(max_size, "max_size", 0, U64_MAX)
         return self.wal.entries(lo, hi, max_size)
 
     def term(self, index: int) -> int:
         self._check_open()
-        return self.wal.term(index)
+        return self.wal.term(check_u64(index, "index", 0, U64_MAX))
 
     def first_index(self) -> int:
         self._check_open()
@@ -916,9 +928,9 @@ class Store:
         """Durably store ``value`` under ``key`` (sealed under the DEK; one synced LMDB commit)."""
         self._check_write()
         self.wal.check_writable()
-        key, value = bytes(key), bytes(value)
-        if not key or len(key) > 400:
-            raise UsageError("a stable-store key is 1 to 400 bytes")
+        key, value = _stable_key(key), _as_bytes(value, "a stable-store value")
+        if len(value) > fmt.MAX_STABLE_VALUE:
+            raise UsageError(f"a stable-store value is at most {fmt.MAX_STABLE_VALUE} bytes, not {len(value)}")
         from . import stable
         with self.meta.write() as w:
             w.put(M.DB_STABLE, key, stable.seal(self, key, value))
@@ -926,10 +938,11 @@ class Store:
     def stable_get(self, key: bytes) -> bytes | None:
         """The value stored under ``key``, or None."""
         self._check_open()
+        key = _stable_key(key)
         from . import stable
         with self.meta.read() as r:
-            blob = r.get(M.DB_STABLE, bytes(key))
-        return None if blob is None else stable.open_value(self, bytes(key), blob)
+            blob = r.get(M.DB_STABLE, key)
+        return None if blob is None else stable.open_value(self, key, blob)
 
     def reseal_stable(self, tx, key_id: bytes) -> None:
         """Re-seal every stable value under ``key_id`` inside the transaction ``tx`` (DEK rotation)."""
@@ -961,10 +974,22 @@ class Store:
 
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
         """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store."""
+        if not isinstance(new_kek, K.KeyEncryptionKey):
+            raise UsageError(f"new_kek must be a key-encryption key (RawKey, KeyFile, Passphrase, EnvKey, Kms), "
+                             f"not {type(new_kek).__name__}")
         self.rotation.rotate_kek(new_kek)
 
     def export_snapshot(self, out_path: str, *, embed_kek: bool = False) -> dict:
         """Write the newest snapshot and its wrapped keys to one file (see walcrypt.backup)."""
+        try:
+            out_path = os.fspath(out_path)
+        except TypeError:
+            raise UsageError(f"out_path must be a path, not {type(out_path).__name__}") from None
+        if isinstance(out_path, bytes):
+            out_path = os.fsdecode(out_path)
+        if not out_path or "\0" in out_path:
+            raise UsageError("out_path must be a non-empty path without NUL characters")
+        _check_bool(embed_kek, "embed_kek")
         from .backup import export_snapshot
         return export_snapshot(self, out_path, embed_kek=embed_kek)
 

@@ -460,14 +460,14 @@ class Wal:
         Runs in the caller's thread, outside the write lock, so that with group commit
         the next batch is prepared while the leader waits on fdatasync, and so that a bad
         request fails in its own thread only."""
-        try:
-            n = len(entries)
-        except TypeError:
+        if type(entries) is not list and type(entries) is not tuple:
+            if isinstance(entries, (str, bytes, bytearray, memoryview, dict, Entry)):
+                raise UsageError(f"entries must be a sequence of Entry, not {type(entries).__name__}")
             try:
-                entries = list(entries)
+                entries = list(entries)        # any iterable, read once (a dict or a set is refused above / below)
             except TypeError:
                 raise UsageError(f"entries must be a sequence of Entry, not {type(entries).__name__}") from None
-            n = len(entries)
+        n = len(entries)
         if not n:
             return entries, []
         if n == 1:                                 # the common Raft case, without the list machinery
