@@ -539,17 +539,33 @@ def test_max_entry_size_leaves_room_for_the_record_around_the_entry(tmp_path):
 
 
 def test_a_record_over_the_payload_bound_is_refused_by_readers(tmp_path, monkeypatch):
-    """Readers check the payload bound whatever wrote the record, scaled down: with the bound at 1 MiB
-    and an entry just below it (which Store's max_entry_size limit no longer allows), the record is
-    refused with a typed error, no more."""
+    """Readers check the payload bound whatever wrote the record, scaled down: a record of about 1 MiB
+    written under the real bound, then read with the bound lowered to 1 MiB, is refused with a typed
+    error, no more."""
+    from walcrypt import format as fmt
+    root = str(tmp_path / "s")
+    with walcrypt.open(root, kek=RawKey(KEK_BYTES), segment_size=8 << 20) as s:
+        s.save(entries=[Entry(1, 1, b"x" * 100), Entry(2, 1, b"y" * ((1 << 20) - 64))])
+    monkeypatch.setattr(fmt, "MAX_RECORD_PAYLOAD", 1 << 20)
+    with walcrypt.open(root, kek=RawKey(KEK_BYTES), read_only=True, max_entry_size=1 << 19) as s:
+        with pytest.raises(CorruptionError, match="out of bounds"):
+            s.entries(1, 3)
+
+
+def test_the_writer_splits_records_at_the_payload_bound(tmp_path, monkeypatch):
+    """With the bound lowered to 1 MiB (read at call time), entries that would share a record beyond it
+    go to separate records, and every entry up to max_entry_size_bound() reads back."""
     from walcrypt import format as fmt
     monkeypatch.setattr(fmt, "MAX_RECORD_PAYLOAD", 1 << 20)
     root = str(tmp_path / "s")
-    with walcrypt.open(root, kek=RawKey(KEK_BYTES), max_entry_size=(1 << 20) - 64, segment_size=8 << 20) as s:
-        s.save(entries=[Entry(1, 1, b"x" * 100), Entry(2, 1, b"y" * ((1 << 20) - 64))])
-    with walcrypt.open(root, kek=RawKey(KEK_BYTES), max_entry_size=(1 << 20) - 64, read_only=True) as s:
-        with pytest.raises(CorruptionError, match="out of bounds"):
-            s.entries(1, 3)
+    big = fmt.max_entry_size_bound()
+    with pytest.raises(UsageError, match="max_entry_size"):
+        walcrypt.open(root, kek=RawKey(KEK_BYTES), max_entry_size=big + 1)
+    sizes = [100, big, fmt.RECORD_TARGET_BYTES - 1, big, 7]
+    with walcrypt.open(root, kek=RawKey(KEK_BYTES), max_entry_size=big, segment_size=8 << 20) as s:
+        s.save(entries=[Entry(i + 1, 1, bytes([i]) * n) for i, n in enumerate(sizes)])
+    with walcrypt.open(root, kek=RawKey(KEK_BYTES), max_entry_size=big, read_only=True) as s:
+        assert [len(e.data) for e in s.entries(1, len(sizes) + 1)] == sizes
 
 
 def test_snapshot_extended_sparsely_is_refused_in_bounded_memory(tmp_path):

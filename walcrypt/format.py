@@ -70,6 +70,26 @@ RECORD_MAX_ENTRIES = 4096                # ... or this many entries
 # RECORD_TARGET_BYTES before its last entry, a table of 8 + 12 bytes per entry, and the 16-byte tag.
 MAX_ENTRY_SIZE_LIMIT = MAX_RECORD_PAYLOAD - RECORD_TARGET_BYTES - 8 - 12 * RECORD_MAX_ENTRIES - 16
 
+
+def max_entry_size_bound() -> int:
+    """The largest entry a record can hold alone within MAX_RECORD_PAYLOAD (read at call time): the
+    8-byte prefix, one 12-byte table row and the tag.  The writer closes a record before it would
+    exceed the bound, so any entry up to this size is written in a record every reader accepts."""
+    return MAX_RECORD_PAYLOAD - ENTRIES_RECORD_OVERHEAD - ENTRIES_ROW_SIZE
+
+
+ENTRIES_RECORD_OVERHEAD = 8 + 16         # ENTRIES payload prefix (count, reserved) + the AEAD tag
+ENTRIES_ROW_SIZE = 12                    # per entry in the ENTRIES table: u64 term + u32 length
+
+# Segment and snapshot IDs and file offsets read from the metadata: IDs are u64 on disk but a store
+# never comes near 2^63 (one ID per segment cut or snapshot; a re-key reserves 2^16), and offsets are
+# bounded by off_t.  Larger values are refused as damage before they reach a file call or a counter.
+MAX_ID = (1 << 63) - 1
+MAX_FILE_OFFSET = (1 << 63) - 1
+
+MAX_STABLE_VALUE = 64 << 20              # one stable-store value (sealed in one AEAD call)
+MAX_SNAPSHOT_CHUNK = 64 << 20            # plaintext bytes of one snapshot chunk (readers refuse more)
+
 KEY_ID_SIZE = 16
 STORE_ID_SIZE = 16
 SALT_SIZE = 32

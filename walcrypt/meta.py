@@ -271,6 +271,11 @@ def decode_manifest(b: bytes, path: str) -> dict:
      last_index, records, nbytes) = fmt.MANIFEST_STRUCT.unpack(b)
     if version != 1 or state not in (fmt.SEG_OPEN, fmt.SEG_SEALED):
         raise CorruptionError(path, None, f"segment manifest record version {version} state {state} is unknown")
+    if dir_code not in (fmt.DIR_CODE_ENCRYPTED, fmt.DIR_CODE_PLAIN):
+        raise CorruptionError(path, None, f"segment manifest record names unknown directory code {dir_code}")
+    if state == fmt.SEG_SEALED and not (fmt.SEGMENT_HEADER_SIZE <= index_offset < end_offset <= fmt.MAX_FILE_OFFSET):
+        raise CorruptionError(path, None, f"segment manifest record has offsets out of bounds (index frame at "
+                                          f"{index_offset}, end {end_offset})")
     return {"state": state, "algorithm": algorithm, "dir_code": dir_code, "base_index": base_index,
             "key_id": key_id, "index_offset": index_offset, "end_offset": end_offset,
             "last_index": last_index, "records": records, "bytes": nbytes}
@@ -321,3 +326,16 @@ def decode_ids(raw: bytes | None, path: str) -> list[int]:
     if len(raw) % 8:
         raise CorruptionError(path, None, "a segment ID list in the metadata has a bad size")
     return [int.from_bytes(raw[k:k + 8], "little") for k in range(0, len(raw), 8)]
+
+
+def decode_counter(raw: bytes | None, path: str, what: str, *, default: int | None = None) -> int:
+    """A u64 ID counter of DB_STATE (next segment, next snapshot): 1 .. format.MAX_ID, so that the IDs
+    it hands out (and the blocks a re-key reserves) never overflow their u64 fields."""
+    if raw is None and default is not None:
+        return default
+    if raw is None or len(raw) != 8:
+        raise CorruptionError(path, None, f"the {what} counter is missing or damaged")
+    n = int.from_bytes(raw, "little")
+    if not 1 <= n <= fmt.MAX_ID:
+        raise CorruptionError(path, None, f"the {what} counter is {n}, out of bounds (1 .. {fmt.MAX_ID})")
+    return n

@@ -45,7 +45,7 @@ assert SNAPSHOT_HEADER_STRUCT.size == 128
 CHUNK_HEADER_STRUCT = struct.Struct("<II")      # length (ciphertext + tag), flags
 CHUNK_FINAL = 1
 DEFAULT_CHUNK_SIZE = 1 << 20
-MAX_CHUNK_SIZE = 64 << 20
+MAX_CHUNK_SIZE = fmt.MAX_SNAPSHOT_CHUNK      # the bound readers apply to a header's chunk size
 MAX_KEYRING_BUNDLE = 1 << 20
 MAX_META = 1 << 20
 MAX_BUNDLE_KEYS = 4096          # wrapped keys listed in one keyring bundle (a snapshot's lists one)
@@ -92,7 +92,7 @@ class SnapshotHeader:
         if version != fmt.FORMAT_VERSION or hsize != 128:
             raise UnsupportedFormatError(f"{path}: snapshot format version {version} is not supported; upgrade walcrypt")
         fmt.check_algorithm(alg, path=path, offset=12)
-        if not 0 < chunk_size <= MAX_CHUNK_SIZE or bundle_len > MAX_KEYRING_BUNDLE:
+        if not 0 < chunk_size <= fmt.MAX_SNAPSHOT_CHUNK or bundle_len > MAX_KEYRING_BUNDLE:
             raise CorruptionError(path, 0, f"snapshot header sizes are out of bounds (chunk {chunk_size}, "
                                            f"keyring {bundle_len})")
         return cls(alg, flags, store_id, snap_id, index, term, chunk_size, bundle_len, key_id, salt, commitment)
@@ -113,25 +113,96 @@ def encode_meta(meta: SnapshotMeta, extra: dict | None = None) -> bytes:
     return json.dumps(doc, sort_keys=True).encode()
 
 
-def decode_meta(raw: bytes, path: str) -> tuple[SnapshotMeta, dict]:
-    """The sealed metadata (FORMAT.md 10.5): an object with u64 ``index`` and ``term`` and a ``conf_state``
-    object whose ``voters`` and ``learners`` are lists of node IDs (JSON numbers or strings)."""
-    def ids(v) -> tuple:
-        if not isinstance(v, list) or not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in v):
-            raise TypeError("node IDs are not a list of numbers or strings")
-        return tuple(v)
+class MetaRuleError(ValueError):
+    """Snapshot metadata breaks a rule of FORMAT.md 10.5; ``field`` names the offending field."""
 
+    def __init__(self, field: str, detail: str):
+        self.field = field
+        super().__init__(f"{field} {detail}")
+
+
+def _node_ids(v, field: str) -> tuple:
+    if not isinstance(v, list):
+        raise MetaRuleError(field, "is not a list of node IDs")
+    for k, x in enumerate(v):
+        if isinstance(x, bool) or not isinstance(x, (int, str)):
+            raise MetaRuleError(f"{field}[{k}]", f"is a {type(x).__name__}; node IDs are integers or strings")
+    return tuple(v)
+
+
+def meta_from_doc(doc) -> SnapshotMeta:
+    """The rules of the sealed metadata (FORMAT.md 10.5), applied to its decoded JSON document: an
+    object with u64 ``index`` and ``term`` and a ``conf_state`` object whose ``voters`` and ``learners``
+    are lists of node IDs (JSON integers or strings).  The one statement of these rules: the reader
+    (:func:`decode_meta`) and the writer (:func:`check_meta`) both apply it.  Raises MetaRuleError."""
+    if not isinstance(doc, dict):
+        raise MetaRuleError("snapshot metadata", "is not a JSON object")
+    for name in ("index", "term"):
+        if not K.is_uint(doc.get(name)):
+            raise MetaRuleError(name, "is not an unsigned 64-bit integer")
+    cs = doc.get("conf_state")
+    if not isinstance(cs, dict):
+        raise MetaRuleError("conf_state", "is not an object")
+    return SnapshotMeta(doc["index"], doc["term"], ConfState(_node_ids(cs.get("voters", []), "conf_state.voters"),
+                                                             _node_ids(cs.get("learners", []), "conf_state.learners")))
+
+
+def decode_meta(raw: bytes, path: str) -> tuple[SnapshotMeta, dict]:
+    """The sealed metadata, checked with :func:`meta_from_doc`; anything else is a CorruptionError."""
     try:
         doc = json.loads(raw)
-        if not isinstance(doc, dict) or not isinstance(doc.get("conf_state"), dict):
-            raise TypeError("not an object with a conf_state object")
-        if not K.is_uint(doc.get("index")) or not K.is_uint(doc.get("term")):
-            raise TypeError("index or term is not an unsigned 64-bit integer")
-        cs = doc["conf_state"]
-        meta = SnapshotMeta(doc["index"], doc["term"], ConfState(ids(cs.get("voters", [])), ids(cs.get("learners", []))))
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        meta = meta_from_doc(doc)
+    except (ValueError, RecursionError):        # MetaRuleError is a ValueError, as are JSON errors
         raise CorruptionError(path, 128, "snapshot metadata is malformed") from None
     return meta, doc
+
+
+# Nesting the writer allows in extra metadata.  The reader's JSON decoder recurses once per level and
+# may run deeper in the stack than the writer did: the writer stays far below the recursion limit.
+MAX_EXTRA_META_DEPTH = 64
+
+
+def _depth(v, level: int = 0) -> int:
+    if level > MAX_EXTRA_META_DEPTH:
+        return level
+    if isinstance(v, dict):
+        return max((_depth(x, level + 1) for x in v.values()), default=level + 1)
+    if isinstance(v, (list, tuple)):
+        return max((_depth(x, level + 1) for x in v), default=level + 1)
+    return level
+
+
+def check_meta(meta: SnapshotMeta, extra: dict | None = None) -> tuple[SnapshotMeta, dict | None]:
+    """The writer's side of :func:`meta_from_doc`: ``meta`` (already a SnapshotMeta of plain values)
+    and ``extra`` are encoded as the writer will seal them, decoded as the reader will, and checked
+    with the reader's rules; the metadata must come back unchanged (``extra`` may not override
+    ``index``, ``term`` or ``conf_state`` with other values) and fit MAX_META sealed.  Returns the
+    metadata and ``extra`` as the reader will see it.  Raises MetaRuleError naming the field."""
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise MetaRuleError("extra_meta", f"must be a dict, not {type(extra).__name__}")
+        if _depth(extra) > MAX_EXTRA_META_DEPTH:
+            raise MetaRuleError("extra_meta", f"is nested more than {MAX_EXTRA_META_DEPTH} levels deep")
+    try:
+        raw = encode_meta(meta, extra)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise MetaRuleError("extra_meta" if extra else "meta", f"cannot be encoded as JSON: {exc}") from None
+    if len(raw) + fmt.TAG_SIZE > MAX_META:
+        raise MetaRuleError("extra_meta" if extra else "meta",
+                            f"makes the metadata {len(raw) + fmt.TAG_SIZE} bytes sealed; at most {MAX_META} "
+                            "are allowed")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise MetaRuleError("extra_meta" if extra else "meta", f"does not decode as JSON: {exc}") from None
+    back = meta_from_doc(doc)
+    for name in ("index", "term", "conf_state"):
+        if getattr(back, name) != getattr(meta, name):
+            raise MetaRuleError(f"extra_meta[{name!r}]" if extra and name in extra else f"meta.{name}",
+                                f"would be read back as {getattr(back, name)!r}, not {getattr(meta, name)!r}")
+    if extra:
+        extra = {k: v for k, v in doc.items() if k not in ("index", "term", "conf_state")}
+    return meta, extra or None
 
 
 _BUNDLE_HINT = "the keyring bundle was damaged or edited; use another snapshot or export"

@@ -30,8 +30,8 @@ from . import crypto
 from . import format as fmt
 from . import meta as M
 from .errors import CorruptionError, StorageError, SymlinkError, UsageError
-from .snapshot import (DEFAULT_CHUNK_SIZE, MAX_META, SNAP_SALT_SIZE, SnapshotFile, SnapshotHeader, SnapshotWriter,
-                       encode_meta, snapshot_file_name, snapshot_keys)
+from .snapshot import (DEFAULT_CHUNK_SIZE, SNAP_SALT_SIZE, MetaRuleError, SnapshotFile, SnapshotHeader, SnapshotWriter,
+                       check_meta, snapshot_file_name, snapshot_keys)
 from .types import ConfState, SnapshotMeta
 from .wal import MAX_ENTRY_INDEX, U64_MAX, check_u64
 
@@ -77,27 +77,41 @@ class Snapshot:
         return f"<Snapshot index={self.meta.index} term={self.meta.term} size={self.size}>"
 
 
-def check_snapshot_meta(meta, extra_meta: dict | None = None) -> SnapshotMeta:
-    """Validate a caller's SnapshotMeta (and extra metadata) before anything is written."""
+def check_snapshot_meta(meta, extra_meta: dict | None = None) -> tuple[SnapshotMeta, dict | None]:
+    """Validate a caller's SnapshotMeta (and extra metadata) before anything is written, with the
+    rules the reader applies (snapshot.check_meta): -> (metadata, extra metadata) of plain values,
+    as they will be sealed.  A UsageError names the offending field."""
     try:
         index, term, conf_state = meta
     except (TypeError, ValueError):
         raise UsageError("meta must be a SnapshotMeta(index, term, conf_state)") from None
     index = check_u64(index, "snapshot index", 1, MAX_ENTRY_INDEX)
     term = check_u64(term, "snapshot term", 1, U64_MAX)
+    if isinstance(conf_state, (str, bytes, bytearray, dict)):
+        raise UsageError("meta.conf_state must be a ConfState(voters, learners)")
     try:
         voters, learners = conf_state
-        conf_state = ConfState(tuple(voters), tuple(learners))
     except (TypeError, ValueError):
         raise UsageError("meta.conf_state must be a ConfState(voters, learners)") from None
-    meta = SnapshotMeta(index, term, conf_state)
+    ids = []
+    for name, v in (("voters", voters), ("learners", learners)):
+        if isinstance(v, (str, bytes, bytearray, dict)):
+            raise UsageError(f"meta.conf_state.{name} must be a sequence of node IDs, not {type(v).__name__}")
+        try:
+            v = tuple(v)
+        except TypeError:
+            raise UsageError(f"meta.conf_state.{name} must be a sequence of node IDs, not "
+                             f"{type(v).__name__}") from None
+        for k, x in enumerate(v):
+            if isinstance(x, bool) or not isinstance(x, (int, str)):
+                raise UsageError(f"meta.conf_state.{name}[{k}] is a {type(x).__name__}; node IDs are integers "
+                                 "or strings")
+        ids.append(tuple(int(x) if isinstance(x, int) else str(x) for x in v))
+    meta = SnapshotMeta(index, term, ConfState(*ids))
     try:
-        size = len(encode_meta(meta, extra_meta)) + fmt.TAG_SIZE
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"snapshot metadata cannot be encoded as JSON: {exc}") from None
-    if size > MAX_META:
-        raise UsageError(f"snapshot metadata is {size} bytes sealed; at most {MAX_META} are allowed")
-    return meta
+        return check_meta(meta, extra_meta)
+    except MetaRuleError as exc:
+        raise UsageError(f"snapshot metadata refused: {exc} (the reader would refuse the snapshot)") from None
 
 
 def _blocks(data, size: int):
@@ -206,6 +220,8 @@ class Snapshots:
         st = self.store
         with st.meta.read() as r:
             rows = r.items(M.DB_SNAPSHOTS)
+            # bounded before any save hands out the next ID (it must fit its u64 field)
+            M.decode_counter(r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT), st.meta.path, "next snapshot", default=1)
         self.infos = sorted((decode_info(int.from_bytes(k, "big"), v, self.dir, st.meta.path) for k, v in rows),
                             key=lambda i: i.snapshot_id)
         if not st.read_only:
@@ -329,7 +345,7 @@ class Snapshots:
     def begin(self, meta: SnapshotMeta, *, extra_meta: dict | None = None) -> "PendingSnapshot":
         """Start a streamed snapshot: write() its data, then commit() (or abort())."""
         st = self.store
-        meta = check_snapshot_meta(meta, extra_meta)
+        meta, extra_meta = check_snapshot_meta(meta, extra_meta)
         if self.infos and meta.index < self.infos[-1].index:
             raise UsageError(f"snapshot at index {meta.index} is older than the newest snapshot at "
                              f"{self.infos[-1].index} (etcd's ErrSnapOutOfDate)")

@@ -29,7 +29,7 @@ from .types import ConfState, Entry, HardState, SnapshotMeta
 from .vfs import DEFAULT_VFS, VFS
 from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
 from .snapstore import Snapshot, Snapshots
-from .wal import MAX_ENTRY_INDEX, U64_MAX, Wal, check_u64
+from .wal import MAX_ENTRY_INDEX, SYNC_POLICIES, U64_MAX, Wal, _as_bytes, check_u64
 
 log = logging.getLogger("walcrypt")
 
@@ -65,6 +65,56 @@ class _FailStop:
         return False
 
 
+MAX_STABLE_KEY = 400               # LMDB's key limit, with room for the table's own prefix
+MAX_SEGMENT_SIZE = 1 << 40          # segment_size: frames and offsets stay far inside their u64 fields
+
+
+def _stable_key(key) -> bytes:
+    key = _as_bytes(key, "a stable-store key")
+    if not 1 <= len(key) <= MAX_STABLE_KEY:
+        raise UsageError(f"a stable-store key is 1 to {MAX_STABLE_KEY} bytes, not {len(key)}")
+    return key
+
+
+def _check_bool(value, what: str) -> None:
+    if type(value) is not bool:
+        raise UsageError(f"{what} must be True or False, not {value!r}")
+
+
+def _check_options(*, kek, encrypted, sync, segment_size, algorithm, max_entry_size, read_only, keep_snapshots,
+                   snapshot_chunk_size, snapshot_source, destroy_retired_keys, max_records_per_dek,
+                   max_bytes_per_dek, max_dek_age_s) -> None:
+    """Every option of open(), checked before anything is touched, against what the readers accept
+    (FORMAT.md 13): a UsageError naming the option."""
+    for name, value in (("encrypted", encrypted), ("read_only", read_only),
+                        ("destroy_retired_keys", destroy_retired_keys)):
+        _check_bool(value, name)
+    if kek is not None and not isinstance(kek, K.KeyEncryptionKey):
+        raise UsageError(f"kek must be a key-encryption key (RawKey, KeyFile, Passphrase, EnvKey, Kms), not "
+                         f"{type(kek).__name__}")
+    if not isinstance(sync, str) or sync not in SYNC_POLICIES:
+        raise UsageError(f"sync must be one of {', '.join(SYNC_POLICIES)}, not {sync!r}")
+    if not isinstance(algorithm, str):
+        raise UsageError(f"algorithm must be a cipher suite name, not {type(algorithm).__name__}")
+    if encrypted:
+        crypto.suite_by_name(algorithm)                  # UsageError for an unknown or unavailable suite
+    check_u64(segment_size, "segment_size", 4096, MAX_SEGMENT_SIZE)
+    # The limit leaves room for the rest of the record the entry may share (FORMAT.md 13), and a record
+    # is never built beyond the readers' bound (Wal._records): a larger entry could be acknowledged in a
+    # record every reader refuses.
+    check_u64(max_entry_size, "max_entry_size", 1, min(fmt.MAX_ENTRY_SIZE_LIMIT, fmt.max_entry_size_bound()))
+    check_u64(keep_snapshots, "keep_snapshots", 1, U64_MAX)
+    check_u64(snapshot_chunk_size, "snapshot_chunk_size", 1, fmt.MAX_SNAPSHOT_CHUNK)
+    check_u64(max_records_per_dek, "max_records_per_dek", 1, U64_MAX)
+    check_u64(max_bytes_per_dek, "max_bytes_per_dek", 1, U64_MAX)
+    if max_dek_age_s is not None:
+        if isinstance(max_dek_age_s, bool) or not isinstance(max_dek_age_s, (int, float)) \
+                or not 0 < max_dek_age_s < float("inf"):
+            raise UsageError(f"max_dek_age_s must be a positive number of seconds or None, not {max_dek_age_s!r}")
+    if snapshot_source is not None and not callable(snapshot_source):
+        raise UsageError(f"snapshot_source must be callable or None, not {type(snapshot_source).__name__}")
+
+
 class Store:
     """An open walcrypt data directory.  Use :func:`walcrypt.open`.
 
@@ -86,12 +136,11 @@ class Store:
         self.closed = True
         self._released = True                # set to False once there is something to release
         self.repairs: list[dict] = []
-        if segment_size < 4096:
-            raise UsageError("segment_size must be at least 4096 bytes")
-        if not 1 <= max_entry_size <= fmt.MAX_ENTRY_SIZE_LIMIT:
-            # The limit leaves room for the rest of the record the entry may share (FORMAT.md 13): a
-            # larger entry could be acknowledged in a record every reader refuses.
-            raise UsageError(f"max_entry_size must be between 1 and {fmt.MAX_ENTRY_SIZE_LIMIT} bytes")
+        _check_options(kek=kek, encrypted=encrypted, sync=sync, segment_size=segment_size, algorithm=algorithm,
+                       max_entry_size=max_entry_size, read_only=read_only, keep_snapshots=keep_snapshots,
+                       snapshot_chunk_size=snapshot_chunk_size, snapshot_source=snapshot_source,
+                       destroy_retired_keys=destroy_retired_keys, max_records_per_dek=max_records_per_dek,
+                       max_bytes_per_dek=max_bytes_per_dek, max_dek_age_s=max_dek_age_s)
         if encrypted and kek is None:
             raise KeyProviderError(
                 "this store is encrypted and no key-encryption key was given; pass kek=KeyFile(...), "
@@ -372,14 +421,14 @@ class Store:
             purged = M.decode_ids(r.get(M.DB_STATE, M.K_PURGED), self.meta.path)
             staging = M.decode_ids(r.get(M.DB_STATE, M.K_STAGING), self.meta.path)
             creating = r.get(M.DB_STATE, M.K_CREATING)
-        if nxt is None or len(nxt) != 8 or len(staging) not in (0, 2):
+        if len(staging) not in (0, 2):
             raise CorruptionError(self.meta.path, None, "store state records are missing or damaged")
         self._purged = set(purged)
         self._staging = range(staging[0], staging[1]) if staging else range(0)
         # None: a store written before creation intents existed (older, weaker rules apply)
         self._creating = None if creating is None else set(M.decode_ids(creating, self.meta.path))
         c_index, c_term, reset_seg = M.decode_compacted(compacted, self.meta.path)
-        self.next_segment = int.from_bytes(nxt, "little")
+        self.next_segment = M.decode_counter(nxt, self.meta.path, "next segment")
         self._refuse_if_older_than_data({seg_id for seg_id, _ in manifest})
         segments = []
         for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
@@ -752,7 +801,7 @@ class Store:
     def _next_snapshot_id(self) -> int:
         with self.meta.read() as r:
             nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
-        return int.from_bytes(nxt, "little") if nxt else 1
+        return M.decode_counter(nxt, self.meta.path, "next snapshot", default=1)
 
     def register_staged(self, tx, staged: list[Segment], snap_info) -> None:
         for seg in staged:
@@ -820,11 +869,15 @@ class Store:
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         self._check_open()
+        lo = check_u64(lo, "lo", 0, U64_MAX)
+        hi = check_u64(hi, "hi", 0, U64_MAX)
+        if max_size is not None:
+            max_size = check_u64(max_size, "max_size", 0, U64_MAX)
         return self.wal.entries(lo, hi, max_size)
 
     def term(self, index: int) -> int:
         self._check_open()
-        return self.wal.term(index)
+        return self.wal.term(check_u64(index, "index", 0, U64_MAX))
 
     def first_index(self) -> int:
         self._check_open()
@@ -917,9 +970,9 @@ class Store:
         """Durably store ``value`` under ``key`` (sealed under the DEK; one synced LMDB commit)."""
         self._check_write()
         self.wal.check_writable()
-        key, value = bytes(key), bytes(value)
-        if not key or len(key) > 400:
-            raise UsageError("a stable-store key is 1 to 400 bytes")
+        key, value = _stable_key(key), _as_bytes(value, "a stable-store value")
+        if len(value) > fmt.MAX_STABLE_VALUE:
+            raise UsageError(f"a stable-store value is at most {fmt.MAX_STABLE_VALUE} bytes, not {len(value)}")
         from . import stable
         with self.meta.write() as w:
             w.put(M.DB_STABLE, key, stable.seal(self, key, value))
@@ -927,10 +980,11 @@ class Store:
     def stable_get(self, key: bytes) -> bytes | None:
         """The value stored under ``key``, or None."""
         self._check_open()
+        key = _stable_key(key)
         from . import stable
         with self.meta.read() as r:
-            blob = r.get(M.DB_STABLE, bytes(key))
-        return None if blob is None else stable.open_value(self, bytes(key), blob)
+            blob = r.get(M.DB_STABLE, key)
+        return None if blob is None else stable.open_value(self, key, blob)
 
     def reseal_stable(self, tx, key_id: bytes) -> None:
         """Re-seal every stable value under ``key_id`` inside the transaction ``tx`` (DEK rotation)."""
@@ -962,10 +1016,22 @@ class Store:
 
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
         """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store."""
+        if not isinstance(new_kek, K.KeyEncryptionKey):
+            raise UsageError(f"new_kek must be a key-encryption key (RawKey, KeyFile, Passphrase, EnvKey, Kms), "
+                             f"not {type(new_kek).__name__}")
         self.rotation.rotate_kek(new_kek)
 
     def export_snapshot(self, out_path: str, *, embed_kek: bool = False) -> dict:
         """Write the newest snapshot and its wrapped keys to one file (see walcrypt.backup)."""
+        try:
+            out_path = os.fspath(out_path)
+        except TypeError:
+            raise UsageError(f"out_path must be a path, not {type(out_path).__name__}") from None
+        if isinstance(out_path, bytes):
+            out_path = os.fsdecode(out_path)
+        if not out_path or "\0" in out_path:
+            raise UsageError("out_path must be a non-empty path without NUL characters")
+        _check_bool(embed_kek, "embed_kek")
         from .backup import export_snapshot
         return export_snapshot(self, out_path, embed_kek=embed_kek)
 

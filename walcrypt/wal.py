@@ -460,14 +460,14 @@ class Wal:
         Runs in the caller's thread, outside the write lock, so that with group commit
         the next batch is prepared while the leader waits on fdatasync, and so that a bad
         request fails in its own thread only."""
-        try:
-            n = len(entries)
-        except TypeError:
+        if type(entries) is not list and type(entries) is not tuple:
+            if isinstance(entries, (str, bytes, bytearray, memoryview, dict, Entry)):
+                raise UsageError(f"entries must be a sequence of Entry, not {type(entries).__name__}")
             try:
-                entries = list(entries)
+                entries = list(entries)        # any iterable, read once (a dict or a set is refused above / below)
             except TypeError:
                 raise UsageError(f"entries must be a sequence of Entry, not {type(entries).__name__}") from None
-            n = len(entries)
+        n = len(entries)
         if not n:
             return entries, []
         if n == 1:                                 # the common Raft case, without the list machinery
@@ -523,14 +523,24 @@ class Wal:
 
     @staticmethod
     def _records(first: int, terms: list, lengths: list, datas: list) -> list:
+        """Split entries into ENTRIES records (FORMAT.md 12): a record is closed once its data reaches
+        RECORD_TARGET_BYTES or it holds RECORD_MAX_ENTRIES entries, and before an entry that would take
+        its sealed payload beyond MAX_RECORD_PAYLOAD (the readers' bound, read at call time); such an
+        entry starts the next record, where it fits alone (max_entry_size is capped at open)."""
         n = len(terms)
         records = []
         start = 0
+        row = fmt.ENTRIES_ROW_SIZE
+        room = fmt.MAX_RECORD_PAYLOAD - fmt.ENTRIES_RECORD_OVERHEAD - row   # data + rows beyond the first
         while start < n:
             stop = start + 1
             size = lengths[start]
+            used = size
             limit = min(n, start + fmt.RECORD_MAX_ENTRIES)
             while stop < limit and size < fmt.RECORD_TARGET_BYTES:
+                used += lengths[stop] + row
+                if used > room:
+                    break
                 size += lengths[stop]
                 stop += 1
             t = terms[start:stop]

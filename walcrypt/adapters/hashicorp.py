@@ -24,9 +24,10 @@ import base64
 import struct
 from typing import NamedTuple, Sequence
 
-from ..errors import UsageError, WalcryptError
+from ..errors import CorruptionError, UsageError, WalcryptError
 from ..storage import Store
 from ..types import Entry, SnapshotMeta
+from ..wal import U64_MAX, _as_bytes, check_u64
 
 _LOG_HEAD = struct.Struct("<BQI")
 
@@ -125,17 +126,16 @@ class StableStore:
         self.store = store
 
     def set(self, key: bytes, value: bytes) -> None:
-        self.store.stable_set(self._PREFIX + bytes(key), bytes(value))
+        self.store.stable_set(self._PREFIX + _as_bytes(key, "key"), value)
 
     def get(self, key: bytes) -> bytes:
-        v = self.store.stable_get(self._PREFIX + bytes(key))
+        v = self.store.stable_get(self._PREFIX + _as_bytes(key, "key"))
         if v is None:
             raise NotFoundError(key)
         return v
 
     def set_uint64(self, key: bytes, value: int) -> None:
-        if not 0 <= value < 1 << 64:
-            raise UsageError(f"{value} does not fit in a uint64")
+        value = check_u64(value, "value", 0, U64_MAX)
         self.set(key, struct.pack("<Q", value))
 
     def get_uint64(self, key: bytes) -> int:
@@ -188,16 +188,27 @@ class SnapshotStore:
 
     def create(self, version: int, index: int, term: int, configuration: bytes = b"",
                configuration_index: int = 0, trans=None) -> SnapshotSink:
-        extra = {"hc_version": version, "hc_configuration": base64.b64encode(bytes(configuration)).decode(),
+        # checked here, in the caller's thread, against what _describe reads back
+        version = check_u64(version, "version", 0, U64_MAX)
+        configuration_index = check_u64(configuration_index, "configuration_index", 0, U64_MAX)
+        configuration = _as_bytes(configuration, "configuration")
+        extra = {"hc_version": version, "hc_configuration": base64.b64encode(configuration).decode(),
                  "hc_configuration_index": configuration_index}
         return SnapshotSink(self.store, SnapshotMeta(index, term), extra)
 
     def _describe(self, snap) -> SnapshotInfo:
         extra = snap._file.extra
+        version, conf, conf_index = (extra.get("hc_version", 1), extra.get("hc_configuration", ""),
+                                     extra.get("hc_configuration_index", 0))
+        try:
+            if type(version) is not int or type(conf_index) is not int or not isinstance(conf, str):
+                raise ValueError("wrong types")
+            configuration = base64.b64decode(conf, validate=True)
+        except ValueError:
+            raise CorruptionError(snap.info.path, None, "the snapshot's hashicorp metadata (hc_version, "
+                                  "hc_configuration, hc_configuration_index) is malformed") from None
         return SnapshotInfo(_snap_id(snap.info.snapshot_id, snap.meta.index, snap.meta.term), snap.meta.index,
-                            snap.meta.term, snap.size, int(extra.get("hc_version", 1)),
-                            base64.b64decode(extra.get("hc_configuration", "")),
-                            int(extra.get("hc_configuration_index", 0)))
+                            snap.meta.term, snap.size, version, configuration, conf_index)
 
     def list(self) -> list[SnapshotInfo]:
         """Retained snapshots, newest first."""
