@@ -491,3 +491,39 @@ def test_forged_plaintext_records_raise_only_walcrypt_errors(tmp_path, record):
             s.save(None, [Entry(s.last_index() + 1, 1, b"next")])
     except WalcryptError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Smaller findings of the same review, fixed directly
+# ---------------------------------------------------------------------------------------------
+
+def test_stored_scrypt_costs_bounded_in_cpu_as_well_as_memory():
+    from walcrypt import keys as K
+    assert K.check_scrypt_costs(2 ** 18, 8, 16) is not None            # about 14 s of CPU per open
+    assert K.check_scrypt_costs(2 ** 15, 8, 1) is None                 # the default
+
+
+def test_export_into_a_missing_directory_is_a_usage_error(tmp_path):
+    data_dir = str(tmp_path / "data")
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(1, 1, 3), _ents(1, 4, 1))
+        s.save_snapshot(SnapshotMeta(3, 1, CS), b"state")
+        with pytest.raises(walcrypt.UsageError, match="does not exist"):
+            s.export_snapshot(str(tmp_path / "missing" / "x.wcx"))
+
+
+def test_a_pending_snapshot_is_refused_after_its_store_closed(tmp_path):
+    data_dir = str(tmp_path / "data")
+    s = walcrypt.open(data_dir, kek=KEK)
+    s.save(HardState(1, 1, 3), _ents(1, 4, 1))
+    w = s.begin_snapshot(SnapshotMeta(3, 1, CS))
+    w.write(b"part one")
+    s.close()
+    before = sorted(os.listdir(os.path.join(data_dir, SNAP)))
+    with pytest.raises(walcrypt.UsageError, match="closed"):
+        w.write(b"part two")
+    with pytest.raises(walcrypt.UsageError):
+        w.commit()
+    assert sorted(os.listdir(os.path.join(data_dir, SNAP))) <= before
+    with walcrypt.open(data_dir, kek=KEK) as s2:
+        assert s2.snapshot() is None and s2.last_index() == 3

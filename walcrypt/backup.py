@@ -172,6 +172,10 @@ def _export_from(store, cur, inp, snap_len: int, out_path: str, kek: bytes) -> d
         fd = open_private(tmp, detail=_link_detail(tmp))
     except FileExistsError:
         raise UsageError(f"{tmp} exists (an interrupted export?); remove it first") from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise UsageError(f"the directory of {out_path} does not exist; create it or choose another path") from None
+    except PermissionError:
+        raise UsageError(f"no permission to write {tmp}; choose a directory you can write") from None
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(_header(flags, len(kek), snap_len, store.store_id, crc32c(kek) if kek else 0, bundle))

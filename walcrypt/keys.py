@@ -50,6 +50,7 @@ SCRYPT_MAX_R = 32
 SCRYPT_MAX_P = 16
 SCRYPT_MIN_SALT = 16                  # salt bytes (the writer uses 16)
 SCRYPT_MAX_SALT = 64
+SCRYPT_WORK_FACTOR = 4               # 128 * n * r * p <= 4 * the memory cap: bounds the CPU time of p lanes
 SCRYPT_MAX_MEMORY = 256 << 20         # 128 * n * r bytes: n <= 2^18 at r = 8 (the default n = 2^15 needs 32 MiB)
 MAX_PLUGIN_NAME = 128
 _PLUGIN_NAME = re.compile(r"[^\s=\[\x00-\x1f\x7f][^=\x00-\x1f\x7f]*(?<!\s)")   # an entry-point name
@@ -119,6 +120,10 @@ def check_scrypt_costs(n, r, p, *, max_memory: int = SCRYPT_MAX_MEMORY) -> str |
     if scrypt_memory(n, r) > max_memory:
         return (f"scrypt n={n} r={r} needs {scrypt_memory(n, r) >> 20} MiB, more than the "
                 f"{max_memory >> 20} MiB allowed")
+    if scrypt_memory(n, r) * p > SCRYPT_WORK_FACTOR * max_memory:
+        # The p lanes run one after another: memory is bounded above, CPU time here.
+        return (f"scrypt n={n} r={r} p={p} costs {p} passes over {scrypt_memory(n, r) >> 20} MiB, more than "
+                f"{SCRYPT_WORK_FACTOR} passes over the {max_memory >> 20} MiB allowed (seconds of CPU at every open)")
     return None
 
 

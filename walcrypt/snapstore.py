@@ -162,9 +162,16 @@ class PendingSnapshot:
         self.owner, self.meta, self.writer = owner, meta, writer
         self.done = False
 
-    def write(self, data) -> int:
+    def _check_usable(self) -> None:
         if self.done:
             raise UsageError("this snapshot was already committed or aborted")
+        if self.owner.store.closed:
+            # The store released its lock and its files: writing on would race the next owner.
+            self.abort()
+            raise UsageError("the store this snapshot belongs to was closed; the snapshot was aborted")
+
+    def write(self, data) -> int:
+        self._check_usable()
         if not isinstance(data, bytes):
             try:
                 data = memoryview(data).tobytes()
@@ -179,8 +186,7 @@ class PendingSnapshot:
         return len(data)
 
     def commit(self) -> SnapshotInfo:
-        if self.done:
-            raise UsageError("this snapshot was already committed or aborted")
+        self._check_usable()
         self.done = True
         st = self.owner.store
         w = self.writer
