@@ -426,6 +426,30 @@ def test_deleted_rotation_record_silently_cancels_a_dek_rotation(tmp_path):
     assert not report.ok or not still_old, "the requested DEK rotation vanished without a trace"
 
 
+@pytest.mark.xfail(strict=True, reason="rotate_kek re-wraps the keyring but not the wrapped DEK inside the "
+                   "snapshot files of the data directory: the old KEK still unwraps the live DEK from there "
+                   "(GUARANTEES: 'afterwards only the new KEK opens the store')")
+def test_old_kek_still_unwraps_the_live_dek_from_the_data_directory_after_rotate_kek(tmp_path):
+    data_dir = str(tmp_path / "data")
+    old_file = tmp_path / "old.kek"
+    old_file.write_bytes(wctest.KEK_BYTES.hex().encode())
+    os.chmod(old_file, 0o600)
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(1, 1, 3), _ents(1, 5, 1))
+        s.save_snapshot(SnapshotMeta(3, 1, CS), b"state machine at 3")
+        s.rotate_kek(walcrypt.RawKey(os.urandom(32)))     # say the old KEK leaked
+        snap = s.snapshot().info.path
+        live_dek = s.snapshot().info.key_id
+        assert live_dek == s.active_key_id()
+    with pytest.raises(walcrypt.WrongKeyError):
+        walcrypt.open(data_dir, kek=KEK)
+    env = dict(os.environ, PYTHONPATH=wctest.REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "walcrypt.cli", "snapshot", "inspect", snap, "--key-file",
+                           str(old_file), "--json"], env=env, capture_output=True, timeout=120)
+    assert not (proc.returncode == 0 and b'"verified": true' in proc.stdout), \
+        "the old KEK authenticates and decrypts the live snapshot (and unwraps the DEK of the live segments)"
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation in the caller's thread: metadata the writer accepts and the reader rejects
 # ---------------------------------------------------------------------------------------------
