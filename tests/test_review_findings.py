@@ -391,6 +391,52 @@ def test_deleted_rotation_record_silently_cancels_a_dek_rotation(tmp_path):
     assert not report.ok or not still_old, "the requested DEK rotation vanished without a trace"
 
 
+@pytest.mark.xfail(strict=True, reason="rotate_kek re-wraps the keyring but not the wrapped DEK inside the "
+                   "snapshot files of the data directory: the old KEK still unwraps the live DEK from there "
+                   "(GUARANTEES: 'afterwards only the new KEK opens the store')")
+def test_old_kek_still_unwraps_the_live_dek_from_the_data_directory_after_rotate_kek(tmp_path):
+    data_dir = str(tmp_path / "data")
+    old_file = tmp_path / "old.kek"
+    old_file.write_bytes(wctest.KEK_BYTES.hex().encode())
+    os.chmod(old_file, 0o600)
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(1, 1, 3), _ents(1, 5, 1))
+        s.save_snapshot(SnapshotMeta(3, 1, CS), b"state machine at 3")
+        s.rotate_kek(walcrypt.RawKey(os.urandom(32)))     # say the old KEK leaked
+        snap = s.snapshot().info.path
+        live_dek = s.snapshot().info.key_id
+        assert live_dek == s.active_key_id()
+    with pytest.raises(walcrypt.WrongKeyError):
+        walcrypt.open(data_dir, kek=KEK)
+    env = dict(os.environ, PYTHONPATH=wctest.REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "walcrypt.cli", "snapshot", "inspect", snap, "--key-file",
+                           str(old_file), "--json"], env=env, capture_output=True, timeout=120)
+    assert not (proc.returncode == 0 and b'"verified": true' in proc.stdout), \
+        "the old KEK authenticates and decrypts the live snapshot (and unwraps the DEK of the live segments)"
+
+
+@pytest.mark.xfail(strict=True, reason="a destroyed DEK's keyring record is overwritten in LMDB, but LMDB's "
+                   "copy-on-write pages keep the old record: the wrapped key survives in meta/data.mdb, so "
+                   "crypto-shredding does not hold against anyone who has (or later gets) the KEK")
+def test_destroyed_dek_survives_wrapped_in_the_metadata_file(tmp_path):
+    data_dir = str(tmp_path / "data")
+    with walcrypt.open(data_dir, kek=KEK, destroy_retired_keys=True) as s:
+        s.save(HardState(1, 1, 3), _ents(1, 50, 1))
+        s.save_snapshot(SnapshotMeta(30, 1, CS), b"state at 30")
+        old = s.active_key_id()
+        wrapped = s.keys[old].wrapped
+        s.rekey()                                   # a compromised DEK: rewritten and destroyed
+        assert s.keys[old].state == 5 and not s.keys[old].wrapped
+        s.save(None, _ents(50, 55, 1))
+    holders = []
+    for dirpath, _dirs, files in os.walk(data_dir):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                if wrapped in f.read():
+                    holders.append(os.path.relpath(os.path.join(dirpath, name), data_dir))
+    assert not holders, f"the destroyed DEK is still there, wrapped under the KEK, in {holders}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation in the caller's thread: metadata the writer accepts and the reader rejects
 # ---------------------------------------------------------------------------------------------
