@@ -94,6 +94,7 @@ class Meta:
                 raise UsageError(f"{path} does not exist: not a walcrypt data directory")
             os.makedirs(path, mode=0o700, exist_ok=True)
             created = True
+        self.env = None
         try:
             fresh = created or not os.path.exists(os.path.join(path, "data.mdb"))
             # LMDB opens its files by name: it is handed links to descriptors of the files checked here
@@ -103,8 +104,14 @@ class Meta:
                 self.env = lmdb.open(lmdb_dir, map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
                                      lock=not readonly, sync=True, metasync=True, mode=0o600,
                                      create=not readonly)
-        except lmdb.Error as exc:
-            raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
+        except BaseException as exc:
+            # Interrupted while the pinned names were cleaned up: the environment is open, and LMDB
+            # refuses a second handle on it in this process, so it must not leak.
+            if self.env is not None:
+                self.env.close()
+            if isinstance(exc, lmdb.Error):
+                raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
+            raise
         # From here any exception (KeyboardInterrupt included) closes the environment: LMDB refuses a
         # second handle on it in this process, so a leaked one would block every later open.
         try:
