@@ -574,3 +574,99 @@ def test_a_pending_snapshot_is_refused_after_its_store_closed(tmp_path):
     assert sorted(os.listdir(os.path.join(data_dir, SNAP))) <= before
     with walcrypt.open(data_dir, kek=KEK) as s2:
         assert s2.snapshot() is None and s2.last_index() == 3
+
+
+# -- creation intents, purge records and the catalog (metadata format version 2) ------------------
+
+def _copy_meta_once(data_dir: str, copy: str) -> None:
+    if not os.path.exists(copy):
+        shutil.copytree(os.path.join(data_dir, "meta"), copy)
+
+
+@pytest.mark.xfail(strict=True, reason="a creation intent in a rolled-back meta/ makes open delete the segment "
+                   "it names without looking at its content, although it was registered and acknowledged since")
+def test_meta_rolled_back_to_a_creation_intent_deletes_the_acknowledged_segment(tmp_path, monkeypatch):
+    from walcrypt import storage as S
+    data_dir, copy = str(tmp_path / "data"), str(tmp_path / "meta-copy")
+    real = S.Store._segment_file
+
+    def segment_file(self, *a, **k):          # a copy of meta/ (backup, file-system snapshot) taken
+        _copy_meta_once(data_dir, copy)       # between the intent commit and the registering commit
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(S.Store, "_segment_file", segment_file)
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(1, 1, 3), _ents(1, 11, 1, b"acknowledged "))
+    monkeypatch.setattr(S.Store, "_segment_file", real)
+    (seg_name,) = os.listdir(os.path.join(data_dir, WAL))
+    shutil.rmtree(os.path.join(data_dir, "meta"))
+    shutil.copytree(copy, os.path.join(data_dir, "meta"))           # meta/ rolled back alone
+    try:
+        walcrypt.open(data_dir, kek=KEK).close()
+    except WalcryptError:
+        pass                                                         # refusing is fine; deleting is not
+    assert any(n.startswith(seg_name) for n in os.listdir(os.path.join(data_dir, WAL))), \
+        "the segment holding acknowledged entries 1..10 was deleted as a creation leftover"
+
+
+@pytest.mark.xfail(strict=True, reason="a snapshot creation intent in a rolled-back meta/ makes open delete the "
+                   "snapshot it names, although it was registered (acknowledged) since")
+def test_meta_rolled_back_to_a_snapshot_intent_deletes_the_acknowledged_snapshot(tmp_path, monkeypatch):
+    from walcrypt import storage as S
+    data_dir, copy = str(tmp_path / "data"), str(tmp_path / "meta-copy")
+    real = S.Store.keyring_bundle
+
+    def keyring_bundle(self, *a, **k):        # called by open_writer after the snap_creating commit
+        _copy_meta_once(data_dir, copy)
+        return real(self, *a, **k)
+
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(1, 1, 3), _ents(1, 6, 1))
+        monkeypatch.setattr(S.Store, "keyring_bundle", keyring_bundle)
+        s.save_snapshot(SnapshotMeta(100, 3, CS), b"leader state at 100")   # InstallSnapshot, durable
+        monkeypatch.setattr(S.Store, "keyring_bundle", real)
+        (snap_name,) = os.listdir(os.path.join(data_dir, SNAP))
+    shutil.rmtree(os.path.join(data_dir, "meta"))
+    shutil.copytree(copy, os.path.join(data_dir, "meta"))
+    try:
+        walcrypt.open(data_dir, kek=KEK).close()
+    except WalcryptError:
+        pass
+    assert any(n.startswith(snap_name) for n in os.listdir(os.path.join(data_dir, SNAP))), \
+        "the acknowledged snapshot file was deleted as a creation leftover"
+
+
+@pytest.mark.xfail(strict=True, reason="a 24-byte (version 1) compaction record switches the catalog check off "
+                   "even in a version 2 store, so replaying one from the store's version 1 days lets records be "
+                   "deleted again: verify says OK and open drops acknowledged entries")
+def test_replayed_version_1_compaction_record_disables_the_catalog(tmp_path):
+    data_dir = str(tmp_path / "data")
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(1, 1, 3), _ents(1, 6, 1))
+        # The record as a version 1 store held it (24 bytes, MAC'd under this store's key): what an
+        # attacker finds in an older copy of meta/ of a store that was upgraded.
+        with s.meta.read() as r:
+            value = r.get(M.DB_STATE, M.K_COMPACTED)
+        old_record = s.meta.seal_value(M.DB_STATE, M.K_COMPACTED, value[:24])
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(2, 2, 3), _ents(6, 12, 2, b"acknowledged "))
+    # The attacker, without the key: the old record back, the intent record and the newest
+    # manifest record deleted.
+    env = lmdb.open(os.path.join(data_dir, "meta"), max_dbs=8)
+    try:
+        state, segments = env.open_db(M.DB_STATE), env.open_db(M.DB_SEGMENTS)
+        with env.begin(write=True) as txn:
+            txn.put(M.K_COMPACTED, old_record, db=state)
+            txn.delete(M.K_CREATING, db=state)
+            newest = max(bytes(k) for k, _ in txn.cursor(db=segments))
+            assert txn.delete(newest, db=segments)
+    finally:
+        env.close()
+    report = check(data_dir, kek=KEK)
+    try:
+        with walcrypt.open(data_dir, kek=KEK) as s:
+            served = s.last_index()
+    except WalcryptError:
+        served = None
+    assert not report.ok and served in (None, 11), \
+        f"verify OK={report.ok}; the store opened serving a log that ends at {served} instead of 11"
