@@ -583,8 +583,6 @@ def _copy_meta_once(data_dir: str, copy: str) -> None:
         shutil.copytree(os.path.join(data_dir, "meta"), copy)
 
 
-@pytest.mark.xfail(strict=True, reason="a creation intent in a rolled-back meta/ makes open delete the segment "
-                   "it names without looking at its content, although it was registered and acknowledged since")
 def test_meta_rolled_back_to_a_creation_intent_deletes_the_acknowledged_segment(tmp_path, monkeypatch):
     from walcrypt import storage as S
     data_dir, copy = str(tmp_path / "data"), str(tmp_path / "meta-copy")
@@ -609,8 +607,6 @@ def test_meta_rolled_back_to_a_creation_intent_deletes_the_acknowledged_segment(
         "the segment holding acknowledged entries 1..10 was deleted as a creation leftover"
 
 
-@pytest.mark.xfail(strict=True, reason="a snapshot creation intent in a rolled-back meta/ makes open delete the "
-                   "snapshot it names, although it was registered (acknowledged) since")
 def test_meta_rolled_back_to_a_snapshot_intent_deletes_the_acknowledged_snapshot(tmp_path, monkeypatch):
     from walcrypt import storage as S
     data_dir, copy = str(tmp_path / "data"), str(tmp_path / "meta-copy")

@@ -594,8 +594,12 @@ class Store:
     def _orphan_is_leftover(self, path: str, seg_id: int, base: int) -> bool:
         """True: delete (never acknowledged); False: not this store's, keep as .unlisted; raises when
         the file proves that the metadata lacks records it should have."""
-        if seg_id in self._purged or seg_id in self._staging or (self._creating and seg_id in self._creating):
+        if seg_id in self._purged or seg_id in self._staging:
             return True
+        if self._creating and seg_id in self._creating:
+            # Being created at the crash - unless meta/ was put back from inside that window and the
+            # segment went on to be registered and written: it must hold no more than its creation unit.
+            return self._never_registered(path, seg_id, base, intended=True)
         if self._creating is None:
             return self._legacy_orphan(path, seg_id, base)
         try:
@@ -638,20 +642,21 @@ class Store:
         finally:
             self.vfs.close(fd)
 
-    def _never_registered(self, path: str, seg_id: int, base: int) -> bool:
-        """For an unlisted segment at or above next_segment: True when it is the leftover of a crash
-        before its registration; raises when it proves that the metadata is older than the data."""
+    def _never_registered(self, path: str, seg_id: int, base: int, *, intended: bool = False) -> bool:
+        """For an unlisted segment at or above next_segment (or named by a creation intent): True when it
+        is the leftover of a crash before its registration - at most its creation unit, no index; raises
+        when it proves that the metadata is older than the data."""
         try:
             found = decode_header(self._read_head(path), path)
         except StorageError:
             found = None
         if found is None or found.store_id != self.store_id or found.segment_id != seg_id \
                 or found.base_index != base:
-            if seg_id == self.next_segment:
+            if intended or seg_id == self.next_segment:
                 return True                  # a creation torn by the crash: its header never became durable
             return False                     # not ours: kept aside as .unlisted, never deleted
         evidence = None
-        if seg_id > self.next_segment:
+        if seg_id > self.next_segment and not intended:
             evidence = "it was created after the segment the metadata expects next"
         else:
             try:
