@@ -167,17 +167,26 @@ def validate_kek_params(doc, path: str | None, *, offset: int | None = None, wha
     return doc
 
 
+def load_json_object(raw: bytes, max_bytes: int, bad) -> dict:
+    """A JSON object read from disk, bounded before it is parsed: ``bad(detail)`` makes the error to raise
+    for an oversized record, text that is not JSON (or nests too deep), or a JSON value that is not an object."""
+    if len(raw) > max_bytes:
+        raise bad(f"{len(raw)} bytes, more than {max_bytes}")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise bad("not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise bad(f"a JSON {type(doc).__name__} where an object was expected")
+    return doc
+
+
 def parse_kek_params(raw: bytes | None, path: str | None) -> dict | None:
     """``store/kek_params`` (UTF-8 JSON, at most MAX_KEK_PARAMS_BYTES) parsed and validated; None if absent."""
     if raw is None:
         return None
-    if len(raw) > MAX_KEK_PARAMS_BYTES:
-        raise CorruptionError(path, None, f"store/kek_params is {len(raw)} bytes, more than the "
-                                          f"{MAX_KEK_PARAMS_BYTES} allowed", _PARAMS_HINT)
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise CorruptionError(path, None, "store/kek_params is not valid JSON", _PARAMS_HINT) from None
+    doc = load_json_object(raw, MAX_KEK_PARAMS_BYTES,
+                           lambda detail: CorruptionError(path, None, f"store/kek_params: {detail}", _PARAMS_HINT))
     return validate_kek_params(doc, path)
 
 

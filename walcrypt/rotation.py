@@ -61,14 +61,7 @@ def parse_state(raw: bytes | None, path: str | None) -> dict | None:
         return CorruptionError(path, None, f"the DEK rotation record (state/rotation) is malformed: {detail}",
                                "restore the node from a snapshot export or wipe it and let Raft re-replicate it")
 
-    if len(raw) > MAX_STATE_BYTES:
-        raise bad(f"{len(raw)} bytes, more than {MAX_STATE_BYTES}")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise bad("not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise bad(f"a JSON {type(doc).__name__} where an object was expected")
+    doc = K.load_json_object(raw, MAX_STATE_BYTES, bad)
     if K.hex_bytes(doc.get("pending"), min_len=16, max_len=16) is None:
         raise bad("the pending key ID is not 16 bytes of hex")
     if not K.is_uint(doc.get("first_index")) or doc["first_index"] < 1:

@@ -228,14 +228,7 @@ def parse_bundle(raw: bytes, path: str, offset: int) -> dict:
         if K.hex_bytes(k.get("wrapped"), min_len=1, max_len=MAX_WRAPPED_KEY) is None:
             raise bad(f"{what} has no wrapped key of 1 .. {MAX_WRAPPED_KEY} bytes of hex")
 
-    if len(raw) > MAX_KEYRING_BUNDLE:
-        raise bad(f"{len(raw)} bytes, more than {MAX_KEYRING_BUNDLE}")
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise bad("not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise bad(f"a JSON {type(doc).__name__} where an object was expected")
+    doc = K.load_json_object(raw, MAX_KEYRING_BUNDLE, bad)
     version = doc.get("version")
     if not K.is_uint(version):
         raise bad("no version number")
