@@ -39,7 +39,7 @@ from . import meta as M
 from .bounded import FileSource, Source
 from .errors import (AuthenticationError, CorruptionError, KeyProviderError, LockedError, StorageError,
                      UsageError, WalcryptError, WrongKeyError)
-from .segment import Segment, SegmentIdentity, decode_header
+from .segment import Segment
 from .storage import Store, stored_mode
 from .vfs import DEFAULT_VFS
 
@@ -402,14 +402,7 @@ class _Walk:
                                       "or wipe it and let Raft re-replicate")
             fd = st.vfs.open(path, os.O_RDONLY)
             src = FileSource(st.vfs, fd)           # read a window at a time, whatever the file size
-            found = decode_header(src.read(0, fmt.SEGMENT_HEADER_SIZE), path)
-            expected = SegmentIdentity(st.store_id, seg_id, rec["base_index"], rec["algorithm"], rec["key_id"],
-                                       found.salt, found.commitment)
-            if found.key_id != rec["key_id"]:
-                raise AuthenticationError(path, 48, "segment header key ID differs from the manifest")
-            cipher, commitment = st._cipher(expected)
-            seg = Segment(st.vfs, path, expected, cipher)
-            seg.check_identity(found, commitment)
+            seg = st.bind_segment(path, seg_id, rec, src.read(0, fmt.SEGMENT_HEADER_SIZE))
 
             def on_entries(r):
                 rep.entries += len(r)

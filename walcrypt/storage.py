@@ -483,6 +483,19 @@ class Store:
             w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(idx, cur.meta.term, wal.reset_segment))
         wal.compacted_index, wal.compacted_term = idx, cur.meta.term
 
+    def bind_segment(self, path: str, seg_id: int, rec: dict, head: bytes) -> Segment:
+        """A Segment for the file at ``path`` whose first bytes are ``head``, its identity checked
+        against its manifest record ``rec`` and its key commitment before any frame is read."""
+        found = decode_header(head, path)
+        expected = SegmentIdentity(self.store_id, seg_id, rec["base_index"], rec["algorithm"], rec["key_id"],
+                                   found.salt, found.commitment)
+        if found.key_id != rec["key_id"]:
+            raise AuthenticationError(path, 48, "segment header key ID differs from the manifest")
+        cipher, commitment = self._cipher(expected)
+        seg = Segment(self.vfs, path, expected, cipher)
+        seg.check_identity(found, commitment)
+        return seg
+
     def _open_segment(self, seg_id: int, rec: dict) -> Segment:
         directory = os.path.join(self.path, layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED
                                  else layout.WAL_PLAIN)
@@ -498,14 +511,7 @@ class Store:
             # whole: its size (preallocated, or extended by anyone) bounds nothing in memory.
             src = None if sealed else FileSource(self.vfs, fd)
             head = self.vfs.pread(fd, fmt.SEGMENT_HEADER_SIZE, 0) if sealed else src.read(0, fmt.SEGMENT_HEADER_SIZE)
-            found = decode_header(head, path)
-            expected = SegmentIdentity(self.store_id, seg_id, rec["base_index"], rec["algorithm"], rec["key_id"],
-                                       found.salt, found.commitment)
-            if found.key_id != rec["key_id"]:
-                raise AuthenticationError(path, 48, "segment header key ID differs from the manifest")
-            cipher, commitment = self._cipher(expected)
-            seg = Segment(self.vfs, path, expected, cipher)
-            seg.check_identity(found, commitment)
+            seg = self.bind_segment(path, seg_id, rec, head)
             if not sealed:
                 committed_end, torn = seg.scan(src)
         finally:
