@@ -42,6 +42,7 @@ from walcrypt.vfs import CrashVFS, SimulatedCrash
 
 import snaptest as T
 import wctest
+from logmodel import State, ents, observe
 
 OPS = ("pwrite", "fdatasync", "fsync_dir", "rename", "unlink", "ftruncate", "preallocate")
 KEK = walcrypt.RawKey(wctest.KEK_BYTES)
@@ -70,30 +71,6 @@ def tmp_path(tmp_path):
 # The model
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class State:
-    first: int
-    entries: tuple = ()
-    hs: HardState = HardState()
-    snap: tuple | None = None          # (index, term)
-
-    @property
-    def last(self) -> int:
-        return self.first - 1 + len(self.entries)
-
-    def save(self, ents, hs=None) -> "State":
-        keep = self.entries[:max(0, ents[0].index - self.first)] if ents else self.entries
-        return replace(self, entries=tuple(keep) + tuple(ents), hs=hs if hs is not None else self.hs)
-
-    def compact(self, index: int) -> "State":
-        return replace(self, first=index + 1, entries=tuple(e for e in self.entries if e.index > index))
-
-    def snapshot(self, index: int, term: int) -> "State":
-        reset = index > self.last or (index >= self.first and self.entries[index - self.first].term != term)
-        st = replace(self, snap=(index, term))
-        return replace(st, first=index + 1, entries=()) if reset else st
-
-
 class Model:
     """What was acknowledged, and the state the operation in flight would leave."""
 
@@ -112,19 +89,6 @@ class Model:
         return [self.acked] + ([self.inflight] if self.inflight is not None else [])
 
 
-def observe(s) -> State:
-    first, last = s.first_index(), s.last_index()
-    ents = tuple(s.entries(first, last + 1)) if last >= first else ()
-    for e in ents:
-        assert s.term(e.index) == e.term
-    snap = s.snapshot()
-    if snap is not None:
-        assert snap.data == T.snap_data(snap.meta.index, 1500), "snapshot data differs"
-    return State(first, ents, s.initial_state()[0], (snap.meta.index, snap.meta.term) if snap else None)
-
-
-def ents(lo: int, hi: int, term: int = 1) -> list[Entry]:
-    return [Entry(i, term, wctest.entry_data(i, 24 + i % 40)) for i in range(lo, hi)]
 
 
 def save(s, m: Model, lo: int, hi: int, term: int = 1) -> None:

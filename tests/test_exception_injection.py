@@ -66,6 +66,7 @@ import noncescan
 import snaptest as T
 import wctest
 from injectvfs import KINDS, InjectVFS
+from logmodel import State, ents, observe
 
 KEK = walcrypt.RawKey(wctest.KEK_BYTES)
 NEW_KEK = walcrypt.RawKey(bytes(reversed(wctest.KEK_BYTES)))
@@ -93,48 +94,6 @@ def shm_root(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 # The model: what was acknowledged, and what an operation in doubt may have left
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class State:
-    first: int
-    entries: tuple = ()
-    hs: HardState = HardState()
-    snap: tuple | None = None          # (index, term)
-
-    @property
-    def last(self) -> int:
-        return self.first - 1 + len(self.entries)
-
-    def save(self, ents, hs=None) -> "State":
-        keep = self.entries[:max(0, ents[0].index - self.first)] if ents else self.entries
-        return replace(self, entries=tuple(keep) + tuple(ents), hs=hs if hs is not None else self.hs)
-
-    def truncate(self, index: int) -> "State":
-        return replace(self, entries=self.entries[:max(0, index - self.first)])
-
-    def compact(self, index: int) -> "State":
-        return replace(self, first=index + 1, entries=tuple(e for e in self.entries if e.index > index))
-
-    def snapshot(self, index: int, term: int) -> "State":
-        reset = index > self.last or (index >= self.first and self.entries[index - self.first].term != term)
-        st = replace(self, snap=(index, term))
-        return replace(st, first=index + 1, entries=()) if reset else st
-
-
-def ents(lo: int, hi: int, term: int = 1) -> list[Entry]:
-    return [Entry(i, term, wctest.entry_data(i, 24 + i % 40)) for i in range(lo, hi)]
-
-
-def observe(s) -> State:
-    first, last = s.first_index(), s.last_index()
-    got = tuple(s.entries(first, last + 1)) if last >= first else ()
-    for e in got:
-        assert s.term(e.index) == e.term
-    snap = s.snapshot()
-    if snap is not None:
-        assert snap.data == T.snap_data(snap.meta.index, 1500), "snapshot data differs"
-    return State(first, got, s.initial_state()[0], (snap.meta.index, snap.meta.term) if snap else None)
-
 
 def _fmt(st: State) -> str:
     return f"first={st.first} last={st.last} hs={tuple(st.hs)} snap={st.snap}"
