@@ -168,12 +168,18 @@ def test_edited_algorithm_record_is_refused(tmp_path, kek, key_file, marker, alg
 
 
 def test_plaintext_keyring_entry_is_refused(tmp_path, kek):
-    """A data key whose (authenticated) record names NONE cannot come from walcrypt."""
+    """A data key whose (authenticated) record names NONE cannot come from walcrypt: the record is
+    rewritten here through the store's own metadata key, as a faulty writer would."""
+    from walcrypt import meta as M
     d = str(tmp_path / "store")
     _genuine(d, kek)
     with walcrypt.open(d, kek=kek, **OPTS) as s:
-        assert s.algorithm != fmt.ALG_NONE
-        assert all(k.algorithm == s.algorithm for k in s.keys.values() if k.purpose == 1)
+        entry = s.keys[s.active_key_id()]
+        entry.algorithm = fmt.ALG_NONE
+        with s.meta.write() as w:
+            w.put(M.DB_KEYRING, entry.key_id, M.encode_keyring(entry))
+    with pytest.raises(AuthenticationError, match="NONE"):
+        walcrypt.open(d, kek=kek, **OPTS)
 
 
 # ---------------------------------------------------------------------------------------------
