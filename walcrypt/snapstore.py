@@ -29,7 +29,7 @@ from typing import BinaryIO
 from . import crypto
 from . import format as fmt
 from . import meta as M
-from .errors import CorruptionError, StorageError, SymlinkError, UsageError, WalcryptError
+from .errors import CorruptionError, StorageError, SymlinkError, UsageError
 from .snapshot import (DEFAULT_CHUNK_SIZE, SNAP_SALT_SIZE, MetaRuleError, SnapshotFile, SnapshotHeader, SnapshotWriter,
                        check_meta, snapshot_file_name, snapshot_keys)
 from .types import ConfState, SnapshotMeta
@@ -311,16 +311,6 @@ class Snapshots:
                 if not leftover:
                     self._refuse_newer(path, snap_id, next_id)
                     continue
-                if intents is not None and snap_id in intents and self._complete(path):
-                    # Published but not registered: a crash before its registration, or meta/ put back
-                    # from inside that window after it was acknowledged.  The two look alike, so it is
-                    # never deleted: kept aside for the operator.
-                    st.vfs.rename(path, path + ".unlisted")
-                    log.warning("%s was published but is not registered (a crash before its registration, or "
-                                "an older meta/); kept as %s.unlisted - remove it once you know it is not "
-                                "needed", path, name)
-                    removed = True
-                    continue
             st.vfs.unlink(path)
             removed = True
         if removed:
@@ -328,19 +318,6 @@ class Snapshots:
         if intents:
             with st.meta.write() as tx:
                 tx.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
-
-    def _complete(self, path: str) -> bool:
-        """Whether ``path`` is a whole published snapshot of this store (every chunk authenticates)."""
-        try:
-            f = SnapshotFile(self.store.vfs, path)
-            if f.header.store_id != self.store.store_id:
-                return False
-            aead, commitment = self._keys(f.header)
-            f.unlock(aead, commitment)
-            f.verify()
-            return True
-        except WalcryptError:
-            return False
 
     def _refuse_newer(self, path: str, snap_id: int, next_id: int) -> None:
         """An unaccounted snapshot file: ours means lost registry records or rolled-back metadata."""
