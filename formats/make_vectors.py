@@ -400,13 +400,14 @@ def stable_section() -> dict:
 
 
 def metadata_macs(workdir: str, manifest_value: bytes, registry_value: bytes, keyring_value: bytes,
-                  stable_value: bytes) -> dict:
-    """Stored (value || MAC) forms, computed by the engine's own Meta object over a scratch LMDB environment."""
+                  stable_value: bytes, *, version: int) -> dict:
+    """Stored (value || MAC) forms under metadata format ``version``'s MAC domain, computed by the
+    engine's own Meta object over a scratch LMDB environment."""
     compacted_value = M.encode_compacted(SNAP_META.index, SNAP_META.term, SEGMENT_ID + 1)
     next_value = (SEGMENT_ID + 1).to_bytes(8, "little")
-    meta = M.Meta(os.path.join(workdir, "meta"))
+    meta = M.Meta(os.path.join(workdir, f"meta-v{version}"))
     try:
-        meta.set_mac_key(META_KEY)
+        meta.set_mac_key(META_KEY, version=version)
         macs = {
             "segment_manifest_key": M.u64(SEGMENT_ID).hex(),
             "segment_manifest_stored": meta.seal_value(M.DB_SEGMENTS, M.u64(SEGMENT_ID), manifest_value).hex(),
@@ -420,6 +421,8 @@ def metadata_macs(workdir: str, manifest_value: bytes, registry_value: bytes, ke
         }
         meta.set_mac_key(None)
         macs["keyless_next_segment_stored"] = meta.seal_value(M.DB_STATE, M.K_NEXT_SEGMENT, next_value).hex()
+        if version >= M.FIRST_DOMAIN_TAGGED_VERSION:
+            macs["domain"] = M.MAC_DOMAIN_V3.decode()
     finally:
         meta.close()
     return macs
@@ -560,9 +563,11 @@ def generate(outdir: str = DEFAULT_OUTDIR) -> list[str]:
         doc["snapshot_registry_record"] = {"snapshot": "snapshot-aes256gcm.snap", "key": M.u64(SNAP_ID).hex(),
                                            "value": registry_value.hex()}
         doc["stable"] = stable_section()
-        keyring["metadata_macs"].update(metadata_macs(work, manifest_value, registry_value,
-                                                      bytes.fromhex(keyring["keyring_record"]["value"]),
-                                                      bytes.fromhex(doc["stable"]["sealed"])))
+        inputs = (manifest_value, registry_value, bytes.fromhex(keyring["keyring_record"]["value"]),
+                  bytes.fromhex(doc["stable"]["sealed"]))
+        # metadata format versions 1 and 2 (read, upgraded at the first read-write open), and 3
+        keyring["metadata_macs"].update(metadata_macs(work, *inputs, version=1))
+        keyring["metadata_macs_v3"] = metadata_macs(work, *inputs, version=3)
         doc["keyring"] = keyring
 
     text = json.dumps(doc, indent=2) + "\n"

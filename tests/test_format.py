@@ -718,12 +718,15 @@ def test_stable_value_vector(doc):
     assert v["plaintext_store_form"] == "01" + "00" * 28 + v["value"]
 
 
-def test_metadata_mac_vectors(doc):
-    k, macs = doc["keyring"], doc["keyring"]["metadata_macs"]
+@pytest.mark.parametrize("block,domain", [("metadata_macs", b""), ("metadata_macs_v3", b"walcrypt/v3/meta-mac")],
+                         ids=["versions-1-and-2", "version-3"])
+def test_metadata_mac_vectors(doc, block, domain):
+    k, macs = doc["keyring"], doc["keyring"][block]
     mac_key = bytes.fromhex(k["meta_key"])
+    assert macs.get("domain", "").encode() == domain
 
     def framed(*parts):
-        return b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+        return b"".join(len(p).to_bytes(4, "little") + p for p in ((domain,) if domain else ()) + parts)
 
     cases = [(M.DB_SEGMENTS, bytes.fromhex(macs["segment_manifest_key"]),
               bytes.fromhex(doc["segment_manifest_record"]["value"]), macs["segment_manifest_stored"]),

@@ -530,7 +530,7 @@ def test_forged_plaintext_records_raise_only_walcrypt_errors(tmp_path, record):
                 rec = list(fmt.MANIFEST_STRUCT.unpack(bytes(txn.get(key, db=handles[db]))[:-16]))
                 rec[7] = (1 << 63) + 8                   # index_offset
                 value = fmt.MANIFEST_STRUCT.pack(*rec)
-            txn.put(key, value + M._keyless_mac(db, key, value), db=handles[db])
+            txn.put(key, value + M.keyless_mac(db, key, value), db=handles[db])
     finally:
         env.close()
     try:
@@ -636,30 +636,35 @@ def test_meta_rolled_back_to_a_snapshot_intent_deletes_the_acknowledged_snapshot
         "the acknowledged snapshot file was deleted as a creation leftover"
 
 
-@pytest.mark.xfail(strict=True, reason="a 24-byte (version 1) compaction record switches the catalog check off "
-                   "even in a version 2 store, so replaying one from the store's version 1 days lets records be "
-                   "deleted again: verify says OK and open drops acknowledged entries")
-def test_replayed_version_1_compaction_record_disables_the_catalog(tmp_path):
+@pytest.mark.parametrize("mac_version,claim_version", [(1, None), (1, 1), (2, 2), (3, None)],
+                         ids=["v1-record", "v1-record-and-version-byte", "v2-era-record-and-version-byte",
+                              "current-domain-24-bytes"])
+def test_replayed_version_1_compaction_record_disables_the_catalog(tmp_path, mac_version, claim_version):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
         s.save(HardState(1, 1, 3), _ents(1, 6, 1))
-        # The record as a version 1 store held it (24 bytes, MAC'd under this store's key): what an
-        # attacker finds in an older copy of meta/ of a store that was upgraded.
+        # The record as a version 1 store held it (24 bytes, MAC'd under this store's key and the
+        # MAC domain of its version): what an attacker finds in an older copy of meta/ of a store
+        # that was upgraded.  The last case stands for any 24-byte record the key could make.
         with s.meta.read() as r:
             value = r.get(M.DB_STATE, M.K_COMPACTED)
-        old_record = s.meta.seal_value(M.DB_STATE, M.K_COMPACTED, value[:24])
+        old_record = value[:24] + M.keyed_mac(s.meta._mac_key, M.DB_STATE, M.K_COMPACTED, value[:24],
+                                              version=mac_version)
     with walcrypt.open(data_dir, kek=KEK) as s:
         s.save(HardState(2, 2, 3), _ents(6, 12, 2, b"acknowledged "))
     # The attacker, without the key: the old record back, the intent record and the newest
-    # manifest record deleted.
+    # manifest record deleted (and the version byte put back, if said so).
     env = lmdb.open(os.path.join(data_dir, "meta"), max_dbs=8)
     try:
         state, segments = env.open_db(M.DB_STATE), env.open_db(M.DB_SEGMENTS)
+        store = env.open_db(M.DB_STORE)
         with env.begin(write=True) as txn:
             txn.put(M.K_COMPACTED, old_record, db=state)
             txn.delete(M.K_CREATING, db=state)
             newest = max(bytes(k) for k, _ in txn.cursor(db=segments))
             assert txn.delete(newest, db=segments)
+            if claim_version is not None:
+                txn.put(M.K_FORMAT_VERSION, bytes([claim_version]), db=store)
     finally:
         env.close()
     report = check(data_dir, kek=KEK)

@@ -290,8 +290,11 @@ class _Walk:
         if next_segment is None:
             self.error(CorruptionError(self.meta.path, None, "the next segment counter is missing or damaged"),
                        METADATA)
-        for key in (M.K_NEXT_SNAPSHOT, M.K_ROTATION):
-            self.value(M.DB_STATE, key, key.decode())
+        with self.meta.read() as r:
+            state_keys = [k for k, _ in r.raw_items(M.DB_STATE)]
+        for key in state_keys:          # every state record is authenticated, those read here or not
+            if key not in (M.K_COMPACTED, M.K_NEXT_SEGMENT, M.K_MIGRATION):
+                self.value(M.DB_STATE, key, key.decode(errors="replace"))
         migration = self.value(M.DB_STATE, M.K_MIGRATION, "migration")
         if migration is not None:
             self.warn(self.meta.path, "a migration between encrypted and plaintext was interrupted",

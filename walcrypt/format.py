@@ -23,11 +23,12 @@ from .errors import CorruptionError, UnsupportedFormatError
 
 FORMAT_VERSION = 1                  # segment, snapshot and export files
 # The metadata (FORMAT.md 9): 2 adds the record catalog, creation intents and purge records
-# (state/creating, snap_creating, purged, snap_purged, staging; a 56-byte compaction record).
-# Version 1 stores are read, and upgraded by their first read-write open; older releases refuse
-# a version 2 store instead of misreading it.
-META_FORMAT_VERSION = 2
-META_FORMAT_VERSIONS_READ = (1, 2)
+# (state/creating, snap_creating, purged, snap_purged, staging; a 56-byte compaction record);
+# 3 puts a domain tag into every value MAC (so no record of a store's version 1 or 2 past
+# verifies in it) and requires the catalog.  Versions 1 and 2 are read, and upgraded by their
+# first read-write open; older releases refuse a newer store instead of misreading it.
+META_FORMAT_VERSION = 3
+META_FORMAT_VERSIONS_READ = (1, 2, 3)
 
 SEGMENT_MAGIC = b"WCRYPSEG"
 SNAPSHOT_MAGIC = b"WCRYPSNP"

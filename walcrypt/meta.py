@@ -72,12 +72,37 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _keyless_mac(*parts: bytes) -> bytes:
-    h = hashlib.blake2b(digest_size=MAC_SIZE)
+# Metadata format version 3 puts a domain tag in front of every MAC'd message, so that no MAC a
+# store computed under versions 1 or 2 verifies under version 3: an upgraded store re-MACs every
+# record in the upgrading transaction, and a record replayed from its older past (the 24-byte
+# compaction record without a catalog, above all) fails its MAC instead of turning checks off.
+MAC_DOMAIN_V3 = b"walcrypt/v3/meta-mac"
+FIRST_DOMAIN_TAGGED_VERSION = 3
+
+
+def _framed(h, parts) -> None:
     for p in parts:
         h.update(len(p).to_bytes(4, "little"))
         h.update(p)
+
+
+def _domain(version: int) -> tuple[bytes, ...]:
+    return (MAC_DOMAIN_V3,) if version >= FIRST_DOMAIN_TAGGED_VERSION else ()
+
+
+def keyless_mac(db: bytes, key: bytes, value: bytes, *, version: int = fmt.META_FORMAT_VERSION) -> bytes:
+    """The MAC of a plaintext store (an accident check: anyone can compute it)."""
+    h = hashlib.blake2b(digest_size=MAC_SIZE)
+    _framed(h, _domain(version) + (db, key, value))
     return h.digest()
+
+
+def keyed_mac(mac_key: bytes, db: bytes, key: bytes, value: bytes, *,
+              version: int = fmt.META_FORMAT_VERSION) -> bytes:
+    """The MAC of an encrypted store: HMAC-SHA256 under the metadata key, cut to 16 bytes."""
+    h = hmac.new(mac_key, digestmod=hashlib.sha256)
+    _framed(h, _domain(version) + (db, key, value))
+    return h.digest()[:MAC_SIZE]
 
 
 class Meta:
@@ -132,22 +157,23 @@ class Meta:
             self.env.close()
             raise
         self._mac_key: bytes | None = None
+        self.mac_version = fmt.META_FORMAT_VERSION
 
     def close(self) -> None:
         self.env.close()
 
     # -- MAC ---------------------------------------------------------------
-    def set_mac_key(self, key: bytes | None) -> None:
+    def set_mac_key(self, key: bytes | None, *, version: int | None = None) -> None:
+        """The MAC key (None: keyless) and the metadata format version whose MAC domain applies
+        (default: unchanged; a new Meta starts at the current version)."""
         self._mac_key = key
+        if version is not None:
+            self.mac_version = version
 
     def mac(self, db: bytes, key: bytes, value: bytes) -> bytes:
         if self._mac_key is None:
-            return _keyless_mac(db, key, value)
-        h = hmac.new(self._mac_key, digestmod=hashlib.sha256)
-        for p in (db, key, value):
-            h.update(len(p).to_bytes(4, "little"))
-            h.update(p)
-        return h.digest()[:MAC_SIZE]
+            return keyless_mac(db, key, value, version=self.mac_version)
+        return keyed_mac(self._mac_key, db, key, value, version=self.mac_version)
 
     def seal_value(self, db: bytes, key: bytes, value: bytes) -> bytes:
         return value + self.mac(db, key, value)
@@ -179,8 +205,9 @@ class Meta:
     # who can write meta/ could drop a manifest record, a snapshot registration or the rotation
     # record without a key.  So every write transaction also seals a digest of the set of keys of
     # every MAC'd table into the compaction-point record (which every open reads and which is
-    # itself MAC'd), and opening checks it.  Stores written before the catalog existed carry a
-    # 24-byte compaction record; their next write adds it.
+    # itself MAC'd), and opening checks it.  Version 1 stores carry a 24-byte compaction record
+    # without a catalog; from version 3 on (whose MAC domain no older record shares) a record
+    # without a catalog is refused.
     def catalog_digest(self, txn) -> bytes:
         h = hashlib.sha256(b"walcrypt/v1/catalog")
         for db in CATALOG_DBS:
@@ -203,8 +230,10 @@ class Meta:
         """AuthenticationError when a MAC'd record was deleted or added behind walcrypt's back."""
         with self.read() as r:
             raw = r.get(DB_STATE, K_COMPACTED)
-            if raw is None or len(raw) == 24:
-                return                  # no store yet, or written before the catalog existed
+            if raw is None:
+                return                  # no store yet
+            if len(raw) == 24 and self.mac_version < FIRST_DOMAIN_TAGGED_VERSION:
+                return                  # written before the catalog existed
             if len(raw) != 24 + CATALOG_SIZE or not hmac.compare_digest(raw[24:], self.catalog_digest(r.txn)):
                 raise AuthenticationError(
                     self.path, None, "the set of metadata records does not match its catalog: a record (a segment "
@@ -261,6 +290,25 @@ class WriteTxn(ReadTxn):
 
     def delete(self, db: bytes, key: bytes) -> None:
         self.txn.delete(key, db=self.meta.dbs[db])
+
+
+def upgrade(meta: Meta, from_version: int) -> None:
+    """Bring a store written under an older metadata format version to the current one, in one
+    LMDB commit: every MAC'd record is verified under its old MAC domain and re-MAC'd under the
+    current one, the catalog is sealed and ``store/format_version`` set.  An interruption leaves
+    the old version whole (LMDB commits atomically); the MAC domain in memory follows the commit."""
+    with meta.read() as r:
+        records = {db: r.items(db) for db in CATALOG_DBS}      # verified under the old domain
+    meta.set_mac_key(meta._mac_key, version=fmt.META_FORMAT_VERSION)
+    try:
+        with meta.write() as w:
+            for db, items in records.items():
+                for k, v in items:
+                    w.put(db, k, v)
+            w.put_raw(DB_STORE, K_FORMAT_VERSION, bytes([fmt.META_FORMAT_VERSION]))
+    except BaseException:
+        meta.set_mac_key(meta._mac_key, version=from_version)
+        raise
 
 
 # -- typed records ----------------------------------------------------------------

@@ -261,7 +261,7 @@ class Store:
                 raise CorruptionError(self.meta.path, None, "the store record of a plaintext store names a cipher",
                                       "the metadata was edited or damaged; do not trust this directory")
             self.algorithm = fmt.ALG_NONE
-            self.meta.set_mac_key(None)
+            self.meta.set_mac_key(None, version=self.meta_version)
             self.meta.verify_catalog()
             self._load_keyring()
             return
@@ -275,7 +275,7 @@ class Store:
         meta_key = self.wrapper.unwrap(wrapped_meta, K.wrap_context(store_id, meta_key_id, K.PURPOSE_META))
         if len(meta_key) != K.KEY_SIZE:
             raise AuthenticationError(self.meta.path, None, "the metadata key unwrapped to a wrong size")
-        self.meta.set_mac_key(meta_key)
+        self.meta.set_mac_key(meta_key, version=self.meta_version)
         self.meta.verify_catalog()
         self._load_keyring()
         self.algorithm = self._authenticated_algorithm(stored_alg)
@@ -323,7 +323,7 @@ class Store:
                                                           purpose=K.PURPOSE_META, state=K.ACTIVE)
                 w.put_raw(M.DB_STORE, M.K_META_KEY_ID, meta_entry.key_id)
                 w.put_raw(M.DB_STORE, M.K_META_KEY, meta_entry.wrapped)
-                self.meta.set_mac_key(meta_secret.material)
+                self.meta.set_mac_key(meta_secret.material, version=fmt.META_FORMAT_VERSION)
                 dek, secret = K.new_key_entry(self.wrapper, self.store_id, algorithm=self.algorithm,
                                               purpose=K.PURPOSE_DEK, state=K.ACTIVE)
                 w.put(M.DB_KEYRING, dek.key_id, M.encode_keyring(dek))
@@ -332,7 +332,7 @@ class Store:
             else:
                 self.algorithm = fmt.ALG_NONE
                 self.kek_params = None
-                self.meta.set_mac_key(None)
+                self.meta.set_mac_key(None, version=fmt.META_FORMAT_VERSION)
             w.put_raw(M.DB_STORE, M.K_ALGORITHM, bytes([self.algorithm]))
             w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(0, 0))
             w.put(M.DB_STATE, M.K_NEXT_SEGMENT, (1).to_bytes(8, "little"))
@@ -441,8 +441,7 @@ class Store:
         if not self.read_only:
             self._remove_orphans({s.seg_id for s in segments})
             if self.meta_version < fmt.META_FORMAT_VERSION:
-                with self.meta.write() as w:          # adds the catalog; intents follow the first writes
-                    w.put_raw(M.DB_STORE, M.K_FORMAT_VERSION, bytes([fmt.META_FORMAT_VERSION]))
+                M.upgrade(self.meta, self.meta_version)   # intents follow the first writes
                 self.meta_version = fmt.META_FORMAT_VERSION
         self.snapshots.load()
         self._after_snapshot_fallback()
