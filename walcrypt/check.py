@@ -370,7 +370,7 @@ class _Walk:
                         f.repairable = True
                         f.hint = (f"'walcrypt repair' renames it .broken and falls back to the snapshot at "
                                   f"index {older}")
-        self._leftover_snapshots({os.path.basename(i.path) for i in snap_infos})
+        self._leftover_snapshots({os.path.basename(i.path) for i in snap_infos}, set(wal_snapshot_records))
 
         # stable store
         from . import stable
@@ -518,7 +518,7 @@ class _Walk:
         finally:
             self.advance(fsize - counted)
 
-    def _leftover_snapshots(self, known: set[str]) -> None:
+    def _leftover_snapshots(self, known: set[str], in_log: set[int]) -> None:
         d = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
         if not os.path.isdir(d):
             return
@@ -529,6 +529,9 @@ class _Walk:
                           "keep it for analysis or remove it; the store does not read it")
             elif name.startswith(".tmp-"):
                 self.warn(p, "partly written snapshot (its save never returned); the next read-write open deletes it")
+            elif _SNAP_NAME.match(name) and name not in known and int(name[:16], 16) in in_log:
+                self.warn(p, "snapshot saved and tied to the log but not registered (its registration did not "
+                          "commit); the next read-write open registers it")
             elif _SNAP_NAME.match(name) and name not in known:
                 self.warn(p, "snapshot file not in the registry; the next read-write open deletes it")
             elif not _SNAP_NAME.match(name):

@@ -231,7 +231,8 @@ class Snapshots:
         self.infos = sorted((decode_info(int.from_bytes(k, "big"), v, self.dir, st.meta.path) for k, v in rows),
                             key=lambda i: i.snapshot_id)
         if not st.read_only:
-            self._remove_orphans()
+            self._remove_orphans()                       # may register a snapshot rolled forward
+            self.infos.sort(key=lambda i: i.snapshot_id)
         while self.infos:
             info = self.infos[-1]
             try:
@@ -288,7 +289,13 @@ class Snapshots:
         committed) or as removed by the latest retention.  Any other snapshot of this store means a
         registry record was deleted or the metadata is older than the data: open refuses and deletes
         nothing.  (Stores written before creation intents existed: an ID up to next_snapshot is
-        deleted, a higher one refused.)"""
+        deleted, a higher one refused.)
+
+        A file named by a creation intent whose SNAPSHOT record is in the log is not a leftover: that
+        record is written (durably) before the registering commit, so the save got past its commit
+        point - a crash before the registration, or a ``meta/`` put back from inside that window after
+        the save returned.  It is registered now (rolled forward, as the save would have), or, if it
+        no longer authenticates, set aside as ``.broken``; never deleted."""
         if not os.path.isdir(self.dir):
             return
         st = self.store
@@ -311,6 +318,10 @@ class Snapshots:
                 if not leftover:
                     self._refuse_newer(path, snap_id, next_id)
                     continue
+                record = self._log_record(snap_id) if snap_id not in purged else None
+                if record is not None:
+                    self._roll_forward(path, snap_id, record)
+                    continue
             st.vfs.unlink(path)
             removed = True
         if removed:
@@ -318,6 +329,40 @@ class Snapshots:
         if intents:
             with st.meta.write() as tx:
                 tx.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
+
+    def _log_record(self, snap_id: int) -> tuple | None:
+        """The log's SNAPSHOT record (ID, index, term, digest) for ``snap_id``, if a segment read at
+        open holds one.  The record of a save that did not register goes to the segment being
+        written then, which the manifest still calls open, so open reads it in full."""
+        for seg in self.store.wal.segments:
+            for rec in seg.snapshot_records:
+                if rec[0] == snap_id:
+                    return rec
+        return None
+
+    def _roll_forward(self, path: str, snap_id: int, record: tuple) -> None:
+        st = self.store
+        _id, index, term, digest = record
+        try:
+            f = SnapshotFile(st.vfs, path)
+            h = f.header
+            if (h.store_id, h.snapshot_id, h.index, h.term, f.digest) != (st.store_id, snap_id, index, term, digest):
+                raise CorruptionError(path, 0, "snapshot file differs from the log's record of it")
+            aead, commitment = self._keys(h)
+            f.unlock(aead, commitment)
+            size = f.verify()
+        except SymlinkError:
+            raise
+        except StorageError as exc:            # bad bytes only: a key or KMS failure propagates
+            log.warning("snapshot %s is tied to the log but failed its checks (%s); set aside as .broken",
+                        path, exc)
+            st.vfs.rename(path, path + ".broken")
+            st.vfs.fsync_dir(self.dir)
+            st.repairs.append({"path": path, "offset": getattr(exc, "offset", None), "detail": str(exc),
+                               "broken_copy": path + ".broken", "kind": "snapshot"})
+            return
+        log.warning("snapshot %s was saved but its registration did not commit; registering it now", path)
+        self._register(index, term, SnapshotInfo(snap_id, index, term, h.key_id, digest, size, path))
 
     def _refuse_newer(self, path: str, snap_id: int, next_id: int) -> None:
         """An unaccounted snapshot file: ours means lost registry records or rolled-back metadata."""
@@ -365,24 +410,29 @@ class Snapshots:
         # 2. tie it to the log
         record = (fmt.FRAME_SNAPSHOT, meta.index, meta.term, 0,
                   fmt.SNAPSHOT_RECORD_STRUCT.pack(info.snapshot_id, meta.index, meta.term, info.digest), None)
-        st.wal.append((), None, extra=[record])
-        # 3. register it; reset the log when the snapshot is ahead of it or disagrees with it
-        wal = st.wal
-        reset = meta.index > wal.last_index() or (meta.index > wal.compacted_index
-                                                 and wal.term(meta.index) != meta.term)
-        reset_segment = st.next_segment
-        with st.meta.write() as tx:      # one commit: the snapshot and the log reset it implies
-            tx.put(M.DB_SNAPSHOTS, M.u64(info.snapshot_id), encode_info(info))
-            _registered(tx, info.snapshot_id)
-            if reset:
-                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(meta.index, meta.term, reset_segment))
-        if reset:
-            wal.reset_to(meta.index, meta.term, reset_segment)
-        self.install(info)
+        st.wal.append((), None, extra=[record])     # the commit point (see _remove_orphans)
+        # 3. register it
+        self._register(meta.index, meta.term, info)
         # 4. retention, and a DEK rotation waiting for this snapshot
         self.apply_retention()
         st.rotation.on_snapshot(info)
         return info
+
+    def _register(self, index: int, term: int, info: SnapshotInfo) -> None:
+        """Register a published snapshot tied to the log; reset the log when the snapshot is ahead of
+        it or disagrees with it (one commit: the snapshot and the reset it implies)."""
+        st = self.store
+        wal = st.wal
+        reset = index > wal.last_index() or (index > wal.compacted_index and wal.term(index) != term)
+        reset_segment = st.next_segment
+        with st.meta.write() as tx:
+            tx.put(M.DB_SNAPSHOTS, M.u64(info.snapshot_id), encode_info(info))
+            _registered(tx, info.snapshot_id)
+            if reset:
+                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, reset_segment))
+        if reset:
+            wal.reset_to(index, term, reset_segment)
+        self.install(info)
 
     def open_info(self, info: SnapshotInfo) -> Snapshot:
         """A retained snapshot (not only the newest), authenticated as it is read."""
