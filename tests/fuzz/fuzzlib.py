@@ -449,10 +449,11 @@ def _records_info() -> dict:
 
     meta = M.Meta.__new__(M.Meta)          # the MAC code only; no LMDB environment behind it
     meta.path = PATH
-    meta.set_mac_key(bytes.fromhex(kr["meta_key"]))
+    meta.set_mac_key(bytes.fromhex(kr["meta_key"]), version=3)
     return {"enc": EncStore(), "plain": PlainStore(), "meta": meta, "dek_id": dek_id,
             "stable_key": bytes.fromhex(v["stable"]["key"]), "stable_value": bytes.fromhex(v["stable"]["value"]),
-            "macs": kr["metadata_macs"], "manifest_key": bytes.fromhex(kr["metadata_macs"]["segment_manifest_key"])}
+            "macs": kr["metadata_macs_v3"],
+            "manifest_key": bytes.fromhex(kr["metadata_macs_v3"]["segment_manifest_key"])}
 
 
 def _rec_manifest(b: bytes) -> None:
