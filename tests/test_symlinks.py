@@ -403,7 +403,6 @@ def run_keygen(c):
 def _ps_open(path):
     import types
     from walcrypt.adapters import pysyncobj as ps
-    ps._REGISTRY.pop(path, None)
     conf = ps.walcrypt_conf(path, kek=KEK, store_options=dict(OPTS))
     node = conf.walcrypt
     node.syncobj = types.SimpleNamespace()

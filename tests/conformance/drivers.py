@@ -301,7 +301,6 @@ class PysyncobjDriver(Driver):
     def crash(self) -> None:
         # No flush, no final commit-index save: only what is already durable survives.
         self.store.close()
-        self.ps._REGISTRY.pop(self.path, None)
         self._open()
 
     # -- positions -----------------------------------------------------------------

@@ -12,39 +12,60 @@ The whole user-facing surface::
 How it is wired (all of it lives in :func:`_install`, applied once, and acts only on
 SyncObj instances whose conf came from :func:`walcrypt_conf`):
 
-* ``pysyncobj.syncobj.createJournal`` returns a :class:`WalcryptJournal` for our
-  confs.  ``add()`` queues entries; they become durable in one ``save()`` (one
-  fdatasync for every entry of a tick: group commit) *before* the node answers
-  the leader (``SyncObj.__sendNextNodeIdx``) and at the end of every tick, so a
-  leader counts only durable entries of its own toward the commit index.
+* A conf's :class:`WalcryptNode` is bound to the SyncObj built with it (``SyncObj.__init__``),
+  one running SyncObj at a time; every hook finds its node through that SyncObj (its journal,
+  its serializer's bound methods), never through a process-wide table keyed by path.
+* ``createJournal`` (under every name pysyncobj exports it: ``pysyncobj``,
+  ``pysyncobj.syncobj``, ``pysyncobj.journal``) returns a :class:`WalcryptJournal` for the
+  SyncObj being built from our conf, and refuses, like ``FileJournal`` itself, to put
+  pysyncobj's plaintext journal into a walcrypt data directory.  ``add()`` queues entries;
+  they become durable in one ``save()`` (one fdatasync for every entry of a tick: group commit)
+  *before* the node answers the leader (``SyncObj.__sendNextNodeIdx``) and at the end of every
+  tick, so a leader counts only durable entries of its own toward the commit index.
   ``setCurrentTerm`` is durable at once (the stable store).
 * Log compaction uses pysyncobj's custom serializer hooks: the state of the
   SyncObj and its consumers is written as a walcrypt snapshot (encrypted under
   this node's DEK); ``fullDumpFile`` is only a small marker file without
   secrets.
 * Snapshots sent to lagging followers: ``Serializer.getTransmissionData`` streams
-  the *decrypted* snapshot over pysyncobj's transport (encrypted with the cluster
-  ``password``), and the receiver's ``setTransmissionData`` spools it under an
-  ephemeral in-memory key, then re-encrypts it under its own DEK as a walcrypt
-  snapshot.  No node ever receives ciphertext that needs another node's key.
+  the *decrypted* snapshot over pysyncobj's transport (encrypted only when the conf has a
+  ``password``; without one a warning, :class:`InsecureTransportWarning`, is given at start),
+  and the receiver's ``setTransmissionData`` spools it under an ephemeral in-memory key, then
+  re-encrypts it under its own DEK as a walcrypt snapshot.  No node ever receives ciphertext
+  that needs another node's key.
 * DEK rotation is wired to pysyncobj's forced log compaction: ``rotate_dek()``
   starts a rotation on the tick thread and forces compactions until a snapshot
   at or above the rotation point completes it.
+
+Lifecycle (the store is closed exactly once, whatever ends the node):
+
+* ``SyncObj.destroy()`` returns once the store is closed (with ``autoTick``, it waits, at most
+  :data:`CLOSE_WAIT_S`, for the tick thread to close it), so a new SyncObj on the same data
+  directory can start right away in the same process.  Called from the tick thread itself
+  (a callback), it cannot wait: the store closes when that tick ends.
+* The store is also closed when the tick thread ends any other way (a failed bind, an
+  exception in ``_doDestroy``, the end of the thread that built the SyncObj), and when
+  ``SyncObj.__init__`` fails after the journal was opened.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 import struct
 import threading
 import time
+import warnings
+import weakref
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 try:
+    import pysyncobj as _pkg
+    import pysyncobj.journal as _pj
     import pysyncobj.syncobj as _ps
     from pysyncobj import SyncObjConf
     from pysyncobj.journal import Journal
@@ -52,7 +73,8 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the extra
     raise ImportError("walcrypt.adapters.pysyncobj needs pysyncobj: pip install 'walcrypt[pysyncobj]'") from exc
 
-from ..errors import UsageError
+from ..errors import LockedError, UsageError
+from ..layout import LOCK_NAME, META_DIR
 from ..vfs import DEFAULT_VFS, open_private, refuse_link
 from ..storage import Store
 from ..types import Entry, HardState, SnapshotMeta
@@ -61,35 +83,50 @@ DUMP_MAGIC = b"WCPSO1"
 MARKER_NAME = "pysyncobj-snapshot.marker"
 _STABLE_TERM_VOTE = b"pysyncobj/term-vote"
 _STABLE_TERM_OFFSET = b"pysyncobj/term-offset"
-_REGISTRY: dict[str, "WalcryptNode"] = {}
+CLOSE_WAIT_S = 10.0        # how long destroy() waits for the tick thread to close the store
 _INSTALLED = False
 _LOCK = threading.Lock()
+_CONF_PATHS: set[str] = set()        # data directories given to walcrypt_conf (real paths): refused to FileJournal
+_BUILDING = threading.local()        # .nodes: the nodes whose SyncObj.__init__ runs in this thread
+log = logging.getLogger(__name__)
+
+
+class InsecureTransportWarning(UserWarning):
+    """A pysyncobj node on a walcrypt store starts without ``password``: pysyncobj's TCP traffic,
+    log entries and decrypted snapshots included, is neither encrypted nor authenticated.
+    Filter it (``warnings.filterwarnings("ignore", category=...)``) where that is intended, or
+    escalate it to an error (``"error"``) to refuse such starts."""
 
 
 def walcrypt_conf(path, *, kek=None, encrypted: bool = True, store_options: dict | None = None,
                   **syncobj_options) -> SyncObjConf:
     """A ``SyncObjConf`` whose journal and snapshots live in a walcrypt store at ``path``.
 
-    ``kek`` is this node's own key-encryption key.  Any SyncObjConf option may be given
-    (``password=`` is recommended: it encrypts pysyncobj's traffic, snapshots included).
-    ``store_options`` go to :func:`walcrypt.open` (``sync``, ``segment_size``, ...)."""
+    ``kek`` is this node's own key-encryption key.  Any SyncObjConf option may be given;
+    ``password=`` is the one to give: without it pysyncobj sends every entry and every snapshot
+    (decrypted) in clear and accepts messages from anyone who can reach its port (an
+    :class:`InsecureTransportWarning` at start says so).  ``store_options`` go to
+    :func:`walcrypt.open` (``sync``, ``segment_size``, ...).
+
+    The conf serves one running SyncObj at a time; once that one is destroyed it can start
+    another (a restart), as can a new conf for the same path."""
     for forbidden in ("journalFile", "fullDumpFile", "serializer", "deserializer"):
         if forbidden in syncobj_options:
             raise UsageError(f"walcrypt_conf manages {forbidden}; do not pass it")
     path = os.path.abspath(os.fspath(path))
     _install()
+    with _LOCK:
+        _CONF_PATHS.add(os.path.realpath(path))
     node = WalcryptNode(path, kek=kek, encrypted=encrypted, store_options=store_options or {})
     syncobj_options.setdefault("useFork", False)
     conf = SyncObjConf(journalFile=path, fullDumpFile=node.marker, serializer=node.serialize,
                        deserializer=node.deserialize, **syncobj_options)
     conf.walcrypt = node
-    with _LOCK:
-        _REGISTRY[path] = node
     return conf
 
 
 class WalcryptNode:
-    """Per-node context: the store, the journal, and the SyncObj it serves."""
+    """Per-node context: the store, the journal, and the SyncObj it serves (one at a time)."""
 
     def __init__(self, path: str, *, kek, encrypted: bool, store_options: dict):
         self.path = path
@@ -101,22 +138,83 @@ class WalcryptNode:
         self.term_offset = 0
         self.store: Store | None = None
         self.journal: WalcryptJournal | None = None
-        self.syncobj = None
-        self.consumers: list = []
+        self._syncobj = None            # a weak reference once bound (a test stand-in is held as is)
         self._rotate_requested = False
         self._last_force = 0.0
         self.snapshots_saved = 0
         self.snapshots_received = 0
 
+    @property
+    def syncobj(self):
+        """The SyncObj this node serves.  Held weakly: a conf that outlives its SyncObj (kept for a
+        restart) does not keep the destroyed node, its consumers and their state alive."""
+        ref = self._syncobj
+        return ref() if isinstance(ref, weakref.ref) else ref
+
+    @syncobj.setter
+    def syncobj(self, value) -> None:
+        self._syncobj = value
+
     # -- lifecycle ------------------------------------------------------------
+    def check_conf(self, conf) -> None:
+        """UsageError when an option walcrypt_conf manages was changed on ``conf`` afterwards."""
+        managed = (("journalFile", self.path), ("fullDumpFile", self.marker),
+                   ("serializer", self.serialize), ("deserializer", self.deserialize))
+        for name, value in managed:
+            if getattr(conf, name, None) != value:
+                raise UsageError(f"conf.{name} was changed after walcrypt_conf; walcrypt_conf manages it "
+                                 f"(make a new conf with walcrypt_conf({self.path!r}, ...))")
+
+    def bind(self, syncobj) -> None:
+        """Serve ``syncobj`` (called by ``SyncObj.__init__`` before it opens the journal).
+
+        A node serves one running SyncObj at a time: while the previous one still has its
+        journal open this is a UsageError, unless it is being destroyed, in which case this
+        waits, at most CLOSE_WAIT_S, for its tick thread to close the store."""
+        j = self.journal
+        if j is not None and not j.closed:
+            old = self.syncobj
+            if old is not None and not getattr(old, "_SyncObj__destroying", False):
+                raise UsageError(f"this walcrypt_conf already serves a running SyncObj (store {self.path}): "
+                                 "destroy() that one first, or make a conf per SyncObj")
+            if not j.wait_closed(CLOSE_WAIT_S):
+                raise LockedError(f"{self.path} is still open: the previous SyncObj's tick thread did not close it "
+                                  f"within {CLOSE_WAIT_S:.0f} s of destroy()")
+        self._syncobj = weakref.ref(syncobj)
+
+    def unbind(self, syncobj) -> None:
+        """``SyncObj.__init__`` failed: close the journal it opened (if any) and forget it."""
+        j = self.journal
+        if j is not None and not j.closed:
+            thread = syncobj.__dict__.get("_SyncObj__thread")
+            if thread is not None and thread.is_alive():
+                syncobj._SyncObj__destroying = True      # its tick thread closes the store on the way out
+            else:
+                j.close_quietly()
+        if self.syncobj is syncobj:
+            self._syncobj = None
+
     def open_journal(self) -> "WalcryptJournal":
+        """Open the store and a journal on it (one per SyncObj start); the store closes with the journal."""
         from .. import storage
-        if self.store is None or self.store.closed:
-            self.store = storage.open(self.path, kek=self.kek, encrypted=self.encrypted, **self.store_options)
-        self.term_offset = _term_offset(self.store)
-        self.journal = WalcryptJournal(self)
-        self._sync_marker()
-        return self.journal
+        if self.journal is not None and not self.journal.closed:
+            raise UsageError(f"this walcrypt_conf already serves an open journal (store {self.path})")
+        try:
+            store = storage.open(self.path, kek=self.kek, encrypted=self.encrypted, **self.store_options)
+        except LockedError as exc:
+            raise LockedError(f"{exc}. If another SyncObj in this process serves {self.path}, destroy() it first "
+                              f"(destroy() waits up to {CLOSE_WAIT_S:.0f} s for its tick thread to close the "
+                              "store); a second one cannot share it") from None
+        try:
+            self.store = store
+            self.term_offset = _term_offset(store)
+            journal = WalcryptJournal(self)
+            self._sync_marker()
+        except BaseException:
+            store.close()
+            raise
+        self.journal = journal
+        return journal
 
     def _sync_marker(self) -> None:
         """The marker file exists exactly when a snapshot does (pysyncobj loads it at start)."""
@@ -128,12 +226,6 @@ class WalcryptNode:
         elif os.path.lexists(self.marker):
             os.unlink(self.marker)          # a link is removed itself, never followed
 
-    def bind(self, syncobj, consumers) -> None:
-        from pysyncobj import SyncObjConsumer
-        self.syncobj = syncobj
-        self.consumers = [c if isinstance(c, SyncObjConsumer) or not getattr(c, "_consumer", None) else c._consumer()
-                          for c in (consumers or [])]
-
     def rotate_dek(self) -> None:
         """Rotate this node's data key (runs on the tick thread; completes at the next compaction)."""
         self._rotate_requested = True
@@ -142,43 +234,52 @@ class WalcryptNode:
     def rotation_done(self) -> bool:
         return not self._rotate_requested and self.store is not None and not self.store.needs_snapshot
 
-    def after_tick(self) -> None:
+    def after_tick(self, syncobj) -> None:
         j = self.journal
-        if j is None:
+        if j is None or j.closed:
             return
         j.flush()
         st = self.store
         if self._rotate_requested:
             self._rotate_requested = False
             st.rotate_dek()
-        if st.needs_snapshot and self.syncobj is not None and time.monotonic() - self._last_force > 0.5:
+        if st.needs_snapshot and time.monotonic() - self._last_force > 0.5:
             self._last_force = time.monotonic()
-            self.syncobj.forceLogCompaction()
+            syncobj.forceLogCompaction()
 
     # -- state capture ----------------------------------------------------------
+    def _consumers(self, so) -> list:
+        return list(getattr(so, "_SyncObj__consumers", None) or [])
+
     def _state(self):
         so = self.syncobj
         props = getattr(so, "_SyncObj__properies", set())
         self_data = {k: v for k, v in so.__dict__.items() if k not in props}
-        return [self_data] + [c._serialize() for c in self.consumers]
+        return [self_data] + [c._serialize() for c in self._consumers(so)]
 
     def _restore(self, state) -> None:
         so = self.syncobj
         for k, v in state[0].items():
             so.__dict__[k] = v
-        for consumer, data in zip(self.consumers, state[1:]):
+        for consumer, data in zip(self._consumers(so), state[1:]):
             consumer._deserialize(data)
 
     # -- pysyncobj serializer hooks -------------------------------------------------
     def serialize(self, tmp_file: str, data) -> None:
-        """pysyncobj's custom serializer: ``data`` is (last entry, previous entry, cluster)."""
-        last, prev, cluster = data
-        refuse_link(self.marker)                   # pysyncobj renames tmp_file onto it
-        self.journal.flush()                       # the snapshot never runs ahead of the durable log
-        blob = encode_dump(last, prev, cluster, self._state())
-        self.store.save_snapshot(SnapshotMeta(last[1], last[2] + self.term_offset), io.BytesIO(blob))
-        self.snapshots_saved += 1
-        _write_marker(tmp_file, last[1])
+        """pysyncobj's custom serializer: ``data`` is (last entry, previous entry, cluster).
+        pysyncobj swallows a failure here (it logs only "Failed to store full dump"), so the
+        cause is logged before it is raised."""
+        try:
+            last, prev, cluster = data
+            refuse_link(self.marker)                   # pysyncobj renames tmp_file onto it
+            self.journal.flush()                       # the snapshot never runs ahead of the durable log
+            blob = encode_dump(last, prev, cluster, self._state())
+            self.store.save_snapshot(SnapshotMeta(last[1], last[2] + self.term_offset), io.BytesIO(blob))
+            self.snapshots_saved += 1
+            _write_marker(tmp_file, last[1])
+        except Exception:
+            log.exception("saving a pysyncobj snapshot into the walcrypt store at %s failed", self.path)
+            raise
 
     def deserialize(self, _file_name: str):
         """pysyncobj's custom deserializer: restore the state; return (last, prev, cluster)."""
@@ -232,7 +333,9 @@ def _write_marker(path: str, index: int) -> None:
 
 
 class WalcryptJournal(Journal):
-    """pysyncobj's Journal on a walcrypt store.  Used from the SyncObj tick thread only.
+    """pysyncobj's Journal on a walcrypt store.  Used from the SyncObj tick thread only (or the
+    thread calling ``doTick`` without autoTick); ``_destroy`` may come from any thread, any
+    number of times.
 
     Positions (pysyncobj's ``deleteEntriesFrom/To`` arguments) index an in-memory mirror
     of (command, index, term) tuples; the store holds the durable copy."""
@@ -240,6 +343,9 @@ class WalcryptJournal(Journal):
     def __init__(self, node: WalcryptNode):
         self._node = node
         self._store = store = node.store
+        self._destroy_lock = threading.RLock()
+        self._destroyed = False
+        self._closed = threading.Event()
         self._pending: list[Entry] = []
         self._truncate_from: int | None = None    # a deleteEntriesFrom not yet made durable
         self._entries: list[tuple] = []
@@ -311,14 +417,40 @@ class WalcryptJournal(Journal):
         return len(self._entries)
 
     def _destroy(self):
+        """Make the queued entries and the commit index durable, then close the store.  Idempotent:
+        pysyncobj calls it from ``_doDestroy`` (twice when ``destroy()`` is called twice without
+        autoTick) and the adapter calls it again whenever a tick thread ends."""
+        with self._destroy_lock:
+            if self._destroyed:
+                self._store.close()           # finishes a close that was interrupted; else nothing
+                return
+            self._destroyed = True
+            try:
+                if not self._store.closed:
+                    self.flush()
+                    if self._commit != self._saved_commit:
+                        self._store.save(hard_state=HardState(self._term, 0, self._commit))
+                        self._saved_commit = self._commit
+            finally:
+                try:
+                    self._store.close()
+                finally:
+                    self._closed.set()
+
+    def close_quietly(self) -> None:
+        """``_destroy``, logging instead of raising (for paths that are already handling an error)."""
         try:
-            self.flush()
-            if self._commit != self._saved_commit:
-                self._store.save(hard_state=HardState(self._term, 0, self._commit))
-        finally:
-            self._store.close()
-            with _LOCK:
-                _REGISTRY.pop(self._node.path, None)
+            self._destroy()
+        except Exception:
+            log.exception("closing the walcrypt store at %s failed", self._node.path)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set() or self._store.closed
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) for another thread to close this journal's store."""
+        return self._closed.wait(timeout) or self._store.closed
 
     def setRaftCommitIndex(self, raftCommitIndex):
         self._commit = raftCommitIndex
@@ -395,10 +527,51 @@ class _ChunkStream(io.RawIOBase):
 
 
 def _node_for_serializer(ser) -> WalcryptNode | None:
-    name = getattr(ser, "_Serializer__fileName", None)
-    if not name:
-        return None
-    return _REGISTRY.get(os.path.dirname(name)) if os.path.basename(name) == MARKER_NAME else None
+    """The node whose conf built this Serializer: its serializer hook is that node's bound method."""
+    node = getattr(getattr(ser, "_Serializer__serializer", None), "__self__", None)
+    return node if isinstance(node, WalcryptNode) else None
+
+
+def _store_dir_of(path) -> str | None:
+    """The walcrypt data directory that ``path`` is or lies in (one on disk, or one given to
+    walcrypt_conf in this process and perhaps not created yet), else None."""
+    d = os.path.realpath(os.fsdecode(path))
+    while True:
+        if d in _CONF_PATHS or (os.path.isfile(os.path.join(d, LOCK_NAME))
+                                and os.path.isdir(os.path.join(d, META_DIR))):
+            return d
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
+def _refuse_plaintext_journal(journal_file) -> None:
+    """UsageError when pysyncobj's FileJournal (plaintext, never fsynced) would write at or into a
+    walcrypt data directory: its files (the journal and ``.meta``) would sit beside the encrypted
+    store, in clear."""
+    if journal_file is None:
+        return
+    store_dir = _store_dir_of(journal_file)
+    if store_dir is not None:
+        raise UsageError(f"{os.fsdecode(journal_file)} is in the walcrypt data directory {store_dir}: pysyncobj's "
+                         "FileJournal would write the log there in plaintext. Build the SyncObj with "
+                         f"conf=walcrypt_conf({store_dir!r}, kek=...) instead")
+
+
+def _building_node() -> WalcryptNode | None:
+    nodes = getattr(_BUILDING, "nodes", None)
+    return nodes[-1] if nodes else None
+
+
+def _warn_cleartext(node: WalcryptNode, self_node) -> None:
+    msg = (f"pysyncobj node {self_node} on the walcrypt store {node.path} starts without password=: pysyncobj's "
+           "TCP traffic is neither encrypted nor authenticated, so every log entry and every snapshot sent to a "
+           "lagging follower (decrypted from the store) crosses the network in clear, and anyone who can reach "
+           "the port can send the node messages (pickles, which pysyncobj unpickles). Give walcrypt_conf a "
+           "password= (see the README: what pysyncobj's transport protects)")
+    log.warning("%s", msg)
+    warnings.warn(msg, InsecureTransportWarning, stacklevel=3)   # the SyncObj(...) call
 
 
 def _install() -> None:
@@ -409,30 +582,103 @@ def _install() -> None:
             return
         _INSTALLED = True
 
-    orig_create = _ps.createJournal
+    # createJournal under every name pysyncobj exports it (SyncObj.__init__ calls the one in
+    # pysyncobj.syncobj), and FileJournal itself for callers that kept an earlier reference.
+    def wrap_create_journal(previous):
+        def create_journal(journalFile=None):
+            node = _building_node()
+            if node is not None and journalFile is not None and os.path.abspath(os.fspath(journalFile)) == node.path:
+                return node.open_journal()
+            _refuse_plaintext_journal(journalFile)
+            return previous(journalFile)
+        return create_journal
 
-    def create_journal(journal_file=None):
-        node = _REGISTRY.get(journal_file) if journal_file else None
-        return node.open_journal() if node is not None else orig_create(journal_file)
+    for module in (_ps, _pkg, _pj):
+        module.createJournal = wrap_create_journal(module.createJournal)
 
-    _ps.createJournal = create_journal
+    orig_file_journal_init = _pj.FileJournal.__init__
+
+    def file_journal_init(self, journalFile, *args, **kwargs):
+        _refuse_plaintext_journal(journalFile)
+        orig_file_journal_init(self, journalFile, *args, **kwargs)
+
+    _pj.FileJournal.__init__ = file_journal_init
 
     orig_init = _ps.SyncObj.__init__
 
     def init(self, selfNode, otherNodes, conf=None, consumers=None, *args, **kwargs):
         node = getattr(conf, "walcrypt", None)
-        if node is not None:
-            node.bind(self, consumers)     # before the tick thread can ask for the state
-        orig_init(self, selfNode, otherNodes, conf, consumers, *args, **kwargs)
+        if not isinstance(node, WalcryptNode):
+            return orig_init(self, selfNode, otherNodes, conf, consumers, *args, **kwargs)
+        node.check_conf(conf)
+        if conf.password is None:
+            _warn_cleartext(node, selfNode)   # first: escalated to an error, it stops the start here
+        node.bind(self)                       # before the tick thread can ask for the state
+        self._walcrypt_node = node            # set before pysyncobj lists its own attributes: never in a snapshot
+        building = _BUILDING.__dict__.setdefault("nodes", [])
+        building.append(node)
+        try:
+            orig_init(self, selfNode, otherNodes, conf, consumers, *args, **kwargs)
+        except BaseException:
+            node.unbind(self)                 # the journal may be open already: close it
+            raise
+        finally:
+            building.pop()
 
     _ps.SyncObj.__init__ = init
+
+    orig_destroy = _ps.SyncObj.destroy
+
+    def destroy(self):
+        orig_destroy(self)
+        journal = self.__dict__.get("_SyncObj__raftLog")
+        if not isinstance(journal, WalcryptJournal) or journal.closed:
+            return
+        thread = self.__dict__.get("_SyncObj__thread")
+        if thread is None or thread is threading.current_thread() or not thread.is_alive():
+            return                            # no tick thread to wait for (or we are it)
+        if not journal.wait_closed(CLOSE_WAIT_S):
+            log.warning("SyncObj.destroy(): the tick thread has not closed the walcrypt store at %s within %.0f s; "
+                        "it stays locked until it does", journal._node.path, CLOSE_WAIT_S)
+
+    _ps.SyncObj.destroy = destroy
+
+    orig_do_destroy = _ps.SyncObj._doDestroy
+
+    def do_destroy(self):
+        try:
+            orig_do_destroy(self)             # transport, consumers, then the journal
+        except BaseException:
+            journal = self.__dict__.get("_SyncObj__raftLog")
+            if isinstance(journal, WalcryptJournal):
+                journal.close_quietly()       # a transport or consumer failure must not leave the store open
+            raise
+
+    _ps.SyncObj._doDestroy = do_destroy
+
+    orig_tick_thread = _ps.SyncObj._autoTickThread
+
+    def auto_tick_thread(self):              # ``self`` is a weakref.proxy of the SyncObj
+        try:
+            journal = self._SyncObj__raftLog
+        except ReferenceError:
+            journal = None
+        try:
+            return orig_tick_thread(self)
+        finally:
+            # However the thread ends (destroy, a failed bind, an exception, the thread that built
+            # the SyncObj gone) the store it served is closed; after a destroy, a no-op.
+            if isinstance(journal, WalcryptJournal):
+                journal.close_quietly()
+
+    _ps.SyncObj._autoTickThread = auto_tick_thread
 
     orig_send_next = _ps.SyncObj._SyncObj__sendNextNodeIdx
 
     def send_next_node_idx(self, *args, **kwargs):
-        node = getattr(self._SyncObj__conf, "walcrypt", None)
-        if node is not None and node.journal is not None:
-            node.journal.flush()           # entries are durable before the leader hears of them
+        journal = self.__dict__.get("_SyncObj__raftLog")
+        if isinstance(journal, WalcryptJournal) and not journal.closed:
+            journal.flush()                   # entries are durable before the leader hears of them
         return orig_send_next(self, *args, **kwargs)
 
     _ps.SyncObj._SyncObj__sendNextNodeIdx = send_next_node_idx
@@ -443,9 +689,9 @@ def _install() -> None:
         try:
             return orig_tick(self, timeToWait)
         finally:
-            node = getattr(self._SyncObj__conf, "walcrypt", None)
+            node = self.__dict__.get("_walcrypt_node")
             if node is not None and not getattr(self, "_SyncObj__destroying", False):
-                node.after_tick()
+                node.after_tick(self)
 
     _ps.SyncObj._onTick = on_tick
 
