@@ -25,7 +25,9 @@ snapshot file is taken.  Then the test acts as an application would:
 Operations: a single save (which cuts a fresh segment after the open), a group commit of four
 threads sharing one unit, segment rollover, suffix replacement below sealed segments, truncate,
 compaction, save_snapshot ahead of the log (a log reset), a streamed snapshot (begin_snapshot,
-write, commit) with retention, DEK rotation with a snapshot source, full re-key, KEK rotation,
+write, commit) with retention, DEK rotation with a snapshot source (also one that destroys the
+retired key: redaction, keyring commit, metadata compaction), full re-key, KEK rotation (three
+retained snapshots copied under the new KEK, the commit, the old files removed, compaction),
 close (sealing the active segment), migration of a plaintext store to encrypted, an open that
 repairs a torn tail and seals the crashed segment, and an open that resumes a DEK rotation.
 

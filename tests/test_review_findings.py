@@ -414,6 +414,16 @@ def test_old_kek_still_unwraps_the_live_dek_from_the_data_directory_after_rotate
 
 def test_destroyed_dek_survives_wrapped_in_the_metadata_file(tmp_path):
     data_dir = str(tmp_path / "data")
+
+    def holders(wrapped):
+        found = []
+        for dirpath, _dirs, files in os.walk(data_dir):
+            for name in files:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    if wrapped in f.read():
+                        found.append(os.path.relpath(os.path.join(dirpath, name), data_dir))
+        return found
+
     with walcrypt.open(data_dir, kek=KEK, destroy_retired_keys=True) as s:
         s.save(HardState(1, 1, 3), _ents(1, 50, 1))
         s.save_snapshot(SnapshotMeta(30, 1, CS), b"state at 30")
@@ -421,14 +431,12 @@ def test_destroyed_dek_survives_wrapped_in_the_metadata_file(tmp_path):
         wrapped = s.keys[old].wrapped
         s.rekey()                                   # a compromised DEK: rewritten and destroyed
         assert s.keys[old].state == 5 and not s.keys[old].wrapped
+        # Right after the call, while the store is open (LMDB reuses the freed page only after
+        # later commits, so before the fix this found the key every time):
+        assert not holders(wrapped), f"the destroyed DEK is still there, wrapped under the KEK, in {holders(wrapped)}"
         s.save(None, _ents(50, 55, 1))
-    holders = []
-    for dirpath, _dirs, files in os.walk(data_dir):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                if wrapped in f.read():
-                    holders.append(os.path.relpath(os.path.join(dirpath, name), data_dir))
-    assert not holders, f"the destroyed DEK is still there, wrapped under the KEK, in {holders}"
+        assert not holders(wrapped)
+    assert not holders(wrapped), f"the destroyed DEK is still there, wrapped under the KEK, in {holders(wrapped)}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1148,7 +1148,10 @@ class Store:
             self.rotation.rekey()
 
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
-        """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store."""
+        """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store, and no file of the
+        data directory holds a key wrapped under it (retained snapshot files are replaced by copies
+        whose keyring bundle is wrapped under the new KEK; the metadata file is compacted).  See
+        Rotation.rotate_kek and FORMAT.md 8.4."""
         if not isinstance(new_kek, K.KeyEncryptionKey):
             raise UsageError(f"new_kek must be a key-encryption key (RawKey, KeyFile, Passphrase, EnvKey, Kms), "
                              f"not {type(new_kek).__name__}")
