@@ -25,7 +25,9 @@ snapshot file is taken.  Then the test acts as an application would:
 Operations: a single save (which cuts a fresh segment after the open), a group commit of four
 threads sharing one unit, segment rollover, suffix replacement below sealed segments, truncate,
 compaction, save_snapshot ahead of the log (a log reset), a streamed snapshot (begin_snapshot,
-write, commit) with retention, DEK rotation with a snapshot source, full re-key, KEK rotation,
+write, commit) with retention, DEK rotation with a snapshot source (also one that destroys the
+retired key: redaction, keyring commit, metadata compaction), full re-key, KEK rotation (three
+retained snapshots copied under the new KEK, the commit, the old files removed, compaction),
 close (sealing the active segment), migration of a plaintext store to encrypted, an open that
 repairs a torn tail and seals the crashed segment, and an open that resumes a DEK rotation.
 
@@ -221,6 +223,12 @@ def build_templates(shm_root) -> dict:
         s.save_snapshot(SnapshotMeta(15, 1, CS), T.snap_data(15, 1500))
         s.rotate_dek()
     t["rotation-pending"] = _template(shm_root, "rotation-pending", pending, **ENC)
+
+    def snaps3(s):                                  # three retained snapshots for a KEK rotation to copy
+        _fill(s, 1, 31)
+        for idx in (10, 20, 30):
+            s.save_snapshot(SnapshotMeta(idx, 1, CS), T.snap_data(idx, 1500))
+    t["snaps3"] = _template(shm_root, "snaps3", snaps3, keep_snapshots=3, **ENC)
     return t
 
 
@@ -362,10 +370,19 @@ def scenarios(t: dict) -> dict[str, Scenario]:
         run.s.rekey()
     out["rekey"] = Scenario("rekey", t["snap"], snap0, rekey, retry=rekey, pre=active)
 
-    # -- KEK rotation (metadata only: its injection points are the LMDB commit) ----------------------
+    # -- KEK rotation: three retained snapshots copied under the new KEK, the commit, the old files
+    #    removed, the metadata file compacted ----------------------------------------------------------
     def rotate_kek(run):
         run.s.rotate_kek(NEW_KEK)
-    out["rotate-kek"] = Scenario("rotate-kek", t["log"], log0, rotate_kek, verify_keks=(NEW_KEK, KEK))
+    keep3 = dict(kek=KEK, keep_snapshots=3, **OPTS)
+    out["rotate-kek"] = Scenario("rotate-kek", t["snaps3"], _filled(31, snap=(30, 1)), rotate_kek,
+                                 open_kw=keep3, verify_keks=(NEW_KEK, KEK))
+
+    # -- DEK rotation that destroys the retired key: the quarantined copies redacted, the keyring
+    #    record overwritten, the metadata file compacted ------------------------------------------------
+    destroy_kw = dict(kek=KEK, snapshot_source=_source, destroy_retired_keys=True, **OPTS)
+    out["rotate-dek-destroy"] = Scenario("rotate-dek-destroy", t["snap"], snap0, rotate, open_kw=destroy_kw,
+                                         pre=active, extra_allowed=lambda states: [rotated(st) for st in states])
 
     # -- close: seals the active segment ---------------------------------------------------------------
     def close(run):
@@ -750,8 +767,8 @@ def enumerate_scenario(sc: Scenario, work: str, kinds=tuple(KINDS)) -> tuple[int
 
 
 SCENARIOS = ["save", "group-commit", "rollover", "suffix-replace", "truncate", "compact", "snapshot-ahead",
-             "snapshot-stream", "rotate-dek", "rekey", "rotate-kek", "close", "migrate", "open-recover",
-             "open-resume-rotation"]
+             "snapshot-stream", "rotate-dek", "rotate-dek-destroy", "rekey", "rotate-kek", "close", "migrate",
+             "open-recover", "open-resume-rotation"]
 
 
 @pytest.fixture(scope="module")

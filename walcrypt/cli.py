@@ -668,10 +668,13 @@ def rotate_dek(directory, as_json, **kw) -> None:
 @click.option("--new-kms", metavar="NAME", help="KMS plug-in for the new KEK.")
 @key_options
 def rotate_kek(directory, new_key_file, new_key_env, new_passphrase_env, new_kms, **kw) -> None:
-    """Re-wrap every data key under a new KEK, offline (no data is rewritten).
+    """Re-wrap every data key under a new KEK, offline (no log data is rewritten).
 
-    The store must be stopped.  One atomic metadata commit; afterwards only the
-    new KEK opens the store.  Snapshot exports made earlier still need the old KEK.
+    The store must be stopped.  One atomic metadata commit, which also swaps in
+    copies of the retained snapshots with their keys wrapped under the new KEK;
+    afterwards only the new KEK opens the store, and no file of the data
+    directory holds a key wrapped under the old one.  Snapshot exports made
+    earlier still need the old KEK.
 
     \b
     Example:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -27,7 +29,9 @@ import lmdb
 
 from . import format as fmt
 from .errors import AuthenticationError, CorruptionError, StorageError, UsageError
-from .vfs import pinned_files, refuse_link
+from .vfs import DEFAULT_VFS, VFS, create_replacing, pinned_files, refuse_link
+
+log = logging.getLogger("walcrypt")
 
 DB_STORE = b"store"
 DB_KEYRING = b"keyring"
@@ -62,6 +66,7 @@ MAC_SIZE = 16
 CATALOG_SIZE = 32
 CATALOG_DBS = (DB_KEYRING, DB_SEGMENTS, DB_SNAPSHOTS, DB_STATE, DB_STABLE)
 MAP_SIZE = 1 << 30
+COMPACT_NAME = "data.mdb.compact"   # a compact copy of data.mdb being written (Meta.compact)
 
 
 def _fsync_dir(path: str) -> None:
@@ -110,9 +115,14 @@ class Meta:
 
     def __init__(self, path: str, *, readonly: bool = False, create: bool = True):
         self.path = path
+        # Transactions against compaction (see compact): how deep each thread is inside read()/write(),
+        # and the thread swapping the file, if any.
+        self._gate = threading.Condition()
+        self._depth: dict[int, int] = {}
+        self._swapper: int | None = None
         created = False
         # LMDB opens its files by name and follows links: refuse them before it does.
-        for p in (path, os.path.join(path, "data.mdb"), os.path.join(path, "lock.mdb")):
+        for p in (path, *(os.path.join(path, n) for n in ("data.mdb", "lock.mdb", COMPACT_NAME))):
             refuse_link(p)
         if not os.path.isdir(path):
             if readonly or not create:
@@ -124,11 +134,7 @@ class Meta:
             fresh = created or not os.path.exists(os.path.join(path, "data.mdb"))
             # LMDB opens its files by name: it is handed links to descriptors of the files checked here
             # (regular, one name only, not followed), so a name swapped in after the check is never used.
-            names = ("data.mdb",) if readonly else ("data.mdb", "lock.mdb")
-            with pinned_files(path, names, writable=not readonly, create=not readonly) as lmdb_dir:
-                self.env = lmdb.open(lmdb_dir, map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
-                                     lock=not readonly, sync=True, metasync=True, mode=0o600,
-                                     create=not readonly)
+            self._open_env(readonly=readonly, create=not readonly)
         except BaseException as exc:
             # Interrupted while the pinned names were cleaned up: the environment is open, and LMDB
             # refuses a second handle on it in this process, so it must not leak.
@@ -158,6 +164,18 @@ class Meta:
             raise
         self._mac_key: bytes | None = None
         self.mac_version = fmt.META_FORMAT_VERSION
+
+    def _open_env(self, *, readonly: bool, create: bool, existing: bool = False) -> None:
+        """Open the LMDB environment into ``self.env`` through pinned descriptors (FORMAT.md 15: LMDB
+        opens its files by name and would follow a name swapped in after the checks).  ``existing``:
+        data.mdb must be there (a reopen), never created anew."""
+        names = ("data.mdb",) if readonly else ("data.mdb", "lock.mdb")
+        with pinned_files(self.path, names, writable=not readonly, create=create) as lmdb_dir:
+            if existing and not os.path.lexists(os.path.join(lmdb_dir, "data.mdb")):
+                raise StorageError(f"the metadata database {self.path} lost its data.mdb; reopen the store")
+            self.env = lmdb.open(lmdb_dir, map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
+                                 lock=not readonly, sync=True, metasync=True, mode=0o600,
+                                 create=not readonly)
 
     def close(self) -> None:
         self.env.close()
@@ -191,14 +209,15 @@ class Meta:
     # -- transactions --------------------------------------------------------
     @contextmanager
     def write(self) -> Iterator["WriteTxn"]:
-        try:
-            with self.env.begin(write=True) as txn:
-                yield WriteTxn(self, txn)
-                self._seal_catalog(txn)
-        except lmdb.MapFullError:
-            raise StorageError(f"the metadata database {self.path} is full") from None
-        except lmdb.Error as exc:
-            raise StorageError(f"metadata commit failed in {self.path}: {exc}") from None
+        with self._in_use():
+            try:
+                with self.env.begin(write=True) as txn:
+                    yield WriteTxn(self, txn)
+                    self._seal_catalog(txn)
+            except lmdb.MapFullError:
+                raise StorageError(f"the metadata database {self.path} is full") from None
+            except lmdb.Error as exc:
+                raise StorageError(f"metadata commit failed in {self.path}: {exc}") from None
 
     # -- the catalog: which records exist -------------------------------------------------
     # A MAC per value cannot show that a record was deleted (or that a table was emptied): anyone
@@ -243,11 +262,128 @@ class Meta:
 
     @contextmanager
     def read(self) -> Iterator["ReadTxn"]:
+        with self._in_use():
+            try:
+                with self.env.begin(write=False) as txn:
+                    yield ReadTxn(self, txn)
+            except lmdb.Error as exc:
+                raise StorageError(f"reading the metadata database {self.path} failed: {exc}; "
+                                   "reopen the store") from None
+
+    # -- compaction: the metadata file rewritten without its free pages ------------------------
+    # LMDB writes copy-on-write: a record overwritten or deleted stays, byte for byte, in pages
+    # LMDB keeps on its free list (and in the unused gap of live pages) until it happens to reuse
+    # them.  A destroyed data key, or every key wrapped under a KEK that was just replaced, would
+    # live on in meta/data.mdb.  compact() writes a compact copy (LMDB copies only the used part of
+    # the pages reachable from the current root) and renames it over data.mdb.
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """A transaction of this thread: waits while another thread swaps the file."""
+        me = threading.get_ident()
+        depth = self._depth.get(me, 0)       # only this thread changes its own count
         try:
-            with self.env.begin(write=False) as txn:
-                yield ReadTxn(self, txn)
+            with self._gate:
+                while self._swapper is not None and self._swapper != me:
+                    self._gate.wait()
+                self._depth[me] = depth + 1
+            yield
+        finally:
+            with self._gate:
+                if depth:
+                    self._depth[me] = depth
+                else:
+                    self._depth.pop(me, None)
+                self._gate.notify_all()
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """No transaction of any thread from here to the end of the block (new ones wait)."""
+        me = threading.get_ident()
+        if self._depth.get(me):
+            raise UsageError("the metadata file cannot be compacted from inside a metadata transaction")
+        try:
+            with self._gate:
+                while self._swapper is not None:
+                    self._gate.wait()
+                self._swapper = me
+                while any(n for t, n in self._depth.items() if t != me):
+                    self._gate.wait()
+            yield
+        finally:
+            with self._gate:
+                if self._swapper == me:
+                    self._swapper = None
+                self._gate.notify_all()
+
+    def has_free_pages(self) -> bool:
+        """True when data.mdb holds pages no table uses (old versions of records among them)."""
+        def pages(st: dict) -> int:
+            return st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        with self.read() as r:
+            used = 2 + pages(self.env.stat())                # the meta pages and the main table
+            used += sum(pages(r.txn.stat(db)) for db in self.dbs.values())
+            return self.env.info()["last_pgno"] + 1 > used
+
+    def compact(self, vfs: VFS | None = None, *, best_effort: bool = False) -> bool:
+        """Rewrite ``data.mdb`` without free pages and reopen the environment on it.
+
+        The copy is written to ``COMPACT_NAME`` in ``meta/`` (created anew, never through a link),
+        fsynced, renamed over ``data.mdb``, and the directory fsynced; the environment is then
+        reopened through pinned descriptors.  Writers and readers of this process wait meanwhile;
+        another process that has the metadata open read-only keeps the old file until it reopens.
+
+        Interrupted before the rename, nothing changed (the copy is removed, or replaced by the
+        next compaction); with ``best_effort`` such a failure (a full disk) is logged and False is
+        returned.  From the rename on, whatever happens the environment is reopened on whatever
+        ``data.mdb`` is then (the old file or the copy: the same records); an exception there
+        propagates (the caller's fail-stop: the rename may not be durable), and if even the reopen
+        fails the environment is left closed, so that nothing is ever committed to an unlinked file."""
+        vfs = vfs or DEFAULT_VFS
+        data, tmp = os.path.join(self.path, "data.mdb"), os.path.join(self.path, COMPACT_NAME)
+        with self._exclusive():
+            fd = None
+            try:
+                fd = create_replacing(vfs, tmp, os.O_WRONLY)
+                try:
+                    self.env.copyfd(fd, compact=True)
+                except lmdb.Error as exc:
+                    raise StorageError(f"compacting the metadata database {self.path} failed: {exc}") from None
+                vfs.fsync(fd)
+                fd, closing = None, fd
+                vfs.close(closing)
+            except BaseException as exc:
+                if fd is not None:
+                    vfs.close(fd)
+                try:
+                    vfs.unlink(tmp)
+                except OSError:
+                    pass
+                if best_effort and isinstance(exc, (OSError, StorageError)):
+                    log.warning("could not compact the metadata database %s (%s); old versions of its "
+                                "records stay in its free pages until the next compaction", self.path, exc)
+                    return False
+                raise
+            try:
+                vfs.rename(tmp, data)
+                vfs.fsync_dir(self.path)
+            finally:
+                self._reopen()
+        return True
+
+    def _reopen(self) -> None:
+        """Close the environment and open it again on the file now named data.mdb.  Interrupted in
+        between, ``self.env`` is the closed one: every later transaction fails (StorageError)."""
+        self.env.close()
+        try:
+            self._open_env(readonly=False, create=False, existing=True)
         except lmdb.Error as exc:
-            raise StorageError(f"reading the metadata database {self.path} failed: {exc}; reopen the store") from None
+            raise StorageError(f"reopening the metadata database {self.path} failed: {exc}") from None
+        try:
+            self.dbs = {name: self.env.open_db(name, create=False) for name in self.dbs}
+        except BaseException:
+            self.env.close()
+            raise
 
 
 class ReadTxn:

@@ -233,8 +233,13 @@ class Rotation:
             from .stable import key_id_of
             referenced |= {key_id_of(blob) for _k, blob in r.items(M.DB_STABLE)}
         now = time.time_ns()
+        unreferenced = retiring - referenced
+        if self.destroy_retired_keys:
+            # Copies of the wrapped keys outside the keyring go first (the keyring still holds them
+            # until the commit below): those in quarantined snapshot copies now, LMDB's after it.
+            st.redact_quarantined(st.keys[kid].wrapped for kid in unreferenced)
         with st.meta.write() as tx:
-            for kid in retiring - referenced:
+            for kid in unreferenced:
                 k = st.keys[kid]
                 if self.destroy_retired_keys:
                     k.state, k.wrapped = K.DESTROYED, b""
@@ -243,6 +248,8 @@ class Rotation:
                     k.state = K.INACTIVE
                 k.state_changed_ns = now
                 tx.put(M.DB_KEYRING, kid, M.encode_keyring(k))
+        if self.destroy_retired_keys and unreferenced:
+            st.compact_meta()         # the overwritten records stay in LMDB's free pages until then
 
     def resume(self) -> None:
         """Run at open (read-write): finish whatever a crash interrupted."""
@@ -322,18 +329,34 @@ class Rotation:
 
     # ------------------------------------------------------------------ KEK rotation
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
-        """Re-wrap every key with ``new_kek`` in one LMDB transaction; no data is rewritten."""
+        """Re-wrap every key with ``new_kek``; afterwards no file of the data directory holds a key
+        wrapped under the old KEK.
+
+        1. Every retained snapshot is copied (same data and DEK, a new ID, salt and subkey) with its
+           keyring bundle wrapped under the new KEK; the copies are published, not registered, and
+           tied to the log by SNAPSHOT records.  Wrapped keys inside quarantined ``.broken`` copies
+           are overwritten.
+        2. One LMDB commit: the new KEK parameters and check value, every key and the metadata key
+           re-wrapped, the copies registered and the old snapshots dropped from the registry (named
+           by the purge record).  This is the commit point: before it the old KEK is in force and the
+           copies are leftovers of a creation intent; after it only the new KEK opens the store.
+        3. The old snapshot files are removed, and meta/data.mdb is rewritten without the free pages
+           that still hold the records wrapped under the old KEK (Meta.compact).
+        A crash after 2 leaves what 3 removes to the next open (purge record, compaction at open)."""
         st = self.store
         st._check_write()
         if not st.encrypted:
             raise UsageError("a plaintext store has no KEK")
         st.wal.check_writable()
+        if st.snapshots.in_progress():
+            raise UsageError("a snapshot begun with begin_snapshot() is being written, its keyring bundle under "
+                             "the current KEK: commit or abort it, then rotate the KEK")
         params = new_kek.new_params()
         wrapper = new_kek.wrapper(params)
         with st.meta.read() as r:
             meta_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
-            meta_wrapped = r.raw(M.DB_STORE, M.K_META_KEY)
-        meta_secret = st.wrapper.unwrap(meta_wrapped, K.wrap_context(st.store_id, meta_id, K.PURPOSE_META))
+            old_meta_wrapped = r.raw(M.DB_STORE, M.K_META_KEY)
+        meta_secret = st.wrapper.unwrap(old_meta_wrapped, K.wrap_context(st.store_id, meta_id, K.PURPOSE_META))
         rewrapped = {}
         for k in st.keys.values():
             if k.state == K.DESTROYED:
@@ -342,11 +365,18 @@ class Rotation:
             rewrapped[k.key_id] = wrapper.wrap(secret, K.wrap_context(st.store_id, k.key_id, k.purpose))
         cv = wrapper.check_value()
         meta_wrapped = wrapper.wrap(meta_secret, K.wrap_context(st.store_id, meta_id, K.PURPOSE_META))
-        # From the commit until the in-memory wrapper is swapped, an interruption would leave keys
-        # wrapped under one KEK in memory and another on disk (a new DEK wrapped by the old KEK would
-        # be lost at the next open): fail-stop.
+        staged = {"params": params, "check": cv, "meta_wrapped": meta_wrapped, "wrapped": rewrapped}
+        old_blobs = [old_meta_wrapped] + [st.keys[kid].wrapped for kid in rewrapped]
+        retained = list(st.snapshots.infos)
+        # Any interruption from here on fails the store: between the commit and the swap of the
+        # in-memory wrapper, keys would be wrapped under one KEK in memory and another on disk (a new
+        # DEK wrapped by the old KEK would be lost at the next open); before the commit, published
+        # copies and a half-written unit of SNAPSHOT records are for the next open to clean up.
         with st.fail_stop("rotating the key-encryption key"):
-            with st.meta.write() as tx:
+            copies = st.copy_snapshots(retained, kek=staged)                    # 1
+            st.tie_to_log(copies)
+            st.redact_quarantined(old_blobs)
+            with st.meta.write() as tx:                                         # 2
                 tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
                 if cv is None:
                     tx.delete(M.DB_STORE, M.K_KEK_CHECK)
@@ -355,7 +385,10 @@ class Rotation:
                 tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_wrapped)
                 for kid, blob in rewrapped.items():
                     tx.put(M.DB_KEYRING, kid, M.encode_keyring(dataclasses.replace(st.keys[kid], wrapped=blob)))
+                st.snapshots.register_copies(tx, copies, retained)
             for kid, blob in rewrapped.items():
                 st.keys[kid].wrapped = blob
             st.wrapper = wrapper
             st.kek_params = params
+            st.snapshots.install_copies(copies, retained)                       # 3
+            st.compact_meta()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -220,6 +221,7 @@ class Snapshots:
         self.chunk_size = chunk_size
         self.infos: list[SnapshotInfo] = []      # registered, oldest first
         self.current: Snapshot | None = None
+        self.writing: weakref.WeakSet = weakref.WeakSet()    # PendingSnapshots handed out by begin()
 
     # ------------------------------------------------------------------ open
     def load(self) -> None:
@@ -295,7 +297,10 @@ class Snapshots:
         record is written (durably) before the registering commit, so the save got past its commit
         point - a crash before the registration, or a ``meta/`` put back from inside that window after
         the save returned.  It is registered now (rolled forward, as the save would have), or, if it
-        no longer authenticates, set aside as ``.broken``; never deleted."""
+        no longer authenticates, set aside as ``.broken``; never deleted.  Except a copy: a file whose
+        index and term a registered snapshot already has is the copy of a KEK rotation that did not
+        commit (its bundle is wrapped under a KEK the store never took on), and the registered
+        snapshot, whose file is there, holds the same state: it is a leftover."""
         if not os.path.isdir(self.dir):
             return
         st = self.store
@@ -319,7 +324,8 @@ class Snapshots:
                     self._refuse_newer(path, snap_id, next_id)
                     continue
                 record = self._log_record(snap_id) if snap_id not in purged else None
-                if record is not None:
+                if record is not None and not any((i.index, i.term) == tuple(record[1:3]) and os.path.lexists(i.path)
+                                                  for i in self.infos):
                     self._roll_forward(path, snap_id, record)
                     continue
             st.vfs.unlink(path)
@@ -403,7 +409,9 @@ class Snapshots:
         st.wal.check_writable()
         with st.fail_stop("starting a snapshot"):
             writer = self.open_writer(meta, st.write_key_id(), extra_meta=extra_meta)
-        return PendingSnapshot(self, meta, writer)
+        pending = PendingSnapshot(self, meta, writer)
+        self.writing.add(pending)
+        return pending
 
     def _commit(self, meta: SnapshotMeta, info: SnapshotInfo) -> SnapshotInfo:
         st = self.store
@@ -442,8 +450,9 @@ class Snapshots:
         return Snapshot(info, f)
 
     def open_writer(self, meta: SnapshotMeta, key_id: bytes, *, extra_meta: dict | None = None,
-                    snap_id: int | None = None) -> SnapshotWriter:
-        """A writer for a snapshot file under ``key_id`` (published by the caller, not registered)."""
+                    snap_id: int | None = None, bundle: bytes | None = None) -> SnapshotWriter:
+        """A writer for a snapshot file under ``key_id`` (published by the caller, not registered);
+        ``bundle``: its keyring bundle, when not the current one (a KEK rotation being staged)."""
         st = self.store
         st.ensure_dir(self.dir)
         # The ID is taken, and recorded as being written, before the file exists (see _remove_orphans).
@@ -455,7 +464,8 @@ class Snapshots:
             tx.put(M.DB_STATE, M.K_SNAP_CREATING, M.encode_ids(sorted(set(intents) | {snap_id})))
             tx.put(M.DB_STATE, M.K_NEXT_SNAPSHOT, max(nxt, snap_id + 1).to_bytes(8, "little"))
         salt = os.urandom(SNAP_SALT_SIZE) if st.encrypted else bytes(SNAP_SALT_SIZE)
-        bundle = st.keyring_bundle({key_id})
+        if bundle is None:
+            bundle = st.keyring_bundle({key_id})
         h = SnapshotHeader(st.algorithm, 0, st.store_id, snap_id, meta.index, meta.term, self.chunk_size,
                            len(bundle), key_id, salt, b"")
         aead, commitment = self._keys(h)
@@ -463,9 +473,9 @@ class Snapshots:
         return SnapshotWriter(st.vfs, self.dir, h, aead, bundle, meta, extra_meta)
 
     def write_file(self, meta: SnapshotMeta, data, key_id: bytes, *, extra_meta: dict | None = None,
-                   snap_id: int | None = None) -> SnapshotInfo:
+                   snap_id: int | None = None, bundle: bytes | None = None) -> SnapshotInfo:
         """Write and publish a snapshot file under ``key_id`` (not registered)."""
-        w = self.open_writer(meta, key_id, extra_meta=extra_meta, snap_id=snap_id)
+        w = self.open_writer(meta, key_id, extra_meta=extra_meta, snap_id=snap_id, bundle=bundle)
         try:
             w.write_from(data)
             path = w.publish()
@@ -502,6 +512,39 @@ class Snapshots:
             st.vfs.fsync_dir(self.dir)
             self.infos = keep
         st.purge_segments()
+
+    # ------------------------------------------------------------------ copies (re-key, KEK rotation)
+    def register_copies(self, tx, new: list[SnapshotInfo], replaced: list[SnapshotInfo] = ()) -> None:
+        """In one metadata transaction: register ``new`` (published copies, oldest first, under IDs above
+        every retained one) and drop ``replaced`` from the registry.  The IDs of ``replaced`` become the
+        latest purge record, so their files are leftovers if a crash comes before their unlink
+        (``_remove_orphans``)."""
+        for info in replaced:
+            tx.delete(M.DB_SNAPSHOTS, M.u64(info.snapshot_id))
+        for info in new:
+            tx.put(M.DB_SNAPSHOTS, M.u64(info.snapshot_id), encode_info(info))
+            _registered(tx, info.snapshot_id)
+        if replaced:
+            tx.put(M.DB_STATE, M.K_SNAP_PURGED, M.encode_ids(i.snapshot_id for i in replaced))
+
+    def install_copies(self, new: list[SnapshotInfo], replaced: list[SnapshotInfo] = ()) -> None:
+        """After register_copies committed: ``new`` replace ``replaced`` in memory (the last of ``new``
+        is the current snapshot), and the files of ``replaced`` are removed."""
+        gone = {i.snapshot_id for i in replaced}
+        self.infos = [i for i in self.infos if i.snapshot_id not in gone]
+        for info in new:
+            self.install(info)
+        for info in replaced:
+            try:
+                self.store.vfs.unlink(info.path)
+            except FileNotFoundError:
+                pass
+        if replaced:
+            self.store.vfs.fsync_dir(self.dir)
+
+    def in_progress(self) -> bool:
+        """True while a snapshot begun with begin() is neither committed nor aborted."""
+        return any(not p.done for p in list(self.writing))
 
     def floor(self) -> int | None:
         """Lowest index a retained snapshot may need the log from (None without snapshots)."""

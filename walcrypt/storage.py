@@ -21,8 +21,8 @@ from . import keys as K
 from . import layout
 from . import meta as M
 from .errors import (AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError, KeyProviderError,
-                     StorageError, StoreFailedError, UnsupportedFormatError, UsageError, WalcryptError,
-                     WrongKeyError)
+                     StorageError, StoreFailedError, SymlinkError, UnsafeFileError, UnsupportedFormatError,
+                     UsageError, WalcryptError, WrongKeyError)
 from .bounded import FileSource
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
 from .types import ConfState, Entry, HardState, SnapshotMeta
@@ -191,6 +191,9 @@ class Store:
         if not read_only:
             try:
                 self.rotation.resume()        # finish a rotation a crash interrupted (may call snapshot_source)
+                self._refresh_snapshot_bundles()
+                if self.encrypted and self.meta.has_free_pages():
+                    self.meta.compact(self.vfs, best_effort=True)     # no key outlives its record (compact_meta)
             except BaseException as exc:
                 self.close()
                 if isinstance(exc, OSError):
@@ -357,24 +360,115 @@ class Store:
         pending = self.rotation.pending_key_id if self.encrypted else None
         return pending or self.active_key_id()
 
-    def keyring_bundle(self, key_ids: set[bytes] | None = None) -> bytes:
+    def keyring_bundle(self, key_ids: set[bytes] | None = None, *, kek: dict | None = None) -> bytes:
         """The wrapped keys (never a KEK) that travel with a snapshot: only ``key_ids`` (the
-        snapshot's own DEK), so a key destroyed later does not live on inside older files."""
+        snapshot's own DEK), so a key destroyed later does not live on inside older files.
+        ``kek``: the bundle as a KEK rotation being staged will make it (``params``, ``check``,
+        ``meta_wrapped`` and ``wrapped`` by key ID, all under the new KEK)."""
         if not self.encrypted:
             return b""
         with self.meta.read() as r:
             meta_key_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
             meta_wrapped = r.raw(M.DB_STORE, M.K_META_KEY)
             check = r.raw(M.DB_STORE, M.K_KEK_CHECK)
+        params, wrapped = self.kek_params, {k.key_id: k.wrapped for k in self.keys.values()}
+        if kek is not None:
+            params, check, meta_wrapped, wrapped = kek["params"], kek["check"], kek["meta_wrapped"], kek["wrapped"]
         doc = {"version": 1, "store_id": self.store_id.hex(), "algorithm": self.algorithm,
-               "kek_params": self.kek_params, "kek_check": check.hex() if check else None,
+               "kek_params": params, "kek_check": check.hex() if check else None,
                "meta_key": {"id": meta_key_id.hex(), "wrapped": meta_wrapped.hex()},
                "keys": [{"id": k.key_id.hex(), "state": k.state, "algorithm": k.algorithm, "purpose": k.purpose,
                          "created_ns": k.created_ns, "state_changed_ns": k.state_changed_ns,
-                         "wrapped": k.wrapped.hex()}
+                         "wrapped": wrapped[k.key_id].hex()}
                         for k in self.keys.values()
                         if k.state != K.DESTROYED and (key_ids is None or k.key_id in key_ids)]}
         return json.dumps(doc, sort_keys=True).encode()
+
+    @staticmethod
+    def _wraps(doc: dict) -> tuple:
+        """What in a keyring bundle depends on the KEK: its parameters and check value and every
+        wrapped key (states and times change without the bundle becoming stale)."""
+        return (doc.get("kek_params"), doc.get("kek_check"), (doc.get("meta_key") or {}).get("wrapped"),
+                sorted((k.get("id"), k.get("wrapped")) for k in doc.get("keys", ())))
+
+    def bundle_is_current(self, info) -> bool:
+        """Whether the keyring bundle inside a retained snapshot file holds the keys exactly as they
+        are wrapped now (False: wrapped under an earlier KEK, or listing other keys)."""
+        from .snapshot import SnapshotFile
+        doc = SnapshotFile(self.vfs, info.path).bundle_doc()
+        return self._wraps(doc) == self._wraps(json.loads(self.keyring_bundle({info.key_id})))
+
+    # ------------------------------------------------------------------ key material at rest
+    def compact_meta(self) -> None:
+        """Rewrite meta/data.mdb without free pages, after a key was destroyed or the KEK replaced: the
+        records LMDB's copy-on-write left behind held the destroyed key, or every key wrapped under the
+        old KEK.  Called inside the caller's fail-stop guard (see Meta.compact).  A read-write open
+        compacts too (best effort), so a crash between the commit and this call is made good."""
+        if self.encrypted and not self.read_only:
+            self.meta.compact(self.vfs)
+
+    def redact_quarantined(self, blobs) -> None:
+        """Overwrite with ``0`` digits every copy of the wrapped keys ``blobs`` (the hex of a keyring
+        bundle) inside the ``.broken`` copies of quarantined snapshots: they keep their bundle, and a key
+        being destroyed, or wrapped under a KEK being replaced, must not live on there.  The rest of
+        each copy is left for inspection.  A copy walcrypt may not write (a link, a file another name
+        shares) is left alone, with a warning."""
+        from .snapshot import MAX_KEYRING_BUNDLE
+        pats = {b.hex().encode() for b in blobs if b}
+        d = self.snapshots.dir
+        if not pats or not os.path.isdir(d):
+            return
+        for name in sorted(self.vfs.listdir(d)):
+            if not name.endswith(".snap.broken"):
+                continue
+            path = os.path.join(d, name)
+            try:
+                fd = self.vfs.open(path, os.O_RDWR)
+            except (UnsafeFileError, SymlinkError) as exc:
+                log.warning("%s may hold wrapped keys and cannot be redacted (%s); remove it", path, exc)
+                continue
+            try:
+                head = self.vfs.pread(fd, 128 + MAX_KEYRING_BUNDLE, 0)      # the bundle starts at 128
+                hits = [(m.start(), len(p)) for p in pats for m in re.finditer(re.escape(p), head)]
+                for off, n in hits:
+                    self.vfs.pwrite(fd, b"0" * n, off)
+                if hits:
+                    self.vfs.fsync(fd)
+            finally:
+                self.vfs.close(fd)
+
+    def _refresh_snapshot_bundles(self) -> None:
+        """At a read-write open: the retained snapshot files from the first one whose keyring bundle
+        is not what the keyring holds now (keys wrapped under an earlier KEK: a KEK rotation made by
+        a walcrypt that left the snapshot files alone) are replaced by copies with the current
+        bundle, in one commit, as rotate_kek does.  A snapshot that cannot be read is left to the
+        fallback rules, with a warning."""
+        if not self.encrypted:
+            return
+        infos = list(self.snapshots.infos)
+        first = None
+        for n, info in enumerate(infos):
+            try:
+                if not self.bundle_is_current(info):
+                    first = n
+                    break
+            except StorageError as exc:
+                log.warning("cannot read the keyring bundle of %s (%s)", info.path, exc)
+        if first is None:
+            return
+        replace = infos[first:]
+        try:
+            copies = self.copy_snapshots(replace)
+        except (OSError, StorageError, KeyNotFoundError) as exc:
+            log.warning("snapshot files hold keys wrapped under an earlier KEK and could not be rewritten (%s); "
+                        "save a new snapshot, or rotate the KEK again", exc)
+            return
+        log.warning("snapshot files held keys wrapped under an earlier KEK; rewrote %d of them", len(copies))
+        with self.fail_stop("rewriting snapshot keyring bundles"):
+            self.tie_to_log(copies)
+            with self.meta.write() as tx:
+                self.snapshots.register_copies(tx, copies, replace)
+            self.snapshots.install_copies(copies, replace)
 
     def ensure_dir(self, path: str) -> None:
         """Create a directory durably: the new entry is fsynced in its parent."""
@@ -760,13 +854,43 @@ class Store:
                 return seg
 
             staged = self.copy_log(new_segment)
-            snap_info = None
             cur = self.snapshots.current
-            if cur is not None:
-                with cur.open() as stream:
-                    snap_info = self.snapshots.write_file(cur.meta, stream, key_id,
-                                                                  snap_id=self._next_snapshot_id())
+            snap_info = self.copy_snapshots([cur.info], key_id=key_id)[0] if cur is not None else None
         return staged, snap_info
+
+    def copy_snapshots(self, infos: list, *, key_id: bytes | None = None, kek: dict | None = None) -> list:
+        """Copies of the retained snapshots ``infos`` (oldest first): the same index, term, metadata and
+        data, each under ``key_id`` (default: its own DEK), with a fresh ID, salt and subkey, and a
+        keyring bundle as it is now (or as the staged KEK rotation ``kek`` will make it: see
+        keyring_bundle).  Published, not registered (register_copies; a crash before that leaves
+        files named by creation intents, removed at the next open).  Each is read through its own
+        authentication, a chunk at a time.  -> their SnapshotInfos, in the same order."""
+        copies: list = []
+        try:
+            for info in infos:
+                cur = self.snapshots.current
+                snap = cur if cur is not None and cur.info is info else self.snapshots.open_info(info)
+                extra = {k: v for k, v in snap._file.extra.items() if k not in ("index", "term", "conf_state")}
+                kid = key_id or info.key_id
+                bundle = self.keyring_bundle({kid}, kek=kek) if kek is not None else None
+                with snap.open() as stream:
+                    copies.append(self.snapshots.write_file(snap.meta, stream, kid, extra_meta=extra or None,
+                                                            bundle=bundle))
+        except BaseException:
+            for c in copies:                 # never registered: gone now rather than at the next open
+                try:
+                    self.vfs.unlink(c.path)
+                except OSError:
+                    pass
+            raise
+        return copies
+
+    def tie_to_log(self, infos: list) -> None:
+        """One durable write unit of SNAPSHOT records (FORMAT.md 10.6) for published snapshot files."""
+        if infos:
+            self.wal.append((), None, extra=[
+                (fmt.FRAME_SNAPSHOT, i.index, i.term, 0,
+                 fmt.SNAPSHOT_RECORD_STRUCT.pack(i.snapshot_id, i.index, i.term, i.digest), None) for i in infos])
 
     def _reserve_staging(self, first: int) -> None:
         """Reserve segment IDs [first, next_segment + STAGING_BLOCK) for staged segments, durably, before
@@ -820,9 +944,7 @@ class Store:
         tx.put(M.DB_STATE, M.K_NEXT_SEGMENT, nxt.to_bytes(8, "little"))
         tx.delete(M.DB_STATE, M.K_STAGING)
         if snap_info is not None:
-            from .snapstore import _registered, encode_info
-            tx.put(M.DB_SNAPSHOTS, M.u64(snap_info.snapshot_id), encode_info(snap_info))
-            _registered(tx, snap_info.snapshot_id)
+            self.snapshots.register_copies(tx, [snap_info])
 
     def install_staged(self, staged: list[Segment], snap_info) -> None:
         """After register_staged committed: the staged segments supersede the older ones."""
@@ -832,7 +954,7 @@ class Store:
             wal.load(wal.segments + staged, wal.compacted_index, wal.compacted_term, wal.reset_segment)
             wal.active = None
         if snap_info is not None:
-            self.snapshots.install(snap_info)
+            self.snapshots.install_copies([snap_info])
         for seg in staged:
             if self.encrypted:
                 self.rotation.account(seg.ident.key_id, seg.records_written, seg.bytes_written)
@@ -1025,7 +1147,10 @@ class Store:
             self.rotation.rekey()
 
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
-        """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store."""
+        """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store, and no file of the
+        data directory holds a key wrapped under it (retained snapshot files are replaced by copies
+        whose keyring bundle is wrapped under the new KEK; the metadata file is compacted).  See
+        Rotation.rotate_kek and FORMAT.md 8.4."""
         if not isinstance(new_kek, K.KeyEncryptionKey):
             raise UsageError(f"new_kek must be a key-encryption key (RawKey, KeyFile, Passphrase, EnvKey, Kms), "
                              f"not {type(new_kek).__name__}")
