@@ -35,6 +35,7 @@ from . import layout
 from . import meta as M
 from .vfs import DEFAULT_VFS, own_file, refuse_link
 from .errors import KeyProviderError, LockedError, StorageError, UsageError, WalcryptError, WrongKeyError
+from .errors import WIPE_ADVICE
 
 ROTATION_STUCK_AFTER_S = 3600
 _MAX_STATE_JSON = 64 << 10          # a rotation or migration record is a few hundred bytes
@@ -80,7 +81,8 @@ def require_store(directory: str) -> str:
 
 
 DAMAGED_META_HINT = ("the metadata database is damaged or not walcrypt's; restore the node from a backup export "
-                     "('walcrypt snapshot restore') or wipe it and let Raft re-replicate")
+                     "('walcrypt snapshot restore'), rebuild meta/ from the snapshot and segment files "
+                     "('walcrypt recover'), or " + WIPE_ADVICE)
 
 
 def open_meta(root: str, directory: str) -> M.Meta:
