@@ -19,9 +19,10 @@ The log.  The compaction point is the newest adopted snapshot (index S, term T):
 metadata's compaction record nothing proves that an entry at or below S in a segment file is not a
 leftover a purge had already removed from the log, so only entries above S are served; the snapshot
 stands for the rest.  The log is assembled as the engine assembles it (11.7), with one addition: a
-segment file of this store that cannot be read still supersedes the older segments from its base
-on, so an older, stale file never fills its place (an adopted segment it would cut is set aside
-instead).  When the log holds index S with another term, saving the snapshot reset the log (10.6):
+segment of this store that is damaged (its header authenticates -- the key commitment needs the DEK
+-- but a frame does not) still supersedes the older segments from its base on, so an older, stale
+file never fills its place (an adopted segment it would cut is set aside instead).  A file whose
+header does not authenticate counts for nothing: planting one cannot cut the log.  When the log holds index S with another term, saving the snapshot reset the log (10.6):
 the segments written before it (up to the one holding the snapshot's SNAPSHOT record) are no part
 of the log, the first written after it is based at S + 1.  A hole above S, a reset whose first later
 segment is missing, a snapshot file that differs from the log's record of it, or a newer snapshot
@@ -279,7 +280,8 @@ def _plan(path: str, kek, want_store: bytes | None, force: bool) -> Plan:
 
     # -- segments ------------------------------------------------------------------------------
     adopted: dict[int, Segment] = {}
-    barriers: dict[int, int] = {}          # unreadable segment files that may be this store's: ID -> base
+    barriers: dict[int, int] = {}          # this store's segments (header authenticated), unreadable: ID -> base
+    unread: dict[int, int] = {}            # every segment file not adopted and not another store's: ID -> base
     max_seg = 0
     for name in _names(vfs, wal_dir):
         m = _SEGMENT_NAME.match(name)
@@ -295,13 +297,29 @@ def _plan(path: str, kek, want_store: bytes | None, force: bool) -> Plan:
             continue
         except (StorageError, KeyNotFoundError) as exc:
             plan.aside.append((p, _why(exc)))
-            barriers[seg_id] = base
+            unread[seg_id] = base
+            if getattr(exc, "walcrypt_header_authenticated", False):
+                barriers[seg_id] = base
             continue
         adopted[seg_id] = seg
     plan.next_segment = max(max_seg + 1, 1)
     _assemble(plan, adopted, barriers)
-    _describe_losses(plan, adopted, barriers)
+    _describe_losses(plan, adopted, barriers, unread)
     return plan
+
+
+class _Recorded(Segment):
+    """A Segment whose scan also notes the committed frames in order: (type, offset, snapshot ID)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.frames: list[tuple[int, int, int | None]] = []
+
+    def _apply_scanned(self, p, on_entries) -> None:
+        super()._apply_scanned(p, on_entries)
+        ftype, off, _h, _plain = p
+        sid = self.snapshot_records[-1][0] if ftype == fmt.FRAME_SNAPSHOT else None
+        self.frames.append((ftype, off, sid))
 
 
 class _Foreign(Exception):
@@ -385,14 +403,20 @@ def _read_segment(vfs, p: str, seg_id: int, base: int, plan: Plan) -> Segment:
         key, commitment = crypto.segment_keys(known[0], found.salt, plan.store_id, seg_id, found.algorithm)
         cipher = crypto.FrameCipher(found.algorithm, crypto.suite(found.algorithm).new(key), found.key_id,
                                     plan.store_id, seg_id)
-        seg = Segment(vfs, p, ident, cipher)
+        seg = _Recorded(vfs, p, ident, cipher)
         seg.check_identity(found, commitment)
         nbytes = [0]
 
         def count(r):
             nbytes[0] += len(r.payload)
 
-        committed_end, torn = seg.scan(src, on_entries=count)
+        try:
+            committed_end, torn = seg.scan(src, on_entries=count)
+        except StorageError as exc:
+            # The header authenticated (its commitment needs the DEK): this is this store's segment,
+            # damaged.  It still supersedes older segments from its base on (_assemble).
+            exc.walcrypt_header_authenticated = True
+            raise
         seg.bytes_written = nbytes[0]
         seg.file_size = src.size
         seg.torn = torn
@@ -461,13 +485,32 @@ def _assemble(plan: Plan, adopted: dict[int, Segment], barriers: dict[int, int])
                 plan.blocking.append(f"snapshot {sid} differs from the SNAPSHOT record the log holds for it "
                                      "(replaced file)")
     ts = _term_at(p0, s)
+    holders = [sg for sg in segs if any(r[0] == snap.snapshot_id for r in sg.snapshot_records)]
+    recorder = max(holders, key=lambda sg: sg.seg_id) if holders else None
+    if ts is None and recorder is not None:
+        # The log does not hold index s (a purge took the segment that did, or the snapshot was ahead of
+        # the log).  The entry after it comes from a segment written before the snapshot's record: if
+        # saving the snapshot reset the log, that suffix was replaced; if not, it is live.  Writes after
+        # the record in the same segment, or a newer segment not based at s + 1 (the first segment after
+        # a reset is), show there was no reset.
+        after = next((sg for lo, hi, sg in p0 if lo <= s + 1 <= hi), None)
+        newer = [b for i, b in [(sg.seg_id, sg.base_index) for sg in segs] + list(barriers.items())
+                 if i > recorder.seg_id]
+        if after is not None and after.seg_id <= recorder.seg_id and not newer \
+                and not _written_after(recorder, snap.snapshot_id):
+            plan.blocking.append(
+                f"the log does not hold index {s}, and segment {recorder.seg_id}, which holds entries from {s + 1}, "
+                f"records the snapshot at index {s} as its last write: whether saving the snapshot reset the log "
+                "(installed from a leader: those entries are a replaced suffix) or not (the node's own snapshot: "
+                "they are live) cannot be told without meta/. Restore the node from the snapshot alone instead "
+                "('walcrypt snapshot restore DATA/snap-v1-encrypted/FILE.snap NEW_DIR --key-file K'); Raft "
+                "catches it up from the leader")
     if ts is not None and ts != t:
         # The log holds the snapshot's index with another term: saving the snapshot reset the log (10.6),
         # and every segment written before that holds a suffix the cluster replaced.  Those written after
         # it are newer than the segment that recorded the snapshot, the first based at s + 1.
         holder = next(sg for lo, hi, sg in p0 if lo <= s <= hi)
-        rec = [sg.seg_id for sg in segs if any(r[0] == snap.snapshot_id for r in sg.snapshot_records)]
-        floor = max(rec) if rec else holder.seg_id
+        floor = recorder.seg_id if recorder is not None else holder.seg_id
         later = [(i, b) for i, b in [(sg.seg_id, sg.base_index) for sg in segs] + list(barriers.items()) if i > floor]
         firsts = [i for i, b in later if b == s + 1]
         if firsts:
@@ -505,7 +548,16 @@ def _assemble(plan: Plan, adopted: dict[int, Segment], barriers: dict[int, int])
                                      "does not agree with it: it reset the log, so the state it holds is gone")
 
 
-def _describe_losses(plan: Plan, adopted: dict[int, Segment], barriers: dict[int, int]) -> None:
+def _written_after(seg: "_Recorded", snapshot_id: int) -> bool:
+    """Whether ``seg`` holds an ENTRIES or HARDSTATE record written after its SNAPSHOT record of
+    ``snapshot_id`` (a reset seals the segment right after that record)."""
+    at = next((off for ftype, off, ident in seg.frames if ftype == fmt.FRAME_SNAPSHOT and ident == snapshot_id), None)
+    return at is not None and any(off > at for ftype, off, _i in seg.frames
+                                  if ftype in (fmt.FRAME_ENTRIES, fmt.FRAME_HARDSTATE))
+
+
+def _describe_losses(plan: Plan, adopted: dict[int, Segment], barriers: dict[int, int],
+                     unread: dict[int, int]) -> None:
     s = plan.snapshots[-1].index if plan.snapshots else 0
     plan.lost.append("the stable store (Raft term and vote of hosts that keep them there, the pysyncobj adapter's "
                      "records): it lived only in meta/")
@@ -514,11 +566,16 @@ def _describe_losses(plan: Plan, adopted: dict[int, Segment], barriers: dict[int
     if s:
         plan.lost.append(f"entries at or below index {s}: the snapshot there covers them (without meta/ nothing "
                          "proves an older segment file still belongs to the log)")
-    if barriers and adopted and max(barriers) > max(adopted):
-        plan.lost.append(f"segment {max(barriers)} is newer than every readable segment: entries and the hard state "
-                         "written in it are lost; the hard state comes from an older segment and may be behind the "
-                         "node's last vote")
-    elif barriers and not adopted:
+    newest = max(adopted) if adopted else 0
+    if barriers and max(barriers) > newest:
+        plan.lost.append(f"segment {max(barriers)} of this store is newer than every readable segment and damaged: "
+                         "entries and the hard state written in it are lost; the hard state comes from an older "
+                         "segment and may be behind the node's last vote")
+    elif unread and max(unread) > newest:
+        plan.lost.append(f"segment file {max(unread)} is newer than every readable segment and does not authenticate: "
+                         "if it was this store's, entries and a hard state written in it are lost (the hard state "
+                         "may be behind the node's last vote)")
+    if not adopted:
         plan.lost.append("no segment could be read: the log is empty above the snapshot and there is no hard state")
     plan.notes.append(RAFT_NOTE)
 

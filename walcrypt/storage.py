@@ -209,6 +209,12 @@ class Store:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"{self.path} exists and is not a directory")
         layout.refuse_links(self.path)
+        if os.path.isdir(self.path) and not layout.looks_like_store(self.path) and layout.pairs_with_data(self.path):
+            raise CorruptionError(os.path.join(self.path, layout.META_DIR), None,
+                                  "meta/ is missing, but the data directory holds segments or snapshots",
+                                  "put back this directory's meta/, or rebuild it from the snapshot and segment "
+                                  "files ('walcrypt recover DIR --key-file K'); walcrypt will not create a new store "
+                                  "over existing data")
         if self.read_only:
             if not layout.looks_like_store(self.path):
                 raise UsageError(f"{self.path} is not a walcrypt data directory (no meta/)")
