@@ -209,7 +209,7 @@ class Store:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"{self.path} exists and is not a directory")
         layout.refuse_links(self.path)
-        if os.path.isdir(self.path) and not layout.looks_like_store(self.path) and layout.pairs_with_data(self.path):
+        if os.path.isdir(self.path) and not layout.looks_like_store(self.path) and _holds_data_files(self.path):
             raise CorruptionError(os.path.join(self.path, layout.META_DIR), None,
                                   "meta/ is missing, but the data directory holds segments or snapshots",
                                   "put back this directory's meta/, or rebuild it from the snapshot and segment "
@@ -1149,6 +1149,18 @@ class Store:
         state = "closed" if self.closed else "open"
         mode = "encrypted" if self.encrypted else "plaintext"
         return f"<walcrypt.Store {self.path} {mode} {state}>"
+
+
+def _holds_data_files(root: str) -> bool:
+    """Whether a segment or snapshot directory of ``root`` holds a regular file (links do not count)."""
+    for pair in layout.PAIRS_BY_PREFERENCE:
+        for d in (pair.wal, pair.snap):
+            p = os.path.join(root, d)
+            if os.path.isdir(p) and not os.path.islink(p):
+                with os.scandir(p) as it:
+                    if any(not e.name.startswith(".") and e.is_file(follow_symlinks=False) for e in it):
+                        return True
+    return False
 
 
 def _close_fully(closable) -> None:
