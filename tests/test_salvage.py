@@ -302,3 +302,4 @@ def test_cli_compact(bases, tmp_path, keyfile):
         assert s.first_index() == snap + 1 and s.entries(snap + 1, N + 1) == _entries(snap + 1, N)
     res = _cli("compact", root, "--to", 10, "--key-file", keyfile, "--apply")
     assert res.returncode == 0 and "already compacted" in res.stdout
+

@@ -169,6 +169,7 @@ def run(path, kek: K.KeyEncryptionKey, *, apply: bool = False, store_id: bytes |
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
         raise UsageError(f"{path} does not exist or is not a directory")
+    layout.check_not_held(path)          # this process has it open: its meta/ is in use, not lost
     layout.refuse_links(path)
     if not os.path.isdir(os.path.join(path, layout.WAL_ENCRYPTED)) and \
             not os.path.isdir(os.path.join(path, layout.SNAP_ENCRYPTED)):

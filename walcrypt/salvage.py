@@ -15,8 +15,9 @@ a segment holds nothing the node needs.  Rule (FORMAT.md 11.10):
   at most the newest valid snapshot's index S.  Then the compaction point moves to S (when it is
   lower and the damage reaches above it): entries up to S are no longer served, the snapshot
   covers them.  Nothing above S is ever dropped.
-* Anything else (the newest segment damaged, a reach above S, no valid snapshot) is refused as
-  before: the first damaged segment's error is raised, nothing modified.
+* Anything else (the newest segment damaged, a reach above S, no valid snapshot, a newer snapshot
+  that fails while the compaction point lies beyond S) is refused as before: the first damaged
+  segment's error is raised, nothing modified.
 
 A read-write open applies the rule (the file is renamed ``<name>.broken``, never deleted; one
 metadata commit removes the manifest records and moves the compaction point) and reports it in
@@ -52,9 +53,10 @@ def reach(seg_id: int, rec: dict, manifest: dict[int, dict], reset_segment: int)
     return rec["base_index"], top
 
 
-def newest_valid_snapshot(snapshots, meta) -> "object | None":
+def newest_valid_snapshot(snapshots, meta, *, newer_failed: list | None = None) -> "object | None":
     """The SnapshotInfo of the newest registered snapshot that authenticates end to end, or None.
-    Modifies nothing (a failing newer snapshot is left for Snapshots.load to quarantine)."""
+    Modifies nothing (a failing newer snapshot is left for Snapshots.load to quarantine); the newer
+    ones that failed are appended to ``newer_failed``."""
     from .snapstore import decode_info
     with meta.read() as r:
         rows = r.items(M.DB_SNAPSHOTS)
@@ -67,6 +69,8 @@ def newest_valid_snapshot(snapshots, meta) -> "object | None":
         except SymlinkError:
             raise                       # a planted link is refused, never counted as a bad snapshot
         except (StorageError, KeyNotFoundError):
+            if newer_failed is not None:
+                newer_failed.append(info)
             continue
     return None
 
@@ -120,9 +124,12 @@ def plan(manifest: dict[int, dict], damaged: set[int], c_index: int, c_term: int
         return p                                     # nothing of the log was in them
     lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
     p.damaged = (lo, hi)
-    snap = newest_valid_snapshot(snapshots, meta)
+    failed: list = []
+    snap = newest_valid_snapshot(snapshots, meta, newer_failed=failed)
     if snap is None or hi > snap.index:
         return None
+    if failed and c_index > snap.index:
+        return None          # the open falls back to this snapshot and needs the log from it on (11.8)
     p.snapshot_index = snap.index
     if hi > c_index and snap.index > c_index:
         p.compact_to = (snap.index, snap.term)
