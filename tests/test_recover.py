@@ -489,3 +489,62 @@ def test_restore_export_api_under_a_new_kek(store, tmp_path):
         assert (s.snapshot().meta, s.snapshot().data) == served["snapshot"]
     with pytest.raises(UsageError):
         backup.restore_export(export, str(tmp_path / "n4"), kek=KEK, new_kek=b"not a kek")
+
+
+def test_recover_after_a_completed_dek_rotation(tmp_path):
+    """The keys of older segments went with their snapshots: those segments cannot be read and hold
+    nothing above the newest snapshot, so the rebuilt log is the same."""
+    root = str(tmp_path / "node1")
+
+    def source(st):
+        i = st.last_index()
+        return SnapshotMeta(i, st.term(i), ConfState((1,))), b"state at %d" % i
+
+    with walcrypt.open(root, kek=KEK, segment_size=SEG, sync="none", snapshot_source=source) as s:
+        for lo in range(1, 201, 10):
+            s.save(hard_state=HardState(2, 1, lo + 9), entries=_entries(lo, lo + 9))
+        s.save_snapshot(SnapshotMeta(100, s.term(100), ConfState((1,))), b"state at 100")
+        old = s.active_key_id()
+        s.rotate_dek()                                  # completes through the source: snapshot at 200
+        assert not s.needs_snapshot and s.active_key_id() != old
+        for lo in range(201, 301, 10):
+            s.save(hard_state=HardState(3, 1, lo + 9), entries=_entries(lo, lo + 9))
+        served = _served(s)
+        new = s.active_key_id()
+    shutil.rmtree(os.path.join(root, "meta"))
+    plan = recover(root, KEK)
+    assert plan["can_apply"] and [k["key_id"] for k in plan["keys"] if k["state"] == "active"] == [new.hex()]
+    recover(root, KEK, apply=True)
+    got = _open_served(root)
+    assert got == served
+    with walcrypt.open(root, kek=KEK) as s:
+        assert s.active_key_id() == new
+
+
+def test_recover_a_crashed_store_with_a_torn_tail(tmp_path):
+    """A copy taken while the store was open is what a crash leaves: the newest segment unsealed.  A
+    torn write after its last commit is cut by the first open of the rebuilt store (a .broken copy kept)."""
+    src = str(tmp_path / "running")
+    root = str(tmp_path / "node1")
+    with walcrypt.open(src, kek=KEK, segment_size=SEG, sync="always") as s:
+        for lo in range(1, 201, 10):
+            s.save(hard_state=HardState(2, 1, lo + 9), entries=_entries(lo, lo + 9))
+            if lo == 91:
+                s.save_snapshot(SnapshotMeta(100, s.term(100), ConfState((1,))), b"state at 100")
+                s.compact(100)
+        served = _served(s)
+        shutil.copytree(src, root)
+    shutil.rmtree(os.path.join(root, "meta"))
+    newest = sorted(glob.glob(os.path.join(root, ENC, "*.wal")))[-1]
+    frames = wctest.parse_frames(wctest.read(newest))
+    end = frames[-1].next
+    with open(newest, "r+b") as f:
+        f.seek(end)
+        f.write(os.urandom(300))                          # a torn unit after the last commit
+    plan = recover(root, KEK)
+    assert plan["can_apply"] and any("torn tail" in n for n in plan["notes"])
+    assert not plan["segments"][-1]["sealed"]
+    recover(root, KEK, apply=True)
+    assert _open_served(root) == served
+    assert os.path.exists(newest + ".broken")
+    assert check(root, kek=KEK).ok

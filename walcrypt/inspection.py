@@ -71,7 +71,9 @@ def require_store(directory: str) -> str:
         for n in sorted(os.listdir(meta)):
             refuse_link(os.path.join(meta, n))
     if not os.path.isdir(meta):
-        raise UsageError(f"{directory} is not a walcrypt data directory (it has no meta/ directory)")
+        lost = ("; it holds segment or snapshot files, so if its meta/ was lost, 'walcrypt recover "
+                f"{directory} --key-file K' rebuilds it" if layout.pairs_with_data(path) else "")
+        raise UsageError(f"{directory} is not a walcrypt data directory (it has no meta/ directory){lost}")
     if not os.access(meta, os.R_OK | os.X_OK) or not all(
             os.access(os.path.join(meta, n), os.R_OK) for n in os.listdir(meta)):
         raise UsageError(f"no permission to read {meta}; run as the user that owns the store")
