@@ -27,6 +27,7 @@ import lmdb
 
 from . import format as fmt
 from .errors import AuthenticationError, CorruptionError, StorageError, UsageError
+from .errors import WIPE_ADVICE
 from .vfs import pinned_files, refuse_link
 
 DB_STORE = b"store"
@@ -185,7 +186,7 @@ class Meta:
         if verify and not hmac.compare_digest(tag, self.mac(db, key, value)):
             raise AuthenticationError(
                 self.path, None, f"metadata record {db.decode()}/{key.hex()} failed its MAC check (edited or damaged)",
-                "restore the node from a snapshot export or let Raft re-replicate it")
+                "restore the node from a snapshot export or " + WIPE_ADVICE)
         return value
 
     # -- transactions --------------------------------------------------------
@@ -239,7 +240,7 @@ class Meta:
                     self.path, None, "the set of metadata records does not match its catalog: a record (a segment "
                     "or snapshot registration, a key, the rotation state, a stable value) was deleted or added "
                     "without the key", "do not trust this directory; restore the node from a snapshot export or "
-                    "let Raft re-replicate it")
+                    + WIPE_ADVICE)
 
     @contextmanager
     def read(self) -> Iterator["ReadTxn"]:

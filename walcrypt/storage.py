@@ -304,14 +304,14 @@ class Store:
                                       if k.purpose == K.PURPOSE_DEK):
             raise AuthenticationError(self.meta.path, None, "a data key of this encrypted store names the "
                                       "plaintext algorithm NONE", "the metadata was tampered with; restore the "
-                                      "node from a snapshot export or let Raft re-replicate it")
+                                      "node from a snapshot export or " + WIPE_ADVICE)
         fmt.check_algorithm(alg, path=self.meta.path)
         if stored_alg != alg:
             raise AuthenticationError(self.meta.path, None,
                                       f"the store record names algorithm {stored_alg}, the authenticated keyring "
                                       f"says {alg} (edited metadata: an attempt to weaken or turn off encryption)",
                                       "do not trust this directory; restore the node from a snapshot export or "
-                                      "let Raft re-replicate it")
+                                      + WIPE_ADVICE)
         return alg
 
     def _bootstrap(self, kek: K.KeyEncryptionKey | None, algorithm: str) -> None:
@@ -1239,7 +1239,7 @@ def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, op
             raise UsageError(
                 f"{path} holds a plaintext store, but a KEK was given for an encrypted one. walcrypt never adopts "
                 "plaintext data implicitly: if this node's store was encrypted, its metadata was replaced and "
-                "must not be trusted (restore it from a backup or re-replicate the node); to encrypt a plaintext "
+                "must not be trusted (restore it from a backup, or " + WIPE_ADVICE + "); to encrypt a plaintext "
                 "store on purpose, open it with migrate=True (or run 'walcrypt migrate DIR --to encrypted')")
         from .migrate import migrate as run_migration
         src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, _holder=built, **options)
