@@ -427,7 +427,8 @@ def test_cli_restore_a_raw_snap_file(store, tmp_path):
     with walcrypt.open(new, kek=KeyFile(k)) as s:
         assert (s.snapshot().meta, s.snapshot().data) == served["snapshot"]
         assert s.first_index() == SNAP + 1
-    res = _cli("snapshot", "restore", snap, str(tmp_path / "r2"), "--key-file", _keyfile(str(tmp_path / "b"), bytes(32)))
+    wrong = _keyfile(str(tmp_path / "b"), bytes(32))
+    res = _cli("snapshot", "restore", snap, str(tmp_path / "r2"), "--key-file", wrong)
     assert res.returncode == 2 and not os.path.exists(str(tmp_path / "r2"))
 
 

@@ -37,8 +37,8 @@ from . import format as fmt
 from . import layout
 from . import meta as M
 from .bounded import FileSource, Source
-from .errors import (WIPE_ADVICE, WIPE_NOTE, AuthenticationError, CorruptionError, KeyProviderError, LockedError, StorageError,
-                     UsageError, WalcryptError, WrongKeyError)
+from .errors import (WIPE_ADVICE, WIPE_NOTE, AuthenticationError, CorruptionError, KeyProviderError, LockedError,
+                     StorageError, UsageError, WalcryptError, WrongKeyError)
 from .segment import Segment
 from .storage import Store, stored_mode
 from .vfs import DEFAULT_VFS

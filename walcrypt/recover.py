@@ -22,12 +22,16 @@ stands for the rest.  The log is assembled as the engine assembles it (11.7), wi
 segment of this store that is damaged (its header authenticates -- the key commitment needs the DEK
 -- but a frame does not) still supersedes the older segments from its base on, so an older, stale
 file never fills its place (an adopted segment it would cut is set aside instead).  A file whose
-header does not authenticate counts for nothing: planting one cannot cut the log.  When the log holds index S with another term, saving the snapshot reset the log (10.6):
-the segments written before it (up to the one holding the snapshot's SNAPSHOT record) are no part
-of the log, the first written after it is based at S + 1.  A hole above S, a reset whose first later
-segment is missing, a snapshot file that differs from the log's record of it, or a newer snapshot
-named by the log that cannot be read and that the log does not agree with (it reset the log) make
-the rebuild refuse: it would serve a log that may differ from what the node acknowledged.
+header does not authenticate counts for nothing: planting one cannot cut the log.  When the log
+holds index S with another term, saving the snapshot reset the log (10.6): the segments written
+before it (up to the one holding the snapshot's SNAPSHOT record) are no part of the log, the first
+written after it is based at S + 1.  When the log does not hold S and the entry after it comes from
+the segment holding that record, with nothing written after the record, a reset and a snapshot of
+the node's own leave the same files: the rebuild refuses (the snapshot file alone restores the
+node).  A hole above S, a reset whose first later segment is missing, a snapshot file that differs
+from the log's record of it, or a newer snapshot named by the log that cannot be read and that the
+log does not agree with (it reset the log) make the rebuild refuse too: it would serve a log that
+may differ from what the node acknowledged.
 
 What is lost.  Everything that lived only in ``meta/``: the stable store (hashicorp's CurrentTerm /
 LastVoteTerm / LastVoteCand, the pysyncobj adapter's term, vote and term offset), a DEK rotation
