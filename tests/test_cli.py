@@ -468,14 +468,14 @@ def test_verify_progress_bar(store, keys):
 
 
 def _flip_sealed_frame(root):
-    seg = segments(root)[2]
+    seg = segments(root)[-2]          # above the snapshot at 150: damage below it is repairable (FORMAT 11.10)
     off = [f for f in frames(seg) if f[1] == fmt.FRAME_ENTRIES][1][0]
     edit(seg, lambda d: d.__setitem__(off + fmt.FRAME_HEADER_SIZE + 30, d[off + fmt.FRAME_HEADER_SIZE + 30] ^ 0x04))
     return os.path.basename(seg)
 
 
 def _swap_records(root):
-    seg = segments(root)[2]
+    seg = segments(root)[-2]
     ents = [f for f in frames(seg) if f[1] == fmt.FRAME_ENTRIES]
     (a, la), (b, lb) = ents[0][::2], ents[1][::2]
     assert la == lb

@@ -13,7 +13,8 @@ is enough to restore; Nomad's outages (#16640, #23665) came from backups and
 keys travelling separately.  An embedded KEK makes the export alone enough, and
 makes it as secret as the KEK: ``inspect`` warns loudly, ``redact`` removes it.
 Restoring re-encrypts the snapshot into a new store with its own store ID and
-data key, wrapped by the same KEK.
+data key, wrapped by the same KEK or by the target node's own (``new_kek``); a raw
+``.snap`` file from a data directory restores the same way with the KEK of its store.
 """
 
 from __future__ import annotations
@@ -325,24 +326,78 @@ def _redact_into(ex: "ExportFile", inp, dest: str, kek_out: str | None) -> dict:
     return {"path": dest, "redacted": True, "kek_saved_to": kek_out}
 
 
-def restore_export(path: str, data_dir: str, *, kek: K.KeyEncryptionKey | None = None, plaintext: bool = False,
-                   **options) -> dict:
-    """Restore an export into an empty data directory: a new store holding the snapshot,
-    re-encrypted under a new data key wrapped by the same KEK (or by the embedded one).
+class SnapshotSource:
+    """A raw snapshot file (``.snap``, from a data directory) presented the way an export is: no
+    embedded KEK and no export keyring, so its own keyring bundle supplies the wrapped data key (which
+    the KEK of the store it came from unwraps; FORMAT.md 10.5)."""
 
-    A plaintext export makes a plaintext store, and only with ``plaintext=True``: a
-    plaintext file where an encrypted backup was expected is refused."""
+    kek = None
+    bundle = b""
+    snapshot_offset = 0
+
+    def __init__(self, path: str):
+        self.path = path
+        fd = open_regular(path)              # never blocks on a FIFO; only a regular file
+        with os.fdopen(fd, "rb") as f:
+            magic = f.read(len(fmt.SNAPSHOT_MAGIC))
+        if magic != fmt.SNAPSHOT_MAGIC:
+            raise CorruptionError(path, 0, "not a walcrypt snapshot file (bad magic)")
+
+    @property
+    def kek_embedded(self) -> bool:
+        return False
+
+    def bundle_doc(self) -> dict:
+        return {}
+
+    def snapshot_file(self) -> SnapshotFile:
+        return SnapshotFile(DEFAULT_VFS, self.path)
+
+
+def open_backup(path: str):
+    """An export (ExportFile) or a raw snapshot file (SnapshotSource), told apart by their magic."""
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    with os.fdopen(fd, "rb") as f:
+        magic = f.read(8)
+    if magic == EXPORT_MAGIC:
+        return ExportFile(path)
+    if magic == fmt.SNAPSHOT_MAGIC:
+        return SnapshotSource(path)
+    raise UsageError(f"{path} is not a walcrypt snapshot export or snapshot file")
+
+
+def restore_export(path: str, data_dir: str, *, kek: K.KeyEncryptionKey | None = None, plaintext: bool = False,
+                   new_kek: K.KeyEncryptionKey | None = None, **options) -> dict:
+    """Restore an export, or a raw snapshot file from a data directory, into an empty data directory:
+    a new store (its own store ID and data key) holding the snapshot, authenticated end to end first.
+
+    ``kek`` unlocks the source (an export's KEK, or the KEK of the store a ``.snap`` file came from;
+    an export's embedded KEK when absent).  The new store's data key is wrapped by ``new_kek`` when
+    given (restoring onto another node under that node's own KEK, in one step), else by the same KEK.
+    A plaintext source is restored only with ``plaintext=True`` (nothing in it is authenticated): as a
+    plaintext store, or as an encrypted one under ``new_kek``."""
     from .storage import Store
     from .types import HardState
+    if new_kek is not None and not isinstance(new_kek, K.KeyEncryptionKey):
+        raise UsageError(f"new_kek must be a key-encryption key (RawKey, KeyFile, Passphrase, EnvKey, Kms), not "
+                         f"{type(new_kek).__name__}")
     if os.path.exists(data_dir) and os.listdir(data_dir):
         raise UsageError(f"{data_dir} is not empty; restore only into an empty or new directory")
-    ex = ExportFile(path)
-    sf = _unlock(ex, kek, plaintext=plaintext)
-    encrypted = sf.header.algorithm != fmt.ALG_NONE
-    store_kek = (kek or K.RawKey(ex.kek)) if encrypted else None
-    with Store(data_dir, kek=store_kek, encrypted=encrypted, **options) as s:
+    src = open_backup(path)
+    sf = _unlock(src, kek, plaintext=plaintext)
+    if new_kek is not None:
+        store_kek = new_kek
+    elif sf.header.algorithm != fmt.ALG_NONE:
+        store_kek = kek or K.RawKey(src.kek)
+    else:
+        store_kek = None
+    with Store(data_dir, kek=store_kek, encrypted=store_kek is not None, **options) as s:
         with sf.stream() as stream:
             s.save_snapshot(sf.meta, stream)
         s.save(hard_state=HardState(term=sf.meta.term, vote=0, commit=sf.meta.index))
         return {"data_dir": data_dir, "index": sf.meta.index, "term": sf.meta.term,
-                "data_bytes": s.snapshot().size}
+                "data_bytes": s.snapshot().size, "encrypted": store_kek is not None,
+                "source": "export" if isinstance(src, ExportFile) else "snapshot"}

@@ -37,8 +37,8 @@ from . import format as fmt
 from . import layout
 from . import meta as M
 from .bounded import FileSource, Source
-from .errors import (AuthenticationError, CorruptionError, KeyProviderError, LockedError, StorageError,
-                     UsageError, WalcryptError, WrongKeyError)
+from .errors import (WIPE_ADVICE, WIPE_NOTE, AuthenticationError, CorruptionError, KeyProviderError, LockedError,
+                     StorageError, UsageError, WalcryptError, WrongKeyError)
 from .segment import Segment
 from .storage import Store, stored_mode
 from .vfs import DEFAULT_VFS
@@ -59,7 +59,9 @@ _SNAP_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
 RESTORE_ADVICE = (
     "Do not start the node on this data. Keep a copy for analysis (cp -a {dir} {dir}.damaged), then either "
     "restore the node from a backup export ('walcrypt snapshot restore EXPORT NEW_DIR', then swap the "
-    "directories) or wipe the data directory and let Raft re-replicate the node from the leader.")
+    "directories) or wipe the data directory and let Raft re-replicate the node from the leader; "
+    + WIPE_NOTE.replace("{", "{{").replace("}", "}}") + ". When only meta/ is lost or damaged, 'walcrypt "
+    "recover' rebuilds it from the snapshot and segment files.")
 
 Progress = Callable[[int, int], None]
 
@@ -93,6 +95,9 @@ class CheckReport:
     refused: bool = False            # fix=True declined to touch the store
     advice: str | None = None        # what the operator can do instead
     repaired: bool = False           # fix=True opened the store read-write and repaired something
+    # damaged segments wholly below the newest valid snapshot (walcrypt.salvage): what repair sets
+    # aside and the index range it no longer serves (planned by verify, done by repair)
+    compaction: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -107,7 +112,7 @@ class CheckReport:
                 "bytes": self.bytes, "snapshots": self.snapshots, "snapshot_bytes": self.snapshot_bytes,
                 "first_index": self.first_index, "last_index": self.last_index,
                 "repaired": self.repaired, "refused": self.refused, "advice": self.advice,
-                "findings": [f.to_dict() for f in self.findings]}
+                "compaction": self.compaction, "findings": [f.to_dict() for f in self.findings]}
 
 
 def _finding(exc: BaseException, kind: str, index: int | None = None) -> Finding:
@@ -157,6 +162,7 @@ def _verify(path: str, kek, encrypted: bool, progress: Progress | None) -> Check
     except WalcryptError as exc:
         engine_exc = exc
     _Walk(path, kek, encrypted, report, progress).run()
+    _below_snapshot(path, kek, encrypted, report)
     if engine_exc is not None:
         epath = getattr(engine_exc, "path", None)
         explained = any(f.severity == "error" and (epath is None or f.path == epath) for f in report.findings)
@@ -174,14 +180,25 @@ def _repair(path: str, kek, encrypted: bool, progress: Progress | None) -> Check
     if blocking:
         before.refused = True
         before.advice = ("nothing was modified. This is not a torn tail: 'walcrypt repair' only truncates an "
-                         "incomplete last write (and drops a broken newest snapshot when an older one can take "
-                         "over), and never deletes authenticated data. " + RESTORE_ADVICE.format(dir=path))
+                         "incomplete last write, drops a broken newest snapshot when an older one can take "
+                         "over, and sets aside damaged segments that lie wholly below the newest valid snapshot; "
+                         "it never deletes authenticated data. " + RESTORE_ADVICE.format(dir=path))
         return before
-    with Store(path, kek=kek, encrypted=encrypted, read_only=False) as s:
+    drop = frozenset(before.compaction["segments"]) if before.compaction else frozenset()
+    with Store(path, kek=kek, encrypted=encrypted, read_only=False, _drop_segments=drop) as s:
         repairs = list(s.repairs)
     after = _verify(path, kek, encrypted, None)
     done = []
     for rep in repairs:
+        if rep.get("kind") == "compacted":
+            damage = next((f.detail for f in errors if f.repairable and f.path == rep["path"]), rep["damage"])
+            copy = (f"the file is kept as {os.path.basename(rep['broken_copy'])}" if rep["broken_copy"]
+                    else "the file was missing")
+            done.append(Finding("repaired", rep["path"], rep.get("offset"),
+                                f"segment {rep['segment']} ({damage}): {copy}; {rep['detail']}",
+                                kind=SEGMENT))
+            after.compaction = rep["plan"]
+            continue
         if rep.get("kind") == "snapshot":
             detail = (f"broken snapshot renamed to {os.path.basename(rep['broken_copy'])} and dropped from the "
                       "registry; the next older snapshot is used")
@@ -193,6 +210,49 @@ def _repair(path: str, kek, encrypted: bool, progress: Progress | None) -> Check
     after.findings = done + after.findings
     after.repaired = bool(done)
     return after
+
+
+def _below_snapshot(path: str, kek, encrypted: bool, report: CheckReport) -> None:
+    """Mark the errors of damaged segments that lie wholly below the newest valid snapshot repairable
+    (walcrypt.salvage: repair sets them aside and compacts the log up to the snapshot), and note the
+    plan in ``report.compaction``.  All of them or none: one that cannot be set aside blocks repair."""
+    from . import salvage
+    from .snapstore import Snapshots
+    candidates = [f for f in report.errors if not f.repairable and f.kind in (SEGMENT, ENGINE)
+                  and f.path and salvage.segment_id_of(f.path) is not None]
+    if not candidates:
+        return
+    hold = layout.ReadOnlyHold(path)
+    try:
+        meta = M.Meta(os.path.join(path, layout.META_DIR), readonly=True)
+        try:
+            st = bare_store(path, kek, encrypted, meta)
+            with meta.read() as r:
+                manifest = {int.from_bytes(k, "big"): M.decode_manifest(v, meta.path)
+                            for k, v in r.items(M.DB_SEGMENTS)}
+                c_index, c_term, reset = M.decode_compacted(r.get(M.DB_STATE, M.K_COMPACTED), meta.path)
+            paths = {st.segment_path(i, rec): i for i, rec in manifest.items()}
+            damaged = {paths[f.path] for f in candidates if f.path in paths}
+            if not damaged:
+                return
+            snaps = Snapshots(st, os.path.join(path, layout.pair_for(encrypted).snap))
+            p = salvage.plan(manifest, damaged, c_index, c_term, reset, snaps, meta)
+        finally:
+            meta.close()
+    except WalcryptError:
+        return                           # the metadata itself is in doubt: the walk reported it
+    finally:
+        hold.release()
+    if p is None:
+        return
+    for f in candidates:
+        if f.path in paths and paths[f.path] in damaged:
+            f.repairable = True
+            f.hint = ("it lies wholly below the snapshot at index {}: 'walcrypt repair' sets it aside and compacts "
+                      "the log up to the snapshot (nothing above it is lost)".format(p.snapshot_index)
+                      if p.snapshot_index is not None else
+                      "it holds no entry of the log: 'walcrypt repair' sets it aside")
+    report.compaction = p.to_dict()
 
 
 # ---------------------------------------------------------------------------
@@ -402,7 +462,7 @@ class _Walk:
             if not os.path.lexists(path):
                 raise CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
                                       "a segment file was deleted or renamed; restore the node from a snapshot "
-                                      "or wipe it and let Raft re-replicate")
+                                      "or " + WIPE_ADVICE)
             fd = st.vfs.open(path, os.O_RDONLY)
             src = FileSource(st.vfs, fd)           # read a window at a time, whatever the file size
             seg = st.bind_segment(path, seg_id, rec, src.read(0, fmt.SEGMENT_HEADER_SIZE))
@@ -464,8 +524,9 @@ class _Walk:
         for name in sorted(os.listdir(d)):
             p = os.path.join(d, name)
             m = _SEGMENT_NAME.match(name)
-            if name.endswith(".broken"):
-                self.warn(p, "copy of a segment kept by an earlier torn-tail repair",
+            if name.endswith(".broken") or re.search(r"\.broken\.\d+$", name):
+                self.warn(p, "copy of a segment kept by an earlier repair (a torn tail cut, or a damaged segment "
+                             "set aside)",
                           "keep it for analysis or remove it; the store does not read it")
             elif m and int(m.group(1), 16) not in known:
                 self.warn(p, "segment file not listed in the manifest (left by a crash before it was "

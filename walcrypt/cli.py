@@ -201,8 +201,8 @@ def _open_rw(root: str, directory: str, kek):
     _preflight(root, kek if encrypted else None, encrypted)
     store = Store(root, kek=kek if encrypted else None, encrypted=encrypted)
     for rep in store.repairs:
-        click.echo(f"walcrypt: note: opening the store repaired {rep['path']}: {rep['detail']} "
-                   f"(copy kept in {rep['broken_copy']})", err=True)
+        click.echo(f"walcrypt: note: opening the store repaired {rep['path']}: {rep['detail']}"
+                   + (f" (copy kept in {rep['broken_copy']})" if rep.get("broken_copy") else ""), err=True)
     return store
 
 
@@ -494,7 +494,7 @@ def verify(directory, as_json, **kw) -> None:
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
 
 
-@command(short_help="Truncate a torn tail (keeping .broken); refuse anything else.")
+@command(short_help="Cut a torn tail, set aside damage below the snapshot; refuse anything else.")
 @click.argument("directory", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @key_options
@@ -503,8 +503,11 @@ def repair(directory, as_json, **kw) -> None:
 
     Truncates a torn tail (the incomplete last write of a crashed process),
     keeping a .broken copy of the file, and drops a broken newest snapshot when
-    an older one can take over.  Never deletes authenticated data.  Refuses
-    anything else (mid-log corruption, tampering, missing segments) without
+    an older one can take over.  Damaged or missing segments that lie wholly
+    below the newest valid snapshot are set aside (renamed .broken) and the log
+    compacted up to the snapshot; the index range no longer served is listed.
+    Never deletes authenticated data.  Refuses anything else (mid-log
+    corruption, tampering, missing segments above the snapshot) without
     modifying the store, and says what to do instead.
 
     \b
@@ -531,12 +534,181 @@ def repair(directory, as_json, **kw) -> None:
         if report.refused:
             click.echo(f"REFUSED: {report.advice}")
         elif report.repaired:
+            if report.compaction and report.compaction.get("dropped"):
+                lo, hi = report.compaction["dropped"]
+                click.echo(f"dropped: entries {lo}..{hi} are no longer served (the snapshot at index "
+                           f"{report.compaction['snapshot_index']} covers them); nothing above it was dropped")
             click.echo(f"repaired; verified again: {_summary(report)}")
             click.echo("OK" if report.ok else f"FAILED: {len(report.errors)} error(s) remain")
         else:
             click.echo(f"nothing to repair: {_summary(report)}")
             click.echo("OK")
     sys.exit(EXIT_OK if report.ok else EXIT_FINDINGS)
+
+
+# ---------------------------------------------------------------------------
+# compact, recover
+# ---------------------------------------------------------------------------
+
+@command(short_help="Compact the log up to an index a valid snapshot covers (dry run unless --apply).")
+@click.argument("directory", type=click.Path())
+@click.option("--to", "index", type=click.IntRange(min=1), required=True,
+              help="Discard entries up to and including this index.")
+@click.option("--apply", "do_apply", is_flag=True, help="Do it (without: only say what would be done).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@key_options
+def compact(directory, index, do_apply, as_json, **kw) -> None:
+    """Discard the entries up to INDEX (the host's compaction, offline).
+
+    Refuses an INDEX beyond the newest snapshot that authenticates end to end:
+    what is compacted must be covered by a valid snapshot.  Whole segments no
+    retained snapshot needs are deleted.  A dry run (the default) says what
+    would be dropped and changes nothing; --apply does it.  Stop the node first.
+
+    \b
+    Examples:
+      walcrypt compact /var/lib/node1 --to 5000 --key-file /secure/kek
+      walcrypt compact /var/lib/node1 --to 5000 --key-file /secure/kek --apply
+    """
+    kek = _kek(kw)
+    root = _store_dir(directory)
+    from .inspection import SharedLock
+    if do_apply:
+        store = _open_rw(root, directory, kek)
+    else:
+        with SharedLock(root, directory):
+            store = _open_ro(root, directory, kek)
+    try:
+        snap = store.snapshot()
+        first, last, point = store.first_index(), store.last_index(), store.first_index() - 1
+        if snap is None:
+            raise UsageError(f"{directory} has no valid snapshot: compacting would discard entries nothing else "
+                             "holds; save a snapshot first")
+        if index > snap.meta.index:
+            raise UsageError(f"--to {index} is beyond the newest valid snapshot at index {snap.meta.index}: "
+                             "entries after it are held by nothing else")
+        out = {"directory": directory, "snapshot_index": snap.meta.index, "compacted_to": point,
+               "to": index, "applied": False, "dropped": None, "segments_deleted": []}
+        if index <= point:
+            out["note"] = f"already compacted up to {point}; nothing to do"
+        else:
+            floor = min(index, store.snapshots.floor() if store.snapshots.floor() is not None else index)
+            gone = [s for s in store.wal.removable(floor)]
+            out["dropped"] = [first, index]
+            out["segments_deleted"] = [os.path.basename(s.path) for s in gone]
+            if do_apply:
+                store.compact(index)
+                out["applied"] = True
+                out["compacted_to"] = index
+    finally:
+        store.close()
+    if as_json:
+        _emit_json(out)
+        return
+    if out["dropped"] is None:
+        click.echo(f"{directory}: {out['note']}")
+        return
+    lo, hi = out["dropped"]
+    verb = "dropped" if out["applied"] else "would drop"
+    click.echo(f"{directory}: {verb} entries {lo}..{hi} (the snapshot at index {snap.meta.index} covers them); "
+               f"the log keeps {hi + 1}..{last}")
+    if out["segments_deleted"]:
+        click.echo(f"{'deleted' if out['applied'] else 'would delete'} {len(out['segments_deleted'])} segment "
+                   f"file(s): {', '.join(out['segments_deleted'])}")
+    if not out["applied"]:
+        click.echo("dry run: nothing was changed; add --apply to compact")
+
+
+@command(short_help="Rebuild a lost or damaged meta/ from the snapshot and segment files (dry run unless --apply).")
+@click.argument("directory", type=click.Path())
+@click.option("--apply", "do_apply", is_flag=True, help="Rebuild (without: only say what would be rebuilt).")
+@click.option("--store-id", metavar="HEX", help="The store to rebuild when snapshots of several authenticate.")
+@click.option("--force", is_flag=True, help="Rebuild even though meta/ opens and authenticates.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@key_options
+def recover(directory, do_apply, store_id, force, as_json, **kw) -> None:
+    """Rebuild the metadata (meta/) of an encrypted data directory from its
+    snapshot and segment files and the KEK.
+
+    Snapshot files carry their wrapped data keys: every file is authenticated
+    with keys the KEK unwraps before it is used, and what does not authenticate
+    (another store's files, files planted without the key, segments under a data
+    key no readable snapshot carries) is never adopted.  The rebuilt store serves
+    the log above the newest snapshot; the stable store (Raft term and vote of
+    hosts that keep them there) lived only in meta/ and is lost - read the
+    report.  A dry run (the default) says what would be rebuilt and changes
+    nothing; --apply renames the old meta/ aside (never deletes it), renames the
+    files it does not adopt to NAME.unlisted and writes the new metadata.
+
+    \b
+    Examples:
+      walcrypt recover /var/lib/node1 --key-file /secure/kek
+      walcrypt recover /var/lib/node1 --key-file /secure/kek --apply
+    """
+    from . import recover as R
+    from .inspection import lock_holders, locked_message
+    kek = _kek(kw)
+    if kek is None:
+        raise KeyProviderError("recover needs the store's KEK: --key-file F (or --key-env, --passphrase-env, --kms)")
+    path = os.path.abspath(directory)
+    if not os.path.isdir(path):
+        raise UsageError(f"{directory} does not exist or is not a directory")
+    sid = None
+    if store_id is not None:
+        sid = K.hex_bytes(store_id, min_len=16, max_len=16)
+        if sid is None:
+            raise UsageError(f"--store-id takes the 32 hex digits of a store ID, not {store_id!r}")
+    holders = lock_holders(path) if os.path.exists(os.path.join(path, "LOCK")) else None
+    if holders:
+        raise LockedError(locked_message(directory, holders))
+    with _Spinner("rebuilding" if do_apply else "authenticating"):
+        rep = R.run(path, kek, apply=do_apply, store_id=sid, force=force)
+    _recover_report(rep, as_json)
+    if not rep.get("applied"):
+        if rep["can_apply"]:
+            click.echo("dry run: nothing was changed; add --apply to rebuild", err=as_json)
+        else:
+            click.echo("REFUSED: this directory cannot be rebuilt as it is (see above); nothing was changed",
+                       err=as_json)
+    sys.exit(EXIT_OK if rep["can_apply"] else EXIT_FINDINGS)
+
+
+def _recover_report(rep: dict, as_json: bool) -> None:
+    from .inspection import format_table, human_size
+    if as_json:
+        _emit_json(rep)
+        return
+    click.echo(f"meta/          {rep['meta']}")
+    click.echo(f"store ID       {rep['store_id'] or '(none authenticates with this KEK)'}")
+    if rep["snapshots"]:
+        click.echo("snapshots")
+        click.echo(format_table(["ID", "INDEX", "TERM", "SIZE", "KEY ID"],
+                                [[s["id"], s["index"], s["term"], human_size(s["size"]), s["key_id"]]
+                                 for s in rep["snapshots"]]))
+    if rep["segments"]:
+        click.echo("segments")
+        click.echo(format_table(["ID", "FIRST", "LAST", "SEALED", "KEY ID"],
+                                [[s["id"], s["first_index"], s["last_index"], "yes" if s["sealed"] else "no",
+                                  s["key_id"]] for s in rep["segments"]]))
+    if rep["store_id"] and not rep["refused"]:
+        lg, hs = rep["log"], rep["hard_state"]
+        click.echo(f"log            entries {lg['first_index']}..{lg['last_index']} (compacted up to "
+                   f"{rep['compacted_to']})")
+        click.echo("hard state     " + (f"term={hs['term']} vote={hs['vote']} commit={hs['commit']}" if hs
+                                        else "none (no segment)"))
+    verb = "renamed aside" if rep.get("applied") else "not adopted (renamed NAME.unlisted by --apply)"
+    for f in rep["set_aside"]:
+        click.echo(f"{verb}: {f['file']}: {f['reason']}")
+    for f in rep["ignored"]:
+        click.echo(f"not read: {f['file']}: {f['reason']}")
+    for x in rep["lost"]:
+        click.echo(f"cannot be recovered: {x}")
+    for x in rep["refused"]:
+        click.echo(f"REFUSED: {x}")
+    for x in rep["notes"]:
+        click.echo(f"note: {x}")
+    if rep.get("applied"):
+        click.echo(f"rebuilt {rep['path']}/meta; it opens with walcrypt.open and serves the log above")
 
 
 # ---------------------------------------------------------------------------
@@ -958,25 +1130,44 @@ def snapshot_redact(file, kek_out) -> None:
     click.echo(f"removed the embedded KEK from {file}" + (f"; saved it to {kek_out} (mode 0600)" if kek_out else ""))
 
 
-@command(snapshot, name="restore", short_help="Restore an export into a new data directory.")
+def new_key_options(f):
+    """The target KEK of a command that re-wraps or restores under another key (--new-...)."""
+    f = click.option("--new-kms", metavar="NAME", help="KMS plug-in for the new KEK.")(f)
+    f = click.option("--new-passphrase-env", metavar="NAME", help="Environment variable holding the new passphrase.")(f)
+    f = click.option("--new-key-env", metavar="NAME", help="Environment variable holding the new KEK.")(f)
+    f = click.option("--new-key-file", type=click.Path(dir_okay=False), help="File holding the new KEK.")(f)
+    return f
+
+
+@command(snapshot, name="restore", short_help="Restore an export or .snap file into a new data directory.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--plaintext", is_flag=True,
-              help="The export is a plaintext one made on purpose: restore it as a plaintext store.")
+              help="The source is a plaintext one made on purpose: restore it although nothing in it is "
+                   "authenticated (as a plaintext store, or encrypted under --new-key-file).")
+@new_key_options
 @key_options
-def snapshot_restore(file, directory, plaintext, **kw) -> None:
-    """Restore an export into a new (or empty) data directory.
+def snapshot_restore(file, directory, plaintext, new_key_file, new_key_env, new_passphrase_env, new_kms, **kw) -> None:
+    """Restore an export (or a raw .snap file from a data directory) into a new
+    or empty data directory.
 
-    The snapshot is authenticated end to end first, then re-encrypted into a new
-    store with its own store ID and data key, wrapped by the same KEK.  On any
-    failure the new directory is removed again.
+    The snapshot is authenticated end to end first (with --key-file: the KEK of
+    the export, or of the store the .snap file came from), then re-encrypted into
+    a new store with its own store ID and data key, wrapped by the same KEK - or,
+    with --new-key-file, by the target node's own KEK, in one step.  A plaintext
+    export is restored only with --plaintext.  On any failure the new directory
+    is removed again.
 
     \b
-    Example:
+    Examples:
       walcrypt snapshot restore /backup/node1.wcx /var/lib/node1.new --key-file /secure/kek
+      walcrypt snapshot restore /backup/node1.wcx /var/lib/node3 --key-file /secure/node1.kek \\
+          --new-key-file /secure/node3.kek
+      walcrypt snapshot restore /var/lib/node1/snap-v1-encrypted/FILE.snap /var/lib/node1.new --key-file /secure/kek
     """
     from . import backup
     kek = _kek(kw)
+    new = kek_from(new_key_file, new_key_env, new_passphrase_env, new_kms, prefix="--new-")
     if not os.path.exists(file):
         raise UsageError(f"{file} does not exist")
     if os.path.exists(directory) and not os.path.isdir(directory):
@@ -984,17 +1175,18 @@ def snapshot_restore(file, directory, plaintext, **kw) -> None:
     existed = os.path.isdir(directory)
     if existed and os.listdir(directory):
         raise UsageError(f"{directory} is not empty; restore only into a new or empty directory")
-    if _read_magic(file) != backup.EXPORT_MAGIC:
-        raise UsageError(f"{file} is not a walcrypt snapshot export")
-    with _Spinner("verifying the export"):
-        info = backup.inspect_export(file, kek, plaintext=plaintext)
+    if isinstance(new, (K.KeyFile, K.EnvKey)):
+        new.material(None)                   # a bad new key is refused before anything is created
+    with _Spinner("verifying the snapshot"):
+        info = _inspect_snapshot_file(file, kek, plaintext)
     if info["plaintext"]:
         backup._refuse_plaintext(file, plaintext, "it is restored only when asked for explicitly")
     if not info["verified"]:
-        raise KeyProviderError(f"{file} is encrypted and embeds no KEK: give the KEK it was exported under")
+        raise KeyProviderError(f"{file} is encrypted and embeds no KEK: give the KEK it was "
+                               + ("exported under" if info["kind"] == "export" else "written under (its store's)"))
     try:
         with _Spinner("restoring"):
-            res = backup.restore_export(file, directory, kek=kek, plaintext=plaintext)
+            res = backup.restore_export(file, directory, kek=kek, plaintext=plaintext, new_kek=new)
     except BaseException:
         if existed:
             for n in os.listdir(directory):
@@ -1003,9 +1195,11 @@ def snapshot_restore(file, directory, plaintext, **kw) -> None:
         elif os.path.isdir(directory):
             shutil.rmtree(directory)
         raise
+    under = ("a plaintext store" if not res["encrypted"] else
+             f"encrypted under the new KEK ({new.describe()})" if new is not None else "encrypted under the same KEK")
     click.echo(f"restored the snapshot at index {res['index']} term {res['term']} ({res['data_bytes']} bytes) "
-               f"into {directory}; start the node on it and Raft will catch it up from the leader")
-    if kek is None and info["kek_embedded"]:
+               f"into {directory}, {under}; start the node on it and Raft will catch it up from the leader")
+    if kek is None and new is None and info["kek_embedded"]:
         click.echo(f"note: the new store is encrypted under the KEK embedded in {file}; save it with "
                    f"'walcrypt snapshot redact {file} --kek-out F' to open the store later", err=True)
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import format as fmt
 from .errors import AuthenticationError, UnsupportedFormatError, UsageError
+from .errors import WIPE_ADVICE
 
 try:  # AES-GCM-SIV needs OpenSSL >= 3.2
     from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
@@ -174,7 +175,7 @@ class FrameCipher:
                 "record failed authentication (tampered, moved from another position, segment or store, "
                 "or encrypted under another key)",
                 "do not trust this segment; run 'walcrypt verify' and restore the node from a snapshot "
-                "or let Raft re-replicate it") from None
+                "or " + WIPE_ADVICE) from None
 
 
 def frame_crc(header: bytes, payload: memoryview | bytes) -> int:

@@ -27,6 +27,15 @@ __all__ = [
 ]
 
 
+# Advice that ends in wiping a node says what that does to Raft (README, "Wiping a node"): the node's
+# term and vote are gone with its data, and a node that forgot its vote can vote twice in one term.
+WIPE_NOTE = ("wiping erases the node's Raft term and vote: remove the node from the cluster before it restarts "
+             "empty and add it back as a new member (as a learner or non-voter until it has caught up, where the "
+             "Raft library has them), so it cannot vote twice in one term; pysyncobj: removeNodeFromCluster, "
+             "then addNodeToCluster for its address, with dynamicMembershipChange=True")
+WIPE_ADVICE = f"wipe it and let Raft re-replicate it ({WIPE_NOTE})"
+
+
 class WalcryptError(Exception):
     """Base class of every error walcrypt raises on purpose."""
 

@@ -35,6 +35,7 @@ from . import layout
 from . import meta as M
 from .vfs import DEFAULT_VFS, own_file, refuse_link
 from .errors import KeyProviderError, LockedError, StorageError, UsageError, WalcryptError, WrongKeyError
+from .errors import WIPE_ADVICE
 
 ROTATION_STUCK_AFTER_S = 3600
 _MAX_STATE_JSON = 64 << 10          # a rotation or migration record is a few hundred bytes
@@ -70,7 +71,9 @@ def require_store(directory: str) -> str:
         for n in sorted(os.listdir(meta)):
             refuse_link(os.path.join(meta, n))
     if not os.path.isdir(meta):
-        raise UsageError(f"{directory} is not a walcrypt data directory (it has no meta/ directory)")
+        lost = ("; it holds segment or snapshot files, so if its meta/ was lost, 'walcrypt recover "
+                f"{directory} --key-file K' rebuilds it" if layout.pairs_with_data(path) else "")
+        raise UsageError(f"{directory} is not a walcrypt data directory (it has no meta/ directory){lost}")
     if not os.access(meta, os.R_OK | os.X_OK) or not all(
             os.access(os.path.join(meta, n), os.R_OK) for n in os.listdir(meta)):
         raise UsageError(f"no permission to read {meta}; run as the user that owns the store")
@@ -80,7 +83,8 @@ def require_store(directory: str) -> str:
 
 
 DAMAGED_META_HINT = ("the metadata database is damaged or not walcrypt's; restore the node from a backup export "
-                     "('walcrypt snapshot restore') or wipe it and let Raft re-replicate")
+                     "('walcrypt snapshot restore'), rebuild meta/ from the snapshot and segment files "
+                     "('walcrypt recover'), or " + WIPE_ADVICE)
 
 
 def open_meta(root: str, directory: str) -> M.Meta:

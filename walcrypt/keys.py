@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from . import crypto
 from .errors import (AuthenticationError, CorruptionError, KeyProviderError, SymlinkError, UnsupportedFormatError,
                      UsageError, WrongKeyError)
+from .errors import WIPE_ADVICE
 
 KEY_SIZE = 32
 
@@ -82,7 +83,8 @@ def wrap_context(store_id: bytes, key_id: bytes, purpose: int) -> bytes:
 # ---------------------------------------------------------------------------
 
 _PARAMS_HINT = ("the store's KEK parameters (store/kek_params) were damaged or edited; restore the node from a "
-                "snapshot export ('walcrypt snapshot restore') or wipe it and let Raft re-replicate it")
+                "snapshot export ('walcrypt snapshot restore'), rebuild meta/ ('walcrypt recover'), or "
+                + WIPE_ADVICE)
 
 
 def is_uint(v, limit: int = 1 << 64) -> bool:

@@ -29,6 +29,7 @@ import lmdb
 
 from . import format as fmt
 from .errors import AuthenticationError, CorruptionError, StorageError, UsageError
+from .errors import WIPE_ADVICE
 from .vfs import DEFAULT_VFS, VFS, create_replacing, pinned_files, refuse_link
 
 log = logging.getLogger("walcrypt")
@@ -203,7 +204,7 @@ class Meta:
         if verify and not hmac.compare_digest(tag, self.mac(db, key, value)):
             raise AuthenticationError(
                 self.path, None, f"metadata record {db.decode()}/{key.hex()} failed its MAC check (edited or damaged)",
-                "restore the node from a snapshot export or let Raft re-replicate it")
+                "restore the node from a snapshot export or " + WIPE_ADVICE)
         return value
 
     # -- transactions --------------------------------------------------------
@@ -258,7 +259,7 @@ class Meta:
                     self.path, None, "the set of metadata records does not match its catalog: a record (a segment "
                     "or snapshot registration, a key, the rotation state, a stable value) was deleted or added "
                     "without the key", "do not trust this directory; restore the node from a snapshot export or "
-                    "let Raft re-replicate it")
+                    + WIPE_ADVICE)
 
     @contextmanager
     def read(self) -> Iterator["ReadTxn"]:

@@ -34,6 +34,7 @@ import time
 from . import keys as K
 from . import meta as M
 from .errors import CorruptionError, UsageError
+from .errors import WIPE_ADVICE
 from .types import SnapshotMeta
 
 log = logging.getLogger("walcrypt")
@@ -59,7 +60,7 @@ def parse_state(raw: bytes | None, path: str | None) -> dict | None:
 
     def bad(detail: str) -> CorruptionError:
         return CorruptionError(path, None, f"the DEK rotation record (state/rotation) is malformed: {detail}",
-                               "restore the node from a snapshot export or wipe it and let Raft re-replicate it")
+                               "restore the node from a snapshot export or " + WIPE_ADVICE)
 
     doc = K.load_json_object(raw, MAX_STATE_BYTES, bad)
     if K.hex_bytes(doc.get("pending"), min_len=16, max_len=16) is None:

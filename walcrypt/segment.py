@@ -52,6 +52,7 @@ from . import bounded
 from . import crypto
 from . import format as fmt
 from .errors import AuthenticationError, CorruptionError, StoreFailedError, UnsupportedFormatError
+from .errors import WIPE_ADVICE
 from .types import HardState
 from .vfs import VFS
 
@@ -625,7 +626,7 @@ class Segment:
             if crypto.frame_crc(header, frame[hsize:]) == h[9] and h[5] - h[8] > seq:
                 raise CorruptionError(self.path, bad, f"{detail}, but a later write unit was committed after it",
                                       "mid-log corruption is not repaired automatically; restore the node "
-                                      "from a snapshot or wipe it and let Raft re-replicate")
+                                      "from a snapshot or " + WIPE_ADVICE)
         if self._is_our_frame(src, bad, seq, chain) and not _looks_incomplete(src, bad, extent_end, window):
             raise CorruptionError(self.path, bad, f"{detail} in the last batch, and the damage does not look like "
                                   "an incomplete write", "run 'walcrypt verify'; restore from a snapshot if needed")

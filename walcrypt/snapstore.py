@@ -31,6 +31,7 @@ from . import crypto
 from . import format as fmt
 from . import meta as M
 from .errors import CorruptionError, StorageError, SymlinkError, UsageError
+from .errors import WIPE_ADVICE
 from .snapshot import (DEFAULT_CHUNK_SIZE, SNAP_SALT_SIZE, MetaRuleError, SnapshotFile, SnapshotHeader, SnapshotWriter,
                        check_meta, snapshot_file_name, snapshot_keys)
 from .types import ConfState, SnapshotMeta
@@ -384,7 +385,7 @@ class Snapshots:
             "next), and the metadata does not name it as a leftover: its registry record was deleted, or meta/ "
             "is older than the data - restored from an older copy or rolled back",
             "walcrypt deleted nothing. Put back the meta/ that belongs to this data directory; otherwise "
-            "restore the node from a snapshot export or wipe it and let Raft re-replicate it")
+            "restore the node from a snapshot export or " + WIPE_ADVICE)
 
     # ------------------------------------------------------------------ write
     def save(self, meta: SnapshotMeta, data, *, extra_meta: dict | None = None) -> SnapshotInfo:

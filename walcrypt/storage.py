@@ -20,9 +20,9 @@ from . import format as fmt
 from . import keys as K
 from . import layout
 from . import meta as M
-from .errors import (AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError, KeyProviderError,
-                     StorageError, StoreFailedError, SymlinkError, UnsafeFileError, UnsupportedFormatError,
-                     UsageError, WalcryptError, WrongKeyError)
+from .errors import (WIPE_ADVICE, AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError,
+                     KeyProviderError, StorageError, StoreFailedError, SymlinkError, UnsafeFileError,
+                     UnsupportedFormatError, UsageError, WalcryptError, WrongKeyError)
 from .bounded import FileSource
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
 from .types import ConfState, Entry, HardState, SnapshotMeta
@@ -128,8 +128,12 @@ class Store:
                  keep_snapshots: int = 2, snapshot_chunk_size: int = 1 << 20, snapshot_source=None,
                  destroy_retired_keys: bool = False, max_records_per_dek: int = DEFAULT_MAX_RECORDS_PER_DEK,
                  max_bytes_per_dek: int = DEFAULT_MAX_BYTES_PER_DEK, max_dek_age_s: float | None = None,
-                 vfs: VFS | None = None, _dirlock: layout.DirLock | None = None, _holder: list | None = None):
+                 vfs: VFS | None = None, _dirlock: layout.DirLock | None = None, _holder: list | None = None,
+                 _drop_segments: frozenset = frozenset()):
+        """``_drop_segments``: segment IDs 'walcrypt repair' found damaged (check.py): the open treats
+        them as it treats damage it finds itself (see walcrypt.salvage)."""
         self.path = os.path.abspath(os.fspath(path))
+        self._drop_segments = frozenset(_drop_segments)
         self.vfs = vfs or DEFAULT_VFS
         self.read_only = read_only
         self.encrypted = encrypted
@@ -208,6 +212,12 @@ class Store:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"{self.path} exists and is not a directory")
         layout.refuse_links(self.path)
+        if os.path.isdir(self.path) and not layout.looks_like_store(self.path) and _holds_data_files(self.path):
+            raise CorruptionError(os.path.join(self.path, layout.META_DIR), None,
+                                  "meta/ is missing, but the data directory holds segments or snapshots",
+                                  "put back this directory's meta/, or rebuild it from the snapshot and segment "
+                                  "files ('walcrypt recover DIR --key-file K'); walcrypt will not create a new store "
+                                  "over existing data")
         if self.read_only:
             if not layout.looks_like_store(self.path):
                 raise UsageError(f"{self.path} is not a walcrypt data directory (no meta/)")
@@ -230,8 +240,9 @@ class Store:
                 raise CorruptionError(
                     self.meta.path, None, "the metadata holds no store record, but the data directory holds "
                     "segments or snapshots: meta/ was lost or replaced, and walcrypt will not create a new store "
-                    "over existing data", "put back this directory's meta/, or restore the node from a snapshot "
-                    "export or wipe it and let Raft re-replicate it")
+                    "over existing data", "put back this directory's meta/, rebuild it from the snapshot and "
+                    "segment files ('walcrypt recover DIR --key-file K'), restore the node from a snapshot export, "
+                    "or " + WIPE_ADVICE)
             self._bootstrap(kek, algorithm)
             return
         if len(store_id) != fmt.STORE_ID_SIZE or stored_enc not in (b"\x00", b"\x01"):
@@ -296,14 +307,14 @@ class Store:
                                       if k.purpose == K.PURPOSE_DEK):
             raise AuthenticationError(self.meta.path, None, "a data key of this encrypted store names the "
                                       "plaintext algorithm NONE", "the metadata was tampered with; restore the "
-                                      "node from a snapshot export or let Raft re-replicate it")
+                                      "node from a snapshot export or " + WIPE_ADVICE)
         fmt.check_algorithm(alg, path=self.meta.path)
         if stored_alg != alg:
             raise AuthenticationError(self.meta.path, None,
                                       f"the store record names algorithm {stored_alg}, the authenticated keyring "
                                       f"says {alg} (edited metadata: an attempt to weaken or turn off encryption)",
                                       "do not trust this directory; restore the node from a snapshot export or "
-                                      "let Raft re-replicate it")
+                                      + WIPE_ADVICE)
         return alg
 
     def _bootstrap(self, kek: K.KeyEncryptionKey | None, algorithm: str) -> None:
@@ -524,14 +535,40 @@ class Store:
         c_index, c_term, reset_seg = M.decode_compacted(compacted, self.meta.path)
         self.next_segment = M.decode_counter(nxt, self.meta.path, "next segment")
         self._refuse_if_older_than_data({seg_id for seg_id, _ in manifest})
-        segments = []
+        # Every segment is opened (nothing is modified yet) before anything is decided: damage that
+        # lies wholly below the newest valid snapshot is set aside (walcrypt.salvage); any other
+        # damage raises the first error, as it always did, before a torn tail is cut or a segment
+        # sealed.
+        opened, damaged = [], {}
         for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
-            segments.append(self._open_segment(seg_id, rec))
-            if rec["state"] == fmt.SEG_SEALED:
-                u = self.rotation.usage.setdefault(rec["key_id"], [0, 0])
-                u[0] += rec["records"]
-                u[1] += rec["bytes"]
-        self.wal.load(segments, c_index, c_term, reset_seg)
+            if seg_id in self._drop_segments:
+                damaged[seg_id] = CorruptionError(self.segment_path(seg_id, rec), None,
+                                                  f"segment {seg_id} failed verification")
+                continue
+            try:
+                opened.append((rec, *self._open_segment(seg_id, rec)))
+            except (SymlinkError, UnsafeFileError):
+                raise                      # a planted link or special file is not damage to set aside
+            except StorageError as exc:
+                damaged[seg_id] = exc
+        try:
+            if damaged:
+                from . import salvage
+                c_index, c_term = salvage.settle(self, manifest, damaged, c_index, c_term, reset_seg)
+            segments = []
+            for rec, seg, scanned in opened:
+                if scanned is not None:
+                    self._finish_unsealed(seg, *scanned)
+                segments.append(seg)
+                if rec["state"] == fmt.SEG_SEALED:
+                    u = self.rotation.usage.setdefault(rec["key_id"], [0, 0])
+                    u[0] += rec["records"]
+                    u[1] += rec["bytes"]
+            self.wal.load(segments, c_index, c_term, reset_seg)
+        except BaseException:
+            for _rec, seg, _scanned in opened:         # the open fails: no descriptor outlives it
+                seg.close()
+            raise
         if not self.read_only:
             self._remove_orphans({s.seg_id for s in segments})
             if self.meta_version < fmt.META_FORMAT_VERSION:
@@ -557,8 +594,8 @@ class Store:
                 raise CorruptionError(self.snapshots.dir, None,
                                       "the only snapshot failed its checks and the log was compacted after it: "
                                       f"the state up to index {wal.compacted_index} cannot be rebuilt",
-                                      "wipe this node's data directory and let Raft re-replicate it, or "
-                                      "restore it from an export ('walcrypt snapshot restore')")
+                                      "restore it from an export ('walcrypt snapshot restore') or "
+                                      + WIPE_ADVICE)
             with self.meta.write() as w:
                 w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(0, 0, wal.reset_segment))
             wal.compacted_index, wal.compacted_term = 0, 0
@@ -571,7 +608,7 @@ class Store:
             raise CorruptionError(cur.info.path, None,
                                   f"the newest snapshot was broken and the log no longer reaches back to the "
                                   f"older snapshot at index {idx}",
-                                  "wipe this node's data directory and let Raft re-replicate it")
+                                  WIPE_ADVICE[0].upper() + WIPE_ADVICE[1:])
         with self.meta.write() as w:
             w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(idx, cur.meta.term, wal.reset_segment))
         wal.compacted_index, wal.compacted_term = idx, cur.meta.term
@@ -589,15 +626,23 @@ class Store:
         seg.check_identity(found, commitment)
         return seg
 
-    def _open_segment(self, seg_id: int, rec: dict) -> Segment:
+    def segment_path(self, seg_id: int, rec: dict) -> str:
+        """Where the segment a manifest record describes lives."""
         directory = os.path.join(self.path, layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED
                                  else layout.WAL_PLAIN)
-        path = os.path.join(directory, segment_file_name(seg_id, rec["base_index"]))
+        return os.path.join(directory, segment_file_name(seg_id, rec["base_index"]))
+
+    def _open_segment(self, seg_id: int, rec: dict) -> tuple[Segment, tuple | None]:
+        """Open and check one manifest segment without modifying anything: (segment, None) for a
+        sealed one, (segment, (committed end, torn tail or None, size)) for one an earlier lifetime
+        left open, which _finish_unsealed then repairs and seals."""
+        path = self.segment_path(seg_id, rec)
         if not os.path.lexists(path):
             raise CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
                                   "a segment file was deleted or renamed; restore the node from a snapshot "
-                                  "or wipe it and let Raft re-replicate")
+                                  "or " + WIPE_ADVICE)
         sealed = rec["state"] == fmt.SEG_SEALED
+        seg = None
         fd = self.vfs.open(path, os.O_RDONLY)
         try:
             # An open segment is scanned through positioned reads a window at a time, never read
@@ -605,18 +650,23 @@ class Store:
             src = None if sealed else FileSource(self.vfs, fd)
             head = self.vfs.pread(fd, fmt.SEGMENT_HEADER_SIZE, 0) if sealed else src.read(0, fmt.SEGMENT_HEADER_SIZE)
             seg = self.bind_segment(path, seg_id, rec, head)
-            if not sealed:
-                committed_end, torn = seg.scan(src)
+            if sealed:
+                seg.load_sealed(rec["index_offset"], rec["end_offset"])
+                return seg, None
+            committed_end, torn = seg.scan(src)
+            return seg, (committed_end, torn, src.size)
+        except BaseException:
+            if seg is not None:
+                seg.close()
+            raise
         finally:
             self.vfs.close(fd)
-        if sealed:
-            seg.load_sealed(rec["index_offset"], rec["end_offset"])
-            return seg
+
+    def _finish_unsealed(self, seg: Segment, committed_end: int, torn: tuple | None, size: int) -> None:
         if torn is not None:
-            self._repair_tail(seg, committed_end, torn, src.size)
+            self._repair_tail(seg, committed_end, torn, size)
         if not self.read_only:
             self._seal_recovered(seg)
-        return seg
 
     def _seal_recovered(self, seg: Segment) -> None:
         """Seal a segment an earlier lifetime left open, so later opens read its index instead of
@@ -712,7 +762,7 @@ class Store:
             f"it as a leftover (it expects segment {self.next_segment} next): its manifest record was deleted, or "
             "meta/ is older than the data - restored from an older copy or rolled back",
             "walcrypt deleted nothing. Put back the meta/ that belongs to this data directory; otherwise "
-            "restore the node from a snapshot export or wipe it and let Raft re-replicate it")
+            "restore the node from a snapshot export or " + WIPE_ADVICE)
 
     def _legacy_orphan(self, path: str, seg_id: int, base: int) -> bool:
         """Orphans of a store written before creation intents: at or above next_segment, only a file
@@ -779,7 +829,7 @@ class Store:
             f"expects segment {self.next_segment} next) is older than the data - it was restored from an older "
             "copy or rolled back",
             "walcrypt deleted nothing. Put back the meta/ that belongs to this data directory; otherwise "
-            "restore the node from a snapshot export or wipe it and let Raft re-replicate it")
+            "restore the node from a snapshot export or " + WIPE_ADVICE)
 
     # ------------------------------------------------------------------ SegmentProvider
     def _segment_file(self, seg_id: int, base_index: int, key_id: bytes, hardstate: HardState,
@@ -1226,6 +1276,18 @@ class Store:
         return f"<walcrypt.Store {self.path} {mode} {state}>"
 
 
+def _holds_data_files(root: str) -> bool:
+    """Whether a segment or snapshot directory of ``root`` holds a regular file (links do not count)."""
+    for pair in layout.PAIRS_BY_PREFERENCE:
+        for d in (pair.wal, pair.snap):
+            p = os.path.join(root, d)
+            if os.path.isdir(p) and not os.path.islink(p):
+                with os.scandir(p) as it:
+                    if any(not e.name.startswith(".") and e.is_file(follow_symlinks=False) for e in it):
+                        return True
+    return False
+
+
 def _close_fully(closable) -> None:
     """Close a store (or metadata environment) the caller never sees: if close() itself is
     interrupted (KeyboardInterrupt), it is called again to release what is left (the directory
@@ -1302,7 +1364,7 @@ def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, op
             raise UsageError(
                 f"{path} holds a plaintext store, but a KEK was given for an encrypted one. walcrypt never adopts "
                 "plaintext data implicitly: if this node's store was encrypted, its metadata was replaced and "
-                "must not be trusted (restore it from a backup or re-replicate the node); to encrypt a plaintext "
+                "must not be trusted (restore it from a backup, or " + WIPE_ADVICE + "); to encrypt a plaintext "
                 "store on purpose, open it with migrate=True (or run 'walcrypt migrate DIR --to encrypted')")
         from .migrate import migrate as run_migration
         src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, _holder=built, **options)

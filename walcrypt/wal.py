@@ -43,6 +43,7 @@ from typing import Protocol, Sequence
 from . import format as fmt
 from .errors import (CompactedError, CorruptionError, StoreFailedError, UnavailableError, UsageError,
                      WalcryptError)
+from .errors import WIPE_ADVICE
 from .segment import Segment, encode_entries
 from .types import Entry, HardState
 
@@ -234,7 +235,7 @@ class Wal:
                         f"{below + 1} but the log before it ends at {max(hi, compacted_index)}: entries "
                         f"{max(hi, compacted_index) + 1}..{below} are missing (a segment or its manifest record "
                         "was deleted, or a segment was cut short)",
-                        "restore the node from a snapshot, or wipe it and let Raft re-replicate")
+                        "restore the node from a snapshot, or " + WIPE_ADVICE)
                 break                    # a hole at or below the compaction point: older pieces are unreachable
             keep.append((lo, hi, seg))
         if keep and keep[-1][0] > compacted_index + 1:
@@ -243,7 +244,7 @@ class Wal:
                 seg.path, None, f"segment {seg.seg_id} starts at index {lo} but the log before it ends at "
                 f"{compacted_index}: entries {compacted_index + 1}..{lo - 1} are missing (a segment or its manifest "
                 "record was deleted, or a segment was cut short)",
-                "restore the node from a snapshot, or wipe it and let Raft re-replicate")
+                "restore the node from a snapshot, or " + WIPE_ADVICE)
         keep.reverse()
         run_start, run_term = array("Q"), array("Q")
         for lo, hi, seg in keep:
