@@ -241,6 +241,7 @@ class _Walk:
         self.total = 0
         self.live = live                 # a writer held the store when the check began (or since)
         self.unsettled: set[str] = set()   # paths the writer was changing: what notes are about
+        self.newest: int | None = None     # the newest segment of the metadata copy
         self.vfs = online.PinnedVFS()
 
     # -- helpers ---------------------------------------------------------------
@@ -414,6 +415,7 @@ class _Walk:
                                            f"next segment counter is {next_segment}"), METADATA)
             manifest.append((seg_id, rec))
         snap_infos = self._snapshot_infos(snap_rows)
+        self.newest = max((seg_id for seg_id, _ in manifest), default=None)   # the one a writer appends to
         for seg_id, rec in manifest:
             self.total += self.fsize(self._segment_path(seg_id, rec))
         for info in snap_infos:
@@ -518,17 +520,20 @@ class _Walk:
                                        "or wipe it and let Raft re-replicate"), SEGMENT)
             return None
         sealed = rec["state"] == fmt.SEG_SEALED
-        # A sealed segment never changes.  The one being appended to is read again when a read of it
-        # fails with anything but an authentication failure, and such a failure is reported only when
-        # two reads in a row fail alike (see walcrypt.online).
+        # A sealed segment never changes, nor does an unsealed one an earlier lifetime left (the writer
+        # seals or repairs those at its open).  The newest, which a running writer appends to, is read
+        # again when a read of it fails, and a failure is reported only when two reads in a row fail
+        # alike (see walcrypt.online).
+        def appending() -> bool:         # asked again after a failure: a writer may have started since
+            return not sealed and seg_id == self.newest and self.is_live()
+
         prev = None
         for _attempt in range(1 if sealed else online.ATTEMPTS):
-            mid_write = not sealed and self.is_live()
-            out = self._read_segment(seg_id, rec, path, mid_write=mid_write)
+            out = self._read_segment(seg_id, rec, path, mid_write=appending())
             if not isinstance(out, Finding):
                 break
             exc_key = (out.offset, out.detail)
-            if sealed or not mid_write or out.kind == KEY or exc_key == prev:
+            if not appending() or out.kind == KEY or exc_key == prev:
                 self.report.findings.append(out)
                 return None
             prev = exc_key
@@ -606,11 +611,9 @@ class _Walk:
                 st.vfs.close(fd)
 
     def _writer_state(self, seg_id: int):
-        """How a fresh copy of the metadata, read while a writer holds the store, names a segment:
-        "removed", its record (a dict) when it is sealed now, "appending" when it is the newest
-        segment and open (the one the writer appends to), else "open"."""
-        if not online.writer_active(self.path):
-            return "open"
+        """How a fresh copy of the metadata names a segment: "removed", its record (a dict) when it is
+        sealed now (the writer sealed it, or closed), "appending" when it is the newest segment, open,
+        and a writer holds the store (the one it appends to), else "open"."""
         fresh = self.fresh()
         if fresh is None:
             return "open"
@@ -624,7 +627,7 @@ class _Walk:
             return "open"
         if rec["state"] == fmt.SEG_SEALED:
             return rec
-        return "appending" if key == max(rows) else "open"
+        return "appending" if key == max(rows) and online.writer_active(self.path) else "open"
 
     def _check_sealed(self, seg: Segment, rec: dict, size: int) -> None:
         path = seg.path

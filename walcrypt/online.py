@@ -345,7 +345,14 @@ def engine_open(root: str, kek, encrypted: bool, *, live: bool | None = None):
     if live is None:
         live = writer_active(root)
     if not live:
-        return Store(root, kek=kek, encrypted=encrypted, read_only=True)
+        try:
+            return Store(root, kek=kek, encrypted=encrypted, read_only=True)
+        except (UsageError, LockedError, KeyProviderError, WrongKeyError):
+            raise
+        except WalcryptError:
+            if not writer_active(root):
+                raise             # a stopped store: the error stands
+            # a writer started meanwhile (its recovery may have changed what was read): try again below
     prev = None
     for _ in range(ATTEMPTS):
         before = txn_id(root)
