@@ -28,8 +28,9 @@ from crc32c import crc32c
 from . import crypto
 from . import format as fmt
 from . import keys as K
-from .errors import (AuthenticationError, CorruptionError, KeyProviderError, SymlinkError, UnsupportedFormatError,
-                     UsageError, WrongKeyError)
+from . import meta as M
+from .errors import (AuthenticationError, CorruptionError, KeyProviderError, StorageError, SymlinkError,
+                     UnsupportedFormatError, UsageError, WrongKeyError)
 from .snapshot import MAX_KEYRING_BUNDLE, SnapshotFile, parse_bundle, snapshot_keys
 from .vfs import DEFAULT_VFS, open_private, open_regular, own_file
 
@@ -130,26 +131,124 @@ class ExportFile:
 
 
 def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
-    """Write the store's newest snapshot (with its wrapped keys) to ``out_path`` (0600, never overwritten)."""
+    """Write the store's newest snapshot (with its wrapped keys) to ``out_path`` (0600, never overwritten).
+
+    Safe while another thread of the process saves snapshots: retention may delete the file of the
+    snapshot read as the newest before it is opened; then the newer one is taken (bounded)."""
+    from .online import ATTEMPTS
     store._check_open()
-    cur = store.snapshots.current
-    if cur is None:
-        raise UsageError("the store has no snapshot to export; save one first")
     kek = b""
     if embed_kek:
         if not store.encrypted:
             raise UsageError("a plaintext store has no KEK to embed")
         kek = store.kek_material()
-    src = cur.info.path
     vfs = getattr(store, "vfs", DEFAULT_VFS)
-    # Through the store's VFS (below its data directory no link is followed, no FIFO blocks), and the
-    # length from that descriptor: a name swapped in after open is refused or not used.
-    sfd = vfs.open(src, os.O_RDONLY)
+    for _attempt in range(ATTEMPTS):
+        cur = store.snapshots.current
+        if cur is None:
+            raise UsageError("the store has no snapshot to export; save one first")
+        src = cur.info.path
+        # Through the store's VFS (below its data directory no link is followed, no FIFO blocks), and the
+        # length from that descriptor: a name swapped in after open is refused or not used.
+        try:
+            sfd = vfs.open(src, os.O_RDONLY)
+        except FileNotFoundError:
+            if store.snapshots.current is cur:
+                raise
+            continue                  # retention removed it: a newer snapshot is current now
+        try:
+            snap_len = _own_snapshot(sfd, src).st_size
+            return _export_from(store, cur, _FdReader(vfs, sfd), snap_len, out_path, kek)
+        finally:
+            vfs.close(sfd)
+    raise StorageError(f"a newer snapshot replaced the newest one {ATTEMPTS} times while it was being exported; "
+                       "export again")
+
+
+def _own_snapshot(fd: int, path: str) -> os.stat_result:
+    """A snapshot file has one name - or none, once retention unlinked it after it was opened (the
+    open descriptor still reads it whole)."""
+    st = own_file(fd, path, exclusive=False)
+    if st.st_nlink > 1:
+        own_file(fd, path, exclusive=True)            # raises, naming the hard link
+    return st
+
+
+def export_store(root: str, out_path: str, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
+                 embed_kek: bool = False) -> dict:
+    """Export the newest snapshot of the store at ``root`` to ``out_path`` without opening the store:
+    no lock is taken, so its writer may be running (appending, snapshotting, compacting).
+
+    The metadata is read in one short read transaction (walcrypt.online.FrozenMeta): the keyring,
+    the snapshot registry and the store's identity of one committed state.  The newest registered
+    snapshot file is opened at once and authenticated end to end under the copy's keys, then copied
+    from that same descriptor, so retention deleting it meanwhile changes nothing.  A file already
+    gone when it is opened is looked up in a fresh copy: when its record is gone too, retention
+    removed it and the newer snapshot is taken (bounded); when not, it is missing (CorruptionError)."""
+    from . import layout, online
+    from .check import bare_store
+    from .snapstore import decode_info
+    root = os.path.abspath(os.fspath(root))
+    if embed_kek and not encrypted:
+        raise UsageError("a plaintext store has no KEK to embed")
+    hold = layout.ReadOnlyHold(root)
     try:
-        snap_len = own_file(sfd, src, exclusive=True).st_size      # a snapshot file has one name
-        return _export_from(store, cur, _FdReader(vfs, sfd), snap_len, out_path, kek)
+        live, copy = online.frozen(os.path.join(root, layout.META_DIR))
+        try:
+            st = bare_store(root, kek, encrypted, copy)
+            kek_bytes = st.kek_material() if embed_kek else b""
+            snap_dir = os.path.join(root, layout.pair_for(encrypted).snap)
+            for _attempt in range(online.ATTEMPTS):
+                with st.meta.read() as r:
+                    rows = r.raw_items(M.DB_SNAPSHOTS)
+                if not rows:
+                    raise UsageError("the store has no snapshot to export; save one first")
+                k, raw = max(rows)
+                sid = int.from_bytes(k, "big")
+                info = decode_info(sid, st.meta.open_value(M.DB_SNAPSHOTS, k, raw), snap_dir, st.meta.path)
+                vfs = online.PinnedVFS()
+                try:
+                    if vfs.pin(info.path):
+                        snap = _authenticated(st, vfs, info)
+                        sfd = vfs.open(info.path, os.O_RDONLY)
+                        try:
+                            snap_len = _own_snapshot(sfd, info.path).st_size
+                            return _export_from(st, snap, _FdReader(vfs, sfd), snap_len, out_path, kek_bytes)
+                        finally:
+                            vfs.close(sfd)
+                finally:
+                    vfs.release()
+                fresh = st.meta.fresh()
+                if sid in fresh.ids(M.DB_SNAPSHOTS):
+                    raise CorruptionError(info.path, None, "registered snapshot file is missing",
+                                          "run 'walcrypt verify' on the store")
+                st.meta, st.keys = fresh, {}
+                st._load_keyring()
+            raise StorageError(f"retention removed the newest snapshot {online.ATTEMPTS} times while it was being "
+                               "exported; export again")
+        finally:
+            live.close()
     finally:
-        vfs.close(sfd)
+        hold.release()
+
+
+def _authenticated(st, vfs, info):
+    """The registered snapshot ``info``, read through ``vfs`` and authenticated end to end (as the
+    engine's open authenticates the newest snapshot)."""
+    from .snapstore import Snapshot, Snapshots
+    f = SnapshotFile(vfs, info.path)
+    h = f.header
+    if h.store_id != st.store_id or h.snapshot_id != info.snapshot_id or f.digest != info.digest:
+        raise CorruptionError(info.path, 0, "snapshot file does not match its registry record "
+                                            "(replaced, renamed or from another store)")
+    if h.key_id != info.key_id:
+        raise AuthenticationError(info.path, 0, "snapshot header key ID differs from its registry record")
+    aead, commitment = Snapshots(st, os.path.dirname(info.path))._keys(h)
+    f.unlock(aead, commitment)
+    size = f.verify()
+    if size != info.size:
+        raise CorruptionError(info.path, None, f"snapshot holds {size} bytes, the registry says {info.size}")
+    return Snapshot(info, f)
 
 
 class _FdReader:

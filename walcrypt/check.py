@@ -4,7 +4,9 @@
 python-diskcache's ``check`` does; ``fix=True`` is the same walk followed by a
 repair of what the written rule calls repairable.
 
-The walk (``fix=False``) writes nothing and takes no lock.  It is two passes:
+The walk (``fix=False``) writes nothing and takes no lock, so it runs on a store
+whose writer is running (see :mod:`walcrypt.online` for how it tells the writer's
+work from damage).  It is two passes:
 
 1. the engine's own read-only open, so that every check the engine makes at
    open time (manifest MACs, sealed indexes, the torn-tail rule, log
@@ -16,6 +18,11 @@ The walk (``fix=False``) writes nothing and takes no lock.  It is two passes:
    across segments, every registered snapshot chunk by chunk, every
    stable-store value, and warnings about leftovers (``.broken`` copies, files
    the manifest does not list, data of the other mode, interrupted migrations).
+   The walk reads the metadata once, in one short read transaction, and opens
+   every file it names right away; a file the writer removed meanwhile, the
+   write in progress at the tail of the segment being appended to, and an
+   engine open that failed only because the store changed under it become
+   ``note`` findings, never errors.
 
 ``fix=True`` runs the walk first.  Nothing wrong: nothing is written.  Only
 torn tails (and a broken newest snapshot with an intact older one the log still
@@ -36,6 +43,7 @@ from typing import Callable
 from . import format as fmt
 from . import layout
 from . import meta as M
+from . import online
 from .bounded import FileSource, Source
 from .errors import (WIPE_ADVICE, WIPE_NOTE, AuthenticationError, CorruptionError, KeyProviderError, LockedError,
                      StorageError, UsageError, WalcryptError, WrongKeyError)
@@ -68,7 +76,7 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class Finding:
-    severity: str            # "error" | "repaired" | "warning"
+    severity: str            # "error" | "repaired" | "warning" | "note" (what was not checked, and why)
     path: str | None
     offset: int | None
     detail: str
@@ -155,17 +163,23 @@ def check(path: str, *, kek=None, encrypted: bool | None = None, fix: bool = Fal
 def _verify(path: str, kek, encrypted: bool, progress: Progress | None) -> CheckReport:
     report = CheckReport()
     engine_exc: WalcryptError | None = None
+    live = online.writer_active(path)
     try:
-        Store(path, kek=kek, encrypted=encrypted, read_only=True).close()
+        online.engine_open(path, kek, encrypted, live=live).close()
     except (UsageError, LockedError, KeyProviderError, WrongKeyError):
         raise
+    except online.ChangedMeanwhile as exc:
+        report.findings.append(Finding("note", None, None, f"the engine's read-only open was not repeated on a "
+                                       f"quiet moment ({exc}); the walk below stands alone", kind=ENGINE))
     except WalcryptError as exc:
         engine_exc = exc
-    _Walk(path, kek, encrypted, report, progress).run()
+    walk = _Walk(path, kek, encrypted, report, progress, live=live)
+    walk.run()
     _below_snapshot(path, kek, encrypted, report)
     if engine_exc is not None:
         epath = getattr(engine_exc, "path", None)
-        explained = any(f.severity == "error" and (epath is None or f.path == epath) for f in report.findings)
+        explained = any(f.severity == "error" and (epath is None or f.path == epath) for f in report.findings) \
+            or (epath is not None and epath in walk.unsettled)
         if not explained:
             report.findings.insert(0, _finding(engine_exc, ENGINE))
     return report
@@ -271,8 +285,13 @@ def bare_store(path: str, kek, encrypted: bool, meta: M.Meta) -> Store:
     return st
 
 
+class _Removed(Exception):
+    """A file the metadata copy names was removed by the running writer (its record is gone too)."""
+
+
 class _Walk:
-    def __init__(self, path: str, kek, encrypted: bool, report: CheckReport, progress: Progress | None):
+    def __init__(self, path: str, kek, encrypted: bool, report: CheckReport, progress: Progress | None,
+                 *, live: bool = False):
         self.path = path
         self.kek = kek
         self.encrypted = encrypted
@@ -280,6 +299,10 @@ class _Walk:
         self.progress = progress
         self.done = 0
         self.total = 0
+        self.live = live                 # a writer held the store when the check began (or since)
+        self.unsettled: set[str] = set()   # paths the writer was changing: what notes are about
+        self.newest: int | None = None     # the newest segment of the metadata copy
+        self.vfs = online.PinnedVFS()
 
     # -- helpers ---------------------------------------------------------------
     def error(self, exc: BaseException, kind: str, index: int | None = None) -> Finding:
@@ -291,6 +314,12 @@ class _Walk:
 
     def warn(self, path: str | None, detail: str, hint: str | None = None, kind: str = LEFTOVER) -> None:
         self.report.findings.append(Finding("warning", path, None, detail, kind=kind, hint=hint))
+
+    def note(self, path: str | None, detail: str, kind: str, offset: int | None = None) -> None:
+        """Not a finding: what was not checked because the running writer was changing it."""
+        self.report.findings.append(Finding("note", path, offset, detail, kind=kind))
+        if path is not None:
+            self.unsettled.add(path)
 
     def advance(self, n: int) -> None:
         self.done += n
@@ -308,6 +337,28 @@ class _Walk:
             self.error(exc, METADATA)
             return None
 
+    def is_live(self) -> bool:
+        """Whether a writer holds the store now (or held it earlier in this check)."""
+        if not self.live and online.writer_active(self.path):
+            self.live = True
+        return self.live
+
+    def fresh(self) -> "online.FrozenMeta | None":
+        """A new copy of the metadata, catalog authenticated (None when it cannot be read or trusted)."""
+        try:
+            return self.meta.fresh()
+        except StorageError:
+            return None
+
+    def removed_meanwhile(self, db: bytes, ident: int) -> bool:
+        """A file named by the copy is gone: True when its record is gone from a fresh copy too."""
+        fresh = self.fresh()
+        return fresh is not None and ident not in fresh.ids(db)
+
+    def fsize(self, path: str) -> int:
+        pinned = self.vfs.size_of(path)
+        return _size(path) if pinned is None else pinned
+
     # -- the walk --------------------------------------------------------------
     def run(self) -> None:
         hold = layout.ReadOnlyHold(self.path)      # nothing below the data directory is read through a link
@@ -318,7 +369,7 @@ class _Walk:
 
     def _run(self) -> None:
         try:
-            self.meta = M.Meta(os.path.join(self.path, layout.META_DIR), readonly=True)
+            live_meta, self.meta = online.frozen(os.path.join(self.path, layout.META_DIR))
         except StorageError as exc:
             self.error(exc, METADATA)
             return
@@ -328,9 +379,53 @@ class _Walk:
             except StorageError as exc:
                 self.error(exc, METADATA)
                 return
+            self.st.vfs = self.vfs
+            self._pin_all()
             self._walk()
         finally:
-            self.meta.close()
+            self.vfs.release()
+            live_meta.close()
+
+    def _named_paths(self) -> list[str]:
+        """The files the metadata copy names (decoded without checks: only to open them early)."""
+        from .segment import segment_file_name
+        from .snapstore import decode_info
+        paths = []
+        for k, raw in self.meta.tables.get(M.DB_SEGMENTS, {}).items():
+            try:
+                rec = M.decode_manifest(raw[:-M.MAC_SIZE], self.meta.path)
+            except StorageError:
+                continue
+            d = layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED else layout.WAL_PLAIN
+            paths.append(os.path.join(self.path, d, segment_file_name(int.from_bytes(k, "big"), rec["base_index"])))
+        snap_dir = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
+        for k, raw in self.meta.tables.get(M.DB_SNAPSHOTS, {}).items():
+            try:
+                paths.append(decode_info(int.from_bytes(k, "big"), raw[:-M.MAC_SIZE], snap_dir, self.meta.path).path)
+            except StorageError:
+                continue
+        return paths
+
+    def _pin_all(self) -> None:
+        """Open every file the metadata copy names, right after the copy.  One that is already gone
+        (the writer removed it after the copy) makes a fresh copy and a new round: bounded, and the
+        last round's gone files are judged one by one where they are checked."""
+        for attempt in range(online.ATTEMPTS):
+            gone = [p for p in self._named_paths() if not self.vfs.pin(p)]
+            if not gone or attempt == online.ATTEMPTS - 1:
+                return
+            fresh = self.fresh()
+            if fresh is None:
+                return                  # the copy in hand stands; its findings follow
+            old_meta, old_keys = self.st.meta, self.st.keys
+            self.st.meta, self.st.keys = fresh, {}
+            try:
+                self.st._load_keyring()
+            except StorageError:
+                self.st.meta, self.st.keys = old_meta, old_keys
+                return
+            self.vfs.release()
+            self.meta = fresh
 
     def _walk(self) -> None:
         st, rep = self.st, self.report
@@ -380,22 +475,31 @@ class _Walk:
                                            f"next segment counter is {next_segment}"), METADATA)
             manifest.append((seg_id, rec))
         snap_infos = self._snapshot_infos(snap_rows)
+        self.newest = max((seg_id for seg_id, _ in manifest), default=None)   # the one a writer appends to
         for seg_id, rec in manifest:
-            self.total += _size(self._segment_path(seg_id, rec))
+            self.total += self.fsize(self._segment_path(seg_id, rec))
         for info in snap_infos:
-            self.total += _size(info.path)
+            self.total += self.fsize(info.path)
 
         # segments
-        segments = []
+        segments, removed = [], False
         for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
             rep.segments += 1
-            seg = self._segment(seg_id, rec)
+            try:
+                seg = self._segment(seg_id, rec)
+            except _Removed:
+                rep.segments -= 1
+                removed = True
+                continue
             if seg is None:
                 all_ok = False
             else:
                 segments.append(seg)
         wal = None
-        if all_ok:
+        if all_ok and removed:
+            self.note(None, "log continuity was not checked: the running writer removed segments of the log "
+                      "while this check read it", LOG)
+        elif all_ok:
             from .wal import Wal
             wal = Wal(st)
             try:
@@ -419,6 +523,10 @@ class _Walk:
                                               "SNAPSHOT record the log holds for it (replaced file or registry)")
                 rep.snapshot_bytes += size
                 good.append(info)
+            except _Removed:
+                rep.snapshots -= 1
+                self.note(info.path, f"snapshot {info.snapshot_id} was removed by the running writer (retention) "
+                          "while this check read the store; its registry record is gone too: not checked", SNAPSHOT)
             except WalcryptError as exc:
                 f = self.error(exc, SNAPSHOT, index=info.index)
                 if n == len(snap_infos) - 1 and good and wal is not None:
@@ -448,54 +556,138 @@ class _Walk:
         return os.path.join(self.path, d, segment_file_name(seg_id, rec["base_index"]))
 
     def _segment(self, seg_id: int, rec: dict) -> Segment | None:
-        st, rep = self.st, self.report
         path = self._segment_path(seg_id, rec)
-        size = _size(path)
-        seg = None
-        src = None
-        fd = None
+        size = self.fsize(path)
         try:
-            if (rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED) != self.encrypted:
-                raise AuthenticationError(self.meta.path, None, f"the manifest places segment {seg_id} in "
-                                          f"{os.path.basename(os.path.dirname(path))}/, which does not match the "
-                                          "store's mode")
-            if not os.path.lexists(path):
-                raise CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
-                                      "a segment file was deleted or renamed; restore the node from a snapshot "
-                                      "or " + WIPE_ADVICE)
+            return self._segment_checked(seg_id, rec, path)
+        finally:
+            self.advance(size)
+
+    def _segment_checked(self, seg_id: int, rec: dict, path: str, *, again: bool = False) -> Segment | None:
+        """Check one segment; None after a finding (or a note), raises _Removed."""
+        if (rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED) != self.encrypted:
+            self.error(AuthenticationError(self.meta.path, None, f"the manifest places segment {seg_id} in "
+                                           f"{os.path.basename(os.path.dirname(path))}/, which does not match "
+                                           "the store's mode"), SEGMENT)
+            return None
+        if not self.vfs.pinned(path) and not os.path.lexists(path):
+            if self.removed_meanwhile(M.DB_SEGMENTS, seg_id):
+                self.note(path, f"segment {seg_id} was removed by the running writer (compaction) while this check "
+                          "read the store; its manifest record is gone too: not checked", SEGMENT)
+                raise _Removed
+            self.error(CorruptionError(path, None, f"segment {seg_id} listed in the manifest is missing",
+                                       "a segment file was deleted or renamed; restore the node from a snapshot "
+                                       "or " + WIPE_ADVICE), SEGMENT)
+            return None
+        sealed = rec["state"] == fmt.SEG_SEALED
+        # A sealed segment never changes, nor does an unsealed one an earlier lifetime left (the writer
+        # seals or repairs those at its open).  The newest, which a running writer appends to, is read
+        # again when a read of it fails, and a failure is reported only when two reads in a row fail
+        # alike (see walcrypt.online).
+        def appending() -> bool:         # asked again after a failure: a writer may have started since
+            return not sealed and seg_id == self.newest and self.is_live()
+
+        prev = None
+        for _attempt in range(1 if sealed else online.ATTEMPTS):
+            out = self._read_segment(seg_id, rec, path, mid_write=appending())
+            if not isinstance(out, Finding):
+                break
+            exc_key = (out.offset, out.detail)
+            if not appending() or out.kind == KEY or exc_key == prev:
+                self.report.findings.append(out)
+                return None
+            prev = exc_key
+        else:
+            self.note(path, "the running writer changed this segment during each attempt to read it: not checked",
+                      SEGMENT)
+            return None
+        seg, committed_end, torn, counts = out
+        if torn is not None and self.is_live():
+            state = self._writer_state(seg_id)
+            if state == "removed":
+                seg.close()
+                self.note(path, f"segment {seg_id} was removed by the running writer while this check read the "
+                          "store; its manifest record is gone too: not checked", SEGMENT)
+                raise _Removed
+            if isinstance(state, dict) and not again:
+                seg.close()              # sealed since the copy: checked again as the sealed segment it is now
+                return self._segment_checked(seg_id, state, path, again=True)
+            if state == "appending":
+                self.note(path, f"the running writer appends to this segment: authenticated up to offset "
+                          f"{committed_end}, its last commit when it was read; what follows ({torn[1]} at offset "
+                          f"{torn[0]}) may be a write in progress", SEGMENT, offset=committed_end)
+                torn = None
+        rep = self.report
+        rep.entries += counts[0]
+        rep.bytes += counts[1]
+        rep.records += seg.seq
+        if torn is not None:
+            rep.findings.append(Finding(
+                "error", path, torn[0], f"torn tail: {torn[1]} after the last commit at offset "
+                f"{committed_end} (an incomplete write by a process that crashed)", seg.last_index + 1, TORN,
+                f"'walcrypt repair' truncates the file to {committed_end} bytes and keeps a .broken copy",
+                repairable=True))
+        if sealed:
+            try:
+                self._check_sealed(seg, rec, self.fsize(path))
+            except WalcryptError as exc:
+                self.error(exc, SEGMENT if isinstance(exc, StorageError) else KEY, index=seg.last_index + 1)
+                seg.close()
+                return None
+        seg.close()
+        return seg
+
+    def _read_segment(self, seg_id: int, rec: dict, path: str, *, mid_write: bool):
+        """One read of a segment: (segment, committed end, torn tail or None, [entries, bytes]), or the
+        Finding its failure makes."""
+        st = self.st
+        src = fd = seg = None
+        counts = [0, 0]
+        try:
             fd = st.vfs.open(path, os.O_RDONLY)
             src = FileSource(st.vfs, fd)           # read a window at a time, whatever the file size
             seg = st.bind_segment(path, seg_id, rec, src.read(0, fmt.SEGMENT_HEADER_SIZE))
+            seg.tail_may_be_mid_write = mid_write
 
             def on_entries(r):
-                rep.entries += len(r)
-                rep.bytes += r.ends[-1] - r.ends[0]
+                counts[0] += len(r)
+                counts[1] += r.ends[-1] - r.ends[0]
 
             committed_end, torn = seg.scan(src, on_entries=on_entries)
-            rep.records += seg.seq
-            sealed = rec["state"] == fmt.SEG_SEALED
-            if torn is not None:
-                if sealed:
-                    raise CorruptionError(path, torn[0], f"sealed segment is damaged: {torn[1]}",
-                                          "a sealed segment is never repaired")
-                self.report.findings.append(Finding(
-                    "error", path, torn[0], f"torn tail: {torn[1]} after the last commit at offset "
-                    f"{committed_end} (an incomplete write by a process that crashed)", seg.last_index + 1, TORN,
-                    f"'walcrypt repair' truncates the file to {committed_end} bytes and keeps a .broken copy",
-                    repairable=True))
-            if sealed:
-                self._check_sealed(seg, rec, src.size)
-            return seg
+            if torn is not None and rec["state"] == fmt.SEG_SEALED:
+                raise CorruptionError(path, torn[0], f"sealed segment is damaged: {torn[1]}",
+                                      "a sealed segment is never repaired")
+            return seg, committed_end, torn, counts
         except WalcryptError as exc:
-            self.error(exc, KEY if not isinstance(exc, StorageError) else SEGMENT,
-                       index=_index_at(src, getattr(exc, "offset", None), seg))
-            return None
+            if isinstance(exc, KeyProviderError):
+                raise
+            f = _finding(exc, KEY if not isinstance(exc, StorageError) else SEGMENT,
+                         _index_at(src, getattr(exc, "offset", None), seg))
+            if seg is not None:
+                seg.close()
+            return f
         finally:
             if fd is not None:
                 st.vfs.close(fd)
-            if seg is not None:
-                seg.close()
-            self.advance(size)
+
+    def _writer_state(self, seg_id: int):
+        """How a fresh copy of the metadata names a segment: "removed", its record (a dict) when it is
+        sealed now (the writer sealed it, or closed), "appending" when it is the newest segment, open,
+        and a writer holds the store (the one it appends to), else "open"."""
+        fresh = self.fresh()
+        if fresh is None:
+            return "open"
+        rows = fresh.tables.get(M.DB_SEGMENTS, {})
+        key = M.u64(seg_id)
+        if key not in rows:
+            return "removed"
+        try:
+            rec = M.decode_manifest(fresh.open_value(M.DB_SEGMENTS, key, rows[key]), fresh.path)
+        except StorageError:
+            return "open"
+        if rec["state"] == fmt.SEG_SEALED:
+            return rec
+        return "appending" if key == max(rows) and online.writer_active(self.path) else "open"
 
     def _check_sealed(self, seg: Segment, rec: dict, size: int) -> None:
         path = seg.path
@@ -517,11 +709,18 @@ class _Walk:
             raise AuthenticationError(self.meta.path, None, f"manifest record of segment {seg.seg_id} says last "
                                       f"index {rec['last_index']}, the segment ends at {seg.last_index}")
 
+    def _fresh_if_live(self) -> "online.FrozenMeta | None":
+        """While a writer holds the store: a fresh copy of the metadata, taken after a directory was
+        listed, to tell the writer's files in progress from leftovers (None otherwise)."""
+        return self.fresh() if self.is_live() else None
+
     def _leftover_segments(self, known: set[int]) -> None:
         d = os.path.join(self.path, layout.pair_for(self.encrypted).wal)
         if not os.path.isdir(d):
             return
-        for name in sorted(os.listdir(d)):
+        names = sorted(os.listdir(d))
+        fresh = self._fresh_if_live()
+        for name in names:
             p = os.path.join(d, name)
             m = _SEGMENT_NAME.match(name)
             if name.endswith(".broken") or re.search(r"\.broken\.\d+$", name):
@@ -529,10 +728,19 @@ class _Walk:
                              "set aside)",
                           "keep it for analysis or remove it; the store does not read it")
             elif m and int(m.group(1), 16) not in known:
+                if fresh is not None and self._writers_segment(int(m.group(1), 16), p, fresh):
+                    continue
                 self.warn(p, "segment file not listed in the manifest (left by a crash before it was "
                              "registered or after it was purged); the next read-write open deletes it")
             elif not m:
                 self.warn(p, "unexpected file in the segment directory")
+
+    def _writers_segment(self, seg_id: int, path: str, fresh) -> bool:
+        """A segment file the running writer is creating, has registered or is removing since the copy."""
+        staging = sorted(fresh.state_ids(M.K_STAGING))
+        return (seg_id in fresh.ids(M.DB_SEGMENTS) or seg_id in fresh.state_ids(M.K_CREATING)
+                or seg_id in fresh.state_ids(M.K_PURGED) or (len(staging) == 2 and staging[0] <= seg_id < staging[1])
+                or seg_id >= (self.meta.counter(M.K_NEXT_SEGMENT) or 0) or not os.path.lexists(path))
 
     # -- snapshots -------------------------------------------------------------
     def _snapshot_infos(self, rows) -> list:
@@ -549,13 +757,16 @@ class _Walk:
         return sorted(infos, key=lambda i: i.snapshot_id)
 
     def _snapshot(self, info) -> int:
-        """Authenticate one registered snapshot end to end; returns its data size."""
+        """Authenticate one registered snapshot end to end; returns its data size (_Removed when the
+        writer removed it meanwhile)."""
         from .snapshot import SnapshotFile
         from .snapstore import Snapshots
         st = self.st
-        if not os.path.lexists(info.path):
+        if not self.vfs.pinned(info.path) and not os.path.lexists(info.path):
+            if self.removed_meanwhile(M.DB_SNAPSHOTS, info.snapshot_id):
+                raise _Removed
             raise CorruptionError(info.path, None, "registered snapshot file is missing")
-        fsize = _size(info.path)
+        fsize = self.fsize(info.path)
         counted = 0
         try:
             f = SnapshotFile(st.vfs, info.path)
@@ -583,20 +794,32 @@ class _Walk:
         d = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
         if not os.path.isdir(d):
             return
-        for name in sorted(os.listdir(d)):
+        names = sorted(os.listdir(d))
+        fresh = self._fresh_if_live()
+        for name in names:
             p = os.path.join(d, name)
+            m = _SNAP_NAME.match(name)
+            if fresh is not None and (name.startswith(".tmp-") or (m and name not in known and self._writers_snapshot(
+                    int(name[:16], 16), p, fresh))):
+                continue                # a save in progress, or registered or dropped since the copy
             if name.endswith(".broken"):
                 self.warn(p, "snapshot quarantined because it failed its checks",
                           "keep it for analysis or remove it; the store does not read it")
             elif name.startswith(".tmp-"):
                 self.warn(p, "partly written snapshot (its save never returned); the next read-write open deletes it")
-            elif _SNAP_NAME.match(name) and name not in known and int(name[:16], 16) in in_log:
+            elif m and name not in known and int(name[:16], 16) in in_log:
                 self.warn(p, "snapshot saved and tied to the log but not registered (its registration did not "
                           "commit); the next read-write open registers it")
-            elif _SNAP_NAME.match(name) and name not in known:
+            elif m and name not in known:
                 self.warn(p, "snapshot file not in the registry; the next read-write open deletes it")
-            elif not _SNAP_NAME.match(name):
+            elif not m:
                 self.warn(p, "unexpected file in the snapshot directory")
+
+    def _writers_snapshot(self, snap_id: int, path: str, fresh) -> bool:
+        """A snapshot file the running writer is saving, has registered or is dropping since the copy."""
+        return (snap_id in fresh.ids(M.DB_SNAPSHOTS) or snap_id in fresh.state_ids(M.K_SNAP_CREATING)
+                or snap_id in fresh.state_ids(M.K_SNAP_PURGED)
+                or snap_id >= (self.meta.counter(M.K_NEXT_SNAPSHOT) or 1) or not os.path.lexists(path))
 
     def _other_mode(self) -> None:
         other = layout.pair_for(not self.encrypted)

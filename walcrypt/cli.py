@@ -4,11 +4,13 @@ Exit codes: 0 ok, 1 findings or data errors, 2 usage errors (bad options, a miss
 wrong key, a missing directory, no permission, a store locked by a running process).
 Bad input gives one line on stderr saying what is wrong and what to do, never a
 traceback (``walcrypt --debug ...`` shows one), and modifies nothing.  Read-only
-commands (inspect, verify, dump, snapshot inspect) never write to the store; verify,
-dump and snapshot export hold a shared lock on ``DATA/LOCK`` while they read, so they
-refuse a store a running process has open and keep one from opening it meanwhile;
-inspect takes no lock at all.  Progress goes to stderr when it is a terminal
-(``--progress`` / ``--no-progress`` override).
+commands (inspect, verify, dump, snapshot inspect, snapshot export) never write to the
+store (beyond their reader slot in LMDB's ``meta/lock.mdb``).  inspect, verify and
+snapshot export take no lock and work on a store whose writer is running (see
+``walcrypt.online``); dump holds a shared lock on ``DATA/LOCK`` while it reads, so it
+refuses a store a running process has open and keeps one from opening it meanwhile.
+Progress goes to stderr when it is a terminal (``--progress`` / ``--no-progress``
+override).
 """
 
 from __future__ import annotations
@@ -463,23 +465,24 @@ def verify(directory, as_json, **kw) -> None:
     """Read and authenticate every record and every snapshot chunk.
 
     Lists each finding with its file, offset and Raft index, and what to do;
-    exits 1 if anything is wrong.  Read-only: writes nothing.
+    exits 1 if anything is wrong.  Read-only: writes nothing, takes no lock, and
+    works on a running store (what its writer changes while it reads - a file
+    removed, the write in progress at the end of the segment being appended
+    to - is listed as a NOTE, not as a finding).
 
     \b
     Example:
       walcrypt verify /var/lib/node1 --key-file /secure/kek
     """
     from .check import check
-    from .inspection import SharedLock
     kek = _kek(kw)
     root = _store_dir(directory)
-    with SharedLock(root, directory):
-        encrypted = _mode(root, directory)
-        if encrypted and kek is None:
-            raise _need_key(directory)
-        _refuse_key_for_plaintext(directory, encrypted, kek)
-        with _Bar("verifying") as bar:
-            report = check(root, kek=kek if encrypted else None, encrypted=encrypted, progress=bar)
+    encrypted = _mode(root, directory)
+    if encrypted and kek is None:
+        raise _need_key(directory)
+    _refuse_key_for_plaintext(directory, encrypted, kek)
+    with _Bar("verifying") as bar:
+        report = check(root, kek=kek if encrypted else None, encrypted=encrypted, progress=bar)
     if as_json:
         _emit_json(report.to_dict())
     else:
@@ -963,29 +966,31 @@ def snapshot() -> None:
 def snapshot_export(directory, out, embed_kek, **kw) -> None:
     """Write the newest snapshot and its wrapped keys to one file OUT (0600).
 
-    The export plus the KEK restores a node.  Read-only on the store.
+    The export plus the KEK restores a node.  Read-only on the store; takes no
+    lock, so it works while the node runs (the snapshot is authenticated end to
+    end and copied from one open file, whatever the node saves or deletes meanwhile).
 
     \b
     Example:
       walcrypt snapshot export /var/lib/node1 /backup/node1.wcx --key-file /secure/kek
     """
-    from .inspection import SharedLock, human_size
+    from .inspection import human_size
+    from .backup import _refuse_existing, export_store
     kek = _kek(kw)
     root = _store_dir(directory)
     out_abs = os.path.abspath(out)
-    from .backup import _refuse_existing
     _refuse_existing(out)                # never overwritten, never written through a link
     if not os.path.isdir(os.path.dirname(out_abs)):
         raise UsageError(f"the directory of {out} does not exist")
     if out_abs.startswith(root + os.sep):
         raise UsageError(f"{out} lies inside the data directory; write exports somewhere else")
-    with SharedLock(root, directory):
-        store = _open_ro(root, directory, kek)
-        try:
-            with _Spinner("exporting"):
-                info = store.export_snapshot(out_abs, embed_kek=embed_kek)
-        finally:
-            store.close()
+    encrypted = _mode(root, directory)
+    if encrypted and kek is None:
+        raise _need_key(directory)
+    _refuse_key_for_plaintext(directory, encrypted, kek)
+    with _Spinner("exporting"):
+        info = export_store(root, out_abs, kek=kek if encrypted else None, encrypted=encrypted,
+                            embed_kek=embed_kek)
     click.echo(f"exported the snapshot at index {info['index']} term {info['term']} to {out} "
                f"({human_size(info['size'])}, mode 0600)")
     if info["kek_embedded"]:

@@ -1,13 +1,15 @@
 """What ``walcrypt inspect`` shows: a store's metadata without any key, and more with one.
 
-Without a key nothing is authenticated: the LMDB environment is opened read-only and
-without its lock file (``lock=False``), the ``LOCK`` flock is not taken, segment and
+Without a key nothing is authenticated: the LMDB environment is opened read-only (registered
+in its reader table, so a running writer never reuses a page being read; see walcrypt.meta)
+and read in one short transaction, the ``LOCK`` flock is not taken, segment and
 snapshot headers are parsed with ``walcrypt.segment.decode_header`` and
 ``SnapshotHeader.decode``, and the clear frame headers of unsealed segments (index, term,
 type and CRC are readable without a key) give their index range.  With a key (or for a
 plaintext store, whose MACs are keyless) the store is also opened read-only through the
 engine, which verifies every MAC, reads the sealed indexes, scans the unsealed tails and
-yields the hard state and the first and last index.
+yields the hard state and the first and last index; the report says per segment which of
+these it did (``checked``).  Both work on a running store (walcrypt.online).
 
 Nothing here writes to the data directory.  Key material is never read into the
 report: the keyring shows IDs, purposes and states only.
@@ -23,6 +25,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
 
 from crc32c import crc32c
@@ -33,6 +36,7 @@ from . import format as fmt
 from . import keys as K
 from . import layout
 from . import meta as M
+from . import online
 from .vfs import DEFAULT_VFS, own_file, refuse_link
 from .errors import KeyProviderError, LockedError, StorageError, UsageError, WalcryptError, WrongKeyError
 from .errors import WIPE_ADVICE
@@ -210,10 +214,15 @@ def _dir_summary(root: str) -> list[dict]:
             if not name.startswith("."):
                 out.append({"name": name, "role": role, "exists": False, "files": 0, "bytes": 0})
             continue
-        files = [os.path.join(p, n) for n in os.listdir(p)]
-        files = [f for f in files if os.path.isfile(f)]
-        out.append({"name": name, "role": role, "exists": True, "files": len(files),
-                    "bytes": sum(os.path.getsize(f) for f in files)})
+        sizes = []
+        for n in os.listdir(p):
+            try:                             # a running writer may remove a file meanwhile
+                st = os.stat(os.path.join(p, n))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                sizes.append(st.st_size)
+        out.append({"name": name, "role": role, "exists": True, "files": len(sizes), "bytes": sum(sizes)})
     return out
 
 
@@ -280,9 +289,12 @@ def _find_exports(root: str) -> list[tuple[str, bool]]:
     """Export files (WCRYPEXP) anywhere under the data directory: (path, KEK embedded)."""
     from .backup import ExportFile
     found = []
+    lmdb_files = {os.path.join(root, layout.META_DIR, n) for n in ("data.mdb", "lock.mdb")}
     for dirpath, _dirs, files in os.walk(root):
         for n in files:
             p = os.path.join(dirpath, n)
+            if p in lmdb_files:
+                continue             # LMDB's own (and closing a descriptor of lock.mdb drops LMDB's locks)
             try:
                 with open(p, "rb") as f:
                     if f.read(8) != EXPORT_MAGIC:
@@ -298,12 +310,65 @@ def _find_exports(root: str) -> list[tuple[str, bool]]:
 
 def inspect_store(directory: str, kek: K.KeyEncryptionKey | None = None, *,
                   key_file: str | None = None) -> dict:
-    """The inspection report of a store (see the module doc).  Writes nothing."""
+    """The inspection report of a store (see the module doc).  Writes nothing (but the reader slot
+    LMDB keeps in meta/lock.mdb).
+
+    On a running store the metadata is read in one short transaction and the files it names are
+    looked at right after; a file found gone is looked up in a fresh read: when its record is gone
+    too, the writer removed it meanwhile and the store is read again (bounded), then it is left out
+    with a note; when the record is still there, the file is missing (an error)."""
     root = require_store(directory)
+    live = online.writer_active(root)
+    for attempt in range(online.ATTEMPTS):
+        rep, warnings, errors, gone, encrypted = _keyless(root, directory, key_file, live)
+        if not gone:
+            break
+        named = _still_named(root, gone)
+        if not named and attempt + 1 < online.ATTEMPTS:
+            continue                     # removed by the running writer meanwhile: read the store again
+        for kind, ident, path in gone:
+            table = "segments" if kind == "segment" else "snapshots"
+            if (kind, ident) in named:
+                where = "the manifest" if kind == "segment" else "the registry"
+                errors.append(f"{kind} {ident} listed in {where} is missing: {path}")
+            else:
+                rep[table] = [r for r in rep[table] if r["id"] != ident]
+                rep["notes"].append(f"{kind} {ident} was removed by the running writer while the store was read; "
+                                    "left out")
+        break
+
+    # -- with a key: the engine's authenticated view -------------------------------------
+    if encrypted and kek is None:
+        rep["note"] = ("metadata only, nothing authenticated: give a key (--key-file, --key-env, "
+                       "--passphrase-env or --kms) to verify MACs and read the hard state")
+    else:
+        _authenticated(root, kek if encrypted else None, encrypted, rep, errors, live)
+
+    rep["warnings"] = warnings
+    rep["errors"] = errors
+    return rep
+
+
+def _still_named(root: str, gone: list[tuple[str, int, str]]) -> set[tuple[str, int]]:
+    """Which of the ``gone`` files a fresh read of the metadata still names (unauthenticated, like
+    everything inspect reads without a key)."""
+    try:
+        live, copy = online.frozen(os.path.join(root, layout.META_DIR))
+    except WalcryptError:
+        return {(kind, ident) for kind, ident, _p in gone}
+    live.close()
+    ids = {"segment": copy.ids(M.DB_SEGMENTS), "snapshot": copy.ids(M.DB_SNAPSHOTS)}
+    return {(kind, ident) for kind, ident, _p in gone if ident in ids[kind]}
+
+
+def _keyless(root: str, directory: str, key_file: str | None, live: bool):
+    """The keyless part of the report -> (report, warnings, errors, gone, encrypted); ``gone`` lists the
+    files the metadata names that were not there: (kind, ID, path)."""
     warnings: list[str] = []
     errors: list[str] = []
+    gone: list[tuple[str, int, str]] = []
     holders = lock_holders(root)
-    rep: dict = {"path": root}
+    rep: dict = {"path": root, "notes": []}
 
     # -- keyless metadata ------------------------------------------------------
     meta = open_meta(root, directory)
@@ -351,8 +416,8 @@ def inspect_store(directory: str, kek: K.KeyEncryptionKey | None = None, *,
         errors.append(f"metadata format version {version[0] if version else '?'} is not one this walcrypt reads "
                       f"({', '.join(map(str, fmt.META_FORMAT_VERSIONS_READ))}); upgrade walcrypt")
     if holders:
-        warnings.append(f"the store is in use by process {', '.join(map(str, holders))}: what follows may be "
-                        "changing; stop the process for a consistent picture")
+        warnings.append(f"the store is in use by process {', '.join(map(str, holders))}: what follows is the "
+                        "store as of one moment (one read of its metadata), and it changes as the process runs")
 
     try:
         c_index, c_term, reset = M.decode_compacted(state[M.K_COMPACTED], meta.path)
@@ -373,6 +438,7 @@ def inspect_store(directory: str, kek: K.KeyEncryptionKey | None = None, *,
     # -- segments ---------------------------------------------------------------
     segs = []
     from .segment import decode_header, segment_file_name
+    newest = max((k for k, _v in manifest), default=None)          # the one a running writer appends to
     for k, v in manifest:
         seg_id = int.from_bytes(k, "big")
         try:
@@ -387,26 +453,29 @@ def inspect_store(directory: str, kek: K.KeyEncryptionKey | None = None, *,
         row = {"id": seg_id, "file": f"{d}/{name}", "first_index": rec["base_index"],
                "last_index": rec["last_index"] if sealed else None, "key_id": rec["key_id"].hex(),
                "algorithm": alg_name(rec["algorithm"]), "sealed": sealed, "size": None, "tail": None}
-        if not os.path.exists(path):
-            errors.append(f"segment {seg_id} listed in the manifest is missing: {path}")
-            row["missing"] = True
-        else:
+        try:
             row["size"] = os.path.getsize(path)
-            try:
-                with open(path, "rb") as f:
-                    h = decode_header(f.read(fmt.SEGMENT_HEADER_SIZE), path)
-                if (h.segment_id, h.base_index, h.key_id, h.store_id) != (seg_id, rec["base_index"], rec["key_id"],
-                                                                            store_id):
-                    errors.append(f"{path}: the segment header disagrees with the manifest")
-                if not sealed:
-                    scan = scan_frame_headers(path)
-                    row["last_index"] = scan["last_index"]
-                    row["tail"] = scan["tail"]
-                    if scan["tail"] != "clean":
-                        warnings.append(f"{row['file']}: {scan['tail']} (a torn tail from a crash, or damage: "
-                                        "'walcrypt verify' tells; 'walcrypt repair' truncates a torn tail)")
-            except (StorageError, OSError) as exc:
-                errors.append(str(exc))
+            with open(path, "rb") as f:
+                h = decode_header(f.read(fmt.SEGMENT_HEADER_SIZE), path)
+            if (h.segment_id, h.base_index, h.key_id, h.store_id) != (seg_id, rec["base_index"], rec["key_id"],
+                                                                        store_id):
+                errors.append(f"{path}: the segment header disagrees with the manifest")
+            if not sealed:
+                scan = scan_frame_headers(path)
+                row["last_index"] = scan["last_index"]
+                row["tail"] = scan["tail"]
+                if scan["tail"] != "clean" and live and k == newest:
+                    rep["notes"].append(f"{row['file']}: the running writer appends to it; {scan['tail']} may be "
+                                        f"a write in progress (its last commit ends at offset "
+                                        f"{scan['committed_end']})")
+                elif scan["tail"] != "clean":
+                    warnings.append(f"{row['file']}: {scan['tail']} (a torn tail from a crash, or damage: "
+                                    "'walcrypt verify' tells; 'walcrypt repair' truncates a torn tail)")
+        except FileNotFoundError:
+            gone.append(("segment", seg_id, path))
+            row["missing"], row["size"] = True, None
+        except (StorageError, OSError) as exc:
+            errors.append(str(exc))
         segs.append(row)
     segs.sort(key=lambda s: s["id"])
     rep["segments"] = segs
@@ -429,20 +498,19 @@ def inspect_store(directory: str, kek: K.KeyEncryptionKey | None = None, *,
         row = {"id": sid, "file": f"{os.path.basename(snap_dir)}/{snapshot_file_name(sid, info.index, info.term)}",
                "index": info.index, "term": info.term, "key_id": info.key_id.hex(), "size": info.size,
                "file_size": None, "kek_embedded": False}
-        if not os.path.exists(info.path):
-            errors.append(f"snapshot {sid} listed in the registry is missing: {info.path}")
-            row["missing"] = True
-        else:
+        try:
             row["file_size"] = os.path.getsize(info.path)
-            try:
-                sf = SnapshotFile(DEFAULT_VFS, info.path)      # parses the header; reads only
-                doc = sf.bundle_doc()
-                # A data-directory snapshot carries wrapped keys only; a KEK field would be a bug or tampering.
-                row["kek_embedded"] = any(k in doc for k in ("kek", "kek_material", "key_encryption_key"))
-                if sf.header.snapshot_id != sid or sf.digest != info.digest:
-                    errors.append(f"{info.path}: the snapshot file does not match its registry record")
-            except (StorageError, OSError) as exc:
-                errors.append(str(exc))
+            sf = SnapshotFile(DEFAULT_VFS, info.path)      # parses the header; reads only
+            doc = sf.bundle_doc()
+            # A data-directory snapshot carries wrapped keys only; a KEK field would be a bug or tampering.
+            row["kek_embedded"] = any(k in doc for k in ("kek", "kek_material", "key_encryption_key"))
+            if sf.header.snapshot_id != sid or sf.digest != info.digest:
+                errors.append(f"{info.path}: the snapshot file does not match its registry record")
+        except FileNotFoundError:
+            gone.append(("snapshot", sid, info.path))
+            row["missing"], row["file_size"] = True, None
+        except (StorageError, OSError) as exc:
+            errors.append(str(exc))
         snaps.append(row)
     snaps.sort(key=lambda s: s["id"])
     rep["snapshots"] = snaps
@@ -499,25 +567,22 @@ def inspect_store(directory: str, kek: K.KeyEncryptionKey | None = None, *,
     if key_file and os.path.realpath(key_file).startswith(os.path.realpath(root) + os.sep):
         warnings.append(f"the key file {key_file} lies inside the data directory: the KEK must never live "
                         "beside the data it protects; move it")
-
-    # -- with a key: the engine's authenticated view -------------------------------------
-    if encrypted and kek is None:
-        rep["note"] = ("metadata only, nothing authenticated: give a key (--key-file, --key-env, "
-                       "--passphrase-env or --kms) to verify MACs and read the hard state")
-    else:
-        _authenticated(root, kek if encrypted else None, encrypted, rep, errors)
-
-    rep["warnings"] = warnings
-    rep["errors"] = errors
-    return rep
+    return rep, warnings, errors, gone, encrypted
 
 
-def _authenticated(root: str, kek, encrypted: bool, rep: dict, errors: list[str]) -> None:
-    from .storage import Store
+def _authenticated(root: str, kek, encrypted: bool, rep: dict, errors: list[str], live: bool = False) -> None:
+    """The engine's read-only open (retried on a running store, walcrypt.online.engine_open), and
+    exactly what it checked: the metadata MACs; per segment its header, key commitment and index
+    frame when it is sealed (its records are not read), every committed record when it is open;
+    the newest snapshot end to end.  Rows of segments and snapshots it did not read say so."""
     try:
-        store = Store(root, kek=kek, encrypted=encrypted, read_only=True)
+        store = online.engine_open(root, kek, encrypted, live=live)
     except (KeyProviderError, WrongKeyError, UsageError):
         raise
+    except online.ChangedMeanwhile as exc:
+        rep["note"] = (f"the authenticated read did not complete ({exc}); what is shown is read without "
+                       "authentication - 'walcrypt verify' authenticates a running store file by file")
+        return
     except WalcryptError as exc:
         errors.append(f"authenticated open failed: {exc}")
         return
@@ -532,9 +597,15 @@ def _authenticated(root: str, kek, encrypted: bool, rep: dict, errors: list[str]
         by_id = {s.seg_id: s for s in store.wal.segments}
         for row in rep["segments"]:
             seg = by_id.get(row["id"])
+            row["checked"] = None            # not read by the engine (changed since the metadata was read)
             if seg is not None:
                 row["last_index"] = seg.last_index
                 row["tail"] = None if seg.sealed else "clean"
+                # scanned (open in the manifest): every committed record; else its index frame only
+                row["checked"] = "every record" if seg.units_scanned else "index frame"
+        cur = store.snapshot()
+        for row in rep["snapshots"]:
+            row["checked"] = "every chunk" if cur is not None and row["id"] == cur.info.snapshot_id else None
         if encrypted:
             usage = {k["key_id"]: k for k in store.key_info()["keys"]}
             for row in rep["keyring"]:
@@ -613,6 +684,25 @@ def format_table(headers: list[str], rows: list[list], indent: str = "  ") -> st
     return "\n".join(lines)
 
 
+def _checked_summary(rep: dict) -> str:
+    """What the authenticated read checked, exactly (the 'authenticated' line)."""
+    segs = rep["segments"]
+    index_only = sum(1 for r in segs if r.get("checked") == "index frame")
+    every = sum(1 for r in segs if r.get("checked") == "every record")
+    unread = sum(1 for r in segs if r.get("checked") is None)
+    parts = ["metadata MACs verified"]
+    if index_only:
+        parts.append(f"{index_only} sealed segment(s): header and index frame authenticated, records not read")
+    if every:
+        parts.append(f"{every} open segment(s): every committed record authenticated")
+    if unread:
+        parts.append(f"{unread} segment(s) not read (written or removed after the metadata was read)")
+    snap = next((r for r in rep["snapshots"] if r.get("checked")), None)
+    if snap is not None:
+        parts.append(f"snapshot {snap['id']} authenticated end to end")
+    return "yes: " + "; ".join(parts) + " ('walcrypt verify' authenticates every record)"
+
+
 def render(rep: dict) -> str:
     """The inspection report for people."""
     out = []
@@ -627,7 +717,7 @@ def render(rep: dict) -> str:
                + (f", KEK: {kek.get('kind')}" + (f" ({kek['plugin']})" if kek.get("plugin") else "") if kek else ""))
     out.append(f"store ID       {rep['store_id']}")
     out.append(f"lock           {lock_s}")
-    out.append("authenticated  " + ("yes (MACs verified, segments read through the engine)" if rep["authenticated"]
+    out.append("authenticated  " + (_checked_summary(rep) if rep["authenticated"]
                                     else "no - " + rep.get("note", "see errors below")))
     hs = log.get("hard_state")
     out.append(f"log            first index {log['first_index']}, last index {log['last_index']}"
@@ -684,6 +774,10 @@ def render(rep: dict) -> str:
                    f"needs a snapshot at or above index {rot['snapshot_index_needed']}; {rot['queued']} queued")
     out.append("migration      " + ("none in progress" if rep["migration"] is None
                                     else f"to {rep['migration'].get('to')} interrupted"))
+    if rep.get("notes"):
+        out.append("")
+        out.append(f"notes ({len(rep['notes'])})")
+        out.extend(f"  - {n}" for n in rep["notes"])
     if rep["warnings"]:
         out.append("")
         out.append(f"warnings ({len(rep['warnings'])})")

@@ -11,11 +11,20 @@ database name, the key and the value, so that editing the manifest or the
 keyring is detected as :class:`AuthenticationError`.
 
 Concurrency: one writer process (the ``LOCK`` flock guarantees it); within the
-process the storage engine serialises writes.
+process the storage engine serialises writes.  Readers in other processes (verify,
+inspect, export on a running store) open the environment read-only but *with* LMDB's
+lock file: a read transaction registers in its reader table, so the writer never
+reuses a page that transaction may still read (a lock-free reader of a live
+environment can see torn pages).  Registering writes the reader slot into
+``meta/lock.mdb``, nothing else.  Read transactions are kept short (copy, then
+close): an open one holds back the writer's page reuse.  Without ``lock.mdb`` (no
+process has opened the environment since it was copied) or on a read-only file
+system, a reader opens it without the lock.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -131,6 +140,8 @@ class Meta:
             os.makedirs(path, mode=0o700, exist_ok=True)
             created = True
         self.env = None
+        self._fds: list[int] = []           # the pinned files, open as long as the environment (vfs.pinned_files)
+        self.locked = not readonly          # registered in LMDB's reader table (see the module doc)
         try:
             fresh = created or not os.path.exists(os.path.join(path, "data.mdb"))
             # LMDB opens its files by name: it is handed links to descriptors of the files checked here
@@ -139,8 +150,7 @@ class Meta:
         except BaseException as exc:
             # Interrupted while the pinned names were cleaned up: the environment is open, and LMDB
             # refuses a second handle on it in this process, so it must not leak.
-            if self.env is not None:
-                self.env.close()
+            self._close_env()
             if isinstance(exc, lmdb.Error):
                 raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
             raise
@@ -154,32 +164,69 @@ class Meta:
             self.dbs = {name: self.env.open_db(name, create=not readonly)
                         for name in (DB_STORE, DB_KEYRING, DB_SEGMENTS, DB_STABLE, DB_STATE, DB_SNAPSHOTS)}
         except lmdb.NotFoundError:
-            self.env.close()
+            self._close_env()
             raise CorruptionError(path, None, "the metadata database lacks walcrypt tables",
                                   "this is not a walcrypt data directory") from None
         except lmdb.Error as exc:
-            self.env.close()
+            self._close_env()
             raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
         except BaseException:
-            self.env.close()
+            self._close_env()
             raise
         self._mac_key: bytes | None = None
         self.mac_version = fmt.META_FORMAT_VERSION
 
     def _open_env(self, *, readonly: bool, create: bool, existing: bool = False) -> None:
         """Open the LMDB environment into ``self.env`` through pinned descriptors (FORMAT.md 15: LMDB
-        opens its files by name and would follow a name swapped in after the checks).  ``existing``:
-        data.mdb must be there (a reopen), never created anew."""
-        names = ("data.mdb",) if readonly else ("data.mdb", "lock.mdb")
-        with pinned_files(self.path, names, writable=not readonly, create=create) as lmdb_dir:
-            if existing and not os.path.lexists(os.path.join(lmdb_dir, "data.mdb")):
-                raise StorageError(f"the metadata database {self.path} lost its data.mdb; reopen the store")
-            self.env = lmdb.open(lmdb_dir, map_size=MAP_SIZE, max_dbs=8, subdir=True, readonly=readonly,
-                                 lock=not readonly, sync=True, metasync=True, mode=0o600,
-                                 create=not readonly)
+        opens its files by name and would follow a name swapped in after the checks), kept open in
+        ``self._fds`` until the environment is closed (closing one earlier drops LMDB's record locks
+        on lock.mdb: vfs.pinned_files).  ``existing``: data.mdb must be there (a reopen), never
+        created anew.  A reader pins lock.mdb read-write (never creating it): its reader slot is
+        written there."""
+        path = self.path
+        names = ("data.mdb", "lock.mdb")
+        writable_names = ("lock.mdb",) if readonly else ()
+        for attempt in (0, 1):
+            try:
+                with pinned_files(path, names, writable=not readonly, create=create,
+                                  writable_names=writable_names, keep=self._fds) as lmdb_dir:
+                    if existing and not os.path.lexists(os.path.join(lmdb_dir, "data.mdb")):
+                        raise StorageError(f"the metadata database {path} lost its data.mdb; reopen the store")
+                    if readonly:
+                        self.locked = os.path.lexists(os.path.join(lmdb_dir, "lock.mdb"))
+                    self.env = lmdb.open(lmdb_dir, map_size=MAP_SIZE, max_dbs=8, subdir=True,
+                                         readonly=readonly, lock=self.locked, sync=True, metasync=True,
+                                         mode=0o600, create=not readonly)
+                return
+            except OSError as exc:
+                lock_path = os.path.join(path, "lock.mdb")
+                if not readonly or attempt or os.path.basename(str(exc.filename or "")) != "lock.mdb":
+                    raise
+                if exc.errno == errno.EROFS:
+                    names = ("data.mdb",)        # a read-only file system: read without the lock file
+                    continue
+                if exc.errno in (errno.EACCES, errno.EPERM):
+                    raise UsageError(
+                        f"no permission to open {lock_path} for writing: a reader registers in LMDB's lock "
+                        "file so that a running writer never reuses the pages it reads; run as the user "
+                        "that owns the store") from None
+                raise
 
     def close(self) -> None:
-        self.env.close()
+        self._close_env()
+
+    def _close_env(self) -> None:
+        """The environment first, then the pinned descriptors (closing one of those first would drop
+        LMDB's record locks on lock.mdb while the environment still uses it: vfs.pinned_files).
+        Each is taken before it is closed, so an interrupted close never closes anything twice."""
+        env, self.env = self.env, None
+        try:
+            if env is not None:
+                env.close()
+        finally:
+            fds, self._fds = self._fds, []
+            for fd in fds:
+                os.close(fd)
 
     # -- MAC ---------------------------------------------------------------
     def set_mac_key(self, key: bytes | None, *, version: int | None = None) -> None:
@@ -376,6 +423,9 @@ class Meta:
         """Close the environment and open it again on the file now named data.mdb.  Interrupted in
         between, ``self.env`` is the closed one: every later transaction fails (StorageError)."""
         self.env.close()
+        fds, self._fds = self._fds, []           # the old file's pins, after the environment (_close_env)
+        for fd in fds:
+            os.close(fd)
         try:
             self._open_env(readonly=False, create=False, existing=True)
         except lmdb.Error as exc:

@@ -3,7 +3,7 @@
 Snapshot files carry the wrapped data key they are encrypted under (FORMAT.md 10.5), so a data
 directory whose ``meta/`` is lost, or damaged beyond use, can be rebuilt from its snapshot and
 segment files plus the KEK.  ``recover(path, kek)`` plans the rebuild and writes nothing;
-``recover(path, kek, apply=True)`` carries it out.  The rules (FORMAT.md 11.10):
+``recover(path, kek, apply=True)`` carries it out.  The rules (FORMAT.md 11.11):
 
 Trust.  Every file in the directory is untrusted until it authenticates under a key the KEK
 unwraps.  A snapshot's keyring bundle is parsed with its bounds, its DEK unwrapped (the wrap binds

@@ -203,6 +203,10 @@ class Segment:
         self.records_written = 0
         self.bytes_written = 0
         self.units_scanned = 0                    # committed write units seen by scan()
+        # Set by a reader of a store whose writer is running (walcrypt.online): bytes after the last
+        # commit that are not followed by a later committed unit may be a write in progress, so they
+        # are a tail, never "damage that does not look like an incomplete write" (rule 3).
+        self.tail_may_be_mid_write = False
         self.writable = False
         self.end_offset = 0
 
@@ -627,7 +631,8 @@ class Segment:
                 raise CorruptionError(self.path, bad, f"{detail}, but a later write unit was committed after it",
                                       "mid-log corruption is not repaired automatically; restore the node "
                                       "from a snapshot or " + WIPE_ADVICE)
-        if self._is_our_frame(src, bad, seq, chain) and not _looks_incomplete(src, bad, extent_end, window):
+        if not self.tail_may_be_mid_write and self._is_our_frame(src, bad, seq, chain) \
+                and not _looks_incomplete(src, bad, extent_end, window):
             raise CorruptionError(self.path, bad, f"{detail} in the last batch, and the damage does not look like "
                                   "an incomplete write", "run 'walcrypt verify'; restore from a snapshot if needed")
         return committed_end, (bad, detail)

@@ -391,7 +391,7 @@ class Store:
                "keys": [{"id": k.key_id.hex(), "state": k.state, "algorithm": k.algorithm, "purpose": k.purpose,
                          "created_ns": k.created_ns, "state_changed_ns": k.state_changed_ns,
                          "wrapped": wrapped[k.key_id].hex()}
-                        for k in self.keys.values()
+                        for k in list(self.keys.values())     # a copy: a rotation may add a key meanwhile
                         if k.state != K.DESTROYED and (key_ids is None or k.key_id in key_ids)]}
         return json.dumps(doc, sort_keys=True).encode()
 

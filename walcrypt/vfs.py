@@ -548,22 +548,33 @@ def create_replacing(vfs: VFS, path: str, flags: int = os.O_WRONLY, mode: int = 
 
 
 @contextlib.contextmanager
-def pinned_files(directory: str, names: tuple[str, ...], *, writable: bool, create: bool) -> Iterator[str]:
+def pinned_files(directory: str, names: tuple[str, ...], *, writable: bool, create: bool,
+                 writable_names: tuple[str, ...] = (), keep: list | None = None) -> Iterator[str]:
     """A directory to hand a library that opens ``directory``'s files ``names`` by name (LMDB).
 
     Each file is opened here first, without following a link and without blocking, and must be a
     regular file no other name shares (else SymlinkError / UnsafeFileError); it is created (never
     through a link) when ``create``; a file that is missing and not created is left missing.
+    Files are opened read-write when ``writable``, and those in ``writable_names`` always (a
+    read-only LMDB environment still writes its reader slot into ``lock.mdb``).
+
+    ``keep``: when the block exits normally, the descriptors are appended to this list instead of
+    being closed, and the caller closes them after the library closed its own.  LMDB needs that:
+    closing *any* descriptor of a file drops every POSIX record lock the process holds on it, and
+    LMDB tells whether other processes use ``lock.mdb`` by such locks - a process that lost them is
+    taken for gone, and the next one to open the environment re-initialises the lock file under it
+    (its reader table and its transaction counter: pages still being read get reused, and the
+    writer's transaction IDs start over).
     On Linux the directory yielded is a private temporary one whose entries are links to
     ``/proc/self/fd/N`` of the descriptors opened here: the library reopens exactly the files that
     were checked, whatever is swapped into ``directory`` meanwhile.  Without ``/proc`` the
     directory itself is yielded (a name swapped between this check and the library's own open is
     then followed: FORMAT.md's threat model)."""
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | (os.O_CREAT if create else 0)
     fds: dict[str, int] = {}
     private: str | None = None
     try:
         for name in names:
+            flags = (os.O_RDWR if writable or name in writable_names else os.O_RDONLY) | (os.O_CREAT if create else 0)
             try:
                 fds[name] = DEFAULT_VFS.open(os.path.join(directory, name), flags | _O_NOFOLLOW, 0o600)
             except FileNotFoundError:
@@ -581,6 +592,9 @@ def pinned_files(directory: str, names: tuple[str, ...], *, writable: bool, crea
             yield private
         else:
             yield directory
+        if keep is not None:
+            keep.extend(fds.values())
+            fds = {}
     finally:
         for fd in fds.values():
             os.close(fd)

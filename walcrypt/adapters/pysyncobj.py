@@ -230,6 +230,13 @@ class WalcryptNode:
         """Rotate this node's data key (runs on the tick thread; completes at the next compaction)."""
         self._rotate_requested = True
 
+    def export_snapshot(self, out_path, *, embed_kek: bool = False) -> dict:
+        """Back up the newest snapshot with its wrapped keys to ``out_path`` while the node runs
+        (Store.export_snapshot; ``walcrypt snapshot export`` does the same from another process)."""
+        if self.store is None or self.store.closed:
+            raise UsageError("the node's store is not open (the SyncObj has not started, or was destroyed)")
+        return self.store.export_snapshot(out_path, embed_kek=embed_kek)
+
     @property
     def rotation_done(self) -> bool:
         return not self._rotate_requested and self.store is not None and not self.store.needs_snapshot
