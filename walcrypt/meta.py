@@ -273,8 +273,8 @@ class Meta:
     # record without a key.  So every write transaction also seals a digest of the set of keys of
     # every MAC'd table into the compaction-point record (which every open reads and which is
     # itself MAC'd), and opening checks it.  Version 1 stores carry a 24-byte compaction record
-    # without a catalog; from version 3 on (whose MAC domain no older record shares) a record
-    # without a catalog is refused.
+    # without a catalog; from version 2 on (whose upgrade sealed the catalog in the upgrading
+    # commit) a record without a catalog is refused.
     def catalog_digest(self, txn) -> bytes:
         h = hashlib.sha256(b"walcrypt/v1/catalog")
         for db in CATALOG_DBS:
@@ -299,7 +299,7 @@ class Meta:
             raw = r.get(DB_STATE, K_COMPACTED)
             if raw is None:
                 return                  # no store yet
-            if len(raw) == 24 and self.mac_version < FIRST_DOMAIN_TAGGED_VERSION:
+            if len(raw) == 24 and self.mac_version < 2:     # version 2 sealed it at its upgrade
                 return                  # written before the catalog existed
             if len(raw) != 24 + CATALOG_SIZE or not hmac.compare_digest(raw[24:], self.catalog_digest(r.txn)):
                 raise AuthenticationError(

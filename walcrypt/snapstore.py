@@ -27,6 +27,7 @@ import weakref
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from . import bounded
 from . import crypto
 from . import format as fmt
 from . import meta as M
@@ -345,7 +346,41 @@ class Snapshots:
             for rec in seg.snapshot_records:
                 if rec[0] == snap_id:
                     return rec
+        # A recovery that sealed that segment and was interrupted before it came here leaves it
+        # sealed, and a sealed segment is not read at open: read the sealed ones, newest first (only
+        # while an intent-named file is in question, so at most once after such a crash).
+        for seg in reversed(self.store.wal.segments):
+            if seg.units_scanned:
+                continue
+            try:
+                found = self._scan_snapshot_records(seg)
+            except SymlinkError:
+                raise
+            except StorageError as exc:          # a damaged segment is the log's finding, not this one's
+                log.warning("looking for the log record of snapshot %d: %s", snap_id, exc)
+                continue
+            for rec in found:
+                if rec[0] == snap_id:
+                    return rec
         return None
+
+    def _scan_snapshot_records(self, seg) -> list[tuple]:
+        """The SNAPSHOT records of a segment the open did not scan, read (authenticated) through a
+        separate reader so that the log's own Segment object is left as it is."""
+        st = self.store
+        fd = st.vfs.open(seg.path, os.O_RDONLY)
+        try:
+            src = bounded.FileSource(st.vfs, fd)
+            ident = seg.ident
+            rec = {"base_index": ident.base_index, "algorithm": ident.algorithm, "key_id": ident.key_id}
+            reader = st.bind_segment(seg.path, seg.seg_id, rec, src.read(0, fmt.SEGMENT_HEADER_SIZE))
+            try:
+                reader.scan(src)
+                return list(reader.snapshot_records)
+            finally:
+                reader.close()
+        finally:
+            st.vfs.close(fd)
 
     def _roll_forward(self, path: str, snap_id: int, record: tuple) -> None:
         st = self.store
