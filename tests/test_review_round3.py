@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import lmdb
 import pytest
@@ -26,7 +27,7 @@ from walcrypt import keys as K
 from walcrypt import meta as M
 from walcrypt.check import check
 from walcrypt.snapshot import SnapshotFile
-from walcrypt.vfs import DEFAULT_VFS
+from walcrypt.vfs import DEFAULT_VFS, VFS
 
 import wctest
 
@@ -336,3 +337,122 @@ def test_a_snapshot_being_sent_to_a_follower_breaks_with_a_bare_oserror_after_ro
         except WalcryptError:
             again = None
         assert again in (None, data)
+
+
+class _SlowSnapshotDisk(VFS):
+    """A disk on which writing a snapshot file takes a while: once armed, the first ``.tmp-`` file
+    opened (a snapshot copy being written) holds its writer until ``release`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+        self.writing = threading.Event()
+        self.release = threading.Event()
+
+    def open(self, path, flags, mode=0o600):
+        fd = super().open(path, flags, mode)
+        if self.armed and os.path.basename(path).startswith(".tmp-"):
+            self.armed = False
+            self.writing.set()
+            self.release.wait(60)
+        return fd
+
+
+@pytest.mark.xfail(strict=True, reason="rotate_kek stages the re-wrapped keyring before it copies every snapshot "
+                                       "and commits only the keys it staged: a DEK rotation the key budget starts "
+                                       "from a save meanwhile leaves the new DEK wrapped under the old KEK, and after "
+                                       "a restart neither KEK opens the store")
+def test_a_budget_dek_rotation_during_rotate_kek_leaves_a_store_no_kek_opens(tmp_path):
+    data_dir = str(tmp_path / "data")
+    disk = _SlowSnapshotDisk()
+    s = walcrypt.open(data_dir, kek=KEK, vfs=disk, segment_size=4096, max_records_per_dek=40)
+    try:
+        s.save(HardState(1, 1, 10), _ents(1, 11, 1))
+        s.save_snapshot(SnapshotMeta(10, 1, CS), b"state machine at 10" * 1000)
+        keys_before = set(s.keys)
+        failed = []
+
+        def operator():
+            try:
+                s.rotate_kek(NEW_KEK)
+            except BaseException as exc:       # noqa: BLE001 - reported below
+                failed.append(exc)
+
+        disk.armed = True
+        admin = threading.Thread(target=operator)
+        admin.start()
+        assert disk.writing.wait(60)
+        # The Raft thread keeps saving while the snapshots are copied; the key budget is reached.
+        i = 11
+        while set(s.keys) == keys_before:
+            assert i < 2000, "the key budget never started a DEK rotation"
+            s.save(HardState(1, 1, i), _ents(i, i + 1, 1, b"acknowledged " * 4))
+            i += 1
+        disk.release.set()
+        admin.join(60)
+        assert not failed, failed
+        s.save(HardState(1, 1, i), _ents(i, i + 1, 1, b"acknowledged "))
+        first = s.first_index()
+        expected = s.entries(first, i + 1)
+    finally:
+        disk.release.set()
+        s.close()
+    opened = {}
+    for name, kek in (("new KEK", NEW_KEK), ("old KEK", KEK)):
+        try:
+            with walcrypt.open(data_dir, kek=kek) as s:
+                opened[name] = s.entries(first, i + 1) == expected
+        except WalcryptError as exc:
+            opened[name] = type(exc).__name__
+    assert opened.get("new KEK") is True, f"after the restart: {opened}"
+
+
+@pytest.mark.xfail(strict=True, reason="the in-progress check of rotate_kek runs once, before it copies the "
+                                       "snapshots: a snapshot begun meanwhile (InstallSnapshot on the Raft thread) "
+                                       "takes the keyring bundle under the old KEK, and once it commits the old KEK "
+                                       "unwraps the live DEK from the data directory")
+def test_a_snapshot_begun_while_rotate_kek_copies_keeps_the_old_kek(tmp_path):
+    data_dir = str(tmp_path / "data")
+    disk = _SlowSnapshotDisk()
+    with walcrypt.open(data_dir, kek=KEK, vfs=disk) as s:
+        s.save(HardState(1, 1, 10), _ents(1, 11, 1))
+        s.save_snapshot(SnapshotMeta(10, 1, CS), b"state machine at 10")
+        old_params = s.kek_params
+        failed = []
+
+        def operator():
+            try:
+                s.rotate_kek(NEW_KEK)
+            except BaseException as exc:       # noqa: BLE001 - reported below
+                failed.append(exc)
+
+        disk.armed = True
+        admin = threading.Thread(target=operator)
+        admin.start()
+        assert disk.writing.wait(60)
+        try:
+            w = s.begin_snapshot(SnapshotMeta(20, 2, CS))      # the leader's InstallSnapshot arrives
+        except WalcryptError:
+            w = None                                           # refusing it would be fine
+        disk.release.set()
+        admin.join(60)
+        if w is not None:
+            try:
+                w.write(b"leader state at 20")
+                w.commit()
+            except WalcryptError:
+                pass                                           # so would a refused commit
+        assert not failed, failed
+        live = s.active_key_id()
+    wrapper = KEK.wrapper(old_params)
+    unwrapped = []
+    for name in _snap_files(data_dir):
+        doc = json.loads(SnapshotFile(DEFAULT_VFS, os.path.join(data_dir, SNAP, name)).bundle)
+        for k in doc["keys"]:
+            try:
+                wrapper.unwrap(bytes.fromhex(k["wrapped"]),
+                               K.wrap_context(bytes.fromhex(doc["store_id"]), bytes.fromhex(k["id"]), k["purpose"]))
+            except WrongKeyError:
+                continue
+            unwrapped.append((name, k["id"]))
+    assert not unwrapped, f"the old KEK unwraps {unwrapped} (live DEK {live.hex()}) after rotate_kek returned"
