@@ -1,0 +1,617 @@
+"""Findings of an adversarial review of metadata format version 3, the roll-forward of snapshots
+tied to the log, the KEK rotation that rewrites snapshot files and the compaction of the metadata
+file.  Each test reproduces one break with real files, real LMDB and (where a crash matters) a
+real child process killed with SIGKILL, and asserts what FORMAT.md / GUARANTEES.md promise.  Each
+is marked ``xfail(strict=True)``: the file passes as committed and starts failing (asking for the
+mark to be removed) once the break is fixed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import lmdb
+import pytest
+
+import walcrypt
+from walcrypt import ConfState, Entry, HardState, SnapshotMeta, WalcryptError, WrongKeyError
+from walcrypt import keys as K
+from walcrypt import meta as M
+from walcrypt.check import check
+from walcrypt.snapshot import SnapshotFile
+from walcrypt.vfs import DEFAULT_VFS, VFS
+
+import wctest
+
+KEK = walcrypt.RawKey(wctest.KEK_BYTES)
+NEW_KEK = walcrypt.RawKey(bytes(reversed(wctest.KEK_BYTES)))
+CS = ConfState(voters=(1, 2, 3))
+WAL = "wal-v1-encrypted"
+SNAP = "snap-v1-encrypted"
+
+
+def _ents(lo: int, hi: int, term: int, tag: bytes = b"") -> list[Entry]:
+    return [Entry(i, term, tag + b"entry %d term %d" % (i, term)) for i in range(lo, hi)]
+
+
+def _snap_files(data_dir: str) -> list[str]:
+    d = os.path.join(data_dir, SNAP)
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+# -- a real child process, killed with SIGKILL where it announces a point --------------------------
+
+_CHILD_PRELUDE = """
+import os, sys, time
+import walcrypt, wctest
+from walcrypt import ConfState, Entry, HardState, SnapshotMeta
+from walcrypt import meta as M, snapstore, storage
+KEK = walcrypt.RawKey(wctest.KEK_BYTES)
+NEW_KEK = walcrypt.RawKey(bytes(reversed(wctest.KEK_BYTES)))
+CS = ConfState(voters=(1, 2, 3))
+data_dir = sys.argv[1]
+
+def kill_point(cls, name, after=False):
+    # Announce the point and wait there for the parent's SIGKILL.
+    real = getattr(cls, name)
+    def wrapper(*a, **k):
+        if after:
+            real(*a, **k)
+        sys.stdout.write("AT-KILL-POINT\\n")
+        sys.stdout.flush()
+        time.sleep(60)
+        os._exit(3)                           # never reached: killed first
+    setattr(cls, name, wrapper)
+"""
+
+
+def _run_killed(data_dir: str, code: str) -> None:
+    """Run ``code`` in a child; SIGKILL it when it announces its kill point (it must)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([wctest.REPO_ROOT, wctest.TESTS_DIR,
+                                                       os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-c", _CHILD_PRELUDE + textwrap.dedent(code), data_dir],
+                         stdout=subprocess.PIPE, env=env, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.strip() == "AT-KILL-POINT", f"the child ended without reaching its kill point ({line!r})"
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdout.close()
+
+
+# -------------------------------------------------------------------------------------------------
+# 1. Metadata format version 3: the upgrade of a version 2 store
+# -------------------------------------------------------------------------------------------------
+
+def _rewrite_meta_as(data_dir: str, mac_key: bytes, version: int) -> None:
+    """The metadata as an older release laid it out (FORMAT.md 9.1): every MAC'd value re-MAC'd
+    without the version 3 domain tag; version 1 also has the 24-byte compaction record and none of
+    the intent or purge records."""
+    v2_only = (M.K_CREATING, M.K_SNAP_CREATING, M.K_PURGED, M.K_SNAP_PURGED, M.K_STAGING)
+    env = lmdb.open(os.path.join(data_dir, "meta"), max_dbs=8)
+    try:
+        dbs = {name: env.open_db(name) for name in (M.DB_STORE,) + M.CATALOG_DBS}
+        with env.begin(write=True) as txn:
+            for db in M.CATALOG_DBS:
+                for k, stored in list(txn.cursor(db=dbs[db])):
+                    k, value = bytes(k), bytes(stored)[:-M.MAC_SIZE]
+                    if version == 1 and db == M.DB_STATE and k in v2_only:
+                        txn.delete(k, db=dbs[db])
+                        continue
+                    if version == 1 and db == M.DB_STATE and k == M.K_COMPACTED:
+                        value = value[:24]
+                    txn.put(k, value + M.keyed_mac(mac_key, db, k, value, version=version), db=dbs[db])
+            txn.put(M.K_FORMAT_VERSION, bytes([version]), db=dbs[M.DB_STORE])
+    finally:
+        env.close()
+
+
+def _raw_record(data_dir: str, db: bytes, key: bytes) -> bytes:
+    env = lmdb.open(os.path.join(data_dir, "meta"), max_dbs=8, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return bytes(txn.get(key, db=env.open_db(db, txn=txn)))
+    finally:
+        env.close()
+
+
+@pytest.mark.xfail(strict=True, reason="a version 2 store accepts a compaction record without a catalog (only "
+                                       "version 3 requires one), so a record replayed from the store's version 1 "
+                                       "past switches the catalog off, and the upgrade seals the deletion it hid "
+                                       "into a version 3 store that verify then passes")
+def test_a_version_1_compaction_record_replayed_into_a_version_2_store_is_sealed_by_the_upgrade(tmp_path):
+    data_dir = str(tmp_path / "data")
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(1, 1, 5), _ents(1, 6, 1))
+        mac_key = s.meta._mac_key
+    # The store's version 1 past: the compaction record exactly as a version 1 meta/ held it (a
+    # backup or a file-system snapshot of that time is where an attacker finds it).
+    _rewrite_meta_as(data_dir, mac_key, 1)
+    v1_compaction_record = _raw_record(data_dir, M.DB_STATE, M.K_COMPACTED)
+    assert len(v1_compaction_record) == 24 + M.MAC_SIZE
+    # Later: more acknowledged entries, and the store as the previous release (version 2) left it.
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(2, 2, 11), _ents(6, 12, 2, b"acknowledged "))
+    _rewrite_meta_as(data_dir, mac_key, 2)
+    assert check(data_dir, kek=KEK).ok
+    # The attacker, without the key and without touching store/format_version: the old record back,
+    # the newest manifest record and the intent record deleted.
+    env = lmdb.open(os.path.join(data_dir, "meta"), max_dbs=8)
+    try:
+        state, segments = env.open_db(M.DB_STATE), env.open_db(M.DB_SEGMENTS)
+        with env.begin(write=True) as txn:
+            txn.put(M.K_COMPACTED, v1_compaction_record, db=state)
+            txn.delete(M.K_CREATING, db=state)
+            newest = max(bytes(k) for k, _ in txn.cursor(db=segments))
+            assert txn.delete(newest, db=segments)
+    finally:
+        env.close()
+    report = check(data_dir, kek=KEK)
+    try:
+        with walcrypt.open(data_dir, kek=KEK) as s:         # the first open of the new release upgrades
+            served = s.last_index()
+    except WalcryptError:
+        served = None
+    assert not report.ok and served in (None, 11), \
+        f"verify OK={report.ok}; the store opened (and was upgraded) serving a log that ends at {served}, not 11"
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. The roll-forward of a snapshot tied to the log
+# -------------------------------------------------------------------------------------------------
+
+class _InterruptOpeningSnapshots(VFS):
+    """KeyboardInterrupt (a Ctrl-C, a signal handler's exception) when a snapshot file is opened."""
+
+    def open(self, path, flags, mode=0o600):
+        if path.endswith(".snap"):
+            raise KeyboardInterrupt
+        return super().open(path, flags, mode)
+
+
+@pytest.mark.parametrize("interrupt", ["sigkill", "keyboard-interrupt"])
+@pytest.mark.parametrize("how", ["crash-in-the-commit-window", "meta-put-back-from-the-commit-window"])
+@pytest.mark.xfail(strict=True, reason="open seals the recovered segment that holds the SNAPSHOT record before it "
+                                       "looks for the record, and looks only in segments the manifest calls open: "
+                                       "if that first open is interrupted in between, the next one no longer sees "
+                                       "the record and deletes the snapshot")
+def test_a_snapshot_tied_to_the_log_is_deleted_when_the_first_recovery_is_interrupted(tmp_path, monkeypatch,
+                                                                                       how, interrupt):
+    data_dir, copy = str(tmp_path / "data"), str(tmp_path / "meta-copy")
+    if how == "crash-in-the-commit-window":
+        # InstallSnapshot ahead of the log; SIGKILL after its SNAPSHOT record (the commit point,
+        # FORMAT.md 10.6) is durable and before the registering commit.
+        _run_killed(data_dir, """
+            s = walcrypt.open(data_dir, kek=KEK)
+            s.save(HardState(1, 1, 5), [Entry(i, 1, b"entry %d" % i) for i in range(1, 6)])
+            kill_point(snapstore.Snapshots, "_register")
+            s.save_snapshot(SnapshotMeta(100, 3, CS), b"leader state at 100")
+        """)
+    else:
+        # The save returns (acknowledged); meta/ is later put back from inside its commit window.
+        real = walcrypt.storage.Store.keyring_bundle
+
+        def keyring_bundle(self, *a, **k):
+            if not os.path.exists(copy):
+                shutil.copytree(os.path.join(data_dir, "meta"), copy)
+            return real(self, *a, **k)
+
+        with walcrypt.open(data_dir, kek=KEK) as s:
+            s.save(HardState(1, 1, 5), _ents(1, 6, 1))
+            monkeypatch.setattr(walcrypt.storage.Store, "keyring_bundle", keyring_bundle)
+            s.save_snapshot(SnapshotMeta(100, 3, CS), b"leader state at 100")
+            monkeypatch.setattr(walcrypt.storage.Store, "keyring_bundle", real)
+        shutil.rmtree(os.path.join(data_dir, "meta"))
+        shutil.copytree(copy, os.path.join(data_dir, "meta"))
+    (snap_name,) = _snap_files(data_dir)
+    # The first open recovers: it seals the segment it scanned, then is interrupted before the
+    # snapshot is registered - killed (a power cut, an OOM kill), or a KeyboardInterrupt as it
+    # opens the snapshot file to roll it forward.
+    if interrupt == "sigkill":
+        _run_killed(data_dir, """
+            kill_point(storage.Store, "_seal_recovered", after=True)
+            walcrypt.open(data_dir, kek=KEK)
+        """)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            walcrypt.open(data_dir, kek=KEK, vfs=_InterruptOpeningSnapshots())
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        served = (s.snapshot().meta.index, s.snapshot().data, s.last_index()) if s.snapshot() else None
+    assert snap_name in _snap_files(data_dir), "the snapshot tied to the log was deleted as a creation leftover"
+    assert served == (100, b"leader state at 100", 100)
+
+
+@pytest.mark.parametrize("left_by", ["uncommitted-kek-rotation", "interrupted-recovery"])
+@pytest.mark.xfail(strict=True, reason="verify says a snapshot file tied to the log will be registered by the next "
+                                       "read-write open, but the open deletes it: a copy of an uncommitted KEK "
+                                       "rotation (same index and term as a registered snapshot), or a file whose "
+                                       "record is in a segment the manifest calls sealed (verify reads those, the "
+                                       "open does not)")
+def test_verify_predicts_the_registration_of_a_file_the_open_deletes(tmp_path, left_by):
+    data_dir = str(tmp_path / "data")
+    if left_by == "uncommitted-kek-rotation":
+        _run_killed(data_dir, """
+            s = walcrypt.open(data_dir, kek=KEK)
+            s.save(HardState(1, 1, 5), [Entry(i, 1, b"entry %d" % i) for i in range(1, 6)])
+            s.save_snapshot(SnapshotMeta(5, 1, CS), b"state at 5")
+            kill_point(snapstore.Snapshots, "register_copies")   # rotate_kek: copies tied to the log, no commit
+            s.rotate_kek(NEW_KEK)
+        """)
+        assert len(_snap_files(data_dir)) == 2
+    else:
+        _run_killed(data_dir, """
+            s = walcrypt.open(data_dir, kek=KEK)
+            s.save(HardState(1, 1, 5), [Entry(i, 1, b"entry %d" % i) for i in range(1, 6)])
+            kill_point(snapstore.Snapshots, "_register")         # after the SNAPSHOT record
+            s.save_snapshot(SnapshotMeta(100, 3, CS), b"leader state at 100")
+        """)
+        with pytest.raises(KeyboardInterrupt):                   # the recovery seals, then is interrupted
+            walcrypt.open(data_dir, kek=KEK, vfs=_InterruptOpeningSnapshots())
+        assert len(_snap_files(data_dir)) == 1
+    report = check(data_dir, kek=KEK)
+    predicted = {os.path.basename(f.path) for f in report.findings if "registers it" in f.detail}
+    assert predicted
+    with walcrypt.open(data_dir, kek=KEK):
+        pass
+    after = set(_snap_files(data_dir))
+    wrong = {name for name in predicted if name not in after}
+    assert not wrong, f"verify said the next open registers {sorted(wrong)}; the open deleted them"
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. rotate_kek rewriting the snapshot files
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="a begin_snapshot() whose host code raised between two writes (its handle "
+                                       "dropped, never aborted) is no longer seen by the in-progress check; rotate_kek "
+                                       "returns and the .tmp- file keeps the live DEK wrapped under the old KEK")
+def test_an_abandoned_streamed_snapshot_keeps_the_live_dek_under_the_old_kek_after_rotate_kek(tmp_path):
+    data_dir = str(tmp_path / "data")
+    with walcrypt.open(data_dir, kek=KEK) as s:
+        s.save(HardState(1, 1, 9), _ents(1, 10, 1))
+        old_params = s.kek_params
+
+        def chunks_from_leader():
+            yield b"first chunk of the leader's state"
+            raise ConnectionError("leader went away")
+
+        def receive_install_snapshot():
+            # The docstring's pattern: begin, write what arrives, commit.  The connection drops: the
+            # host's own code raises between two writes, and the pending snapshot is dropped.
+            w = s.begin_snapshot(SnapshotMeta(9, 1, CS))
+            for chunk in chunks_from_leader():
+                w.write(chunk)
+            w.commit()
+
+        try:
+            receive_install_snapshot()
+        except ConnectionError:
+            pass                                              # the Raft library logs it and goes on
+        gc.collect()
+        s.rotate_kek(NEW_KEK)                                 # returns: the old KEK must unwrap nothing
+        live_dek = s.active_key_id()
+        unwrapped = []
+        wrapper = KEK.wrapper(old_params)
+        for name in _snap_files(data_dir):
+            f = SnapshotFile(DEFAULT_VFS, os.path.join(data_dir, SNAP, name))
+            doc = json.loads(f.bundle)
+            for k in doc["keys"]:
+                try:
+                    wrapper.unwrap(bytes.fromhex(k["wrapped"]),
+                                   K.wrap_context(s.store_id, bytes.fromhex(k["id"]), k["purpose"]))
+                except WrongKeyError:
+                    continue
+                unwrapped.append((name, k["id"]))
+        assert not unwrapped, (f"after rotate_kek returned, the old KEK unwraps data keys from {unwrapped} "
+                               f"(the live DEK is {live_dek.hex()})")
+
+
+@pytest.mark.xfail(strict=True, reason="a begin_snapshot() abandoned by an exception in the host's code leaves its .tmp- file, with the "
+                                       "DEK wrapped in its bundle, until the next open: destroying that DEK (a DEK "
+                                       "rotation with destroy_retired_keys) returns with the wrapped key still on disk")
+def test_an_abandoned_streamed_snapshot_keeps_a_destroyed_dek_wrapped_on_disk(tmp_path):
+    data_dir = str(tmp_path / "data")
+    with walcrypt.open(data_dir, kek=KEK, destroy_retired_keys=True) as s:
+        s.save(HardState(1, 1, 9), _ents(1, 10, 1))
+        doomed = s.active_key_id()
+        doomed_wrapped = s.keys[doomed].wrapped
+
+        def chunks_from_leader():
+            yield b"first chunk of the leader's state"
+            raise ConnectionError("leader went away")
+
+        def receive_install_snapshot():              # the transfer breaks between two writes
+            w = s.begin_snapshot(SnapshotMeta(9, 1, CS))
+            for chunk in chunks_from_leader():
+                w.write(chunk)
+            w.commit()
+
+        try:
+            receive_install_snapshot()
+        except ConnectionError:
+            pass
+        gc.collect()
+        s.rotate_dek()                                # the DEK is suspected compromised: shred it
+        s.save(HardState(1, 1, 12), _ents(10, 13, 1))
+        s.save_snapshot(SnapshotMeta(12, 1, CS), b"state at 12")     # completes the rotation
+        assert s.keys[doomed].state == K.DESTROYED
+        holders = []
+        for dirpath, _dirs, files in os.walk(data_dir):
+            for name in files:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    data = f.read()
+                if doomed_wrapped in data or doomed_wrapped.hex().encode() in data:
+                    holders.append(os.path.relpath(os.path.join(dirpath, name), data_dir))
+    assert not holders, f"the destroyed DEK {doomed.hex()} is still wrapped in {holders}"
+
+
+@pytest.mark.xfail(strict=True, reason="rotate_kek reads every retained snapshot to copy it: one older snapshot "
+                                       "with a damaged chunk (never verified at open) fails the running store, and "
+                                       "every later rotate_kek fails the same way - the KEK cannot be rotated")
+def test_a_damaged_older_snapshot_makes_every_rotate_kek_fail_the_store(tmp_path):
+    data_dir = str(tmp_path / "data")
+    with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
+        s.save(HardState(1, 1, 20), _ents(1, 21, 1))
+        s.save_snapshot(SnapshotMeta(5, 1, CS), b"A" * 5000)
+        s.save_snapshot(SnapshotMeta(10, 1, CS), b"B" * 5000)
+        older = s.snapshots.infos[0].path
+    with open(older, "r+b") as f:                    # bit rot inside the older snapshot's last chunk
+        f.seek(-20, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-20, os.SEEK_END)
+        f.write(bytes([b[0] ^ 1]))
+    outcome = []
+    with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:   # opens: only the newest is verified
+        try:
+            s.rotate_kek(NEW_KEK)                    # the KEK is suspected compromised: rotate now
+            outcome.append("rotated")
+        except WalcryptError as exc:
+            outcome.append(type(exc).__name__)
+        try:
+            s.save(HardState(1, 1, 21), _ents(21, 22, 1))
+            outcome.append("saves")
+        except WalcryptError as exc:
+            outcome.append(type(exc).__name__)
+    assert outcome == ["rotated", "saves"], f"rotate_kek, then a save: {outcome}"
+    with walcrypt.open(data_dir, kek=NEW_KEK, keep_snapshots=2) as s:
+        assert s.snapshot().data == b"B" * 5000
+    with pytest.raises(WrongKeyError):
+        walcrypt.open(data_dir, kek=KEK).close()
+
+
+@pytest.mark.xfail(strict=True, reason="rotate_kek unlinks the current snapshot file; a Snapshot handle the host "
+                                       "took before it (a leader streaming the snapshot to a follower) then fails "
+                                       "with a bare FileNotFoundError")
+def test_a_snapshot_being_sent_to_a_follower_breaks_with_a_bare_oserror_after_rotate_kek(tmp_path):
+    data_dir = str(tmp_path / "data")
+    data = bytes(range(256)) * 64
+    with walcrypt.open(data_dir, kek=KEK, snapshot_chunk_size=1024) as s:
+        s.save(HardState(1, 1, 5), _ents(1, 6, 1))
+        s.save_snapshot(SnapshotMeta(5, 1, CS), data)
+        snap = s.snapshot()                          # the leader starts an InstallSnapshot to a follower
+        stream = snap.open()
+        s.rotate_kek(NEW_KEK)                        # the operator rotates the KEK meanwhile
+        try:
+            sent = stream.read()
+        except WalcryptError:
+            sent = None                              # a typed error would do; a bare OSError does not
+        assert sent in (None, data)
+        try:
+            again = snap.data
+        except WalcryptError:
+            again = None
+        assert again in (None, data)
+
+
+class _SlowSnapshotDisk(VFS):
+    """A disk on which writing a snapshot file takes a while: once armed, the first ``.tmp-`` file
+    opened (a snapshot copy being written) holds its writer until ``release`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+        self.writing = threading.Event()
+        self.release = threading.Event()
+
+    def open(self, path, flags, mode=0o600):
+        fd = super().open(path, flags, mode)
+        if self.armed and os.path.basename(path).startswith(".tmp-"):
+            self.armed = False
+            self.writing.set()
+            self.release.wait(60)
+        return fd
+
+
+@pytest.mark.xfail(strict=True, reason="rotate_kek stages the re-wrapped keyring before it copies every snapshot "
+                                       "and commits only the keys it staged: a DEK rotation the key budget starts "
+                                       "from a save meanwhile leaves the new DEK wrapped under the old KEK, and after "
+                                       "a restart neither KEK opens the store")
+def test_a_budget_dek_rotation_during_rotate_kek_leaves_a_store_no_kek_opens(tmp_path):
+    data_dir = str(tmp_path / "data")
+    disk = _SlowSnapshotDisk()
+    s = walcrypt.open(data_dir, kek=KEK, vfs=disk, segment_size=4096, max_records_per_dek=40)
+    try:
+        s.save(HardState(1, 1, 10), _ents(1, 11, 1))
+        s.save_snapshot(SnapshotMeta(10, 1, CS), b"state machine at 10" * 1000)
+        keys_before = set(s.keys)
+        failed = []
+
+        def operator():
+            try:
+                s.rotate_kek(NEW_KEK)
+            except BaseException as exc:       # noqa: BLE001 - reported below
+                failed.append(exc)
+
+        disk.armed = True
+        admin = threading.Thread(target=operator)
+        admin.start()
+        assert disk.writing.wait(60)
+        # The Raft thread keeps saving while the snapshots are copied; the key budget is reached.
+        i = 11
+        while set(s.keys) == keys_before:
+            assert i < 2000, "the key budget never started a DEK rotation"
+            s.save(HardState(1, 1, i), _ents(i, i + 1, 1, b"acknowledged " * 4))
+            i += 1
+        disk.release.set()
+        admin.join(60)
+        assert not failed, failed
+        s.save(HardState(1, 1, i), _ents(i, i + 1, 1, b"acknowledged "))
+        first = s.first_index()
+        expected = s.entries(first, i + 1)
+    finally:
+        disk.release.set()
+        s.close()
+    opened = {}
+    for name, kek in (("new KEK", NEW_KEK), ("old KEK", KEK)):
+        try:
+            with walcrypt.open(data_dir, kek=kek) as s:
+                opened[name] = s.entries(first, i + 1) == expected
+        except WalcryptError as exc:
+            opened[name] = type(exc).__name__
+    assert opened.get("new KEK") is True, f"after the restart: {opened}"
+
+
+@pytest.mark.xfail(strict=True, reason="the in-progress check of rotate_kek runs once, before it copies the "
+                                       "snapshots: a snapshot begun meanwhile (InstallSnapshot on the Raft thread) "
+                                       "takes the keyring bundle under the old KEK, and once it commits the old KEK "
+                                       "unwraps the live DEK from the data directory")
+def test_a_snapshot_begun_while_rotate_kek_copies_keeps_the_old_kek(tmp_path):
+    data_dir = str(tmp_path / "data")
+    disk = _SlowSnapshotDisk()
+    with walcrypt.open(data_dir, kek=KEK, vfs=disk) as s:
+        s.save(HardState(1, 1, 10), _ents(1, 11, 1))
+        s.save_snapshot(SnapshotMeta(10, 1, CS), b"state machine at 10")
+        old_params = s.kek_params
+        failed = []
+
+        def operator():
+            try:
+                s.rotate_kek(NEW_KEK)
+            except BaseException as exc:       # noqa: BLE001 - reported below
+                failed.append(exc)
+
+        disk.armed = True
+        admin = threading.Thread(target=operator)
+        admin.start()
+        assert disk.writing.wait(60)
+        try:
+            w = s.begin_snapshot(SnapshotMeta(20, 2, CS))      # the leader's InstallSnapshot arrives
+        except WalcryptError:
+            w = None                                           # refusing it would be fine
+        disk.release.set()
+        admin.join(60)
+        if w is not None:
+            try:
+                w.write(b"leader state at 20")
+                w.commit()
+            except WalcryptError:
+                pass                                           # so would a refused commit
+        assert not failed, failed
+        live = s.active_key_id()
+    wrapper = KEK.wrapper(old_params)
+    unwrapped = []
+    for name in _snap_files(data_dir):
+        doc = json.loads(SnapshotFile(DEFAULT_VFS, os.path.join(data_dir, SNAP, name)).bundle)
+        for k in doc["keys"]:
+            try:
+                wrapper.unwrap(bytes.fromhex(k["wrapped"]),
+                               K.wrap_context(bytes.fromhex(doc["store_id"]), bytes.fromhex(k["id"]), k["purpose"]))
+            except WrongKeyError:
+                continue
+            unwrapped.append((name, k["id"]))
+    assert not unwrapped, f"the old KEK unwraps {unwrapped} (live DEK {live.hex()}) after rotate_kek returned"
+
+
+@pytest.mark.xfail(strict=True, reason="the open-time check of the snapshot bundles lets a FileNotFoundError through "
+                                       "(it catches StorageError only): a missing older retained snapshot, which the "
+                                       "previous release opened over, now fails every read-write open with a message "
+                                       "about an interrupted DEK rotation and a full disk")
+def test_a_missing_older_snapshot_fails_every_read_write_open(tmp_path):
+    data_dir = str(tmp_path / "data")
+    with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
+        s.save(HardState(1, 1, 20), _ents(1, 21, 1))
+        s.save_snapshot(SnapshotMeta(5, 1, CS), b"A" * 500)
+        s.save_snapshot(SnapshotMeta(10, 1, CS), b"B" * 500)
+        older = s.snapshots.infos[0].path
+    os.unlink(older)
+    with walcrypt.open(data_dir, kek=KEK, read_only=True) as s:      # read-only: opens, serves the log
+        assert s.last_index() == 20 and s.snapshot().data == b"B" * 500
+    try:
+        with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
+            served = (s.last_index(), s.snapshot().data)
+    except WalcryptError as exc:
+        served = str(exc)
+    assert served == (20, b"B" * 500), f"the read-write open: {served}"
+
+
+@pytest.mark.xfail(strict=True, reason="a copy left by an interrupted KEK rotation is deleted because the registered "
+                                       "snapshot with its index and term has a file - before that file is verified: "
+                                       "when it then fails, the open refuses having deleted the only intact copy of "
+                                       "the state")
+def test_an_open_deletes_the_intact_copy_then_finds_the_registered_snapshot_broken(tmp_path):
+    data_dir = str(tmp_path / "data")
+    state = b"leader state at 100 " * 200
+    _run_killed(data_dir, f"""
+        s = walcrypt.open(data_dir, kek=KEK, keep_snapshots=1, snapshot_chunk_size=1024)
+        s.save(HardState(1, 1, 5), [Entry(i, 1, b"entry %d" % i) for i in range(1, 6)])
+        s.save_snapshot(SnapshotMeta(100, 3, CS), {state!r})     # InstallSnapshot: the log now starts at 101
+        kill_point(snapstore.Snapshots, "register_copies")         # rotate_kek: copy tied to the log, no commit
+        s.rotate_kek(NEW_KEK)
+    """)
+    registered, copy = _snap_files(data_dir)
+    assert registered.startswith("0000000000000001-") and copy.startswith("0000000000000002-")
+    with open(os.path.join(data_dir, SNAP, registered), "r+b") as f:    # bit rot in the registered file
+        f.seek(-100, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0x10]))
+    try:
+        with walcrypt.open(data_dir, kek=KEK, keep_snapshots=1) as s:
+            served = s.snapshot().data if s.snapshot() else None
+    except WalcryptError:
+        served = None
+    assert served == state or copy in _snap_files(data_dir), \
+        "the open deleted the intact copy of the snapshot, then refused because the registered one is broken"
+
+
+@pytest.mark.xfail(strict=True, reason="the copies of an interrupted KEK rotation are rolled forward one by one: the "
+                                       "copy of an older snapshot whose file is gone is registered under an ID above "
+                                       "the newest snapshot, which then becomes the snapshot served (index 50) while "
+                                       "the log starts after 100")
+def test_a_rolled_forward_copy_of_an_older_snapshot_becomes_the_current_one(tmp_path):
+    data_dir = str(tmp_path / "data")
+    _run_killed(data_dir, """
+        s = walcrypt.open(data_dir, kek=KEK, keep_snapshots=2)
+        s.save(HardState(1, 1, 60), [Entry(i, 1, b"entry %d" % i) for i in range(1, 61)])
+        s.save_snapshot(SnapshotMeta(50, 1, CS), b"state at 50")
+        s.save_snapshot(SnapshotMeta(100, 2, CS), b"leader state at 100")   # InstallSnapshot: log reset
+        s.save(HardState(2, 1, 110), [Entry(i, 2, b"entry %d" % i) for i in range(101, 111)])
+        kill_point(snapstore.Snapshots, "register_copies")   # rotate_kek: copies tied to the log, no commit
+        s.rotate_kek(NEW_KEK)
+    """)
+    names = _snap_files(data_dir)
+    assert len(names) == 4
+    os.unlink(os.path.join(data_dir, SNAP, names[0]))        # the older snapshot's file is lost
+    try:
+        walcrypt.open(data_dir, kek=KEK, keep_snapshots=2).close()   # the recovery rolls the copies forward
+    except WalcryptError:
+        pass                                                 # refusing is fine
+    try:
+        with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2, read_only=True) as s:
+            served = (s.snapshot().meta.index, s.first_index(), s.last_index())
+    except WalcryptError:
+        served = None
+    assert served in (None, (100, 101, 110)), \
+        f"the store serves the snapshot at index {served[0]} with a log from {served[1]} to {served[2]}"
