@@ -127,10 +127,6 @@ def _raw_record(data_dir: str, db: bytes, key: bytes) -> bytes:
         env.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a version 2 store accepts a compaction record without a catalog (only "
-                                       "version 3 requires one), so a record replayed from the store's version 1 "
-                                       "past switches the catalog off, and the upgrade seals the deletion it hid "
-                                       "into a version 3 store that verify then passes")
 def test_a_version_1_compaction_record_replayed_into_a_version_2_store_is_sealed_by_the_upgrade(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
@@ -183,10 +179,6 @@ class _InterruptOpeningSnapshots(VFS):
 
 @pytest.mark.parametrize("interrupt", ["sigkill", "keyboard-interrupt"])
 @pytest.mark.parametrize("how", ["crash-in-the-commit-window", "meta-put-back-from-the-commit-window"])
-@pytest.mark.xfail(strict=True, reason="open seals the recovered segment that holds the SNAPSHOT record before it "
-                                       "looks for the record, and looks only in segments the manifest calls open: "
-                                       "if that first open is interrupted in between, the next one no longer sees "
-                                       "the record and deletes the snapshot")
 def test_a_snapshot_tied_to_the_log_is_deleted_when_the_first_recovery_is_interrupted(tmp_path, monkeypatch,
                                                                                        how, interrupt):
     data_dir, copy = str(tmp_path / "data"), str(tmp_path / "meta-copy")
@@ -233,12 +225,12 @@ def test_a_snapshot_tied_to_the_log_is_deleted_when_the_first_recovery_is_interr
     assert served == (100, b"leader state at 100", 100)
 
 
-@pytest.mark.parametrize("left_by", ["uncommitted-kek-rotation", "interrupted-recovery"])
-@pytest.mark.xfail(strict=True, reason="verify says a snapshot file tied to the log will be registered by the next "
-                                       "read-write open, but the open deletes it: a copy of an uncommitted KEK "
-                                       "rotation (same index and term as a registered snapshot), or a file whose "
-                                       "record is in a segment the manifest calls sealed (verify reads those, the "
-                                       "open does not)")
+@pytest.mark.parametrize("left_by", [
+    pytest.param("uncommitted-kek-rotation", marks=pytest.mark.xfail(
+        strict=True, reason="verify says a snapshot file tied to the log will be registered by the next read-write "
+                            "open, but the open deletes a copy of an uncommitted KEK rotation (same index and term "
+                            "as a registered snapshot)")),
+    "interrupted-recovery"])
 def test_verify_predicts_the_registration_of_a_file_the_open_deletes(tmp_path, left_by):
     data_dir = str(tmp_path / "data")
     if left_by == "uncommitted-kek-rotation":
