@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 
 from . import keys as K
@@ -92,6 +93,10 @@ class Rotation:
         self.usage: dict[bytes, list[int]] = {}
         self.auto_due = False
         self.snapshot_wanted = False      # steps 1-2 of a rotation done: ask the host's source (step 3)
+        # Wrapping a new key under the KEK in use and committing it, and a KEK rotation's re-wrap,
+        # commit and swap of the KEK in use, exclude each other: a key wrapped under the old KEK must
+        # never be committed after the rotation committed (no KEK would open the store).
+        self.key_lock = threading.RLock()
 
     # ------------------------------------------------------------------ state
     def load(self) -> None:
@@ -148,15 +153,16 @@ class Rotation:
             log.info("DEK rotation queued behind the one in flight")
             return
         st.wal.check_writable()
-        entry, secret = K.new_key_entry(st.wrapper, st.store_id, algorithm=st.algorithm,
-                                        purpose=K.PURPOSE_DEK, state=K.PENDING)
-        state = {"pending": entry.key_id.hex(), "first_index": st.wal.last_index() + 1, "queued": queued,
-                 "requested_ns": time.time_ns(), "reason": reason, "rekey": rekey}
-        with st.meta.write() as tx:                       # step 1: durable before anything else
-            tx.put(M.DB_KEYRING, entry.key_id, M.encode_keyring(entry))
-            self._put_state(tx, state)
-        st.keys[entry.key_id] = entry
-        st._secrets[entry.key_id] = secret
+        with self.key_lock:
+            entry, secret = K.new_key_entry(st.wrapper, st.store_id, algorithm=st.algorithm,
+                                            purpose=K.PURPOSE_DEK, state=K.PENDING)
+            state = {"pending": entry.key_id.hex(), "first_index": st.wal.last_index() + 1, "queued": queued,
+                     "requested_ns": time.time_ns(), "reason": reason, "rekey": rekey}
+            with st.meta.write() as tx:                   # step 1: durable before anything else
+                tx.put(M.DB_KEYRING, entry.key_id, M.encode_keyring(entry))
+                self._put_state(tx, state)
+            st.keys[entry.key_id] = entry
+            st._secrets[entry.key_id] = secret
         self.state = state
         if not rekey:
             st.wal.cut_now()                              # step 2: new segment under the pending DEK
@@ -334,14 +340,13 @@ class Rotation:
         wrapped under the old KEK.
 
         1. Every retained snapshot is copied (same data and DEK, a new ID, salt and subkey) with its
-           keyring bundle wrapped under the new KEK; the copies are published, not registered, and
-           tied to the log by SNAPSHOT records.  Wrapped keys inside quarantined ``.broken`` copies
-           are overwritten.
+           keyring bundle wrapped under the new KEK; the copies are published, not registered.
+           Wrapped keys inside quarantined ``.broken`` copies are overwritten.
         2. One LMDB commit: the new KEK parameters and check value, every key and the metadata key
            re-wrapped, the copies registered and the old snapshots dropped from the registry (named
            by the purge record).  This is the commit point: before it the old KEK is in force and the
            copies are leftovers of a creation intent; after it only the new KEK opens the store.
-        3. The old snapshot files are removed, and meta/data.mdb is rewritten without the free pages
+        3. The copies are tied to the log by SNAPSHOT records, the old snapshot files are removed, and meta/data.mdb is rewritten without the free pages
            that still hold the records wrapped under the old KEK (Meta.compact).
         A crash after 2 leaves what 3 removes to the next open (purge record, compaction at open)."""
         st = self.store
@@ -375,21 +380,34 @@ class Rotation:
         # copies and a half-written unit of SNAPSHOT records are for the next open to clean up.
         with st.fail_stop("rotating the key-encryption key"):
             copies = st.copy_snapshots(retained, kek=staged)                    # 1
-            st.tie_to_log(copies)
             st.redact_quarantined(old_blobs)
-            with st.meta.write() as tx:                                         # 2
-                tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
-                if cv is None:
-                    tx.delete(M.DB_STORE, M.K_KEK_CHECK)
-                else:
-                    tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
-                tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_wrapped)
+            with self.key_lock:
+                with st.meta.write() as tx:                                     # 2
+                    tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
+                    if cv is None:
+                        tx.delete(M.DB_STORE, M.K_KEK_CHECK)
+                    else:
+                        tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
+                    tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_wrapped)
+                    # The keyring as committed now, not as it was when the copies began: a key added
+                    # meanwhile (a DEK rotation on another thread, a key budget) is re-wrapped too, and
+                    # one destroyed meanwhile stays destroyed.
+                    for kid, raw in tx.items(M.DB_KEYRING):
+                        entry = M.decode_keyring(kid, raw, st.meta.path)
+                        if entry.state == K.DESTROYED or not entry.wrapped:
+                            continue
+                        blob = rewrapped.get(kid)
+                        if blob is None:
+                            secret = K.unwrap_entry(st.wrapper, st.store_id, entry).material
+                            blob = rewrapped[kid] = wrapper.wrap(
+                                secret, K.wrap_context(st.store_id, kid, entry.purpose))
+                        tx.put(M.DB_KEYRING, kid, M.encode_keyring(dataclasses.replace(entry, wrapped=blob)))
+                    st.snapshots.register_copies(tx, copies, retained)
                 for kid, blob in rewrapped.items():
-                    tx.put(M.DB_KEYRING, kid, M.encode_keyring(dataclasses.replace(st.keys[kid], wrapped=blob)))
-                st.snapshots.register_copies(tx, copies, retained)
-            for kid, blob in rewrapped.items():
-                st.keys[kid].wrapped = blob
-            st.wrapper = wrapper
-            st.kek_params = params
+                    if kid in st.keys and st.keys[kid].state != K.DESTROYED:
+                        st.keys[kid].wrapped = blob
+                st.wrapper = wrapper
+                st.kek_params = params
+            st.tie_to_log(copies)        # after the commit: before it, a record would make the copies roll forward
             st.snapshots.install_copies(copies, retained)                       # 3
             st.compact_meta()

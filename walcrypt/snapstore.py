@@ -299,10 +299,9 @@ class Snapshots:
         record is written (durably) before the registering commit, so the save got past its commit
         point - a crash before the registration, or a ``meta/`` put back from inside that window after
         the save returned.  It is registered now (rolled forward, as the save would have), or, if it
-        no longer authenticates, set aside as ``.broken``; never deleted.  Except a copy: a file whose
-        index and term a registered snapshot already has is the copy of a KEK rotation that did not
-        commit (its bundle is wrapped under a KEK the store never took on), and the registered
-        snapshot, whose file is there, holds the same state: it is a leftover."""
+        no longer authenticates, set aside as ``.broken``; never deleted.  (A KEK rotation's copies are
+        tied to the log only after the commit that registers them, so an uncommitted one is a
+        leftover like any other.)"""
         if not os.path.isdir(self.dir):
             return
         st = self.store
@@ -326,8 +325,7 @@ class Snapshots:
                     self._refuse_newer(path, snap_id, next_id)
                     continue
                 record = self._log_record(snap_id) if snap_id not in purged else None
-                if record is not None and not any((i.index, i.term) == tuple(record[1:3]) and os.path.lexists(i.path)
-                                                  for i in self.infos):
+                if record is not None:
                     self._roll_forward(path, snap_id, record)
                     continue
             st.vfs.unlink(path)

@@ -463,8 +463,8 @@ class Store:
                 if not self.bundle_is_current(info):
                     first = n
                     break
-            except StorageError as exc:
-                log.warning("cannot read the keyring bundle of %s (%s)", info.path, exc)
+            except (OSError, StorageError) as exc:       # a missing or unreadable older file: the
+                log.warning("cannot read the keyring bundle of %s (%s)", info.path, exc)   # fallback's
         if first is None:
             return
         replace = infos[first:]
@@ -476,9 +476,9 @@ class Store:
             return
         log.warning("snapshot files held keys wrapped under an earlier KEK; rewrote %d of them", len(copies))
         with self.fail_stop("rewriting snapshot keyring bundles"):
-            self.tie_to_log(copies)
             with self.meta.write() as tx:
                 self.snapshots.register_copies(tx, copies, replace)
+            self.tie_to_log(copies)          # after the commit: see Rotation.rotate_kek
             self.snapshots.install_copies(copies, replace)
 
     def ensure_dir(self, path: str) -> None:
@@ -936,7 +936,9 @@ class Store:
         return copies
 
     def tie_to_log(self, infos: list) -> None:
-        """One durable write unit of SNAPSHOT records (FORMAT.md 10.6) for published snapshot files."""
+        """One durable write unit of SNAPSHOT records (FORMAT.md 10.6) for snapshot files.  For copies
+        (a KEK rotation's) only after the commit that registers them: a record in the log is the
+        commit point of a save, and an open rolls a snapshot with one forward (11.6)."""
         if infos:
             self.wal.append((), None, extra=[
                 (fmt.FRAME_SNAPSHOT, i.index, i.term, 0,
