@@ -346,9 +346,6 @@ def test_an_abandoned_streamed_snapshot_keeps_a_destroyed_dek_wrapped_on_disk(tm
     assert not holders, f"the destroyed DEK {doomed.hex()} is still wrapped in {holders}"
 
 
-@pytest.mark.xfail(strict=True, reason="rotate_kek reads every retained snapshot to copy it: one older snapshot "
-                                       "with a damaged chunk (never verified at open) fails the running store, and "
-                                       "every later rotate_kek fails the same way - the KEK cannot be rotated")
 def test_a_damaged_older_snapshot_makes_every_rotate_kek_fail_the_store(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
@@ -380,9 +377,6 @@ def test_a_damaged_older_snapshot_makes_every_rotate_kek_fail_the_store(tmp_path
         walcrypt.open(data_dir, kek=KEK).close()
 
 
-@pytest.mark.xfail(strict=True, reason="rotate_kek unlinks the current snapshot file; a Snapshot handle the host "
-                                       "took before it (a leader streaming the snapshot to a follower) then fails "
-                                       "with a bare FileNotFoundError")
 def test_a_snapshot_being_sent_to_a_follower_breaks_with_a_bare_oserror_after_rotate_kek(tmp_path):
     data_dir = str(tmp_path / "data")
     data = bytes(range(256)) * 64

@@ -357,6 +357,7 @@ class Rotation:
         if st.snapshots.in_progress():
             raise UsageError("a snapshot begun with begin_snapshot() is being written, its keyring bundle under "
                              "the current KEK: commit or abort it, then rotate the KEK")
+        st.snapshots.drop_damaged_older()        # each is copied below: bit rot there is set aside first
         params = new_kek.new_params()
         wrapper = new_kek.wrapper(params)
         with st.meta.read() as r:

@@ -36,7 +36,7 @@ from cryptography.exceptions import InvalidTag
 from . import crypto
 from . import format as fmt
 from . import keys as K
-from .errors import AuthenticationError, CorruptionError, UnsupportedFormatError
+from .errors import AuthenticationError, CorruptionError, StorageError, UnsupportedFormatError
 from .types import ConfState, SnapshotMeta
 from .vfs import VFS, create_replacing
 
@@ -417,7 +417,12 @@ class SnapshotFile:
         """Yield decrypted chunks in order; raises on any damage, including a missing final chunk."""
         if self._aead is None:
             raise RuntimeError("unlock() first")
-        fd = self.vfs.open(self.path, os.O_RDONLY)
+        try:
+            fd = self.vfs.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise StorageError(f"snapshot file {self.path} was removed since this handle was taken (retention, "
+                               "or a KEK rotation replaced it by a copy): take the store's current snapshot "
+                               "again") from None
         try:
             size = self.vfs.fstat_size(fd)
             off = self.data_offset

@@ -404,6 +404,30 @@ class Snapshots:
         log.warning("snapshot %s was saved but its registration did not commit; registering it now", path)
         self._register(index, term, SnapshotInfo(snap_id, index, term, h.key_id, digest, size, path))
 
+    def drop_damaged_older(self) -> None:
+        """Authenticate every retained snapshot but the current one (open verifies only that one) and
+        set aside those that fail: renamed ``.broken``, dropped from the registry, as open does with a
+        broken newest snapshot.  Run before an operation that must read them all (a KEK rotation
+        copies each), so that bit rot in an older one is a repair, not a failure of the store."""
+        st = self.store
+        for info in list(self.infos[:-1]):
+            try:
+                if not os.path.lexists(info.path):
+                    raise CorruptionError(info.path, None, "registered snapshot file is missing")
+                self.open_info(info)._file.verify()          # every chunk, a chunk at a time
+            except SymlinkError:
+                raise
+            except StorageError as exc:          # bad bytes only: a key or KMS failure propagates
+                log.warning("retained snapshot %s failed its checks (%s); set aside as .broken", info.path, exc)
+                if os.path.lexists(info.path):
+                    st.vfs.rename(info.path, info.path + ".broken")
+                    st.vfs.fsync_dir(self.dir)
+                with st.meta.write() as w:
+                    w.delete(M.DB_SNAPSHOTS, M.u64(info.snapshot_id))
+                self.infos.remove(info)
+                st.repairs.append({"path": info.path, "offset": getattr(exc, "offset", None), "detail": str(exc),
+                                   "broken_copy": info.path + ".broken", "kind": "snapshot"})
+
     def _refuse_newer(self, path: str, snap_id: int, next_id: int) -> None:
         """An unaccounted snapshot file: ours means lost registry records or rolled-back metadata."""
         try:
