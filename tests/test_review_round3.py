@@ -263,9 +263,6 @@ def test_verify_predicts_the_registration_of_a_file_the_open_deletes(tmp_path, l
 # 3. rotate_kek rewriting the snapshot files
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a begin_snapshot() whose host code raised between two writes (its handle "
-                                       "dropped, never aborted) is no longer seen by the in-progress check; rotate_kek "
-                                       "returns and the .tmp- file keeps the live DEK wrapped under the old KEK")
 def test_an_abandoned_streamed_snapshot_keeps_the_live_dek_under_the_old_kek_after_rotate_kek(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
@@ -307,9 +304,6 @@ def test_an_abandoned_streamed_snapshot_keeps_the_live_dek_under_the_old_kek_aft
                                f"(the live DEK is {live_dek.hex()})")
 
 
-@pytest.mark.xfail(strict=True, reason="a begin_snapshot() abandoned by an exception in the host's code leaves its .tmp- file, with the "
-                                       "DEK wrapped in its bundle, until the next open: destroying that DEK (a DEK "
-                                       "rotation with destroy_retired_keys) returns with the wrapped key still on disk")
 def test_an_abandoned_streamed_snapshot_keeps_a_destroyed_dek_wrapped_on_disk(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, destroy_retired_keys=True) as s:

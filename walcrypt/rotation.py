@@ -245,6 +245,7 @@ class Rotation:
             # Copies of the wrapped keys outside the keyring go first (the keyring still holds them
             # until the commit below): those in quarantined snapshot copies now, LMDB's after it.
             st.redact_quarantined(st.keys[kid].wrapped for kid in unreferenced)
+            st.snapshots.remove_abandoned_temporaries()
         with st.meta.write() as tx:
             for kid in unreferenced:
                 k = st.keys[kid]
@@ -382,6 +383,7 @@ class Rotation:
         with st.fail_stop("rotating the key-encryption key"):
             copies = st.copy_snapshots(retained, kek=staged)                    # 1
             st.redact_quarantined(old_blobs)
+            st.snapshots.remove_abandoned_temporaries()
             with self.key_lock:
                 with st.meta.write() as tx:                                     # 2
                     tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())

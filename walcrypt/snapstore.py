@@ -600,6 +600,25 @@ class Snapshots:
         if replaced:
             self.store.vfs.fsync_dir(self.dir)
 
+    def remove_abandoned_temporaries(self) -> None:
+        """Unlink the ``.tmp-`` files of snapshots no live writer owns (a begin_snapshot() whose handle
+        the host dropped without abort()): they carry a keyring bundle, which must not outlive a KEK
+        rotation or a key's destruction.  Run before such a commit."""
+        st = self.store
+        if not os.path.isdir(self.dir):
+            return
+        live = {os.path.basename(p.writer.tmp) for p in list(self.writing) if not p.done}
+        removed = False
+        for name in st.vfs.listdir(self.dir):
+            if name.startswith(".tmp-") and name not in live:
+                try:
+                    st.vfs.unlink(os.path.join(self.dir, name))
+                    removed = True
+                except FileNotFoundError:
+                    pass
+        if removed:
+            st.vfs.fsync_dir(self.dir)
+
     def in_progress(self) -> bool:
         """True while a snapshot begun with begin() is neither committed nor aborted."""
         return any(not p.done for p in list(self.writing))
