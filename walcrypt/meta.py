@@ -128,7 +128,7 @@ def lmdb_error(exc: "lmdb.Error", path: str, doing: str) -> WalcryptError:
                                       "that wrote it")
     if isinstance(exc, (lmdb.MapFullError, lmdb.TxnFullError)):
         return StorageError(f"{doing} the metadata database {path} failed: it is full (walcrypt maps at most "
-                            f"{MAP_SIZE >> 20} MiB); nothing was committed and the store is as it was. walcrypt's "
+                            f"{MAP_SIZE} bytes); nothing was committed. walcrypt's "
                             "own records stay far below this size: look for what filled it (large stable-store "
                             "values?); to carry the node on, export its newest snapshot ('walcrypt snapshot "
                             "export') and restore it into a new directory ('walcrypt snapshot restore')")
@@ -147,7 +147,7 @@ def lmdb_error(exc: "lmdb.Error", path: str, doing: str) -> WalcryptError:
                             f"{reason}); close other processes reading the store and try again")
     if isinstance(exc, lmdb.MemoryError):
         return StorageError(f"{doing} the metadata database {path} failed: out of memory or address space "
-                            f"(walcrypt maps {MAP_SIZE >> 20} MiB); free memory, or raise the process's "
+                            f"(walcrypt maps {MAP_SIZE} bytes); free memory, or raise the process's "
                             "address-space limit (ulimit -v)")
     if isinstance(exc, lmdb.InvalidParameterError):
         return StorageError(f"{doing} the metadata database {path} failed: LMDB refused it (EINVAL); the file "

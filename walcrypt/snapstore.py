@@ -360,6 +360,38 @@ class Snapshots:
             with st.meta.write() as tx:
                 tx.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
 
+    def refusal(self) -> CorruptionError | None:
+        """The error a read-write open would raise for an unregistered snapshot file of this store, told
+        without acting (a read-only open does not look at unregistered files): for a caller that wants
+        to refuse before it opens read-write."""
+        if not os.path.isdir(self.dir):
+            return None
+        st = self.store
+        with st.meta.read() as r:
+            nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+            creating = r.get(M.DB_STATE, M.K_SNAP_CREATING)
+            purged = set(M.decode_ids(r.get(M.DB_STATE, M.K_SNAP_PURGED), st.meta.path))
+        next_id = int.from_bytes(nxt, "little") if nxt else 1
+        intents = None if creating is None else set(M.decode_ids(creating, st.meta.path))
+        known = {os.path.basename(i.path) for i in self.infos}
+        for name in sorted(st.vfs.listdir(self.dir)):
+            m = _SNAP_NAME.match(name)
+            if not m or name in known:
+                continue
+            snap_id = int(m.group(1), 16)
+            fate = orphan_fate(snap_id, purged=purged, intents=intents, next_id=next_id,
+                               in_log=lambda: self._log_record(snap_id) is not None)
+            if fate != REFUSE_OR_KEEP:
+                continue
+            path = os.path.join(self.dir, name)
+            try:
+                ours = SnapshotFile(st.vfs, path).header.store_id == st.store_id
+            except StorageError:
+                ours = False
+            if ours:
+                return unaccounted_snapshot(path, snap_id, next_id)
+        return None
+
     def _log_record(self, snap_id: int) -> tuple | None:
         """The log's SNAPSHOT record (ID, index, term, digest) for ``snap_id``, if a segment read at
         open holds one.  The record of a save that did not register goes to the segment being
