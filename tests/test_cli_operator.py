@@ -330,7 +330,13 @@ def _key_bytes(path: str) -> bytes:
 def test_fingerprint_vector():
     """The worked example of FORMAT.md 8.1: the KEK 00 01 02 ... 1f."""
     kek = bytes(range(32))
+    check = HKDF(hashes.SHA256(), 16, None, b"walcrypt/v1/kek-check").derive(kek)
+    assert check.hex() == "30d85f3e7ecb61ff5ff0d346baaf8728"
+    assert walcrypt.keys.kek_fingerprint(check) == "91159fc72957fe99"
     assert _fingerprint(kek) == walcrypt.keys.fingerprint_of(walcrypt.RawKey(kek)) == "91159fc72957fe99"
+    with open(os.path.join(REPO, "formats", "FORMAT.md")) as f:
+        spec = f.read()
+    assert "`30d85f3e7ecb61ff5ff0d346baaf8728`" in spec and "`91159fc72957fe99`" in spec
 
 
 def test_keygen_inspect_and_snapshot_inspect_show_the_fingerprint(store, keys, tmp_path):

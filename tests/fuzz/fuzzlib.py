@@ -449,7 +449,7 @@ def _records_info() -> dict:
 
     meta = M.Meta.__new__(M.Meta)          # the MAC code only; no LMDB environment behind it
     meta.path = PATH
-    meta.set_mac_key(bytes.fromhex(kr["meta_key"]))
+    meta.set_mac_key(bytes.fromhex(kr["meta_key"]), version=1)     # the vectors' metadata_macs are version 1 MACs
     return {"enc": EncStore(), "plain": PlainStore(), "meta": meta, "dek_id": dek_id,
             "stable_key": bytes.fromhex(v["stable"]["key"]), "stable_value": bytes.fromhex(v["stable"]["value"]),
             "macs": kr["metadata_macs"], "manifest_key": bytes.fromhex(kr["metadata_macs"]["segment_manifest_key"])}
