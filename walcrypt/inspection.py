@@ -106,7 +106,7 @@ def require_store(directory: str) -> str:
     if not os.path.isdir(meta):
         what = "a file stands where its metadata directory meta/ belongs" if os.path.lexists(meta) else \
             "its metadata directory meta/ is missing"
-        if layout.pairs_with_data(path):
+        if layout.data_files(path):
             from .storage import metadata_lost
             raise metadata_lost(meta, f"{directory} is a damaged walcrypt data directory: {what}",
                                 _what_is_here(path))
@@ -119,7 +119,7 @@ def require_store(directory: str) -> str:
         raise UsageError(f"no permission to read {meta}; run as the user that owns the store")
     if not os.path.isfile(os.path.join(meta, "data.mdb")):
         what = "its metadata database meta/data.mdb is missing"
-        if layout.pairs_with_data(path):
+        if layout.data_files(path):
             from .storage import metadata_lost
             raise metadata_lost(os.path.join(meta, "data.mdb"), f"{directory} is a damaged walcrypt data directory: {what}",
                                 _what_is_here(path))

@@ -204,7 +204,7 @@ class Store:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"{self.path} exists and is not a directory")
         layout.refuse_links(self.path)
-        if os.path.isdir(self.path) and not layout.looks_like_store(self.path) and layout.pairs_with_data(self.path):
+        if os.path.isdir(self.path) and not layout.looks_like_store(self.path) and layout.data_files(self.path):
             raise metadata_lost(os.path.join(self.path, layout.META_DIR), "the metadata directory is missing")
         if self.read_only:
             if not layout.looks_like_store(self.path):
