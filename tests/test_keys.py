@@ -120,7 +120,7 @@ def test_missing_kek_for_a_new_store_creates_nothing(data_dir):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o660, 0o666])
 def test_key_file_refuses_loose_permissions(tmp_path, data_dir, mode):
     path = str(tmp_path / "kek")
     walcrypt.generate_key_file(path)
@@ -136,6 +136,20 @@ def test_key_file_refuses_loose_permissions(tmp_path, data_dir, mode):
     os.chmod(path, 0o600)
     with walcrypt.open(data_dir, kek=KeyFile(path)) as s:
         s.save(entries=[Entry(1, 1, b"x")])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_key_file_0640_only_when_owned_by_root(tmp_path, data_dir):
+    """PostgreSQL's rule: group read is allowed for a root-owned key file (a service group), for no other."""
+    path = str(tmp_path / "kek")
+    walcrypt.generate_key_file(path)
+    os.chmod(path, 0o640)
+    with walcrypt.open(data_dir, kek=KeyFile(path)) as s:          # root-owned: accepted
+        s.save(entries=[Entry(1, 1, b"x")])
+    os.chown(path, 4321, -1)
+    with pytest.raises(KeyProviderError) as info:
+        walcrypt.open(data_dir, kek=KeyFile(path))
+    assert "0640" in str(info.value) and "uid 4321" in str(info.value) and "chown root" in str(info.value)
 
 
 def test_generate_key_file(tmp_path, data_dir):

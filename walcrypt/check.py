@@ -303,6 +303,7 @@ class _Walk:
         self.unsettled: set[str] = set()   # paths the writer was changing: what notes are about
         self.newest: int | None = None     # the newest segment of the metadata copy
         self.vfs = online.PinnedVFS()
+        self._migration_recorded = False
 
     # -- helpers ---------------------------------------------------------------
     def error(self, exc: BaseException, kind: str, index: int | None = None) -> Finding:
@@ -451,6 +452,7 @@ class _Walk:
             if key not in (M.K_COMPACTED, M.K_NEXT_SEGMENT, M.K_MIGRATION):
                 self.value(M.DB_STATE, key, key.decode(errors="replace"))
         migration = self.value(M.DB_STATE, M.K_MIGRATION, "migration")
+        self._migration_recorded = migration is not None
         if migration is not None:
             self.warn(self.meta.path, "a migration between encrypted and plaintext was interrupted",
                       "the next read-write open undoes it; run 'walcrypt migrate' again", kind=METADATA)
@@ -715,11 +717,14 @@ class _Walk:
         return self.fresh() if self.is_live() else None
 
     def _leftover_segments(self, known: set[int]) -> None:
+        """Files of the segment directory the manifest does not list, each with what a read-write open
+        really does with it (Store.orphan_fate: the engine's own rule, told without acting)."""
         d = os.path.join(self.path, layout.pair_for(self.encrypted).wal)
         if not os.path.isdir(d):
             return
         names = sorted(os.listdir(d))
         fresh = self._fresh_if_live()
+        rules = None
         for name in names:
             p = os.path.join(d, name)
             m = _SEGMENT_NAME.match(name)
@@ -727,13 +732,39 @@ class _Walk:
                 self.warn(p, "copy of a segment kept by an earlier repair (a torn tail cut, or a damaged segment "
                              "set aside)",
                           "keep it for analysis or remove it; the store does not read it")
+            elif name.endswith(".unlisted"):
+                self.warn(p, "file kept aside by an earlier open: it was not in the manifest and not known to be "
+                             "a leftover; the store does not read it", "inspect it, then remove it")
             elif m and int(m.group(1), 16) not in known:
                 if fresh is not None and self._writers_segment(int(m.group(1), 16), p, fresh):
                     continue
-                self.warn(p, "segment file not listed in the manifest (left by a crash before it was "
-                             "registered or after it was purged); the next read-write open deletes it")
+                if rules is None:
+                    try:
+                        with self.meta.read() as r:
+                            self.st.load_orphan_rules(r)
+                        rules = True
+                    except StorageError:
+                        rules = False
+                if not rules:
+                    self.warn(p, "segment file not listed in the manifest; the metadata that decides what becomes "
+                                 "of it is damaged (see the errors above), so no open gets as far as it")
+                    continue
+                try:
+                    fate, why, hint = self.st.orphan_fate(p, int(m.group(1), 16), int(m.group(2), 16))
+                except WalcryptError as exc:
+                    self.error(exc, SEGMENT)
+                    continue
+                if fate == "refuse":
+                    self.report.findings.append(Finding("error", p, None, f"{why}; every open refuses this store",
+                                                        kind=METADATA, hint=hint))
+                elif fate == "delete":
+                    self.warn(p, f"segment file not listed in the manifest: {why}; the next read-write open "
+                                 "deletes it")
+                else:
+                    self.warn(p, f"segment file not listed in the manifest: {why}; the next read-write open keeps "
+                                 f"it aside as {name}.unlisted and deletes nothing", hint)
             elif not m:
-                self.warn(p, "unexpected file in the segment directory")
+                self.warn(p, "unexpected file in the segment directory; the store neither reads nor removes it")
 
     def _writers_segment(self, seg_id: int, path: str, fresh) -> bool:
         """A segment file the running writer is creating, has registered or is removing since the copy."""
@@ -791,11 +822,16 @@ class _Walk:
             self.advance(fsize - counted)
 
     def _leftover_snapshots(self, known: set[str], in_log: set[int]) -> None:
+        """Files of the snapshot directory the registry does not list, each with what a read-write open
+        really does with it (snapstore.orphan_fate, the rule Snapshots._remove_orphans acts on)."""
+        from . import snapstore
+        from .snapshot import SnapshotFile
         d = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
         if not os.path.isdir(d):
             return
         names = sorted(os.listdir(d))
         fresh = self._fresh_if_live()
+        rules = None
         for name in names:
             p = os.path.join(d, name)
             m = _SNAP_NAME.match(name)
@@ -807,13 +843,48 @@ class _Walk:
                           "keep it for analysis or remove it; the store does not read it")
             elif name.startswith(".tmp-"):
                 self.warn(p, "partly written snapshot (its save never returned); the next read-write open deletes it")
-            elif m and name not in known and int(name[:16], 16) in in_log:
-                self.warn(p, "snapshot saved and tied to the log but not registered (its registration did not "
-                          "commit); the next read-write open registers it")
-            elif m and name not in known:
-                self.warn(p, "snapshot file not in the registry; the next read-write open deletes it")
-            elif not m:
-                self.warn(p, "unexpected file in the snapshot directory")
+            elif _SNAP_NAME.match(name) and name not in known:
+                snap_id = int(name[:16], 16)
+                if rules is None:
+                    try:
+                        with self.meta.read() as r:
+                            nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+                            creating = r.get(M.DB_STATE, M.K_SNAP_CREATING)
+                            purged = set(M.decode_ids(r.get(M.DB_STATE, M.K_SNAP_PURGED), self.meta.path))
+                        rules = (purged, None if creating is None else set(M.decode_ids(creating, self.meta.path)),
+                                 int.from_bytes(nxt, "little") if nxt else 1)
+                    except StorageError:
+                        rules = False
+                if not rules:
+                    self.warn(p, "snapshot file not in the registry; the metadata that decides what becomes of it "
+                                 "is damaged (see the errors above), so no open gets as far as it")
+                    continue
+                purged, intents, next_id = rules
+                fate = snapstore.orphan_fate(snap_id, purged=purged, intents=intents, next_id=next_id,
+                                             in_log=lambda: snap_id in in_log)
+                if fate == snapstore.REGISTER:
+                    self.warn(p, "snapshot saved and tied to the log (its SNAPSHOT record) but not registered: its "
+                                 "registration did not commit; the next read-write open registers it (or sets it "
+                                 "aside as .broken if it fails its checks)")
+                elif fate == snapstore.DELETE:
+                    why = ("the latest retention removed it from the registry" if snap_id in purged else
+                           "its save never got past its commit point (no SNAPSHOT record in the log)")
+                    self.warn(p, f"snapshot file not in the registry: {why}; the next read-write open deletes it")
+                else:
+                    try:
+                        ours = SnapshotFile(self.st.vfs, p).header.store_id == self.st.store_id
+                    except StorageError:
+                        ours = False
+                    if ours:
+                        exc = snapstore.unaccounted_snapshot(p, snap_id, next_id)
+                        self.report.findings.append(Finding(
+                            "error", p, None, f"{exc.detail}; a read-write open refuses this store", kind=METADATA,
+                            hint=exc.hint))
+                    else:
+                        self.warn(p, "file named like a snapshot but not a snapshot of this store; opening leaves "
+                                     "it in place and the store does not read it", "inspect it, then remove it")
+            elif not _SNAP_NAME.match(name):
+                self.warn(p, "unexpected file in the snapshot directory; the store neither reads nor removes it")
 
     def _writers_snapshot(self, snap_id: int, path: str, fresh) -> bool:
         """A snapshot file the running writer is saving, has registered or is dropping since the copy."""
@@ -832,8 +903,13 @@ class _Walk:
         for name in (".migrate-wal", ".migrate-snap"):
             p = os.path.join(self.path, name)
             if os.path.isdir(p):
-                self.warn(p, "temporary directory of an interrupted migration",
-                          "the next read-write open removes it; run 'walcrypt migrate' again")
+                if self._migration_recorded:
+                    self.warn(p, "temporary directory of an interrupted migration",
+                              "the next read-write open removes it; run 'walcrypt migrate' again")
+                else:
+                    self.warn(p, "temporary directory of an interrupted migration, but no migration is recorded: "
+                                 "opening the store leaves it alone", "the next 'walcrypt migrate' replaces it; "
+                                 "otherwise remove it")
 
 
 def _size(path: str) -> int:

@@ -11,6 +11,11 @@ snapshot export take no lock and work on a store whose writer is running (see
 refuses a store a running process has open and keeps one from opening it meanwhile.
 Progress goes to stderr when it is a terminal (``--progress`` / ``--no-progress``
 override).
+
+Damage (a data directory with its metadata missing or damaged included) is exit 1;
+only a directory holding no walcrypt files is "not a walcrypt data directory".  With
+``--json`` an error is also a JSON object on stdout, ``{"error": {"kind", "type",
+"message", "hint", "path", "exit_code"}}`` (kinds: ``ERROR_KINDS``).
 """
 
 from __future__ import annotations
@@ -44,21 +49,93 @@ Exit codes:
 class _Ctx:
     debug = False
     progress: bool | None = None      # None: when stderr is a terminal
+    json = False                      # --json given: errors are also a JSON object on stdout
+    json_stream_open = False          # a --json document is being streamed (dump): close it around the error
+    kek = None                        # the KEK the key options named (to explain a wrong key)
+    source: str | None = None         # the store, export or snapshot file the command works on
+
+
+class _NoWrite(UsageError):
+    """A read-write command on a store it cannot write (permissions, a read-only mount): exit 2."""
 
 
 # ---------------------------------------------------------------------------
-# Errors: one line, an exit code, no traceback
+# Errors: one line, an exit code, no traceback (and a JSON object with --json)
 # ---------------------------------------------------------------------------
+
+ERROR_KINDS = {
+    # kind: what it means (README "Command line" lists them; exit code in brackets)
+    "usage": "bad options or arguments, a missing file or directory, an index out of range [2]",
+    "key": "a missing, unreadable or wrong key [2]",
+    "locked": "a running process holds the store [2]",
+    "permission": "no permission, or a read-only file system [2]",
+    "damaged": "damaged, tampered or inconsistent data or metadata [1]",
+    "unsupported": "a format version or algorithm this walcrypt does not know [1]",
+    "unsafe-file": "a link, FIFO, device or hard link where walcrypt expects a file of its own [1]",
+    "failed": "an earlier write failed; reopen the store [1]",
+    "storage": "a file-system error (disk full, I/O error) [1]",
+    "internal": "a bug: run with --debug and report it [1]",
+    "interrupted": "interrupted (Ctrl-C) [130]",
+}
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__
+
+
+def _no_permission(exc: BaseException) -> bool:
+    """A permission problem, here or as the cause of a StorageError (EACCES, EPERM, EROFS, LMDB's ReadonlyError)."""
+    import errno
+    import lmdb
+    for e in _causes(exc):
+        if isinstance(e, (PermissionError, lmdb.ReadonlyError, _NoWrite)):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return True
+    return False
+
+
+def _kind(exc: BaseException) -> str:
+    from .errors import (AuthenticationError, CorruptionError, KeyNotFoundError, StorageError, StoreFailedError,
+                         UnsafeFileError, UnsupportedFormatError)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if _no_permission(exc):
+        return "permission"
+    if isinstance(exc, (click.ClickException, UsageError, CompactedError, UnavailableError, FileExistsError,
+                        FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return "usage"
+    if isinstance(exc, (KeyProviderError, WrongKeyError)):
+        return "key"
+    if isinstance(exc, LockedError):
+        return "locked"
+    if isinstance(exc, (SymlinkError, UnsafeFileError)):
+        return "unsafe-file"
+    if isinstance(exc, UnsupportedFormatError):
+        return "unsupported"
+    if isinstance(exc, (CorruptionError, AuthenticationError, KeyNotFoundError)):
+        return "damaged"
+    if isinstance(exc, StoreFailedError):
+        return "failed"
+    if isinstance(exc, (StorageError, OSError)):
+        return "storage"
+    return "internal"
+
 
 def _exit_code(exc: BaseException) -> int:
-    if isinstance(exc, (UsageError, KeyProviderError, WrongKeyError, LockedError, CompactedError,
-                        UnavailableError, PermissionError, FileExistsError, FileNotFoundError,
-                        IsADirectoryError, NotADirectoryError)):
-        return EXIT_USAGE
-    return EXIT_FINDINGS
+    kind = _kind(exc)
+    if kind == "interrupted":
+        return 130
+    return EXIT_USAGE if kind in ("usage", "key", "locked", "permission") else EXIT_FINDINGS
 
 
 def _message(exc: BaseException) -> str:
+    if isinstance(exc, click.ClickException):
+        return " ".join(exc.format_message().split())
     if isinstance(exc, PermissionError):
         return f"no permission to access {exc.filename or 'a file'}; run as the user that owns the store"
     if isinstance(exc, FileNotFoundError):
@@ -66,23 +143,81 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, FileExistsError):
         return f"{exc.filename or 'a file'} already exists; refusing to overwrite it"
     if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}"
+        from .errors import os_error_advice
+        return (f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''} "
+                f"({os_error_advice(exc)})")
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
     if isinstance(exc, WalcryptError):
         return " ".join(str(exc).split())
     return (f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); nothing more was done. "
             "Run 'walcrypt --debug ...' for a traceback and report it")
 
 
+def _which_key(exc: BaseException) -> str:
+    """For a wrong key: the fingerprint the store (or file) needs and the one of the key given."""
+    if not isinstance(exc, WrongKeyError) or _Ctx.kek is None or not _Ctx.source:
+        return ""
+    try:
+        params, check, _where = stored_kek(_Ctx.source)
+        need = K.kek_fingerprint(check)
+        have = K.fingerprint_of(_Ctx.kek, params)
+    except Exception:                   # noqa: BLE001 - an explanation must never hide the error itself
+        return ""
+    if not need or not have or need == have:
+        return ""
+    return f"; {_Ctx.source} needs the KEK with fingerprint {need}, the key given has fingerprint {have}"
+
+
+def _error_doc(exc: BaseException, code: int, which_key: str = "") -> dict:
+    """The JSON error object (README, "Command line"): kind, type, message, hint, path, exit_code."""
+    from .errors import CorruptionError
+    hint = None
+    if isinstance(exc, CorruptionError) and exc.hint:
+        where = f"{exc.path}{' at offset ' + str(exc.offset) if exc.offset is not None else ''}: " \
+            if exc.path is not None else ""
+        message = " ".join((where + exc.detail).split())
+        hint = " ".join(exc.hint.split())
+    else:
+        message = _message(exc)
+    message += which_key
+    if isinstance(exc, WrongKeyError):
+        hint = "check --key-file / --key-env / --passphrase-env / --kms; 'walcrypt key fingerprint' names a key"
+    path = getattr(exc, "path", None) or getattr(exc, "filename", None)
+    return {"error": {"kind": _kind(exc), "type": type(exc).__name__, "message": message, "hint": hint,
+                      "path": None if path is None else str(path), "exit_code": code}}
+
+
 def _fail(exc: BaseException, code: int | None = None) -> None:
     if _Ctx.debug:
         import traceback
         traceback.print_exception(exc)
+    code = _exit_code(exc) if code is None else code
     if isinstance(exc, WrongKeyError):
         hint = " (check --key-file / --key-env / --passphrase-env / --kms)"
     else:
         hint = ""
-    click.echo(f"walcrypt: error: {_message(exc)}{hint}", err=True)
-    sys.exit(_exit_code(exc) if code is None else code)
+    which_key = _which_key(exc)
+    if _Ctx.json:
+        doc = _error_doc(exc, code, which_key)
+        if _Ctx.json_stream_open:        # close the streamed document: the error becomes its "error" member
+            _Ctx.json_stream_open = False
+            body = json.dumps(doc["error"], indent=2).replace("\n", "\n  ")
+            click.echo(f'\n  ],\n  "error": {body}\n}}')
+        else:
+            click.echo(json.dumps(doc, indent=2))
+    click.echo(f"walcrypt: error: {_message(exc)}{which_key}{hint}", err=True)
+    sys.exit(code)
+
+
+def _json_requested(argv) -> bool:
+    """--json among the arguments (before a bare '--', after which arguments belong to someone else)."""
+    for a in argv:
+        if a == "--":
+            return False
+        if a == "--json":
+            return True
+    return False
 
 
 class _Group(click.Group):
@@ -92,16 +227,35 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
+            raise                             # click reports these (the root group, with --json)
         except BrokenPipeError:               # `walcrypt dump ... | head`: the reader has had enough
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())    # so that the final flush at exit cannot fail again
             sys.exit(EXIT_OK)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            if _Ctx.json:
+                _fail(exc)
             click.echo("walcrypt: interrupted", err=True)
             sys.exit(130)
         except Exception as exc:              # noqa: BLE001 - the one place that turns errors into exit codes
             _fail(exc)
+
+
+class _Root(_Group):
+    """The top-level group: with --json, click's own usage errors become the JSON error object too."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        _Ctx.json = _json_requested(argv)
+        if not _Ctx.json or not standalone_mode:
+            return super().main(argv, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            _fail(KeyboardInterrupt())
+        except click.ClickException as exc:
+            _fail(exc, exc.exit_code)
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
 # ---------------------------------------------------------------------------
@@ -153,8 +307,64 @@ def kek_from(key_file, key_env, passphrase_env, kms, kms_options=(), *, prefix: 
 
 
 def _kek(kw) -> K.KeyEncryptionKey | None:
-    return kek_from(kw.pop("key_file"), kw.pop("key_env"), kw.pop("passphrase_env"), kw.pop("kms"),
-                    kw.pop("kms_options"))
+    kek = kek_from(kw.pop("key_file"), kw.pop("key_env"), kw.pop("passphrase_env"), kw.pop("kms"),
+                   kw.pop("kms_options"))
+    _Ctx.kek = kek
+    return kek
+
+
+def stored_kek(source: str) -> tuple[dict | None, bytes | None, str]:
+    """(KEK parameters, check value, what) stored in a data directory, an export or a snapshot file, read
+    without any key (neither is secret; neither is authenticated: they are what open checks a key against)."""
+    from . import backup
+    from . import format as fmt
+    from . import meta as M
+    if os.path.isdir(source):
+        from .inspection import open_meta, require_store, store_record
+        root = require_store(source)
+        meta = open_meta(root, source)
+        try:
+            with meta.read() as r:
+                _sid, encrypted = store_record(r, root, source)
+                raw_params = r.raw(M.DB_STORE, M.K_KEK_PARAMS)
+                check = r.raw(M.DB_STORE, M.K_KEK_CHECK)
+        finally:
+            meta.close()
+        if not encrypted:
+            raise UsageError(f"{source} is a plaintext store: it has no KEK")
+        return K.parse_kek_params(raw_params, meta.path), check, "store"
+    if not os.path.exists(source):
+        raise UsageError(f"{source} does not exist")
+    magic = _read_magic(source)
+    if magic == backup.EXPORT_MAGIC:
+        ex = backup.ExportFile(source)
+        doc = ex.bundle_doc() or ex.snapshot_file().bundle_doc()
+        what = "export"
+    elif magic == fmt.SNAPSHOT_MAGIC:
+        doc = _SnapOnly(source).snapshot_file().bundle_doc()
+        what = "snapshot"
+    else:
+        raise UsageError(f"{source} is not a walcrypt data directory, snapshot export or snapshot file")
+    check = bytes.fromhex(doc["kek_check"]) if doc.get("kek_check") else None
+    return doc.get("kek_params"), check, what
+
+
+def kek_summary(params: dict | None, check: bytes | None) -> dict:
+    """What names the KEK a store or file needs: its kind, its fingerprint (None for a KMS-held key, which
+    has no check value: the plug-in name is what identifies it)."""
+    out: dict = {"kind": (params or {}).get("kind"), "fingerprint": K.kek_fingerprint(check)}
+    if out["kind"] == "kms":
+        out["plugin"] = params.get("plugin")
+    return out
+
+
+def describe_fingerprint(summary: dict) -> str:
+    if summary.get("fingerprint"):
+        return f"fingerprint {summary['fingerprint']}"
+    if summary.get("kind") == "kms":
+        return (f"fingerprint none (a KMS-held key has no check value; KMS plug-in {summary.get('plugin')!r} "
+                "holds it)")
+    return "fingerprint none (no check value stored)"
 
 
 def _need_key(directory: str) -> KeyProviderError:
@@ -200,6 +410,7 @@ def _open_rw(root: str, directory: str, kek):
     if encrypted and kek is None:
         raise _need_key(directory)
     _refuse_key_for_plaintext(directory, encrypted, kek)
+    _require_writable(root, directory)
     _preflight(root, kek if encrypted else None, encrypted)
     store = Store(root, kek=kek if encrypted else None, encrypted=encrypted)
     for rep in store.repairs:
@@ -209,16 +420,47 @@ def _open_rw(root: str, directory: str, kek):
 
 
 def _preflight(root: str, kek, encrypted: bool) -> None:
-    """Open read-only first: a wrong key, damage or a torn tail is refused before a read-write open
-    touches anything (even LMDB's lock file).  A torn tail is 'walcrypt repair''s job, not a side
-    effect of a key operation."""
+    """Open read-only first: a wrong key, damage, a torn tail or an unregistered snapshot file the
+    read-write open would refuse is refused before a read-write open touches anything (even LMDB's
+    lock file).  A torn tail is 'walcrypt repair''s job, not a side effect of a key operation."""
     from .storage import Store
-    Store(root, kek=kek, encrypted=encrypted, read_only=True).close()
+    store = Store(root, kek=kek, encrypted=encrypted, read_only=True)
+    try:
+        refusal = store.snapshots.refusal()      # what only a read-write open looks at
+    finally:
+        store.close()
+    if refusal is not None:
+        raise refusal
 
 
 def _store_dir(directory: str) -> str:
     from .inspection import require_store
-    return require_store(directory)
+    root = require_store(directory)
+    _Ctx.source = directory
+    return root
+
+
+def _require_writable(root: str, directory: str) -> None:
+    """Before a read-write command: every file and directory it may write is writable, or exit 2 saying
+    why (a read-only mount, or permissions) - not a half-done operation and a misleading error later."""
+    from . import layout
+    meta = os.path.join(root, layout.META_DIR)
+    paths = [root, meta] + [os.path.join(meta, n) for n in sorted(os.listdir(meta))]
+    paths += [os.path.join(root, d) for d in (layout.WAL_ENCRYPTED, layout.SNAP_ENCRYPTED, layout.WAL_PLAIN,
+                                              layout.SNAP_PLAIN, layout.LOCK_NAME)
+              if os.path.exists(os.path.join(root, d))]
+    for p in paths:
+        if os.access(p, os.W_OK):
+            continue
+        try:
+            read_only = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        if read_only:
+            raise _NoWrite(f"{directory} lies on a file system mounted read-only ({p} cannot be written); remount "
+                           "it read-write to run this. Read-only commands (inspect, verify, dump, snapshot "
+                           "export) work as it is")
+        raise _NoWrite(f"no permission to write {p}; run as the user that owns the store")
 
 
 # ---------------------------------------------------------------------------
@@ -319,13 +561,19 @@ Typical session at 3 a.m.:
 \b
 Key options (wherever a key is needed): --key-file F (or WALCRYPT_KEY_FILE),
 --key-env NAME, --passphrase-env NAME, --kms NAME [--kms-option K=V ...].
-Key material is never printed.
+Key material is never printed.  'walcrypt key fingerprint --key-file F' prints
+a key's fingerprint (not secret); inspect and snapshot inspect show the
+fingerprint of the key a store or backup needs.
+
+With --json, output is JSON on stdout, and an error is a JSON object
+{{"error": {{"kind", "type", "message", "hint", "path", "exit_code"}}}} on stdout
+as well as one line on stderr.
 
 {EXIT_CODES}
 """
 
 
-@click.group(cls=_Group, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Root, help=HELP, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 @click.option("--progress/--no-progress", default=None, help="Force progress bars on or off (default: on a terminal).")
 @click.version_option(package_name="walcrypt")
@@ -346,13 +594,16 @@ def command(group=None, **kw):
 # keygen, init
 # ---------------------------------------------------------------------------
 
-@command(short_help="New 32-byte KEK file, mode 0600 (never overwrites).")
+@command(short_help="New 32-byte KEK file, mode 0600 (never overwrites); prints its fingerprint.")
 @click.argument("path", type=click.Path())
-def keygen(path: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def keygen(path: str, as_json: bool) -> None:
     """Write a new random 32-byte KEK to PATH (mode 0600; never overwrites).
 
     Keep the file away from the data directory: walcrypt never stores the KEK
-    beside the data it protects.
+    beside the data it protects.  Prints the key's fingerprint (not secret):
+    'walcrypt inspect' and 'walcrypt snapshot inspect' show the fingerprint of
+    the key a store or backup needs, so write it down with the backup of the key.
 
     \b
     Example:
@@ -361,8 +612,79 @@ def keygen(path: str) -> None:
     if os.path.isdir(os.path.dirname(os.path.abspath(path))) is False:
         raise UsageError(f"the directory of {path} does not exist; create it first")
     K.generate_key_file(path)
-    click.echo(f"wrote a new key-encryption key to {path} (mode 0600); keep it away from the data directory "
-               "and back it up: without it the data cannot be read")
+    fp = K.fingerprint_of(K.KeyFile(path))
+    if as_json:
+        _emit_json({"path": path, "mode": "0600", "fingerprint": fp})
+        return
+    click.echo(f"wrote a new key-encryption key to {path} (mode 0600, fingerprint {fp}); keep it away from the "
+               "data directory and back it up: without it the data cannot be read")
+
+
+@main.group(cls=_Group, epilog=EXIT_CODES, short_help="Key tools: which key is this (fingerprint)?")
+def key() -> None:
+    """Key tools that need no store: the fingerprint of a key-encryption key."""
+
+
+@command(key, name="fingerprint", short_help="Print a KEK's fingerprint; with SOURCE, say if it is SOURCE's key.")
+@click.argument("source", required=False, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@key_options
+def key_fingerprint(source, as_json, **kw) -> None:
+    """Print the fingerprint of the KEK the key options name.
+
+    A fingerprint is 16 hex digits computed from the key's check value
+    (FORMAT.md 8.1): not secret, and the same for every store a key file or
+    key variable protects.  'walcrypt keygen', 'walcrypt inspect' and 'walcrypt
+    snapshot inspect' show it, so an operator can tell which key a store or a
+    backup needs without trying keys.  A passphrase's fingerprint depends on the
+    scrypt salt of the store it protects: give SOURCE.  A key held by a KMS
+    plug-in has no check value and so no fingerprint.
+
+    SOURCE (a data directory, export or snapshot file): also say whether the key
+    is the one SOURCE needs; exit 2 if it is not.
+
+    \b
+    Examples:
+      walcrypt key fingerprint --key-file /secure/kek
+      walcrypt key fingerprint --key-file /secure/kek /backup/node1.wcx
+      walcrypt key fingerprint --passphrase-env NODE1_PASSPHRASE /var/lib/node1
+    """
+    kek = _kek(kw)
+    if kek is None:
+        raise KeyProviderError("give the key: --key-file F (or --key-env, --passphrase-env, --kms)")
+    params = check = None
+    if source is not None:
+        params, check, _what = stored_kek(source)
+    elif isinstance(kek, K.Passphrase):
+        raise UsageError("a passphrase's fingerprint depends on the scrypt salt of the store it protects: give "
+                         "the data directory, export or snapshot file as SOURCE")
+    fp = K.fingerprint_of(kek, params)
+    out = {"key": kek.describe(), "fingerprint": fp}
+    if source is not None:
+        need = kek_summary(params, check)
+        out.update({"source": source, "source_kek": need})
+        if isinstance(kek, K.Kms):
+            out["matches"] = None if need.get("plugin") == kek.name else False
+        else:
+            out["matches"] = None if need["fingerprint"] is None else need["fingerprint"] == fp
+        if out["matches"] is False:
+            raise WrongKeyError(f"the key given ({kek.describe()}, "
+                                + (f"fingerprint {fp}" if fp else "a KMS plug-in") + f") is not the KEK {source} "
+                                f"needs ({describe_fingerprint(need)})")
+    if as_json:
+        _emit_json(out)
+        return
+    if fp:
+        click.echo(f"{fp}  {kek.describe()}")
+    else:
+        click.echo(f"none  {kek.describe()}: a KMS-held key has no check value, so no fingerprint (walcrypt "
+                   "never sees the key)")
+    if source is not None:
+        if out["matches"]:
+            click.echo(f"{source} needs this key ({describe_fingerprint(out['source_kek'])})")
+        else:
+            click.echo(f"{source}: {describe_fingerprint(out['source_kek'])}; whether the key is the right one "
+                       "shows only when it unwraps the data keys (walcrypt verify)")
 
 
 @command(short_help="Create an empty store.")
@@ -434,18 +756,36 @@ def inspect(directory, as_json, **kw) -> None:
 # verify, repair
 # ---------------------------------------------------------------------------
 
+MAX_LOCATIONS_SHOWN = 5
+
+
 def _print_findings(report, root: str) -> None:
+    """Each finding with where it is, what it is and what to do.  Identical findings (same severity,
+    detail and advice, e.g. the same damage in many segments) are one entry with a count and their
+    locations (the first few; --json lists every finding)."""
+    groups: dict = {}
     for f in report.findings:
-        where = os.path.relpath(f.path, root) if f.path and f.path.startswith(root) else (f.path or "(store)")
-        loc = [where]
-        if f.offset is not None:
-            loc.append(f"offset {f.offset}")
-        if f.index is not None:
-            loc.append(f"index {f.index}")
-        click.echo(f"{f.severity.upper():<9}{'  '.join(loc)}")
-        click.echo(f"{'':<9}{f.detail}")
-        if f.hint:
-            click.echo(f"{'':<9}what to do: {f.hint}")
+        groups.setdefault((f.severity, f.kind, f.detail, f.hint), []).append(f)
+    for (severity, _kind, detail, hint), found in groups.items():
+        locs = []
+        for f in found:
+            where = os.path.relpath(f.path, root) if f.path and f.path.startswith(root) else (f.path or "(store)")
+            loc = [where]
+            if f.offset is not None:
+                loc.append(f"offset {f.offset}")
+            if f.index is not None:
+                loc.append(f"index {f.index}")
+            locs.append(("  " if len(found) == 1 else ", ").join(loc))
+        if len(found) == 1:
+            click.echo(f"{severity.upper():<9}{locs[0]}")
+            click.echo(f"{'':<9}{detail}")
+        else:
+            click.echo(f"{severity.upper():<9}{len(found)} x {detail}")
+            more = len(locs) - MAX_LOCATIONS_SHOWN
+            click.echo(f"{'':<9}in " + "; ".join(locs[:MAX_LOCATIONS_SHOWN])
+                       + (f"; and {more} more (--json lists every one)" if more > 0 else ""))
+        if hint:
+            click.echo(f"{'':<9}what to do: {hint}")
 
 
 def _summary(report) -> str:
@@ -749,11 +1089,18 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
             first, last = store.first_index(), store.last_index()
             a = first if lo is None else lo
             b = last if hi is None else hi
+            held = (f"the log holds {first}..{last}" if last >= first else
+                    f"the log is empty (entries up to {first - 1} are compacted into the snapshot)")
+            if lo is not None and lo > last:
+                raise UsageError(f"--from {lo} is beyond the last index {last}; {held}")
             if a < first:
                 raise UsageError(f"--from {a} is below the first retained index {first} (earlier entries are "
-                                 "compacted into the snapshot)")
-            if b > last:
-                raise UsageError(f"--to {b} is beyond the last index {last}")
+                                 f"compacted into the snapshot); {held}")
+            if hi is not None and hi > last:
+                raise UsageError(f"--to {hi} is beyond the last index {last}; {held}")
+            if hi is not None and hi < first - 1:
+                raise UsageError(f"--to {hi} is below the first retained index {first} (earlier entries are "
+                                 f"compacted into the snapshot); {held}")
             hs, cs = store.initial_state()
             snap = store.snapshot()
             head = {"first_index": first, "last_index": last,
@@ -763,6 +1110,7 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
                                                            "size": snap.size}}
             if as_json:
                 click.echo(json.dumps(head, indent=2)[:-2] + ',\n  "entries": [', nl=False)
+                _Ctx.json_stream_open = True        # an error from here on closes the document (see _fail)
             else:
                 click.echo(f"hard state: term={hs.term} vote={hs.vote} commit={hs.commit}")
                 click.echo(f"log: first index {first}, last index {last}"
@@ -783,6 +1131,7 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
                     n += 1
                 idx = batch[-1].index + 1
             if as_json:
+                _Ctx.json_stream_open = False
                 click.echo(("\n  ]\n}" if n else "]\n}"))
         finally:
             store.close()
@@ -933,6 +1282,7 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
         holders = lock_holders(root)
         if holders:
             raise LockedError(locked_message(directory, holders))
+        _require_writable(root, directory)
         _preflight(root, kek if have else None, have)
         with _Bar(f"migrating to {target}") as bar:
             def progress(stage, done, total):
@@ -1030,6 +1380,8 @@ def _inspect_snapshot_file(path: str, kek, plaintext: bool = False) -> dict:
     if magic == backup.EXPORT_MAGIC:
         info = backup.inspect_export(path, kek, plaintext=plaintext)
         info["kind"] = "export"
+        params, check, _what = stored_kek(path)
+        info["kek"] = None if info["plaintext"] else kek_summary(params, check)
         return info
     if magic != fmt.SNAPSHOT_MAGIC:
         raise UsageError(f"{path} is not a walcrypt snapshot export or snapshot file")
@@ -1042,6 +1394,8 @@ def _inspect_snapshot_file(path: str, kek, plaintext: bool = False) -> dict:
             "key_id": h.key_id.hex(), "snapshot_bytes": os.path.getsize(path),
             "keys": [{"key_id": k["id"], "state": K.STATE_NAMES.get(k["state"], "?")} for k in bundle.get("keys", [])],
             "warnings": [], "verified": False, "plaintext": h.algorithm == fmt.ALG_NONE}
+    info["kek"] = None if info["plaintext"] else kek_summary(
+        bundle.get("kek_params"), bytes.fromhex(bundle["kek_check"]) if bundle.get("kek_check") else None)
     if info["plaintext"] and kek is not None:
         backup._refuse_plaintext(path, plaintext, "a KEK was given, so an encrypted snapshot was expected")
     if kek is not None or (info["plaintext"] and plaintext):
@@ -1073,6 +1427,7 @@ def snapshot_inspect(file, as_json, plaintext, **kw) -> None:
     kek = _kek(kw)
     if not os.path.exists(file):
         raise UsageError(f"{file} does not exist")
+    _Ctx.source = file
     info = _inspect_snapshot_file(file, kek, plaintext)
     for w in info["warnings"]:
         click.echo(f"WARNING: {w}", err=True)
@@ -1083,6 +1438,8 @@ def snapshot_inspect(file, as_json, plaintext, **kw) -> None:
     click.echo(f"snapshot       index {info['index']} term {info['term']}, {info['algorithm']}, "
                f"data key {info['key_id']}")
     click.echo(f"store ID       {info['store_id']}")
+    if info.get("kek"):
+        click.echo(f"KEK needed     {info['kek']['kind']}, {describe_fingerprint(info['kek'])}")
     click.echo(f"KEK embedded   {'YES - see the warning' if info['kek_embedded'] else 'no'}")
     if info["verified"] and info.get("plaintext"):
         click.echo(f"authenticated  NO: a plaintext export (algorithm NONE) cannot be authenticated; "
@@ -1100,12 +1457,17 @@ def snapshot_inspect(file, as_json, plaintext, **kw) -> None:
         click.echo(format_table(["KEY ID", "STATE"], [[k["key_id"], k["state"]] for k in info["keys"]]))
 
 
-@command(snapshot, name="redact", short_help="Remove an embedded KEK from an export.")
+@command(snapshot, name="redact", short_help="Remove an embedded KEK from an export (--kek-out keeps a copy).")
 @click.argument("file", type=click.Path())
 @click.option("--kek-out", type=click.Path(),
-              help="Save the embedded KEK to this new file (0600) before removing it.")
+              help="Save the embedded KEK to this new file (0600) before removing it; without it the embedded "
+                   "KEK is discarded.")
 def snapshot_redact(file, kek_out) -> None:
     """Remove an embedded KEK from an export, in place.
+
+    With --kek-out the KEK is saved to a new file first; without it the embedded
+    KEK is discarded, and the export then needs the KEK it was made under (the
+    output names its fingerprint).
 
     \b
     Example:
@@ -1126,13 +1488,19 @@ def snapshot_redact(file, kek_out) -> None:
         raise UsageError(f"the directory of {kek_out} does not exist")
     if _read_magic(file) != backup.EXPORT_MAGIC:
         raise UsageError(f"{file} is not a walcrypt snapshot export")
+    params, check, _what = stored_kek(file)
+    need = describe_fingerprint(kek_summary(params, check))
     res = backup.redact_export(file, kek_out=kek_out)
     if not res["redacted"]:
         click.echo(f"{file} embeds no KEK; nothing to redact")
         if kek_out:
             click.echo(f"(nothing was written to {kek_out})")
         return
-    click.echo(f"removed the embedded KEK from {file}" + (f"; saved it to {kek_out} (mode 0600)" if kek_out else ""))
+    if kek_out:
+        click.echo(f"removed the embedded KEK from {file}; saved it to {kek_out} (mode 0600, {need})")
+    else:
+        click.echo(f"removed the embedded KEK from {file} and discarded it (no --kek-out was given): the export "
+                   f"now restores only with the KEK it was made under ({need})")
 
 
 def new_key_options(f):
@@ -1182,6 +1550,7 @@ def snapshot_restore(file, directory, plaintext, new_key_file, new_key_env, new_
         raise UsageError(f"{directory} is not empty; restore only into a new or empty directory")
     if isinstance(new, (K.KeyFile, K.EnvKey)):
         new.material(None)                   # a bad new key is refused before anything is created
+    _Ctx.source = file
     with _Spinner("verifying the snapshot"):
         info = _inspect_snapshot_file(file, kek, plaintext)
     if info["plaintext"]:
@@ -1213,13 +1582,28 @@ def snapshot_restore(file, directory, plaintext, new_key_file, new_key_env, new_
 # demo, bench
 # ---------------------------------------------------------------------------
 
-@command(short_help="The main job: a guided tour of one encrypted store.")
+@command(short_help="The main job: a 3-node pysyncobj cluster on encrypted stores, then one store up close.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--entries", "n_entries", type=click.IntRange(min=1), default=20000, show_default=True)
+@click.option("--entries", "n_entries", type=click.IntRange(min=1), default=20000, show_default=True,
+              help="Writes through the cluster, and entries written to the single store.")
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
-              help="Where to create the demo store (default: a new temporary directory).")
+              help="Where to create the cluster's and the store's directories (default: a new temporary "
+                   "directory, removed afterwards).")
 def demo(as_json, n_entries, workdir) -> None:
-    """Write, reopen, verify and tamper with an encrypted store; print what was seen."""
+    """Run walcrypt under a real Raft cluster, then take one store apart; print what was seen.
+
+    \b
+    Part 1: a 3-node pysyncobj cluster on 127.0.0.1, one subprocess per node,
+    each on its own encrypted store with its own KEK: a replicated key/value
+    workload, the leader killed with SIGKILL and restarted, a rolling DEK
+    rotation under load, a full-cluster restart; then every acknowledged write
+    is checked on every node, and every file searched for plaintext.
+    Part 2: one store up close: written, reopened and read back byte for
+    byte, searched for plaintext, a wrong key refused, verified, a flipped bit
+    detected, a crashed writer's torn tail repaired.
+
+    Every step checks what it claims; exits 1 if any check fails.
+    """
     from .demo import run_demo
     report = run_demo(n_entries=n_entries, workdir=workdir, echo=None if as_json else click.echo)
     if as_json:
@@ -1236,24 +1620,42 @@ def find_checkout() -> str | None:
     return None
 
 
-@command(short_help="Run the quick benchmark suite (source checkout).",
+@command(short_help="Run the quick benchmark suite (source checkout); results to a file of your own.",
          context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the results (JSON) here; default: walcrypt-bench-<date>-<time>.json in the current "
+                   "directory.  Never overwrites.")
+@click.option("--update-repo", is_flag=True,
+              help="Also rewrite the checkout's committed results (benchmarks/RESULTS.md, benchmarks/results/ "
+                   "and the chart), as a release does; off by default.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def bench(args) -> None:
+def bench(out, update_repo, args) -> None:
     """Run the quick benchmark suite (python -m benchmarks --quick [ARGS]).
 
     Needs a source checkout with benchmarks/ (in the current directory or next
     to the installed package); extra ARGS go to the suite, e.g. 'walcrypt bench
-    -- --list'.
+    -- --list'.  The results go to --out (default: a new dated file in the
+    current directory); the checkout's committed benchmarks/RESULTS.md is left
+    alone unless --update-repo is given.
     """
     root = find_checkout()
     if root is None:
-        click.echo("walcrypt: error: 'walcrypt bench' needs a source checkout: no benchmarks/ in the current "
-                   "directory or next to the package; run it from a clone of the walcrypt repository", err=True)
-        sys.exit(EXIT_USAGE)
+        raise UsageError("'walcrypt bench' needs a source checkout: no benchmarks/ in the current directory or "
+                         "next to the package; run it from a clone of the walcrypt repository")
+    if out is None:
+        out = time.strftime("walcrypt-bench-%Y%m%d-%H%M%S.json")
+    out = os.path.abspath(out)
+    if os.path.lexists(out):
+        raise UsageError(f"{out} already exists; refusing to overwrite it (choose another --out)")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise UsageError(f"the directory of {out} does not exist")
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", *args], cwd=root, env=env)
+    mine = ["--json", out] + ([] if update_repo else ["--no-save"])
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", *mine, *args], cwd=root, env=env)
+    if os.path.exists(out):
+        click.echo(f"results written to {out}" + ("" if update_repo else
+                   " (benchmarks/RESULTS.md left alone; --update-repo rewrites it)"))
     sys.exit(proc.returncode)
 
 

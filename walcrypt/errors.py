@@ -7,6 +7,8 @@ offset, index) and what to do next.  No message ever contains key material.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "WalcryptError",
     "UsageError",
@@ -133,3 +135,19 @@ class LockedError(WalcryptError):
 
 class StoreFailedError(WalcryptError):
     """An earlier write or fsync failed; the store refuses writes until it is reopened."""
+
+
+def os_error_advice(exc: OSError) -> str:
+    """What to do about a file error met while opening or changing a store (for messages)."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return "the disk (or quota) is full: free space and run it again; nothing was lost"
+    if code in (errno.EACCES, errno.EPERM):
+        return "no permission: run as the user that owns the store"
+    if code == errno.EROFS:
+        return "the file system is mounted read-only: remount it read-write to run this"
+    if code == errno.EIO:
+        return "the disk reported an I/O error: check the device (kernel log) before anything else"
+    if code in (errno.EMFILE, errno.ENFILE):
+        return "too many open files: raise the limit (ulimit -n) and run it again"
+    return "if the disk is full or failing, fix that and run it again; nothing was lost"

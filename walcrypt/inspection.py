@@ -38,8 +38,8 @@ from . import layout
 from . import meta as M
 from . import online
 from .vfs import DEFAULT_VFS, own_file, refuse_link
-from .errors import KeyProviderError, LockedError, StorageError, UsageError, WalcryptError, WrongKeyError
-from .errors import WIPE_ADVICE
+from .errors import (WIPE_ADVICE, CorruptionError, KeyProviderError, LockedError, StorageError, UsageError,
+                     WalcryptError, WrongKeyError)
 
 ROTATION_STUCK_AFTER_S = 3600
 _MAX_STATE_JSON = 64 << 10          # a rotation or migration record is a few hundred bytes
@@ -60,8 +60,37 @@ PURPOSES = {K.PURPOSE_DEK: "dek", K.PURPOSE_META: "metadata"}
 # Preconditions and the process lock
 # ---------------------------------------------------------------------------
 
+# Names walcrypt creates directly inside a data directory.  A directory holding none of them is not a data
+# directory; one holding some of them but lacking its metadata is a damaged one.
+WALCRYPT_NAMES = (layout.LOCK_NAME, layout.META_DIR, layout.WAL_ENCRYPTED, layout.SNAP_ENCRYPTED, layout.WAL_PLAIN,
+                  layout.SNAP_PLAIN, ".migrate-wal", ".migrate-snap")
+
+NEW_STORE_HINT = ("if it is a new store whose creation was interrupted, nothing was stored in it yet: remove the "
+                  "directory and run 'walcrypt init' again (or let the node create it); if it held data, its files "
+                  "were deleted: restore the node from a backup export or wipe it and let Raft re-replicate it")
+
+
+def _what_is_here(path: str) -> str:
+    """The walcrypt files present in a data directory, for messages ("8 segment files in wal-v1-encrypted/")."""
+    parts = []
+    for d, what in ((layout.WAL_ENCRYPTED, "segment"), (layout.SNAP_ENCRYPTED, "snapshot"),
+                    (layout.WAL_PLAIN, "segment"), (layout.SNAP_PLAIN, "snapshot")):
+        p = os.path.join(path, d)
+        if os.path.isdir(p) and not os.path.islink(p):
+            n = sum(1 for x in os.listdir(p) if not x.startswith("."))
+            parts.append(f"{n} {what} file{'s' if n != 1 else ''} in {d}/")
+    if not parts:
+        parts = [n + ("/" if os.path.isdir(os.path.join(path, n)) else "") for n in WALCRYPT_NAMES
+                 if os.path.lexists(os.path.join(path, n))]
+    return ", ".join(parts)
+
+
 def require_store(directory: str) -> str:
-    """The absolute path of an existing store directory, or a UsageError saying what is wrong."""
+    """The absolute path of an existing store directory.
+
+    A UsageError for what the operator named wrongly (no such directory, not a directory, no permission,
+    a directory holding no walcrypt files at all); a CorruptionError for a walcrypt data directory whose
+    metadata is missing (no meta/, no meta/data.mdb): that is damage, not a wrong argument."""
     path = os.path.abspath(os.fspath(directory))
     if not os.path.exists(path):
         raise UsageError(f"{directory} does not exist; give the data directory of a walcrypt store")
@@ -70,47 +99,72 @@ def require_store(directory: str) -> str:
     if not os.access(path, os.R_OK | os.X_OK):
         raise UsageError(f"no permission to read {directory}; run as the user that owns the store")
     layout.refuse_links(path)
+    names = os.listdir(path)
+    if not any(n in WALCRYPT_NAMES for n in names):
+        below = [n for n in names if n.endswith((".wal", ".snap"))]
+        raise UsageError(f"{directory} is not a walcrypt data directory (it holds none of meta/, "
+                         f"{layout.WAL_ENCRYPTED}/, {layout.SNAP_ENCRYPTED}/, {layout.WAL_PLAIN}/, {layout.SNAP_PLAIN}/"
+                         ", LOCK)" + ("; it holds segment or snapshot files: give the data directory above it"
+                                      if below else ""))
     meta = os.path.join(path, layout.META_DIR)
-    if os.path.isdir(meta):
-        for n in sorted(os.listdir(meta)):
-            refuse_link(os.path.join(meta, n))
     if not os.path.isdir(meta):
-        lost = ("; it holds segment or snapshot files, so if its meta/ was lost, 'walcrypt recover "
-                f"{directory} --key-file K' rebuilds it" if layout.pairs_with_data(path) else "")
-        raise UsageError(f"{directory} is not a walcrypt data directory (it has no meta/ directory){lost}")
+        what = "a file stands where its metadata directory meta/ belongs" if os.path.lexists(meta) else \
+            "its metadata directory meta/ is missing"
+        if layout.data_files(path):
+            from .storage import metadata_lost
+            raise metadata_lost(meta, f"{directory} is a damaged walcrypt data directory: {what}",
+                                _what_is_here(path))
+        raise CorruptionError(meta, None, f"{directory} is a walcrypt data directory ({_what_is_here(path)}) but "
+                              f"{what} and it holds no data", NEW_STORE_HINT)
+    for n in sorted(os.listdir(meta)):
+        refuse_link(os.path.join(meta, n))
     if not os.access(meta, os.R_OK | os.X_OK) or not all(
             os.access(os.path.join(meta, n), os.R_OK) for n in os.listdir(meta)):
         raise UsageError(f"no permission to read {meta}; run as the user that owns the store")
     if not os.path.isfile(os.path.join(meta, "data.mdb")):
-        raise UsageError(f"{directory} is not a walcrypt data directory (meta/ holds no metadata database)")
+        what = "its metadata database meta/data.mdb is missing"
+        if layout.data_files(path):
+            from .storage import metadata_lost
+            raise metadata_lost(os.path.join(meta, "data.mdb"), f"{directory} is a damaged walcrypt data directory: {what}",
+                                _what_is_here(path))
+        raise CorruptionError(os.path.join(meta, "data.mdb"), None, f"{directory} is a walcrypt data directory "
+                              f"but {what} and it holds no data", NEW_STORE_HINT)
     return path
 
 
-DAMAGED_META_HINT = ("the metadata database is damaged or not walcrypt's; restore the node from a backup export "
-                     "('walcrypt snapshot restore'), rebuild meta/ from the snapshot and segment files "
-                     "('walcrypt recover'), or " + WIPE_ADVICE)
-
-
 def open_meta(root: str, directory: str) -> M.Meta:
-    """The metadata database, read-only and without its lock file; a damaged one is one clear error."""
-    try:
-        return M.Meta(os.path.join(root, layout.META_DIR), readonly=True)
-    except StorageError as exc:
-        raise StorageError(f"cannot read the metadata of {directory}: {' '.join(str(exc).split(': ')[-1:])} "
-                           f"- {DAMAGED_META_HINT}") from None
+    """The metadata database, read-only and without its lock file.  LMDB's errors arrive translated
+    (meta.lmdb_error): a damaged database is a CorruptionError saying what to do."""
+    return M.Meta(os.path.join(root, layout.META_DIR), readonly=True)
+
+
+def store_record(r, root: str, directory: str) -> tuple[bytes, bool]:
+    """(store ID, encrypted) from the store record, read without a key (it is not MAC'd).  A missing or
+    damaged record is damage: beside existing data, meta/ was lost or replaced; without any, the
+    store's creation never committed."""
+    store_id = r.raw(M.DB_STORE, M.K_STORE_ID)
+    enc = r.raw(M.DB_STORE, M.K_ENCRYPTED)
+    meta_path = os.path.join(root, layout.META_DIR)
+    if store_id is None and enc is None:
+        if layout.pairs_with_data(root):
+            from .storage import metadata_lost
+            raise metadata_lost(meta_path, f"the metadata of {directory} holds no store record")
+        raise CorruptionError(meta_path, None, f"the metadata of {directory} holds no store record and there is "
+                              "no data: the store's creation did not commit", NEW_STORE_HINT)
+    if store_id is None or len(store_id) != fmt.STORE_ID_SIZE or enc not in (b"\x00", b"\x01"):
+        raise CorruptionError(meta_path, None, f"the store identity record of {directory} is damaged (store ID "
+                              "or mode)", M.DAMAGED_HINT)
+    return store_id, enc == b"\x01"
 
 
 def read_mode(root: str, directory: str) -> bool:
-    """True for an encrypted store, False for a plaintext one (UsageError when it is not initialised)."""
+    """True for an encrypted store, False for a plaintext one (CorruptionError when the record is missing)."""
     meta = open_meta(root, directory)
     try:
         with meta.read() as r:
-            v = r.raw(M.DB_STORE, M.K_ENCRYPTED)
+            return store_record(r, root, directory)[1]
     finally:
         meta.close()
-    if v is None:
-        raise UsageError(f"{directory} is not an initialised walcrypt store (its metadata is empty)")
-    return v == b"\x01"
 
 
 def lock_holders(root: str) -> list[int] | None:
@@ -374,13 +428,11 @@ def _keyless(root: str, directory: str, key_file: str | None, live: bool):
     meta = open_meta(root, directory)
     try:
         with meta.read() as r:
-            store_id = r.raw(M.DB_STORE, M.K_STORE_ID)
-            if store_id is None:
-                raise UsageError(f"{directory} is not an initialised walcrypt store (its metadata is empty)")
+            store_id, encrypted = store_record(r, root, directory)
             version = r.raw(M.DB_STORE, M.K_FORMAT_VERSION)
-            encrypted = r.raw(M.DB_STORE, M.K_ENCRYPTED) == b"\x01"
             alg = r.raw(M.DB_STORE, M.K_ALGORITHM)
             raw_params = r.raw(M.DB_STORE, M.K_KEK_PARAMS)
+            kek_check = r.raw(M.DB_STORE, M.K_KEK_CHECK)
             meta_key_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
             keyring = r.items(M.DB_KEYRING, verify=False)
             manifest = r.items(M.DB_SEGMENTS, verify=False)
@@ -407,7 +459,7 @@ def _keyless(root: str, directory: str, key_file: str | None, live: bool):
         "store_id": store_id.hex(),
         "mode": "encrypted" if encrypted else "plaintext",
         "algorithm": alg_name(alg[0]) if alg else None,
-        "kek": _kek_summary(params) if encrypted else None,
+        "kek": _kek_summary(params, kek_check) if encrypted else None,
         "lock": {"held": None if holders is None else bool(holders), "pids": holders or []},
         "authenticated": False,
         "directories": _dir_summary(root),
@@ -541,7 +593,10 @@ def _keyless(root: str, directory: str, key_file: str | None, live: bool):
     # -- warnings from the directory ---------------------------------------------------
     for d in rep["directories"]:
         if d["name"].startswith(".migrate") and d["exists"]:
-            warnings.append(f"{d['name']}/ is left by an interrupted migration; the next read-write open removes it")
+            warnings.append(f"{d['name']}/ is left by an interrupted migration; " + (
+                "the next read-write open removes it" if rep["migration"] is not None else
+                "no migration is recorded, so opening the store leaves it alone: the next 'walcrypt migrate' "
+                "replaces it, or remove it"))
     other = layout.pair_for(not encrypted)
     if layout.has_data(root, other):
         what = "legacy plaintext data" if encrypted else "encrypted data of an earlier mode"
@@ -616,10 +671,14 @@ def _authenticated(root: str, kek, encrypted: bool, rep: dict, errors: list[str]
         store.close()
 
 
-def _kek_summary(params: dict | None) -> dict | None:
+def _kek_summary(params: dict | None, check: bytes | None = None) -> dict | None:
+    """The KEK a store needs: its kind, parameters and fingerprint (FORMAT.md 8.1; None for a KMS-held key,
+    which has no check value).  Read without a key, so not authenticated: open compares the key given
+    with the same stored check value the fingerprint is computed from."""
     if not params:
         return None
-    out = {"kind": params.get("kind")}
+    out = {"kind": params.get("kind"),
+           "fingerprint": K.kek_fingerprint(check) if check and len(check) == 16 else None}
     if params.get("kind") == "passphrase":
         out.update({k: params[k] for k in ("kdf", "n", "r", "p") if k in params})
     if params.get("kind") == "kms":
@@ -713,9 +772,18 @@ def render(rep: dict) -> str:
     lock_s = ("unknown" if lock["held"] is None else
               f"held by process {', '.join(map(str, lock['pids']))}" if lock["held"] else "free (no process has it open)")
     out.append(f"store          {rep['path']}")
-    out.append(f"format         version {rep['format_version']}, {mode}"
-               + (f", KEK: {kek.get('kind')}" + (f" ({kek['plugin']})" if kek.get("plugin") else "") if kek else ""))
+    out.append(f"format         version {rep['format_version']}, {mode}")
     out.append(f"store ID       {rep['store_id']}")
+    if kek:
+        if kek.get("fingerprint"):
+            fp = f"fingerprint {kek['fingerprint']}" + (" (the key given matches)" if rep["authenticated"] else
+                                                       " ('walcrypt key fingerprint --key-file F' names a key)")
+        elif kek.get("kind") == "kms":
+            fp = "fingerprint none: a KMS-held key has no check value (the plug-in name identifies it)"
+        else:
+            fp = "fingerprint none: no check value is stored"
+        kind = kek.get("kind") + (f" ({kek['plugin']})" if kek.get("plugin") else "")
+        out.append(f"KEK            {kind}, {fp}")
     out.append(f"lock           {lock_s}")
     out.append("authenticated  " + (_checked_summary(rep) if rep["authenticated"]
                                     else "no - " + rep.get("note", "see errors below")))

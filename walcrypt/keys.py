@@ -6,7 +6,8 @@ snapshot.  KEK providers:
 
 * :class:`RawKey` - 32 bytes held by the caller.
 * :class:`KeyFile` - a file holding the key (32 raw bytes, 64 hex digits or
-  base64); refused when group- or world-accessible.
+  base64); refused when group- or world-accessible, except a root-owned file its
+  group may read (0640), PostgreSQL's rule for private key files.
 * :class:`Passphrase` - scrypt over a passphrase; the salt and cost parameters
   are stored in the store (they are not secret).
 * :class:`EnvKey` - an environment variable holding the key as hex or base64.
@@ -15,13 +16,15 @@ snapshot.  KEK providers:
 
 Local KEKs are never used raw: HKDF derives a wrapping key and a 16-byte check
 value from them, so a wrong KEK is reported as :class:`WrongKeyError` before
-anything is decrypted or modified.
+anything is decrypted or modified.  The check value also names the key to
+operators: :func:`kek_fingerprint` (FORMAT.md 8.1) is a short hash of it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 import re
@@ -303,6 +306,62 @@ class RawKey(KeyEncryptionKey):
         return "raw key"
 
 
+def key_file_mode_problem(path: str, mode: int, uid: int) -> str | None:
+    """Why a key file of this mode and owner is refused, or None: PostgreSQL's rule for private key files.
+
+    A key file must not be accessible by anyone but its owner (mode 0600 or less), except that a file
+    owned by root may also be read by its group (0640 or less: no group write or execute, nothing for
+    others) - how a key is deployed for a service that runs under a group of its own.  The refusal
+    says what the mode is and what to run."""
+    mode = stat.S_IMODE(mode)
+    if not mode & 0o077:
+        return None
+    if uid == 0 and not mode & 0o037:
+        return None
+    who = "root" if uid == 0 else f"uid {uid}"
+    access = []
+    if mode & 0o070:
+        access.append("its group")
+    if mode & 0o007:
+        access.append("others")
+    fix = f"run 'chmod 600 {path}'"
+    if uid == 0:
+        if not mode & 0o007 or mode & 0o040:
+            fix += f" (or 'chmod 640 {path}' to keep read access for its group)"
+        rule = "a root-owned key file may be read by its group at most (0640)"
+    else:
+        rule = "a key file not owned by root must be 0600 or less"
+        if not mode & 0o037:
+            fix += (f", or give it to root so its group may keep reading it ('chown root {path}'; a root-owned "
+                    "key file may be 0640)")
+    return (f"key file {path} is accessible by {' and '.join(access)} (mode {mode:04o}, owner {who}): {rule}; "
+            f"{fix}")
+
+
+# The KEK fingerprint (FORMAT.md 8.1): a short, stable, non-secret name for a local KEK, computed from the
+# check value alone.  Whoever can compute it from a candidate key can compute the check value too, so it
+# helps a guesser no more than store/kek_check does (and for a passphrase each guess still costs scrypt
+# under the store's salt); it never changes stored bytes.
+FINGERPRINT_DOMAIN = b"walcrypt/v1/kek-fingerprint"
+FINGERPRINT_SIZE = 8
+
+
+def kek_fingerprint(check_value: bytes | None) -> str | None:
+    """16 hex digits: SHA-256(domain || check value), cut to 8 bytes.  None when there is no check value
+    (a KMS-held KEK)."""
+    if not check_value:
+        return None
+    return hashlib.sha256(FINGERPRINT_DOMAIN + bytes(check_value)).digest()[:FINGERPRINT_SIZE].hex()
+
+
+def fingerprint_of(kek: "KeyEncryptionKey", params: dict | None = None) -> str | None:
+    """The fingerprint of the KEK a provider yields (a passphrase needs the store's ``params``: its salt).
+    None for a KMS plug-in, whose key has no check value (the plug-in is not loaded)."""
+    if isinstance(kek, Kms):
+        return None
+    return kek_fingerprint(kek.wrapper(params).check_value())
+
+
 class KeyFile(KeyEncryptionKey):
     kind = "file"
 
@@ -310,24 +369,36 @@ class KeyFile(KeyEncryptionKey):
         self.path = os.fspath(path)
 
     def read(self) -> bytes:
+        """The key, after the file's type and mode passed :func:`key_file_mode_problem`.  The checks
+        are made on the descriptor that is then read (a name swapped in between is never read), and
+        the open never blocks (a FIFO is refused, not waited on)."""
         try:
-            st = os.stat(self.path)
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
         except FileNotFoundError:
             raise KeyProviderError(
                 f"key file {self.path} does not exist; create one with 'walcrypt keygen {self.path}'") from None
         except PermissionError:
-            raise KeyProviderError(f"no permission to read key file {self.path}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyProviderError(f"key file {self.path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise KeyProviderError(
-                f"key file {self.path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                f"run 'chmod 600 {self.path}'")
+            raise KeyProviderError(f"no permission to read key file {self.path}; run as its owner (or, for a "
+                                   "root-owned file of mode 0640, as a member of its group)") from None
+        except OSError as exc:
+            raise KeyProviderError(f"cannot open key file {self.path}: {exc.strerror}") from None
         try:
-            with open(self.path, "rb") as f:
-                raw = f.read(4096)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise KeyProviderError(f"key file {self.path} is not a regular file")
+            problem = key_file_mode_problem(self.path, st.st_mode, st.st_uid)
+            if problem:
+                raise KeyProviderError(problem)
+            raw = b""
+            while len(raw) < 4096:
+                block = os.read(fd, 4096 - len(raw))
+                if not block:
+                    break
+                raw += block
         except PermissionError:
             raise KeyProviderError(f"no permission to read key file {self.path}") from None
+        finally:
+            os.close(fd)
         return decode_key_text(raw, f"key file {self.path}")
 
     def wrapper(self, params: dict | None) -> Wrapper:

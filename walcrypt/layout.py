@@ -56,6 +56,22 @@ def pairs_with_data(root: str) -> list[DirPair]:
     return [p for p in PAIRS_BY_PREFERENCE if has_data(root, p)]
 
 
+def data_files(root: str) -> int:
+    """How many segment or snapshot files (regular files named ``*.wal`` / ``*.snap``, links not followed
+    and not counted) the data directories of ``root`` hold: evidence of a store's data, for telling a
+    data directory that lost its metadata from one holding no data."""
+    n = 0
+    for pair in PAIRS_BY_PREFERENCE:
+        for d in (pair.wal, pair.snap):
+            p = os.path.join(root, d)
+            if os.path.islink(p) or not os.path.isdir(p):
+                continue
+            for e in os.scandir(p):
+                if e.name.endswith((".wal", ".snap")) and e.is_file(follow_symlinks=False):
+                    n += 1
+    return n
+
+
 def looks_like_store(root: str) -> bool:
     return os.path.isdir(os.path.join(root, META_DIR))
 

@@ -37,8 +37,8 @@ from typing import Callable, Iterator
 import lmdb
 
 from . import format as fmt
-from .errors import AuthenticationError, CorruptionError, StorageError, UsageError
-from .errors import WIPE_ADVICE
+from .errors import (WIPE_ADVICE, AuthenticationError, CorruptionError, LockedError, StorageError,
+                     UnsupportedFormatError, UsageError, WalcryptError)
 from .vfs import DEFAULT_VFS, VFS, create_replacing, pinned_files, refuse_link
 
 log = logging.getLogger("walcrypt")
@@ -120,6 +120,57 @@ def keyed_mac(mac_key: bytes, db: bytes, key: bytes, value: bytes, *,
     return h.digest()[:MAC_SIZE]
 
 
+DAMAGED_HINT = ("keep a copy of the data directory for analysis, then rebuild meta/ from the snapshot and segment "
+                "files with the KEK ('walcrypt recover DIR --key-file K'), restore the node from a backup export "
+                "('walcrypt snapshot restore EXPORT NEW_DIR'), or " + WIPE_ADVICE)
+
+
+def lmdb_error(exc: "lmdb.Error", path: str, doing: str) -> WalcryptError:
+    """The walcrypt error, saying what to do, for an LMDB error met while ``doing`` (e.g. "opening") the
+    metadata database in ``path``.  Raise it ``from exc``: the LMDB error stays the cause."""
+    data = os.path.join(path, "data.mdb")
+    reason = getattr(exc, "reason", None) or str(exc)
+    if isinstance(exc, lmdb.InvalidError):
+        return CorruptionError(data, None, f"{doing} the metadata database failed: the file is not an LMDB "
+                               "database (truncated, overwritten or replaced)", DAMAGED_HINT)
+    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadChecksumError, lmdb.PanicError,
+                        lmdb.IncompatibleError, lmdb.BadValsizeError)):
+        return CorruptionError(data, None, f"{doing} the metadata database failed: it is damaged "
+                               f"(LMDB: {reason})", DAMAGED_HINT)
+    if isinstance(exc, lmdb.VersionMismatchError):
+        return UnsupportedFormatError(f"{data}: the metadata database was written by an LMDB library of another "
+                                      "on-disk version; open it with the walcrypt installation (and py-lmdb build) "
+                                      "that wrote it")
+    if isinstance(exc, (lmdb.MapFullError, lmdb.TxnFullError)):
+        return StorageError(f"{doing} the metadata database {path} failed: it is full (walcrypt maps at most "
+                            f"{MAP_SIZE} bytes); nothing was committed. walcrypt's "
+                            "own records stay far below this size: look for what filled it (large stable-store "
+                            "values?); to carry the node on, export its newest snapshot ('walcrypt snapshot "
+                            "export') and restore it into a new directory ('walcrypt snapshot restore')")
+    if isinstance(exc, lmdb.ReadonlyError):
+        return StorageError(f"{doing} the metadata database {path} failed: no permission to write it (or its "
+                            "file system is mounted read-only); run as the user that owns the store, or remount "
+                            "the file system read-write")
+    if isinstance(exc, lmdb.DiskError):
+        return StorageError(f"{doing} the metadata database {path} failed: no space left on the device; nothing "
+                            "was committed - free space and run it again")
+    if isinstance(exc, lmdb.LockError):
+        return LockedError(f"{doing} the metadata database {path} failed: another process holds its lock; "
+                           "stop it first")
+    if isinstance(exc, (lmdb.ReadersFullError, lmdb.TlsFullError)):
+        return StorageError(f"{doing} the metadata database {path} failed: too many readers at once (LMDB: "
+                            f"{reason}); close other processes reading the store and try again")
+    if isinstance(exc, lmdb.MemoryError):
+        return StorageError(f"{doing} the metadata database {path} failed: out of memory or address space "
+                            f"(walcrypt maps {MAP_SIZE} bytes); free memory, or raise the process's "
+                            "address-space limit (ulimit -v)")
+    if isinstance(exc, lmdb.InvalidParameterError):
+        return StorageError(f"{doing} the metadata database {path} failed: LMDB refused it (EINVAL); the file "
+                            "system may not support memory-mapped files (some network file systems do not): "
+                            "keep the data directory on a local file system")
+    return StorageError(f"{doing} the metadata database {path} failed: LMDB: {exc}")
+
+
 class Meta:
     """Thin, typed access to the LMDB environment."""
 
@@ -152,7 +203,7 @@ class Meta:
             # refuses a second handle on it in this process, so it must not leak.
             self._close_env()
             if isinstance(exc, lmdb.Error):
-                raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
+                raise lmdb_error(exc, path, "opening") from exc
             raise
         # From here any exception (KeyboardInterrupt included) closes the environment: LMDB refuses a
         # second handle on it in this process, so a leaked one would block every later open.
@@ -161,15 +212,20 @@ class Meta:
                 # LMDB syncs its files, never the directory entries that name them.
                 _fsync_dir(path)
                 _fsync_dir(os.path.dirname(os.path.abspath(path)))
-            self.dbs = {name: self.env.open_db(name, create=not readonly)
-                        for name in (DB_STORE, DB_KEYRING, DB_SEGMENTS, DB_STABLE, DB_STATE, DB_SNAPSHOTS)}
-        except lmdb.NotFoundError:
-            self._close_env()
-            raise CorruptionError(path, None, "the metadata database lacks walcrypt tables",
-                                  "this is not a walcrypt data directory") from None
+            self.dbs = {}
+            missing = []
+            for name in (DB_STORE, DB_KEYRING, DB_SEGMENTS, DB_STABLE, DB_STATE, DB_SNAPSHOTS):
+                try:
+                    self.dbs[name] = self.env.open_db(name, create=not readonly)
+                except lmdb.NotFoundError:
+                    missing.append(name.decode())
+            if missing:
+                raise CorruptionError(os.path.join(path, "data.mdb"), None, "the metadata database lacks the "
+                                      f"walcrypt table(s) {', '.join(missing)} (damaged, or replaced by another "
+                                      "LMDB database)", DAMAGED_HINT)
         except lmdb.Error as exc:
             self._close_env()
-            raise StorageError(f"cannot open the metadata database {path}: {exc}") from None
+            raise lmdb_error(exc, path, "opening") from exc
         except BaseException:
             self._close_env()
             raise
@@ -262,10 +318,8 @@ class Meta:
                 with self.env.begin(write=True) as txn:
                     yield WriteTxn(self, txn)
                     self._seal_catalog(txn)
-            except lmdb.MapFullError:
-                raise StorageError(f"the metadata database {self.path} is full") from None
             except lmdb.Error as exc:
-                raise StorageError(f"metadata commit failed in {self.path}: {exc}") from None
+                raise lmdb_error(exc, self.path, "committing to") from exc
 
     # -- the catalog: which records exist -------------------------------------------------
     # A MAC per value cannot show that a record was deleted (or that a table was emptied): anyone
@@ -315,8 +369,7 @@ class Meta:
                 with self.env.begin(write=False) as txn:
                     yield ReadTxn(self, txn)
             except lmdb.Error as exc:
-                raise StorageError(f"reading the metadata database {self.path} failed: {exc}; "
-                                   "reopen the store") from None
+                raise lmdb_error(exc, self.path, "reading") from exc
 
     # -- compaction: the metadata file rewritten without its free pages ------------------------
     # LMDB writes copy-on-write: a record overwritten or deleted stays, byte for byte, in pages
@@ -429,7 +482,7 @@ class Meta:
         try:
             self._open_env(readonly=False, create=False, existing=True)
         except lmdb.Error as exc:
-            raise StorageError(f"reopening the metadata database {self.path} failed: {exc}") from None
+            raise lmdb_error(exc, self.path, "reopening") from exc
         try:
             self.dbs = {name: self.env.open_db(name, create=False) for name in self.dbs}
         except BaseException:

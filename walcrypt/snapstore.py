@@ -211,6 +211,36 @@ class PendingSnapshot:
             self.writer.abort()
 
 
+# What a read-write open does with a snapshot file the registry does not list (FORMAT.md 11.8).
+DELETE = "delete"                   # a leftover: the latest retention removed it, or a save never got past its commit point
+REGISTER = "register"               # a save got past its commit point (SNAPSHOT record in the log): rolled forward
+REFUSE_OR_KEEP = "refuse-or-keep"   # not named as a leftover: this store's refuses the open, another's is left alone
+
+
+def orphan_fate(snap_id: int, *, purged: set[int], intents: set[int] | None, next_id: int, in_log) -> str:
+    """The fate of the unregistered snapshot file ``snap_id``: DELETE, REGISTER or REFUSE_OR_KEEP.
+
+    ``purged``: IDs the latest retention removed; ``intents``: IDs being written (None: a store written
+    before creation intents, where IDs up to ``next_id`` are leftovers); ``in_log()``: whether the log
+    holds a SNAPSHOT record for it.  Decides only; the caller acts (or reports)."""
+    leftover = snap_id in purged or (snap_id in intents if intents is not None else snap_id <= next_id)
+    if not leftover:
+        return REFUSE_OR_KEEP
+    if snap_id not in purged and in_log():
+        return REGISTER
+    return DELETE
+
+
+def unaccounted_snapshot(path: str, snap_id: int, next_id: int) -> CorruptionError:
+    """Why a read-write open refuses a snapshot file of this store that the registry lacks."""
+    return CorruptionError(
+        path, None, f"snapshot {snap_id} of this store is not in the registry (which gives out ID {next_id} "
+        "next), and the metadata does not name it as a leftover: its registry record was deleted, or meta/ "
+        "is older than the data - restored from an older copy or rolled back",
+        "walcrypt deleted nothing. Put back the meta/ that belongs to this data directory; otherwise "
+        "restore the node from a snapshot export or " + WIPE_ADVICE)
+
+
 class Snapshots:
     """Snapshot registry of one open store.  Writes are serialised by the caller (Store)."""
 
@@ -320,13 +350,13 @@ class Snapshots:
             path = os.path.join(self.dir, name)
             if m:
                 snap_id = int(m.group(1), 16)
-                leftover = snap_id in purged or (snap_id in intents if intents is not None else snap_id <= next_id)
-                if not leftover:
+                fate = orphan_fate(snap_id, purged=purged, intents=intents, next_id=next_id,
+                                   in_log=lambda: self._log_record(snap_id) is not None)
+                if fate == REFUSE_OR_KEEP:
                     self._refuse_newer(path, snap_id, next_id)
                     continue
-                record = self._log_record(snap_id) if snap_id not in purged else None
-                if record is not None:
-                    self._roll_forward(path, snap_id, record)
+                if fate == REGISTER:
+                    self._roll_forward(path, snap_id, self._log_record(snap_id))
                     continue
             st.vfs.unlink(path)
             removed = True
@@ -335,6 +365,38 @@ class Snapshots:
         if intents:
             with st.meta.write() as tx:
                 tx.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
+
+    def refusal(self) -> CorruptionError | None:
+        """The error a read-write open would raise for an unregistered snapshot file of this store, told
+        without acting (a read-only open does not look at unregistered files): for a caller that wants
+        to refuse before it opens read-write."""
+        if not os.path.isdir(self.dir):
+            return None
+        st = self.store
+        with st.meta.read() as r:
+            nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+            creating = r.get(M.DB_STATE, M.K_SNAP_CREATING)
+            purged = set(M.decode_ids(r.get(M.DB_STATE, M.K_SNAP_PURGED), st.meta.path))
+        next_id = int.from_bytes(nxt, "little") if nxt else 1
+        intents = None if creating is None else set(M.decode_ids(creating, st.meta.path))
+        known = {os.path.basename(i.path) for i in self.infos}
+        for name in sorted(st.vfs.listdir(self.dir)):
+            m = _SNAP_NAME.match(name)
+            if not m or name in known:
+                continue
+            snap_id = int(m.group(1), 16)
+            fate = orphan_fate(snap_id, purged=purged, intents=intents, next_id=next_id,
+                               in_log=lambda: self._log_record(snap_id) is not None)
+            if fate != REFUSE_OR_KEEP:
+                continue
+            path = os.path.join(self.dir, name)
+            try:
+                ours = SnapshotFile(st.vfs, path).header.store_id == st.store_id
+            except StorageError:
+                ours = False
+            if ours:
+                return unaccounted_snapshot(path, snap_id, next_id)
+        return None
 
     def _log_record(self, snap_id: int) -> tuple | None:
         """The log's SNAPSHOT record (ID, index, term, digest) for ``snap_id``, if a segment read at
@@ -437,12 +499,7 @@ class Snapshots:
         if not ours:
             log.warning("%s is not a snapshot of this store; left in place - inspect it, then remove it", path)
             return
-        raise CorruptionError(
-            path, None, f"snapshot {snap_id} of this store is not in the registry (which gives out ID {next_id} "
-            "next), and the metadata does not name it as a leftover: its registry record was deleted, or meta/ "
-            "is older than the data - restored from an older copy or rolled back",
-            "walcrypt deleted nothing. Put back the meta/ that belongs to this data directory; otherwise "
-            "restore the node from a snapshot export or " + WIPE_ADVICE)
+        raise unaccounted_snapshot(path, snap_id, next_id)
 
     # ------------------------------------------------------------------ write
     def save(self, meta: SnapshotMeta, data, *, extra_meta: dict | None = None) -> SnapshotInfo:

@@ -22,7 +22,7 @@ from . import layout
 from . import meta as M
 from .errors import (WIPE_ADVICE, AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError,
                      KeyProviderError, StorageError, StoreFailedError, SymlinkError, UnsafeFileError,
-                     UnsupportedFormatError, UsageError, WalcryptError, WrongKeyError)
+                     UnsupportedFormatError, UsageError, WalcryptError, WrongKeyError, os_error_advice)
 from .bounded import FileSource
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
 from .types import ConfState, Entry, HardState, SnapshotMeta
@@ -187,8 +187,7 @@ class Store:
             for lock in held:
                 lock.release()
             if isinstance(exc, OSError):
-                raise StorageError(f"opening {self.path} failed: {exc} (if the disk is full, free space and "
-                                   "open again; nothing was lost)") from exc
+                raise StorageError(f"opening {self.path} failed: {exc} ({os_error_advice(exc)})") from exc
             raise
         self.closed = False
         self._released = False
@@ -212,12 +211,8 @@ class Store:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"{self.path} exists and is not a directory")
         layout.refuse_links(self.path)
-        if os.path.isdir(self.path) and not layout.looks_like_store(self.path) and _holds_data_files(self.path):
-            raise CorruptionError(os.path.join(self.path, layout.META_DIR), None,
-                                  "meta/ is missing, but the data directory holds segments or snapshots",
-                                  "put back this directory's meta/, or rebuild it from the snapshot and segment "
-                                  "files ('walcrypt recover DIR --key-file K'); walcrypt will not create a new store "
-                                  "over existing data")
+        if os.path.isdir(self.path) and not layout.looks_like_store(self.path) and layout.data_files(self.path):
+            raise metadata_lost(os.path.join(self.path, layout.META_DIR), "the metadata directory is missing")
         if self.read_only:
             if not layout.looks_like_store(self.path):
                 raise UsageError(f"{self.path} is not a walcrypt data directory (no meta/)")
@@ -237,12 +232,7 @@ class Store:
             if self.read_only:
                 raise UsageError(f"{self.path} is not an initialised walcrypt store")
             if layout.pairs_with_data(self.path):
-                raise CorruptionError(
-                    self.meta.path, None, "the metadata holds no store record, but the data directory holds "
-                    "segments or snapshots: meta/ was lost or replaced, and walcrypt will not create a new store "
-                    "over existing data", "put back this directory's meta/, rebuild it from the snapshot and "
-                    "segment files ('walcrypt recover DIR --key-file K'), restore the node from a snapshot export, "
-                    "or " + WIPE_ADVICE)
+                raise metadata_lost(self.meta.path, "the metadata holds no store record")
             self._bootstrap(kek, algorithm)
             return
         if len(store_id) != fmt.STORE_ID_SIZE or stored_enc not in (b"\x00", b"\x01"):
@@ -522,18 +512,8 @@ class Store:
             manifest = [(int.from_bytes(k, "big"), M.decode_manifest(v, self.meta.path))
                         for k, v in r.items(M.DB_SEGMENTS)]
             compacted = r.get(M.DB_STATE, M.K_COMPACTED)
-            nxt = r.get(M.DB_STATE, M.K_NEXT_SEGMENT)
-            purged = M.decode_ids(r.get(M.DB_STATE, M.K_PURGED), self.meta.path)
-            staging = M.decode_ids(r.get(M.DB_STATE, M.K_STAGING), self.meta.path)
-            creating = r.get(M.DB_STATE, M.K_CREATING)
-        if len(staging) not in (0, 2):
-            raise CorruptionError(self.meta.path, None, "store state records are missing or damaged")
-        self._purged = set(purged)
-        self._staging = range(staging[0], staging[1]) if staging else range(0)
-        # None: a store written before creation intents existed (older, weaker rules apply)
-        self._creating = None if creating is None else set(M.decode_ids(creating, self.meta.path))
+            self.load_orphan_rules(r)
         c_index, c_term, reset_seg = M.decode_compacted(compacted, self.meta.path)
-        self.next_segment = M.decode_counter(nxt, self.meta.path, "next segment")
         self._refuse_if_older_than_data({seg_id for seg_id, _ in manifest})
         # Every segment is opened (nothing is modified yet) before anything is decided: damage that
         # lies wholly below the newest valid snapshot is set aside (walcrypt.salvage); any other
@@ -707,6 +687,49 @@ class Store:
                     seg.path, offset, detail, committed_end, broken)
         self.repairs.append({"path": seg.path, "offset": offset, "detail": detail,
                              "truncated_to": committed_end, "broken_copy": broken})
+
+    def load_orphan_rules(self, r) -> None:
+        """Read (in the metadata read ``r``, the one the manifest is read in) what decides the fate of
+        segment files the manifest does not list (FORMAT.md 11.6): the latest purge, a staging
+        reservation, the creation intents and the next segment ID."""
+        nxt = r.get(M.DB_STATE, M.K_NEXT_SEGMENT)
+        purged = M.decode_ids(r.get(M.DB_STATE, M.K_PURGED), self.meta.path)
+        staging = M.decode_ids(r.get(M.DB_STATE, M.K_STAGING), self.meta.path)
+        creating = r.get(M.DB_STATE, M.K_CREATING)
+        if len(staging) not in (0, 2):
+            raise CorruptionError(self.meta.path, None, "store state records are missing or damaged")
+        self._purged = set(purged)
+        self._staging = range(staging[0], staging[1]) if staging else range(0)
+        # None: a store written before creation intents existed (older, weaker rules apply)
+        self._creating = None if creating is None else set(M.decode_ids(creating, self.meta.path))
+        self.next_segment = M.decode_counter(nxt, self.meta.path, "next segment")
+
+    def orphan_fate(self, path: str, seg_id: int, base: int) -> tuple[str, str, str | None]:
+        """What a read-write open does with the segment file ``path`` that the manifest does not list, told
+        without doing it (for verify): ``(fate, why, hint)`` with fate ``"delete"`` for the leftover of a
+        purge, an interrupted re-key or an interrupted creation; ``"unlisted"`` for a file it keeps aside as
+        ``.unlisted``; ``"refuse"`` when the file proves that the metadata lacks records: every open refuses
+        and deletes nothing.  Reads only; needs :meth:`load_orphan_rules`."""
+        try:
+            leftover = self._orphan_is_leftover(path, seg_id, base)
+        except CorruptionError as exc:
+            return "refuse", exc.detail, exc.hint
+        if leftover:
+            if seg_id in self._purged:
+                return "delete", "the latest purge removed it from the manifest", None
+            if seg_id in self._staging:
+                return "delete", "it was reserved by an interrupted re-key", None
+            if self._creating and seg_id in self._creating:
+                return "delete", ("a creation intent names it: a crash while it was being created, before it "
+                                  "was registered (it holds no more than its creation unit)"), None
+            return "delete", "a crash before it was registered (it holds no more than its creation unit)", None
+        try:
+            ours = decode_header(self._read_head(path), path).store_id == self.store_id
+        except StorageError:
+            ours = False
+        return "unlisted", ("it is not a segment of this store" if not ours else
+                            "walcrypt cannot tell that it never held acknowledged writes (a store written before "
+                            "creation intents existed)"), "inspect it, then remove it"
 
     def _remove_orphans(self, known: set[int]) -> None:
         """Segment files the manifest does not list.  One is deleted only when it provably never held
@@ -1278,16 +1301,15 @@ class Store:
         return f"<walcrypt.Store {self.path} {mode} {state}>"
 
 
-def _holds_data_files(root: str) -> bool:
-    """Whether a segment or snapshot directory of ``root`` holds a regular file (links do not count)."""
-    for pair in layout.PAIRS_BY_PREFERENCE:
-        for d in (pair.wal, pair.snap):
-            p = os.path.join(root, d)
-            if os.path.isdir(p) and not os.path.islink(p):
-                with os.scandir(p) as it:
-                    if any(not e.name.startswith(".") and e.is_file(follow_symlinks=False) for e in it):
-                        return True
-    return False
+def metadata_lost(meta_path: str, what: str, here: str = "segments or snapshots") -> CorruptionError:
+    """The error for data without the metadata that describes it (``what``: how the metadata is lost;
+    ``here``: what data the directory holds)."""
+    return CorruptionError(
+        meta_path, None, f"{what}, but the data directory holds {here}: meta/ was lost or "
+        "replaced, and walcrypt will not create a new store over existing data (it holds the manifest and the "
+        "wrapped data keys)", "walcrypt changed nothing. Put back this directory's own meta/ (from the same node, "
+        "not an older copy); otherwise rebuild it from the snapshot and segment files with the KEK ('walcrypt "
+        "recover DIR --key-file K'), restore the node from a snapshot export, or " + WIPE_ADVICE)
 
 
 def _close_fully(closable) -> None:
@@ -1339,8 +1361,8 @@ def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
         for st in built:
             _close_fully(st)
         if isinstance(exc, OSError):         # a file error anywhere in open or migration: typed, with a hint
-            raise StorageError(f"opening {path} failed: {exc} (if the disk is full or failing, fix that and open "
-                               "again; an interrupted migration is redone)") from exc
+            raise StorageError(f"opening {path} failed: {exc} ({os_error_advice(exc)}; an interrupted migration "
+                               "is redone)") from exc
         raise
 
 
