@@ -123,3 +123,48 @@ def test_online_verify_finds_damage_in_the_last_committed_unit_of_the_open_segme
     offline = _wc("verify", root, "--key-file", key, "--json")
     assert offline.returncode == 1, offline.stdout + offline.stderr      # the damage is real
     assert online.returncode == 1, online.stdout + online.stderr
+
+
+# ---------------------------------------------------------------------------
+# snapshot restore
+# ---------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="snapshot restore decides that DIRECTORY is new before the (long) "
+                   "verification and, on any failure, removes the whole directory with shutil.rmtree: a store a "
+                   "node created there meanwhile (its restore is then refused as 'not empty') is deleted, "
+                   "acknowledged entries and all")
+def test_failed_restore_never_removes_a_store_created_meanwhile(tmp_path):
+    from walcrypt import ConfState, Entry, HardState, SnapshotMeta
+    key = _keyfile(tmp_path)
+    src = str(tmp_path / "src")
+    with walcrypt.open(src, kek=walcrypt.KeyFile(key)) as s:
+        s.save(hard_state=HardState(1, 1, 1), entries=[Entry(1, 1, b"e")])
+        s.save_snapshot(SnapshotMeta(1, 1, ConfState((1,))), os.urandom(1 << 20) * 48)    # ~48 MiB
+    out = str(tmp_path / "node.wcx")
+    assert _wc("snapshot", "export", src, out, "--key-file", key).returncode == 0
+    target = str(tmp_path / "node3")
+    proc = subprocess.Popen([sys.executable, "-m", "walcrypt.cli", "--progress", "snapshot", "restore", out, target,
+                             "--key-file", key], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env(), cwd=REPO)
+    try:
+        seen = b""
+        while b"verifying the snapshot" not in seen:        # the spinner: the target was found new
+            ready, _, _ = select.select([proc.stderr], [], [], 120)
+            assert ready, "restore did not start verifying"
+            block = os.read(proc.stderr.fileno(), 4096)
+            assert block, "restore exited early: " + seen.decode(errors="replace")
+            seen += block
+        os.kill(proc.pid, signal.SIGSTOP)                  # hold it inside the verification, deterministically
+        assert not os.path.exists(target), "the restore got past its verification: make the snapshot larger"
+        # Meanwhile the node (started by its service manager) creates its store there and acknowledges entries.
+        node = walcrypt.open(target, kek=walcrypt.KeyFile(key), sync="always")
+        node.save(hard_state=HardState(7, 2, 3), entries=[Entry(i, 7, b"acknowledged %d" % i) for i in (1, 2, 3)])
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.wait(timeout=300)
+        node.close()
+    finally:
+        _stop(proc)
+    assert proc.returncode != 0                      # the restore is refused (the directory is no longer empty) ...
+    assert os.path.isdir(os.path.join(target, "meta")), "the node's data directory was deleted"
+    with walcrypt.open(target, kek=walcrypt.KeyFile(key)) as s:     # ... and the node's store is untouched
+        assert s.last_index() == 3 and s.entries(1, 4)[2].data == b"acknowledged 3"
