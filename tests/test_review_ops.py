@@ -168,3 +168,20 @@ def test_failed_restore_never_removes_a_store_created_meanwhile(tmp_path):
     assert os.path.isdir(os.path.join(target, "meta")), "the node's data directory was deleted"
     with walcrypt.open(target, kek=walcrypt.KeyFile(key)) as s:     # ... and the node's store is untouched
         assert s.last_index() == 3 and s.entries(1, 4)[2].data == b"acknowledged 3"
+
+
+# ---------------------------------------------------------------------------
+# Command surface
+# ---------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="dump accepts a reversed range (--from above --to) and prints no entries "
+                   "with exit 0 instead of a usage error naming the range")
+def test_dump_refuses_a_reversed_range(tmp_path):
+    from walcrypt import Entry, HardState
+    key = _keyfile(tmp_path)
+    root = str(tmp_path / "node")
+    with walcrypt.open(root, kek=walcrypt.KeyFile(key)) as s:
+        s.save(hard_state=HardState(1, 1, 5), entries=[Entry(i, 1, b"e%d" % i) for i in range(1, 6)])
+    res = _wc("dump", root, "--from", "4", "--to", "2", "--key-file", key, "--json")
+    assert res.returncode == 2, res.stdout
+    assert json.loads(res.stdout)["error"]["kind"] == "usage"
