@@ -94,10 +94,6 @@ def _segments(root: str) -> list[str]:
 # Online verify
 # ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="online verify treats damage in the last committed write unit of the open "
-                   "segment as a write in progress (tail_may_be_mid_write) even when the unit's own COMMIT frame "
-                   "is present and the damage is stable across scans: verify on a running store exits 0 on a store "
-                   "the same verify, run after the writer stops, calls damaged")
 def test_online_verify_finds_damage_in_the_last_committed_unit_of_the_open_segment(tmp_path):
     key = _keyfile(tmp_path)
     root = str(tmp_path / "node")
@@ -129,10 +125,6 @@ def test_online_verify_finds_damage_in_the_last_committed_unit_of_the_open_segme
 # snapshot restore
 # ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="snapshot restore decides that DIRECTORY is new before the (long) "
-                   "verification and, on any failure, removes the whole directory with shutil.rmtree: a store a "
-                   "node created there meanwhile (its restore is then refused as 'not empty') is deleted, "
-                   "acknowledged entries and all")
 def test_failed_restore_never_removes_a_store_created_meanwhile(tmp_path):
     from walcrypt import ConfState, Entry, HardState, SnapshotMeta
     key = _keyfile(tmp_path)
@@ -174,8 +166,6 @@ def test_failed_restore_never_removes_a_store_created_meanwhile(tmp_path):
 # Command surface
 # ---------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="dump accepts a reversed range (--from above --to) and prints no entries "
-                   "with exit 0 instead of a usage error naming the range")
 def test_dump_refuses_a_reversed_range(tmp_path):
     from walcrypt import Entry, HardState
     key = _keyfile(tmp_path)

@@ -19,8 +19,11 @@ data key, wrapped by the same KEK or by the target node's own (``new_kek``); a r
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import struct
+import tempfile
 import time
 
 from crc32c import crc32c
@@ -493,10 +496,31 @@ def restore_export(path: str, data_dir: str, *, kek: K.KeyEncryptionKey | None =
         store_kek = kek or K.RawKey(src.kek)
     else:
         store_kek = None
-    with Store(data_dir, kek=store_kek, encrypted=store_kek is not None, **options) as s:
-        with sf.stream() as stream:
-            s.save_snapshot(sf.meta, stream)
-        s.save(hard_state=HardState(term=sf.meta.term, vote=0, commit=sf.meta.index))
-        return {"data_dir": data_dir, "index": sf.meta.index, "term": sf.meta.term,
-                "data_bytes": s.snapshot().size, "encrypted": store_kek is not None,
-                "source": "export" if isinstance(src, ExportFile) else "snapshot"}
+    # Built in a private directory beside the target and renamed into place at the end: a failure
+    # removes only that directory, never the target (a node may have created a store there while
+    # the restore ran), and a target filled meanwhile makes the rename fail instead of being merged.
+    parent = os.path.dirname(os.path.abspath(data_dir))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{parent} does not exist; create it first")
+    staging = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(data_dir)) + ".restore-", dir=parent)
+    try:
+        with Store(staging, kek=store_kek, encrypted=store_kek is not None, **options) as s:
+            with sf.stream() as stream:
+                s.save_snapshot(sf.meta, stream)
+            s.save(hard_state=HardState(term=sf.meta.term, vote=0, commit=sf.meta.index))
+            result = {"data_dir": data_dir, "index": sf.meta.index, "term": sf.meta.term,
+                      "data_bytes": s.snapshot().size, "encrypted": store_kek is not None,
+                      "source": "export" if isinstance(src, ExportFile) else "snapshot"}
+        try:
+            os.rename(staging, data_dir)       # onto a missing or empty directory only (rename(2))
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise UsageError(f"{data_dir} was created and filled while the restore ran; nothing there was "
+                                 "changed and the restored store was discarded: restore into a new or empty "
+                                 "directory") from None
+            raise
+        DEFAULT_VFS.fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return result

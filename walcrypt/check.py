@@ -615,6 +615,17 @@ class _Walk:
                 seg.close()              # sealed since the copy: checked again as the sealed segment it is now
                 return self._segment_checked(seg_id, state, path, again=True)
             if state == "appending":
+                # A second read, started after the first ended, with the rule that a later COMMIT frame
+                # proves the unit complete: the COMMIT the first read saw was written after the bytes
+                # before it, so if the same offset fails again with it, that is damage, not a write in
+                # progress (FORMAT.md 11.13, 4).
+                again_out = self._read_segment(seg_id, rec, path, mid_write=False)
+                if isinstance(again_out, Finding) and again_out.offset == torn[0]:
+                    seg.close()
+                    self.report.findings.append(again_out)
+                    return None
+                if not isinstance(again_out, Finding):
+                    again_out[0].close()
                 self.note(path, f"the running writer appends to this segment: authenticated up to offset "
                           f"{committed_end}, its last commit when it was read; what follows ({torn[1]} at offset "
                           f"{torn[0]}) may be a write in progress", SEGMENT, offset=committed_end)

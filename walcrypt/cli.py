@@ -24,7 +24,6 @@ import base64
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -1082,6 +1081,8 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
     """
     from .inspection import SharedLock
     kek = _kek(kw)
+    if lo is not None and hi is not None and lo > hi:
+        raise UsageError(f"--from {lo} is after --to {hi}: give the range first index first (--to is inclusive)")
     root = _store_dir(directory)
     with SharedLock(root, directory):
         store = _open_ro(root, directory, kek)
@@ -1545,8 +1546,7 @@ def snapshot_restore(file, directory, plaintext, new_key_file, new_key_env, new_
         raise UsageError(f"{file} does not exist")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UsageError(f"{directory} exists and is not a directory")
-    existed = os.path.isdir(directory)
-    if existed and os.listdir(directory):
+    if os.path.isdir(directory) and os.listdir(directory):
         raise UsageError(f"{directory} is not empty; restore only into a new or empty directory")
     if isinstance(new, (K.KeyFile, K.EnvKey)):
         new.material(None)                   # a bad new key is refused before anything is created
@@ -1558,17 +1558,8 @@ def snapshot_restore(file, directory, plaintext, new_key_file, new_key_env, new_
     if not info["verified"]:
         raise KeyProviderError(f"{file} is encrypted and embeds no KEK: give the KEK it was "
                                + ("exported under" if info["kind"] == "export" else "written under (its store's)"))
-    try:
-        with _Spinner("restoring"):
-            res = backup.restore_export(file, directory, kek=kek, plaintext=plaintext, new_kek=new)
-    except BaseException:
-        if existed:
-            for n in os.listdir(directory):
-                p = os.path.join(directory, n)
-                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
-        elif os.path.isdir(directory):
-            shutil.rmtree(directory)
-        raise
+    with _Spinner("restoring"):                 # built aside and renamed into place (backup.restore_export)
+        res = backup.restore_export(file, directory, kek=kek, plaintext=plaintext, new_kek=new)
     under = ("a plaintext store" if not res["encrypted"] else
              f"encrypted under the new KEK ({new.describe()})" if new is not None else "encrypted under the same KEK")
     click.echo(f"restored the snapshot at index {res['index']} term {res['term']} ({res['data_bytes']} bytes) "
