@@ -239,6 +239,7 @@ class Rotation:
             # Copies of the wrapped keys outside the keyring go first (the keyring still holds them
             # until the commit below): those in quarantined snapshot copies now, LMDB's after it.
             st.redact_quarantined(st.keys[kid].wrapped for kid in unreferenced)
+        destroyed = [st.keys[kid].wrapped for kid in unreferenced] if self.destroy_retired_keys else []
         with st.meta.write() as tx:
             for kid in unreferenced:
                 k = st.keys[kid]
@@ -250,7 +251,7 @@ class Rotation:
                 k.state_changed_ns = now
                 tx.put(M.DB_KEYRING, kid, M.encode_keyring(k))
         if self.destroy_retired_keys and unreferenced:
-            st.compact_meta()         # the overwritten records stay in LMDB's free pages until then
+            st.scrub_meta(destroyed)      # the overwritten records stay in LMDB's free pages until then
 
     def resume(self) -> None:
         """Run at open (read-write): finish whatever a crash interrupted."""
@@ -341,9 +342,10 @@ class Rotation:
            re-wrapped, the copies registered and the old snapshots dropped from the registry (named
            by the purge record).  This is the commit point: before it the old KEK is in force and the
            copies are leftovers of a creation intent; after it only the new KEK opens the store.
-        3. The old snapshot files are removed, and meta/data.mdb is rewritten without the free pages
-           that still hold the records wrapped under the old KEK (Meta.compact).
-        A crash after 2 leaves what 3 removes to the next open (purge record, compaction at open)."""
+        3. The old snapshot files are removed, and the free pages of meta/data.mdb that still hold the
+           records wrapped under the old KEK are overwritten (Meta.scrub), then the file is checked
+           for every old wrapped key (retried while a reader in another process pins them).
+        A crash after 2 leaves what 3 removes to the next open (purge record, scrub at open)."""
         st = self.store
         st._check_write()
         if not st.encrypted:
@@ -392,4 +394,4 @@ class Rotation:
             st.wrapper = wrapper
             st.kek_params = params
             st.snapshots.install_copies(copies, retained)                       # 3
-            st.compact_meta()
+            st.scrub_meta(old_blobs)
