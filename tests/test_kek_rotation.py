@@ -501,12 +501,16 @@ def test_power_loss_at_every_file_operation_of_a_destroying_rotation(snaps_templ
 # Scrubbing the metadata file's free pages
 # ---------------------------------------------------------------------------------------------
 
-def _scratch_gone(meta_dir: str) -> bool:
+def _scrub_done(meta_dir: str) -> bool:
+    """Whether the scratch table is there and empty: no scrub is pending (FORMAT.md 9.11)."""
     import lmdb
     env = lmdb.open(meta_dir, readonly=True, lock=False, max_dbs=8)
     try:
+        if env.begin().get(M.SCRUB_DB) is None:
+            return False
+        db = env.open_db(M.SCRUB_DB, create=False)
         with env.begin() as txn:
-            return txn.get(M.SCRUB_DB) is None
+            return txn.stat(db)["entries"] == 0
     finally:
         env.close()
 
@@ -544,7 +548,7 @@ def test_scrub_runs_alongside_transactions_of_other_threads(tmp_path):
             t.join(60)
     assert not errors, errors
     s.close()
-    assert _scratch_gone(os.path.join(path, "meta"))
+    assert _scrub_done(os.path.join(path, "meta"))
     with walcrypt.open(path, kek=KEK, **OPTS) as s2:
         for key, value in written.items():
             assert s2.stable_get(key) == value
@@ -627,6 +631,7 @@ def test_a_reader_pinning_a_destroyed_key_delays_its_removal_to_the_next_scrub(t
             assert T.key_states(s)[old] == "destroyed"
             assert holders(path, [blob]) == ["meta/data.mdb"]
             assert any("still in the metadata database" in r.getMessage() for r in caplog.records)
+            assert s.meta.scrub_pending()               # the next read-write open scrubs again
             proc.stdin.write(b"go\n")
             proc.stdin.flush()
             assert proc.stdout.readline().strip() == b"released"
@@ -634,14 +639,15 @@ def test_a_reader_pinning_a_destroyed_key_delays_its_removal_to_the_next_scrub(t
             proc.kill()
             proc.wait()
         assert s.meta.scrub([blob]) is True
-        assert not holders(path, [blob])
+        assert not holders(path, [blob]) and not s.meta.scrub_pending()
     finally:
         s.close()
 
 
 def test_a_scrub_interrupted_at_a_crash_is_finished_by_the_next_open(tmp_path):
-    """A destroying rotation whose scrub never ran (a crash right after the commit): the next
-    read-write open scrubs, and the key is in no file after it."""
+    """A destroying rotation whose scrub never ran (a crash right after the commit, which marked a
+    scrub pending): the next read-write open scrubs, and the key is in no file after it; an open
+    with no scrub pending does not scrub (nor grow the file)."""
     path = str(tmp_path / "data")
     kw = dict(kek=KEK, destroy_retired_keys=True, snapshot_source=_source, **OPTS)
     with walcrypt.open(path, **kw) as s:
@@ -652,10 +658,20 @@ def test_a_scrub_interrupted_at_a_crash_is_finished_by_the_next_open(tmp_path):
         real, s.scrub_meta = s.scrub_meta, lambda secrets=(): True
         s.rekey()
         assert T.key_states(s)[old] == "destroyed"
-    assert holders(path, [blob])
+    assert holders(path, [blob]) and not _scrub_done(os.path.join(path, "meta"))
     with walcrypt.open(path, **kw) as s:
         assert not holders(path, [blob])
         assert s.entries(1, 30) == ents(1, 30)
+    assert _scrub_done(os.path.join(path, "meta"))
+    calls = []
+    real = M.Meta._scrub_pass
+    M.Meta._scrub_pass = lambda meta: calls.append(1) or real(meta)
+    try:
+        with walcrypt.open(path, **kw) as s:
+            pass
+    finally:
+        M.Meta._scrub_pass = real
+    assert not calls
 
 
 class _Interrupt:
@@ -704,8 +720,8 @@ class _Interrupt:
 def test_scrub_interrupted_at_every_step_leaves_a_valid_metadata_file(tmp_path, monkeypatch, kind):
     """An exception before or after each step of the scrub (the renewal of the environment and
     each of its LMDB commits): the store either goes on (a later commit is durable) or refuses
-    every transaction, and it reopens with everything in it, the catalog intact and no scratch
-    table left (the open drops or finishes it)."""
+    every transaction, and it reopens with everything in it, the catalog intact and no scrub left
+    pending (the open finishes an interrupted one)."""
     template = str(tmp_path / "template")
     with walcrypt.open(template, kek=KEK, **OPTS) as s:
         fill(s, 1, 20)
@@ -741,7 +757,7 @@ def test_scrub_interrupted_at_every_step_leaves_a_valid_metadata_file(tmp_path, 
                 assert s2.stable_get(b"CurrentTerm") == b"\x05" and s2.stable_get(b"free") == b"pages"
                 assert s2.stable_get(b"after") == (b"the interruption" if wrote else None), (k, when, hook.fired)
                 s2.meta.verify_catalog()
-            assert _scratch_gone(os.path.join(root, "meta")), (k, when, hook.fired)
+            assert _scrub_done(os.path.join(root, "meta")), (k, when, hook.fired)
             assert check(root, kek=KEK).ok
             shutil.rmtree(root)
         if not fired_any:
@@ -752,8 +768,8 @@ def test_scrub_interrupted_at_every_step_leaves_a_valid_metadata_file(tmp_path, 
 
 def test_a_left_over_scratch_table_never_breaks_an_open(tmp_path):
     """A scratch table left by a crash in the middle of a scrub (made here by hand, with records):
-    read-only and read-write opens, the catalog check and walcrypt check ignore it; a read-write
-    open drops it."""
+    read-only opens, the catalog check and walcrypt check ignore it; a read-write open scrubs and
+    empties it."""
     import lmdb
     path = str(tmp_path / "data")
     with walcrypt.open(path, kek=KEK, **OPTS) as s:
@@ -763,14 +779,14 @@ def test_a_left_over_scratch_table_never_breaks_an_open(tmp_path):
             for i in range(50):
                 txn.put(M._scrub_key(i), bytes(1000), db=db, append=True)
     meta_dir = os.path.join(path, "meta")
-    assert not _scratch_gone(meta_dir)
+    assert not _scrub_done(meta_dir)
     with walcrypt.open(path, kek=KEK, read_only=True) as r:
         assert r.entries(1, 10) == ents(1, 10)
         r.meta.verify_catalog()
     assert check(path, kek=KEK).ok
     with walcrypt.open(path, kek=KEK, **OPTS) as s:
         assert s.entries(1, 10) == ents(1, 10)
-    assert _scratch_gone(meta_dir)
+    assert _scrub_done(meta_dir)
     del lmdb
 
 

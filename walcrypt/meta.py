@@ -79,7 +79,8 @@ CATALOG_DBS = (DB_KEYRING, DB_SEGMENTS, DB_SNAPSHOTS, DB_STATE, DB_STABLE)
 MAP_SIZE = 1 << 30
 LEGACY_COMPACT_NAME = "data.mdb.compact"   # a copy earlier versions wrote (removed at read-write open)
 # scrub(): a scratch table (not one of walcrypt's: no catalog, MAC or reader ever sees it), filled
-# with zeros until LMDB has reused every free page it may, then dropped (FORMAT.md 9.11).
+# with zeros until LMDB has reused every free page it may, then emptied; records in it mean that a
+# scrub is due (FORMAT.md 9.11).
 SCRUB_DB = b"scrub"
 SCRUB_KEY = 8                       # key size of the scratch records (u64, big-endian, appended)
 LEAF_HEADER = 16                    # LMDB's page header
@@ -455,15 +456,20 @@ class Meta:
         was found clean (True without ``secrets``).
 
         Each step is one ordinary LMDB commit, so an interruption anywhere leaves a valid
-        environment (at worst a scratch table, which the next scrub drops).  LMDB failures are
-        StorageError, a failed read of data.mdb an OSError."""
+        environment (at worst a scratch table with records: a scrub is pending, see scrub_pending).
+        LMDB failures are StorageError, a failed read of data.mdb an OSError."""
         secrets = [bytes(s) for s in secrets if s]
         for attempt in range(max(1, attempts)):
             if attempt:
                 time.sleep(delay)
             self._scrub_pass()
-            if not secrets or not self.holds(secrets, vfs):
-                return True
+            try:
+                if not secrets or not self.holds(secrets, vfs):
+                    return True
+            except BaseException:
+                self.mark_scrub_pending()            # not known to be clean: the next open scrubs again
+                raise
+        self.mark_scrub_pending()
         log.warning("a key that was destroyed or re-wrapped is still in the metadata database %s: a reader "
                     "held on to old pages (a long read transaction, in this process or another); the next "
                     "scrub (at the next key destruction, KEK rotation or read-write open) removes it", self.path)
@@ -503,7 +509,8 @@ class Meta:
            grow the file: every free page it could reuse was taken, and written whole, first.  The
            first fill commit takes a little less than the unused pages (an upper bound of the
            reusable ones), later ones 1, 2, 4, ... pages, so the file grows by a page or a few.
-        4. The scratch table is dropped: its pages, all zeros, go back to the free list."""
+        4. The scratch table is emptied: its pages, all zeros, go back to the free list.  The empty
+           table stays: it tells a read-write open that no scrub is pending (scrub_pending)."""
         try:
             self._renew()
             with self._in_use():
@@ -544,19 +551,32 @@ class Meta:
             if not grown:
                 log.warning("scrubbing the metadata database %s: LMDB did not grow the file for %d scratch "
                             "pages; some free pages may not have been overwritten", self.path, n // 3)
-            self.drop_scratch()                                          # 4
+            self._empty_scratch()                                        # 4
         except lmdb.MapFullError:
             raise StorageError(f"the metadata database {self.path} is full") from None
         except lmdb.Error as exc:
             raise StorageError(f"scrubbing the metadata database {self.path} failed: {exc}") from None
 
-    def drop_scratch(self) -> None:
-        """Drop a scratch table an interrupted scrub left behind (a commit only if there is one)."""
+    def _empty_scratch(self) -> None:
+        with self._txn(write=True) as txn:
+            txn.drop(self._scratch(txn, create=True), delete=False)
+
+    def scrub_pending(self) -> bool:
+        """Whether a scrub is due (read-write only): the scratch table is missing (the file was never
+        scrubbed: a new store, or one an earlier walcrypt wrote) or holds records (a commit that
+        replaced key material marked it, or a scrub was interrupted, or found a secret still there)."""
+        try:
+            with self._txn(write=True) as txn:            # opening a table is done in a write transaction
+                db = self._scratch(txn)
+                return db is None or txn.stat(db)["entries"] > 0
+        except lmdb.Error as exc:
+            raise StorageError(f"reading the metadata database {self.path} failed: {exc}") from None
+
+    def mark_scrub_pending(self) -> None:
+        """Record (in a commit of its own) that a scrub is due: see WriteTxn.mark_scrub_pending."""
         try:
             with self._txn(write=True) as txn:
-                db = self._scratch(txn)
-                if db is not None:
-                    txn.drop(db, delete=True)
+                txn.put(_scrub_key(0), b"", db=self._scratch(txn, create=True))
         except lmdb.Error as exc:
             raise StorageError(f"metadata commit failed in {self.path}: {exc}") from None
 
@@ -605,6 +625,16 @@ class WriteTxn(ReadTxn):
 
     def delete(self, db: bytes, key: bytes) -> None:
         self.txn.delete(key, db=self.meta.dbs[db])
+
+    def create_scrub_table(self) -> None:
+        """At bootstrap: the scratch table, empty (no scrub is due in a file nothing was replaced in)."""
+        self.meta._scratch(self.txn, create=True)
+
+    def mark_scrub_pending(self) -> None:
+        """In the commit that replaces key material (a key destroyed, every key re-wrapped): a record
+        in the scratch table, so that a crash before the scrub that follows is made good by the next
+        read-write open (Meta.scrub_pending); the scrub empties the table."""
+        self.txn.put(_scrub_key(0), b"", db=self.meta._scratch(self.txn, create=True))
 
 
 def upgrade(meta: Meta, from_version: int) -> None:

@@ -250,6 +250,8 @@ class Rotation:
                     k.state = K.INACTIVE
                 k.state_changed_ns = now
                 tx.put(M.DB_KEYRING, kid, M.encode_keyring(k))
+            if destroyed:
+                tx.mark_scrub_pending()     # made good at the next open if the scrub below never runs
         if self.destroy_retired_keys and unreferenced:
             st.scrub_meta(destroyed)      # the overwritten records stay in LMDB's free pages until then
 
@@ -389,6 +391,7 @@ class Rotation:
                 for kid, blob in rewrapped.items():
                     tx.put(M.DB_KEYRING, kid, M.encode_keyring(dataclasses.replace(st.keys[kid], wrapped=blob)))
                 st.snapshots.register_copies(tx, copies, retained)
+                tx.mark_scrub_pending()
             for kid, blob in rewrapped.items():
                 st.keys[kid].wrapped = blob
             st.wrapper = wrapper

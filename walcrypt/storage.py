@@ -196,10 +196,8 @@ class Store:
             try:
                 self.rotation.resume()        # finish a rotation a crash interrupted (may call snapshot_source)
                 self._refresh_snapshot_bundles()
-                if self.encrypted and self.meta.has_free_pages():
+                if self.encrypted and self.meta.scrub_pending():
                     self.scrub_meta()        # no key outlives its record (scrub_meta), a crash notwithstanding
-                else:
-                    self.meta.drop_scratch()
             except BaseException as exc:
                 self.close()
                 if isinstance(exc, OSError):
@@ -345,6 +343,7 @@ class Store:
                 w.put(M.DB_KEYRING, dek.key_id, M.encode_keyring(dek))
                 self.keys[dek.key_id] = dek
                 self._secrets[dek.key_id] = secret
+                w.create_scrub_table()       # empty: nothing to scrub yet (FORMAT.md 9.11)
             else:
                 self.algorithm = fmt.ALG_NONE
                 self.kek_params = None
@@ -419,8 +418,9 @@ class Store:
         gone) are then looked for in the file, and the scrub repeated a few times while a reader
         pins them.  Best effort: the caller's commit stands whatever happens here, so a failure
         (a full disk, a secret a reader keeps pinned) is logged and left to the next scrub, and
-        False returned; only an environment that could not be reopened (Meta.broken) raises.  A read-write open scrubs too (without ``secrets``), so a crash between
-        the commit and this call is made good."""
+        False returned; only an environment that could not be reopened (Meta.broken) raises.  The
+        commit marked the scrub pending (WriteTxn.mark_scrub_pending) until a scrub completes, so a
+        crash before it, or a failure in it, is made good by the next read-write open."""
         if not self.encrypted or self.read_only:
             return True
         try:
@@ -493,6 +493,7 @@ class Store:
             self.tie_to_log(copies)
             with self.meta.write() as tx:
                 self.snapshots.register_copies(tx, copies, replace)
+                tx.mark_scrub_pending()     # the records an earlier KEK wrapped may be in free pages
             self.snapshots.install_copies(copies, replace)
 
     def ensure_dir(self, path: str) -> None:
