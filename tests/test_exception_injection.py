@@ -371,7 +371,7 @@ def scenarios(t: dict) -> dict[str, Scenario]:
     out["rekey"] = Scenario("rekey", t["snap"], snap0, rekey, retry=rekey, pre=active)
 
     # -- KEK rotation: three retained snapshots copied under the new KEK, the commit, the old files
-    #    removed, the metadata file compacted ----------------------------------------------------------
+    #    removed, the metadata file scrubbed -----------------------------------------------------------
     def rotate_kek(run):
         run.s.rotate_kek(NEW_KEK)
     keep3 = dict(kek=KEK, keep_snapshots=3, **OPTS)
@@ -379,7 +379,7 @@ def scenarios(t: dict) -> dict[str, Scenario]:
                                  open_kw=keep3, verify_keks=(NEW_KEK, KEK))
 
     # -- DEK rotation that destroys the retired key: the quarantined copies redacted, the keyring
-    #    record overwritten, the metadata file compacted ------------------------------------------------
+    #    record overwritten, the metadata file scrubbed -------------------------------------------------
     destroy_kw = dict(kek=KEK, snapshot_source=_source, destroy_retired_keys=True, **OPTS)
     out["rotate-dek-destroy"] = Scenario("rotate-dek-destroy", t["snap"], snap0, rotate, open_kw=destroy_kw,
                                          pre=active, extra_allowed=lambda states: [rotated(st) for st in states])

@@ -2,8 +2,8 @@
 
 ``rotate_kek`` replaces every retained snapshot file (each carries its own keyring bundle, the DEK
 wrapped under the KEK) by a copy wrapped under the new KEK, in the commit that re-wraps the keyring,
-and rewrites ``meta/data.mdb`` without the free pages LMDB's copy-on-write leaves behind; destroying
-a retired DEK does the same for its record.  Checked here on generated stores (several retained
+and overwrites the free pages of ``meta/data.mdb`` that LMDB's copy-on-write leaves behind (a scrub,
+in the same file); destroying a retired DEK does the same for its record.  Checked here on generated stores (several retained
 snapshots, several generations of data keys, extra snapshot metadata, quarantined ``.broken``
 copies), while the store is still open and after it closed, and after an interruption at every step:
 
@@ -266,7 +266,7 @@ def _legacy_rotate_kek(s, new_kek) -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_an_open_rewrites_snapshot_files_an_earlier_rotation_left_under_the_old_kek(tmp_path, seed):
     """A store whose KEK was rotated by a walcrypt that left the snapshot files (and LMDB's free
-    pages) alone: the next read-write open replaces them and compacts the metadata file."""
+    pages) alone: the next read-write open replaces them and scrubs the metadata file."""
     rng = random.Random(100 + seed)
     path = str(tmp_path / "data")
     expect = _generated_store(path, rng, keep_snapshots=3)
@@ -498,11 +498,25 @@ def test_power_loss_at_every_file_operation_of_a_destroying_rotation(snaps_templ
 
 
 # ---------------------------------------------------------------------------------------------
-# The metadata compaction itself
+# Scrubbing the metadata file's free pages
 # ---------------------------------------------------------------------------------------------
 
-def test_compaction_waits_for_transactions_of_other_threads(tmp_path):
-    """Threads reading and writing stable values while another compacts the metadata file over and
+def _scrub_done(meta_dir: str) -> bool:
+    """Whether the scratch table is there and empty: no scrub is pending (FORMAT.md 9.11)."""
+    import lmdb
+    env = lmdb.open(meta_dir, readonly=True, lock=False, max_dbs=8)
+    try:
+        if env.begin().get(M.SCRUB_DB) is None:
+            return False
+        db = env.open_db(M.SCRUB_DB, create=False)
+        with env.begin() as txn:
+            return txn.stat(db)["entries"] == 0
+    finally:
+        env.close()
+
+
+def test_scrub_runs_alongside_transactions_of_other_threads(tmp_path):
+    """Threads reading and writing stable values while another scrubs the metadata file over and
     over: every call succeeds, and every value written is there after a reopen."""
     path = str(tmp_path / "data")
     s = walcrypt.open(path, kek=KEK, **OPTS)
@@ -527,70 +541,207 @@ def test_compaction_waits_for_transactions_of_other_threads(tmp_path):
         t.start()
     try:
         for _ in range(30):
-            s.meta.compact(s.vfs)
+            s.meta.scrub()
     finally:
         stop.set()
         for t in threads:
             t.join(60)
     assert not errors, errors
     s.close()
+    assert _scrub_done(os.path.join(path, "meta"))
     with walcrypt.open(path, kek=KEK, **OPTS) as s2:
         for key, value in written.items():
             assert s2.stable_get(key) == value
 
 
-@pytest.mark.xfail(strict=False, reason="swapping in a compacted data.mdb under a reader of another process that "
-                   "shares lock.mdb leaves a stale transaction ID there (the in-place scrub replaces the swap)")
-def test_a_reader_in_another_process_is_not_disturbed_by_compaction(tmp_path):
-    """Read-only opens from another process, over and over, while the writer compacts: each open
-    succeeds (the reader may see the file it opened, then the new one)."""
+READER = """
+import sys, walcrypt
+kek = walcrypt.RawKey(bytes.fromhex(sys.argv[2]))
+for _ in range(8):
+    with walcrypt.open(sys.argv[1], kek=kek, read_only=True) as r:
+        assert r.meta.locked                      # registered in LMDB's reader table
+        print("ready", flush=True)
+        for _ in range(60):
+            assert r.last_index() >= 19
+            assert r.entries(1, 20)[-1].index == 19
+            with r.meta.read() as t:              # a read transaction while the writer scrubs
+                assert t.raw(b"store", b"store_id") is not None
+print("ok", flush=True)
+"""
+
+
+def test_a_reader_in_another_process_is_not_disturbed_by_scrubbing(tmp_path):
+    """A read-only open in another process, registered in LMDB's reader table through the shared
+    lock.mdb, reads over and over while the writer commits and scrubs: every read succeeds, and so
+    does every commit of the writer (data.mdb and lock.mdb are never swapped under either)."""
     path = str(tmp_path / "data")
     s = walcrypt.open(path, kek=KEK, **OPTS)
     fill(s, 1, 20)
-    code = ("import sys, walcrypt\n"
-            "kek = walcrypt.RawKey(bytes.fromhex(sys.argv[2]))\n"
-            "for _ in range(40):\n"
-            "    with walcrypt.open(sys.argv[1], kek=kek, read_only=True) as r:\n"
-            "        assert r.last_index() >= 19\n"
-            "print('ok')\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, path, wctest.KEK_BYTES.hex()], env=wctest.child_env(),
+    proc = subprocess.Popen([sys.executable, "-c", READER, path, wctest.KEK_BYTES.hex()], env=wctest.child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    scrubs = 0
     try:
+        assert proc.stdout.readline().strip() == b"ready"
         while proc.poll() is None:
             s.stable_set(b"k", os.urandom(16))
-            s.meta.compact(s.vfs)
+            s.meta.scrub()
+            scrubs += 1
         out, err = proc.communicate(timeout=60)
+        s.stable_set(b"k", b"last")
+        assert s.stable_get(b"k") == b"last"
     finally:
         s.close()
     assert proc.returncode == 0 and b"ok" in out, err.decode()[-2000:]
+    assert scrubs >= 2
+    with walcrypt.open(path, kek=KEK, **OPTS) as s2:
+        assert s2.entries(1, 20) == ents(1, 20) and s2.stable_get(b"k") == b"last"
+
+
+PINNER = """
+import sys, walcrypt.meta as M
+m = M.Meta(sys.argv[1], readonly=True)
+with m.read() as r:
+    r.raw(b"keyring", b"x")
+    print("pinned", flush=True)
+    sys.stdin.readline()
+m.close()
+print("released", flush=True)
+"""
+
+
+def test_a_reader_pinning_a_destroyed_key_delays_its_removal_to_the_next_scrub(tmp_path, caplog):
+    """A reader in another process holds a read transaction from before a key is destroyed: the
+    pages holding the key cannot be reused while it lasts, so the call returns (after its bounded
+    retries) with a warning and the key still in data.mdb; once the reader is done, the next scrub
+    removes it."""
+    path = str(tmp_path / "data")
+    kw = dict(kek=KEK, destroy_retired_keys=True, snapshot_source=_source, **OPTS)
+    s = walcrypt.open(path, **kw)
+    try:
+        fill(s, 1, 30)
+        _save_snap(s, 20)
+        old = s.active_key_id()
+        blob = s.keys[old].wrapped
+        proc = subprocess.Popen([sys.executable, "-c", PINNER, os.path.join(path, "meta")], env=wctest.child_env(),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout.readline().strip() == b"pinned"
+            with caplog.at_level("WARNING", logger="walcrypt"):
+                s.rekey()
+            assert T.key_states(s)[old] == "destroyed"
+            assert holders(path, [blob]) == ["meta/data.mdb"]
+            assert any("still in the metadata database" in r.getMessage() for r in caplog.records)
+            assert s.meta.scrub_pending()               # the next read-write open scrubs again
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == b"released"
+        finally:
+            proc.kill()
+            proc.wait()
+        assert s.meta.scrub([blob]) is True
+        assert not holders(path, [blob]) and not s.meta.scrub_pending()
+    finally:
+        s.close()
+
+
+def test_a_scrub_interrupted_at_a_crash_is_finished_by_the_next_open(tmp_path):
+    """A destroying rotation whose scrub never ran (a crash right after the commit, which marked a
+    scrub pending): the next read-write open scrubs, and the key is in no file after it; an open
+    with no scrub pending does not scrub (nor grow the file)."""
+    path = str(tmp_path / "data")
+    kw = dict(kek=KEK, destroy_retired_keys=True, snapshot_source=_source, **OPTS)
+    with walcrypt.open(path, **kw) as s:
+        fill(s, 1, 30)
+        _save_snap(s, 20)
+        old = s.active_key_id()
+        blob = s.keys[old].wrapped
+        real, s.scrub_meta = s.scrub_meta, lambda secrets=(): True
+        s.rekey()
+        assert T.key_states(s)[old] == "destroyed"
+    assert holders(path, [blob]) and not _scrub_done(os.path.join(path, "meta"))
+    with walcrypt.open(path, **kw) as s:
+        assert not holders(path, [blob])
+        assert s.entries(1, 30) == ents(1, 30)
+    assert _scrub_done(os.path.join(path, "meta"))
+    calls = []
+    real = M.Meta._scrub_pass
+    M.Meta._scrub_pass = lambda meta: calls.append(1) or real(meta)
+    try:
+        with walcrypt.open(path, **kw) as s:
+            pass
+    finally:
+        M.Meta._scrub_pass = real
+    assert not calls
+
+
+class _Interrupt:
+    """Raise ``kind`` at the k-th step of a scrub: before or after one of its LMDB transactions
+    (Meta._txn) or the renewal of the environment (Meta._renew)."""
+
+    def __init__(self, monkeypatch, k: int, when: str, kind):
+        self.k, self.when, self.kind, self.n, self.fired = k, when, kind, 0, None
+        real_txn, real_renew = M.Meta._txn, M.Meta._renew
+        me = self
+
+        def hit(what):
+            me.n += 1
+            if me.n == me.k and me.fired is None:
+                me.fired = (what, me.when)
+                raise me.kind()
+
+        from contextlib import contextmanager
+
+        @contextmanager
+        def txn(meta, *, write):
+            if not write or not me.armed:
+                with real_txn(meta, write=write) as t:
+                    yield t
+                return
+            if me.when == "before":
+                hit("txn")
+            with real_txn(meta, write=write) as t:
+                yield t
+            if me.when == "after":
+                hit("txn")
+
+        def renew(meta):
+            if me.armed and me.when == "before":
+                hit("renew")
+            real_renew(meta)
+            if me.armed and me.when == "after":
+                hit("renew")
+
+        self.armed = False
+        monkeypatch.setattr(M.Meta, "_txn", txn)
+        monkeypatch.setattr(M.Meta, "_renew", renew)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_compaction_interrupted_at_every_step_leaves_a_valid_metadata_file(tmp_path, kind):
-    """An exception before or after each file operation of the compaction (create, copy, fsync,
-    close, rename, directory fsync): the environment is either usable (the old file or the new) or
-    refuses every transaction, nothing is ever committed to a file no longer named data.mdb, and the
-    store reopens with everything in it."""
+def test_scrub_interrupted_at_every_step_leaves_a_valid_metadata_file(tmp_path, monkeypatch, kind):
+    """An exception before or after each step of the scrub (the renewal of the environment and
+    each of its LMDB commits): the store either goes on (a later commit is durable) or refuses
+    every transaction, and it reopens with everything in it, the catalog intact and no scrub left
+    pending (the open finishes an interrupted one)."""
     template = str(tmp_path / "template")
     with walcrypt.open(template, kek=KEK, **OPTS) as s:
         fill(s, 1, 20)
         s.stable_set(b"CurrentTerm", b"\x05")
-    vfs = InjectVFS()
     k, runs = 1, 0
     while True:
         fired_any = False
         for when in ("before", "after"):
             root = str(tmp_path / f"run-{k}-{when}")
             shutil.copytree(template, root)
-            s = walcrypt.open(root, kek=KEK, vfs=vfs, **OPTS)
-            s.stable_set(b"free", b"pages")                         # something to compact away
-            vfs.arm(k, when, KINDS[kind])
+            s = walcrypt.open(root, kek=KEK, **OPTS)
+            s.stable_set(b"free", b"pages")                         # something to scrub away
+            hook = _Interrupt(monkeypatch, k, when, KINDS[kind])
+            hook.armed = True
             try:
-                s.meta.compact(vfs)
+                s.meta.scrub()
             except KINDS[kind]:
                 pass
-            vfs.disarm()
-            if vfs.fired is None:
+            hook.armed = False
+            if hook.fired is None:
                 s.close()
                 shutil.rmtree(root)
                 continue
@@ -601,17 +752,74 @@ def test_compaction_interrupted_at_every_step_leaves_a_valid_metadata_file(tmp_p
             except walcrypt.StorageError:
                 wrote = False
             s.close()
-            vfs.close_leftovers()
             with walcrypt.open(root, kek=KEK, **OPTS) as s2:
                 assert s2.entries(1, 20) == ents(1, 20)
                 assert s2.stable_get(b"CurrentTerm") == b"\x05" and s2.stable_get(b"free") == b"pages"
-                assert s2.stable_get(b"after") == (b"the interruption" if wrote else None), (k, when, vfs.fired_op)
-            assert M.COMPACT_NAME not in os.listdir(os.path.join(root, "meta"))
+                assert s2.stable_get(b"after") == (b"the interruption" if wrote else None), (k, when, hook.fired)
+                s2.meta.verify_catalog()
+            assert _scrub_done(os.path.join(root, "meta")), (k, when, hook.fired)
+            assert check(root, kek=KEK).ok
             shutil.rmtree(root)
         if not fired_any:
             break
         k += 1
     assert runs >= 8, runs
+
+
+def test_a_left_over_scratch_table_never_breaks_an_open(tmp_path):
+    """A scratch table left by a crash in the middle of a scrub (made here by hand, with records):
+    read-only opens, the catalog check and walcrypt check ignore it; a read-write open scrubs and
+    empties it."""
+    import lmdb
+    path = str(tmp_path / "data")
+    with walcrypt.open(path, kek=KEK, **OPTS) as s:
+        fill(s, 1, 10)
+        with s.meta._txn(write=True) as txn:
+            db = s.meta._scratch(txn, create=True)
+            for i in range(50):
+                txn.put(M._scrub_key(i), bytes(1000), db=db, append=True)
+    meta_dir = os.path.join(path, "meta")
+    assert not _scrub_done(meta_dir)
+    with walcrypt.open(path, kek=KEK, read_only=True) as r:
+        assert r.entries(1, 10) == ents(1, 10)
+        r.meta.verify_catalog()
+    assert check(path, kek=KEK).ok
+    with walcrypt.open(path, kek=KEK, **OPTS) as s:
+        assert s.entries(1, 10) == ents(1, 10)
+    assert _scrub_done(meta_dir)
+    del lmdb
+
+
+def test_each_scrub_grows_the_metadata_file_by_a_few_pages_at_most(tmp_path):
+    path = str(tmp_path / "data")
+    with walcrypt.open(path, kek=KEK, **OPTS) as s:
+        fill(s, 1, 20)
+        data = os.path.join(path, "meta", "data.mdb")
+        for _ in range(10):
+            s.stable_set(b"k", os.urandom(100))
+            before = os.path.getsize(data)
+            s.meta.scrub()
+            assert os.path.getsize(data) - before <= 8 * 4096
+
+
+def test_an_existing_metadata_file_without_the_store_table_is_refused(tmp_path):
+    """A data.mdb that has commits but no store table (not walcrypt's, or read through the wrong
+    meta page) is refused by a read-write open, never written walcrypt's tables."""
+    import lmdb
+    meta_dir = tmp_path / "data" / "meta"
+    meta_dir.mkdir(parents=True)
+    env = lmdb.open(str(meta_dir), max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"other", b"data")
+    env.close()
+    size = os.path.getsize(meta_dir / "data.mdb")
+    with pytest.raises(walcrypt.CorruptionError):
+        M.Meta(str(meta_dir))
+    env = lmdb.open(str(meta_dir), max_dbs=8)
+    with env.begin() as txn:
+        assert txn.get(M.DB_STORE) is None and txn.get(b"other") == b"data"
+    env.close()
+    assert os.path.getsize(meta_dir / "data.mdb") == size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from . import layout
 from . import meta as M
 from . import online
 from .vfs import DEFAULT_VFS, own_file, refuse_link
-from .errors import (WIPE_ADVICE, CorruptionError, KeyProviderError, LockedError, StorageError, UsageError,
+from .errors import (CorruptionError, KeyProviderError, LockedError, StorageError, UsageError,
                      WalcryptError, WrongKeyError)
 
 ROTATION_STUCK_AFTER_S = 3600

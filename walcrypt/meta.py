@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -39,7 +40,7 @@ import lmdb
 from . import format as fmt
 from .errors import (WIPE_ADVICE, AuthenticationError, CorruptionError, LockedError, StorageError,
                      UnsupportedFormatError, UsageError, WalcryptError)
-from .vfs import DEFAULT_VFS, VFS, create_replacing, pinned_files, refuse_link
+from .vfs import DEFAULT_VFS, VFS, pinned_files, refuse_link
 
 log = logging.getLogger("walcrypt")
 
@@ -76,7 +77,19 @@ MAC_SIZE = 16
 CATALOG_SIZE = 32
 CATALOG_DBS = (DB_KEYRING, DB_SEGMENTS, DB_SNAPSHOTS, DB_STATE, DB_STABLE)
 MAP_SIZE = 1 << 30
-COMPACT_NAME = "data.mdb.compact"   # a compact copy of data.mdb being written (Meta.compact)
+LEGACY_COMPACT_NAME = "data.mdb.compact"   # a copy earlier versions wrote (removed at read-write open)
+# scrub(): a scratch table (not one of walcrypt's: no catalog, MAC or reader ever sees it), filled
+# with zeros until LMDB has reused every free page it may, then emptied; records in it mean that a
+# scrub is due (FORMAT.md 9.11).
+SCRUB_DB = b"scrub"
+SCRUB_KEY = 8                       # key size of the scratch records (u64, big-endian, appended)
+LEAF_HEADER = 16                    # LMDB's page header
+SCRUB_ATTEMPTS = 5                  # scrubs before a secret a reader pins is left to the next one
+SCRUB_DELAY_S = 0.05
+SCRUB_SLACK_PAGES = 8               # the first fill commit: the unused pages less this many (and 1/128) ...
+SCRUB_MAX_BATCHES = 16              # ... then 1, 2, 4, ... pages a commit until LMDB grows the file
+SCAN_CHUNK = 1 << 20
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def _fsync_dir(path: str) -> None:
@@ -176,14 +189,15 @@ class Meta:
 
     def __init__(self, path: str, *, readonly: bool = False, create: bool = True):
         self.path = path
-        # Transactions against compaction (see compact): how deep each thread is inside read()/write(),
-        # and the thread swapping the file, if any.
+        # Transactions against _renew: how deep each thread is inside a transaction, and the thread
+        # renewing the environment, if any.
         self._gate = threading.Condition()
         self._depth: dict[int, int] = {}
-        self._swapper: int | None = None
+        self._renewer: int | None = None
+        self.broken = False
         created = False
         # LMDB opens its files by name and follows links: refuse them before it does.
-        for p in (path, *(os.path.join(path, n) for n in ("data.mdb", "lock.mdb", COMPACT_NAME))):
+        for p in (path, *(os.path.join(path, n) for n in ("data.mdb", "lock.mdb", LEGACY_COMPACT_NAME))):
             refuse_link(p)
         if not os.path.isdir(path):
             if readonly or not create:
@@ -212,6 +226,16 @@ class Meta:
                 # LMDB syncs its files, never the directory entries that name them.
                 _fsync_dir(path)
                 _fsync_dir(os.path.dirname(os.path.abspath(path)))
+            # Tables are created only in a file that never had a commit: an existing file whose store
+            # table is missing is refused, never written an empty tree (it may be a file LMDB reads
+            # through the wrong meta page, or not walcrypt's at all).
+            blank = fresh or self.env.info()["last_txnid"] == 0
+            if not readonly and not blank:
+                with self.env.begin() as txn:
+                    if txn.get(DB_STORE) is None:
+                        raise CorruptionError(os.path.join(path, "data.mdb"), None, "the metadata database lacks "
+                                              "the walcrypt table store (damaged, or replaced by another LMDB "
+                                              "database)", DAMAGED_HINT)
             self.dbs = {}
             missing = []
             for name in (DB_STORE, DB_KEYRING, DB_SEGMENTS, DB_STABLE, DB_STATE, DB_SNAPSHOTS):
@@ -223,6 +247,8 @@ class Meta:
                 raise CorruptionError(os.path.join(path, "data.mdb"), None, "the metadata database lacks the "
                                       f"walcrypt table(s) {', '.join(missing)} (damaged, or replaced by another "
                                       "LMDB database)", DAMAGED_HINT)
+            if not readonly:
+                self._remove_legacy_copy()
         except lmdb.Error as exc:
             self._close_env()
             raise lmdb_error(exc, path, "opening") from exc
@@ -232,13 +258,12 @@ class Meta:
         self._mac_key: bytes | None = None
         self.mac_version = fmt.META_FORMAT_VERSION
 
-    def _open_env(self, *, readonly: bool, create: bool, existing: bool = False) -> None:
+    def _open_env(self, *, readonly: bool, create: bool) -> None:
         """Open the LMDB environment into ``self.env`` through pinned descriptors (FORMAT.md 15: LMDB
         opens its files by name and would follow a name swapped in after the checks), kept open in
         ``self._fds`` until the environment is closed (closing one earlier drops LMDB's record locks
-        on lock.mdb: vfs.pinned_files).  ``existing``: data.mdb must be there (a reopen), never
-        created anew.  A reader pins lock.mdb read-write (never creating it): its reader slot is
-        written there."""
+        on lock.mdb: vfs.pinned_files).  A reader pins lock.mdb read-write (never creating it): its
+        reader slot is written there."""
         path = self.path
         names = ("data.mdb", "lock.mdb")
         writable_names = ("lock.mdb",) if readonly else ()
@@ -246,8 +271,6 @@ class Meta:
             try:
                 with pinned_files(path, names, writable=not readonly, create=create,
                                   writable_names=writable_names, keep=self._fds) as lmdb_dir:
-                    if existing and not os.path.lexists(os.path.join(lmdb_dir, "data.mdb")):
-                        raise StorageError(f"the metadata database {path} lost its data.mdb; reopen the store")
                     if readonly:
                         self.locked = os.path.lexists(os.path.join(lmdb_dir, "lock.mdb"))
                     self.env = lmdb.open(lmdb_dir, map_size=MAP_SIZE, max_dbs=8, subdir=True,
@@ -270,6 +293,17 @@ class Meta:
 
     def close(self) -> None:
         self._close_env()
+
+    def _remove_legacy_copy(self) -> None:
+        """An earlier walcrypt compacted data.mdb by writing a copy to ``LEGACY_COMPACT_NAME`` and
+        renaming it over data.mdb; a copy an interruption left behind holds old records: removed."""
+        stale = os.path.join(self.path, LEGACY_COMPACT_NAME)
+        if os.path.lexists(stale):
+            try:
+                os.unlink(stale)
+                _fsync_dir(self.path)
+            except OSError as exc:
+                log.warning("could not remove %s (%s): it may hold old versions of metadata records", stale, exc)
 
     def _close_env(self) -> None:
         """The environment first, then the pinned descriptors (closing one of those first would drop
@@ -313,13 +347,12 @@ class Meta:
     # -- transactions --------------------------------------------------------
     @contextmanager
     def write(self) -> Iterator["WriteTxn"]:
-        with self._in_use():
-            try:
-                with self.env.begin(write=True) as txn:
-                    yield WriteTxn(self, txn)
-                    self._seal_catalog(txn)
-            except lmdb.Error as exc:
-                raise lmdb_error(exc, self.path, "committing to") from exc
+        try:
+            with self._txn(write=True) as txn:
+                yield WriteTxn(self, txn)
+                self._seal_catalog(txn)
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, self.path, "committing to") from exc
 
     # -- the catalog: which records exist -------------------------------------------------
     # A MAC per value cannot show that a record was deleted (or that a table was emptied): anyone
@@ -364,28 +397,28 @@ class Meta:
 
     @contextmanager
     def read(self) -> Iterator["ReadTxn"]:
-        with self._in_use():
-            try:
-                with self.env.begin(write=False) as txn:
-                    yield ReadTxn(self, txn)
-            except lmdb.Error as exc:
-                raise lmdb_error(exc, self.path, "reading") from exc
+        try:
+            with self._txn(write=False) as txn:
+                yield ReadTxn(self, txn)
+        except lmdb.Error as exc:
+            raise lmdb_error(exc, self.path, "reading") from exc
 
-    # -- compaction: the metadata file rewritten without its free pages ------------------------
+    # -- scrubbing: old versions of records overwritten in place -------------------------------
     # LMDB writes copy-on-write: a record overwritten or deleted stays, byte for byte, in pages
-    # LMDB keeps on its free list (and in the unused gap of live pages) until it happens to reuse
-    # them.  A destroyed data key, or every key wrapped under a KEK that was just replaced, would
-    # live on in meta/data.mdb.  compact() writes a compact copy (LMDB copies only the used part of
-    # the pages reachable from the current root) and renames it over data.mdb.
+    # LMDB keeps on its free list until it happens to reuse them.  A destroyed data key, or every
+    # key wrapped under a KEK that was just replaced, would live on in meta/data.mdb.  scrub()
+    # makes LMDB itself overwrite every reusable free page, in the same file (FORMAT.md 9.11):
+    # readers in other processes share meta/lock.mdb with the writer, so the files are never
+    # swapped under them.
 
     @contextmanager
     def _in_use(self) -> Iterator[None]:
-        """A transaction of this thread: waits while another thread swaps the file."""
+        """A transaction of this thread: waits while another thread renews the environment."""
         me = threading.get_ident()
         depth = self._depth.get(me, 0)       # only this thread changes its own count
         try:
             with self._gate:
-                while self._swapper is not None and self._swapper != me:
+                while self._renewer is not None and self._renewer != me:
                     self._gate.wait()
                 self._depth[me] = depth + 1
             yield
@@ -402,92 +435,209 @@ class Meta:
         """No transaction of any thread from here to the end of the block (new ones wait)."""
         me = threading.get_ident()
         if self._depth.get(me):
-            raise UsageError("the metadata file cannot be compacted from inside a metadata transaction")
+            raise UsageError("the metadata file cannot be scrubbed from inside a metadata transaction")
         try:
             with self._gate:
-                while self._swapper is not None:
+                while self._renewer is not None:
                     self._gate.wait()
-                self._swapper = me
+                self._renewer = me
                 while any(n for t, n in self._depth.items() if t != me):
                     self._gate.wait()
             yield
         finally:
             with self._gate:
-                if self._swapper == me:
-                    self._swapper = None
+                if self._renewer == me:
+                    self._renewer = None
                 self._gate.notify_all()
+
+    def _renew(self) -> None:
+        """Close the environment and open it again on the same files (data.mdb and lock.mdb stay as
+        they are: readers in other processes are not disturbed).  This empties LMDB's pool of page
+        buffers: a buffer LMDB reuses for a new page version is not cleared, so the unused middle of
+        a page it writes can repeat bytes of whatever page the buffer held before -- a keyring page
+        with a key since destroyed, say.  Every buffer after this is new (zeroed).  If the open
+        fails, the closed environment stays in place (every transaction fails) and ``broken`` is set."""
+        with self._exclusive():
+            env = self.env
+            env.close()
+            fds, self._fds = self._fds, []           # after the environment (_close_env)
+            for fd in fds:
+                os.close(fd)
+            try:
+                self._open_env(readonly=False, create=False)
+                self.dbs = {name: self.env.open_db(name, create=False) for name in self.dbs}
+            except BaseException as exc:
+                self._close_env()
+                self.env, self.broken = env, True
+                if isinstance(exc, (OSError, lmdb.Error)):
+                    raise StorageError(f"reopening the metadata database {self.path} failed: {exc}; "
+                                       "reopen the store") from None
+                raise
+
+    @contextmanager
+    def _txn(self, *, write: bool) -> Iterator:
+        with self._in_use():
+            with self.env.begin(write=write) as txn:
+                yield txn
 
     def has_free_pages(self) -> bool:
         """True when data.mdb holds pages no table uses (old versions of records among them)."""
+        return self._free_pages_upper_bound() > 0
+
+    def _free_pages_upper_bound(self) -> int:
+        """Pages of data.mdb no walcrypt table uses: the free pages, plus the free list's own few pages
+        and the scratch table's, if there is one (an upper bound, cheap: no table is opened)."""
         def pages(st: dict) -> int:
             return st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         with self.read() as r:
             used = 2 + pages(self.env.stat())                # the meta pages and the main table
             used += sum(pages(r.txn.stat(db)) for db in self.dbs.values())
-            return self.env.info()["last_pgno"] + 1 > used
+            return max(0, self.env.info()["last_pgno"] + 1 - used)
 
-    def compact(self, vfs: VFS | None = None, *, best_effort: bool = False) -> bool:
-        """Rewrite ``data.mdb`` without free pages and reopen the environment on it.
+    def _scratch(self, txn, *, create: bool = False):
+        """The scratch table of scrub() in the write transaction ``txn``, or None when there is none."""
+        if not create and txn.get(SCRUB_DB) is None:          # the main table names every table
+            return None
+        return self.env.open_db(SCRUB_DB, txn=txn, create=create)
 
-        The copy is written to ``COMPACT_NAME`` in ``meta/`` (created anew, never through a link),
-        fsynced, renamed over ``data.mdb``, and the directory fsynced; the environment is then
-        reopened through pinned descriptors.  Writers and readers of this process wait meanwhile;
-        another process that has the metadata open read-only keeps the old file until it reopens.
+    def scrub(self, secrets=(), *, vfs: VFS | None = None, attempts: int = SCRUB_ATTEMPTS,
+              delay: float = SCRUB_DELAY_S) -> bool:
+        """Overwrite the reusable free pages of data.mdb with zeros, through LMDB (FORMAT.md 9.11).
 
-        Interrupted before the rename, nothing changed (the copy is removed, or replaced by the
-        next compaction); with ``best_effort`` such a failure (a full disk) is logged and False is
-        returned.  From the rename on, whatever happens the environment is reopened on whatever
-        ``data.mdb`` is then (the old file or the copy: the same records); an exception there
-        propagates (the caller's fail-stop: the rename may not be durable), and if even the reopen
-        fails the environment is left closed, so that nothing is ever committed to an unlinked file."""
-        vfs = vfs or DEFAULT_VFS
-        data, tmp = os.path.join(self.path, "data.mdb"), os.path.join(self.path, COMPACT_NAME)
-        with self._exclusive():
-            fd = None
+        Then, if ``secrets`` are given, read data.mdb (through ``vfs``, never through a link) and
+        check that none of them occurs in it any more.  One that still does (a read transaction, of
+        this process or another, pinned the pages that hold it) is retried up to ``attempts`` times,
+        ``delay`` seconds apart, then logged and left to the next scrub.  Returns whether the file
+        was found clean (True without ``secrets``).
+
+        Each step is one ordinary LMDB commit, so an interruption anywhere leaves a valid
+        environment (at worst a scratch table with records: a scrub is pending, see scrub_pending).
+        LMDB failures are StorageError, a failed read of data.mdb an OSError."""
+        secrets = [bytes(s) for s in secrets if s]
+        for attempt in range(max(1, attempts)):
+            if attempt:
+                time.sleep(delay)
+            self._scrub_pass()
             try:
-                fd = create_replacing(vfs, tmp, os.O_WRONLY)
-                try:
-                    self.env.copyfd(fd, compact=True)
-                except lmdb.Error as exc:
-                    raise StorageError(f"compacting the metadata database {self.path} failed: {exc}") from None
-                vfs.fsync(fd)
-                fd, closing = None, fd
-                vfs.close(closing)
-            except BaseException as exc:
-                if fd is not None:
-                    vfs.close(fd)
-                try:
-                    vfs.unlink(tmp)
-                except OSError:
-                    pass
-                if best_effort and isinstance(exc, (OSError, StorageError)):
-                    log.warning("could not compact the metadata database %s (%s); old versions of its "
-                                "records stay in its free pages until the next compaction", self.path, exc)
-                    return False
+                if not secrets or not self.holds(secrets, vfs):
+                    return True
+            except BaseException:
+                self.mark_scrub_pending()            # not known to be clean: the next open scrubs again
                 raise
-            try:
-                vfs.rename(tmp, data)
-                vfs.fsync_dir(self.path)
-            finally:
-                self._reopen()
-        return True
+        self.mark_scrub_pending()
+        log.warning("a key that was destroyed or re-wrapped is still in the metadata database %s: a reader "
+                    "held on to old pages (a long read transaction, in this process or another); the next "
+                    "scrub (at the next key destruction, KEK rotation or read-write open) removes it", self.path)
+        return False
 
-    def _reopen(self) -> None:
-        """Close the environment and open it again on the file now named data.mdb.  Interrupted in
-        between, ``self.env`` is the closed one: every later transaction fails (StorageError)."""
-        self.env.close()
-        fds, self._fds = self._fds, []           # the old file's pins, after the environment (_close_env)
-        for fd in fds:
-            os.close(fd)
+    def holds(self, secrets, vfs: VFS | None = None) -> bool:
+        """Whether any of ``secrets`` occurs in data.mdb, read through ``vfs`` without following a link."""
+        vfs = vfs or DEFAULT_VFS
+        secrets = [bytes(s) for s in secrets if s]
+        if not secrets:
+            return False
+        keep = max(len(s) for s in secrets) - 1
+        fd = vfs.open(os.path.join(self.path, "data.mdb"), os.O_RDONLY | _O_NOFOLLOW)
         try:
-            self._open_env(readonly=False, create=False, existing=True)
+            tail, offset = b"", 0
+            while chunk := vfs.pread(fd, SCAN_CHUNK, offset):
+                offset += len(chunk)
+                buf = tail + chunk
+                if any(s in buf for s in secrets):
+                    return True
+                tail = buf[-keep:] if keep else b""
+            return False
+        finally:
+            vfs.close(fd)
+
+    def _scrub_pass(self) -> None:
+        """One scrub (FORMAT.md 9.11): the environment renewed (_renew), then four LMDB commits.
+
+        1. Every record of walcrypt's tables written again as it is: every page of theirs gets a new
+           version made from a new buffer, and the old versions (whose unused middle may repeat old
+           bytes) go to the free list.  The scratch table is created (a leftover emptied) with one
+           record.
+        2. One record more in the scratch table: LMDB reuses the pages freed by commit T from
+           commit T + 2 on (with no older reader), so the pages freed by 1 and by the caller's
+           commit become reusable by 3.
+        3. Records of zero bytes, three to a leaf page (filling it), appended until LMDB had to
+           grow the file: every free page it could reuse was taken, and written whole, first.  The
+           first fill commit takes a little less than the unused pages (an upper bound of the
+           reusable ones), later ones 1, 2, 4, ... pages, so the file grows by a page or a few.
+        4. The scratch table is emptied: its pages, all zeros, go back to the free list.  The empty
+           table stays: it tells a read-write open that no scrub is pending (scrub_pending)."""
+        try:
+            self._renew()
+            with self._in_use():
+                psize = self.env.stat()["psize"]
+            # A leaf node: 2-byte pointer, 8-byte header, key, value; three of them fill a page's
+            # body exactly (MDB_APPEND leaves full pages full), well below LMDB's overflow threshold.
+            vlen = ((psize - LEAF_HEADER) // 3 - 2 - 8 - SCRUB_KEY) & ~1
+            value = bytes(vlen)
+            with self._txn(write=True) as txn:                           # 1
+                for db in self.dbs.values():
+                    with txn.cursor(db=db) as cur:
+                        records = [(bytes(k), bytes(v)) for k, v in cur]
+                    for k, v in records:
+                        txn.put(k, v, db=db)
+                scratch = self._scratch(txn, create=True)
+                txn.drop(scratch, delete=False)
+                txn.put(_scrub_key(0), value, db=scratch)
+            with self._txn(write=True) as txn:                           # 2
+                txn.put(_scrub_key(1), value, db=self._scratch(txn, create=True), append=True)
+            n, grown = 2, False
+            for batch in range(SCRUB_MAX_BATCHES):                       # 3
+                with self._in_use():
+                    before = self.env.info()["last_pgno"]
+                if batch == 0:
+                    bound = self._free_pages_upper_bound()
+                    pages = max(1, bound - SCRUB_SLACK_PAGES - bound // 128)
+                else:
+                    pages = 1 << (batch - 1)
+                with self._txn(write=True) as txn:
+                    scratch = self._scratch(txn, create=True)
+                    for _ in range(3 * pages):
+                        txn.put(_scrub_key(n), value, db=scratch, append=True)
+                        n += 1
+                with self._in_use():
+                    grown = self.env.info()["last_pgno"] > before
+                if grown:
+                    break
+            if not grown:
+                log.warning("scrubbing the metadata database %s: LMDB did not grow the file for %d scratch "
+                            "pages; some free pages may not have been overwritten", self.path, n // 3)
+            self._empty_scratch()                                        # 4
+        except lmdb.MapFullError:
+            raise StorageError(f"the metadata database {self.path} is full") from None
         except lmdb.Error as exc:
-            raise lmdb_error(exc, self.path, "reopening") from exc
+            raise StorageError(f"scrubbing the metadata database {self.path} failed: {exc}") from None
+
+    def _empty_scratch(self) -> None:
+        with self._txn(write=True) as txn:
+            txn.drop(self._scratch(txn, create=True), delete=False)
+
+    def scrub_pending(self) -> bool:
+        """Whether a scrub is due (read-write only): the scratch table is missing (the file was never
+        scrubbed: a new store, or one an earlier walcrypt wrote) or holds records (a commit that
+        replaced key material marked it, or a scrub was interrupted, or found a secret still there)."""
         try:
-            self.dbs = {name: self.env.open_db(name, create=False) for name in self.dbs}
-        except BaseException:
-            self.env.close()
-            raise
+            with self._txn(write=True) as txn:            # opening a table is done in a write transaction
+                db = self._scratch(txn)
+                return db is None or txn.stat(db)["entries"] > 0
+        except lmdb.Error as exc:
+            raise StorageError(f"reading the metadata database {self.path} failed: {exc}") from None
+
+    def mark_scrub_pending(self) -> None:
+        """Record (in a commit of its own) that a scrub is due: see WriteTxn.mark_scrub_pending."""
+        try:
+            with self._txn(write=True) as txn:
+                txn.put(_scrub_key(0), b"", db=self._scratch(txn, create=True))
+        except lmdb.Error as exc:
+            raise StorageError(f"metadata commit failed in {self.path}: {exc}") from None
+
+
+def _scrub_key(n: int) -> bytes:
+    return n.to_bytes(SCRUB_KEY, "big")
 
 
 class ReadTxn:
@@ -530,6 +680,16 @@ class WriteTxn(ReadTxn):
 
     def delete(self, db: bytes, key: bytes) -> None:
         self.txn.delete(key, db=self.meta.dbs[db])
+
+    def create_scrub_table(self) -> None:
+        """At bootstrap: the scratch table, empty (no scrub is due in a file nothing was replaced in)."""
+        self.meta._scratch(self.txn, create=True)
+
+    def mark_scrub_pending(self) -> None:
+        """In the commit that replaces key material (a key destroyed, every key re-wrapped): a record
+        in the scratch table, so that a crash before the scrub that follows is made good by the next
+        read-write open (Meta.scrub_pending); the scrub empties the table."""
+        self.txn.put(_scrub_key(0), b"", db=self.meta._scratch(self.txn, create=True))
 
 
 def upgrade(meta: Meta, from_version: int) -> None:

@@ -246,6 +246,7 @@ class Rotation:
             # until the commit below): those in quarantined snapshot copies now, LMDB's after it.
             st.redact_quarantined(st.keys[kid].wrapped for kid in unreferenced)
             st.snapshots.remove_abandoned_temporaries()
+        destroyed = [st.keys[kid].wrapped for kid in unreferenced] if self.destroy_retired_keys else []
         with st.meta.write() as tx:
             for kid in unreferenced:
                 k = st.keys[kid]
@@ -256,8 +257,10 @@ class Rotation:
                     k.state = K.INACTIVE
                 k.state_changed_ns = now
                 tx.put(M.DB_KEYRING, kid, M.encode_keyring(k))
+            if destroyed:
+                tx.mark_scrub_pending()     # made good at the next open if the scrub below never runs
         if self.destroy_retired_keys and unreferenced:
-            st.compact_meta()         # the overwritten records stay in LMDB's free pages until then
+            st.scrub_meta(destroyed)      # the overwritten records stay in LMDB's free pages until then
 
     def resume(self) -> None:
         """Run at open (read-write): finish whatever a crash interrupted."""
@@ -347,9 +350,11 @@ class Rotation:
            re-wrapped, the copies registered and the old snapshots dropped from the registry (named
            by the purge record).  This is the commit point: before it the old KEK is in force and the
            copies are leftovers of a creation intent; after it only the new KEK opens the store.
-        3. The copies are tied to the log by SNAPSHOT records, the old snapshot files are removed, and meta/data.mdb is rewritten without the free pages
-           that still hold the records wrapped under the old KEK (Meta.compact).
-        A crash after 2 leaves what 3 removes to the next open (purge record, compaction at open)."""
+        3. The copies are tied to the log by SNAPSHOT records, the old snapshot files are removed, and
+           the free pages of meta/data.mdb that still hold the records wrapped under the old KEK are
+           overwritten (Meta.scrub), then the file is checked for every old wrapped key (retried
+           while a reader in another process pins them).
+        A crash after 2 leaves what 3 removes to the next open (purge record, scrub at open)."""
         st = self.store
         st._check_write()
         if not st.encrypted:
@@ -404,8 +409,10 @@ class Rotation:
                             secret = K.unwrap_entry(st.wrapper, st.store_id, entry).material
                             blob = rewrapped[kid] = wrapper.wrap(
                                 secret, K.wrap_context(st.store_id, kid, entry.purpose))
+                            old_blobs.append(entry.wrapped)
                         tx.put(M.DB_KEYRING, kid, M.encode_keyring(dataclasses.replace(entry, wrapped=blob)))
                     st.snapshots.register_copies(tx, copies, retained)
+                    tx.mark_scrub_pending()
                 for kid, blob in rewrapped.items():
                     if kid in st.keys and st.keys[kid].state != K.DESTROYED:
                         st.keys[kid].wrapped = blob
@@ -413,4 +420,4 @@ class Rotation:
                 st.kek_params = params
             st.tie_to_log(copies)        # after the commit: before it, a record would make the copies roll forward
             st.snapshots.install_copies(copies, retained)                       # 3
-            st.compact_meta()
+            st.scrub_meta(old_blobs)

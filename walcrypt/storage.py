@@ -195,8 +195,8 @@ class Store:
             try:
                 self.rotation.resume()        # finish a rotation a crash interrupted (may call snapshot_source)
                 self._refresh_snapshot_bundles()
-                if self.encrypted and self.meta.has_free_pages():
-                    self.meta.compact(self.vfs, best_effort=True)     # no key outlives its record (compact_meta)
+                if self.encrypted and self.meta.scrub_pending():
+                    self.scrub_meta()        # no key outlives its record (scrub_meta), a crash notwithstanding
             except BaseException as exc:
                 self.close()
                 if isinstance(exc, OSError):
@@ -333,6 +333,7 @@ class Store:
                 w.put(M.DB_KEYRING, dek.key_id, M.encode_keyring(dek))
                 self.keys[dek.key_id] = dek
                 self._secrets[dek.key_id] = secret
+                w.create_scrub_table()       # empty: nothing to scrub yet (FORMAT.md 9.11)
             else:
                 self.algorithm = fmt.ALG_NONE
                 self.kek_params = None
@@ -400,13 +401,26 @@ class Store:
         return self._wraps(doc) == self._wraps(json.loads(self.keyring_bundle({info.key_id})))
 
     # ------------------------------------------------------------------ key material at rest
-    def compact_meta(self) -> None:
-        """Rewrite meta/data.mdb without free pages, after a key was destroyed or the KEK replaced: the
-        records LMDB's copy-on-write left behind held the destroyed key, or every key wrapped under the
-        old KEK.  Called inside the caller's fail-stop guard (see Meta.compact).  A read-write open
-        compacts too (best effort), so a crash between the commit and this call is made good."""
-        if self.encrypted and not self.read_only:
-            self.meta.compact(self.vfs)
+    def scrub_meta(self, secrets=()) -> bool:
+        """Overwrite the free pages of meta/data.mdb, after a key was destroyed or the KEK replaced:
+        the records LMDB's copy-on-write left behind held the destroyed key, or every key wrapped
+        under the old KEK (Meta.scrub, FORMAT.md 9.11).  ``secrets`` (the wrapped keys that must be
+        gone) are then looked for in the file, and the scrub repeated a few times while a reader
+        pins them.  Best effort: the caller's commit stands whatever happens here, so a failure
+        (a full disk, a secret a reader keeps pinned) is logged and left to the next scrub, and
+        False returned; only an environment that could not be reopened (Meta.broken) raises.  The
+        commit marked the scrub pending (WriteTxn.mark_scrub_pending) until a scrub completes, so a
+        crash before it, or a failure in it, is made good by the next read-write open."""
+        if not self.encrypted or self.read_only:
+            return True
+        try:
+            return self.meta.scrub(secrets, vfs=self.vfs)
+        except (OSError, StorageError) as exc:
+            if self.meta.broken:
+                raise            # the environment could not be reopened: no transaction works any more
+            log.warning("could not scrub the metadata database %s (%s); old versions of its records stay in "
+                        "its free pages until the next scrub", self.meta.path, exc)
+            return False
 
     def redact_quarantined(self, blobs) -> None:
         """Overwrite with ``0`` digits every copy of the wrapped keys ``blobs`` (the hex of a keyring
@@ -468,6 +482,7 @@ class Store:
         with self.fail_stop("rewriting snapshot keyring bundles"):
             with self.meta.write() as tx:
                 self.snapshots.register_copies(tx, copies, replace)
+                tx.mark_scrub_pending()     # the records an earlier KEK wrapped may be in free pages
             self.tie_to_log(copies)          # after the commit: see Rotation.rotate_kek
             self.snapshots.install_copies(copies, replace)
 
