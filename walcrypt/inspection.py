@@ -171,28 +171,7 @@ def lock_holders(root: str) -> list[int] | None:
     """PIDs holding a flock on ``root/LOCK`` according to /proc/locks (no lock is taken).
 
     [] when nobody holds it, None when it cannot be told (no /proc/locks)."""
-    lock = os.path.join(root, layout.LOCK_NAME)
-    try:
-        ino = os.stat(lock).st_ino
-    except OSError:
-        return []
-    try:
-        with open("/proc/locks") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    pids = []
-    for line in lines:
-        parts = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (a "->" marks a blocked waiter)
-        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
-            continue
-        try:
-            if int(parts[5].rsplit(":", 1)[1]) == ino:
-                pids.append(int(parts[4]))
-        except (ValueError, IndexError):
-            continue
-    return sorted(set(pids))
+    return layout.flock_holders(root)
 
 
 def locked_message(root: str, pids: list[int] | None) -> str:

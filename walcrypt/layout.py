@@ -185,3 +185,31 @@ class DirLock:
             finally:
                 os.close(fd)
         _HELD.discard(self.real)
+
+
+def flock_holders(root: str, *, exclusive_only: bool = False) -> list[int] | None:
+    """PIDs holding a flock on ``root/LOCK`` (``exclusive_only``: a write lock, i.e. a read-write
+    open) according to /proc/locks; no lock is taken.  [] when nobody holds it, None when it cannot
+    be told (no /proc/locks)."""
+    lock = os.path.join(root, LOCK_NAME)
+    try:
+        ino = os.stat(lock).st_ino
+    except OSError:
+        return []
+    try:
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    pids = set()
+    for line in lines:
+        parts = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (a "->" marks a blocked waiter)
+        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK" or (exclusive_only and parts[3] != "WRITE"):
+            continue
+        try:
+            if int(parts[5].rsplit(":", 1)[1]) == ino:
+                pids.add(int(parts[4]))
+        except (ValueError, IndexError):
+            continue
+    return sorted(pids)

@@ -56,28 +56,8 @@ ATTEMPTS = 5          # bounded retries everywhere a running writer can invalida
 def writer_pids(root: str) -> list[int] | None:
     """PIDs of other processes holding an exclusive flock on ``root/LOCK`` (from /proc/locks), or
     None when /proc/locks cannot be read.  Takes no lock."""
-    lock = os.path.join(root, layout.LOCK_NAME)
-    try:
-        ino = os.stat(lock).st_ino
-    except OSError:
-        return []
-    try:
-        with open("/proc/locks") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    pids = set()
-    for line in lines:
-        parts = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (a "->" marks a blocked waiter)
-        if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK" or parts[3] != "WRITE":
-            continue
-        try:
-            if int(parts[5].rsplit(":", 1)[1]) == ino and int(parts[4]) != os.getpid():
-                pids.add(int(parts[4]))
-        except (ValueError, IndexError):
-            continue
-    return sorted(pids)
+    pids = layout.flock_holders(root, exclusive_only=True)
+    return None if pids is None else [p for p in pids if p != os.getpid()]
 
 
 def writer_active(root: str) -> bool:

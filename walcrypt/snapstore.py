@@ -335,13 +335,7 @@ class Snapshots:
         if not os.path.isdir(self.dir):
             return
         st = self.store
-        with st.meta.read() as r:
-            nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
-            creating = r.get(M.DB_STATE, M.K_SNAP_CREATING)
-            purged = set(M.decode_ids(r.get(M.DB_STATE, M.K_SNAP_PURGED), st.meta.path))
-        next_id = int.from_bytes(nxt, "little") if nxt else 1
-        intents = None if creating is None else set(M.decode_ids(creating, st.meta.path))
-        known = {os.path.basename(i.path) for i in self.infos}
+        purged, intents, next_id, known = self._orphan_rules()
         removed = False
         for name in sorted(st.vfs.listdir(self.dir)):
             m = _SNAP_NAME.match(name)
@@ -366,12 +360,10 @@ class Snapshots:
             with st.meta.write() as tx:
                 tx.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
 
-    def refusal(self) -> CorruptionError | None:
-        """The error a read-write open would raise for an unregistered snapshot file of this store, told
-        without acting (a read-only open does not look at unregistered files): for a caller that wants
-        to refuse before it opens read-write."""
-        if not os.path.isdir(self.dir):
-            return None
+    def _orphan_rules(self) -> tuple[set[int], set[int] | None, int, set[str]]:
+        """What decides the fate of unregistered snapshot files (orphan_fate): the IDs the latest
+        retention purged, the IDs being written (None: a store from before creation intents), the
+        next snapshot ID, and the names of the registered files."""
         st = self.store
         with st.meta.read() as r:
             nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
@@ -379,7 +371,16 @@ class Snapshots:
             purged = set(M.decode_ids(r.get(M.DB_STATE, M.K_SNAP_PURGED), st.meta.path))
         next_id = int.from_bytes(nxt, "little") if nxt else 1
         intents = None if creating is None else set(M.decode_ids(creating, st.meta.path))
-        known = {os.path.basename(i.path) for i in self.infos}
+        return purged, intents, next_id, {os.path.basename(i.path) for i in self.infos}
+
+    def refusal(self) -> CorruptionError | None:
+        """The error a read-write open would raise for an unregistered snapshot file of this store, told
+        without acting (a read-only open does not look at unregistered files): for a caller that wants
+        to refuse before it opens read-write."""
+        if not os.path.isdir(self.dir):
+            return None
+        st = self.store
+        purged, intents, next_id, known = self._orphan_rules()
         for name in sorted(st.vfs.listdir(self.dir)):
             m = _SNAP_NAME.match(name)
             if not m or name in known:
