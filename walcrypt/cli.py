@@ -1081,7 +1081,7 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
     """
     from .inspection import SharedLock
     kek = _kek(kw)
-    if lo is not None and hi is not None and lo > hi:
+    if lo is not None and hi is not None and lo > hi + 1:       # --to FROM-1 is the empty range
         raise UsageError(f"--from {lo} is after --to {hi}: give the range first index first (--to is inclusive)")
     root = _store_dir(directory)
     with SharedLock(root, directory):
