@@ -26,7 +26,6 @@ import wctest
 
 KEK = walcrypt.RawKey(wctest.KEK_BYTES)
 CS = ConfState(voters=(1, 2, 3))
-V2_STATE_KEYS = (M.K_CREATING, M.K_SNAP_CREATING, M.K_PURGED, M.K_SNAP_PURGED, M.K_STAGING)
 
 
 def _ents(lo, hi, term=1):
@@ -42,30 +41,6 @@ def _make_store(data_dir: str, encrypted: bool) -> bytes | None:
         s.save_snapshot(SnapshotMeta(10, 1, CS), b"state machine at 10")
         s.save(None, _ents(30, 35, 2))
         return s.meta._mac_key
-
-
-def _rewrite_as(data_dir: str, mac_key: bytes | None, version: int) -> None:
-    env = lmdb.open(os.path.join(data_dir, "meta"), max_dbs=8)
-    try:
-        dbs = {name: env.open_db(name) for name in (M.DB_STORE,) + M.CATALOG_DBS}
-        with env.begin(write=True) as txn:
-            for db in M.CATALOG_DBS:
-                for k, stored in list(txn.cursor(db=dbs[db])):
-                    k, value = bytes(k), bytes(stored)[:-M.MAC_SIZE]
-                    if version == 1 and db == M.DB_STATE and k in V2_STATE_KEYS:
-                        txn.delete(k, db=dbs[db])
-                        continue
-                    if version == 1 and db == M.DB_STATE and k == M.K_COMPACTED:
-                        value = value[:24]
-                    mac = (M.keyless_mac(db, k, value, version=version) if mac_key is None
-                           else M.keyed_mac(mac_key, db, k, value, version=version))
-                    txn.put(k, value + mac, db=dbs[db])
-            if version == 2:     # a version 2 store sealed its catalog under the old domain
-                raw = bytes(txn.get(M.K_COMPACTED, db=dbs[M.DB_STATE]))[:-M.MAC_SIZE]
-                assert len(raw) == 24 + M.CATALOG_SIZE
-            txn.put(M.K_FORMAT_VERSION, bytes([version]), db=dbs[M.DB_STORE])
-    finally:
-        env.close()
 
 
 def _stored_version(data_dir: str) -> int:
@@ -86,7 +61,7 @@ def _open(data_dir, encrypted, **kw):
 def test_an_older_store_is_read_then_upgraded_with_everything_intact(tmp_path, version, encrypted):
     data_dir = str(tmp_path / "data")
     mac_key = _make_store(data_dir, encrypted)
-    _rewrite_as(data_dir, mac_key, version)
+    wctest.rewrite_meta_as(data_dir, mac_key, version)
     assert check(data_dir, kek=KEK if encrypted else None).ok
     with _open(data_dir, encrypted, read_only=True) as s:          # read as it is, not upgraded
         assert s.last_index() == 34 and s.snapshot().data == b"state machine at 10"
@@ -108,7 +83,7 @@ def test_no_record_of_the_older_past_verifies_after_the_upgrade(tmp_path, versio
     upgraded store, fails its MAC: a replay from before the upgrade cannot pass as current."""
     data_dir = str(tmp_path / "data")
     mac_key = _make_store(data_dir, True)
-    _rewrite_as(data_dir, mac_key, version)
+    wctest.rewrite_meta_as(data_dir, mac_key, version)
     before = str(tmp_path / "meta-before")
     shutil.copytree(os.path.join(data_dir, "meta"), before)
     _open(data_dir, True).close()
@@ -144,7 +119,7 @@ def test_no_record_of_the_older_past_verifies_after_the_upgrade(tmp_path, versio
 def test_an_interrupted_upgrade_leaves_the_older_version_whole(tmp_path, monkeypatch):
     data_dir = str(tmp_path / "data")
     mac_key = _make_store(data_dir, True)
-    _rewrite_as(data_dir, mac_key, 1)
+    wctest.rewrite_meta_as(data_dir, mac_key, 1)
     real_put = M.WriteTxn.put_raw
 
     def interrupted(self, db, key, value):

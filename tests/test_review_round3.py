@@ -95,29 +95,6 @@ def _run_killed(data_dir: str, code: str) -> None:
 # 1. Metadata format version 3: the upgrade of a version 2 store
 # -------------------------------------------------------------------------------------------------
 
-def _rewrite_meta_as(data_dir: str, mac_key: bytes, version: int) -> None:
-    """The metadata as an older release laid it out (FORMAT.md 9.1): every MAC'd value re-MAC'd
-    without the version 3 domain tag; version 1 also has the 24-byte compaction record and none of
-    the intent or purge records."""
-    v2_only = (M.K_CREATING, M.K_SNAP_CREATING, M.K_PURGED, M.K_SNAP_PURGED, M.K_STAGING)
-    env = lmdb.open(os.path.join(data_dir, "meta"), max_dbs=8)
-    try:
-        dbs = {name: env.open_db(name) for name in (M.DB_STORE,) + M.CATALOG_DBS}
-        with env.begin(write=True) as txn:
-            for db in M.CATALOG_DBS:
-                for k, stored in list(txn.cursor(db=dbs[db])):
-                    k, value = bytes(k), bytes(stored)[:-M.MAC_SIZE]
-                    if version == 1 and db == M.DB_STATE and k in v2_only:
-                        txn.delete(k, db=dbs[db])
-                        continue
-                    if version == 1 and db == M.DB_STATE and k == M.K_COMPACTED:
-                        value = value[:24]
-                    txn.put(k, value + M.keyed_mac(mac_key, db, k, value, version=version), db=dbs[db])
-            txn.put(M.K_FORMAT_VERSION, bytes([version]), db=dbs[M.DB_STORE])
-    finally:
-        env.close()
-
-
 def _raw_record(data_dir: str, db: bytes, key: bytes) -> bytes:
     env = lmdb.open(os.path.join(data_dir, "meta"), max_dbs=8, readonly=True, lock=False)
     try:
@@ -134,13 +111,13 @@ def test_a_version_1_compaction_record_replayed_into_a_version_2_store_is_sealed
         mac_key = s.meta._mac_key
     # The store's version 1 past: the compaction record exactly as a version 1 meta/ held it (a
     # backup or a file-system snapshot of that time is where an attacker finds it).
-    _rewrite_meta_as(data_dir, mac_key, 1)
+    wctest.rewrite_meta_as(data_dir, mac_key, 1)
     v1_compaction_record = _raw_record(data_dir, M.DB_STATE, M.K_COMPACTED)
     assert len(v1_compaction_record) == 24 + M.MAC_SIZE
     # Later: more acknowledged entries, and the store as the previous release (version 2) left it.
     with walcrypt.open(data_dir, kek=KEK) as s:
         s.save(HardState(2, 2, 11), _ents(6, 12, 2, b"acknowledged "))
-    _rewrite_meta_as(data_dir, mac_key, 2)
+    wctest.rewrite_meta_as(data_dir, mac_key, 2)
     assert check(data_dir, kek=KEK).ok
     # The attacker, without the key and without touching store/format_version: the old record back,
     # the newest manifest record and the intent record deleted.

@@ -286,3 +286,32 @@ def read_lines_until(proc, lines: list[str], pred, deadline: float) -> None:
     if buf:
         lines.append("PARTIAL " + buf.decode(errors="replace"))
 
+
+def rewrite_meta_as(data_dir: str, mac_key: bytes | None, version: int) -> None:
+    """A store's meta/ as an older release laid it out (FORMAT.md 9.1, 17): every MAC'd value re-MAC'd
+    under that version's MAC domain (``mac_key`` None: keyless); version 1 also has the 24-byte
+    compaction record and none of the intent or purge records."""
+    import lmdb
+    from walcrypt import meta as M
+    v2_state_keys = (M.K_CREATING, M.K_SNAP_CREATING, M.K_PURGED, M.K_SNAP_PURGED, M.K_STAGING)
+    env = lmdb.open(os.path.join(data_dir, "meta"), max_dbs=8)
+    try:
+        dbs = {name: env.open_db(name) for name in (M.DB_STORE,) + M.CATALOG_DBS}
+        with env.begin(write=True) as txn:
+            for db in M.CATALOG_DBS:
+                for k, stored in list(txn.cursor(db=dbs[db])):
+                    k, value = bytes(k), bytes(stored)[:-M.MAC_SIZE]
+                    if version == 1 and db == M.DB_STATE and k in v2_state_keys:
+                        txn.delete(k, db=dbs[db])
+                        continue
+                    if version == 1 and db == M.DB_STATE and k == M.K_COMPACTED:
+                        value = value[:24]
+                    mac = (M.keyless_mac(db, k, value, version=version) if mac_key is None
+                           else M.keyed_mac(mac_key, db, k, value, version=version))
+                    txn.put(k, value + mac, db=dbs[db])
+            if version == 2:     # a version 2 store sealed its catalog under the old domain
+                raw = bytes(txn.get(M.K_COMPACTED, db=dbs[M.DB_STATE]))[:-M.MAC_SIZE]
+                assert len(raw) == 24 + M.CATALOG_SIZE
+            txn.put(M.K_FORMAT_VERSION, bytes([version]), db=dbs[M.DB_STORE])
+    finally:
+        env.close()
