@@ -238,16 +238,8 @@ def export_store(root: str, out_path: str, *, kek: K.KeyEncryptionKey | None = N
 def _authenticated(st, vfs, info):
     """The registered snapshot ``info``, read through ``vfs`` and authenticated end to end (as the
     engine's open authenticates the newest snapshot)."""
-    from .snapstore import Snapshot, Snapshots
-    f = SnapshotFile(vfs, info.path)
-    h = f.header
-    if h.store_id != st.store_id or h.snapshot_id != info.snapshot_id or f.digest != info.digest:
-        raise CorruptionError(info.path, 0, "snapshot file does not match its registry record "
-                                            "(replaced, renamed or from another store)")
-    if h.key_id != info.key_id:
-        raise AuthenticationError(info.path, 0, "snapshot header key ID differs from its registry record")
-    aead, commitment = Snapshots(st, os.path.dirname(info.path))._keys(h)
-    f.unlock(aead, commitment)
+    from .snapstore import Snapshot, bind_to_registry
+    f = bind_to_registry(st, vfs, info)
     size = f.verify()
     if size != info.size:
         raise CorruptionError(info.path, None, f"snapshot holds {size} bytes, the registry says {info.size}")

@@ -801,8 +801,7 @@ class _Walk:
     def _snapshot(self, info) -> int:
         """Authenticate one registered snapshot end to end; returns its data size (_Removed when the
         writer removed it meanwhile)."""
-        from .snapshot import SnapshotFile
-        from .snapstore import Snapshots
+        from .snapstore import bind_to_registry
         st = self.st
         if not self.vfs.pinned(info.path) and not os.path.lexists(info.path):
             if self.removed_meanwhile(M.DB_SNAPSHOTS, info.snapshot_id):
@@ -811,15 +810,7 @@ class _Walk:
         fsize = self.fsize(info.path)
         counted = 0
         try:
-            f = SnapshotFile(st.vfs, info.path)
-            h = f.header
-            if h.store_id != st.store_id or h.snapshot_id != info.snapshot_id or f.digest != info.digest:
-                raise CorruptionError(info.path, 0, "snapshot file does not match its registry record "
-                                                    "(replaced, renamed or from another store)")
-            if h.key_id != info.key_id:
-                raise AuthenticationError(info.path, 0, "snapshot header key ID differs from its registry record")
-            aead, commitment = Snapshots(st, os.path.dirname(info.path))._keys(h)
-            f.unlock(aead, commitment)
+            f = bind_to_registry(st, st.vfs, info)
             total = 0
             for chunk in f.chunks():
                 total += len(chunk)

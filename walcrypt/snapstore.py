@@ -31,7 +31,7 @@ from . import bounded
 from . import crypto
 from . import format as fmt
 from . import meta as M
-from .errors import CorruptionError, StorageError, SymlinkError, UsageError
+from .errors import AuthenticationError, CorruptionError, StorageError, SymlinkError, UsageError
 from .errors import WIPE_ADVICE
 from .snapshot import (DEFAULT_CHUNK_SIZE, SNAP_SALT_SIZE, MetaRuleError, SnapshotFile, SnapshotHeader, SnapshotWriter,
                        check_meta, snapshot_file_name, snapshot_keys)
@@ -239,6 +239,22 @@ def unaccounted_snapshot(path: str, snap_id: int, next_id: int) -> CorruptionErr
         "is older than the data - restored from an older copy or rolled back",
         "walcrypt deleted nothing. Put back the meta/ that belongs to this data directory; otherwise "
         "restore the node from a snapshot export or " + WIPE_ADVICE)
+
+
+def bind_to_registry(st, vfs, info: SnapshotInfo) -> SnapshotFile:
+    """The file of the registered snapshot ``info``, read through ``vfs``: its header checked against
+    the registry record (store, ID, digest, key ID) and unlocked with the key the record names.
+    Nothing past the header is read; the caller authenticates the chunks."""
+    f = SnapshotFile(vfs, info.path)
+    h = f.header
+    if h.store_id != st.store_id or h.snapshot_id != info.snapshot_id or f.digest != info.digest:
+        raise CorruptionError(info.path, 0, "snapshot file does not match its registry record "
+                                            "(replaced, renamed or from another store)")
+    if h.key_id != info.key_id:
+        raise AuthenticationError(info.path, 0, "snapshot header key ID differs from its registry record")
+    aead, commitment = Snapshots(st, os.path.dirname(info.path))._keys(h)
+    f.unlock(aead, commitment)
+    return f
 
 
 class Snapshots:
