@@ -195,3 +195,11 @@ def test_open_options_are_refused_up_front_or_work(options):
 def test_max_dek_age_must_be_a_positive_finite_number(tmp_path, value):
     with pytest.raises(walcrypt.UsageError, match="max_dek_age_s"):
         walcrypt.open(str(tmp_path / "d"), kek=KEK, max_dek_age_s=value)
+
+
+def test_an_encrypted_store_refuses_the_plaintext_suite_up_front(tmp_path):
+    """algorithm='none' with a KEK was accepted, then every save failed its own check ("segment 1 is
+    plaintext inside an encrypted store"): it is refused before anything is created."""
+    with pytest.raises(walcrypt.UsageError, match="plaintext format"):
+        walcrypt.open(str(tmp_path / "data"), kek=walcrypt.RawKey(bytes(range(32))), algorithm="none")
+    assert not os.path.exists(tmp_path / "data")

@@ -97,7 +97,10 @@ def _check_options(*, kek, encrypted, sync, segment_size, algorithm, max_entry_s
     if not isinstance(algorithm, str):
         raise UsageError(f"algorithm must be a cipher suite name, not {type(algorithm).__name__}")
     if encrypted:
-        crypto.suite_by_name(algorithm)                  # UsageError for an unknown or unavailable suite
+        if crypto.suite_by_name(algorithm).alg_id == fmt.ALG_NONE:   # (UsageError for an unknown suite)
+            raise UsageError(f"algorithm {algorithm!r} is the plaintext format: an encrypted store needs a cipher "
+                             "suite (aes-256-gcm, chacha20-poly1305, aes-256-gcm-siv); for a plaintext store pass "
+                             "encrypted=False")
     check_u64(segment_size, "segment_size", 4096, MAX_SEGMENT_SIZE)
     # The limit leaves room for the rest of the record the entry may share (FORMAT.md 13), and a record
     # is never built beyond the readers' bound (Wal._records): a larger entry could be acknowledged in a
