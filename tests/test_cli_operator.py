@@ -26,28 +26,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 import walcrypt
 from walcrypt import ConfState, Entry, HardState, KeyFile, SnapshotMeta
 
-from test_cli import (CHUNK, ENC_WAL, REPO, SEG, Unchanged, _env, _flip_sealed_frame, build, data, ok,
-                      one_line_error, segments, snap_bytes, snapshot_files, wc)
+from test_cli import (CHUNK, ENC_WAL, REPO, SEG, Unchanged, _env, _flip_sealed_frame, build, data, keys,  # noqa: F401
+                      ok, one_line_error, pristine, segments, snap_bytes, snapshot_files, wc)
 
 ERROR_KEYS = {"kind", "type", "message", "hint", "path", "exit_code"}
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("keys")
-    out = {}
-    for name in ("kek", "kek2"):
-        p = str(d / name)
-        ok(wc("keygen", p))
-        out[name] = p
-    return out
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory, keys) -> str:
-    root = str(tmp_path_factory.mktemp("pristine") / "store")
-    build(root, keys["kek"])
-    return root
 
 
 @pytest.fixture

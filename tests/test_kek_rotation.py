@@ -44,7 +44,7 @@ from walcrypt.vfs import DEFAULT_VFS, CrashVFS, SimulatedCrash
 
 import snaptest as T
 import wctest
-from injectvfs import KINDS, InjectVFS
+from injectvfs import KINDS
 
 KEK = walcrypt.RawKey(wctest.KEK_BYTES)
 NEW_KEK = walcrypt.RawKey(bytes(reversed(wctest.KEK_BYTES)))
@@ -410,6 +410,16 @@ def _after_crash(root: str, expect: dict, label: str, opened_by: dict) -> list[s
     return problems
 
 
+
+def _until_crash(*steps) -> None:
+    """Run each step (an operation, then close) under an armed CrashVFS; the simulated power loss
+    may land in any of them."""
+    for step in steps:
+        try:
+            step()
+        except SimulatedCrash:
+            pass
+
 @pytest.mark.parametrize("template", ["plain", "quarantined"])
 def test_power_loss_at_every_file_operation_of_rotate_kek(snaps_template, tmp_path, template):
     expect = snaps_template["expect"]
@@ -425,14 +435,7 @@ def test_power_loss_at_every_file_operation_of_rotate_kek(snaps_template, tmp_pa
                     cv = CrashVFS(holding_root=str(tmp_path))
                     s = walcrypt.open(root, kek=KEK, keep_snapshots=3, vfs=cv, **OPTS)
                     cv.arm_crash(op, n, when)
-                    try:
-                        s.rotate_kek(NEW_KEK)
-                    except SimulatedCrash:
-                        pass
-                    try:
-                        s.close()
-                    except SimulatedCrash:
-                        pass
+                    _until_crash(lambda: s.rotate_kek(NEW_KEK), s.close)
                     hit = cv.crashed
                     if not hit:
                         cv.shutdown()
@@ -466,14 +469,7 @@ def test_power_loss_at_every_file_operation_of_a_destroying_rotation(snaps_templ
                 cv = CrashVFS(holding_root=str(tmp_path))
                 s = walcrypt.open(root, vfs=cv, **kw)
                 cv.arm_crash(op, n, when)
-                try:
-                    s.rotate_dek()
-                except SimulatedCrash:
-                    pass
-                try:
-                    s.close()
-                except SimulatedCrash:
-                    pass
+                _until_crash(s.rotate_dek, s.close)
                 if not cv.crashed:
                     cv.shutdown()
                     shutil.rmtree(root)
