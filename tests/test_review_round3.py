@@ -433,10 +433,6 @@ def test_a_budget_dek_rotation_during_rotate_kek_leaves_a_store_no_kek_opens(tmp
     assert opened.get("new KEK") is True, f"after the restart: {opened}"
 
 
-@pytest.mark.xfail(strict=True, reason="the in-progress check of rotate_kek runs once, before it copies the "
-                                       "snapshots: a snapshot begun meanwhile (InstallSnapshot on the Raft thread) "
-                                       "takes the keyring bundle under the old KEK, and once it commits the old KEK "
-                                       "unwraps the live DEK from the data directory")
 def test_a_snapshot_begun_while_rotate_kek_copies_keeps_the_old_kek(tmp_path):
     data_dir = str(tmp_path / "data")
     disk = _SlowSnapshotDisk()
@@ -456,12 +452,22 @@ def test_a_snapshot_begun_while_rotate_kek_copies_keeps_the_old_kek(tmp_path):
         admin = threading.Thread(target=operator)
         admin.start()
         assert disk.writing.wait(60)
-        try:
-            w = s.begin_snapshot(SnapshotMeta(20, 2, CS))      # the leader's InstallSnapshot arrives
-        except WalcryptError:
-            w = None                                           # refusing it would be fine
+        begun = {}
+
+        def raft_thread():                                     # the leader's InstallSnapshot arrives
+            try:
+                begun["w"] = s.begin_snapshot(SnapshotMeta(20, 2, CS))
+            except WalcryptError:
+                begun["w"] = None                              # refusing it would be fine
+
+        follower = threading.Thread(target=raft_thread)
+        follower.start()
+        follower.join(0.5)           # begin_snapshot returns, refuses, or waits for the rotation
         disk.release.set()
         admin.join(60)
+        follower.join(60)
+        assert not follower.is_alive() and "w" in begun
+        w = begun["w"]
         if w is not None:
             try:
                 w.write(b"leader state at 20")
@@ -502,11 +508,7 @@ def test_a_missing_older_snapshot_fails_every_read_write_open(tmp_path):
     assert served == (20, b"B" * 500), f"the read-write open: {served}"
 
 
-@pytest.mark.xfail(strict=True, reason="a copy left by an interrupted KEK rotation is deleted because the registered "
-                                       "snapshot with its index and term has a file - before that file is verified: "
-                                       "when it then fails, the open refuses having deleted the only intact copy of "
-                                       "the state")
-def test_an_open_deletes_the_intact_copy_then_finds_the_registered_snapshot_broken(tmp_path):
+def test_the_intact_copy_an_interrupted_kek_rotation_left_stands_in_for_a_broken_registered_snapshot(tmp_path):
     data_dir = str(tmp_path / "data")
     state = b"leader state at 100 " * 200
     _run_killed(data_dir, f"""
@@ -528,8 +530,11 @@ def test_an_open_deletes_the_intact_copy_then_finds_the_registered_snapshot_brok
             served = s.snapshot().data if s.snapshot() else None
     except WalcryptError:
         served = None
-    assert served == state or copy in _snap_files(data_dir), \
-        "the open deleted the intact copy of the snapshot, then refused because the registered one is broken"
+    assert served == state, "the open lost the intact copy of the snapshot, then refused because the " \
+                            "registered one is broken"
+    assert len([n for n in _snap_files(data_dir) if n.endswith(".snap")]) == 1 and os.path.exists(os.path.join(data_dir, SNAP, registered + ".broken"))
+    with walcrypt.open(data_dir, kek=KEK, keep_snapshots=1) as s:          # and it stays that way
+        assert s.snapshot().data == state and s.first_index() == 101
 
 
 def test_a_rolled_forward_copy_of_an_older_snapshot_becomes_the_current_one(tmp_path):

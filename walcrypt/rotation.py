@@ -360,10 +360,11 @@ class Rotation:
         if not st.encrypted:
             raise UsageError("a plaintext store has no KEK")
         st.wal.check_writable()
-        if st.snapshots.in_progress():
+        if st.snapshots.in_progress():           # told before the KMS is asked for anything
             raise UsageError("a snapshot begun with begin_snapshot() is being written, its keyring bundle under "
                              "the current KEK: commit or abort it, then rotate the KEK")
-        st.snapshots.drop_damaged_older()        # each is copied below: bit rot there is set aside first
+        # Everything that needs the new KEK (its KMS, when it has one) is done before snapshot
+        # writers are held back: a slow or unreachable KMS never stalls a snapshot.
         params = new_kek.new_params()
         wrapper = new_kek.wrapper(params)
         with st.meta.read() as r:
@@ -371,7 +372,7 @@ class Rotation:
             old_meta_wrapped = r.raw(M.DB_STORE, M.K_META_KEY)
         meta_secret = st.wrapper.unwrap(old_meta_wrapped, K.wrap_context(st.store_id, meta_id, K.PURPOSE_META))
         rewrapped = {}
-        for k in st.keys.values():
+        for k in list(st.keys.values()):
             if k.state == K.DESTROYED:
                 continue
             secret = K.unwrap_entry(st.wrapper, st.store_id, k).material
@@ -380,44 +381,50 @@ class Rotation:
         meta_wrapped = wrapper.wrap(meta_secret, K.wrap_context(st.store_id, meta_id, K.PURPOSE_META))
         staged = {"params": params, "check": cv, "meta_wrapped": meta_wrapped, "wrapped": rewrapped}
         old_blobs = [old_meta_wrapped] + [st.keys[kid].wrapped for kid in rewrapped]
-        retained = list(st.snapshots.infos)
-        # Any interruption from here on fails the store: between the commit and the swap of the
-        # in-memory wrapper, keys would be wrapped under one KEK in memory and another on disk (a new
-        # DEK wrapped by the old KEK would be lost at the next open); before the commit, published
-        # copies and a half-written unit of SNAPSHOT records are for the next open to clean up.
+        # From here to the swap, no snapshot writer runs (Snapshots.writers_excluded: begin_snapshot()
+        # waits): one begun meanwhile would take the keyring bundle under the old KEK and, registered
+        # after the commit, leave every key wrapped under it in the data directory.
+        with st.snapshots.writers_excluded():
+            st.snapshots.drop_damaged_older()    # each is copied below: bit rot there is set aside first
+            retained = list(st.snapshots.infos)
+            # Any interruption from here on fails the store: between the commit and the swap of the
+            # in-memory wrapper, keys would be wrapped under one KEK in memory and another on disk (a
+            # new DEK wrapped by the old KEK would be lost at the next open); before the commit,
+            # published copies and a half-written unit of SNAPSHOT records are for the next open.
+            with st.fail_stop("rotating the key-encryption key"):
+                copies = st.copy_snapshots(retained, kek=staged)                    # 1
+                st.redact_quarantined(old_blobs)
+                st.snapshots.remove_abandoned_temporaries()
+                with self.key_lock:
+                    with st.meta.write() as tx:                                     # 2
+                        tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
+                        if cv is None:
+                            tx.delete(M.DB_STORE, M.K_KEK_CHECK)
+                        else:
+                            tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
+                        tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_wrapped)
+                        # The keyring as committed now, not as it was when the copies began: a
+                        # key added meanwhile (a DEK rotation on another thread, a key budget) is
+                        # re-wrapped too, and one destroyed meanwhile stays destroyed.
+                        for kid, raw in tx.items(M.DB_KEYRING):
+                            entry = M.decode_keyring(kid, raw, st.meta.path)
+                            if entry.state == K.DESTROYED or not entry.wrapped:
+                                continue
+                            blob = rewrapped.get(kid)
+                            if blob is None:
+                                secret = K.unwrap_entry(st.wrapper, st.store_id, entry).material
+                                blob = rewrapped[kid] = wrapper.wrap(
+                                    secret, K.wrap_context(st.store_id, kid, entry.purpose))
+                                old_blobs.append(entry.wrapped)
+                            tx.put(M.DB_KEYRING, kid, M.encode_keyring(dataclasses.replace(entry, wrapped=blob)))
+                        st.snapshots.register_copies(tx, copies, retained)
+                        tx.mark_scrub_pending()
+                    for kid, blob in rewrapped.items():
+                        if kid in st.keys and st.keys[kid].state != K.DESTROYED:
+                            st.keys[kid].wrapped = blob
+                    st.wrapper = wrapper
+                    st.kek_params = params
+                st.tie_to_log(copies)        # after the commit: a record before it would roll the copies forward
+                st.snapshots.install_copies(copies, retained)                       # 3
         with st.fail_stop("rotating the key-encryption key"):
-            copies = st.copy_snapshots(retained, kek=staged)                    # 1
-            st.redact_quarantined(old_blobs)
-            st.snapshots.remove_abandoned_temporaries()
-            with self.key_lock:
-                with st.meta.write() as tx:                                     # 2
-                    tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
-                    if cv is None:
-                        tx.delete(M.DB_STORE, M.K_KEK_CHECK)
-                    else:
-                        tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
-                    tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_wrapped)
-                    # The keyring as committed now, not as it was when the copies began: a key added
-                    # meanwhile (a DEK rotation on another thread, a key budget) is re-wrapped too, and
-                    # one destroyed meanwhile stays destroyed.
-                    for kid, raw in tx.items(M.DB_KEYRING):
-                        entry = M.decode_keyring(kid, raw, st.meta.path)
-                        if entry.state == K.DESTROYED or not entry.wrapped:
-                            continue
-                        blob = rewrapped.get(kid)
-                        if blob is None:
-                            secret = K.unwrap_entry(st.wrapper, st.store_id, entry).material
-                            blob = rewrapped[kid] = wrapper.wrap(
-                                secret, K.wrap_context(st.store_id, kid, entry.purpose))
-                            old_blobs.append(entry.wrapped)
-                        tx.put(M.DB_KEYRING, kid, M.encode_keyring(dataclasses.replace(entry, wrapped=blob)))
-                    st.snapshots.register_copies(tx, copies, retained)
-                    tx.mark_scrub_pending()
-                for kid, blob in rewrapped.items():
-                    if kid in st.keys and st.keys[kid].state != K.DESTROYED:
-                        st.keys[kid].wrapped = blob
-                st.wrapper = wrapper
-                st.kek_params = params
-            st.tie_to_log(copies)        # after the commit: before it, a record would make the copies roll forward
-            st.snapshots.install_copies(copies, retained)                       # 3
             st.scrub_meta(old_blobs)

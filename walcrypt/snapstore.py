@@ -23,7 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -163,7 +165,8 @@ class PendingSnapshot:
 
     def __init__(self, owner: "Snapshots", meta: SnapshotMeta, writer: SnapshotWriter):
         self.owner, self.meta, self.writer = owner, meta, writer
-        self.done = False
+        self.done = False          # commit() or abort() was called: no further use
+        self.settled = False       # ... and has finished: its file is registered, or gone
 
     def _check_usable(self) -> None:
         if self.done:
@@ -193,22 +196,28 @@ class PendingSnapshot:
         self.done = True
         st = self.owner.store
         w = self.writer
-        with st.fail_stop("saving a snapshot"):
-            try:
-                path = w.publish()
-            except BaseException:
-                w.abort()
-                raise
-            info = SnapshotInfo(w.header.snapshot_id, self.meta.index, self.meta.term, w.header.key_id, w.digest,
-                                w.data_bytes, path)
-            self.owner._commit(self.meta, info)
+        try:
+            with st.fail_stop("saving a snapshot"):
+                try:
+                    path = w.publish()
+                except BaseException:
+                    w.abort()
+                    raise
+                info = SnapshotInfo(w.header.snapshot_id, self.meta.index, self.meta.term, w.header.key_id,
+                                    w.digest, w.data_bytes, path)
+                self.owner._commit(self.meta, info)
+        finally:
+            self.owner.settle(self)
         st.rotation.ask_for_snapshot()          # a rotation queued behind the one this completed
         return info
 
     def abort(self) -> None:
         if not self.done:
             self.done = True
-            self.writer.abort()
+            try:
+                self.writer.abort()
+            finally:
+                self.owner.settle(self)
 
 
 # What a read-write open does with a snapshot file the registry does not list (FORMAT.md 11.8).
@@ -270,6 +279,11 @@ class Snapshots:
         self.infos: list[SnapshotInfo] = []      # registered, oldest first
         self.current: Snapshot | None = None
         self.writing: weakref.WeakSet = weakref.WeakSet()    # PendingSnapshots handed out by begin()
+        # A KEK rotation and snapshot writers exclude each other (writers_excluded): a writer takes
+        # the keyring bundle under the KEK in force when it begins, and that bundle must not be
+        # registered after the rotation re-wrapped the keyring.  Guards `writing` and `_rotating_by`.
+        self._gate = threading.Condition()
+        self._rotating_by: int | None = None     # thread ID of the KEK rotation in progress
 
     # ------------------------------------------------------------------ open
     def load(self) -> None:
@@ -280,18 +294,70 @@ class Snapshots:
             M.decode_counter(r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT), st.meta.path, "next snapshot", default=1)
         self.infos = sorted((decode_info(int.from_bytes(k, "big"), v, self.dir, st.meta.path) for k, v in rows),
                             key=lambda i: i.snapshot_id)
+        spares: list[tuple[str, int]] = []
         if not st.read_only:
-            self._remove_orphans()                       # may register a snapshot rolled forward
+            spares = self._remove_orphans()              # may register a snapshot rolled forward
             self.infos.sort(key=lambda i: i.snapshot_id)
         while self.infos:
             info = self.infos[-1]
             try:
                 self.current = self._open_verified(info)
-                return
+                break
             except SymlinkError:
                 raise                        # a link planted in the directory is not a damaged snapshot
             except StorageError as exc:      # bad bytes only: a key or KMS failure must not cost a snapshot
                 self._quarantine(info, exc)
+                spare = self._adopt_spare(spares, info)
+                if spare is not None:
+                    self.current = spare
+                    break
+        if not st.read_only:
+            self._remove_leftovers(spares)
+
+    def _adopt_spare(self, spares: list[tuple[str, int]], broken: SnapshotInfo) -> "Snapshot | None":
+        """After the registered snapshot ``broken`` failed its checks: a leftover file of this store
+        at the same index and term that authenticates in full (the copy an interrupted KEK rotation
+        made of it, or a save of the same state that did not commit) is registered in its place.
+        Raft's log matching makes two snapshots at one index and term the same state; a file that
+        does not authenticate under this store's keys is never adopted."""
+        for n, (path, snap_id) in enumerate(spares):
+            try:
+                f = SnapshotFile(self.store.vfs, path)
+                h = f.header
+                if (h.store_id, h.snapshot_id, h.index, h.term) != (self.store.store_id, snap_id,
+                                                                    broken.index, broken.term):
+                    continue
+                aead, commitment = self._keys(h)
+                f.unlock(aead, commitment)
+                size = f.verify()
+            except SymlinkError:
+                raise
+            except StorageError as exc:
+                log.warning("leftover snapshot %s cannot stand in for %s (%s)", path, broken.path, exc)
+                continue
+            del spares[n]
+            info = SnapshotInfo(snap_id, h.index, h.term, h.key_id, f.digest, size, path)
+            log.warning("registering %s, a leftover copy of the same state, in place of %s", path, broken.path)
+            with self.store.meta.write() as tx:
+                tx.put(M.DB_SNAPSHOTS, M.u64(snap_id), encode_info(info))
+            self.infos.append(info)
+            self.infos.sort(key=lambda i: i.snapshot_id)
+            return self._open_verified(info)
+        return None
+
+    def _remove_leftovers(self, spares: list[tuple[str, int]]) -> None:
+        """Delete the leftovers _remove_orphans kept for _adopt_spare, then clear the creation intents
+        (in that order: an intent cleared first would make a crash leave an unaccounted file)."""
+        st = self.store
+        for path, _snap_id in spares:
+            st.vfs.unlink(path)
+        if spares:
+            st.vfs.fsync_dir(self.dir)
+        with st.meta.read() as r:
+            creating = r.get(M.DB_STATE, M.K_SNAP_CREATING)
+        if creating:
+            with st.meta.write() as tx:
+                tx.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
 
     def _open_verified(self, info: SnapshotInfo) -> Snapshot:
         st = self.store
@@ -333,7 +399,7 @@ class Snapshots:
         st.repairs.append({"path": info.path, "offset": getattr(exc, "offset", None), "detail": str(exc),
                            "broken_copy": info.path + ".broken", "kind": "snapshot"})
 
-    def _remove_orphans(self) -> None:
+    def _remove_orphans(self) -> list[tuple[str, int]]:
         """Unregistered snapshot files.  Deleted only when they provably hold nothing acknowledged: a
         temporary file, an ID the metadata names as being written (a save whose registration never
         committed) or as removed by the latest retention.  Any other snapshot of this store means a
@@ -347,9 +413,14 @@ class Snapshots:
         the save returned.  It is registered now (rolled forward, as the save would have), or, if it
         no longer authenticates, set aside as ``.broken``; never deleted.  (A KEK rotation's copies are
         tied to the log only after the commit that registers them, so an uncommitted one is a
-        leftover like any other.)"""
+        leftover like any other.)
+
+        Leftover snapshot files named by a creation intent are returned, not deleted: the caller
+        deletes them (_remove_leftovers) once it knows that none must stand in for a registered
+        snapshot that fails its checks (_adopt_spare)."""
+        spares: list[tuple[str, int]] = []
         if not os.path.isdir(self.dir):
-            return
+            return spares
         st = self.store
         purged, intents, next_id, known = self._orphan_rules()
         removed = False
@@ -368,13 +439,14 @@ class Snapshots:
                 if fate == REGISTER:
                     self._roll_forward(path, snap_id, self._log_record(snap_id))
                     continue
+                if snap_id not in purged:
+                    spares.append((path, snap_id))
+                    continue
             st.vfs.unlink(path)
             removed = True
         if removed:
             st.vfs.fsync_dir(self.dir)
-        if intents:
-            with st.meta.write() as tx:
-                tx.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
+        return spares
 
     def _orphan_rules(self) -> tuple[set[int], set[int] | None, int, set[str]]:
         """What decides the fate of unregistered snapshot files (orphan_fate): the IDs the latest
@@ -538,12 +610,42 @@ class Snapshots:
         if self.infos and meta.index < self.infos[-1].index:
             raise UsageError(f"snapshot at index {meta.index} is older than the newest snapshot at "
                              f"{self.infos[-1].index} (etcd's ErrSnapOutOfDate)")
-        st.wal.check_writable()
-        with st.fail_stop("starting a snapshot"):
-            writer = self.open_writer(meta, st.write_key_id(), extra_meta=extra_meta)
-        pending = PendingSnapshot(self, meta, writer)
-        self.writing.add(pending)
+        with self._gate:
+            if self._rotating_by == threading.get_ident():
+                raise UsageError("begin_snapshot() called from inside a KEK rotation")
+            # Waits while a KEK rotation runs; it copies files and commits, its KMS calls are made
+            # before it starts (Rotation.rotate_kek).
+            self._gate.wait_for(lambda: self._rotating_by is None)
+            st.wal.check_writable()
+            with st.fail_stop("starting a snapshot"):
+                writer = self.open_writer(meta, st.write_key_id(), extra_meta=extra_meta)
+            pending = PendingSnapshot(self, meta, writer)
+            self.writing.add(pending)
         return pending
+
+    def settle(self, pending: "PendingSnapshot") -> None:
+        """A writer from begin() has finished (committed, aborted or failed)."""
+        with self._gate:
+            pending.settled = True
+            self._gate.notify_all()
+
+    @contextmanager
+    def writers_excluded(self):
+        """For a KEK rotation: refuses while a snapshot from begin() is being written or committed,
+        and makes begin() wait until the block is left."""
+        with self._gate:
+            if self._rotating_by is not None:
+                raise UsageError("a KEK rotation is already in progress on this store")
+            if self.in_progress():
+                raise UsageError("a snapshot begun with begin_snapshot() is being written, its keyring bundle "
+                                 "under the current KEK: commit or abort it, then rotate the KEK")
+            self._rotating_by = threading.get_ident()
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._rotating_by = None
+                self._gate.notify_all()
 
     def _commit(self, meta: SnapshotMeta, info: SnapshotInfo) -> SnapshotInfo:
         st = self.store
@@ -681,7 +783,7 @@ class Snapshots:
         st = self.store
         if not os.path.isdir(self.dir):
             return
-        live = {os.path.basename(p.writer.tmp) for p in list(self.writing) if not p.done}
+        live = {os.path.basename(p.writer.tmp) for p in list(self.writing) if not p.settled}
         removed = False
         for name in st.vfs.listdir(self.dir):
             if name.startswith(".tmp-") and name not in live:
@@ -694,8 +796,8 @@ class Snapshots:
             st.vfs.fsync_dir(self.dir)
 
     def in_progress(self) -> bool:
-        """True while a snapshot begun with begin() is neither committed nor aborted."""
-        return any(not p.done for p in list(self.writing))
+        """True while a snapshot begun with begin() has not finished its commit or abort."""
+        return any(not p.settled for p in list(self.writing))
 
     def floor(self) -> int | None:
         """Lowest index a retained snapshot may need the log from (None without snapshots)."""
