@@ -4,9 +4,10 @@ The public surface is exactly ``__all__`` (pinned by tests/test_public_api.py).
 """
 
 from .errors import (AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError,
-                     KeyProviderError, LockedError, StorageError, StoreFailedError, UnavailableError,
-                     UnsupportedFormatError, UsageError, WalcryptError, WalcryptKeyError, WrongKeyError)
-from .keys import EnvKey, KeyEncryptionKey, KeyFile, Kms, KmsPlugin, Passphrase, RawKey, generate_key_file
+                     KeyProviderError, KeyProviderUnavailableError, LockedError, StorageError, StoreFailedError,
+                     UnavailableError, UnsupportedFormatError, UsageError, WalcryptError, WalcryptKeyError, WrongKeyError)
+from .keys import EnvKey, KeyEncryptionKey, KeyFile, Passphrase, RawKey, generate_key_file
+from .kms import Kms, KmsPlugin, Retry
 from .storage import Store, open
 from .types import ConfState, Entry, HardState, SnapshotMeta
 
@@ -15,9 +16,11 @@ __version__ = "0.1.0"
 __all__ = [
     "open", "Store",
     "Entry", "HardState", "ConfState", "SnapshotMeta",
-    "KeyEncryptionKey", "RawKey", "KeyFile", "Passphrase", "EnvKey", "Kms", "KmsPlugin", "generate_key_file",
+    "KeyEncryptionKey", "RawKey", "KeyFile", "Passphrase", "EnvKey", "Kms", "KmsPlugin", "Retry",
+    "generate_key_file",
     "WalcryptError", "UsageError", "CompactedError", "UnavailableError",
     "WalcryptKeyError", "KeyNotFoundError", "WrongKeyError", "KeyProviderError",
+    "KeyProviderUnavailableError",
     "StorageError", "CorruptionError", "AuthenticationError", "UnsupportedFormatError",
     "LockedError", "StoreFailedError",
     "__version__",

@@ -32,17 +32,19 @@ import time
 import click
 
 from . import keys as K
-from .errors import (CompactedError, KeyProviderError, LockedError, SymlinkError, UnavailableError, UsageError,
-                     WalcryptError, WrongKeyError)
+from .errors import (CompactedError, KeyProviderError, KeyProviderUnavailableError, LockedError, SymlinkError,
+                     UnavailableError, UsageError, WalcryptError, WrongKeyError)
+from .kms import Kms, Retry
 
-EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
 EXIT_CODES = """\b
 Exit codes:
   0  ok
   1  findings or data errors (damaged, tampered or inconsistent data)
   2  usage errors (bad options, missing or wrong key, missing directory,
-     no permission, store locked by a running process)"""
+     no permission, store locked by a running process)
+  3  the key service (KMS) could not be reached: nothing was changed, retry"""
 
 
 class _Ctx:
@@ -108,6 +110,8 @@ def _kind(exc: BaseException) -> str:
     if isinstance(exc, (click.ClickException, UsageError, CompactedError, UnavailableError, FileExistsError,
                         FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return "usage"
+    if isinstance(exc, KeyProviderUnavailableError):
+        return "unavailable"
     if isinstance(exc, (KeyProviderError, WrongKeyError)):
         return "key"
     if isinstance(exc, LockedError):
@@ -129,6 +133,8 @@ def _exit_code(exc: BaseException) -> int:
     kind = _kind(exc)
     if kind == "interrupted":
         return 130
+    if kind == "unavailable":
+        return EXIT_UNAVAILABLE
     return EXIT_USAGE if kind in ("usage", "key", "locked", "permission") else EXIT_FINDINGS
 
 
@@ -159,7 +165,7 @@ def _which_key(exc: BaseException) -> str:
         return ""
     try:
         params, check, _where = stored_kek(_Ctx.source)
-        need = K.kek_fingerprint(check)
+        need = K.params_fingerprint(params, check)
         have = K.fingerprint_of(_Ctx.kek, params)
     except Exception:                   # noqa: BLE001 - an explanation must never hide the error itself
         return ""
@@ -262,9 +268,15 @@ class _Root(_Group):
 # ---------------------------------------------------------------------------
 
 def key_options(f):
+    f = click.option("--kms-retry-delay", "kms_retry_delay", type=click.FloatRange(0, 3600), default=None,
+                     metavar="SECONDS", help="First wait before a KMS call is repeated (doubling, at most 5 s; "
+                                             "default 0.2).")(f)
+    f = click.option("--kms-retries", "kms_retries", type=click.IntRange(1, 100), default=None, metavar="N",
+                     help="Calls made to an unreachable KMS before giving up (default 5).")(f)
     f = click.option("--kms-option", "kms_options", multiple=True, metavar="KEY=VALUE",
-                     help="Option passed to the KMS plug-in (repeatable).")(f)
-    f = click.option("--kms", "kms", metavar="NAME", help="KMS plug-in (entry-point group walcrypt.kms).")(f)
+                     help="Option for the KMS plug-in (repeatable); see 'Key services' in the README.")(f)
+    f = click.option("--kms", "kms", metavar="NAME",
+                     help="KEK held by a key service: vault-transit, pkcs11, kmip (or an installed plug-in).")(f)
     f = click.option("--passphrase-env", metavar="NAME", help="Environment variable holding a passphrase (scrypt).")(f)
     f = click.option("--key-env", metavar="NAME", help="Environment variable holding the KEK (hex or base64).")(f)
     f = click.option("--key-file", type=click.Path(dir_okay=False), envvar="WALCRYPT_KEY_FILE", show_envvar=True,
@@ -272,21 +284,38 @@ def key_options(f):
     return f
 
 
-def _kms_options(pairs) -> dict:
+def new_key_options(f):
+    """The target KEK of a command that re-wraps or restores under another key (--new-...)."""
+    f = click.option("--new-kms-option", "new_kms_options", multiple=True, metavar="KEY=VALUE",
+                     help="Option for the new KEK's KMS plug-in (repeatable).")(f)
+    f = click.option("--new-kms", metavar="NAME", help="Key service holding the new KEK (as --kms).")(f)
+    f = click.option("--new-passphrase-env", metavar="NAME", help="Environment variable holding the new passphrase.")(f)
+    f = click.option("--new-key-env", metavar="NAME", help="Environment variable holding the new KEK.")(f)
+    f = click.option("--new-key-file", type=click.Path(dir_okay=False), help="File holding the new KEK.")(f)
+    return f
+
+
+def _kms_options(pairs, flag: str = "--kms-option") -> dict:
     out = {}
     for p in pairs or ():
-        if "=" not in p:
-            raise UsageError(f"--kms-option takes KEY=VALUE, not {p!r}")
+        if "=" not in p or not p.split("=", 1)[0]:
+            raise UsageError(f"{flag} takes KEY=VALUE, not {p!r}")
         k, v = p.split("=", 1)
+        if k in out:
+            raise UsageError(f"{flag} {k}=... is given twice")
+        if k == "retry":
+            raise UsageError(f"{flag} retry=... is not a plug-in option; use --kms-retries and --kms-retry-delay")
         out[k] = v
     return out
 
 
-def kek_from(key_file, key_env, passphrase_env, kms, kms_options=(), *, prefix: str = "--"):
+def kek_from(key_file, key_env, passphrase_env, kms, kms_options=(), *, prefix: str = "--", retry=None):
     """The KEK provider the options name, or None."""
     given = [x for x in (key_file, key_env, passphrase_env, kms) if x]
     if len(given) > 1:
         raise UsageError(f"give only one of {prefix}key-file, {prefix}key-env, {prefix}passphrase-env, {prefix}kms")
+    if kms_options and not kms:
+        raise UsageError(f"{prefix}kms-option needs {prefix}kms NAME")
     if key_file:
         return K.KeyFile(key_file)
     if key_env:
@@ -299,15 +328,30 @@ def kek_from(key_file, key_env, passphrase_env, kms, kms_options=(), *, prefix: 
             raise KeyProviderError(f"environment variable {passphrase_env} is not set (it should hold the passphrase)")
         return K.Passphrase(value)
     if kms:
-        return K.Kms(kms, **_kms_options(kms_options))
-    if kms_options:
-        raise UsageError("--kms-option needs --kms NAME")
+        return Kms(kms, retry=retry, **_kms_options(kms_options, f"{prefix}kms-option"))
     return None
 
 
+def _retry(kw) -> Retry | None:
+    attempts, delay = kw.pop("kms_retries", None), kw.pop("kms_retry_delay", None)
+    if attempts is None and delay is None:
+        return None
+    base = Retry()
+    return Retry(attempts=base.attempts if attempts is None else attempts,
+                 delay=base.delay if delay is None else delay, max_delay=base.max_delay)
+
+
+def _new_kek(kw) -> K.KeyEncryptionKey | None:
+    """The KEK named by --new-... (the retries of --kms-retries apply to it too); pop before _kek(kw)."""
+    retry = _retry({"kms_retries": kw.get("kms_retries"), "kms_retry_delay": kw.get("kms_retry_delay")})
+    return kek_from(kw.pop("new_key_file"), kw.pop("new_key_env"), kw.pop("new_passphrase_env"), kw.pop("new_kms"),
+                    kw.pop("new_kms_options"), prefix="--new-", retry=retry)
+
+
 def _kek(kw) -> K.KeyEncryptionKey | None:
+    retry = _retry(kw)
     kek = kek_from(kw.pop("key_file"), kw.pop("key_env"), kw.pop("passphrase_env"), kw.pop("kms"),
-                   kw.pop("kms_options"))
+                   kw.pop("kms_options"), retry=retry)
     _Ctx.kek = kek
     return kek
 
@@ -351,7 +395,7 @@ def stored_kek(source: str) -> tuple[dict | None, bytes | None, str]:
 def kek_summary(params: dict | None, check: bytes | None) -> dict:
     """What names the KEK a store or file needs: its kind, its fingerprint (None for a KMS-held key, which
     has no check value: the plug-in name is what identifies it)."""
-    out: dict = {"kind": (params or {}).get("kind"), "fingerprint": K.kek_fingerprint(check)}
+    out: dict = {"kind": (params or {}).get("kind"), "fingerprint": K.params_fingerprint(params, check)}
     if out["kind"] == "kms":
         out["plugin"] = params.get("plugin")
     return out
@@ -662,7 +706,7 @@ def key_fingerprint(source, as_json, **kw) -> None:
     if source is not None:
         need = kek_summary(params, check)
         out.update({"source": source, "source_kek": need})
-        if isinstance(kek, K.Kms):
+        if isinstance(kek, Kms):
             out["matches"] = None if need.get("plugin") == kek.name else False
         else:
             out["matches"] = None if need["fingerprint"] is None else need["fingerprint"] == fp
@@ -1187,12 +1231,9 @@ def rotate_dek(directory, as_json, **kw) -> None:
 
 @command(name="rotate-kek", short_help="Re-wrap the data keys under a new KEK (offline).")
 @click.argument("directory", type=click.Path())
-@click.option("--new-key-file", type=click.Path(dir_okay=False), help="File holding the new KEK.")
-@click.option("--new-key-env", metavar="NAME", help="Environment variable holding the new KEK.")
-@click.option("--new-passphrase-env", metavar="NAME", help="Environment variable holding the new passphrase.")
-@click.option("--new-kms", metavar="NAME", help="KMS plug-in for the new KEK.")
+@new_key_options
 @key_options
-def rotate_kek(directory, new_key_file, new_key_env, new_passphrase_env, new_kms, **kw) -> None:
+def rotate_kek(directory, **kw) -> None:
     """Re-wrap every data key under a new KEK, offline (no log data is rewritten).
 
     The store must be stopped.  One atomic metadata commit, which also swaps in
@@ -1207,8 +1248,8 @@ def rotate_kek(directory, new_key_file, new_key_env, new_passphrase_env, new_kms
       walcrypt rotate-kek /var/lib/node1 --key-file /secure/kek --new-key-file /secure/kek2
     """
     from .storage import Store
+    new = _new_kek(kw)
     kek = _kek(kw)
-    new = kek_from(new_key_file, new_key_env, new_passphrase_env, new_kms, prefix="--new-")
     if new is None:
         raise UsageError("give the new KEK with --new-key-file F (create one with 'walcrypt keygen F')")
     root = _store_dir(directory)
@@ -1504,15 +1545,6 @@ def snapshot_redact(file, kek_out) -> None:
                    f"now restores only with the KEK it was made under ({need})")
 
 
-def new_key_options(f):
-    """The target KEK of a command that re-wraps or restores under another key (--new-...)."""
-    f = click.option("--new-kms", metavar="NAME", help="KMS plug-in for the new KEK.")(f)
-    f = click.option("--new-passphrase-env", metavar="NAME", help="Environment variable holding the new passphrase.")(f)
-    f = click.option("--new-key-env", metavar="NAME", help="Environment variable holding the new KEK.")(f)
-    f = click.option("--new-key-file", type=click.Path(dir_okay=False), help="File holding the new KEK.")(f)
-    return f
-
-
 @command(snapshot, name="restore", short_help="Restore an export or .snap file into a new data directory.")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("directory", type=click.Path(file_okay=False))
@@ -1521,7 +1553,7 @@ def new_key_options(f):
                    "authenticated (as a plaintext store, or encrypted under --new-key-file).")
 @new_key_options
 @key_options
-def snapshot_restore(file, directory, plaintext, new_key_file, new_key_env, new_passphrase_env, new_kms, **kw) -> None:
+def snapshot_restore(file, directory, plaintext, **kw) -> None:
     """Restore an export (or a raw .snap file from a data directory) into a new
     or empty data directory.
 
@@ -1540,8 +1572,8 @@ def snapshot_restore(file, directory, plaintext, new_key_file, new_key_env, new_
       walcrypt snapshot restore /var/lib/node1/snap-v1-encrypted/FILE.snap /var/lib/node1.new --key-file /secure/kek
     """
     from . import backup
+    new = _new_kek(kw)
     kek = _kek(kw)
-    new = kek_from(new_key_file, new_key_env, new_passphrase_env, new_kms, prefix="--new-")
     if not os.path.exists(file):
         raise UsageError(f"{file} does not exist")
     if os.path.exists(directory) and not os.path.isdir(directory):

@@ -18,6 +18,7 @@ __all__ = [
     "KeyNotFoundError",
     "WrongKeyError",
     "KeyProviderError",
+    "KeyProviderUnavailableError",
     "StorageError",
     "CorruptionError",
     "AuthenticationError",
@@ -69,6 +70,12 @@ class WrongKeyError(WalcryptKeyError):
 
 class KeyProviderError(WalcryptKeyError):
     """A KEK provider could not produce or use its key (missing file, bad mode, KMS failure)."""
+
+
+class KeyProviderUnavailableError(KeyProviderError):
+    """The key service holding the KEK could not be reached (connection refused, timed out, sealed,
+    a server error) after the configured retries.  An outage, not a wrong key and not damage: nothing
+    was changed, and the same call succeeds once the service is back."""
 
 
 class StorageError(WalcryptError):

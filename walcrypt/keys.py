@@ -11,8 +11,8 @@ snapshot.  KEK providers:
 * :class:`Passphrase` - scrypt over a passphrase; the salt and cost parameters
   are stored in the store (they are not secret).
 * :class:`EnvKey` - an environment variable holding the key as hex or base64.
-* :class:`Kms` - an external key service through the entry-point group
-  ``walcrypt.kms`` (see :class:`KmsPlugin` for the interface).
+* :class:`walcrypt.kms.Kms` - a key service (Vault/OpenBao Transit, a PKCS#11
+  token, a KMIP server, or any plug-in of the entry-point group ``walcrypt.kms``).
 
 Local KEKs are never used raw: HKDF derives a wrapping key and a 16-byte check
 value from them, so a wrong KEK is reported as :class:`WrongKeyError` before
@@ -31,7 +31,6 @@ import re
 import stat
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -154,9 +153,16 @@ def validate_kek_params(doc, path: str | None, *, offset: int | None = None, wha
     if kind not in KEK_KINDS:
         raise UnsupportedFormatError(f"{path or '<data>'}: {what}: unknown KEK kind {kind[:32]!r} (written by a "
                                      "newer walcrypt? upgrade walcrypt to read it)")
-    if kind == "kms" and not valid_plugin_name(doc.get("plugin")):
-        raise bad(f"the KMS plug-in name is missing or malformed (at most {MAX_PLUGIN_NAME} printable "
-                  "characters, no '=')")
+    if kind == "kms":
+        if not valid_plugin_name(doc.get("plugin")):
+            raise bad(f"the KMS plug-in name is missing or malformed (at most {MAX_PLUGIN_NAME} printable "
+                      "characters, no '=')")
+        if "key" in doc:
+            problem = kms_identity_problem(doc["key"])
+            if problem:
+                raise bad(f"the KMS key's identity: {problem}")
+        if "version" in doc and not is_uint(doc["version"]):
+            raise bad("the KMS key version is not an unsigned 64-bit integer")
     if kind == "passphrase":
         kdf = doc.get("kdf")
         if not isinstance(kdf, str) or not 0 < len(kdf) <= 32:
@@ -254,6 +260,10 @@ class KeyEncryptionKey:
 
     def describe(self) -> str:
         return self.kind
+
+    def fingerprint(self, params: dict | None = None) -> str | None:
+        """The KEK fingerprint (FORMAT.md 8.1); a passphrase needs the store's ``params`` (its salt)."""
+        return kek_fingerprint(self.wrapper(params).check_value())
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
@@ -355,11 +365,58 @@ def kek_fingerprint(check_value: bytes | None) -> str | None:
 
 
 def fingerprint_of(kek: "KeyEncryptionKey", params: dict | None = None) -> str | None:
-    """The fingerprint of the KEK a provider yields (a passphrase needs the store's ``params``: its salt).
-    None for a KMS plug-in, whose key has no check value (the plug-in is not loaded)."""
-    if isinstance(kek, Kms):
+    """The fingerprint of the KEK a provider yields (a passphrase needs the store's ``params``: its salt)."""
+    return kek.fingerprint(params)
+
+
+# A KMS-held key has no check value: its fingerprint names the key instead - the plug-in and the
+# identity it reports (FORMAT.md 8.1), less its version, so a new version of the same key keeps it.
+KMS_FINGERPRINT_DOMAIN = b"walcrypt/v1/kms-key-fingerprint"
+MAX_IDENTITY_FIELDS = 16
+MAX_IDENTITY_TEXT = 256
+VOLATILE_IDENTITY_FIELDS = ("version",)
+
+
+def kms_identity_problem(ident) -> str | None:
+    """Why ``ident`` is not a valid KMS key identity (a flat JSON object of at most 16 fields, each a
+    short string or an unsigned integer), or None."""
+    if not isinstance(ident, dict):
+        return f"a JSON {type(ident).__name__} where an object was expected"
+    if len(ident) > MAX_IDENTITY_FIELDS:
+        return f"{len(ident)} fields, more than {MAX_IDENTITY_FIELDS}"
+    for k, v in ident.items():
+        if not isinstance(k, str) or not 0 < len(k) <= 32:
+            return "a field name that is not a short string"
+        if isinstance(v, str):
+            if len(v) > MAX_IDENTITY_TEXT or any(ord(c) < 32 for c in v):
+                return f"field {k!r} is longer than {MAX_IDENTITY_TEXT} characters or holds control characters"
+        elif not is_uint(v):
+            return f"field {k!r} is neither a short string nor an unsigned integer"
+    return None
+
+
+def stable_identity(ident: dict | None) -> dict:
+    """The fields of a KMS identity that name the key (not its version)."""
+    return {k: v for k, v in (ident or {}).items() if k not in VOLATILE_IDENTITY_FIELDS}
+
+
+def describe_identity(ident: dict | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(stable_identity(ident).items())) or "(unnamed)"
+
+
+def kms_fingerprint(plugin: str, ident: dict | None) -> str | None:
+    """16 hex digits naming a KMS-held key: SHA-256(domain || plug-in || 0 || canonical identity JSON)."""
+    if ident is None:
         return None
-    return kek_fingerprint(kek.wrapper(params).check_value())
+    text = json.dumps(stable_identity(ident), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(KMS_FINGERPRINT_DOMAIN + plugin.encode() + b"\0" + text.encode()).digest()[:8].hex()
+
+
+def params_fingerprint(params: dict | None, check: bytes | None) -> str | None:
+    """The fingerprint of the KEK a store or file needs, from what it stores (never a secret)."""
+    if params and params.get("kind") == "kms":
+        return kms_fingerprint(params.get("plugin", ""), params.get("key")) if "key" in params else None
+    return kek_fingerprint(check)
 
 
 class KeyFile(KeyEncryptionKey):
@@ -505,77 +562,6 @@ class Passphrase(KeyEncryptionKey):
 
     def describe(self) -> str:
         return "passphrase"
-
-
-class KmsPlugin(Protocol):
-    """Interface of an external key service registered in the entry-point group ``walcrypt.kms``.
-
-    The entry point names a callable ``factory(**options) -> KmsPlugin``.  ``wrap``
-    must return an opaque blob that ``unwrap`` turns back into the same bytes for
-    the same ``context`` (the associated data: store ID, key ID, purpose) and must
-    fail (raise anything) otherwise.  walcrypt maps failures of ``unwrap`` to
-    :class:`WrongKeyError` and failures of ``wrap`` to :class:`KeyProviderError`.
-    """
-
-    def wrap(self, plaintext: bytes, context: bytes) -> bytes: ...
-    def unwrap(self, blob: bytes, context: bytes) -> bytes: ...
-
-
-class _KmsWrapper:
-    def __init__(self, name: str, plugin: KmsPlugin):
-        self._name = name
-        self._plugin = plugin
-
-    def wrap(self, secret: bytes, context: bytes) -> bytes:
-        try:
-            blob = self._plugin.wrap(secret, context)
-        except Exception as exc:
-            raise KeyProviderError(f"KMS plug-in {self._name!r} failed to wrap a key: {type(exc).__name__}") from None
-        return bytes([WRAP_VERSION_KMS]) + bytes(blob)
-
-    def unwrap(self, blob: bytes, context: bytes) -> bytes:
-        if not blob or blob[0] != WRAP_VERSION_KMS:
-            raise WrongKeyError("this data key was not wrapped by a KMS plug-in; open the store with its own KEK")
-        try:
-            secret = self._plugin.unwrap(blob[1:], context)
-        except Exception as exc:
-            raise WrongKeyError(
-                f"KMS plug-in {self._name!r} could not unwrap a data key ({type(exc).__name__}): "
-                "wrong KMS key or a keyring from another store") from None
-        return bytes(secret)
-
-    def check_value(self) -> None:
-        return None
-
-
-class Kms(KeyEncryptionKey):
-    kind = "kms"
-
-    def __init__(self, name: str, **options):
-        if not valid_plugin_name(name):
-            raise UsageError(f"a KMS plug-in name is 1 .. {MAX_PLUGIN_NAME} printable characters without '=' "
-                             "(an entry-point name of the group walcrypt.kms)")
-        self.name = name
-        self.options = options
-
-    def load(self) -> KmsPlugin:
-        eps = [ep for ep in metadata.entry_points(group="walcrypt.kms") if ep.name == self.name]
-        if not eps:
-            raise KeyProviderError(
-                f"no KMS plug-in named {self.name!r} is installed (entry-point group 'walcrypt.kms')")
-        try:
-            return eps[0].load()(**self.options)
-        except Exception as exc:
-            raise KeyProviderError(f"KMS plug-in {self.name!r} failed to start: {type(exc).__name__}: {exc}") from None
-
-    def new_params(self) -> dict:
-        return {"kind": self.kind, "plugin": self.name}
-
-    def wrapper(self, params: dict | None) -> Wrapper:
-        return _KmsWrapper(self.name, self.load())
-
-    def describe(self) -> str:
-        return f"KMS plug-in {self.name}"
 
 
 # ---------------------------------------------------------------------------
