@@ -2,9 +2,8 @@
 retained snapshot and the damaged older ones set aside first), of the exclusion between snapshot
 writers and a KEK rotation, and of the open that keeps leftover snapshot files until the snapshot
 in use is chosen.  Each test reproduces one break with real files, real LMDB and real threads,
-and asserts what FORMAT.md / GUARANTEES.md promise.  Each is marked ``xfail(strict=True)``: the
-file passes as committed and starts failing (asking for the mark to be removed) once the break
-is fixed.
+and asserts what FORMAT.md / GUARANTEES.md promise.  Each was first pinned as a strict xfail and
+failed on the code it was written against; all pass since their fixes.
 """
 
 from __future__ import annotations
@@ -62,11 +61,6 @@ def _unwrapped_by(data_dir: str, kek, params) -> list[tuple[str, str]]:
 # 1. rotate_kek reads the older snapshots without binding them to their registry records
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Snapshots.drop_damaged_older and Storage.copy_snapshots read an older retained snapshot through "
-    "Snapshots.open_info, which never checks the file against its registry record (snapshot ID, "
-    "digest): an older snapshot file of the same store put back in its place passes, and the rotation "
-    "registers a fresh copy of it - a rolled-back snapshot laundered into the registry"))
 def test_rotate_kek_launders_an_older_snapshot_rolled_back_in_place(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
@@ -131,12 +125,6 @@ class _SlowSnapshotDisk(VFS):
         return names
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Rotation.rekey (Storage.rewrite_under -> copy_snapshots, finish_retirement) is not excluded from a "
-    "KEK rotation (Snapshots.writers_excluded, Rotation.key_lock cover only begin() and key creation): "
-    "run while rotate_kek copies, it removes the snapshot being copied (the rotation fails the store), "
-    "or destroys the DEK of copies the rotation then registers (KeyNotFoundError after its commit) "
-    "and leaves its own copy, the live DEK wrapped under the old KEK, registered for good"))
 @pytest.mark.parametrize("at", ["copy", "published"])
 def test_a_rekey_on_another_thread_while_rotate_kek_copies(tmp_path, at):
     data_dir = str(tmp_path / "data")
@@ -200,11 +188,6 @@ class _RenameFailsDisk(VFS):
         return super().rename(src, dst)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Snapshots.drop_damaged_older runs inside rotate_kek but outside any fail-stop guard: a failed "
-    "rename (or any exception) while it sets a damaged older snapshot aside escapes as a bare OSError "
-    "and leaves the store accepting writes (GUARANTEES 2.3: a KEK rotation step is fail-stop, and "
-    "failures are walcrypt errors)"))
 def test_a_failed_rename_setting_aside_a_damaged_older_snapshot_escapes_rotate_kek_as_bare_oserror(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
@@ -237,11 +220,6 @@ def test_a_failed_rename_setting_aside_a_damaged_older_snapshot_escapes_rotate_k
 # 4. Two streamed snapshots open at once: the older one committed last
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Snapshots.begin checks a snapshot against the newest registered one (ErrSnapOutOfDate), but "
-    "PendingSnapshot.commit / Snapshots._commit / _register do not: an older snapshot begun before a "
-    "newer one committed is registered after it, becomes the current snapshot behind the compaction "
-    "point, and apply_retention (newest by list order) deletes the newer one with keep_snapshots=1"))
 @pytest.mark.parametrize("keep", [1, 2])
 def test_an_older_streamed_snapshot_committed_after_an_install_snapshot_replaces_it(tmp_path, keep):
     data_dir = str(tmp_path / "data")
@@ -268,12 +246,6 @@ def test_an_older_streamed_snapshot_committed_after_an_install_snapshot_replaces
 # 5. A streamed snapshot still being written when a DEK rotation destroys its key
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Rotation.finish_retirement counts only registered snapshots and segments as references to a "
-    "retiring DEK: a begin_snapshot() writer still streaming under it (kept by "
-    "remove_abandoned_temporaries as live) does not stop its destruction; its commit then registers a "
-    "snapshot under the destroyed key, fails the store in Snapshots.install (KeyNotFoundError) and "
-    "leaves the destroyed DEK wrapped in a registered snapshot file"))
 def test_a_streamed_snapshot_whose_dek_a_rotation_destroyed_meanwhile(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, destroy_retired_keys=True) as s:

@@ -235,7 +235,10 @@ class Rotation:
             return
         st.snapshots.apply_retention(drop_keys=retiring)
         st.purge_segments()
-        referenced = {s.ident.key_id for s in st.wal.segments} | st.snapshots.key_ids()
+        # A snapshot being streamed under a retiring key references it too: destroyed now, its
+        # commit would register a snapshot no key opens (it is destroyed at a later retirement).
+        referenced = ({s.ident.key_id for s in st.wal.segments} | st.snapshots.key_ids()
+                      | st.snapshots.writer_key_ids())
         with st.meta.read() as r:
             from .stable import key_id_of
             referenced |= {key_id_of(blob) for _k, blob in r.items(M.DB_STABLE)}
@@ -384,14 +387,14 @@ class Rotation:
         # From here to the swap, no snapshot writer runs (Snapshots.writers_excluded: begin_snapshot()
         # waits): one begun meanwhile would take the keyring bundle under the old KEK and, registered
         # after the commit, leave every key wrapped under it in the data directory.
-        with st.snapshots.writers_excluded():
-            st.snapshots.drop_damaged_older()    # each is copied below: bit rot there is set aside first
-            retained = list(st.snapshots.infos)
+        with st.snapshots.writers_excluded("the KEK rotation"):
             # Any interruption from here on fails the store: between the commit and the swap of the
             # in-memory wrapper, keys would be wrapped under one KEK in memory and another on disk (a
             # new DEK wrapped by the old KEK would be lost at the next open); before the commit,
             # published copies and a half-written unit of SNAPSHOT records are for the next open.
             with st.fail_stop("rotating the key-encryption key"):
+                st.snapshots.drop_damaged_older()    # each is copied below: bit rot there is set aside first
+                retained = list(st.snapshots.infos)
                 copies = st.copy_snapshots(retained, kek=staged)                    # 1
                 st.redact_quarantined(old_blobs)
                 st.snapshots.remove_abandoned_temporaries()

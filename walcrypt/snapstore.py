@@ -32,6 +32,7 @@ from typing import BinaryIO
 from . import bounded
 from . import crypto
 from . import format as fmt
+from . import keys as K
 from . import meta as M
 from .errors import AuthenticationError, CorruptionError, StorageError, SymlinkError, UsageError
 from .errors import WIPE_ADVICE
@@ -197,15 +198,22 @@ class PendingSnapshot:
         st = self.owner.store
         w = self.writer
         try:
-            with st.fail_stop("saving a snapshot"):
-                try:
-                    path = w.publish()
-                except BaseException:
+            # Commits are serialised, and each is checked against what committed since it began: a
+            # newer snapshot (an InstallSnapshot on another thread) or the destruction of its DEK.
+            with self.owner._commit_lock:
+                problem = self.owner.outdated(self.meta, w.header.key_id)
+                if problem:
                     w.abort()
-                    raise
-                info = SnapshotInfo(w.header.snapshot_id, self.meta.index, self.meta.term, w.header.key_id,
-                                    w.digest, w.data_bytes, path)
-                self.owner._commit(self.meta, info)
+                    raise UsageError(problem)
+                with st.fail_stop("saving a snapshot"):
+                    try:
+                        path = w.publish()
+                    except BaseException:
+                        w.abort()
+                        raise
+                    info = SnapshotInfo(w.header.snapshot_id, self.meta.index, self.meta.term, w.header.key_id,
+                                        w.digest, w.data_bytes, path)
+                    self.owner._commit(self.meta, info)
         finally:
             self.owner.settle(self)
         st.rotation.ask_for_snapshot()          # a rotation queued behind the one this completed
@@ -283,7 +291,9 @@ class Snapshots:
         # the keyring bundle under the KEK in force when it begins, and that bundle must not be
         # registered after the rotation re-wrapped the keyring.  Guards `writing` and `_rotating_by`.
         self._gate = threading.Condition()
-        self._rotating_by: int | None = None     # thread ID of the KEK rotation in progress
+        self._rotating_by: int | None = None     # thread ID of the KEK rotation or re-key in progress
+        self._commit_lock = threading.Lock()     # one PendingSnapshot.commit at a time
+        self._exclusive_what = ""
 
     # ------------------------------------------------------------------ open
     def load(self) -> None:
@@ -565,7 +575,10 @@ class Snapshots:
             try:
                 if not os.path.lexists(info.path):
                     raise CorruptionError(info.path, None, "registered snapshot file is missing")
-                self.open_info(info)._file.verify()          # every chunk, a chunk at a time
+                size = self.open_info(info)._file.verify()      # every chunk, a chunk at a time
+                if size != info.size:
+                    raise CorruptionError(info.path, None, f"snapshot holds {size} bytes, the registry says "
+                                                           f"{info.size}")
             except SymlinkError:
                 raise
             except StorageError as exc:          # bad bytes only: a key or KMS failure propagates
@@ -612,9 +625,9 @@ class Snapshots:
                              f"{self.infos[-1].index} (etcd's ErrSnapOutOfDate)")
         with self._gate:
             if self._rotating_by == threading.get_ident():
-                raise UsageError("begin_snapshot() called from inside a KEK rotation")
-            # Waits while a KEK rotation runs; it copies files and commits, its KMS calls are made
-            # before it starts (Rotation.rotate_kek).
+                raise UsageError(f"begin_snapshot() called from inside {self._exclusive_what}")
+            # Waits while a KEK rotation or re-key runs: they copy files and commit (a KEK rotation
+            # makes its KMS calls before it starts, Rotation.rotate_kek).
             self._gate.wait_for(lambda: self._rotating_by is None)
             st.wal.check_writable()
             with st.fail_stop("starting a snapshot"):
@@ -623,6 +636,22 @@ class Snapshots:
             self.writing.add(pending)
         return pending
 
+    def outdated(self, meta: SnapshotMeta, key_id: bytes) -> str | None:
+        """Why a snapshot begun earlier may no longer commit, or None."""
+        if self.infos and meta.index < self.infos[-1].index:
+            return (f"snapshot at index {meta.index} is older than the snapshot at {self.infos[-1].index} committed "
+                    "since it began (etcd's ErrSnapOutOfDate); it was aborted")
+        entry = self.store.keys.get(key_id) if self.store.encrypted else None
+        if self.store.encrypted and (entry is None or entry.state == K.DESTROYED):
+            return (f"the data key {key_id.hex()} this snapshot was written under was destroyed since it began "
+                    "(a re-key); it was aborted - take the snapshot again")
+        return None
+
+    def writer_key_ids(self) -> set[bytes]:
+        """The DEKs of the snapshots being written (begin() to the end of commit or abort)."""
+        with self._gate:
+            return {p.writer.header.key_id for p in list(self.writing) if not p.settled}
+
     def settle(self, pending: "PendingSnapshot") -> None:
         """A writer from begin() has finished (committed, aborted or failed)."""
         with self._gate:
@@ -630,16 +659,20 @@ class Snapshots:
             self._gate.notify_all()
 
     @contextmanager
-    def writers_excluded(self):
-        """For a KEK rotation: refuses while a snapshot from begin() is being written or committed,
-        and makes begin() wait until the block is left."""
+    def writers_excluded(self, what: str):
+        """For an operation that re-wraps or re-keys the snapshots (a KEK rotation, a full re-key):
+        refuses while a snapshot from begin() is being written or committed, or while another such
+        operation runs, and makes begin() wait until the block is left.  ``what`` names the operation
+        in the refusals."""
         with self._gate:
             if self._rotating_by is not None:
-                raise UsageError("a KEK rotation is already in progress on this store")
+                raise UsageError(f"{self._exclusive_what} is in progress on this store: wait for it to finish, "
+                                 f"then retry {what}")
             if self.in_progress():
-                raise UsageError("a snapshot begun with begin_snapshot() is being written, its keyring bundle "
-                                 "under the current KEK: commit or abort it, then rotate the KEK")
+                raise UsageError("a snapshot begun with begin_snapshot() is being written, its keyring bundle and "
+                                 f"data key those of now: commit or abort it, then retry {what}")
             self._rotating_by = threading.get_ident()
+            self._exclusive_what = what
         try:
             yield
         finally:
@@ -658,6 +691,8 @@ class Snapshots:
         # 4. retention, and a DEK rotation waiting for this snapshot
         self.apply_retention()
         st.rotation.on_snapshot(info)
+        if st.encrypted and any(k.state == K.RETIRING for k in list(st.keys.values())):
+            st.rotation.finish_retirement()   # a retiring key this snapshot may have freed (or a stream held)
         return info
 
     def _register(self, index: int, term: int, info: SnapshotInfo) -> None:
@@ -677,11 +712,11 @@ class Snapshots:
         self.install(info)
 
     def open_info(self, info: SnapshotInfo) -> Snapshot:
-        """A retained snapshot (not only the newest), authenticated as it is read."""
-        f = SnapshotFile(self.store.vfs, info.path)
-        aead, commitment = self._keys(f.header)
-        f.unlock(aead, commitment)
-        return Snapshot(info, f)
+        """A retained snapshot (not only the newest), its file bound to its registry record (store,
+        ID, digest, key: bind_to_registry) and authenticated as it is read.  The binding is what stops
+        another authentic snapshot of this store, an older one put back at this name, from being read
+        (or copied, or re-registered) as this one."""
+        return Snapshot(info, bind_to_registry(self.store, self.store.vfs, info))
 
     def open_writer(self, meta: SnapshotMeta, key_id: bytes, *, extra_meta: dict | None = None,
                     snap_id: int | None = None, bundle: bytes | None = None) -> SnapshotWriter:

@@ -1236,8 +1236,11 @@ class Store:
     def rekey(self) -> None:
         """Full re-key: rewrite all retained data under a new DEK and destroy the old ones."""
         self.rotation.check_rotatable()
-        with _FailStop(self, "re-keying"):
-            self.rotation.rekey()
+        # Excluded from snapshot writers and a KEK rotation: it destroys the DEKs a streamed snapshot
+        # or a rotation's copies would be under, and writes a snapshot copy of its own.
+        with self.snapshots.writers_excluded("the full re-key"):
+            with _FailStop(self, "re-keying"):
+                self.rotation.rekey()
 
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
         """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store, and no file of the
