@@ -34,7 +34,7 @@ import time
 
 from . import keys as K
 from . import meta as M
-from .errors import CorruptionError, UsageError
+from .errors import CorruptionError, KeyNotFoundError, UsageError
 from .errors import WIPE_ADVICE
 from .types import SnapshotMeta
 
@@ -78,6 +78,10 @@ def parse_state(raw: bytes | None, path: str | None) -> dict | None:
     return doc
 
 
+DEFER_FIRST_WAIT_S = 1.0        # a DEK rotation put off by a key-service outage: first retry after 1 s,
+DEFER_MAX_WAIT_S = 60.0         # doubling up to a minute
+
+
 class Rotation:
     def __init__(self, store, *, snapshot_source=None, destroy_retired_keys: bool = False,
                  max_records_per_dek: int = DEFAULT_MAX_RECORDS_PER_DEK,
@@ -97,6 +101,10 @@ class Rotation:
         # commit and swap of the KEK in use, exclude each other: a key wrapped under the old KEK must
         # never be committed after the rotation committed (no KEK would open the store).
         self.key_lock = threading.RLock()
+        # A DEK rotation the key service could not serve (KeyProviderUnavailableError when wrapping
+        # its new key): nothing was changed; retried from save() with backoff, in memory only (a
+        # key budget asks again after a restart; an operator's request must be repeated).
+        self.deferred: dict | None = None
 
     # ------------------------------------------------------------------ state
     def load(self) -> None:
@@ -129,7 +137,8 @@ class Rotation:
                  "created_ns": k.created_ns, "records": self.usage.get(k.key_id, [0, 0])[0],
                  "bytes": self.usage.get(k.key_id, [0, 0])[1]}
                 for k in st.keys.values() if k.purpose == K.PURPOSE_DEK]
-        return {"keys": keys, "rotation": dict(self.state) if self.state else None}
+        deferred = ({k: v for k, v in self.deferred.items() if k != "next_try"} if self.deferred else None)
+        return {"keys": keys, "rotation": dict(self.state) if self.state else None, "deferred": deferred}
 
     # ------------------------------------------------------------------ DEK rotation
     def check_rotatable(self) -> None:
@@ -140,10 +149,39 @@ class Rotation:
             raise UsageError("a plaintext store has no data keys to rotate")
         st.wal.check_writable()                           # fail-stop applies to queueing too
 
-    def rotate_dek(self, *, reason: str = "requested", rekey: bool = False, queued: int = 0) -> None:
+    def prepare_key(self, *, quick: bool = False):
+        """The new DEK of a rotation, wrapped under the KEK in force (the call that may need the key
+        service), or None when a rotation is in flight (the request is queued, no key needed).  Changes
+        nothing.  The caller holds key_lock until rotate_dek() has committed the key.  ``quick``: one
+        attempt, no retries (a deferred rotation retried from save())."""
+        st = self.store
+        if self.state:
+            return None
+        wrapper = st.wrapper
+        if quick and hasattr(wrapper, "once"):
+            wrapper = wrapper.once()
+        return K.new_key_entry(wrapper, st.store_id, algorithm=st.algorithm, purpose=K.PURPOSE_DEK, state=K.PENDING)
+
+    def defer(self, reason: str, exc: BaseException) -> None:
+        """Keep a DEK rotation the key service could not serve, for a later retry (retry_due)."""
+        tries = (self.deferred or {}).get("tries", 0) + 1
+        wait = min(DEFER_MAX_WAIT_S, DEFER_FIRST_WAIT_S * 2 ** (tries - 1))
+        self.deferred = {"reason": reason, "since_ns": (self.deferred or {}).get("since_ns", time.time_ns()),
+                         "tries": tries, "error": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                         "next_try": time.monotonic() + wait}
+        log.warning("DEK rotation (%s) put off: the key service is unreachable (%s); it is retried on a later "
+                    "save, the next in %.0f s. Reads and writes go on under the current data key",
+                    reason, self.deferred["error"], wait)
+
+    def retry_due(self) -> bool:
+        return self.deferred is not None and time.monotonic() >= self.deferred["next_try"]
+
+    def rotate_dek(self, *, reason: str = "requested", rekey: bool = False, queued: int = 0,
+                   prepared=None) -> None:
         """Steps 1 and 2 (or queue one more rotation).  The caller holds a fail-stop guard
         (Store.fail_stop); step 3, asking the host's snapshot source, is ask_for_snapshot(),
-        called once the guard is left so that the host's exceptions do not fail the store."""
+        called once the guard is left so that the host's exceptions do not fail the store.
+        ``prepared``: the new key from prepare_key() (made here when not given)."""
         st = self.store
         self.check_rotatable()
         if self.state:
@@ -151,11 +189,11 @@ class Rotation:
                 self.state["queued"] = self.state.get("queued", 0) + 1
                 self._put_state(tx, self.state)
             log.info("DEK rotation queued behind the one in flight")
+            self.deferred = None
             return
         st.wal.check_writable()
         with self.key_lock:
-            entry, secret = K.new_key_entry(st.wrapper, st.store_id, algorithm=st.algorithm,
-                                            purpose=K.PURPOSE_DEK, state=K.PENDING)
+            entry, secret = prepared if prepared is not None else self.prepare_key()
             state = {"pending": entry.key_id.hex(), "first_index": st.wal.last_index() + 1, "queued": queued,
                      "requested_ns": time.time_ns(), "reason": reason, "rekey": rekey}
             with st.meta.write() as tx:                   # step 1: durable before anything else
@@ -164,6 +202,9 @@ class Rotation:
             st.keys[entry.key_id] = entry
             st._secrets[entry.key_id] = secret
         self.state = state
+        if self.deferred is not None:
+            log.info("the DEK rotation put off since the key service was unreachable has started")
+        self.deferred = None
         if not rekey:
             st.wal.cut_now()                              # step 2: new segment under the pending DEK
             self.snapshot_wanted = True
@@ -303,8 +344,9 @@ class Rotation:
             self.auto_due = True
 
     # ------------------------------------------------------------------ full re-key
-    def rekey(self, *, resume: bool = False) -> None:
-        """Rewrite every retained record and the newest snapshot under a new DEK, then destroy the old DEKs."""
+    def rekey(self, *, resume: bool = False, prepared=None) -> None:
+        """Rewrite every retained record and the newest snapshot under a new DEK, then destroy the old DEKs.
+        ``prepared``: the new key from prepare_key(), made by the caller before its fail-stop guard."""
         st = self.store
         if not resume:
             if self.state:
@@ -313,7 +355,7 @@ class Rotation:
                     self.state["rekey"] = True
                     self._put_state(tx, self.state)
             else:
-                self.rotate_dek(reason="rekey", rekey=True)
+                self.rotate_dek(reason="rekey", rekey=True, prepared=prepared)
         new_id = self.pending_key_id
         staged, snap_info = st.rewrite_under(new_id)
         now = time.time_ns()
@@ -342,6 +384,31 @@ class Rotation:
             self.destroy_retired_keys = destroy
 
     # ------------------------------------------------------------------ KEK rotation
+    def _meta_secret(self, wrapped: bytes, context: bytes) -> bytes:
+        secret = getattr(self.store, "meta_secret", None)
+        return secret.material if secret is not None else self.store.wrapper.unwrap(wrapped, context)
+
+    def _rewrapped(self, new_wrapper, blob: bytes, context: bytes, secret) -> bytes:
+        """``blob`` (wrapped under the KEK in force) wrapped under ``new_wrapper``: re-wrapped by the key
+        service itself when both are the same service's key (Vault Transit's rewrap to the newest
+        version: no plaintext key leaves it), otherwise ``secret()`` - the key unwrapped at open, so
+        that the old KEK's service is not needed - wrapped anew."""
+        can = getattr(new_wrapper, "can_rewrap", None)
+        if can is not None and can(self.store.wrapper):
+            return new_wrapper.rewrap(blob, context)
+        return new_wrapper.wrap(secret(), context)
+
+    def _stage_rewrap(self, new_wrapper, rewrapped: dict, old_blobs: list) -> None:
+        """Wrap under ``new_wrapper`` every live key not yet in ``rewrapped`` (adding its old blob to
+        ``old_blobs``: what must be gone from the data directory afterwards)."""
+        st = self.store
+        for k in list(st.keys.values()):
+            if k.state == K.DESTROYED or k.key_id in rewrapped:
+                continue
+            ctx = K.wrap_context(st.store_id, k.key_id, k.purpose)
+            rewrapped[k.key_id] = self._rewrapped(new_wrapper, k.wrapped, ctx, lambda k=k: st.secret(k.key_id))
+            old_blobs.append(k.wrapped)
+
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
         """Re-wrap every key with ``new_kek``; afterwards no file of the data directory holds a key
         wrapped under the old KEK.
@@ -366,28 +433,28 @@ class Rotation:
         if st.snapshots.in_progress():           # told before the KMS is asked for anything
             raise UsageError("a snapshot begun with begin_snapshot() is being written, its keyring bundle under "
                              "the current KEK: commit or abort it, then rotate the KEK")
-        # Everything that needs the new KEK (its KMS, when it has one) is done before snapshot
-        # writers are held back: a slow or unreachable KMS never stalls a snapshot.
+        # Everything that needs a key service (the new KEK's, or the old one's for a re-wrap) is done
+        # before snapshot writers are held back and before anything changes: a slow or unreachable
+        # service never stalls a snapshot, and its failure leaves the store as it was.
         params = new_kek.new_params()
         wrapper = new_kek.wrapper(params)
         with st.meta.read() as r:
             meta_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
             old_meta_wrapped = r.raw(M.DB_STORE, M.K_META_KEY)
-        meta_secret = st.wrapper.unwrap(old_meta_wrapped, K.wrap_context(st.store_id, meta_id, K.PURPOSE_META))
-        rewrapped = {}
-        for k in list(st.keys.values()):
-            if k.state == K.DESTROYED:
-                continue
-            secret = K.unwrap_entry(st.wrapper, st.store_id, k).material
-            rewrapped[k.key_id] = wrapper.wrap(secret, K.wrap_context(st.store_id, k.key_id, k.purpose))
+        meta_ctx = K.wrap_context(st.store_id, meta_id, K.PURPOSE_META)
+        meta_wrapped = self._rewrapped(wrapper, old_meta_wrapped, meta_ctx, lambda: self._meta_secret(old_meta_wrapped,
+                                                                                                     meta_ctx))
+        rewrapped: dict[bytes, bytes] = {}
+        old_blobs = [old_meta_wrapped]
+        self._stage_rewrap(wrapper, rewrapped, old_blobs)
         cv = wrapper.check_value()
-        meta_wrapped = wrapper.wrap(meta_secret, K.wrap_context(st.store_id, meta_id, K.PURPOSE_META))
         staged = {"params": params, "check": cv, "meta_wrapped": meta_wrapped, "wrapped": rewrapped}
-        old_blobs = [old_meta_wrapped] + [st.keys[kid].wrapped for kid in rewrapped]
         # From here to the swap, no snapshot writer runs (Snapshots.writers_excluded: begin_snapshot()
         # waits): one begun meanwhile would take the keyring bundle under the old KEK and, registered
-        # after the commit, leave every key wrapped under it in the data directory.
-        with st.snapshots.writers_excluded("the KEK rotation"):
+        # after the commit, leave every key wrapped under it in the data directory.  No key is created
+        # either (key_lock): every key is wrapped under the new KEK before the copies begin.
+        with st.snapshots.writers_excluded("the KEK rotation"), self.key_lock:
+            self._stage_rewrap(wrapper, rewrapped, old_blobs)       # keys created since: none, usually
             # Any interruption from here on fails the store: between the commit and the swap of the
             # in-memory wrapper, keys would be wrapped under one KEK in memory and another on disk (a
             # new DEK wrapped by the old KEK would be lost at the next open); before the commit,
@@ -398,35 +465,28 @@ class Rotation:
                 copies = st.copy_snapshots(retained, kek=staged)                    # 1
                 st.redact_quarantined(old_blobs)
                 st.snapshots.remove_abandoned_temporaries()
-                with self.key_lock:
-                    with st.meta.write() as tx:                                     # 2
-                        tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
-                        if cv is None:
-                            tx.delete(M.DB_STORE, M.K_KEK_CHECK)
-                        else:
-                            tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
-                        tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_wrapped)
-                        # The keyring as committed now, not as it was when the copies began: a
-                        # key added meanwhile (a DEK rotation on another thread, a key budget) is
-                        # re-wrapped too, and one destroyed meanwhile stays destroyed.
-                        for kid, raw in tx.items(M.DB_KEYRING):
-                            entry = M.decode_keyring(kid, raw, st.meta.path)
-                            if entry.state == K.DESTROYED or not entry.wrapped:
-                                continue
-                            blob = rewrapped.get(kid)
-                            if blob is None:
-                                secret = K.unwrap_entry(st.wrapper, st.store_id, entry).material
-                                blob = rewrapped[kid] = wrapper.wrap(
-                                    secret, K.wrap_context(st.store_id, kid, entry.purpose))
-                                old_blobs.append(entry.wrapped)
-                            tx.put(M.DB_KEYRING, kid, M.encode_keyring(dataclasses.replace(entry, wrapped=blob)))
-                        st.snapshots.register_copies(tx, copies, retained)
-                        tx.mark_scrub_pending()
-                    for kid, blob in rewrapped.items():
-                        if kid in st.keys and st.keys[kid].state != K.DESTROYED:
-                            st.keys[kid].wrapped = blob
-                    st.wrapper = wrapper
-                    st.kek_params = params
+                with st.meta.write() as tx:                                         # 2
+                    tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
+                    if cv is None:
+                        tx.delete(M.DB_STORE, M.K_KEK_CHECK)
+                    else:
+                        tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
+                    tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_wrapped)
+                    for kid, raw in tx.items(M.DB_KEYRING):
+                        entry = M.decode_keyring(kid, raw, st.meta.path)
+                        if entry.state == K.DESTROYED or not entry.wrapped:
+                            continue
+                        if kid not in rewrapped:        # key_lock is held: never; and never committed unwrapped
+                            raise KeyNotFoundError(f"key {kid.hex()} of the keyring was not re-wrapped")
+                        tx.put(M.DB_KEYRING, kid,
+                               M.encode_keyring(dataclasses.replace(entry, wrapped=rewrapped[kid])))
+                    st.snapshots.register_copies(tx, copies, retained)
+                    tx.mark_scrub_pending()
+                for kid, blob in rewrapped.items():
+                    if kid in st.keys and st.keys[kid].state != K.DESTROYED:
+                        st.keys[kid].wrapped = blob
+                st.wrapper = wrapper
+                st.kek_params = params
                 st.tie_to_log(copies)        # after the commit: a record before it would roll the copies forward
                 st.snapshots.install_copies(copies, retained)                       # 3
         with st.fail_stop("rotating the key-encryption key"):

@@ -21,8 +21,8 @@ from . import keys as K
 from . import layout
 from . import meta as M
 from .errors import (WIPE_ADVICE, AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError,
-                     KeyProviderError, StorageError, StoreFailedError, SymlinkError, UnsafeFileError,
-                     UnsupportedFormatError, UsageError, WalcryptError, WrongKeyError, os_error_advice)
+                     KeyProviderError, KeyProviderUnavailableError, StorageError, StoreFailedError, SymlinkError,
+                     UnsafeFileError, UnsupportedFormatError, UsageError, WalcryptError, WrongKeyError, os_error_advice)
 from .bounded import FileSource
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
 from .types import ConfState, Entry, HardState, SnapshotMeta
@@ -282,10 +282,17 @@ class Store:
         meta_key = self.wrapper.unwrap(wrapped_meta, K.wrap_context(store_id, meta_key_id, K.PURPOSE_META))
         if len(meta_key) != K.KEY_SIZE:
             raise AuthenticationError(self.meta.path, None, "the metadata key unwrapped to a wrong size")
+        self.meta_secret = K.SecretKey(meta_key)
         self.meta.set_mac_key(meta_key, version=self.meta_version)
         self.meta.verify_catalog()
         self._load_keyring()
         self.algorithm = self._authenticated_algorithm(stored_alg)
+        if getattr(self.wrapper, "remote", False):
+            # A key service is asked at open only: every key is unwrapped now, so that reads and
+            # writes never wait on it (an outage later leaves the open store fully usable).
+            for kid, entry in self.keys.items():
+                if entry.state != K.DESTROYED:
+                    self._secret(kid)
 
     def _authenticated_algorithm(self, stored_alg: int | None) -> int:
         """The cipher suite of an encrypted store, taken from its active data key.
@@ -331,6 +338,7 @@ class Store:
                 w.put_raw(M.DB_STORE, M.K_META_KEY_ID, meta_entry.key_id)
                 w.put_raw(M.DB_STORE, M.K_META_KEY, meta_entry.wrapped)
                 self.meta.set_mac_key(meta_secret.material, version=fmt.META_FORMAT_VERSION)
+                self.meta_secret = meta_secret
                 dek, secret = K.new_key_entry(self.wrapper, self.store_id, algorithm=self.algorithm,
                                               purpose=K.PURPOSE_DEK, state=K.ACTIVE)
                 w.put(M.DB_KEYRING, dek.key_id, M.encode_keyring(dek))
@@ -1091,6 +1099,9 @@ class Store:
         if self.rotation.auto_due:
             self.rotation.auto_due = False
             self._rotate_dek("key budget reached")
+        elif self.rotation.deferred is not None and self.rotation.retry_due():
+            # A DEK rotation the key service could not serve: one attempt, no waiting, when due.
+            self._rotate_dek(self.rotation.deferred["reason"], quick=True)
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         self._check_open()
@@ -1223,10 +1234,18 @@ class Store:
         """Start a DEK rotation by forced snapshot (queued if one is in flight).  See rotation.py."""
         self._rotate_dek("requested")
 
-    def _rotate_dek(self, reason: str) -> None:
+    def _rotate_dek(self, reason: str, *, quick: bool = False) -> None:
         self.rotation.check_rotatable()
-        with _FailStop(self, "rotating the data key"):
-            self.rotation.rotate_dek(reason=reason)       # steps 1 and 2
+        with self.rotation.key_lock:
+            try:
+                # The new key is wrapped first, outside the fail-stop guard: a key service that cannot
+                # be reached changes nothing, and the rotation is retried later (Rotation.defer).
+                prepared = self.rotation.prepare_key(quick=quick)
+            except KeyProviderUnavailableError as exc:
+                self.rotation.defer(reason, exc)
+                return
+            with _FailStop(self, "rotating the data key"):
+                self.rotation.rotate_dek(reason=reason, prepared=prepared)     # steps 1 and 2
         self.rotation.ask_for_snapshot()                   # step 3: the host's source, outside the guard
 
     def fail_stop(self, what: str) -> _FailStop:
@@ -1238,9 +1257,10 @@ class Store:
         self.rotation.check_rotatable()
         # Excluded from snapshot writers and a KEK rotation: it destroys the DEKs a streamed snapshot
         # or a rotation's copies would be under, and writes a snapshot copy of its own.
-        with self.snapshots.writers_excluded("the full re-key"):
+        with self.snapshots.writers_excluded("the full re-key"), self.rotation.key_lock:
+            prepared = self.rotation.prepare_key()        # a key service's outage: nothing changed
             with _FailStop(self, "re-keying"):
-                self.rotation.rekey()
+                self.rotation.rekey(prepared=prepared)
 
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
         """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store, and no file of the

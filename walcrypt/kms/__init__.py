@@ -111,6 +111,10 @@ class KmsWrapper:
     def __repr__(self) -> str:
         return f"<KMS wrapper {self.name}>"
 
+    def once(self) -> "KmsWrapper":
+        """The same service, asked once with no retries (for a retry that must not wait)."""
+        return KmsWrapper(self.name, self._plugin, NO_RETRY, self.identity)
+
     def _call(self, what: str, fn, *args, retry: Retry | None = None, unwrapping: bool = False):
         last = None
         delays = list((retry or self.retry).delays())
