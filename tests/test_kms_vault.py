@@ -8,7 +8,12 @@ one unseal key) is stopped, started and sealed under open stores; a ``-dev-tls``
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
+import json
 import os
+import socket
+import threading
 
 import pytest
 
@@ -223,6 +228,63 @@ def test_unreachable_server_changes_nothing(data_dir, tmp_path, opts):
     assert not any(p.endswith((".wal", ".snap")) for p in wctest.all_files(fresh))
     want = fill_and_close(fresh, kms(opts))
     assert reopen_entries(fresh, kms(opts)) == want
+
+
+@contextlib.contextmanager
+def answering(status: int, errors: list[str]):
+    """An HTTP server on 127.0.0.1 that answers every request with ``status`` and Vault's error body."""
+    body = json.dumps({"errors": errors}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        do_GET = do_POST = do_PUT = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("status,errors", [(500, ["internal error"]), (502, ["bad gateway"]),
+                                           (503, ["Vault is sealed"]), (429, ["rate limited"]),
+                                           (412, ["required index state not present"])])
+def test_server_errors_are_unavailability(status, errors):
+    from walcrypt.kms.vault import VaultTransit
+    with answering(status, errors) as addr:
+        v = VaultTransit(addr=addr, token="t0ken-secret", key="node1")
+        for call in (v.key_version, lambda: v.wrap(b"k" * 32, b"c"), lambda: v.unwrap(b"vault:v1:AAAA", b"c"),
+                     lambda: v.rewrap(b"vault:v1:AAAA", b"c")):
+            with pytest.raises(KeyProviderUnavailableError) as ei:
+                call()
+            assert "t0ken-secret" not in str(ei.value)
+        v.close()
+
+
+def test_a_silent_server_times_out(data_dir, opts):
+    """A server that accepts connections but never answers: the request times out (timeout=), and
+    that is unavailability, retried and then reported, not a wrong key."""
+    fill_and_close(data_dir, kms(opts))
+    before = tree_bytes(data_dir)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        addr = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(KeyProviderUnavailableError, match="no answer within 0.3 s"):
+            T.open_store(data_dir, kms(opts, addr=addr, timeout="0.3"))
+    assert tree_bytes(data_dir) == before
 
 
 def test_wrong_credentials_and_other_key(data_dir, opts):
@@ -448,7 +510,7 @@ def test_plugin_rewrap(dev, opts):
 # ---------------------------------------------------------------------------------------------- 7: CLI
 
 def test_cli(tmp_path, dev, opts):
-    path = str(tmp_path / "node1")
+    path = str(tmp_path / "store")             # not named after the key: the output must name it
     kms_args = ["--kms", NAME, "--kms-option", f"addr={dev.addr}", "--kms-option", "key=node1",
                 "--kms-option", "timeout=5"]
     outputs = []
@@ -466,9 +528,9 @@ def test_cli(tmp_path, dev, opts):
     token_env = {"VAULT_TOKEN": dev.token}
     run("verify", path, *kms_args, env=token_env)
     res = run("inspect", path)
-    assert NAME in res.stdout and "node1" in res.stdout
+    assert f"kms ({NAME})" in res.stdout            # the key's name: see the strict xfail below
     res = run("inspect", path, *kms_args, "--json", env=token_env)
-    assert NAME in res.stdout and "node1" in res.stdout
+    assert json.loads(res.stdout)["kek"]["plugin"] == NAME
     fp = K.kms_fingerprint(NAME, {"mount": "transit", "key": "node1"})
     res = run("key", "fingerprint", *kms_args, env=token_env)
     assert fp in res.stdout
@@ -488,6 +550,17 @@ def test_cli(tmp_path, dev, opts):
     outputs.append(res.stdout + res.stderr)
     for out in outputs:
         assert dev.token not in out
+
+
+@pytest.mark.xfail(strict=True, reason="inspect shows the KMS plug-in but not the stored key identity "
+                   "(store/kek_params 'key', 'version') nor its fingerprint")
+def test_cli_inspect_names_the_transit_key(tmp_path, dev, opts):
+    path = str(tmp_path / "store")
+    fill_and_close(path, kms(opts))
+    fp = K.kms_fingerprint(NAME, {"mount": "transit", "key": "node1"})
+    text = ok(wc("inspect", path)).stdout
+    doc = json.loads(ok(wc("inspect", path, "--json")).stdout)["kek"]
+    assert "node1" in text and fp in text and doc.get("key", {}).get("key") == "node1", (text, doc)
 
 
 @pytest.mark.xfail(strict=True, reason="CLI: 'key fingerprint SOURCE --kms' reports no mismatch for another key "

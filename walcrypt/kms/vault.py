@@ -48,6 +48,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 import threading
 
 from ..errors import KeyProviderError, KeyProviderUnavailableError, WrongKeyError
@@ -65,6 +66,12 @@ TAG_DOMAIN = b"walcrypt/v1/vault-transit-context\0"
 TAG_SIZE = 32
 DEFAULT_TIMEOUT = 5.0
 MAX_BLOB = 64 * 1024
+
+
+_HTTP_STATUS = {hx.InvalidRequest: "HTTP 400", hx.Unauthorized: "HTTP 401", hx.Forbidden: "HTTP 403",
+                hx.InvalidPath: "HTTP 404 (not found)", hx.RateLimitExceeded: "HTTP 429",
+                hx.InternalServerError: "HTTP 500", hx.VaultNotInitialized: "HTTP 501 (not initialised)",
+                hx.BadGateway: "HTTP 502", hx.VaultDown: "HTTP 503"}
 
 
 def context_tag(context: bytes) -> bytes:
@@ -236,7 +243,12 @@ class VaultTransit:
         """The error's first line, without the server's URL noise and never a secret."""
         if isinstance(exc, hx.VaultError):
             text = ", ".join(map(str, exc.errors)) if exc.errors else (exc.args[0] if exc.args else None)
-            text = str(text) if text else f"HTTP error {type(exc).__name__}"
+            text = str(text) if text else _HTTP_STATUS.get(type(exc), type(exc).__name__)
+        elif isinstance(exc, requests.exceptions.Timeout):
+            text = f"no answer within {self.timeout:g} s ({type(exc).__name__})"
+        elif isinstance(exc, requests.exceptions.ConnectionError):
+            found = re.search(r"\[Errno -?\d+\][^'\")]*", str(exc))
+            text = f"cannot connect ({found.group(0).strip() if found else type(exc).__name__})"
         else:
             text = str(exc) or type(exc).__name__
         text = (text.strip().splitlines() or [type(exc).__name__])[0][:300]
