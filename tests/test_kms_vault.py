@@ -446,6 +446,17 @@ def test_approle(tmp_path, monkeypatch, dev, approle):
         dev.client().secrets.transit.read_key("node1-typo")
 
 
+def test_approle_logs_in_again_when_its_token_is_gone(dev, approle):
+    """An AppRole token can expire or be revoked while a store is open: one new login, then the call."""
+    from walcrypt.kms.vault import VaultTransit
+    role_id, secret_id = approle
+    v = VaultTransit(addr=dev.addr, key="node1", role_id=role_id, secret_id=secret_id)
+    blob = v.wrap(b"a" * 32, b"ctx")
+    dev.client().auth.token.revoke(v._client.token)               # the plug-in's current token
+    assert v.unwrap(blob, b"ctx") == b"a" * 32
+    v.close()
+
+
 # ---------------------------------------------------------------------------------------------- Transit key rotation
 
 def _rotated_store(path: str, dev, o: dict) -> None:

@@ -29,7 +29,8 @@ associated data cannot be re-wrapped on the server, and binding the context in t
 key rotation without any plaintext leaving the service.
 
 Errors (the contract of :mod:`walcrypt.kms`): an unreachable server, a timeout, 5xx, a sealed or
-standby server, 429 -> :class:`KeyProviderUnavailableError` (retried by walcrypt); 401/403 ->
+standby server, 429, or any other unexpected HTTP status (412 from a standby that has not caught up)
+-> :class:`KeyProviderUnavailableError` (retried by walcrypt, boundedly); 401/403 ->
 :class:`KeyProviderError` (an AppRole login is renewed once first: its token may have expired); a
 missing key or mount -> :class:`KeyProviderError` saying how to create it; a blob that does not
 authenticate (``message authentication failed``, ``invalid ciphertext``, a wrong tag) ->
