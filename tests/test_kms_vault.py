@@ -140,15 +140,12 @@ def test_rotate_kek_to_local_key_and_back(data_dir, opts):
     with T.open_store(data_dir, RawKey(LOCAL_KEK)) as s:
         assert s.entries(1, 41) == want
         s.rotate_kek(kms(opts))
-    # refused; the engine calls it damage instead of a wrong key (see the strict xfail below)
-    with pytest.raises((WrongKeyError, AuthenticationError)):
+    with pytest.raises(WrongKeyError):
         T.open_store(data_dir, RawKey(LOCAL_KEK))
     assert reopen_entries(data_dir, kms(opts)) == want
     assert all(b[1:].startswith(b"vault:v") for b in kms_blobs(data_dir, kms(opts)).values())
 
 
-@pytest.mark.xfail(strict=True, reason="engine: a KMS-wrapped keyring opened with a local key raises "
-                   "AuthenticationError ('wrapped key is malformed ... damaged'), not WrongKeyError")
 def test_local_key_on_a_kms_store_is_a_wrong_key(data_dir, opts):
     fill_and_close(data_dir, kms(opts))
     before = tree_bytes(data_dir)
@@ -484,7 +481,6 @@ def test_transit_key_rotation_then_rotate_kek(tmp_path, dev, opts):
         dev.client().secrets.transit.update_key_configuration("rotating", min_decryption_version=1)
 
 
-@pytest.mark.xfail(strict=True, reason="engine does not call rewrap yet")
 def test_rotate_kek_to_the_same_key_uses_rewrap(tmp_path, dev, opts, monkeypatch):
     from walcrypt.kms.vault import VaultTransit
     calls = []
@@ -539,7 +535,7 @@ def test_cli(tmp_path, dev, opts):
     token_env = {"VAULT_TOKEN": dev.token}
     run("verify", path, *kms_args, env=token_env)
     res = run("inspect", path)
-    assert f"kms ({NAME})" in res.stdout            # the key's name: see the strict xfail below
+    assert f"kms ({NAME}) key key=node1, mount=transit" in res.stdout
     res = run("inspect", path, *kms_args, "--json", env=token_env)
     assert json.loads(res.stdout)["kek"]["plugin"] == NAME
     fp = K.kms_fingerprint(NAME, {"mount": "transit", "key": "node1"})
@@ -547,11 +543,11 @@ def test_cli(tmp_path, dev, opts):
     assert fp in res.stdout
     res = run("key", "fingerprint", path, *kms_args, env=token_env)
     assert res.stdout.count(fp) == 2                     # the key's, and the one the store needs
-    # another Transit key has another fingerprint (the CLI does not yet call it a mismatch: see below)
+    # another Transit key has another fingerprint, and the CLI calls it a mismatch (exit 2)
     other = K.kms_fingerprint(NAME, {"mount": "transit", "key": "node2"})
     res = run("key", "fingerprint", path, "--kms", NAME, "--kms-option", f"addr={dev.addr}",
-              "--kms-option", "key=node2", env=token_env, code=None)
-    assert other in res.stdout and fp in res.stdout and other != fp
+              "--kms-option", "key=node2", env=token_env, code=2)
+    assert other in res.stderr and fp in res.stderr and other != fp
     res = ok(wc("verify", path, "--kms", NAME, "--kms-option", f"addr={dev.addr}", "--kms-option", "key=node2",
                 env=token_env), 2)
     outputs.append(res.stdout + res.stderr)
@@ -563,8 +559,6 @@ def test_cli(tmp_path, dev, opts):
         assert dev.token not in out
 
 
-@pytest.mark.xfail(strict=True, reason="inspect shows the KMS plug-in but not the stored key identity "
-                   "(store/kek_params 'key', 'version') nor its fingerprint")
 def test_cli_inspect_names_the_transit_key(tmp_path, dev, opts):
     path = str(tmp_path / "store")
     fill_and_close(path, kms(opts))
@@ -574,8 +568,6 @@ def test_cli_inspect_names_the_transit_key(tmp_path, dev, opts):
     assert "node1" in text and fp in text and doc.get("key", {}).get("key") == "node1", (text, doc)
 
 
-@pytest.mark.xfail(strict=True, reason="CLI: 'key fingerprint SOURCE --kms' reports no mismatch for another key "
-                   "of the same plug-in although the identity fingerprints differ")
 def test_cli_fingerprint_of_another_transit_key_is_a_mismatch(tmp_path, dev, opts):
     path = str(tmp_path / "node1")
     fill_and_close(path, kms(opts))

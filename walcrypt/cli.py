@@ -707,7 +707,9 @@ def key_fingerprint(source, as_json, **kw) -> None:
         need = kek_summary(params, check)
         out.update({"source": source, "source_kek": need})
         if isinstance(kek, Kms):
-            out["matches"] = None if need.get("plugin") == kek.name else False
+            out["matches"] = (False if need.get("plugin") != kek.name
+                              else None if need["fingerprint"] is None or fp is None
+                              else need["fingerprint"] == fp)
         else:
             out["matches"] = None if need["fingerprint"] is None else need["fingerprint"] == fp
         if out["matches"] is False:
@@ -759,6 +761,8 @@ def init(directory, plaintext, algorithm, **kw) -> None:
         crypto.suite_by_name(algorithm)
         if isinstance(kek, K.KeyFile):
             kek.read()                       # a bad key file is refused before anything is created
+        if isinstance(kek, Kms):
+            kek.new_params()                 # so is a key service that cannot be loaded or reached
     Store(directory, kek=None if plaintext else kek, encrypted=not plaintext, algorithm=algorithm).close()
     click.echo(f"created an empty {'plaintext' if plaintext else 'encrypted (' + algorithm + ')'} store in {directory}")
 

@@ -662,6 +662,12 @@ def _kek_summary(params: dict | None, check: bytes | None = None) -> dict | None
         out.update({k: params[k] for k in ("kdf", "n", "r", "p") if k in params})
     if params.get("kind") == "kms":
         out["plugin"] = params.get("plugin")
+        ident = params.get("key")
+        if isinstance(ident, dict) and K.kms_identity_problem(ident) is None:
+            out["key"] = ident
+            out["fingerprint"] = K.kms_fingerprint(str(out["plugin"]), ident)
+        if K.is_uint(params.get("version")):
+            out["version"] = params["version"]
     return out
 
 
@@ -762,6 +768,9 @@ def render(rep: dict) -> str:
         else:
             fp = "fingerprint none: no check value is stored"
         kind = kek.get("kind") + (f" ({kek['plugin']})" if kek.get("plugin") else "")
+        if kek.get("key"):
+            kind += f" key {K.describe_identity(kek['key'])}" + (f" version {kek['version']}"
+                                                              if kek.get("version") is not None else "")
         out.append(f"KEK            {kind}, {fp}")
     out.append(f"lock           {lock_s}")
     out.append("authenticated  " + (_checked_summary(rep) if rep["authenticated"]

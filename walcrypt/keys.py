@@ -228,6 +228,9 @@ class _LocalWrapper:
         return bytes([WRAP_VERSION_LOCAL]) + nonce + self._aead.encrypt(nonce, secret, context)
 
     def unwrap(self, blob: bytes, context: bytes) -> bytes:
+        if blob and blob[0] == WRAP_VERSION_KMS:
+            raise WrongKeyError("this data key was wrapped by a key service (KMS); open the store with its KMS key "
+                                "(walcrypt.Kms / --kms), not a local key")
         if len(blob) < 1 + 12 + 16 or blob[0] != WRAP_VERSION_LOCAL:
             raise AuthenticationError(None, None, "wrapped key is malformed",
                                       "the keyring was damaged; restore it from a snapshot export")
