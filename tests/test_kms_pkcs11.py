@@ -278,11 +278,13 @@ def test_blobs_are_bound_to_their_store(hsm, tmp_path):
         key.close()
 
 
-def test_concurrent_wraps(hsm):
-    key = plugin.Pkcs11Key(**opts())
+def test_concurrent_wraps_share_one_login(hsm):
+    # Two objects (two keys of one token) from four threads: one logged-in session, serialised.
+    keys = [plugin.Pkcs11Key(**opts()), plugin.Pkcs11Key(**opts(key_label="other-kek"))]
     errors, results = [], []
 
     def work(n):
+        key = keys[n % 2]
         try:
             for i in range(20):
                 ctx = b"ctx-%d-%d" % (n, i)
@@ -297,8 +299,14 @@ def test_concurrent_wraps(hsm):
     for t in threads:
         t.join(60)
     assert not any(t.is_alive() for t in threads)
-    key.close()
     assert not errors and len(results) == 80 and all(results)
+    # Closing one object logs nobody out while the other still uses the token.
+    blob = keys[1].wrap(bytes(32), b"c")
+    keys[0].close()
+    assert keys[1].unwrap(blob, b"c") == bytes(32)
+    keys[1].close()
+    assert keys[1].unwrap(blob, b"c") == bytes(32)      # a closed object logs in again when used
+    keys[1].close()
 
 
 # ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Each data key is encrypted on the token with CKM_AES_GCM: a random 12-byte IV from the host's
 CSPRNG, the wrap context (store ID, key ID, purpose) as the associated data, a 128-bit tag.
 The blob is ``version (1) || IV (12) || ciphertext || tag (16)``; unwrapping under another
-context, with another key, or after any change to the blob fails the tag check.
+context, with another key, or after any change to the blob fails the tag check.  Random 96-bit
+IVs stay far inside GCM's bound for one key (2**32 encryptions): a store wraps a handful of keys.
 
 Options (strings from the command line): ``module`` (the PKCS#11 library; default: the
 environment variable ``PKCS11_MODULE``), ``token_label``, ``key_label`` or ``key_id`` (hex of
