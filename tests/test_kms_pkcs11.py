@@ -209,16 +209,12 @@ def test_rotate_kek_to_raw_and_back(hsm, tmp_path):
     with walcrypt.open(d, kek=raw) as s:
         assert read_all(s)[0] == entries(1, 30)
         s.rotate_kek(kms())
-    # Refused - as WrongKeyError once the engine tells a KMS-wrapped keyring from a damaged one
-    # (test_local_key_on_a_kms_store_is_the_wrong_key); today a local KEK reports it as damage.
-    with pytest.raises((WrongKeyError, walcrypt.AuthenticationError)):
+    with pytest.raises(WrongKeyError):                  # the local key no longer opens it
         walcrypt.open(d, kek=raw)
     with walcrypt.open(d, kek=kms()) as s:
         assert read_all(s) == (entries(1, 30), HardState(2, 1, 29))
 
 
-@pytest.mark.xfail(strict=True, reason="engine: a local KEK's wrapper (keys._LocalWrapper) reports a data key "
-                   "wrapped by a KMS plug-in as a malformed keyring (AuthenticationError), not as the wrong key")
 def test_local_key_on_a_kms_store_is_the_wrong_key(hsm, tmp_path):
     d = str(tmp_path / "data")
     with filled_store(d, kms()):
@@ -467,8 +463,6 @@ def test_cli(hsm, tmp_path):
             assert secret not in out
 
 
-@pytest.mark.xfail(strict=True, reason="engine: inspection._kek_summary / format_report show a KMS store's plug-in "
-                   "but not the key identity stored in store/kek_params, nor its fingerprint (keys.params_fingerprint)")
 def test_inspect_names_the_kms_key(hsm, tmp_path):
     d = str(tmp_path / "node")
     with filled_store(d, kms()):

@@ -46,7 +46,7 @@ def dev(tmp_path_factory):
         server.start()
         c = server.client()
         c.sys.enable_secrets_engine("transit")
-        for k in ("node1", "node2", "rotating"):
+        for k in ("node1", "node2", "rotating", "rotating-rewrap"):
             c.secrets.transit.create_key(k)
         yield server
     finally:
@@ -490,7 +490,7 @@ def test_rotate_kek_to_the_same_key_uses_rewrap(tmp_path, dev, opts, monkeypatch
         calls.append(blob[:8])
         return real(self, blob, context)
     monkeypatch.setattr(VaultTransit, "rewrap", counting)
-    o = {**opts, "key": "rotating"}
+    o = {**opts, "key": "rotating-rewrap"}     # its own key: the module shares one server
     path = str(tmp_path / "d")
     _rotated_store(path, dev, o)
     with T.open_store(path, kms(o)) as s:
