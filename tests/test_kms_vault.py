@@ -366,6 +366,36 @@ def test_outage_under_an_open_store(tmp_path, persistent):
     assert reopen_entries(path, kms(o)) == T.entries(1, 41, 64)
 
 
+def test_a_dek_rotation_requested_during_an_outage_completes_once_the_server_is_back(tmp_path, persistent,
+                                                                                      monkeypatch):
+    """Item 4: the rotation's new key needs the service; while it is down the request is put off
+    (nothing changed, the store keeps working), and a save after the service returns carries it out."""
+    import walcrypt.rotation as R
+    monkeypatch.setattr(R, "DEFER_FIRST_WAIT_S", 0.0)     # retry at the first save after the outage
+    persistent.start()
+    o = {"addr": persistent.addr, "token": persistent.token, "key": "durable"}
+    path = str(tmp_path / "d")
+    s = T.open_store(path, kms(o))
+    try:
+        T.fill(s, 1, 21, length=64)
+        old = s.active_key_id()
+        persistent.stop()
+        s.rotate_dek()                                     # put off, not failed
+        assert s.key_info()["deferred"]["reason"] == "requested" and s.rotation.state is None
+        T.fill(s, 21, 31, length=64)                       # the retry from these saves fails too: still off
+        assert s.key_info()["deferred"]["tries"] >= 2 and s.active_key_id() == old
+        persistent.start()
+        T.fill(s, 31, 41, length=64)                       # the service is back: the rotation starts
+        assert s.key_info()["deferred"] is None and s.rotation.pending_key_id is not None
+        assert s.entries(1, 41) == T.entries(1, 41, 64)
+        s.save_snapshot(walcrypt.SnapshotMeta(40, 1, walcrypt.ConfState(voters=(1,))), b"state at 40")
+        assert s.active_key_id() != old                    # ... and completes with its snapshot
+    finally:
+        s.close()
+    with T.open_store(path, kms(o)) as s:
+        assert s.entries(41, 41) == [] and s.snapshot().data == b"state at 40" and s.active_key_id() != old
+
+
 def test_sealed_server_is_unavailable(tmp_path, persistent):
     persistent.start()                    # running and unsealed, whatever an earlier test left
     o = {"addr": persistent.addr, "token": persistent.token, "key": "durable"}

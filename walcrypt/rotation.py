@@ -167,7 +167,7 @@ class Rotation:
         tries = (self.deferred or {}).get("tries", 0) + 1
         wait = min(DEFER_MAX_WAIT_S, DEFER_FIRST_WAIT_S * 2 ** (tries - 1))
         self.deferred = {"reason": reason, "since_ns": (self.deferred or {}).get("since_ns", time.time_ns()),
-                         "tries": tries, "error": str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+                         "tries": tries, "error": (str(exc).split(". Nothing was changed")[0][:300] or type(exc).__name__),
                          "next_try": time.monotonic() + wait}
         log.warning("DEK rotation (%s) put off: the key service is unreachable (%s); it is retried on a later "
                     "save, the next in %.0f s. Reads and writes go on under the current data key",
