@@ -131,3 +131,34 @@ class InjectVFS(FaultyVFS):
                 pass
             self.open_fds.discard(fd)
         return n
+
+
+class SlowSnapshotDisk(VFS):
+    """A disk that is slow once, while a KEK rotation works on the snapshot directory: once armed,
+    the first ``.tmp-`` file opened (``at="copy"``: a snapshot copy being written) or the first
+    listing of the snapshot directory (``at="published"``: the copies are published, the rotation
+    goes on to the quarantined copies) holds its caller until ``release`` is set."""
+
+    def __init__(self, at: str = "copy"):
+        super().__init__()
+        self.at = at
+        self.armed = False
+        self.writing = threading.Event()
+        self.release = threading.Event()
+
+    def _hold(self):
+        self.armed = False
+        self.writing.set()
+        self.release.wait(60)
+
+    def open(self, path, flags, mode=0o600):
+        fd = super().open(path, flags, mode)
+        if self.armed and self.at == "copy" and os.path.basename(path).startswith(".tmp-"):
+            self._hold()
+        return fd
+
+    def listdir(self, path):
+        names = super().listdir(path)
+        if self.armed and self.at == "published" and os.path.basename(path) == "snap-v1-encrypted":
+            self._hold()
+        return names

@@ -20,19 +20,9 @@ import sys
 
 import walcrypt
 
+import wctest
+
 FAST = walcrypt.Retry(attempts=2, delay=0.05)
-
-
-def tree_bytes(root: str) -> dict[str, bytes]:
-    """Every file's bytes (LMDB's lock file excepted: its reader table changes whenever a store opens)."""
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for n in files:
-            if n != "lock.mdb":
-                p = os.path.join(dirpath, n)
-                with open(p, "rb") as f:
-                    out[os.path.relpath(p, root)] = f.read()
-    return out
 
 
 def _open_error(path: str, kek) -> str | None:
@@ -47,18 +37,18 @@ def outage(data_dir: str, token_dir: str, options: dict, fine: dict) -> dict:
     kms = walcrypt.Kms("pkcs11", retry=FAST, **options)
     with walcrypt.open(data_dir, kek=kms) as s:
         s.save(walcrypt.HardState(1, 1, 2), [walcrypt.Entry(i, 1, b"entry %d" % i) for i in (1, 2, 3)])
-    before = tree_bytes(data_dir)
+    before = wctest.tree_bytes(data_dir)
     away = token_dir + ".away"
     os.rename(token_dir, away)
     try:
         same = _open_error(data_dir, kms)
         fresh = _open_error(data_dir, walcrypt.Kms("pkcs11", retry=FAST, **options))
         other = _open_error(os.path.join(os.path.dirname(data_dir), "fine"), walcrypt.Kms("pkcs11", **fine))
-        unchanged = tree_bytes(data_dir) == before
+        unchanged = wctest.tree_bytes(data_dir) == before
     finally:
         os.rename(away, token_dir)
     return {"same_kms": same, "new_kms": fresh, "other_token": other,
-            "unchanged": unchanged and tree_bytes(data_dir) == before}
+            "unchanged": unchanged and wctest.tree_bytes(data_dir) == before}
 
 
 if __name__ == "__main__":

@@ -64,11 +64,6 @@ def kms(service: FlakyService, retry: Retry = FAST) -> Kms:
     return k
 
 
-def tree(root: str) -> dict:
-    return {os.path.relpath(p, root): (os.path.getsize(p) if p.endswith("lock.mdb") else open(p, "rb").read())
-            for p in wctest.all_files(root)}
-
-
 def fill(s, lo: int, hi: int, length: int | None = None) -> None:
     ents = wctest.make_entries(lo, hi, length=length)
     s.save(HardState(1, 1, hi - 1), ents)
@@ -96,14 +91,14 @@ def test_opening_while_the_service_is_down_changes_nothing(tmp_path):
     path = str(tmp_path / "d")
     with walcrypt.open(path, kek=kms(svc)) as s:
         fill(s, 1, 11)
-    before = tree(path)
+    before = wctest.tree_bytes(path)
     svc.up = False
     calls = svc.calls
     with pytest.raises(KeyProviderUnavailableError) as ei:
         walcrypt.open(path, kek=kms(svc))
     assert "3 attempt(s)" in str(ei.value) and "Nothing was changed" in str(ei.value)
     assert svc.calls - calls == 3
-    assert tree(path) == before
+    assert wctest.tree_bytes(path) == before
     svc.up = True
     with walcrypt.open(path, kek=kms(svc)) as s:
         assert s.entries(1, 11) == wctest.make_entries(1, 11)
@@ -141,7 +136,7 @@ def test_a_kek_rotation_to_an_unreachable_service_changes_nothing(tmp_path):
     with walcrypt.open(path, kek=local) as s:
         fill(s, 1, 11)
         s.save_snapshot(SnapshotMeta(10, 1, CS), b"state at 10")
-        before = tree(path)
+        before = wctest.tree_bytes(path)
         svc = FlakyService()
         svc.up = False
         with pytest.raises(KeyProviderUnavailableError):
@@ -149,7 +144,7 @@ def test_a_kek_rotation_to_an_unreachable_service_changes_nothing(tmp_path):
         fill(s, 11, 21)                                  # the store was not failed
     with walcrypt.open(path, kek=local) as s:           # the old KEK still opens it
         assert s.entries(11, 21) == wctest.make_entries(11, 21)
-    assert set(tree(path)) >= {k for k in before if "snap" in k}
+    assert set(wctest.tree_bytes(path)) >= {k for k in before if "snap" in k}
 
 
 def test_a_kek_rotation_away_from_a_service_that_is_down_needs_only_the_new_key(tmp_path):

@@ -32,6 +32,8 @@ from walcrypt import WrongKeyError
 from walcrypt import backup
 from walcrypt import keys as K
 
+import wctest
+
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -136,18 +138,6 @@ def read_all(store) -> tuple[list[Entry], HardState]:
     hs, _cs = store.initial_state()
     first, last = store.first_index(), store.last_index()
     return (store.entries(first, last + 1) if last >= first else []), hs
-
-
-def tree_bytes(root: str) -> dict[str, bytes]:
-    """Every file's bytes (LMDB's lock file excepted: its reader table changes whenever a store opens)."""
-    out = {}
-    for dirpath, _dirs, files in os.walk(root):
-        for n in files:
-            if n != "lock.mdb":
-                p = os.path.join(dirpath, n)
-                with open(p, "rb") as f:
-                    out[os.path.relpath(p, root)] = f.read()
-    return out
 
 
 def filled_store(path: str, kek, n: int = 30, **kw):
@@ -356,22 +346,22 @@ def test_wrong_pin(hsm, tmp_path):
     d = str(tmp_path / "data")
     with filled_store(d, kms()):
         pass
-    before = tree_bytes(d)
+    before = wctest.tree_bytes(d)
     for k in (kms(pin="0000-wrong"), kms(pin=None, pin_env="WC_TEST_NO_SUCH_PIN_VAR")):
         with pytest.raises(KeyProviderError) as err:
             walcrypt.open(d, kek=k)
         assert not isinstance(err.value, (KeyProviderUnavailableError, WrongKeyError))
-    assert tree_bytes(d) == before
+    assert wctest.tree_bytes(d) == before
 
 
 def test_another_key_is_wrong_key(hsm, tmp_path):
     d = str(tmp_path / "data")
     with filled_store(d, kms()):
         pass
-    before = tree_bytes(d)
+    before = wctest.tree_bytes(d)
     with pytest.raises(WrongKeyError):
         walcrypt.open(d, kek=kms(key_label="other-kek"))
-    assert tree_bytes(d) == before
+    assert wctest.tree_bytes(d) == before
 
 
 @pytest.mark.parametrize("label, why", [("extractable", "extractable"), ("aes-128", "AES-256"),

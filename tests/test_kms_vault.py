@@ -20,7 +20,7 @@ import pytest
 hvac = pytest.importorskip("hvac")
 
 import walcrypt  # noqa: E402
-from walcrypt import (AuthenticationError, Entry, HardState, KeyProviderError, KeyProviderUnavailableError, Kms, RawKey,  # noqa: E402
+from walcrypt import (Entry, HardState, KeyProviderError, KeyProviderUnavailableError, Kms, RawKey,  # noqa: E402
                       Retry, WrongKeyError)
 from walcrypt import backup  # noqa: E402
 from walcrypt import keys as K  # noqa: E402

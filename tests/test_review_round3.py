@@ -22,7 +22,7 @@ import lmdb
 import pytest
 
 import walcrypt
-from walcrypt import ConfState, Entry, HardState, SnapshotMeta, WalcryptError, WrongKeyError
+from walcrypt import ConfState, HardState, SnapshotMeta, WalcryptError, WrongKeyError
 from walcrypt import keys as K
 from walcrypt import meta as M
 from walcrypt.check import check
@@ -30,6 +30,7 @@ from walcrypt.snapshot import SnapshotFile
 from walcrypt.vfs import DEFAULT_VFS, VFS
 
 import wctest
+from injectvfs import SlowSnapshotDisk
 
 KEK = walcrypt.RawKey(wctest.KEK_BYTES)
 NEW_KEK = walcrypt.RawKey(bytes(reversed(wctest.KEK_BYTES)))
@@ -38,13 +39,6 @@ WAL = "wal-v1-encrypted"
 SNAP = "snap-v1-encrypted"
 
 
-def _ents(lo: int, hi: int, term: int, tag: bytes = b"") -> list[Entry]:
-    return [Entry(i, term, tag + b"entry %d term %d" % (i, term)) for i in range(lo, hi)]
-
-
-def _snap_files(data_dir: str) -> list[str]:
-    d = os.path.join(data_dir, SNAP)
-    return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
 
 # -- a real child process, killed with SIGKILL where it announces a point --------------------------
@@ -107,7 +101,7 @@ def _raw_record(data_dir: str, db: bytes, key: bytes) -> bytes:
 def test_a_version_1_compaction_record_replayed_into_a_version_2_store_is_sealed_by_the_upgrade(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
-        s.save(HardState(1, 1, 5), _ents(1, 6, 1))
+        s.save(HardState(1, 1, 5), wctest.term_entries(1, 6, 1))
         mac_key = s.meta._mac_key
     # The store's version 1 past: the compaction record exactly as a version 1 meta/ held it (a
     # backup or a file-system snapshot of that time is where an attacker finds it).
@@ -116,7 +110,7 @@ def test_a_version_1_compaction_record_replayed_into_a_version_2_store_is_sealed
     assert len(v1_compaction_record) == 24 + M.MAC_SIZE
     # Later: more acknowledged entries, and the store as the previous release (version 2) left it.
     with walcrypt.open(data_dir, kek=KEK) as s:
-        s.save(HardState(2, 2, 11), _ents(6, 12, 2, b"acknowledged "))
+        s.save(HardState(2, 2, 11), wctest.term_entries(6, 12, 2, b"acknowledged "))
     wctest.rewrite_meta_as(data_dir, mac_key, 2)
     assert check(data_dir, kek=KEK).ok
     # The attacker, without the key and without touching store/format_version: the old record back,
@@ -178,13 +172,13 @@ def test_a_snapshot_tied_to_the_log_is_deleted_when_the_first_recovery_is_interr
             return real(self, *a, **k)
 
         with walcrypt.open(data_dir, kek=KEK) as s:
-            s.save(HardState(1, 1, 5), _ents(1, 6, 1))
+            s.save(HardState(1, 1, 5), wctest.term_entries(1, 6, 1))
             monkeypatch.setattr(walcrypt.storage.Store, "keyring_bundle", keyring_bundle)
             s.save_snapshot(SnapshotMeta(100, 3, CS), b"leader state at 100")
             monkeypatch.setattr(walcrypt.storage.Store, "keyring_bundle", real)
         shutil.rmtree(os.path.join(data_dir, "meta"))
         shutil.copytree(copy, os.path.join(data_dir, "meta"))
-    (snap_name,) = _snap_files(data_dir)
+    (snap_name,) = wctest.snap_files(data_dir)
     # The first open recovers: it seals the segment it scanned, then is interrupted before the
     # snapshot is registered - killed (a power cut, an OOM kill), or a KeyboardInterrupt as it
     # opens the snapshot file to roll it forward.
@@ -198,7 +192,7 @@ def test_a_snapshot_tied_to_the_log_is_deleted_when_the_first_recovery_is_interr
             walcrypt.open(data_dir, kek=KEK, vfs=_InterruptOpeningSnapshots())
     with walcrypt.open(data_dir, kek=KEK) as s:
         served = (s.snapshot().meta.index, s.snapshot().data, s.last_index()) if s.snapshot() else None
-    assert snap_name in _snap_files(data_dir), "the snapshot tied to the log was deleted as a creation leftover"
+    assert snap_name in wctest.snap_files(data_dir), "the snapshot tied to the log was deleted as a creation leftover"
     assert served == (100, b"leader state at 100", 100)
 
 
@@ -213,7 +207,7 @@ def test_verify_predicts_the_registration_of_a_file_the_open_deletes(tmp_path, l
             kill_point(snapstore.Snapshots, "register_copies")   # rotate_kek: copies tied to the log, no commit
             s.rotate_kek(NEW_KEK)
         """)
-        assert len(_snap_files(data_dir)) == 2
+        assert len(wctest.snap_files(data_dir)) == 2
     else:
         _run_killed(data_dir, """
             s = walcrypt.open(data_dir, kek=KEK)
@@ -223,7 +217,7 @@ def test_verify_predicts_the_registration_of_a_file_the_open_deletes(tmp_path, l
         """)
         with pytest.raises(KeyboardInterrupt):                   # the recovery seals, then is interrupted
             walcrypt.open(data_dir, kek=KEK, vfs=_InterruptOpeningSnapshots())
-        assert len(_snap_files(data_dir)) == 1
+        assert len(wctest.snap_files(data_dir)) == 1
     report = check(data_dir, kek=KEK)
     predicted = {os.path.basename(f.path) for f in report.findings if "registers it" in f.detail}
     # The copies of an uncommitted KEK rotation are no longer tied to the log before its commit, so
@@ -231,7 +225,7 @@ def test_verify_predicts_the_registration_of_a_file_the_open_deletes(tmp_path, l
     assert predicted or left_by == "uncommitted-kek-rotation"
     with walcrypt.open(data_dir, kek=KEK):
         pass
-    after = set(_snap_files(data_dir))
+    after = set(wctest.snap_files(data_dir))
     wrong = {name for name in predicted if name not in after}
     assert not wrong, f"verify said the next open registers {sorted(wrong)}; the open deleted them"
 
@@ -243,7 +237,7 @@ def test_verify_predicts_the_registration_of_a_file_the_open_deletes(tmp_path, l
 def test_an_abandoned_streamed_snapshot_keeps_the_live_dek_under_the_old_kek_after_rotate_kek(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
-        s.save(HardState(1, 1, 9), _ents(1, 10, 1))
+        s.save(HardState(1, 1, 9), wctest.term_entries(1, 10, 1))
         old_params = s.kek_params
 
         def chunks_from_leader():
@@ -267,7 +261,7 @@ def test_an_abandoned_streamed_snapshot_keeps_the_live_dek_under_the_old_kek_aft
         live_dek = s.active_key_id()
         unwrapped = []
         wrapper = KEK.wrapper(old_params)
-        for name in _snap_files(data_dir):
+        for name in wctest.snap_files(data_dir):
             f = SnapshotFile(DEFAULT_VFS, os.path.join(data_dir, SNAP, name))
             doc = json.loads(f.bundle)
             for k in doc["keys"]:
@@ -284,7 +278,7 @@ def test_an_abandoned_streamed_snapshot_keeps_the_live_dek_under_the_old_kek_aft
 def test_an_abandoned_streamed_snapshot_keeps_a_destroyed_dek_wrapped_on_disk(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, destroy_retired_keys=True) as s:
-        s.save(HardState(1, 1, 9), _ents(1, 10, 1))
+        s.save(HardState(1, 1, 9), wctest.term_entries(1, 10, 1))
         doomed = s.active_key_id()
         doomed_wrapped = s.keys[doomed].wrapped
 
@@ -304,7 +298,7 @@ def test_an_abandoned_streamed_snapshot_keeps_a_destroyed_dek_wrapped_on_disk(tm
             pass
         gc.collect()
         s.rotate_dek()                                # the DEK is suspected compromised: shred it
-        s.save(HardState(1, 1, 12), _ents(10, 13, 1))
+        s.save(HardState(1, 1, 12), wctest.term_entries(10, 13, 1))
         s.save_snapshot(SnapshotMeta(12, 1, CS), b"state at 12")     # completes the rotation
         assert s.keys[doomed].state == K.DESTROYED
         holders = []
@@ -320,15 +314,11 @@ def test_an_abandoned_streamed_snapshot_keeps_a_destroyed_dek_wrapped_on_disk(tm
 def test_a_damaged_older_snapshot_makes_every_rotate_kek_fail_the_store(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
-        s.save(HardState(1, 1, 20), _ents(1, 21, 1))
+        s.save(HardState(1, 1, 20), wctest.term_entries(1, 21, 1))
         s.save_snapshot(SnapshotMeta(5, 1, CS), b"A" * 5000)
         s.save_snapshot(SnapshotMeta(10, 1, CS), b"B" * 5000)
         older = s.snapshots.infos[0].path
-    with open(older, "r+b") as f:                    # bit rot inside the older snapshot's last chunk
-        f.seek(-20, os.SEEK_END)
-        b = f.read(1)
-        f.seek(-20, os.SEEK_END)
-        f.write(bytes([b[0] ^ 1]))
+    wctest.flip_byte_near_end(older)                 # bit rot inside the older snapshot's last chunk
     outcome = []
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:   # opens: only the newest is verified
         try:
@@ -337,7 +327,7 @@ def test_a_damaged_older_snapshot_makes_every_rotate_kek_fail_the_store(tmp_path
         except WalcryptError as exc:
             outcome.append(type(exc).__name__)
         try:
-            s.save(HardState(1, 1, 21), _ents(21, 22, 1))
+            s.save(HardState(1, 1, 21), wctest.term_entries(21, 22, 1))
             outcome.append("saves")
         except WalcryptError as exc:
             outcome.append(type(exc).__name__)
@@ -352,7 +342,7 @@ def test_a_snapshot_being_sent_to_a_follower_breaks_with_a_bare_oserror_after_ro
     data_dir = str(tmp_path / "data")
     data = bytes(range(256)) * 64
     with walcrypt.open(data_dir, kek=KEK, snapshot_chunk_size=1024) as s:
-        s.save(HardState(1, 1, 5), _ents(1, 6, 1))
+        s.save(HardState(1, 1, 5), wctest.term_entries(1, 6, 1))
         s.save_snapshot(SnapshotMeta(5, 1, CS), data)
         snap = s.snapshot()                          # the leader starts an InstallSnapshot to a follower
         stream = snap.open()
@@ -369,31 +359,12 @@ def test_a_snapshot_being_sent_to_a_follower_breaks_with_a_bare_oserror_after_ro
         assert again in (None, data)
 
 
-class _SlowSnapshotDisk(VFS):
-    """A disk on which writing a snapshot file takes a while: once armed, the first ``.tmp-`` file
-    opened (a snapshot copy being written) holds its writer until ``release`` is set."""
-
-    def __init__(self):
-        super().__init__()
-        self.armed = False
-        self.writing = threading.Event()
-        self.release = threading.Event()
-
-    def open(self, path, flags, mode=0o600):
-        fd = super().open(path, flags, mode)
-        if self.armed and os.path.basename(path).startswith(".tmp-"):
-            self.armed = False
-            self.writing.set()
-            self.release.wait(60)
-        return fd
-
-
 def test_a_budget_dek_rotation_during_rotate_kek_leaves_a_store_no_kek_opens(tmp_path):
     data_dir = str(tmp_path / "data")
-    disk = _SlowSnapshotDisk()
+    disk = SlowSnapshotDisk()
     s = walcrypt.open(data_dir, kek=KEK, vfs=disk, segment_size=4096, max_records_per_dek=40)
     try:
-        s.save(HardState(1, 1, 10), _ents(1, 11, 1))
+        s.save(HardState(1, 1, 10), wctest.term_entries(1, 11, 1))
         s.save_snapshot(SnapshotMeta(10, 1, CS), b"state machine at 10" * 1000)
         keys_before = set(s.keys)
         failed = []
@@ -412,12 +383,12 @@ def test_a_budget_dek_rotation_during_rotate_kek_leaves_a_store_no_kek_opens(tmp
         i = 11
         while set(s.keys) == keys_before:
             assert i < 2000, "the key budget never started a DEK rotation"
-            s.save(HardState(1, 1, i), _ents(i, i + 1, 1, b"acknowledged " * 4))
+            s.save(HardState(1, 1, i), wctest.term_entries(i, i + 1, 1, b"acknowledged " * 4))
             i += 1
         disk.release.set()
         admin.join(60)
         assert not failed, failed
-        s.save(HardState(1, 1, i), _ents(i, i + 1, 1, b"acknowledged "))
+        s.save(HardState(1, 1, i), wctest.term_entries(i, i + 1, 1, b"acknowledged "))
         first = s.first_index()
         expected = s.entries(first, i + 1)
     finally:
@@ -435,9 +406,9 @@ def test_a_budget_dek_rotation_during_rotate_kek_leaves_a_store_no_kek_opens(tmp
 
 def test_a_snapshot_begun_while_rotate_kek_copies_keeps_the_old_kek(tmp_path):
     data_dir = str(tmp_path / "data")
-    disk = _SlowSnapshotDisk()
+    disk = SlowSnapshotDisk()
     with walcrypt.open(data_dir, kek=KEK, vfs=disk) as s:
-        s.save(HardState(1, 1, 10), _ents(1, 11, 1))
+        s.save(HardState(1, 1, 10), wctest.term_entries(1, 11, 1))
         s.save_snapshot(SnapshotMeta(10, 1, CS), b"state machine at 10")
         old_params = s.kek_params
         failed = []
@@ -478,7 +449,7 @@ def test_a_snapshot_begun_while_rotate_kek_copies_keeps_the_old_kek(tmp_path):
         live = s.active_key_id()
     wrapper = KEK.wrapper(old_params)
     unwrapped = []
-    for name in _snap_files(data_dir):
+    for name in wctest.snap_files(data_dir):
         doc = json.loads(SnapshotFile(DEFAULT_VFS, os.path.join(data_dir, SNAP, name)).bundle)
         for k in doc["keys"]:
             try:
@@ -493,7 +464,7 @@ def test_a_snapshot_begun_while_rotate_kek_copies_keeps_the_old_kek(tmp_path):
 def test_a_missing_older_snapshot_fails_every_read_write_open(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
-        s.save(HardState(1, 1, 20), _ents(1, 21, 1))
+        s.save(HardState(1, 1, 20), wctest.term_entries(1, 21, 1))
         s.save_snapshot(SnapshotMeta(5, 1, CS), b"A" * 500)
         s.save_snapshot(SnapshotMeta(10, 1, CS), b"B" * 500)
         older = s.snapshots.infos[0].path
@@ -518,7 +489,7 @@ def test_the_intact_copy_an_interrupted_kek_rotation_left_stands_in_for_a_broken
         kill_point(snapstore.Snapshots, "register_copies")         # rotate_kek: copy tied to the log, no commit
         s.rotate_kek(NEW_KEK)
     """)
-    registered, copy = _snap_files(data_dir)
+    registered, copy = wctest.snap_files(data_dir)
     assert registered.startswith("0000000000000001-") and copy.startswith("0000000000000002-")
     with open(os.path.join(data_dir, SNAP, registered), "r+b") as f:    # bit rot in the registered file
         f.seek(-100, os.SEEK_END)
@@ -532,7 +503,7 @@ def test_the_intact_copy_an_interrupted_kek_rotation_left_stands_in_for_a_broken
         served = None
     assert served == state, "the open lost the intact copy of the snapshot, then refused because the " \
                             "registered one is broken"
-    assert len([n for n in _snap_files(data_dir) if n.endswith(".snap")]) == 1 and os.path.exists(os.path.join(data_dir, SNAP, registered + ".broken"))
+    assert len([n for n in wctest.snap_files(data_dir) if n.endswith(".snap")]) == 1 and os.path.exists(os.path.join(data_dir, SNAP, registered + ".broken"))
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=1) as s:          # and it stays that way
         assert s.snapshot().data == state and s.first_index() == 101
 
@@ -548,7 +519,7 @@ def test_a_rolled_forward_copy_of_an_older_snapshot_becomes_the_current_one(tmp_
         kill_point(snapstore.Snapshots, "register_copies")   # rotate_kek: copies tied to the log, no commit
         s.rotate_kek(NEW_KEK)
     """)
-    names = _snap_files(data_dir)
+    names = wctest.snap_files(data_dir)
     assert len(names) == 4
     os.unlink(os.path.join(data_dir, SNAP, names[0]))        # the older snapshot's file is lost
     try:

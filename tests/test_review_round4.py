@@ -11,18 +11,18 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import threading
 
 import pytest
 
 import walcrypt
-from walcrypt import ConfState, Entry, HardState, SnapshotMeta, StoreFailedError, WalcryptError, WrongKeyError
+from walcrypt import ConfState, HardState, SnapshotMeta, StoreFailedError, WalcryptError, WrongKeyError
 from walcrypt import keys as K
 from walcrypt.snapshot import SnapshotFile
 from walcrypt.vfs import DEFAULT_VFS, VFS
 
 import wctest
+from injectvfs import SlowSnapshotDisk
 
 KEK = walcrypt.RawKey(wctest.KEK_BYTES)
 NEW_KEK = walcrypt.RawKey(bytes(reversed(wctest.KEK_BYTES)))
@@ -30,20 +30,13 @@ CS = ConfState(voters=(1, 2, 3))
 SNAP = "snap-v1-encrypted"
 
 
-def _ents(lo: int, hi: int, term: int, tag: bytes = b"") -> list[Entry]:
-    return [Entry(i, term, tag + b"entry %d term %d" % (i, term)) for i in range(lo, hi)]
-
-
-def _snap_files(data_dir: str) -> list[str]:
-    d = os.path.join(data_dir, SNAP)
-    return sorted(os.listdir(d)) if os.path.isdir(d) else []
 
 
 def _unwrapped_by(data_dir: str, kek, params) -> list[tuple[str, str]]:
     """(file, key ID) of every key in a snapshot file's keyring bundle that ``kek`` unwraps."""
     wrapper = kek.wrapper(params)
     found = []
-    for name in _snap_files(data_dir):
+    for name in wctest.snap_files(data_dir):
         if not name.endswith(".snap"):
             continue
         doc = json.loads(SnapshotFile(DEFAULT_VFS, os.path.join(data_dir, SNAP, name)).bundle)
@@ -64,7 +57,7 @@ def _unwrapped_by(data_dir: str, kek, params) -> list[tuple[str, str]]:
 def test_rotate_kek_launders_an_older_snapshot_rolled_back_in_place(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
-        s.save(HardState(1, 1, 30), _ents(1, 31, 1))
+        s.save(HardState(1, 1, 30), wctest.term_entries(1, 31, 1))
         s.save_snapshot(SnapshotMeta(5, 1, CS), b"state at 5")
         kept_by_attacker = wctest.read(s.snapshots.infos[-1].path)    # a backup of that time
         s.save_snapshot(SnapshotMeta(10, 1, CS), b"state at 10")
@@ -94,44 +87,13 @@ def test_rotate_kek_launders_an_older_snapshot_rolled_back_in_place(tmp_path):
 # 2. A full re-key on another thread while rotate_kek copies the snapshots
 # -------------------------------------------------------------------------------------------------
 
-class _SlowSnapshotDisk(VFS):
-    """A disk that is slow once, while a KEK rotation works on the snapshot directory: once armed,
-    the first ``.tmp-`` file opened (``at="copy"``: a snapshot copy being written) or the first
-    listing of the snapshot directory (``at="published"``: the copies are published, the rotation
-    goes on to the quarantined copies) holds its caller until ``release`` is set."""
-
-    def __init__(self, at: str = "copy"):
-        super().__init__()
-        self.at = at
-        self.armed = False
-        self.writing = threading.Event()
-        self.release = threading.Event()
-
-    def _hold(self):
-        self.armed = False
-        self.writing.set()
-        self.release.wait(60)
-
-    def open(self, path, flags, mode=0o600):
-        fd = super().open(path, flags, mode)
-        if self.armed and self.at == "copy" and os.path.basename(path).startswith(".tmp-"):
-            self._hold()
-        return fd
-
-    def listdir(self, path):
-        names = super().listdir(path)
-        if self.armed and self.at == "published" and os.path.basename(path) == SNAP:
-            self._hold()
-        return names
-
-
 @pytest.mark.parametrize("at", ["copy", "published"])
 def test_a_rekey_on_another_thread_while_rotate_kek_copies(tmp_path, at):
     data_dir = str(tmp_path / "data")
-    disk = _SlowSnapshotDisk(at)
+    disk = SlowSnapshotDisk(at)
     s = walcrypt.open(data_dir, kek=KEK, vfs=disk)
     try:
-        s.save(HardState(1, 1, 10), _ents(1, 11, 1))
+        s.save(HardState(1, 1, 10), wctest.term_entries(1, 11, 1))
         s.save_snapshot(SnapshotMeta(10, 1, CS), b"state machine at 10" * 100)
         old_params = s.kek_params
         outcome = {}
@@ -191,15 +153,11 @@ class _RenameFailsDisk(VFS):
 def test_a_failed_rename_setting_aside_a_damaged_older_snapshot_escapes_rotate_kek_as_bare_oserror(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
-        s.save(HardState(1, 1, 20), _ents(1, 21, 1))
+        s.save(HardState(1, 1, 20), wctest.term_entries(1, 21, 1))
         s.save_snapshot(SnapshotMeta(5, 1, CS), b"A" * 5000)
         s.save_snapshot(SnapshotMeta(10, 1, CS), b"B" * 5000)
         older = s.snapshots.infos[0].path
-    with open(older, "r+b") as f:                    # bit rot inside the older snapshot's last chunk
-        f.seek(-20, os.SEEK_END)
-        b = f.read(1)
-        f.seek(-20, os.SEEK_END)
-        f.write(bytes([b[0] ^ 1]))
+    wctest.flip_byte_near_end(older)                 # bit rot inside the older snapshot's last chunk
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2, vfs=_RenameFailsDisk()) as s:
         try:
             s.rotate_kek(NEW_KEK)
@@ -207,7 +165,7 @@ def test_a_failed_rename_setting_aside_a_damaged_older_snapshot_escapes_rotate_k
         except BaseException as exc:                 # noqa: BLE001 - asserted below
             raised = exc
         try:
-            s.save(HardState(1, 1, 21), _ents(21, 22, 1))
+            s.save(HardState(1, 1, 21), wctest.term_entries(21, 22, 1))
             after = "save accepted"
         except StoreFailedError:
             after = "store failed"
@@ -224,12 +182,12 @@ def test_a_failed_rename_setting_aside_a_damaged_older_snapshot_escapes_rotate_k
 def test_an_older_streamed_snapshot_committed_after_an_install_snapshot_replaces_it(tmp_path, keep):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=keep) as s:
-        s.save(HardState(1, 1, 60), _ents(1, 61, 1))
+        s.save(HardState(1, 1, 60), wctest.term_entries(1, 61, 1))
         local = s.begin_snapshot(SnapshotMeta(50, 1, CS))      # the application snapshots its state at 50
         leader = s.begin_snapshot(SnapshotMeta(100, 2, CS))    # meanwhile: InstallSnapshot from the leader
         leader.write(b"leader state at 100")
         leader.commit()                                         # the log now starts at 101
-        s.save(HardState(2, 1, 105), _ents(101, 106, 2, b"acknowledged "))
+        s.save(HardState(2, 1, 105), wctest.term_entries(101, 106, 2, b"acknowledged "))
         local.write(b"state at 50")
         try:
             local.commit()                                      # refusing it (out of date) would be fine
@@ -249,7 +207,7 @@ def test_an_older_streamed_snapshot_committed_after_an_install_snapshot_replaces
 def test_a_streamed_snapshot_whose_dek_a_rotation_destroyed_meanwhile(tmp_path):
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK, destroy_retired_keys=True) as s:
-        s.save(HardState(1, 1, 10), _ents(1, 11, 1))
+        s.save(HardState(1, 1, 10), wctest.term_entries(1, 11, 1))
         doomed = s.active_key_id()
         doomed_wrapped = s.keys[doomed].wrapped
         w = s.begin_snapshot(SnapshotMeta(10, 1, CS))          # the application streams its state at 10
@@ -263,7 +221,7 @@ def test_a_streamed_snapshot_whose_dek_a_rotation_destroyed_meanwhile(tmp_path):
         except WalcryptError as exc:
             committed = type(exc).__name__
         try:
-            s.save(HardState(1, 1, 11), _ents(11, 12, 1))
+            s.save(HardState(1, 1, 11), wctest.term_entries(11, 12, 1))
             saves = "ok"
         except WalcryptError as exc:
             saves = type(exc).__name__

@@ -315,3 +315,39 @@ def rewrite_meta_as(data_dir: str, mac_key: bytes | None, version: int) -> None:
             txn.put(M.K_FORMAT_VERSION, bytes([version]), db=dbs[M.DB_STORE])
     finally:
         env.close()
+
+
+SNAP_DIR = "snap-v1-encrypted"
+
+
+def term_entries(lo: int, hi: int, term: int, tag: bytes = b"") -> list[Entry]:
+    """Entries [lo, hi) of one term, each naming its index and term (after ``tag``)."""
+    return [Entry(i, term, tag + b"entry %d term %d" % (i, term)) for i in range(lo, hi)]
+
+
+def snap_files(data_dir: str) -> list[str]:
+    """The names in an encrypted store's snapshot directory (.broken and .tmp- files included), sorted."""
+    d = os.path.join(data_dir, SNAP_DIR)
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def flip_byte_near_end(path: str, back: int = 20) -> None:
+    """Bit rot: flip one bit ``back`` bytes before the end of a file (inside a snapshot's last chunk)."""
+    with open(path, "r+b") as f:
+        f.seek(-back, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-back, os.SEEK_END)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def tree_bytes(root: str) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes, LMDB's lock file excepted (an open that then fails
+    still writes its reader slot there): what "no file changed" compares."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for n in files:
+            if n != "lock.mdb":
+                p = os.path.join(dirpath, n)
+                with open(p, "rb") as f:
+                    out[os.path.relpath(p, root)] = f.read()
+    return out
