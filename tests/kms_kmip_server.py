@@ -10,6 +10,7 @@ of the process group it was started in - the server's multiprocessing helpers li
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +58,8 @@ class Pki:
     foreign_ca: str         # a CA that did not sign the server's certificate
     noauth_cert: str        # signed by the right CA, but without the clientAuth extended key usage
     noauth_key: str
+    misnamed_cert: str      # a server certificate from the right CA for another host name
+    misnamed_key: str
 
 
 def _name(cn: str) -> x509.Name:
@@ -88,7 +92,7 @@ def _ca(cn: str):
     return key, cert
 
 
-def _leaf(ca_key, ca_cert, cn: str, usages, san: bool = False):
+def _leaf(ca_key, ca_cert, cn: str, usages, san=None):
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     b = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
@@ -98,8 +102,7 @@ def _leaf(ca_key, ca_cert, cn: str, usages, san: bool = False):
     if usages:
         b = b.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     if san:
-        b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST)),
-                                                         x509.DNSName("localhost")]), critical=False)
+        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
     return key, b.sign(ca_key, hashes.SHA256())
 
 
@@ -108,7 +111,10 @@ def make_pki(directory) -> Pki:
     d.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _ca("walcrypt test KMIP CA")
     other_key, other_cert = _ca("some other CA")
-    s_key, s_cert = _leaf(ca_key, ca_cert, "127.0.0.1", [ExtendedKeyUsageOID.SERVER_AUTH], san=True)
+    s_key, s_cert = _leaf(ca_key, ca_cert, "127.0.0.1", [ExtendedKeyUsageOID.SERVER_AUTH],
+                          san=[x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")])
+    m_key, m_cert = _leaf(ca_key, ca_cert, "kmip.example", [ExtendedKeyUsageOID.SERVER_AUTH],
+                          san=[x509.DNSName("kmip.example")])
     c_key, c_cert = _leaf(ca_key, ca_cert, "walcrypt-node", [ExtendedKeyUsageOID.CLIENT_AUTH])
     f_key, f_cert = _leaf(other_key, other_cert, "walcrypt-node", [ExtendedKeyUsageOID.CLIENT_AUTH])
     n_key, n_cert = _leaf(ca_key, ca_cert, "walcrypt-node", [ExtendedKeyUsageOID.SERVER_AUTH])
@@ -117,7 +123,9 @@ def make_pki(directory) -> Pki:
                client_cert=_write_cert(d / "client.pem", c_cert), client_key=_write_key(d / "client.key", c_key),
                foreign_cert=_write_cert(d / "foreign.pem", f_cert), foreign_key=_write_key(d / "foreign.key", f_key),
                foreign_ca=_write_cert(d / "foreign-ca.pem", other_cert),
-               noauth_cert=_write_cert(d / "noauth.pem", n_cert), noauth_key=_write_key(d / "noauth.key", n_key))
+               noauth_cert=_write_cert(d / "noauth.pem", n_cert), noauth_key=_write_key(d / "noauth.key", n_key),
+               misnamed_cert=_write_cert(d / "misnamed.pem", m_cert),
+               misnamed_key=_write_key(d / "misnamed.key", m_key))
 
 
 def free_port() -> int:
@@ -129,8 +137,10 @@ def free_port() -> int:
 class KmipTestServer:
     """PyKMIP's server in a subprocess; ``start()`` waits (bounded) until it accepts connections."""
 
-    def __init__(self, directory, pki: Pki, port: int | None = None):
+    def __init__(self, directory, pki: Pki, port: int | None = None, misnamed: bool = False):
         self.dir = Path(directory)
+        self.cert, self.key = ((pki.misnamed_cert, pki.misnamed_key) if misnamed
+                               else (pki.server_cert, pki.server_key))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pki = pki
         self.port = port or free_port()
@@ -140,8 +150,7 @@ class KmipTestServer:
     def start(self, timeout: float = 30.0) -> "KmipTestServer":
         policy = self.dir / "policies"
         policy.mkdir(exist_ok=True)
-        args = [sys.executable, "-c", _SERVER_SCRIPT, HOST, str(self.port), self.pki.server_cert,
-                self.pki.server_key, self.pki.ca, str(self.log), str(policy), str(self.dir / "kmip.db")]
+        args = [sys.executable, "-c", _SERVER_SCRIPT, HOST, str(self.port), self.cert, self.key, self.pki.ca, str(self.log), str(policy), str(self.dir / "kmip.db")]
         out = open(self.dir / "server.out", "ab")
         try:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -197,12 +206,16 @@ class KmipTestServer:
         self.stop()
 
 
+@contextlib.contextmanager
 def client(server: KmipTestServer):
     """PyKMIP's own client, logged in with the trusted client certificate (to create test keys)."""
     from kmip.pie.client import ProxyKmipClient
     pki = server.pki
-    return ProxyKmipClient(hostname=HOST, port=server.port, cert=pki.client_cert, key=pki.client_key, ca=pki.ca,
-                           config_file=os.devnull)
+    with warnings.catch_warnings():         # PyKMIP's client still asks for ssl.PROTOCOL_TLS
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with ProxyKmipClient(hostname=HOST, port=server.port, cert=pki.client_cert, key=pki.client_key,
+                             ca=pki.ca, config_file=os.devnull) as c:
+            yield c
 
 
 def create_key(server: KmipTestServer, activate: bool = True) -> str:
