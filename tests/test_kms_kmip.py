@@ -343,19 +343,31 @@ def test_cli(tmp_path, opts, pki):
 
     run("init", d, "--kms", "kmip", *kopts)
     run("verify", d, "--kms", "kmip", *kopts)
-    text = run("inspect", d).stdout
-    assert "kmip" in text
+    assert "KEK            kms (kmip)" in run("inspect", d).stdout
     doc = json.loads(run("inspect", d, "--json").stdout)
-    assert "kmip" in json.dumps(doc) and opts["key_id"] in json.dumps(doc)
-    fp = run("key", "fingerprint", "--kms", "kmip", *kopts).stdout
-    assert K.kms_fingerprint("kmip", {"key_id": opts["key_id"]}) in fp
-    run("key", "fingerprint", "--kms", "kmip", *kopts, d)
+    assert doc["kek"]["kind"] == "kms" and doc["kek"]["plugin"] == "kmip"
+    fp = K.kms_fingerprint("kmip", {"key_id": opts["key_id"]})
+    assert run("key", "fingerprint", "--kms", "kmip", *kopts).stdout.startswith(f"{fp}  KMS plug-in kmip")
+    assert f"fingerprint {fp}" in run("key", "fingerprint", "--kms", "kmip", *kopts, d).stdout
     other = [a if not a.startswith("port=") else f"port={S.free_port()}" for a in kopts]
     res = run("verify", d, "--kms", "kmip", *other, "--kms-retries", "1", code=3)
     assert "kmip" in res.stderr
     for out in outputs:
         for line in secrets_of(pki):
             assert line not in out
+
+
+@pytest.mark.xfail(strict=True, reason="engine: inspect's KEK summary (inspection._kek_summary) drops the stored "
+                                       "KMS identity, so it shows neither the key ID nor the fingerprint that "
+                                       "'walcrypt key fingerprint' computes from the same kek_params")
+def test_cli_inspect_names_the_kms_key(tmp_path, opts):
+    d = str(tmp_path / "cli-store")
+    kopts = [a for k, v in opts.items() for a in ("--kms-option", f"{k}={v}")]
+    assert wc("init", d, "--kms", "kmip", *kopts).returncode == 0
+    kek = json.loads(wc("inspect", d, "--json").stdout)["kek"]
+    assert kek.get("key") == {"key_id": opts["key_id"]}
+    assert kek["fingerprint"] == K.kms_fingerprint("kmip", {"key_id": opts["key_id"]})
+    assert f"key_id={opts['key_id']}" in wc("inspect", d).stdout
 
 
 # ------------------------------------------------------------------------------------ 8. no secret shown
