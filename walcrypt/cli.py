@@ -1606,6 +1606,29 @@ def snapshot_restore(file, directory, plaintext, **kw) -> None:
 
 
 # ---------------------------------------------------------------------------
+# import, export: data written before walcrypt (walcrypt.legacy)
+# ---------------------------------------------------------------------------
+
+@main.group(name="import", cls=_Group, epilog=EXIT_CODES,
+            short_help="Adopt a Raft library's own files: pysyncobj journals, etcd member directories.")
+def import_group() -> None:
+    """Import data a Raft library wrote before walcrypt into a new encrypted store.
+    The source files are only read, never changed."""
+
+
+@main.group(name="export", cls=_Group, epilog=EXIT_CODES,
+            short_help="Hand a store back to a Raft library's own format (etcd member directory).")
+def export_group() -> None:
+    """Write a store's log, hard state and snapshot in another Raft library's own format."""
+
+
+# --- import pysyncobj --------------------------------------------------------
+
+
+# --- import etcd, export etcd ------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
 # demo, bench
 # ---------------------------------------------------------------------------
 
