@@ -789,6 +789,19 @@ def inspect(directory, as_json, **kw) -> None:
       walcrypt inspect /var/lib/node1 --key-file /secure/kek --json
     """
     from .inspection import inspect_store, render
+    from . import layout
+    if os.path.isdir(directory) and not layout.looks_like_store(directory):
+        from .legacy import detect
+        found = detect(directory)              # data a Raft library wrote before walcrypt
+        if found:
+            if as_json:
+                _emit_json({"directory": directory, "walcrypt_store": False, "legacy": found})
+            else:
+                click.echo(f"{directory} is not a walcrypt store; it holds data a Raft library wrote:")
+                for f in found:
+                    click.echo(f"  {f['kind']}: {f['detail']}\n    at {', '.join(f['paths'])}\n"
+                               f"    adopt it with: {f['command']}")
+            sys.exit(EXIT_OK)
     key_file = kw.get("key_file")
     kek = _kek(kw)
     rep = inspect_store(directory, kek, key_file=key_file)
@@ -1626,6 +1639,88 @@ def export_group() -> None:
 
 
 # --- import etcd, export etcd ------------------------------------------------
+
+@command(import_group, name="etcd", short_help="An etcd v3 member directory (member/wal, member/snap) into a new store.")
+@click.argument("data", type=click.Path())
+@click.option("--member-dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="etcd's member directory (holding wal/ and snap/), or etcd's --data-dir above it.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@key_options
+def import_etcd_cmd(data, member_dir, as_json, **kw) -> None:
+    """Import an etcd v3 member directory into a new encrypted store DATA (missing
+    or empty), as etcd 3.4 itself would start from it: the newest snapshot the WAL
+    records, the WAL's entries after it (raftpb.Entry bytes, byte for byte), the
+    hard state, the member and cluster IDs.  A torn tail at the end of the last
+    WAL file is cut and reported; any other damage is an error naming the file
+    and offset, and nothing is written.  The source is only read.  etcd's v3
+    database (member/snap/db) is derived state and is not imported.
+
+    \b
+    Example:
+      walcrypt import etcd /var/lib/node1 --member-dir /var/lib/etcd/member --key-file /secure/kek
+    """
+    from .legacy.etcd import import_etcd
+    kek = _kek(kw)
+    if kek is None:
+        raise UsageError("give the KEK of the new store (--key-file, --key-env, --passphrase-env or --kms)")
+    _Ctx.source = member_dir
+    with _Spinner("importing"):
+        res = import_etcd(data, member_dir=member_dir, kek=kek)
+    if as_json:
+        _emit_json(res)
+        return
+    snap = res["snapshot"]
+    click.echo(f"imported {res['member_dir']} (member {res['node_id']}, cluster {res['cluster_id']}) into {data}: "
+               + (f"snapshot at index {snap['index']} term {snap['term']} ({snap['bytes']} bytes), " if snap else
+                  "no snapshot, ")
+               + (f"entries {res['first_index']}..{res['last_index']}" if res["entries"] else "no entries")
+               + f", hard state term {res['hard_state']['term']} commit {res['hard_state']['commit']}")
+    if res["torn_tail"]:
+        t = res["torn_tail"]
+        click.echo(f"note: a torn tail was cut: {t['file']} from offset {t['offset']} ({t['reason']}); the "
+                   "source file is unchanged", err=True)
+    for sk in res["skipped_snapshots"]:
+        click.echo(f"note: skipped {sk['file']}: {sk['reason']}", err=True)
+
+
+@command(export_group, name="etcd", short_help="A store imported from etcd back into an etcd v3 member directory.")
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option("--member-dir", required=True, type=click.Path(),
+              help="The new member directory (missing or empty); name it <etcd data dir>/member.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@key_options
+def export_etcd_cmd(data, member_dir, as_json, **kw) -> None:
+    """Write the store DATA (imported with 'walcrypt import etcd') as a new etcd v3
+    member directory: one WAL file from the snapshot (or index 1) with every entry
+    and the hard state, and the snap file when the store has a snapshot.  The
+    output is plaintext (files 0600), as etcd keeps its data.  With no snapshot,
+    etcd starts on it and rebuilds its key-value database from the log; with one,
+    etcd also needs the member/snap/db file that belongs to that snapshot.
+
+    \b
+    Example:
+      walcrypt export etcd /var/lib/node1 --member-dir /var/lib/etcd-restored/member --key-file /secure/kek
+      etcd --data-dir /var/lib/etcd-restored --name node1 ...
+    """
+    from .legacy.etcd import export_etcd
+    kek = _kek(kw)
+    _Ctx.source = data
+    with _Spinner("exporting"):
+        res = export_etcd(data, member_dir=member_dir, kek=kek)
+    if as_json:
+        _emit_json(res)
+        return
+    snap = res["snapshot"]
+    click.echo(f"exported {data} to {member_dir} (plaintext): "
+               + (f"snap file {snap['file']}, " if snap else "")
+               + (f"entries {res['first_index']}..{res['last_index']}" if res["entries"] else "no entries")
+               + f", hard state term {res['hard_state']['term']} commit {res['hard_state']['commit']}")
+    if res["etcd_data_dir"]:
+        click.echo(f"start etcd with --data-dir {res['etcd_data_dir']}")
+    if res["needs_backend_db"]:
+        click.echo("note: etcd also needs its v3 database (member/snap/db) at or after the snapshot's index; it "
+                   "is not part of a walcrypt store: copy it from the member the data came from", err=True)
+
 
 
 # ---------------------------------------------------------------------------
