@@ -148,12 +148,13 @@ def decode_member(member: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def fixture_data(tmp_path_factory) -> str:
+def fixture_data(tmp_path_factory):
     """The committed member directory, unpacked (an etcd --data-dir holding member/)."""
     root = str(tmp_path_factory.mktemp("etcd-fixture"))
     with tarfile.open(FIXTURE) as tar:
         tar.extractall(root, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(root)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)            # 128 MB of WAL files
 
 
 @pytest.fixture(scope="module")
@@ -173,19 +174,28 @@ def real_data(tmp_path_factory):
     keys = {base64.b64encode(k).decode(): etcd_server.describe_value(v) for k, v in got.items()}
     with open(os.path.join(root, "etcd", "keys.json"), "w") as f:
         json.dump({"keys": keys}, f)
-    return os.path.join(root, "etcd")
+    yield os.path.join(root, "etcd")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["fixture", "real"])
-def source(request, tmp_path) -> str:
-    """A private copy of one source (tests may damage it)."""
+def source(request, tmp_path):
+    """A private copy of one source (tests may damage it), without etcd's v3 database."""
     src = request.getfixturevalue("fixture_data" if request.param == "fixture" else "real_data")
     dst = str(tmp_path / "etcd-src")
-    shutil.copytree(src, dst)
-    return dst
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("db"))
+    yield dst
+    shutil.rmtree(dst, ignore_errors=True)
 
 
 KEK = walcrypt.RawKey(wctest.KEK_BYTES)
+
+
+@pytest.fixture(autouse=True)
+def _free_disk(tmp_path):
+    """Stores and copies here are 60-130 MB each: removed when the test ends."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def read_store(path: str) -> dict:
