@@ -5,8 +5,8 @@ CLI prints from hostile or mistyped input.
 
 Each test reproduces one break with real files, real LMDB and real threads (the key service is the
 in-process ``FlakyService`` of tests/test_kms_outage.py, or a misbehaving HTTP peer on 127.0.0.1),
-and asserts what FORMAT.md 8.1/8.5 and the README's "Key services" promise.  Each is a strict xfail
-on the code it was written against, naming what breaks; it passes once that is fixed.
+and asserts what FORMAT.md 8.1/8.5 and the README's "Key services" promise.  Each was a strict
+xfail on the code it was written against; all pass since their fixes.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import pytest
 
 import walcrypt
 import walcrypt.rotation as R
-from walcrypt import (KeyProviderError, KeyProviderUnavailableError, Kms, RawKey, Retry, SnapshotMeta,
-                      WrongKeyError)
+from walcrypt import KeyProviderError, KeyProviderUnavailableError, Kms, RawKey, Retry, SnapshotMeta
 from walcrypt import keys as K
 from walcrypt import meta as M
 
@@ -65,11 +64,6 @@ def _cli(*args, env=None) -> subprocess.CompletedProcess:
 # 1. A put-off budget rotation is retried in full (every attempt, every sleep) at each segment cut
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Rotation.check_budget sets auto_due again at every sealed segment while a budget rotation is put "
-    "off (no rotation is in flight), and Store.save's auto_due branch runs _rotate_dek with the full "
-    "retry schedule, ignoring the deferral's backoff: during an outage every segment cut hammers the "
-    "service with a full set of retries and stalls that save for the whole schedule"))
 def test_a_put_off_budget_rotation_is_not_retried_in_full_at_every_segment(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "DEFER_FIRST_WAIT_S", 60.0)      # no retry is due during this test
     svc = FlakyService()
@@ -90,11 +84,6 @@ def test_a_put_off_budget_rotation_is_not_retried_in_full_at_every_segment(tmp_p
 # 2. A queued DEK rotation started by a snapshot's commit during an outage fails the store
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Rotation._promote (run from Snapshots._commit inside the 'saving a snapshot' fail-stop guard) starts "
-    "the queued rotation with rotate_dek(), whose prepare_key() asks the service with no deferral: "
-    "KeyProviderUnavailableError escapes the guard, the store is failed although nothing was wrong, "
-    "save_snapshot reports a failure for a committed snapshot, and the queued request is lost"))
 def test_a_queued_rotation_started_during_an_outage_is_put_off_not_a_failed_store(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "DEFER_FIRST_WAIT_S", 0.0)
     svc = FlakyService()
@@ -112,18 +101,13 @@ def test_a_queued_rotation_started_during_an_outage_is_put_off_not_a_failed_stor
         svc.up = True
         fill(s, 21, 22)                                      # the retry, once the service is back
         assert s.key_info()["rotation"] is not None, "the queued rotation never started"
-        assert s.entries(1, 22) == wctest.make_entries(1, 22)
+        assert s.entries(11, 22) == wctest.make_entries(11, 22)     # (the snapshot at 10 compacted 1..10)
 
 
 # -------------------------------------------------------------------------------------------------
 # 3. A put-off rotation whose retry meets a refusal raises from every save, asking every time
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Store._rotate_dek catches only KeyProviderUnavailableError: when the retry of a put-off rotation "
-    "meets any other KMS error (a revoked token, a garbage answer: KeyProviderError), it escapes from "
-    "save() after the entries were made durable, and Rotation.deferred keeps its past next_try, so "
-    "every following save asks the service again and raises again"))
 def test_a_put_off_rotation_meeting_a_refusal_does_not_fail_every_save(tmp_path, monkeypatch):
     monkeypatch.setattr(R, "DEFER_FIRST_WAIT_S", 0.5)
     svc = FlakyService()
@@ -182,11 +166,6 @@ class _BrokenAnswers:
         self.thread.join(10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vault.VaultTransit._mapped treats only requests' ConnectionError/Timeout as an outage: a connection "
-    "broken mid-answer (requests.exceptions.ChunkedEncodingError, 'Connection broken: IncompleteRead') "
-    "falls through to the generic branch, so unwrap reports WrongKeyError and wrap KeyProviderError, "
-    "neither retried - an outage reported as a wrong key"))
 def test_vault_connection_broken_mid_answer_is_an_outage():
     pytest.importorskip("hvac")
     peer = _BrokenAnswers()
@@ -207,10 +186,6 @@ def test_vault_connection_broken_mid_answer_is_an_outage():
 # 5. A full re-key holds snapshot writers back while it waits on the key service
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Store.rekey enters snapshots.writers_excluded() before prepare_key() asks the key service, so a "
-    "slow or unreachable service stalls save_snapshot/begin_snapshot on every other thread (an "
-    "InstallSnapshot) for the whole retry schedule, although the call changes nothing and fails"))
 def test_rekey_does_not_hold_snapshot_writers_back_while_the_service_hangs(tmp_path):
     svc = HangingService()
     with walcrypt.open(str(tmp_path / "d"), kek=kms(svc, Retry(attempts=1))) as s:
@@ -253,11 +228,6 @@ def test_rekey_does_not_hold_snapshot_writers_back_while_the_service_hangs(tmp_p
 # 6. A KEK rotation queued behind a DEK rotation's KMS call holds snapshot writers back meanwhile
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Rotation.rotate_kek takes snapshots.writers_excluded() and then key_lock, while Store._rotate_dek "
-    "holds key_lock across its call to the key service (prepare_key): a KEK rotation started meanwhile "
-    "holds every snapshot writer back until that KMS call ends, contrary to 'a slow or unreachable "
-    "service never stalls a snapshot'"))
 def test_kek_rotation_behind_a_hanging_dek_rotation_does_not_stall_snapshots(tmp_path):
     svc = HangingService()
     with walcrypt.open(str(tmp_path / "d"), kek=kms(svc, Retry(attempts=1))) as s:
@@ -304,10 +274,6 @@ def test_kek_rotation_behind_a_hanging_dek_rotation_does_not_stall_snapshots(tmp
 # 7. inspect prints C1 control characters (a CSI) from a hostile store/kek_params
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "keys.kms_identity_problem refuses only characters below 32: DEL and the C1 controls (U+0080-U+009F, "
-    "e.g. U+009B, the 8-bit CSI) pass, although FORMAT.md 8.1 says identity values hold no control "
-    "characters; inspect then prints the unauthenticated identity from store/kek_params to the terminal"))
 def test_inspect_does_not_print_control_characters_from_a_hostile_kms_identity(tmp_path):
     path = str(tmp_path / "d")
     with walcrypt.open(path, kek=RawKey(wctest.KEK_BYTES)) as s:
@@ -327,10 +293,6 @@ def test_inspect_does_not_print_control_characters_from_a_hostile_kms_identity(t
 # 8. A mistyped --kms-option is echoed whole: the secret it carries goes to stderr
 # -------------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli._kms_options refuses an option without '=' by quoting the whole argument ('--kms-option takes "
-    "KEY=VALUE, not ...'): a mistyped token=/pin=/secret_id= (':' or a space for '=') prints the "
-    "secret on stderr, where logs and CI output keep it"))
 def test_a_mistyped_kms_option_does_not_echo_its_secret(tmp_path):
     path = str(tmp_path / "d")
     with walcrypt.open(path, kek=RawKey(wctest.KEK_BYTES)) as s:

@@ -299,7 +299,9 @@ def _kms_options(pairs, flag: str = "--kms-option") -> dict:
     out = {}
     for p in pairs or ():
         if "=" not in p or not p.split("=", 1)[0]:
-            raise UsageError(f"{flag} takes KEY=VALUE, not {p!r}")
+            # not echoed: a mistyped option may well be a token or a PIN
+            raise UsageError(f"{flag} takes KEY=VALUE; one value given has no '=' before its value (not shown, "
+                             "in case it holds a secret)")
         k, v = p.split("=", 1)
         if k in out:
             raise UsageError(f"{flag} {k}=... is given twice")
