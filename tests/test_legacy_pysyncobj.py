@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -361,10 +362,44 @@ def test_a_truncated_dump_is_refused(tmp_path):
     nothing_written(tmp_path, target)
 
 
-def test_adapter_options(tmp_path):
-    from walcrypt.adapters.pysyncobj import walcrypt_conf
+def _start_single(conf):
+    from pysyncobj import SyncObj
+    from pysyncobj.batteries import ReplDict
+    rd = ReplDict()
+    so = SyncObj(f"127.0.0.1:{free_ports(1)[0]}", [], consumers=[rd], conf=conf)
+    return so, rd
+
+
+def _destroy(so) -> None:
+    so.destroy()
+    t = so.__dict__.get("_SyncObj__thread")
+    if t is not None:
+        t.join(timeout=15)
+
+
+def test_adapter_files_beside_a_new_store_are_named_but_not_imported_without_the_option(tmp_path):
+    from walcrypt.adapters.pysyncobj import LegacyFilesWarning, walcrypt_conf
+    path = str(tmp_path / "node")
+    make_journal(path + ".journal")
+    before = sha(path + ".journal")
+    with pytest.warns(LegacyFilesWarning, match="NOT imported"):
+        so, rd = _start_single(walcrypt_conf(path, kek=KEK, password="pw"))
+    try:
+        assert so._SyncObj__raftLog[0][1] == 1 and len(so._SyncObj__raftLog) == 1   # an empty node: its no-op only
+    finally:
+        _destroy(so)
+    assert sha(path + ".journal") == before
+
     with pytest.raises(UsageError, match="import_journal"):
         walcrypt_conf(str(tmp_path / "a"), kek=KEK, import_dump=str(tmp_path / "d"))
+    with pytest.raises(UsageError, match="does not exist"):     # a typo must not start an empty node
+        _start_single(walcrypt_conf(str(tmp_path / "b"), kek=KEK, password="pw",
+                                    import_journal=str(tmp_path / "missing.journal")))
+    assert not os.path.exists(tmp_path / "b" / "meta")
+    with warnings.catch_warnings():                             # "auto" and nothing beside: a new node, no word
+        warnings.simplefilter("error", LegacyFilesWarning)
+        so, _rd = _start_single(walcrypt_conf(str(tmp_path / "c"), kek=KEK, password="pw", import_journal="auto"))
+        _destroy(so)
 
 
 # ---------------------------------------------------------------------------------------------

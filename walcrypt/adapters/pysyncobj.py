@@ -260,6 +260,9 @@ class WalcryptNode:
                 return
             journal, dump = found_j, dump or found_d
             if journal is None:
+                if dump is not None:
+                    _warn_legacy(f"{dump} beside the new walcrypt store {self.path} was NOT imported: there is no "
+                                 f"{self.path}.journal to go with it; give import_journal= the node's journal")
                 return                  # "auto" and nothing there: a new node
         for p in (journal, dump):
             if p is not None and not os.path.isfile(p):

@@ -70,23 +70,22 @@ class _Source:
     def __init__(self, path: str, role: str):
         self.path = os.path.abspath(os.fspath(path))
         self.role = role
-        self.fd = open_regular(self.path)
-        st = os.fstat(self.fd)
+        try:
+            fd = open_regular(self.path)
+        except FileNotFoundError:
+            raise UsageError(f"{self.path} does not exist (the pysyncobj {role} file to import)") from None
+        st = os.fstat(fd)
+        self.f = os.fdopen(fd, "rb", buffering=1 << 20)
         self.size, self._stamp = st.st_size, (st.st_size, st.st_mtime_ns, st.st_ino)
         self.pos = 0
         self.h = hashlib.sha256()
 
     def read(self, n: int) -> bytes:
         n = max(0, min(n, self.size - self.pos))     # never more than the file holds: no oversized buffer
-        out = bytearray()
-        while len(out) < n:
-            chunk = os.read(self.fd, min(n - len(out), 1 << 20))
-            if not chunk:
-                break
-            out += chunk
+        out = self.f.read(n)
         self.pos += len(out)
         self.h.update(out)
-        return bytes(out)
+        return out
 
     def finish(self) -> dict:
         while self.read(1 << 20):
@@ -98,9 +97,7 @@ class _Source:
         return {"role": self.role, "path": self.path, "size": self.size, "sha256": self.h.hexdigest()}
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self.f.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,9 +250,9 @@ def read_dump(path: str, max_bytes: int, report: dict) -> dict:
     if prev[1] + 1 != last[1] or prev[2] > last[2]:
         raise _corrupt(path, None, f"the dump's entries {prev[1]} and {last[1]} do not follow each other")
     nodes = _pickles._node_classes()
-    if not isinstance(cluster, (set, frozenset)) or not all(
-            isinstance(n, tuple(nodes.values())) for n in cluster) or not nodes:
-        raise _corrupt(path, None, "the dump's cluster is not a set of pysyncobj nodes")
+    if not nodes or not isinstance(cluster, (set, frozenset)) or not all(
+            isinstance(n, tuple(nodes.values())) and _plain(vars(n)) for n in cluster):
+        raise _corrupt(path, None, "the dump's cluster is not a set of pysyncobj nodes with plain attributes")
     if isinstance(state, dict):                 # no consumers: the adapter keeps [fields]
         a, b = parts[0]
         state_pickle = b"\x80\x02(" + data[a:b] + b"l."
@@ -269,6 +266,19 @@ def read_dump(path: str, max_bytes: int, report: dict) -> dict:
     report.update(dump_index=last[1], dump_term=last[2], dump_consumers=consumers, dump_bytes=len(data),
                   dump_cluster=sorted(str(n) for n in cluster), dump_opaque_classes=stubbed)
     return {"last": last, "prev": prev, "cluster": cluster, "state_pickle": state_pickle}
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """Whether ``value`` is built of plain values only (what the snapshot head may carry)."""
+    if value is None or type(value) in (bool, int, float, str, bytes):
+        return True
+    if depth > 8:
+        return False
+    if type(value) in (tuple, list, set, frozenset):
+        return all(_plain(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def _gunzip(path: str, packed: bytes, max_bytes: int) -> bytes:
@@ -324,7 +334,8 @@ def import_pysyncobj(data_dir, *, journal, dump=None, kek=None, max_dump_bytes: 
         raise UsageError(f"{parent} does not exist; create it first")
     report: dict = {"data_dir": data_dir, "journal": os.path.abspath(os.fspath(journal)),
                     "dump": os.path.abspath(os.fspath(dump)) if dump is not None else None,
-                    "entries": 0, "first_index": None, "last_index": None, "cut": None, "sources": []}
+                    "entries": 0, "first_index": None, "last_index": None, "term": None, "vote": None,
+                    "commit": None, "snapshot_index": None, "cut": None, "sources": []}
     staging = tempfile.mkdtemp(prefix="." + os.path.basename(data_dir) + ".import-", dir=parent)
     try:
         meta = read_meta(report["journal"] + ".meta", report)
@@ -340,7 +351,7 @@ def import_pysyncobj(data_dir, *, journal, dump=None, kek=None, max_dump_bytes: 
             src.close()
         try:
             os.rename(staging, data_dir)          # onto a missing or empty directory only
-        except OSError as exc:
+        except OSError:
             if os.path.lexists(data_dir):
                 raise UsageError(f"{data_dir} was created and filled while the import ran; nothing there was "
                                  "changed and the imported store was discarded") from None
@@ -385,7 +396,7 @@ def _finish(st, adapter, meta: dict, snap, report: dict) -> None:
         report["snapshot_index"] = last[1]
     top = max(st.last_index(), snap["last"][1] if snap is not None else 0)
     commit = meta["raftCommitIndex"]
-    if commit > top:
+    if commit > max(top, 1):
         report["commit_clamped_from"] = commit      # pysyncobj clamps it too when it loads a dump
         commit = top
     term, vote = meta["currentTerm"], meta["votedForNodeId"]
