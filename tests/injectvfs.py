@@ -1,4 +1,4 @@
-"""Exception injection through the VFS seam (a test double built on walcrypt.vfs.FaultyVFS).
+"""Exception injection through the VFS seam (a test double built on walcrypt.testing.FaultyVFS).
 
 :class:`InjectVFS` counts every VFS call (every op kind, nested calls such as the opens and
 reads inside ``read_file`` included) once it is armed, and raises a chosen exception at the
@@ -18,7 +18,8 @@ import os
 import threading
 from typing import Callable
 
-from walcrypt.vfs import FaultyVFS, VFS
+from walcrypt.vfs import VFS
+from walcrypt.testing import FaultyVFS
 
 
 class InjectedError(Exception):

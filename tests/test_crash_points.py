@@ -1,4 +1,4 @@
-"""Crash-point enumeration (walcrypt.vfs.CrashVFS) for every multi-step operation of the engine.
+"""Crash-point enumeration (walcrypt.testing.CrashVFS) for every multi-step operation of the engine.
 
 For each operation below and each VFS call kind in OPS, the n-th call (n = 1, 2, ... until no
 crash fires, bounded) is made a power loss, before or after the call; unsynced writes are then
@@ -39,7 +39,7 @@ import pytest
 
 import walcrypt
 from walcrypt import ConfState, Entry, HardState, SnapshotMeta
-from walcrypt.vfs import CrashVFS, SimulatedCrash
+from walcrypt.testing import CrashVFS, SimulatedCrash
 
 import snaptest as T
 import wctest

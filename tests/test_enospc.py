@@ -1,6 +1,6 @@
 """Disk full and failing disks.
 
-ENOSPC is injected (walcrypt.vfs.FaultyVFS) at preallocation, write, fsync and rename, under each
+ENOSPC is injected (walcrypt.testing.FaultyVFS) at preallocation, write, fsync and rename, under each
 write path: saves (segment creation, write units), snapshot publish, DEK rotation (a new segment
 under the pending key, then a snapshot), sealing on close.  Then the same on a real, small file
 system when this machine lets a test mount one (a 2 MiB tmpfs; a loop-mounted 4 MiB ext4 image).
@@ -30,7 +30,7 @@ import pytest
 
 import walcrypt
 from walcrypt import ConfState, Entry, HardState, SnapshotMeta, StorageError, StoreFailedError
-from walcrypt.vfs import FaultyVFS
+from walcrypt.testing import FaultyVFS
 
 import snaptest as T
 import wctest

@@ -1,4 +1,4 @@
-"""I/O failures (through walcrypt.vfs.FaultyVFS): the store fails closed and reopening recovers.
+"""I/O failures (through walcrypt.testing.FaultyVFS): the store fails closed and reopening recovers.
 
 DESIGN.md, "Durability rules": after a failed write or fsync the store is failed -- it refuses
 further writes with StoreFailedError until reopened -- and reopening runs recovery.  Every
@@ -18,8 +18,7 @@ from walcrypt import Entry, HardState, StoreFailedError
 
 import wctest
 
-vfs_mod = pytest.importorskip("walcrypt.vfs")
-FaultyVFS = vfs_mod.FaultyVFS
+from walcrypt.testing import CrashVFS, FaultyVFS, SimulatedCrash  # noqa: E402
 
 SEG = 8192
 
@@ -261,11 +260,9 @@ def test_failed_file_removal_during_compaction_leaks_no_segment(data_dir, op, nt
 
 
 # ---------------------------------------------------------------------------
-# Power loss (walcrypt.vfs.CrashVFS): unsynced writes dropped, or torn into random sectors
+# Power loss (walcrypt.testing.CrashVFS): unsynced writes dropped, or torn into random sectors
 # ---------------------------------------------------------------------------
 
-CrashVFS = getattr(vfs_mod, "CrashVFS", None)
-SimulatedCrash = getattr(vfs_mod, "SimulatedCrash", None)
 
 
 def _power_loss_case(data_dir, op: str, n: int, when: str, torn: bool, seed: int) -> str | None:
@@ -313,7 +310,7 @@ def _power_loss_case(data_dir, op: str, n: int, when: str, torn: bool, seed: int
     return None
 
 
-@pytest.mark.skipif(CrashVFS is None, reason="walcrypt.vfs.CrashVFS is not there yet")
+@pytest.mark.skipif(CrashVFS is None, reason="walcrypt.testing.CrashVFS is not there yet")
 @pytest.mark.parametrize("op", ["pwrite", "fdatasync", "fsync_dir", "ftruncate", "preallocate"])
 def test_power_loss_at_every_io_point(tmp_path, op):
     """Every acknowledged save survives a power loss at any of the first I/O calls of ``op``, with

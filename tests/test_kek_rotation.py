@@ -40,7 +40,8 @@ from walcrypt import keys as K
 from walcrypt import meta as M
 from walcrypt.check import check
 from walcrypt.snapshot import SnapshotFile
-from walcrypt.vfs import DEFAULT_VFS, CrashVFS, SimulatedCrash
+from walcrypt.vfs import DEFAULT_VFS
+from walcrypt.testing import CrashVFS, SimulatedCrash
 
 import snaptest as T
 import wctest

@@ -516,9 +516,9 @@ def wc(*args, env=None):
 def test_cli_inspect_import_export(fixture_data, tmp_path):
     res = wc("inspect", fixture_data)
     assert res.returncode == 0, res.stderr
-    assert "etcd v3 member directory" in res.stdout and "walcrypt import etcd" in res.stdout
+    assert "etcd v3 member directory" in res.stdout and "adopt it with: walcrypt import etcd" in res.stdout
     doc = json.loads(wc("inspect", fixture_data, "--json").stdout)
-    assert doc["walcrypt_store"] is False and doc["legacy"][0]["kind"] == "etcd"
+    assert doc["store"] is False and doc["legacy"][0]["kind"] == "etcd"
     env = {"K": wctest.KEK_BYTES.hex()}
     store = tmp_path / "store"
     res = wc("import", "etcd", store, "--member-dir", fixture_data, "--key-env", "K", "--json", env=env)

@@ -19,7 +19,7 @@ import pytest
 import walcrypt
 from walcrypt import ConfState, Entry, HardState, SnapshotMeta
 from walcrypt.errors import CorruptionError, StoreFailedError
-from walcrypt.vfs import FaultyVFS
+from walcrypt.testing import FaultyVFS
 
 import wctest
 

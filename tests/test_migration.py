@@ -12,7 +12,7 @@ import pytest
 
 import walcrypt
 from walcrypt import ConfState, Entry, HardState, SnapshotMeta, UsageError
-from walcrypt.vfs import CrashVFS, SimulatedCrash
+from walcrypt.testing import CrashVFS, SimulatedCrash
 
 import snaptest as T
 

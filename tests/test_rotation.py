@@ -17,7 +17,7 @@ import pytest
 import walcrypt
 from walcrypt import ConfState, Entry, HardState, KeyNotFoundError, SnapshotMeta, WrongKeyError
 from walcrypt.check import check
-from walcrypt.vfs import CrashVFS, SimulatedCrash
+from walcrypt.testing import CrashVFS, SimulatedCrash
 
 import snaptest as T
 import wctest

@@ -18,7 +18,8 @@ from walcrypt import (AuthenticationError, CompactedError, ConfState, Corruption
                       SnapshotMeta)
 from walcrypt import crypto
 from walcrypt.snapshot import SnapshotFile, snapshot_keys
-from walcrypt.vfs import DEFAULT_VFS, CrashVFS, SimulatedCrash
+from walcrypt.vfs import DEFAULT_VFS
+from walcrypt.testing import CrashVFS, SimulatedCrash
 
 import snaptest as T
 import wctest

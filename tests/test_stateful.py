@@ -22,7 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import walcrypt
 from walcrypt import CompactedError, ConfState, Entry, HardState, SnapshotMeta, UnavailableError
-from walcrypt.vfs import CrashVFS, SimulatedCrash
+from walcrypt.testing import CrashVFS, SimulatedCrash
 
 import snaptest as T
 import wctest

@@ -235,7 +235,7 @@ def _sector_pieces(lo: int, hi: int) -> list[tuple[int, int]]:
 
 def test_lost_sectors_of_the_last_batch(pristine, tmp_path):
     """A power loss during the last write keeps any subset of its 512-byte sectors (the model of
-    walcrypt.vfs.CrashVFS).  Taking each batch of the unsealed segment in turn as the last one,
+    walcrypt.testing.CrashVFS).  Taking each batch of the unsealed segment in turn as the last one,
     every non-empty subset of its sectors lost must open to the durable prefix before it."""
     p = pristine
     bs = p["batches"]

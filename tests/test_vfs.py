@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from walcrypt import vfs as vfs_mod
-from walcrypt.vfs import DEFAULT_VFS, SECTOR_SIZE, VFS, CrashVFS, FaultyVFS, SimulatedCrash
+from walcrypt.vfs import DEFAULT_VFS, SECTOR_SIZE, VFS
+from walcrypt.testing import CrashVFS, FaultyVFS, SimulatedCrash
 
 RW_CREATE = os.O_RDWR | os.O_CREAT
 

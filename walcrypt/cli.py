@@ -299,7 +299,9 @@ def _kms_options(pairs, flag: str = "--kms-option") -> dict:
     out = {}
     for p in pairs or ():
         if "=" not in p or not p.split("=", 1)[0]:
-            raise UsageError(f"{flag} takes KEY=VALUE, not {p!r}")
+            # not echoed: a mistyped option may well be a token or a PIN
+            raise UsageError(f"{flag} takes KEY=VALUE; one value given has no '=' before its value (not shown, "
+                             "in case it holds a secret)")
         k, v = p.split("=", 1)
         if k in out:
             raise UsageError(f"{flag} {k}=... is given twice")
@@ -789,27 +791,41 @@ def inspect(directory, as_json, **kw) -> None:
       walcrypt inspect /var/lib/node1 --key-file /secure/kek --json
     """
     from .inspection import inspect_store, render
-    from . import layout
-    if os.path.isdir(directory) and not layout.looks_like_store(directory):
-        from .legacy import detect
-        found = detect(directory)              # data a Raft library wrote before walcrypt
-        if found:
-            if as_json:
-                _emit_json({"directory": directory, "walcrypt_store": False, "legacy": found})
-            else:
-                click.echo(f"{directory} is not a walcrypt store; it holds data a Raft library wrote:")
-                for f in found:
-                    click.echo(f"  {f['kind']}: {f['detail']}\n    at {', '.join(f['paths'])}\n"
-                               f"    adopt it with: {f['command']}")
-            sys.exit(EXIT_OK)
+    from .layout import looks_like_store
     key_file = kw.get("key_file")
     kek = _kek(kw)
+    legacy = _legacy_findings(directory)
+    if legacy and not (os.path.isdir(directory) and looks_like_store(directory)):
+        if as_json:
+            _emit_json({"path": os.path.abspath(directory), "store": False, "legacy": legacy})
+        else:
+            _print_legacy(legacy)
+        sys.exit(EXIT_OK)
     rep = inspect_store(directory, kek, key_file=key_file)
+    if legacy:
+        rep["legacy"] = legacy
     if as_json:
         _emit_json(rep)
     else:
         click.echo(render(rep))
+        _print_legacy(legacy)
     sys.exit(EXIT_FINDINGS if rep["errors"] else EXIT_OK)
+
+
+def _legacy_findings(path: str) -> list[dict]:
+    """What walcrypt.legacy.detect finds at ``path`` (data other Raft libraries wrote); never fails inspect."""
+    try:
+        from .legacy import detect
+        return detect(path)
+    except Exception as exc:                 # a detector's failure must not hide the store's own report
+        logging.getLogger("walcrypt").debug("legacy detection at %s failed: %s", path, exc)
+        return []
+
+
+def _print_legacy(findings: list[dict]) -> None:
+    for f in findings:
+        click.echo(f"found {f['detail']} ({f['kind']}): {', '.join(f['paths'])}")
+        click.echo(f"  adopt it with: {f['command']}")
 
 
 # ---------------------------------------------------------------------------
@@ -1355,6 +1371,30 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
         removed = _remove_source(root)
         click.echo("removed " + ", ".join(os.path.basename(p) + "/" for p in removed) if removed
                    else "no directories of the other mode to remove")
+        _remove_imported_sources(root, directory, kek)
+
+
+def _remove_imported_sources(root: str, directory: str, kek) -> None:
+    """migrate --remove-source on a store imported from pysyncobj files: delete those files, each only
+    while it is byte-identical to what was imported (the record is sealed: it needs the key)."""
+    from .legacy import pysyncobj_files as legacy
+    if not legacy.has_recorded_sources(root):
+        return
+    if kek is None:
+        raise KeyProviderError(f"{directory} records the pysyncobj files it was imported from; give its key "
+                               "(--key-file F, --key-env, --passphrase-env or --kms) so they can be checked "
+                               "before they are removed")
+    res = legacy.remove_sources(root, kek)
+    for p in res["removed"]:
+        click.echo(f"removed the imported pysyncobj file {p}")
+    kept = [k for k in res["kept"] if k["reason"] != "already gone"]
+    for k in res["kept"]:
+        if k not in kept:
+            click.echo(f"already removed: {k['path']}")
+    for k in kept:
+        click.echo(f"kept {k['path']}: {k['reason']}", err=True)
+    if kept:
+        sys.exit(EXIT_FINDINGS)
 
 
 # ---------------------------------------------------------------------------
@@ -1636,6 +1676,60 @@ def export_group() -> None:
 
 
 # --- import pysyncobj --------------------------------------------------------
+
+@command(import_group, name="pysyncobj", short_help="Import a pysyncobj FileJournal (+ .meta) and full-dump file.")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--journal", required=True, type=click.Path(dir_okay=False),
+              help="The node's journalFile (its .meta beside it is read too).")
+@click.option("--dump", type=click.Path(dir_okay=False), help="The node's fullDumpFile (needed once it compacted).")
+@click.option("--max-dump-bytes", type=click.IntRange(min=1), default=None,
+              help="Refuse a dump larger than this, decompressed (default 1 GiB).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@key_options
+def import_pysyncobj_cmd(directory, journal, dump, max_dump_bytes, as_json, **kw) -> None:
+    """Import a pysyncobj node's own files into a new encrypted store in DIRECTORY
+    (new or empty), which the pysyncobj adapter (walcrypt_conf) then resumes from:
+    the journal's entries, the term and vote, the commit index, and the dump as
+    the snapshot.  A torn journal tail (pysyncobj never fsyncs) is imported up to
+    its last complete entry and reported.  The sources are only read; remove them
+    later with 'walcrypt migrate DIRECTORY --to encrypted --remove-source', which
+    deletes them only while they are byte-identical to what was imported.
+
+    \b
+    Examples:
+      walcrypt import pysyncobj /var/lib/node1 --journal /var/lib/pso/node1.journal \\
+          --dump /var/lib/pso/node1.dump --key-file /secure/node1.kek
+    """
+    from .legacy import pysyncobj_files as legacy
+    kek = _kek(kw)
+    if kek is None:
+        raise KeyProviderError("the imported store is encrypted and needs a key: --key-file F (create one with "
+                               "'walcrypt keygen F')")
+    if isinstance(kek, (K.KeyFile, K.EnvKey)):
+        kek.material(None)                   # a bad key is refused before anything is read or created
+    for f in (journal, dump):
+        if f is not None and not os.path.isfile(f):
+            raise UsageError(f"{f} does not exist or is not a file")
+    opts = {} if max_dump_bytes is None else {"max_dump_bytes": max_dump_bytes}
+    with _Spinner("importing"):
+        rep = legacy.import_pysyncobj(directory, journal=journal, dump=dump, kek=kek, **opts)
+    if as_json:
+        _emit_json(rep)
+        return
+    rng = f"entries {rep['first_index']}..{rep['last_index']}" if rep["entries"] else "no entries"
+    click.echo(f"imported {rep['entries']} journal entries ({rng}), term {rep['term']}, vote {rep['vote']}, "
+               f"commit index {rep['commit']}"
+               + (f", snapshot at index {rep['snapshot_index']}" if rep.get("snapshot_index") else "")
+               + f" into {directory}")
+    if rep["cut"]:
+        c = rep["cut"]
+        click.echo(f"torn journal tail cut at offset {c['offset']} ({c['bytes']} bytes): {c['reason']}", err=True)
+    if rep.get("commit_clamped_from"):
+        click.echo(f"note: the commit index {rep['commit_clamped_from']} lay beyond the imported log; "
+                   f"it is {rep['commit']} now", err=True)
+    click.echo(f"the sources were not changed: {', '.join(s['path'] for s in rep['sources'])}; once the node "
+               f"runs on the store, remove them with '{legacy.removal_command(directory)}'")
+
 
 
 # --- import etcd, export etcd ------------------------------------------------

@@ -761,8 +761,9 @@ def render(rep: dict) -> str:
     out.append(f"store ID       {rep['store_id']}")
     if kek:
         if kek.get("fingerprint"):
+            how = "--kms NAME --kms-option ..." if kek.get("kind") == "kms" else "--key-file F"
             fp = f"fingerprint {kek['fingerprint']}" + (" (the key given matches)" if rep["authenticated"] else
-                                                       " ('walcrypt key fingerprint --key-file F' names a key)")
+                                                       f" ('walcrypt key fingerprint {how}' names a key)")
         elif kek.get("kind") == "kms":
             fp = "fingerprint none: a KMS-held key has no check value (the plug-in name identifies it)"
         else:

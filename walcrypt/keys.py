@@ -102,7 +102,8 @@ def hex_bytes(v, *, min_len: int, max_len: int) -> bytes | None:
 
 
 def valid_plugin_name(name) -> bool:
-    return isinstance(name, str) and 0 < len(name) <= MAX_PLUGIN_NAME and bool(_PLUGIN_NAME.fullmatch(name))
+    return (isinstance(name, str) and 0 < len(name) <= MAX_PLUGIN_NAME and name.isprintable()
+            and bool(_PLUGIN_NAME.fullmatch(name)))
 
 
 def scrypt_memory(n: int, r: int) -> int:
@@ -388,11 +389,13 @@ def kms_identity_problem(ident) -> str | None:
     if len(ident) > MAX_IDENTITY_FIELDS:
         return f"{len(ident)} fields, more than {MAX_IDENTITY_FIELDS}"
     for k, v in ident.items():
-        if not isinstance(k, str) or not 0 < len(k) <= 32:
-            return "a field name that is not a short string"
+        if not isinstance(k, str) or not 0 < len(k) <= 32 or not k.isprintable():
+            return "a field name that is not a short printable string"
         if isinstance(v, str):
-            if len(v) > MAX_IDENTITY_TEXT or any(ord(c) < 32 for c in v):
-                return f"field {k!r} is longer than {MAX_IDENTITY_TEXT} characters or holds control characters"
+            # printable only: no C0 or C1 control character, no DEL (inspect prints these values to a
+            # terminal, and they are read from disk unauthenticated)
+            if len(v) > MAX_IDENTITY_TEXT or not v.isprintable():
+                return f"field {k!r} is longer than {MAX_IDENTITY_TEXT} characters or holds unprintable characters"
         elif not is_uint(v):
             return f"field {k!r} is neither a short string nor an unsigned integer"
     return None

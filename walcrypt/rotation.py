@@ -34,7 +34,7 @@ import time
 
 from . import keys as K
 from . import meta as M
-from .errors import CorruptionError, KeyNotFoundError, UsageError
+from .errors import CorruptionError, KeyNotFoundError, KeyProviderError, KeyProviderUnavailableError, UsageError
 from .errors import WIPE_ADVICE
 from .types import SnapshotMeta
 
@@ -162,16 +162,18 @@ class Rotation:
             wrapper = wrapper.once()
         return K.new_key_entry(wrapper, st.store_id, algorithm=st.algorithm, purpose=K.PURPOSE_DEK, state=K.PENDING)
 
-    def defer(self, reason: str, exc: BaseException) -> None:
-        """Keep a DEK rotation the key service could not serve, for a later retry (retry_due)."""
+    def defer(self, reason: str, exc: BaseException, *, queued: int = 0) -> None:
+        """Keep a DEK rotation the key service could not serve (unreachable, or refusing), with the
+        rotations queued behind it, for a later retry (retry_due)."""
         tries = (self.deferred or {}).get("tries", 0) + 1
         wait = min(DEFER_MAX_WAIT_S, DEFER_FIRST_WAIT_S * 2 ** (tries - 1))
+        error = str(exc).split(". Nothing was changed")[0][:300] or type(exc).__name__
         self.deferred = {"reason": reason, "since_ns": (self.deferred or {}).get("since_ns", time.time_ns()),
-                         "tries": tries, "error": (str(exc).split(". Nothing was changed")[0][:300] or type(exc).__name__),
-                         "next_try": time.monotonic() + wait}
-        log.warning("DEK rotation (%s) put off: the key service is unreachable (%s); it is retried on a later "
+                         "queued": queued, "tries": tries, "error": error, "next_try": time.monotonic() + wait}
+        what = "is unreachable" if isinstance(exc, KeyProviderUnavailableError) else "refused it"
+        log.warning("DEK rotation (%s) put off: the key service %s (%s); it is retried on a later "
                     "save, the next in %.0f s. Reads and writes go on under the current data key",
-                    reason, self.deferred["error"], wait)
+                    reason, what, error, wait)
 
     def retry_due(self) -> bool:
         return self.deferred is not None and time.monotonic() >= self.deferred["next_try"]
@@ -266,7 +268,16 @@ class Rotation:
         log.info("DEK rotation complete: key %s active", pending.hex())
         self.finish_retirement()
         if queued:
-            self.rotate_dek(reason="queued", queued=queued - 1)
+            # The next rotation queued behind this one needs a new key from the key service.  This
+            # runs inside a snapshot commit: the service is asked once, and an outage or a refusal
+            # puts the rotation off (retried by later saves) instead of failing the commit.
+            with self.key_lock:
+                try:
+                    prepared = self.prepare_key(quick=True)
+                except KeyProviderError as exc:
+                    self.defer("queued", exc, queued=queued - 1)
+                    return
+                self.rotate_dek(reason="queued", queued=queued - 1, prepared=prepared)
 
     def finish_retirement(self) -> None:
         """Purge what retiring keys protect; retire keys nothing references any more."""
@@ -449,45 +460,48 @@ class Rotation:
         self._stage_rewrap(wrapper, rewrapped, old_blobs)
         cv = wrapper.check_value()
         staged = {"params": params, "check": cv, "meta_wrapped": meta_wrapped, "wrapped": rewrapped}
-        # From here to the swap, no snapshot writer runs (Snapshots.writers_excluded: begin_snapshot()
-        # waits): one begun meanwhile would take the keyring bundle under the old KEK and, registered
-        # after the commit, leave every key wrapped under it in the data directory.  No key is created
-        # either (key_lock): every key is wrapped under the new KEK before the copies begin.
-        with st.snapshots.writers_excluded("the KEK rotation"), self.key_lock:
+        # From here to the swap no key is created (key_lock: every key is wrapped under the new KEK
+        # before the copies begin), and no snapshot writer runs (Snapshots.writers_excluded:
+        # begin_snapshot() waits): one begun meanwhile would take the keyring bundle under the old
+        # KEK and, registered after the commit, leave every key wrapped under it in the data
+        # directory.  key_lock is taken first: a DEK rotation waiting on its key service holds it,
+        # and snapshot writers must not wait on that.
+        with self.key_lock:
             self._stage_rewrap(wrapper, rewrapped, old_blobs)       # keys created since: none, usually
-            # Any interruption from here on fails the store: between the commit and the swap of the
-            # in-memory wrapper, keys would be wrapped under one KEK in memory and another on disk (a
-            # new DEK wrapped by the old KEK would be lost at the next open); before the commit,
-            # published copies and a half-written unit of SNAPSHOT records are for the next open.
-            with st.fail_stop("rotating the key-encryption key"):
-                st.snapshots.drop_damaged_older()    # each is copied below: bit rot there is set aside first
-                retained = list(st.snapshots.infos)
-                copies = st.copy_snapshots(retained, kek=staged)                    # 1
-                st.redact_quarantined(old_blobs)
-                st.snapshots.remove_abandoned_temporaries()
-                with st.meta.write() as tx:                                         # 2
-                    tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
-                    if cv is None:
-                        tx.delete(M.DB_STORE, M.K_KEK_CHECK)
-                    else:
-                        tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
-                    tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_wrapped)
-                    for kid, raw in tx.items(M.DB_KEYRING):
-                        entry = M.decode_keyring(kid, raw, st.meta.path)
-                        if entry.state == K.DESTROYED or not entry.wrapped:
-                            continue
-                        if kid not in rewrapped:        # key_lock is held: never; and never committed unwrapped
-                            raise KeyNotFoundError(f"key {kid.hex()} of the keyring was not re-wrapped")
-                        tx.put(M.DB_KEYRING, kid,
-                               M.encode_keyring(dataclasses.replace(entry, wrapped=rewrapped[kid])))
-                    st.snapshots.register_copies(tx, copies, retained)
-                    tx.mark_scrub_pending()
-                for kid, blob in rewrapped.items():
-                    if kid in st.keys and st.keys[kid].state != K.DESTROYED:
-                        st.keys[kid].wrapped = blob
-                st.wrapper = wrapper
-                st.kek_params = params
-                st.tie_to_log(copies)        # after the commit: a record before it would roll the copies forward
-                st.snapshots.install_copies(copies, retained)                       # 3
+            with st.snapshots.writers_excluded("the KEK rotation"):
+                # Any interruption from here on fails the store: between the commit and the swap of the
+                # in-memory wrapper, keys would be wrapped under one KEK in memory and another on disk (a
+                # new DEK wrapped by the old KEK would be lost at the next open); before the commit,
+                # published copies and a half-written unit of SNAPSHOT records are for the next open.
+                with st.fail_stop("rotating the key-encryption key"):
+                    st.snapshots.drop_damaged_older()    # each is copied below: bit rot there is set aside first
+                    retained = list(st.snapshots.infos)
+                    copies = st.copy_snapshots(retained, kek=staged)                    # 1
+                    st.redact_quarantined(old_blobs)
+                    st.snapshots.remove_abandoned_temporaries()
+                    with st.meta.write() as tx:                                         # 2
+                        tx.put_raw(M.DB_STORE, M.K_KEK_PARAMS, json.dumps(params).encode())
+                        if cv is None:
+                            tx.delete(M.DB_STORE, M.K_KEK_CHECK)
+                        else:
+                            tx.put_raw(M.DB_STORE, M.K_KEK_CHECK, cv)
+                        tx.put_raw(M.DB_STORE, M.K_META_KEY, meta_wrapped)
+                        for kid, raw in tx.items(M.DB_KEYRING):
+                            entry = M.decode_keyring(kid, raw, st.meta.path)
+                            if entry.state == K.DESTROYED or not entry.wrapped:
+                                continue
+                            if kid not in rewrapped:        # key_lock is held: never; and never committed unwrapped
+                                raise KeyNotFoundError(f"key {kid.hex()} of the keyring was not re-wrapped")
+                            tx.put(M.DB_KEYRING, kid,
+                                   M.encode_keyring(dataclasses.replace(entry, wrapped=rewrapped[kid])))
+                        st.snapshots.register_copies(tx, copies, retained)
+                        tx.mark_scrub_pending()
+                    for kid, blob in rewrapped.items():
+                        if kid in st.keys and st.keys[kid].state != K.DESTROYED:
+                            st.keys[kid].wrapped = blob
+                    st.wrapper = wrapper
+                    st.kek_params = params
+                    st.tie_to_log(copies)        # after the commit: a record before it would roll the copies forward
+                    st.snapshots.install_copies(copies, retained)                       # 3
         with st.fail_stop("rotating the key-encryption key"):
             st.scrub_meta(old_blobs)

@@ -1096,12 +1096,16 @@ class Store:
         """
         self._check_write()
         self.wal.append(entries, hard_state)
-        if self.rotation.auto_due:
-            self.rotation.auto_due = False
-            self._rotate_dek("key budget reached")
-        elif self.rotation.deferred is not None and self.rotation.retry_due():
-            # A DEK rotation the key service could not serve: one attempt, no waiting, when due.
-            self._rotate_dek(self.rotation.deferred["reason"], quick=True)
+        rot = self.rotation
+        due = rot.auto_due
+        rot.auto_due = False
+        if rot.deferred is not None:
+            # A DEK rotation the key service could not serve (a budget reached since adds nothing):
+            # one attempt, no waiting, when its backoff says so.
+            if rot.retry_due():
+                self._rotate_dek(rot.deferred["reason"], from_save=True)
+        elif due:
+            self._rotate_dek("key budget reached", from_save=True)
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         self._check_open()
@@ -1234,18 +1238,28 @@ class Store:
         """Start a DEK rotation by forced snapshot (queued if one is in flight).  See rotation.py."""
         self._rotate_dek("requested")
 
-    def _rotate_dek(self, reason: str, *, quick: bool = False) -> None:
+    def _rotate_dek(self, reason: str, *, from_save: bool = False) -> None:
+        """Start a DEK rotation.  ``from_save``: started by save() (a key budget, or a rotation put
+        off earlier), whose entries are already durable: the key service is asked once, without
+        waiting, and whatever it answers puts the rotation off (Rotation.defer) instead of reaching
+        the caller - an outage or a refusal never turns a successful save into an error."""
         self.rotation.check_rotatable()
+        queued = (self.rotation.deferred or {}).get("queued", 0)
         with self.rotation.key_lock:
             try:
                 # The new key is wrapped first, outside the fail-stop guard: a key service that cannot
                 # be reached changes nothing, and the rotation is retried later (Rotation.defer).
-                prepared = self.rotation.prepare_key(quick=quick)
+                prepared = self.rotation.prepare_key(quick=from_save)
             except KeyProviderUnavailableError as exc:
-                self.rotation.defer(reason, exc)
+                self.rotation.defer(reason, exc, queued=queued)
+                return
+            except KeyProviderError as exc:
+                if not from_save:
+                    raise
+                self.rotation.defer(reason, exc, queued=queued)
                 return
             with _FailStop(self, "rotating the data key"):
-                self.rotation.rotate_dek(reason=reason, prepared=prepared)     # steps 1 and 2
+                self.rotation.rotate_dek(reason=reason, prepared=prepared, queued=queued)   # steps 1 and 2
         self.rotation.ask_for_snapshot()                   # step 3: the host's source, outside the guard
 
     def fail_stop(self, what: str) -> _FailStop:
@@ -1257,10 +1271,13 @@ class Store:
         self.rotation.check_rotatable()
         # Excluded from snapshot writers and a KEK rotation: it destroys the DEKs a streamed snapshot
         # or a rotation's copies would be under, and writes a snapshot copy of its own.
-        with self.snapshots.writers_excluded("the full re-key"), self.rotation.key_lock:
-            prepared = self.rotation.prepare_key()        # a key service's outage: nothing changed
-            with _FailStop(self, "re-keying"):
-                self.rotation.rekey(prepared=prepared)
+        # key_lock first, then the new key from the key service (an outage: nothing changed), and
+        # only then snapshot writers held back: a slow service never stalls a snapshot.
+        with self.rotation.key_lock:
+            prepared = self.rotation.prepare_key()
+            with self.snapshots.writers_excluded("the full re-key"):
+                with _FailStop(self, "re-keying"):
+                    self.rotation.rekey(prepared=prepared)
 
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:
         """Re-wrap every key under ``new_kek``; the old KEK no longer opens the store, and no file of the

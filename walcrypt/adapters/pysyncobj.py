@@ -91,6 +91,12 @@ _BUILDING = threading.local()        # .nodes: the nodes whose SyncObj.__init__ 
 log = logging.getLogger(__name__)
 
 
+class LegacyFilesWarning(UserWarning):
+    """pysyncobj files of this node's earlier life: imported on this first start and left in place
+    (plaintext) until removed with the command the warning names, or found beside a new store
+    without ``import_journal=`` and not imported."""
+
+
 class InsecureTransportWarning(UserWarning):
     """A pysyncobj node on a walcrypt store starts without ``password``: pysyncobj's TCP traffic,
     log entries and decrypted snapshots included, is neither encrypted nor authenticated.
@@ -99,7 +105,7 @@ class InsecureTransportWarning(UserWarning):
 
 
 def walcrypt_conf(path, *, kek=None, encrypted: bool = True, store_options: dict | None = None,
-                  **syncobj_options) -> SyncObjConf:
+                  import_journal=None, import_dump=None, **syncobj_options) -> SyncObjConf:
     """A ``SyncObjConf`` whose journal and snapshots live in a walcrypt store at ``path``.
 
     ``kek`` is this node's own key-encryption key.  Any SyncObjConf option may be given;
@@ -109,7 +115,19 @@ def walcrypt_conf(path, *, kek=None, encrypted: bool = True, store_options: dict
     :func:`walcrypt.open` (``sync``, ``segment_size``, ...).
 
     The conf serves one running SyncObj at a time; once that one is destroyed it can start
-    another (a restart), as can a new conf for the same path."""
+    another (a restart), as can a new conf for the same path.
+
+    Adopting a node that ran on pysyncobj's own ``FileJournal``: ``import_journal`` (the old
+    ``journalFile``; its ``.meta`` beside it is read too) and ``import_dump`` (the old
+    ``fullDumpFile``) are imported into the store on the first start, when ``path`` holds no store
+    yet (:func:`walcrypt.legacy.pysyncobj_files.import_pysyncobj`); later starts ignore them.
+    ``import_journal="auto"`` takes ``<path>.journal`` and ``<path>.dump`` when they exist and are
+    pysyncobj's files, and nothing when they do not.  The originals are left as they are and a
+    :class:`LegacyFilesWarning` says so once, with the command that removes them.  Files found at
+    ``<path>.journal``/``<path>.dump`` are never imported without ``import_journal`` (walcrypt never
+    adopts plaintext data implicitly): a first start without it only warns."""
+    if import_dump is not None and import_journal is None:
+        raise UsageError("import_dump needs import_journal (the journal the dump belongs to), or 'auto'")
     for forbidden in ("journalFile", "fullDumpFile", "serializer", "deserializer"):
         if forbidden in syncobj_options:
             raise UsageError(f"walcrypt_conf manages {forbidden}; do not pass it")
@@ -118,6 +136,9 @@ def walcrypt_conf(path, *, kek=None, encrypted: bool = True, store_options: dict
     with _LOCK:
         _CONF_PATHS.add(os.path.realpath(path))
     node = WalcryptNode(path, kek=kek, encrypted=encrypted, store_options=store_options or {})
+    node.import_journal = None if import_journal is None else (
+        "auto" if import_journal == "auto" else os.path.abspath(os.fspath(import_journal)))
+    node.import_dump = None if import_dump is None else os.path.abspath(os.fspath(import_dump))
     syncobj_options.setdefault("useFork", False)
     conf = SyncObjConf(journalFile=path, fullDumpFile=node.marker, serializer=node.serialize,
                        deserializer=node.deserialize, **syncobj_options)
@@ -143,6 +164,9 @@ class WalcryptNode:
         self._last_force = 0.0
         self.snapshots_saved = 0
         self.snapshots_received = 0
+        self.import_journal = None
+        self.import_dump = None
+        self.import_report: dict | None = None
 
     @property
     def syncobj(self):
@@ -199,6 +223,7 @@ class WalcryptNode:
         from .. import storage
         if self.journal is not None and not self.journal.closed:
             raise UsageError(f"this walcrypt_conf already serves an open journal (store {self.path})")
+        self._adopt_legacy_files()
         try:
             store = storage.open(self.path, kek=self.kek, encrypted=self.encrypted, **self.store_options)
         except LockedError as exc:
@@ -215,6 +240,46 @@ class WalcryptNode:
             raise
         self.journal = journal
         return journal
+
+    def _adopt_legacy_files(self) -> None:
+        """First start only (no store at ``path`` yet): import the pysyncobj files given to
+        walcrypt_conf, or warn about ones found beside the data directory."""
+        from ..layout import looks_like_store
+        from ..legacy import pysyncobj_files as legacy
+        if looks_like_store(self.path):
+            return
+        journal, dump = self.import_journal, self.import_dump
+        if journal == "auto" or journal is None:
+            found_j, found_d = legacy.sibling_files(self.path)
+            if journal is None:
+                if found_j or found_d:
+                    _warn_legacy(f"pysyncobj files beside the new walcrypt store {self.path} were NOT imported: "
+                                 f"{', '.join(p for p in (found_j, found_d) if p)}. To start this node from them, "
+                                 "pass import_journal='auto' (or the paths) to walcrypt_conf, or run "
+                                 "'walcrypt import pysyncobj'; walcrypt never adopts them implicitly")
+                return
+            journal, dump = found_j, dump or found_d
+            if journal is None:
+                if dump is not None:
+                    _warn_legacy(f"{dump} beside the new walcrypt store {self.path} was NOT imported: there is no "
+                                 f"{self.path}.journal to go with it; give import_journal= the node's journal")
+                return                  # "auto" and nothing there: a new node
+        for p in (journal, dump):
+            if p is not None and not os.path.isfile(p):
+                raise UsageError(f"walcrypt_conf(import_journal/import_dump): {p} does not exist (and {self.path} "
+                                 "holds no store yet); give the files this node used with FileJournal, or drop "
+                                 "the option to start an empty node")
+        rep = legacy.import_pysyncobj(self.path, journal=journal, dump=dump, kek=self.kek, encrypted=self.encrypted,
+                                      **self.store_options)
+        self.import_report = rep
+        cut = rep.get("cut")
+        _warn_legacy(f"imported pysyncobj's files into the walcrypt store {self.path}: "
+                     f"{', '.join(s['path'] for s in rep['sources'])} ({rep['entries']} entries"
+                     + (f", snapshot at index {rep['snapshot_index']}" if rep.get("snapshot_index") else "")
+                     + (f"; a torn journal tail of {cut['bytes']} bytes at offset {cut['offset']} was cut: "
+                        f"{cut['reason']}" if cut else "")
+                     + "). The originals were not changed and still hold this node's data in clear; once the node "
+                     f"runs well, remove them with: {legacy.removal_command(self.path)}")
 
     def _sync_marker(self) -> None:
         """The marker file exists exactly when a snapshot does (pysyncobj loads it at start)."""
@@ -579,6 +644,11 @@ def _warn_cleartext(node: WalcryptNode, self_node) -> None:
            "password= (see the README: what pysyncobj's transport protects)")
     log.warning("%s", msg)
     warnings.warn(msg, InsecureTransportWarning, stacklevel=3)   # the SyncObj(...) call
+
+
+def _warn_legacy(msg: str) -> None:
+    log.warning("%s", msg)
+    warnings.warn(msg, LegacyFilesWarning, stacklevel=2)
 
 
 def _install() -> None:

@@ -48,6 +48,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import json
 import os
 import re
 import threading
@@ -215,7 +216,9 @@ class VaultTransit:
             if isinstance(exc, hx.VaultDown):
                 detail = f"sealed or in standby: {detail}"
             return KeyProviderUnavailableError(f"vault-transit could not {what} at {self.addr}: {detail}")
-        if isinstance(exc, hx.UnexpectedError):
+        if isinstance(exc, (hx.UnexpectedError, requests.exceptions.RequestException, json.JSONDecodeError)):
+            # an unexpected status, a connection broken part-way through the answer, an answer that
+            # is not JSON (a proxy's page): the service did not answer, which is not a wrong key
             return KeyProviderUnavailableError(f"vault-transit could not {what} at {self.addr}: {detail}")
         if isinstance(exc, (hx.Forbidden, hx.Unauthorized)):
             who = (f"the AppRole login at auth/{self.approle_mount} (check role_id and secret_id)" if login or
@@ -275,7 +278,9 @@ class VaultTransit:
         try:
             opened = base64.b64decode(res["data"]["plaintext"], validate=True)
         except (KeyError, TypeError, ValueError, binascii.Error):
-            raise WrongKeyError("vault-transit: the server's decrypt answer holds no plaintext") from None
+            raise KeyProviderUnavailableError(f"vault-transit: the answer from {self.addr} to decrypt is not a "
+                                              "Transit answer (no plaintext field): a proxy or another service "
+                                              "answered") from None
         if len(opened) < TAG_SIZE or not hmac.compare_digest(opened[:TAG_SIZE], tag):
             raise WrongKeyError(f"vault-transit: the wrapped key opened under {self.mount}/keys/{self.key} but "
                                 "belongs to another context (another store, key or purpose)")
@@ -323,5 +328,6 @@ class VaultTransit:
         except (KeyError, TypeError):
             text = None
         if not isinstance(text, str) or not text.startswith("vault:v"):
-            raise KeyProviderError(f"vault-transit: the server's {op} answer holds no ciphertext")
+            raise KeyProviderUnavailableError(f"vault-transit: the answer from {self.addr} to {op} holds no "
+                                              "ciphertext: a proxy or another service answered")
         return text.encode("ascii")

@@ -453,7 +453,7 @@ def detect(path: str) -> list[dict]:
             "kind": "etcd",
             "paths": [member],
             "detail": f"an etcd v3 member directory: {len(names)} WAL file(s), {len(snaps)} snap file(s); {ids}",
-            "command": f"walcrypt import etcd NEW_DATA_DIR --member-dir {shlex.quote(member)} --key-file KEK_FILE",
+            "command": f"walcrypt import etcd NEW_DATA_DIR --member-dir {shlex.quote(member)} --key-file KEK",
         })
         break
     return findings
