@@ -770,6 +770,12 @@ class Store:
             return
         changed = False
         for name in sorted(self.vfs.listdir(self.wal_dir)):
+            if name.endswith(".broken") and (m := _SEGMENT_NAME.match(name[:-len(".broken")])):
+                seg_id = int(m.group(1), 16)
+                if seg_id in self._purged and seg_id not in known:   # its segment was purged (remove_segments)
+                    self.vfs.unlink(os.path.join(self.wal_dir, name))
+                    changed = True
+                continue
             m = _SEGMENT_NAME.match(name)
             if not m or int(m.group(1), 16) in known:
                 continue
@@ -1072,6 +1078,10 @@ class Store:
         self.wal.forget(segs)
         for seg in segs:
             self.vfs.unlink(seg.path)
+            # The copy a torn-tail repair kept holds the same entries (and an unacknowledged tail)
+            # under the same DEK: it goes with its segment, or it would outlive its key's retirement.
+            if os.path.lexists(seg.path + ".broken"):
+                self.vfs.unlink(seg.path + ".broken")
         self.vfs.fsync_dir(self.wal_dir)
 
     # ------------------------------------------------------------------ Storage API
