@@ -5,8 +5,8 @@ Each test reproduces one break with real files (and, where it matters, a real pr
 etcd on 127.0.0.1, stopped by its PID) and asserts what the import promises: everything read
 from legacy files is untrusted input, parsed with bounds and refused with a typed walcrypt error,
 never a bare Python exception or a dead process; a failure leaves nothing worse than before; the
-imported store is one a node resumes from and the export one etcd starts from.  Each is pinned
-as a strict xfail on the code it was written against and accepts every reasonable fixed outcome.
+imported store is one a node resumes from and the export one etcd starts from.  Each was a strict
+xfail on the code it was written against; all pass since their fixes.
 """
 
 from __future__ import annotations
@@ -66,10 +66,6 @@ def _journal(path: str, n: int = 3) -> None:
     j._destroy()
 
 
-@pytest.mark.xfail(strict=True, reason="read_dump reports the cluster with str(node); pysyncobj's Node.__str__ "
-                                       "returns the node's id, which may be any hashable value: a Node with an "
-                                       "int id (legal in pysyncobj, or a hostile dump) makes the import raise a "
-                                       "bare TypeError")
 def test_pysyncobj_dump_whose_nodes_have_non_string_ids(tmp_path):
     pytest.importorskip("pysyncobj")
     from pysyncobj.node import Node
@@ -88,9 +84,6 @@ def test_pysyncobj_dump_whose_nodes_have_non_string_ids(tmp_path):
         assert st.snapshot().meta.index == 2
 
 
-@pytest.mark.xfail(strict=True, reason="read_meta accepts any int as votedForNodeId; _finish then json.dumps it "
-                                       "and Python refuses to turn an int of more than 4300 digits into text: "
-                                       "a 2 KB .meta file makes the import raise a bare ValueError")
 def test_pysyncobj_meta_with_a_huge_int_vote(tmp_path):
     pytest.importorskip("pysyncobj")
     from walcrypt.legacy import pysyncobj_files as P
@@ -133,9 +126,6 @@ _SHARED_REFS_CHILD = """
 """
 
 
-@pytest.mark.xfail(strict=True, reason="_plain() walks a dump node's attributes as a tree, visiting a shared "
-                                       "(memo-referenced) list once per reference: 8 levels of 100 references "
-                                       "(under 4 KB of pickle) are 10**16 visits, and the import never ends")
 def test_pysyncobj_dump_node_attributes_with_shared_references_end_quickly(tmp_path):
     pytest.importorskip("pysyncobj")
     code, out, err = run_child(_SHARED_REFS_CHILD, str(tmp_path), timeout=60)
@@ -175,10 +165,6 @@ _BIG_LIST_CHILD = """
 """
 
 
-@pytest.mark.xfail(strict=True, reason="_pickles.top_tuple keeps a Python int per stack item while it walks the "
-                                       "dump: about 40 bytes of memory per byte of decompressed pickle, so a 4 KB "
-                                       "gzip file takes 150 MB, and one of 1 MB (max_dump_bytes defaults to 1 GiB "
-                                       "decompressed) some 40 GB")
 def test_pysyncobj_dump_memory_stays_proportionate_to_the_dump(tmp_path):
     pytest.importorskip("pysyncobj")
     n = 4_000_000
@@ -245,10 +231,6 @@ _TRUNCATED_CHILD = """
 """
 
 
-@pytest.mark.xfail(strict=True, reason="etcd_wal.read_wal_file mmaps each WAL file and reads the mapping: when the "
-                                       "file is truncated meanwhile (a starting etcd repairing its torn tail, "
-                                       "anyone with write access) the importer dies of SIGBUS instead of "
-                                       "reporting a typed error")
 def test_etcd_wal_truncated_during_import_is_not_a_crash(tmp_path):
     pytest.importorskip("google.protobuf")
     member = _etcd_member(str(tmp_path), _entries(1, 40) + [_hard_state(1, 1, 40)])
@@ -260,10 +242,6 @@ def test_etcd_wal_truncated_during_import_is_not_a_crash(tmp_path):
         nothing_left(str(tmp_path), target)
 
 
-@pytest.mark.xfail(strict=True, reason="import_etcd copies the WAL's last hard state as it is: a commit index "
-                                       "beyond the log (etcd's raft panics on it: 'tocommit is out of range') "
-                                       "becomes the store's hard state, and export_etcd writes it back, so "
-                                       "neither a node on the store nor etcd resumes; the pysyncobj import lowers it")
 def test_etcd_hard_state_commit_beyond_the_log(tmp_path):
     pytest.importorskip("google.protobuf")
     from walcrypt.legacy import etcd as E
@@ -284,10 +262,6 @@ def test_etcd_hard_state_commit_beyond_the_log(tmp_path):
 _OTHERS = "written by someone else"
 
 
-@pytest.mark.xfail(strict=True, reason="export_etcd creates a missing etcd --data-dir (the parent of 'member') and "
-                                       "on any failure removes it with rmtree: when the member directory appeared "
-                                       "there meanwhile (another export, an etcd starting), the export says "
-                                       "'nothing there was changed' and has deleted it")
 def test_etcd_export_failure_keeps_a_member_dir_someone_else_created(tmp_path, monkeypatch):
     pytest.importorskip("google.protobuf")
     from walcrypt.legacy import etcd as E
@@ -314,10 +288,6 @@ def test_etcd_export_failure_keeps_a_member_dir_someone_else_created(tmp_path, m
 
 
 @needs_etcd
-@pytest.mark.xfail(strict=True, reason="export_etcd refuses a log that does not start at 1 without a snapshot "
-                                       "only when it holds entries: a store compacted to its end writes a WAL with "
-                                       "no entries and the hard state's commit index, which etcd refuses to start "
-                                       "from (raft: commit out of range), and the export reported success")
 def test_etcd_export_of_a_store_compacted_to_its_end(tmp_path):
     pytest.importorskip("google.protobuf")
     from walcrypt.legacy import etcd as E
