@@ -35,14 +35,49 @@ class PickleRefused(ValueError):
         self.detail = detail
 
 
+MAX_TOP_ITEMS = 64        # items on the stack outside the outermost mark and inside it (pysyncobj: 4)
+
+
 def top_tuple(data: bytes, max_protocol: int = 3) -> tuple[int, list[tuple[int, int]]]:
     """(protocol, [(start, end), ...]) for a pickle whose value is one tuple built with MARK ... TUPLE
     (how protocols 0-3 write a tuple of more than three items).  Each slice holds the opcodes of one
-    element; an element's memo references point only into itself or earlier elements."""
-    stack: list = []            # per stack item: its first opcode's offset; a mark is ("mark", offset)
+    element; an element's memo references point only into itself or earlier elements.
+
+    Memory stays proportionate to the nesting, not to the number of items: only the stack levels
+    that can make up the outermost tuple (outside any mark, and directly inside the first mark)
+    keep each item's first offset - at most MAX_TOP_ITEMS of them; a deeper mark keeps its offset
+    and a count (an item's offset there never matters: what the deeper items build starts at their
+    mark or earlier)."""
+    # frames[0]: the stack outside any mark; frames[k]: the items pushed since the k-th open mark.
+    # A frame is [mark offset, starts] with starts a list (levels 0 and 1) or an int count (deeper).
+    frames: list[list] = [[0, []]]
     puts = 0
     protocol = 0
     result = None
+
+    def push(first: int) -> None:
+        items = frames[-1][1]
+        if isinstance(items, int):
+            frames[-1][1] = items + 1
+            return
+        if len(items) >= MAX_TOP_ITEMS:
+            raise PickleRefused(None, f"more than {MAX_TOP_ITEMS} items at the top of the pickle")
+        items.append(first)
+
+    def pop(n: int, name: str, pos: int) -> int | None:
+        """Pop n items of the innermost frame; the smallest first offset among them (None: unknown,
+        a deep frame, where it never matters)."""
+        items = frames[-1][1]
+        have = items if isinstance(items, int) else len(items)
+        if have < n:
+            raise PickleRefused(pos, f"{name} on a stack too short")
+        if isinstance(items, int):
+            frames[-1][1] = items - n
+            return None
+        popped = items[len(items) - n:] if n else []
+        del items[len(items) - n:]
+        return min(popped) if popped else None
+
     try:
         for op, arg, pos in pickletools.genops(io.BytesIO(data)):
             name = op.name
@@ -59,42 +94,42 @@ def top_tuple(data: bytes, max_protocol: int = 3) -> tuple[int, list[tuple[int, 
                     raise PickleRefused(pos, f"memo index {idx} out of order (next is {puts})")
                 if idx == puts:
                     puts += 1
-                if not stack or isinstance(stack[-1], tuple):
+                items = frames[-1][1]
+                if (items if isinstance(items, int) else len(items)) == 0:
                     raise PickleRefused(pos, "memo store with nothing on the stack")
                 continue
             if name in _GETS and not 0 <= arg < puts:
                 raise PickleRefused(pos, f"memo index {arg} was never stored")
             if name == "STOP":
-                if len(stack) != 1 or result is None:
+                if len(frames) != 1 or len(frames[0][1]) != 1 or result is None:
                     raise PickleRefused(pos, "the pickle's value is not one MARK ... TUPLE")
                 return protocol, result
             result = None               # set again only by the outermost TUPLE, if it is the last opcode
             before = op.stack_before
-            if pickletools.markobject in before or (name == "POP" and stack and isinstance(stack[-1], tuple)):
-                below = before.index(pickletools.markobject) if pickletools.markobject in before else 0
-                items = []
-                while stack and not isinstance(stack[-1], tuple):
-                    items.append(stack.pop())
-                if not stack:
+            items = frames[-1][1]
+            if name == "POP" and len(frames) > 1 and (items if isinstance(items, int) else len(items)) == 0:
+                frames.pop()            # POP on an empty frame discards its mark (as the unpickler does)
+                continue
+            firsts = [pos]
+            if pickletools.markobject in before:
+                below = before.index(pickletools.markobject)
+                if len(frames) == 1:
                     raise PickleRefused(pos, f"{name} without a mark")
-                mark = stack.pop()
-                items.reverse()
-                if name == "TUPLE" and not stack:
+                mark_pos, items = frames.pop()
+                if name == "TUPLE" and len(frames) == 1 and not frames[0][1]:
                     result = list(zip(items, items[1:] + [pos]))
-                starts = [mark[1]] + items
-                for _ in range(below):
-                    if not stack or isinstance(stack[-1], tuple):
-                        raise PickleRefused(pos, f"{name} on a stack too short")
-                    starts.append(stack.pop())
+                firsts.append(mark_pos)
+                got = pop(below, name, pos)
             else:
-                starts = []
-                for _ in range(len(before)):
-                    if not stack or isinstance(stack[-1], tuple):
-                        raise PickleRefused(pos, f"{name} on a stack too short")
-                    starts.append(stack.pop())
-            first = min(starts + [pos])
+                got = pop(len(before), name, pos)
+            if got is not None:
+                firsts.append(got)
+            first = min(firsts)
             for item in op.stack_after:
-                stack.append(("mark", pos) if item is pickletools.markobject else first)
+                if item is pickletools.markobject:
+                    frames.append([pos, [] if len(frames) < 2 else 0])
+                else:
+                    push(first)
     except PickleRefused:
         raise
     except Exception as exc:          # genops' own decoding errors: truncation, bad arguments, ...
@@ -139,7 +174,7 @@ def _empty_bytes(*args):
     return b""
 
 
-def _node_classes() -> dict:
+def node_classes() -> dict:
     try:
         from pysyncobj import node
     except ImportError:
@@ -161,7 +196,7 @@ class _Restricted(pickle.Unpickler):
         self.strict = strict
         self.allowed = dict(_ALLOWED)
         if nodes:
-            self.allowed.update(_node_classes())
+            self.allowed.update(node_classes())
         self.stubbed: set[str] = set()
 
     def find_class(self, module, name):

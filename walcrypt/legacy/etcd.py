@@ -164,6 +164,15 @@ def read_member(member_dir: str) -> dict:
     if metadata is None:
         raise CorruptionError(os.path.join(wal_dir, names[first][2]), None, "the WAL holds no metadata record")
     md = _parse(W.Record(os.path.join(wal_dir, names[first][2]), 0, W.METADATA, metadata), "etcdserverpb.Metadata")
+    top = ents[-1][0] if ents else start_index
+    if state.commit > top:
+        # etcd's raft refuses to start on it ("tocommit is out of range"): a commit index can only
+        # run past the log when entries were lost, which no torn tail explains (each Save writes its
+        # entries before the hard state that commits them)
+        raise CorruptionError(os.path.join(wal_dir, names[-1][2]), None,
+                              f"the WAL's hard state commits index {state.commit}, but its log ends at {top}: "
+                              "entries the cluster committed are missing",
+                              "import a complete member directory (another member's, or a backup)")
     return {"member_dir": member, "wal_files": [os.path.join(wal_dir, n) for _s, _i, n in names],
             "read_from": os.path.join(wal_dir, names[first][2]), "metadata": metadata,
             "node_id": md.NodeID, "cluster_id": md.ClusterID, "hard_state": state, "entries": ents,
@@ -327,8 +336,13 @@ def export_etcd(data_dir: str, *, member_dir: str, kek) -> dict:
                 b, crc = W.frame(W.SNAPSHOT, pb.marshal("walpb.Snapshot", index=m.index, term=m.term), crc)
                 frames.append(b)
                 snap_info = {"file": name, "index": m.index, "term": m.term, "bytes": snap.size}
-            elif first != 1 and last >= first:
-                raise UsageError(f"the store's log starts at {first} and it has no snapshot: etcd needs the log from 1")
+            elif first != 1:
+                raise UsageError(f"the store's log starts at {first} and it has no snapshot: etcd needs the log from 1 "
+                                 "(save a snapshot in the store first, or export from a store that was not compacted)")
+            top = last if last >= first else (snap.meta.index if snap is not None else 0)
+            if hs.commit > top:
+                raise UsageError(f"the store's hard state commits index {hs.commit} but its log ends at {top}: etcd "
+                                 "would refuse to start on it")
             n = 0
             wal_path = os.path.join(wal_dir, W.wal_name(0, 0))
             with _NewFile(wal_path) as out:
@@ -357,7 +371,10 @@ def export_etcd(data_dir: str, *, member_dir: str, kek) -> dict:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if made_parent:
-            shutil.rmtree(made_parent, ignore_errors=True)
+            try:
+                os.rmdir(made_parent)        # only if still empty: what appeared there meanwhile is not ours
+            except OSError:
+                pass
         raise
     return {"member_dir": member_dir, "wal_file": os.path.join(member_dir, "wal", W.wal_name(0, 0)), "entries": n,
             "first_index": first if n else None, "last_index": last if n else None,
@@ -385,7 +402,8 @@ def _snapshot_bytes(snap) -> bytes:
             conf = None
     if conf is None:
         conf = {"voters": [int(v) for v in m.conf_state.voters], "learners": [int(v) for v in m.conf_state.learners]}
-    return pb.marshal("raftpb.Snapshot", data=snap.data, metadata={"conf_state": conf, "index": m.index, "term": m.term})
+    return pb.marshal("raftpb.Snapshot", data=snap.data,
+                      metadata={"conf_state": conf, "index": m.index, "term": m.term})
 
 
 class _NewFile:

@@ -30,7 +30,6 @@ are opened read-only without following symbolic links and mapped, not read whole
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import stat
@@ -47,6 +46,9 @@ TYPE_NAMES = {METADATA: "metadata", ENTRY: "entry", STATE: "state", CRC: "crc", 
 MAX_RECORD = 10 * 1024 * 1024             # etcd's maxWALEntrySizeLimit
 SECTOR = 512                              # etcd's minSectorSize (torn-write detection)
 SEGMENT_BYTES = 64 * 1000 * 1000          # etcd's SegmentSizeBytes (files are preallocated to it)
+# etcd cuts a file once a Save leaves it past SEGMENT_BYTES, so a file is that plus one Save's batch
+# of records; a file beyond this bound is refused before it is read into memory.
+MAX_WAL_FILE_BYTES = 1 << 30
 MAX_SNAP_FILE = 1 << 31                   # a .snap file is read whole: refuse absurd sizes first
 _LEN_MASK = (1 << 56) - 1
 WAL_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")
@@ -115,17 +117,26 @@ def read_wal_file(path: str, crc: int, last: bool) -> tuple[list[Record], int, T
     """The records of one WAL file -> (records, the rolling CRC after them, torn tail or None).
 
     ``crc`` is the rolling CRC the previous file ended with (0 before the first file)."""
+    # Read into memory, not mapped: a file truncated while it is read (an etcd starting on the same
+    # directory repairs its tail) gives a short read - a torn tail or an error - never a SIGBUS.
     fd = open_source(path)
     try:
         size = os.fstat(fd).st_size
-        m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else b""
+        if size > MAX_WAL_FILE_BYTES:
+            raise CorruptionError(path, None, f"WAL file of {size} bytes: etcd cuts a file once it passes "
+                                              f"{SEGMENT_BYTES} bytes; one larger than {MAX_WAL_FILE_BYTES} is "
+                                              "not a file etcd wrote")
+        chunks, off = [], 0
+        while off < size:
+            chunk = os.pread(fd, min(1 << 20, size - off), off)
+            if not chunk:
+                break                       # the file shrank meanwhile: what was read is scanned
+            chunks.append(chunk)
+            off += len(chunk)
+        data = b"".join(chunks)
     finally:
         os.close(fd)
-    try:
-        return scan(m, path, crc, last)
-    finally:
-        if size:
-            m.close()
+    return scan(data, path, crc, last)
 
 
 def scan(m, path: str, crc: int, last: bool, limit: int | None = None) -> tuple[list[Record], int, Torn | None]:

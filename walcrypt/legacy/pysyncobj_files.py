@@ -214,6 +214,9 @@ def read_meta(path: str, report: dict) -> dict:
         raise _corrupt(path, None, f"the journal meta file holds term {term!r} and commit index {commit!r}")
     if vote is not None and not isinstance(vote, (str, int)):
         raise _corrupt(path, None, f"the journal meta file's vote is a {type(vote).__name__}")
+    if isinstance(vote, int) and not -(1 << 63) <= vote < (1 << 64) or isinstance(vote, str) and len(vote) > 4096:
+        raise _corrupt(path, None, "the journal meta file's vote is not a node ID (an integer beyond 64 bits, or "
+                                   "text of more than 4096 characters)")
     report["meta"] = "read"
     return values
 
@@ -249,9 +252,10 @@ def read_dump(path: str, max_bytes: int, report: dict) -> dict:
             raise _corrupt(path, None, f"the dump's {name} entry is not (command, index, term)")
     if prev[1] + 1 != last[1] or prev[2] > last[2]:
         raise _corrupt(path, None, f"the dump's entries {prev[1]} and {last[1]} do not follow each other")
-    nodes = _pickles._node_classes()
+    nodes = _pickles.node_classes()
+    budget = [PLAIN_BUDGET]
     if not nodes or not isinstance(cluster, (set, frozenset)) or not all(
-            isinstance(n, tuple(nodes.values())) and _plain(vars(n)) for n in cluster):
+            isinstance(n, tuple(nodes.values())) and _plain(vars(n), budget) for n in cluster):
         raise _corrupt(path, None, "the dump's cluster is not a set of pysyncobj nodes with plain attributes")
     if isinstance(state, dict):                 # no consumers: the adapter keeps [fields]
         a, b = parts[0]
@@ -264,21 +268,42 @@ def read_dump(path: str, max_bytes: int, report: dict) -> dict:
     else:
         raise _corrupt(path, None, "the dump holds no SyncObj state (written with a custom serializer?)")
     report.update(dump_index=last[1], dump_term=last[2], dump_consumers=consumers, dump_bytes=len(data),
-                  dump_cluster=sorted(str(n) for n in cluster), dump_opaque_classes=stubbed)
+                  dump_cluster=sorted(_node_label(n) for n in cluster), dump_opaque_classes=stubbed)
     return {"last": last, "prev": prev, "cluster": cluster, "state_pickle": state_pickle}
 
 
-def _plain(value, depth: int = 0) -> bool:
-    """Whether ``value`` is built of plain values only (what the snapshot head may carry)."""
+PLAIN_BUDGET = 100_000        # containers and values looked at, for all of a dump's nodes together
+
+
+def _plain(value, budget: list[int], depth: int = 0, seen: set | None = None) -> bool:
+    """Whether ``value`` is built of plain values only (what the snapshot head may carry).  Each
+    container is looked at once however often it is referenced (a pickle's memo lets a few bytes
+    reference one list thousands of times), and ``budget[0]`` bounds the work for all calls."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
     if value is None or type(value) in (bool, int, float, str, bytes):
         return True
     if depth > 8:
         return False
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return True
     if type(value) in (tuple, list, set, frozenset):
-        return all(_plain(v, depth + 1) for v in value)
+        seen.add(id(value))
+        return all(_plain(v, budget, depth + 1, seen) for v in value)
     if type(value) is dict:
-        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+        seen.add(id(value))
+        return all(_plain(k, budget, depth + 1, seen) and _plain(v, budget, depth + 1, seen)
+                   for k, v in value.items())
     return False
+
+
+def _node_label(node) -> str:
+    """A cluster node for the report: pysyncobj's node ID when it is text, its repr otherwise
+    (pysyncobj accepts any hashable ID, and str() of a node with an integer ID raises)."""
+    ident = node if isinstance(node, str) else getattr(node, "id", None)
+    return ident if isinstance(ident, str) else repr(ident)[:200]
 
 
 def _gunzip(path: str, packed: bytes, max_bytes: int) -> bytes:
