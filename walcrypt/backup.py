@@ -32,8 +32,16 @@ from . import crypto
 from . import format as fmt
 from . import keys as K
 from . import meta as M
-from .errors import (AuthenticationError, CorruptionError, KeyProviderError, StorageError, SymlinkError,
-                     UnsupportedFormatError, UsageError, WrongKeyError)
+from .errors import (
+    AuthenticationError,
+    CorruptionError,
+    KeyProviderError,
+    StorageError,
+    SymlinkError,
+    UnsupportedFormatError,
+    UsageError,
+    WrongKeyError,
+)
 from .snapshot import MAX_KEYRING_BUNDLE, SnapshotFile, parse_bundle, snapshot_keys
 from .vfs import DEFAULT_VFS, open_private, open_regular, own_file
 

@@ -32,8 +32,17 @@ import time
 import click
 
 from . import keys as K
-from .errors import (CompactedError, KeyProviderError, KeyProviderUnavailableError, LockedError, SymlinkError,
-                     UnavailableError, UsageError, WalcryptError, WrongKeyError)
+from .errors import (
+    CompactedError,
+    KeyProviderError,
+    KeyProviderUnavailableError,
+    LockedError,
+    SymlinkError,
+    UnavailableError,
+    UsageError,
+    WalcryptError,
+    WrongKeyError,
+)
 from .kms import Kms, Retry
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
@@ -91,6 +100,7 @@ def _causes(exc: BaseException):
 def _no_permission(exc: BaseException) -> bool:
     """A permission problem, here or as the cause of a StorageError (EACCES, EPERM, EROFS, LMDB's ReadonlyError)."""
     import errno
+
     import lmdb
     for e in _causes(exc):
         if isinstance(e, (PermissionError, lmdb.ReadonlyError, _NoWrite)):
@@ -101,8 +111,15 @@ def _no_permission(exc: BaseException) -> bool:
 
 
 def _kind(exc: BaseException) -> str:
-    from .errors import (AuthenticationError, CorruptionError, KeyNotFoundError, StorageError, StoreFailedError,
-                         UnsafeFileError, UnsupportedFormatError)
+    from .errors import (
+        AuthenticationError,
+        CorruptionError,
+        KeyNotFoundError,
+        StorageError,
+        StoreFailedError,
+        UnsafeFileError,
+        UnsupportedFormatError,
+    )
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if _no_permission(exc):
@@ -446,8 +463,8 @@ def _open_ro(root: str, directory: str, kek):
 
 
 def _open_rw(root: str, directory: str, kek):
-    from .storage import Store
     from .inspection import lock_holders, locked_message
+    from .storage import Store
     encrypted = _mode(root, directory)
     holders = lock_holders(root)
     if holders:
@@ -1334,6 +1351,7 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
       walcrypt migrate /var/lib/node1 --to plaintext --key-file /secure/kek --yes
     """
     import walcrypt
+
     from .migrate import remove_source as _remove_source
     kek = _kek(kw)
     root = _store_dir(directory)
@@ -1423,8 +1441,8 @@ def snapshot_export(directory, out, embed_kek, **kw) -> None:
     Example:
       walcrypt snapshot export /var/lib/node1 /backup/node1.wcx --key-file /secure/kek
     """
-    from .inspection import human_size
     from .backup import _refuse_existing, export_store
+    from .inspection import human_size
     kek = _kek(kw)
     root = _store_dir(directory)
     out_abs = os.path.abspath(out)
@@ -1734,7 +1752,8 @@ def import_pysyncobj_cmd(directory, journal, dump, max_dump_bytes, as_json, **kw
 
 # --- import etcd, export etcd ------------------------------------------------
 
-@command(import_group, name="etcd", short_help="An etcd v3 member directory (member/wal, member/snap) into a new store.")
+@command(import_group, name="etcd",
+         short_help="An etcd v3 member directory (member/wal, member/snap) into a new store.")
 @click.argument("data", type=click.Path())
 @click.option("--member-dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="etcd's member directory (holding wal/ and snap/), or etcd's --data-dir above it.")

@@ -32,10 +32,9 @@ import os
 import time
 from typing import Callable
 
-from . import crypto
+from . import crypto, layout
 from . import format as fmt
 from . import keys as K
-from . import layout
 from . import meta as M
 from .errors import KeyProviderError, UsageError
 from .segment import Segment, SegmentIdentity

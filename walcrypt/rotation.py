@@ -34,8 +34,14 @@ import time
 
 from . import keys as K
 from . import meta as M
-from .errors import CorruptionError, KeyNotFoundError, KeyProviderError, KeyProviderUnavailableError, UsageError
-from .errors import WIPE_ADVICE
+from .errors import (
+    WIPE_ADVICE,
+    CorruptionError,
+    KeyNotFoundError,
+    KeyProviderError,
+    KeyProviderUnavailableError,
+    UsageError,
+)
 from .types import SnapshotMeta
 
 log = logging.getLogger("walcrypt")

@@ -15,20 +15,34 @@ import os
 import re
 from typing import Sequence
 
-from . import crypto
+from . import crypto, layout
 from . import format as fmt
 from . import keys as K
-from . import layout
 from . import meta as M
-from .errors import (WIPE_ADVICE, AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError,
-                     KeyProviderError, KeyProviderUnavailableError, StorageError, StoreFailedError, SymlinkError,
-                     UnsafeFileError, UnsupportedFormatError, UsageError, WalcryptError, WrongKeyError, os_error_advice)
 from .bounded import FileSource
+from .errors import (
+    WIPE_ADVICE,
+    AuthenticationError,
+    CompactedError,
+    CorruptionError,
+    KeyNotFoundError,
+    KeyProviderError,
+    KeyProviderUnavailableError,
+    StorageError,
+    StoreFailedError,
+    SymlinkError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+    UsageError,
+    WalcryptError,
+    WrongKeyError,
+    os_error_advice,
+)
+from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
+from .snapstore import Snapshot, Snapshots
 from .types import ConfState, Entry, HardState, SnapshotMeta
 from .vfs import DEFAULT_VFS, VFS
-from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
-from .snapstore import Snapshot, Snapshots
 from .wal import MAX_ENTRY_INDEX, SYNC_POLICIES, U64_MAX, Wal, _as_bytes, check_u64
 
 log = logging.getLogger("walcrypt")
@@ -524,7 +538,8 @@ class Store:
         """Frame cipher and expected commitment for a segment."""
         if ident.algorithm == fmt.ALG_NONE:
             if self.encrypted:
-                raise AuthenticationError(None, None, f"segment {ident.segment_id} is plaintext inside an encrypted store")
+                raise AuthenticationError(None, None,
+                                          f"segment {ident.segment_id} is plaintext inside an encrypted store")
             return crypto.FrameCipher(fmt.ALG_NONE, crypto.suite(fmt.ALG_NONE).new(b""), ident.key_id,
                                       self.store_id, ident.segment_id), bytes(fmt.COMMITMENT_SIZE)
         key, commitment = crypto.segment_keys(self._secret(ident.key_id), ident.salt, self.store_id,

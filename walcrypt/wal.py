@@ -41,9 +41,15 @@ from itertools import repeat
 from typing import Protocol, Sequence
 
 from . import format as fmt
-from .errors import (CompactedError, CorruptionError, StoreFailedError, UnavailableError, UsageError,
-                     WalcryptError)
-from .errors import WIPE_ADVICE
+from .errors import (
+    WIPE_ADVICE,
+    CompactedError,
+    CorruptionError,
+    StoreFailedError,
+    UnavailableError,
+    UsageError,
+    WalcryptError,
+)
 from .segment import Segment, encode_entries
 from .types import Entry, HardState
 
@@ -345,8 +351,8 @@ class Wal:
                 if max_size is None:            # bulk path: C-level iteration, no Python frame per entry
                     p, e = rec.payload, rec.ends
                     a, z = idx - first, b - first
-                    out.extend(map(_new_tuple, repeat(Entry),
-                                   zip(range(idx, b), terms[a:z], map(p.__getitem__, map(slice, e[a:z], e[a + 1:z + 1])))))
+                    datas = map(p.__getitem__, map(slice, e[a:z], e[a + 1:z + 1]))
+                    out.extend(map(_new_tuple, repeat(Entry), zip(range(idx, b), terms[a:z], datas)))
                 else:
                     for k in range(idx - first, b - first):
                         size += rec.size(k)

@@ -385,7 +385,8 @@ def _snapshot_bytes(snap) -> bytes:
             conf = None
     if conf is None:
         conf = {"voters": [int(v) for v in m.conf_state.voters], "learners": [int(v) for v in m.conf_state.learners]}
-    return pb.marshal("raftpb.Snapshot", data=snap.data, metadata={"conf_state": conf, "index": m.index, "term": m.term})
+    return pb.marshal("raftpb.Snapshot", data=snap.data,
+                      metadata={"conf_state": conf, "index": m.index, "term": m.term})
 
 
 class _NewFile:
