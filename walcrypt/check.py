@@ -290,7 +290,7 @@ def bare_store(path: str, kek, encrypted: bool, meta: M.Meta) -> Store:
     st = Store.__new__(Store)
     st.path, st.vfs, st.read_only, st.encrypted, st.closed = path, DEFAULT_VFS, True, encrypted, True
     st.repairs, st._kek, st._lock, st.meta = [], kek, None, meta
-    st._open_keys(kek, "aes-256-gcm")
+    st.open_keys(kek, "aes-256-gcm")
     return st
 
 
@@ -430,7 +430,7 @@ class _Walk:
             old_meta, old_keys = self.st.meta, self.st.keys
             self.st.meta, self.st.keys = fresh, {}
             try:
-                self.st._load_keyring()
+                self.st.load_keyring()
             except StorageError:
                 self.st.meta, self.st.keys = old_meta, old_keys
                 return

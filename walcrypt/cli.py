@@ -1466,7 +1466,7 @@ def snapshot_export(directory, out, embed_kek, **kw) -> None:
 
 
 class _SnapOnly:
-    """A raw ``.snap`` file presented the way backup._unlock expects an export."""
+    """A raw ``.snap`` file presented the way backup.unlock_export expects an export."""
 
     def __init__(self, path: str):
         self.path, self.kek, self.snapshot_offset, self.bundle = path, None, 0, b""
@@ -1514,9 +1514,9 @@ def _inspect_snapshot_file(path: str, kek, plaintext: bool = False) -> dict:
     info["kek"] = None if info["plaintext"] else kek_summary(
         bundle.get("kek_params"), bytes.fromhex(bundle["kek_check"]) if bundle.get("kek_check") else None)
     if info["plaintext"] and kek is not None:
-        backup._refuse_plaintext(path, plaintext, "a KEK was given, so an encrypted snapshot was expected")
+        backup.refuse_plaintext(path, plaintext, "a KEK was given, so an encrypted snapshot was expected")
     if kek is not None or (info["plaintext"] and plaintext):
-        unlocked = backup._unlock(shim, kek, plaintext=plaintext)
+        unlocked = backup.unlock_export(shim, kek, plaintext=plaintext)
         info["conf_state"] = {"voters": list(unlocked.meta.conf_state.voters),
                               "learners": list(unlocked.meta.conf_state.learners)}
         info["data_bytes"] = unlocked.verify()
@@ -1661,7 +1661,7 @@ def snapshot_restore(file, directory, plaintext, **kw) -> None:
     with _Spinner("verifying the snapshot"):
         info = _inspect_snapshot_file(file, kek, plaintext)
     if info["plaintext"]:
-        backup._refuse_plaintext(file, plaintext, "it is restored only when asked for explicitly")
+        backup.refuse_plaintext(file, plaintext, "it is restored only when asked for explicitly")
     if not info["verified"]:
         raise KeyProviderError(f"{file} is encrypted and embeds no KEK: give the KEK it was "
                                + ("exported under" if info["kind"] == "export" else "written under (its store's)"))

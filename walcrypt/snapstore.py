@@ -318,7 +318,7 @@ class Snapshots:
         while self.infos:
             info = self.infos[-1]
             try:
-                self.current = self._open_verified(info)
+                self.current = self.open_verified(info)
                 break
             except SymlinkError:
                 raise                        # a link planted in the directory is not a damaged snapshot
@@ -359,7 +359,7 @@ class Snapshots:
                 tx.put(M.DB_SNAPSHOTS, M.u64(snap_id), encode_info(info))
             self.infos.append(info)
             self.infos.sort(key=lambda i: i.snapshot_id)
-            return self._open_verified(info)
+            return self.open_verified(info)
         return None
 
     def _remove_leftovers(self, spares: list[tuple[str, int]]) -> None:
@@ -376,7 +376,7 @@ class Snapshots:
             with st.meta.write() as tx:
                 tx.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
 
-    def _open_verified(self, info: SnapshotInfo) -> Snapshot:
+    def open_verified(self, info: SnapshotInfo) -> Snapshot:
         st = self.store
         if not os.path.lexists(info.path):
             raise CorruptionError(info.path, None, "registered snapshot file is missing")
