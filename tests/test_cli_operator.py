@@ -196,14 +196,15 @@ def test_lmdb_error_translation_table(lmdb_exc, wc_type, kind, code, words):
     """Every LMDB error class the engine can meet becomes a walcrypt error with advice, and the CLI gives it
     the right kind and exit code.  (The classes met for real above - InvalidError, CorruptedError,
     MapFullError, a read-only mount - run through subprocesses; the rest cannot be provoked on demand.)"""
-    from walcrypt import cli, meta
+    from walcrypt import meta
+    from walcrypt.cli import errors as cli
     exc = meta.lmdb_error(lmdb_exc("mdb_env_open", 0), "/data/meta", "opening")
     try:
         raise exc from lmdb_exc("mdb_env_open", 0)
     except Exception as e:           # noqa: BLE001 - the chained error, as the engine raises it
         chained = e
     assert type(chained).__name__ == wc_type
-    assert cli._kind(chained) == kind and cli._exit_code(chained) == code
+    assert cli.error_kind(chained) == kind and cli.exit_code_of(chained) == code
     for w in words:
         assert w in str(chained), (w, str(chained))
 

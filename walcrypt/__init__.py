@@ -3,9 +3,23 @@
 The public surface is exactly ``__all__`` (pinned by tests/test_public_api.py).
 """
 
-from .errors import (AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError,
-                     KeyProviderError, KeyProviderUnavailableError, LockedError, StorageError, StoreFailedError,
-                     UnavailableError, UnsupportedFormatError, UsageError, WalcryptError, WalcryptKeyError, WrongKeyError)
+from .errors import (
+                     AuthenticationError,
+                     CompactedError,
+                     CorruptionError,
+                     KeyNotFoundError,
+                     KeyProviderError,
+                     KeyProviderUnavailableError,
+                     LockedError,
+                     StorageError,
+                     StoreFailedError,
+                     UnavailableError,
+                     UnsupportedFormatError,
+                     UsageError,
+                     WalcryptError,
+                     WalcryptKeyError,
+                     WrongKeyError,
+)
 from .keys import EnvKey, KeyEncryptionKey, KeyFile, Passphrase, RawKey, generate_key_file
 from .kms import Kms, KmsPlugin, Retry
 from .storage import Store, open

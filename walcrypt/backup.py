@@ -32,8 +32,16 @@ from . import crypto
 from . import format as fmt
 from . import keys as K
 from . import meta as M
-from .errors import (AuthenticationError, CorruptionError, KeyProviderError, StorageError, SymlinkError,
-                     UnsupportedFormatError, UsageError, WrongKeyError)
+from .errors import (
+    AuthenticationError,
+    CorruptionError,
+    KeyProviderError,
+    StorageError,
+    SymlinkError,
+    UnsupportedFormatError,
+    UsageError,
+    WrongKeyError,
+)
 from .snapshot import MAX_KEYRING_BUNDLE, SnapshotFile, parse_bundle, snapshot_keys
 from .vfs import DEFAULT_VFS, open_private, open_regular, own_file
 
@@ -139,7 +147,7 @@ def export_snapshot(store, out_path: str, *, embed_kek: bool = False) -> dict:
     Safe while another thread of the process saves snapshots: retention may delete the file of the
     snapshot read as the newest before it is opened; then the newer one is taken (bounded)."""
     from .online import ATTEMPTS
-    store._check_open()
+    store.check_open()
     kek = b""
     if embed_kek:
         if not store.encrypted:
@@ -226,7 +234,7 @@ def export_store(root: str, out_path: str, *, kek: K.KeyEncryptionKey | None = N
                     raise CorruptionError(info.path, None, "registered snapshot file is missing",
                                           "run 'walcrypt verify' on the store")
                 st.meta, st.keys = fresh, {}
-                st._load_keyring()
+                st.load_keyring()
             raise StorageError(f"retention removed the newest snapshot {online.ATTEMPTS} times while it was being "
                                "exported; export again")
         finally:
@@ -292,7 +300,7 @@ def _export_from(store, cur, inp, snap_len: int, out_path: str, kek: bytes) -> d
             "size": os.path.getsize(out_path)}
 
 
-def _refuse_plaintext(path: str, plaintext: bool, why: str) -> None:
+def refuse_plaintext(path: str, plaintext: bool, why: str) -> None:
     if not plaintext:
         raise AuthenticationError(
             path, 0, f"this is a plaintext export (algorithm NONE): nothing in it is authenticated by a key, so "
@@ -330,20 +338,20 @@ def inspect_export(path: str, kek: K.KeyEncryptionKey | None = None, *, plaintex
                                 "everything in it; run 'walcrypt snapshot redact' before storing or sending it")
     info["plaintext"] = h.algorithm == fmt.ALG_NONE
     if info["plaintext"] and kek is not None:
-        _refuse_plaintext(path, plaintext, "a KEK was given, so an encrypted export was expected")
+        refuse_plaintext(path, plaintext, "a KEK was given, so an encrypted export was expected")
     if kek is not None or ex.kek_embedded or (info["plaintext"] and plaintext):
-        f = _unlock(ex, kek, plaintext=plaintext)
+        f = unlock_export(ex, kek, plaintext=plaintext)
         info["conf_state"] = {"voters": list(f.meta.conf_state.voters), "learners": list(f.meta.conf_state.learners)}
         info["data_bytes"] = f.verify()
         info["verified"] = True
     return info
 
 
-def _unlock(ex: ExportFile, kek: K.KeyEncryptionKey | None, *, plaintext: bool = False) -> SnapshotFile:
+def unlock_export(ex: ExportFile, kek: K.KeyEncryptionKey | None, *, plaintext: bool = False) -> SnapshotFile:
     sf = ex.snapshot_file()
     h = sf.header
     if h.algorithm == fmt.ALG_NONE:
-        _refuse_plaintext(ex.path, plaintext, "it is used only when asked for explicitly")
+        refuse_plaintext(ex.path, plaintext, "it is used only when asked for explicitly")
         sf.unlock(crypto.suite(fmt.ALG_NONE).new(b""), bytes(fmt.COMMITMENT_SIZE))
         return sf
     if kek is None:
@@ -481,7 +489,7 @@ def restore_export(path: str, data_dir: str, *, kek: K.KeyEncryptionKey | None =
     if os.path.exists(data_dir) and os.listdir(data_dir):
         raise UsageError(f"{data_dir} is not empty; restore only into an empty or new directory")
     src = open_backup(path)
-    sf = _unlock(src, kek, plaintext=plaintext)
+    sf = unlock_export(src, kek, plaintext=plaintext)
     if new_kek is not None:
         store_kek = new_kek
     elif sf.header.algorithm != fmt.ALG_NONE:

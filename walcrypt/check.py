@@ -41,12 +41,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from . import format as fmt
-from . import layout
+from . import layout, online
 from . import meta as M
-from . import online
 from .bounded import FileSource, Source
-from .errors import (WIPE_ADVICE, WIPE_NOTE, AuthenticationError, CorruptionError, KeyProviderError, LockedError,
-                     StorageError, UsageError, WalcryptError, WrongKeyError)
+from .errors import (
+    WIPE_ADVICE,
+    WIPE_NOTE,
+    AuthenticationError,
+    CorruptionError,
+    KeyProviderError,
+    LockedError,
+    StorageError,
+    UsageError,
+    WalcryptError,
+    WrongKeyError,
+)
 from .segment import Segment
 from .storage import Store, stored_mode
 from .vfs import DEFAULT_VFS
@@ -281,7 +290,7 @@ def bare_store(path: str, kek, encrypted: bool, meta: M.Meta) -> Store:
     st = Store.__new__(Store)
     st.path, st.vfs, st.read_only, st.encrypted, st.closed = path, DEFAULT_VFS, True, encrypted, True
     st.repairs, st._kek, st._lock, st.meta = [], kek, None, meta
-    st._open_keys(kek, "aes-256-gcm")
+    st.open_keys(kek, "aes-256-gcm")
     return st
 
 
@@ -421,7 +430,7 @@ class _Walk:
             old_meta, old_keys = self.st.meta, self.st.keys
             self.st.meta, self.st.keys = fresh, {}
             try:
-                self.st._load_keyring()
+                self.st.load_keyring()
             except StorageError:
                 self.st.meta, self.st.keys = old_meta, old_keys
                 return
@@ -717,7 +726,8 @@ class _Walk:
             ref.close()
         if (ref.rec_index != seg.rec_index or ref.rec_offset != seg.rec_offset or ref.rec_count != seg.rec_count
                 or ref.last_index != seg.last_index or ref.hardstate_offset != seg.hardstate_offset):
-            raise AuthenticationError(path, rec["index_offset"], "the index frame disagrees with the records it indexes")
+            raise AuthenticationError(path, rec["index_offset"],
+                                      "the index frame disagrees with the records it indexes")
         if rec["last_index"] != seg.last_index:
             raise AuthenticationError(self.meta.path, None, f"manifest record of segment {seg.seg_id} says last "
                                       f"index {rec['last_index']}, the segment ends at {seg.last_index}")
@@ -863,7 +873,7 @@ class _Walk:
                     continue
                 purged, intents, next_id = rules
                 fate = snapstore.orphan_fate(snap_id, purged=purged, intents=intents, next_id=next_id,
-                                             in_log=lambda: snap_id in in_log)
+                                             in_log=lambda snap_id=snap_id: snap_id in in_log)
                 if fate == snapstore.REGISTER:
                     self.warn(p, "snapshot saved and tied to the log (its SNAPSHOT record) but not registered: its "
                                  "registration did not commit; the next read-write open registers it (or sets it "

@@ -33,9 +33,11 @@ def main(argv=None) -> int:
     ap.add_argument("--segment-size", type=int, default=4 << 20)
     args = ap.parse_args(argv)
 
-    import walcrypt
     from pysyncobj import SyncObj
     from pysyncobj.batteries import ReplDict
+
+    import walcrypt
+
     from .adapters.pysyncobj import walcrypt_conf
 
     data = ReplDict()

@@ -32,8 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import format as fmt
-from .errors import AuthenticationError, UnsupportedFormatError, UsageError
-from .errors import WIPE_ADVICE
+from .errors import WIPE_ADVICE, AuthenticationError, UnsupportedFormatError, UsageError
 
 try:  # AES-GCM-SIV needs OpenSSL >= 3.2
     from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV

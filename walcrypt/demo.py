@@ -50,7 +50,8 @@ from walcrypt import Entry, HardState, KeyFile
 s = walcrypt.open(sys.argv[1], kek=KeyFile(sys.argv[2]), sync="always", segment_size=1 << 20)
 last = s.last_index()
 for k in range(5):
-    s.save(hard_state=HardState(2, 1, last), entries=[Entry(last + 1 + j, 2, b"after-restart-%d" % (last + 1 + j)) for j in range(10)])
+    s.save(hard_state=HardState(2, 1, last),
+           entries=[Entry(last + 1 + j, 2, b"after-restart-%d" % (last + 1 + j)) for j in range(10)])
     last += 10
 print(last, flush=True)
 os._exit(0)   # crash: no close, the last segment stays unsealed
@@ -97,7 +98,8 @@ def run_store_tour(*, n_entries: int = 20000, workdir: str | None = None, echo=N
             segs = len(s.wal.segments)
         ok = [e.data for e in got] == [_value(i) for i in range(1, n_entries + 1)]
         checks["reopen_reads_back_every_entry"] = ok
-        say(f"[2] reopened: {len(got)} entries in {segs} segments read back byte for byte: {ok}; hard state {tuple(hs)}")
+        say(f"[2] reopened: {len(got)} entries in {segs} segments read back byte for byte: {ok}; "
+            f"hard state {tuple(hs)}")
 
         # 3. no plaintext on disk
         hits = _files_containing(data, MARKER)

@@ -30,16 +30,20 @@ import time
 
 from crc32c import crc32c
 
-from . import bounded
-from . import crypto
+from . import bounded, crypto, layout, online
 from . import format as fmt
 from . import keys as K
-from . import layout
 from . import meta as M
-from . import online
+from .errors import (
+    CorruptionError,
+    KeyProviderError,
+    LockedError,
+    StorageError,
+    UsageError,
+    WalcryptError,
+    WrongKeyError,
+)
 from .vfs import DEFAULT_VFS, own_file, refuse_link
-from .errors import (CorruptionError, KeyProviderError, LockedError, StorageError, UsageError,
-                     WalcryptError, WrongKeyError)
 
 ROTATION_STUCK_AFTER_S = 3600
 _MAX_STATE_JSON = 64 << 10          # a rotation or migration record is a few hundred bytes
@@ -125,8 +129,8 @@ def require_store(directory: str) -> str:
         what = "its metadata database meta/data.mdb is missing"
         if layout.data_files(path):
             from .storage import metadata_lost
-            raise metadata_lost(os.path.join(meta, "data.mdb"), f"{directory} is a damaged walcrypt data directory: {what}",
-                                _what_is_here(path))
+            raise metadata_lost(os.path.join(meta, "data.mdb"),
+                                f"{directory} is a damaged walcrypt data directory: {what}", _what_is_here(path))
         raise CorruptionError(os.path.join(meta, "data.mdb"), None, f"{directory} is a walcrypt data directory "
                               f"but {what} and it holds no data", NEW_STORE_HINT)
     return path
@@ -755,7 +759,8 @@ def render(rep: dict) -> str:
     mode = rep["mode"] + (f" ({rep['algorithm']})" if rep["mode"] == "encrypted" else "")
     lock = rep["lock"]
     lock_s = ("unknown" if lock["held"] is None else
-              f"held by process {', '.join(map(str, lock['pids']))}" if lock["held"] else "free (no process has it open)")
+              f"held by process {', '.join(map(str, lock['pids']))}" if lock["held"] else
+              "free (no process has it open)")
     out.append(f"store          {rep['path']}")
     out.append(f"format         version {rep['format_version']}, {mode}")
     out.append(f"store ID       {rep['store_id']}")

@@ -38,9 +38,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from . import crypto
-from .errors import (AuthenticationError, CorruptionError, KeyProviderError, SymlinkError, UnsupportedFormatError,
-                     UsageError, WrongKeyError)
-from .errors import WIPE_ADVICE
+from .errors import (
+    WIPE_ADVICE,
+    AuthenticationError,
+    CorruptionError,
+    KeyProviderError,
+    SymlinkError,
+    UnsupportedFormatError,
+    UsageError,
+    WrongKeyError,
+)
 
 KEY_SIZE = 32
 
@@ -113,7 +120,7 @@ def scrypt_memory(n: int, r: int) -> int:
 
 def check_scrypt_costs(n, r, p, *, max_memory: int = SCRYPT_MAX_MEMORY) -> str | None:
     """What is wrong with scrypt costs (None when they are within the bounds of FORMAT.md 8.1)."""
-    for name, v, hi in (("n", n, SCRYPT_MAX_N), ("r", r, SCRYPT_MAX_R), ("p", p, SCRYPT_MAX_P)):
+    for name, v, _hi in (("n", n, SCRYPT_MAX_N), ("r", r, SCRYPT_MAX_R), ("p", p, SCRYPT_MAX_P)):
         if type(v) is not int:
             return f"scrypt {name} is {type(v).__name__}, not an integer"
     if not 2 <= n <= SCRYPT_MAX_N or n & (n - 1):

@@ -38,8 +38,16 @@ from typing import Callable, Iterator
 import lmdb
 
 from . import format as fmt
-from .errors import (WIPE_ADVICE, AuthenticationError, CorruptionError, LockedError, StorageError,
-                     UnsupportedFormatError, UsageError, WalcryptError)
+from .errors import (
+    WIPE_ADVICE,
+    AuthenticationError,
+    CorruptionError,
+    LockedError,
+    StorageError,
+    UnsupportedFormatError,
+    UsageError,
+    WalcryptError,
+)
 from .vfs import DEFAULT_VFS, VFS, pinned_files, refuse_link
 
 log = logging.getLogger("walcrypt")
@@ -721,7 +729,8 @@ def encode_manifest(rec: dict) -> bytes:
 
 def decode_manifest(b: bytes, path: str) -> dict:
     if len(b) != fmt.MANIFEST_STRUCT.size:
-        raise CorruptionError(path, None, f"segment manifest record has {len(b)} bytes, expected {fmt.MANIFEST_STRUCT.size}")
+        raise CorruptionError(path, None,
+                              f"segment manifest record has {len(b)} bytes, expected {fmt.MANIFEST_STRUCT.size}")
     (version, state, algorithm, _r, dir_code, base_index, key_id, index_offset, end_offset,
      last_index, records, nbytes) = fmt.MANIFEST_STRUCT.unpack(b)
     if version != 1 or state not in (fmt.SEG_OPEN, fmt.SEG_SEALED):

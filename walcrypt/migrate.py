@@ -32,10 +32,9 @@ import os
 import time
 from typing import Callable
 
-from . import crypto
+from . import crypto, layout
 from . import format as fmt
 from . import keys as K
-from . import layout
 from . import meta as M
 from .errors import KeyProviderError, UsageError
 from .segment import Segment, SegmentIdentity
@@ -228,7 +227,7 @@ def _rewrite_snapshot(store, ctx: _TargetKeys, directory: str, say: Progress) ->
     cur = store.snapshots.current
     if cur is None:
         return None
-    snap_id = store._next_snapshot_id()
+    snap_id = store.next_snapshot_id()
     salt = os.urandom(SNAP_SALT_SIZE) if ctx.encrypted else bytes(SNAP_SALT_SIZE)
     bundle = _target_bundle(store, ctx)
     h = SnapshotHeader(ctx.algorithm, 0, store.store_id, snap_id, cur.meta.index, cur.meta.term,

@@ -42,8 +42,15 @@ from typing import Iterator
 from . import format as fmt
 from . import layout
 from . import meta as M
-from .errors import (CorruptionError, KeyProviderError, LockedError, StorageError,
-                     UsageError, WalcryptError, WrongKeyError)
+from .errors import (
+    CorruptionError,
+    KeyProviderError,
+    LockedError,
+    StorageError,
+    UsageError,
+    WalcryptError,
+    WrongKeyError,
+)
 from .vfs import DEFAULT_VFS, VFS
 
 ATTEMPTS = 5          # bounded retries everywhere a running writer can invalidate a read
@@ -123,7 +130,7 @@ class FrozenMeta(M.Meta):
     whatever the writer commits meanwhile, and no LMDB read transaction stays open while the
     files are read.  The MAC key and version are set on it as on a Meta (bare_store does)."""
 
-    def __init__(self, live: M.Meta):      # noqa: super().__init__ opens an environment: not called
+    def __init__(self, live: M.Meta):      # super().__init__ opens an environment: not called
         self.live = live
         self.path = live.path
         self.env = None

@@ -57,14 +57,12 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from . import crypto
+from . import crypto, layout
 from . import format as fmt
 from . import keys as K
-from . import layout
 from . import meta as M
 from .bounded import FileSource
-from .errors import (WIPE_NOTE, CorruptionError, KeyNotFoundError, StorageError, UsageError, WalcryptError,
-                     WrongKeyError)
+from .errors import WIPE_NOTE, CorruptionError, KeyNotFoundError, StorageError, UsageError, WalcryptError, WrongKeyError
 from .segment import Segment, SegmentIdentity, decode_header
 from .snapshot import SnapshotFile, snapshot_keys
 from .vfs import DEFAULT_VFS
@@ -219,7 +217,7 @@ def _meta_status(path: str, kek) -> str:
     try:
         bare_store(path, kek, True, meta)
         with meta.read() as r:
-            for k, v in r.items(M.DB_SEGMENTS):
+            for _k, v in r.items(M.DB_SEGMENTS):
                 M.decode_manifest(v, meta.path)
             M.decode_compacted(r.get(M.DB_STATE, M.K_COMPACTED), meta.path)
     except (WalcryptError, ValueError) as exc:

@@ -34,8 +34,14 @@ import time
 
 from . import keys as K
 from . import meta as M
-from .errors import CorruptionError, KeyNotFoundError, KeyProviderError, KeyProviderUnavailableError, UsageError
-from .errors import WIPE_ADVICE
+from .errors import (
+    WIPE_ADVICE,
+    CorruptionError,
+    KeyNotFoundError,
+    KeyProviderError,
+    KeyProviderUnavailableError,
+    UsageError,
+)
 from .types import SnapshotMeta
 
 log = logging.getLogger("walcrypt")
@@ -144,7 +150,7 @@ class Rotation:
     def check_rotatable(self) -> None:
         """The caller's side of a rotation or re-key: checked before anything changes."""
         st = self.store
-        st._check_write()
+        st.check_write()
         if not st.encrypted:
             raise UsageError("a plaintext store has no data keys to rotate")
         st.wal.check_writable()                           # fail-stop applies to queueing too
@@ -437,7 +443,7 @@ class Rotation:
            while a reader in another process pins them).
         A crash after 2 leaves what 3 removes to the next open (purge record, scrub at open)."""
         st = self.store
-        st._check_write()
+        st.check_write()
         if not st.encrypted:
             raise UsageError("a plaintext store has no KEK")
         st.wal.check_writable()

@@ -64,7 +64,7 @@ def newest_valid_snapshot(snapshots, meta, *, newer_failed: list | None = None) 
                    key=lambda i: i.snapshot_id)
     for info in reversed(infos):
         try:
-            snapshots._open_verified(info)
+            snapshots.open_verified(info)
             return info
         except SymlinkError:
             raise                       # a planted link is refused, never counted as a bad snapshot

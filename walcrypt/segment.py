@@ -43,16 +43,14 @@ import os
 import struct
 from array import array
 from bisect import bisect_right
-from itertools import accumulate
 from dataclasses import dataclass
+from itertools import accumulate
 
 from crc32c import crc32c
 
-from . import bounded
-from . import crypto
+from . import bounded, crypto
 from . import format as fmt
-from .errors import AuthenticationError, CorruptionError, StoreFailedError, UnsupportedFormatError
-from .errors import WIPE_ADVICE
+from .errors import WIPE_ADVICE, AuthenticationError, CorruptionError, StoreFailedError, UnsupportedFormatError
 from .types import HardState
 from .vfs import VFS
 
@@ -459,7 +457,8 @@ class Segment:
         size = self.vfs.fstat_size(fd)
         if size != end_offset:
             raise CorruptionError(self.path, min(size, end_offset),
-                                  f"sealed segment is {size} bytes, the manifest says {end_offset} (truncated or extended)")
+                                  f"sealed segment is {size} bytes, the manifest says {end_offset} "
+                                  "(truncated or extended)")
         h, payload = self.read_frame(index_offset, fmt.FRAME_INDEX)
         if len(payload) < fmt.INDEX_PREFIX_STRUCT.size:
             raise CorruptionError(self.path, index_offset, "index frame payload is truncated")
@@ -467,13 +466,13 @@ class Segment:
         pos = fmt.INDEX_PREFIX_STRUCT.size
         if end != index_offset or pos + nrec * fmt.INDEX_RECORD_STRUCT.size + nruns * 16 != len(payload):
             raise CorruptionError(self.path, index_offset, "index frame table is inconsistent")
-        for k in range(nrec):
+        for _k in range(nrec):
             off, idx, cnt, _ = fmt.INDEX_RECORD_STRUCT.unpack_from(payload, pos)
             pos += fmt.INDEX_RECORD_STRUCT.size
             self.rec_offset.append(off)
             self.rec_index.append(idx)
             self.rec_count.append(cnt)
-        for k in range(nruns):
+        for _k in range(nruns):
             self.runs.append(fmt.TERM_RUN_STRUCT.unpack_from(payload, pos))
             pos += 16
         if nrec:

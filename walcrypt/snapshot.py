@@ -90,7 +90,8 @@ class SnapshotHeader:
         if crc32c(raw[:124]) != crc:
             raise CorruptionError(path, 0, "snapshot header fails its CRC32C")
         if version != fmt.FORMAT_VERSION or hsize != 128:
-            raise UnsupportedFormatError(f"{path}: snapshot format version {version} is not supported; upgrade walcrypt")
+            raise UnsupportedFormatError(f"{path}: snapshot format version {version} is not supported; "
+                                         "upgrade walcrypt")
         fmt.check_algorithm(alg, path=path, offset=12)
         if not 0 < chunk_size <= fmt.MAX_SNAPSHOT_CHUNK or bundle_len > MAX_KEYRING_BUNDLE:
             raise CorruptionError(path, 0, f"snapshot header sizes are out of bounds (chunk {chunk_size}, "

@@ -29,15 +29,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from . import bounded
-from . import crypto
+from . import bounded, crypto
 from . import format as fmt
 from . import keys as K
 from . import meta as M
-from .errors import AuthenticationError, CorruptionError, StorageError, SymlinkError, UsageError
-from .errors import WIPE_ADVICE
-from .snapshot import (DEFAULT_CHUNK_SIZE, SNAP_SALT_SIZE, MetaRuleError, SnapshotFile, SnapshotHeader, SnapshotWriter,
-                       check_meta, snapshot_file_name, snapshot_keys)
+from .errors import WIPE_ADVICE, AuthenticationError, CorruptionError, StorageError, SymlinkError, UsageError
+from .snapshot import (
+    DEFAULT_CHUNK_SIZE,
+    SNAP_SALT_SIZE,
+    MetaRuleError,
+    SnapshotFile,
+    SnapshotHeader,
+    SnapshotWriter,
+    check_meta,
+    snapshot_file_name,
+    snapshot_keys,
+)
 from .types import ConfState, SnapshotMeta
 from .wal import MAX_ENTRY_INDEX, U64_MAX, check_u64
 
@@ -229,7 +236,7 @@ class PendingSnapshot:
 
 
 # What a read-write open does with a snapshot file the registry does not list (FORMAT.md 11.8).
-DELETE = "delete"                   # a leftover: the latest retention removed it, or a save never got past its commit point
+DELETE = "delete"                   # a leftover: removed by the latest retention, or a save short of its commit point
 REGISTER = "register"               # a save got past its commit point (SNAPSHOT record in the log): rolled forward
 REFUSE_OR_KEEP = "refuse-or-keep"   # not named as a leftover: this store's refuses the open, another's is left alone
 
@@ -311,7 +318,7 @@ class Snapshots:
         while self.infos:
             info = self.infos[-1]
             try:
-                self.current = self._open_verified(info)
+                self.current = self.open_verified(info)
                 break
             except SymlinkError:
                 raise                        # a link planted in the directory is not a damaged snapshot
@@ -352,7 +359,7 @@ class Snapshots:
                 tx.put(M.DB_SNAPSHOTS, M.u64(snap_id), encode_info(info))
             self.infos.append(info)
             self.infos.sort(key=lambda i: i.snapshot_id)
-            return self._open_verified(info)
+            return self.open_verified(info)
         return None
 
     def _remove_leftovers(self, spares: list[tuple[str, int]]) -> None:
@@ -369,7 +376,7 @@ class Snapshots:
             with st.meta.write() as tx:
                 tx.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
 
-    def _open_verified(self, info: SnapshotInfo) -> Snapshot:
+    def open_verified(self, info: SnapshotInfo) -> Snapshot:
         st = self.store
         if not os.path.lexists(info.path):
             raise CorruptionError(info.path, None, "registered snapshot file is missing")
@@ -442,7 +449,7 @@ class Snapshots:
             if m:
                 snap_id = int(m.group(1), 16)
                 fate = orphan_fate(snap_id, purged=purged, intents=intents, next_id=next_id,
-                                   in_log=lambda: self._log_record(snap_id) is not None)
+                                   in_log=lambda snap_id=snap_id: self._log_record(snap_id) is not None)
                 if fate == REFUSE_OR_KEEP:
                     self._refuse_newer(path, snap_id, next_id)
                     continue
@@ -485,7 +492,7 @@ class Snapshots:
                 continue
             snap_id = int(m.group(1), 16)
             fate = orphan_fate(snap_id, purged=purged, intents=intents, next_id=next_id,
-                               in_log=lambda: self._log_record(snap_id) is not None)
+                               in_log=lambda snap_id=snap_id: self._log_record(snap_id) is not None)
             if fate != REFUSE_OR_KEEP:
                 continue
             path = os.path.join(self.dir, name)

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 
+from cryptography.exceptions import InvalidTag
+
 from . import crypto
 from . import format as fmt
 from .errors import AuthenticationError, CorruptionError
-from cryptography.exceptions import InvalidTag
 
 VERSION = 1
 _PREFIX = 1 + fmt.KEY_ID_SIZE + 12

@@ -15,20 +15,34 @@ import os
 import re
 from typing import Sequence
 
-from . import crypto
+from . import crypto, layout
 from . import format as fmt
 from . import keys as K
-from . import layout
 from . import meta as M
-from .errors import (WIPE_ADVICE, AuthenticationError, CompactedError, CorruptionError, KeyNotFoundError,
-                     KeyProviderError, KeyProviderUnavailableError, StorageError, StoreFailedError, SymlinkError,
-                     UnsafeFileError, UnsupportedFormatError, UsageError, WalcryptError, WrongKeyError, os_error_advice)
 from .bounded import FileSource
+from .errors import (
+    WIPE_ADVICE,
+    AuthenticationError,
+    CompactedError,
+    CorruptionError,
+    KeyNotFoundError,
+    KeyProviderError,
+    KeyProviderUnavailableError,
+    StorageError,
+    StoreFailedError,
+    SymlinkError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+    UsageError,
+    WalcryptError,
+    WrongKeyError,
+    os_error_advice,
+)
+from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
 from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
+from .snapstore import Snapshot, Snapshots
 from .types import ConfState, Entry, HardState, SnapshotMeta
 from .vfs import DEFAULT_VFS, VFS
-from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
-from .snapstore import Snapshot, Snapshots
 from .wal import MAX_ENTRY_INDEX, SYNC_POLICIES, U64_MAX, Wal, _as_bytes, check_u64
 
 log = logging.getLogger("walcrypt")
@@ -167,7 +181,7 @@ class Store:
             self._lock = held[0]
             self.meta = M.Meta(os.path.join(self.path, layout.META_DIR), readonly=read_only)
             try:
-                self._open_keys(kek, algorithm)
+                self.open_keys(kek, algorithm)
                 if not read_only:
                     from .migrate import cleanup_interrupted
                     cleanup_interrupted(self)
@@ -227,7 +241,7 @@ class Store:
             raise UsageError(f"{self.path} is not empty and is not a walcrypt data directory; "
                              "choose an empty or new directory")
 
-    def _open_keys(self, kek: K.KeyEncryptionKey | None, algorithm: str) -> None:
+    def open_keys(self, kek: K.KeyEncryptionKey | None, algorithm: str) -> None:
         with self.meta.read() as r:
             store_id = r.raw(M.DB_STORE, M.K_STORE_ID)
             stored_enc = r.raw(M.DB_STORE, M.K_ENCRYPTED)
@@ -270,7 +284,7 @@ class Store:
             self.algorithm = fmt.ALG_NONE
             self.meta.set_mac_key(None, version=self.meta_version)
             self.meta.verify_catalog()
-            self._load_keyring()
+            self.load_keyring()
             return
         self.wrapper = kek.wrapper(params)
         cv = self.wrapper.check_value()
@@ -285,7 +299,7 @@ class Store:
         self.meta_secret = K.SecretKey(meta_key)
         self.meta.set_mac_key(meta_key, version=self.meta_version)
         self.meta.verify_catalog()
-        self._load_keyring()
+        self.load_keyring()
         self.algorithm = self._authenticated_algorithm(stored_alg)
         if getattr(self.wrapper, "remote", False):
             # A key service is asked at open only: every key is unwrapped now, so that reads and
@@ -355,7 +369,7 @@ class Store:
             w.put(M.DB_STATE, M.K_CREATING, b"")
             w.put(M.DB_STATE, M.K_SNAP_CREATING, b"")
 
-    def _load_keyring(self) -> None:
+    def load_keyring(self) -> None:
         with self.meta.read() as r:
             for key_id, value in r.items(M.DB_KEYRING):
                 self.keys[key_id] = M.decode_keyring(key_id, value, self.meta.path)
@@ -524,7 +538,8 @@ class Store:
         """Frame cipher and expected commitment for a segment."""
         if ident.algorithm == fmt.ALG_NONE:
             if self.encrypted:
-                raise AuthenticationError(None, None, f"segment {ident.segment_id} is plaintext inside an encrypted store")
+                raise AuthenticationError(None, None,
+                                          f"segment {ident.segment_id} is plaintext inside an encrypted store")
             return crypto.FrameCipher(fmt.ALG_NONE, crypto.suite(fmt.ALG_NONE).new(b""), ident.key_id,
                                       self.store_id, ident.segment_id), bytes(fmt.COMMITMENT_SIZE)
         key, commitment = crypto.segment_keys(self._secret(ident.key_id), ident.salt, self.store_id,
@@ -947,7 +962,7 @@ class Store:
         wal = self.wal
         with wal._write:
             wal.check_writable()
-            wal._seal_active()
+            wal.seal_active()
             next_id = [self.next_segment]
             self._reserve_staging(next_id[0])
 
@@ -1039,7 +1054,7 @@ class Store:
         seg.seal()
         seg.close()
 
-    def _next_snapshot_id(self) -> int:
+    def next_snapshot_id(self) -> int:
         with self.meta.read() as r:
             nxt = r.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
         return M.decode_counter(nxt, self.meta.path, "next snapshot", default=1)
@@ -1085,17 +1100,17 @@ class Store:
         self.vfs.fsync_dir(self.wal_dir)
 
     # ------------------------------------------------------------------ Storage API
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         if self.closed:
             raise UsageError("the store is closed")
 
-    def _check_write(self) -> None:
-        self._check_open()
+    def check_write(self) -> None:
+        self.check_open()
         if self.read_only:
             raise UsageError("the store was opened read-only")
 
     def initial_state(self) -> tuple[HardState, ConfState]:
-        self._check_open()
+        self.check_open()
         cur = self.snapshots.current
         return self.wal.hardstate, (cur.meta.conf_state if cur is not None else ConfState())
 
@@ -1104,7 +1119,7 @@ class Store:
 
         Durable on return unless the store was opened with sync="none".
         """
-        self._check_write()
+        self.check_write()
         self.wal.append(entries, hard_state)
         rot = self.rotation
         due = rot.auto_due
@@ -1118,7 +1133,7 @@ class Store:
             self._rotate_dek("key budget reached", from_save=True)
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
-        self._check_open()
+        self.check_open()
         lo = check_u64(lo, "lo", 0, U64_MAX)
         hi = check_u64(hi, "hi", 0, U64_MAX)
         if max_size is not None:
@@ -1126,15 +1141,15 @@ class Store:
         return self.wal.entries(lo, hi, max_size)
 
     def term(self, index: int) -> int:
-        self._check_open()
+        self.check_open()
         return self.wal.term(check_u64(index, "index", 0, U64_MAX))
 
     def first_index(self) -> int:
-        self._check_open()
+        self.check_open()
         return self.wal.first_index()
 
     def last_index(self) -> int:
-        self._check_open()
+        self.check_open()
         return self.wal.last_index()
 
     def compact(self, index: int) -> None:
@@ -1143,7 +1158,7 @@ class Store:
         Whole segments below both the compaction point and the oldest retained snapshot
         are deleted (the log after a retained snapshot is kept so a broken newer
         snapshot can fall back to it)."""
-        self._check_write()
+        self.check_write()
         self.wal.check_writable()
         index = check_u64(index, "index", 0, U64_MAX)
         wal = self.wal
@@ -1169,24 +1184,24 @@ class Store:
 
         Durable on return.  When the snapshot is ahead of the log or disagrees with it
         (a snapshot received from the leader), the log is reset to start after it."""
-        self._check_write()
+        self.check_write()
         self.snapshots.save(meta, data)        # fail-stop guards inside: see Snapshots.save
 
     def snapshot(self) -> Snapshot | None:
         """The newest snapshot (``.meta``, ``.open()``, ``.data``), or None."""
-        self._check_open()
+        self.check_open()
         return self.snapshots.current
 
     def begin_snapshot(self, meta: SnapshotMeta, *, extra_meta: dict | None = None):
         """Stream a snapshot in: ``w = store.begin_snapshot(meta); w.write(b); w.commit()`` (or
         ``w.abort()``).  ``commit()`` is durable on return, like save_snapshot."""
-        self._check_write()
+        self.check_write()
         return self.snapshots.begin(meta, extra_meta=extra_meta)
 
     def reset_log(self, index: int, term: int) -> None:
         """Durably discard the whole log and continue after (index, term), as a snapshot ahead of
         the log does (hashicorp hosts: DeleteRange over everything, then StoreLogs further on)."""
-        self._check_write()
+        self.check_write()
         wal = self.wal
         wal.check_writable()
         index = check_u64(index, "index", 0, MAX_ENTRY_INDEX)
@@ -1204,7 +1219,7 @@ class Store:
         """Durably discard every entry >= ``index`` (hashicorp's DeleteRange of a suffix).
 
         Writing continues at ``index`` in a new segment; nothing before ``index`` changes."""
-        self._check_write()
+        self.check_write()
         wal = self.wal
         index = check_u64(index, "index", 0, U64_MAX)
         if index > wal.last_index():
@@ -1218,7 +1233,7 @@ class Store:
     # ------------------------------------------------------------------ stable store
     def stable_set(self, key: bytes, value: bytes) -> None:
         """Durably store ``value`` under ``key`` (sealed under the DEK; one synced LMDB commit)."""
-        self._check_write()
+        self.check_write()
         self.wal.check_writable()
         key, value = _stable_key(key), _as_bytes(value, "a stable-store value")
         if len(value) > fmt.MAX_STABLE_VALUE:
@@ -1229,7 +1244,7 @@ class Store:
 
     def stable_get(self, key: bytes) -> bytes | None:
         """The value stored under ``key``, or None."""
-        self._check_open()
+        self.check_open()
         key = _stable_key(key)
         from . import stable
         with self.meta.read() as r:
@@ -1325,7 +1340,7 @@ class Store:
 
     def key_info(self) -> dict:
         """Key IDs, states and usage (never key material)."""
-        self._check_open()
+        self.check_open()
         return self.rotation.describe()
 
     @property

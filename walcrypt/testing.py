@@ -27,7 +27,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
-from .vfs import DEFAULT_VFS, SECTOR_SIZE, VFS, _O_CLOEXEC, _pread_all, _pwrite_all, refuse_link
+from .vfs import _O_CLOEXEC, DEFAULT_VFS, SECTOR_SIZE, VFS, _pread_all, _pwrite_all, refuse_link
 
 __all__ = ["FaultyVFS", "CrashVFS", "SimulatedCrash"]
 

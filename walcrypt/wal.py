@@ -41,9 +41,15 @@ from itertools import repeat
 from typing import Protocol, Sequence
 
 from . import format as fmt
-from .errors import (CompactedError, CorruptionError, StoreFailedError, UnavailableError, UsageError,
-                     WalcryptError)
-from .errors import WIPE_ADVICE
+from .errors import (
+    WIPE_ADVICE,
+    CompactedError,
+    CorruptionError,
+    StoreFailedError,
+    UnavailableError,
+    UsageError,
+    WalcryptError,
+)
 from .segment import Segment, encode_entries
 from .types import Entry, HardState
 
@@ -345,8 +351,8 @@ class Wal:
                 if max_size is None:            # bulk path: C-level iteration, no Python frame per entry
                     p, e = rec.payload, rec.ends
                     a, z = idx - first, b - first
-                    out.extend(map(_new_tuple, repeat(Entry),
-                                   zip(range(idx, b), terms[a:z], map(p.__getitem__, map(slice, e[a:z], e[a + 1:z + 1])))))
+                    datas = map(p.__getitem__, map(slice, e[a:z], e[a + 1:z + 1]))
+                    out.extend(map(_new_tuple, repeat(Entry), zip(range(idx, b), terms[a:z], datas)))
                 else:
                     for k in range(idx - first, b - first):
                         size += rec.size(k)
@@ -641,7 +647,7 @@ class Wal:
         if seg is None or not seg.writable:
             seg = self._cut(self.last + 1)
         elif seg.write_offset + estimate > self.segment_size and seg.records_written > 2:
-            self._seal_active()
+            self.seal_active()
             seg = self._cut(self.last + 1)
         try:
             buf, pending = seg.encode_batch(records)
@@ -672,7 +678,7 @@ class Wal:
         if index <= self.compacted_index:
             raise UsageError(f"cannot replace entries from {index}: compacted up to {self.compacted_index}")
         if self.active is not None and self.active.writable:
-            self._seal_active()
+            self.seal_active()
         seg = self._cut(index, records, hardstate)
         try:
             with self._state:
@@ -703,7 +709,7 @@ class Wal:
             raise
         return seg
 
-    def _seal_active(self) -> None:
+    def seal_active(self) -> None:
         self.check_writable()                   # never seal after a failure: the last unit may be in doubt
         seg = self.active
         if seg is None or not seg.writable:
@@ -728,13 +734,13 @@ class Wal:
         """Seal the active segment and start a new one now (a DEK rotation's step 2)."""
         with self._write:
             self.check_writable()
-            self._seal_active()
+            self.seal_active()
             self._cut(self.last + 1)
 
     def seal_for_close(self) -> None:
         with self._write:
             if self.failed is None and self.active is not None and self.active.writable:
-                self._seal_active()
+                self.seal_active()
 
     # ------------------------------------------------------------------ compaction
     def compact(self, index: int, term: int | None = None) -> None:
@@ -754,7 +760,7 @@ class Wal:
         will get (recorded with the compaction point): older segments are no part of the log any
         more, not even below ``index`` (see load), and are purged."""
         with self._write:
-            self._seal_active()                    # raises StoreFailedError on a failed WAL
+            self.seal_active()                    # raises StoreFailedError on a failed WAL
             with self._state:
                 self._truncate_view(0)
                 self.compacted_index, self.compacted_term = index, term

@@ -652,7 +652,7 @@ def _json_bundle(b: bytes) -> None:
     if not doc:
         assert not b
         return
-    # Everything backup._unlock and the inspectors take from an accepted bundle is usable as is.
+    # Everything backup.unlock_export and the inspectors take from an accepted bundle is usable as is.
     assert len(bytes.fromhex(doc["store_id"])) == 16
     assert doc.get("kek_check") is None or len(bytes.fromhex(doc["kek_check"])) == 16
     for k in doc["keys"] + [doc["meta_key"]]:

@@ -75,9 +75,9 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
 
 from ..errors import LockedError, UsageError
 from ..layout import LOCK_NAME, META_DIR
-from ..vfs import DEFAULT_VFS, open_private, refuse_link
 from ..storage import Store
 from ..types import Entry, HardState, SnapshotMeta
+from ..vfs import DEFAULT_VFS, open_private, refuse_link
 
 DUMP_MAGIC = b"WCPSO1"
 MARKER_NAME = "pysyncobj-snapshot.marker"

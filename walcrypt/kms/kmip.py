@@ -12,18 +12,18 @@ Options (strings are accepted, as they arrive from ``--kms-option K=V``):
 * ``timeout`` - seconds for connecting, the TLS handshake and each answer (default 5);
 * ``verify_hostname`` - ``true`` (default): the server's certificate must name ``host``.
 
-Mechanism.  The KEK never leaves the server: ``wrap`` asks the server to encrypt the data key with
+Mechanism. The KEK never leaves the server: ``wrap`` asks the server to encrypt the data key with
 AES-256-GCM (KMIP Encrypt, Block Cipher Mode GCM, Tag Length 16) under a 96-bit nonce this node
-draws from ``os.urandom``, with the Authenticated Encryption Additional Data
-``DOMAIN || format byte || context``; ``unwrap`` sends nonce, ciphertext, tag and the same
-additional data back (KMIP Decrypt).  The additional data and the tag are KMIP 1.4 fields, so
-every request is a KMIP 1.4 message; PyKMIP's server (tested: 0.11) implements them, and fails a
-Decrypt whose tag does not verify.  (Its Encrypt/Decrypt also offer CBC, ECB, CTR, CFB and OFB, all
-unauthenticated; GCM with additional data is the mode that binds the context, so it is required:
-a server without it is refused at the first wrap, never silently given a weaker mode.)  GCM authenticates the ciphertext and the context together: a
-blob moved to another store, key ID or purpose, a flipped bit anywhere (nonce, ciphertext, tag)
-or a blob made under another KMIP key fails the tag check on the server and becomes
-:class:`WrongKeyError`.  The blob is ``format (1) || nonce (12) || tag (16) || ciphertext``.
+draws from ``os.urandom``, with the Authenticated Encryption Additional Data ``DOMAIN || format byte
+|| context``; ``unwrap`` sends nonce, ciphertext, tag and the same additional data back (KMIP
+Decrypt). The additional data and the tag are KMIP 1.4 fields, so every request is a KMIP 1.4
+message; PyKMIP's server (tested: 0.11) implements them, and fails a Decrypt whose tag does not
+verify. (Its Encrypt/Decrypt also offer CBC, ECB, CTR, CFB and OFB, all unauthenticated; GCM with
+additional data is the mode that binds the context, so it is required: a server without it is
+refused at the first wrap, never silently given a weaker mode.) GCM authenticates the ciphertext and
+the context together: a blob moved to another store, key ID or purpose, a flipped bit anywhere
+(nonce, ciphertext, tag) or a blob made under another KMIP key fails the tag check on the server and
+becomes :class:`WrongKeyError`. The blob is ``format (1) || nonce (12) || tag (16) || ciphertext``.
 The nonce is chosen here so that its quality does not depend on the server; a KEK wraps few keys
 (one per DEK rotation), far below the 2**32 random nonces GCM allows under one key.
 

@@ -16,5 +16,5 @@ from __future__ import annotations
 def detect(path: str) -> list[dict]:
     """What legacy Raft data ``path`` holds (for ``walcrypt inspect``): one dict per finding, with
     ``kind``, ``paths``, ``detail`` and ``command`` (the import command that adopts it)."""
-    from . import etcd, pysyncobj_files      # each parser loads its own dependencies only when asked
+    from . import etcd, pysyncobj_files  # each parser loads its own dependencies only when asked
     return pysyncobj_files.detect(path) + etcd.detect(path)

@@ -326,6 +326,7 @@ def dump_blob(dump: dict) -> bytes:
     """The snapshot the adapter writes (adapters.pysyncobj.encode_dump): its magic, the pickled
     (last, prev, cluster) head, then the state's pickle - here the dump's own bytes, unchanged."""
     import pickle
+
     from ..adapters.pysyncobj import DUMP_MAGIC
     head = pickle.dumps((tuple(dump["last"]), tuple(dump["prev"]), dump["cluster"]), protocol=4)
     return DUMP_MAGIC + struct.pack("<I", len(head)) + head + dump["state_pickle"]
