@@ -70,7 +70,6 @@ KEY = "key"
 LEFTOVER = "leftover"
 ENGINE = "open"
 
-_SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")
 _SNAP_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
 
 RESTORE_ADVICE = (
@@ -748,7 +747,7 @@ class _Walk:
         rules = None
         for name in names:
             p = os.path.join(d, name)
-            m = _SEGMENT_NAME.match(name)
+            m = layout.SEGMENT_NAME.match(name)
             if name.endswith(".broken") or re.search(r"\.broken\.\d+$", name):
                 self.warn(p, "copy of a segment kept by an earlier repair (a torn tail cut, or a damaged segment "
                              "set aside)",

@@ -115,8 +115,7 @@ def require_store(directory: str) -> str:
         what = "a file stands where its metadata directory meta/ belongs" if os.path.lexists(meta) else \
             "its metadata directory meta/ is missing"
         if layout.data_files(path):
-            from .storage import metadata_lost
-            raise metadata_lost(meta, f"{directory} is a damaged walcrypt data directory: {what}",
+            raise layout.metadata_lost(meta, f"{directory} is a damaged walcrypt data directory: {what}",
                                 _what_is_here(path))
         raise CorruptionError(meta, None, f"{directory} is a walcrypt data directory ({_what_is_here(path)}) but "
                               f"{what} and it holds no data", NEW_STORE_HINT)
@@ -128,8 +127,7 @@ def require_store(directory: str) -> str:
     if not os.path.isfile(os.path.join(meta, "data.mdb")):
         what = "its metadata database meta/data.mdb is missing"
         if layout.data_files(path):
-            from .storage import metadata_lost
-            raise metadata_lost(os.path.join(meta, "data.mdb"),
+            raise layout.metadata_lost(os.path.join(meta, "data.mdb"),
                                 f"{directory} is a damaged walcrypt data directory: {what}", _what_is_here(path))
         raise CorruptionError(os.path.join(meta, "data.mdb"), None, f"{directory} is a walcrypt data directory "
                               f"but {what} and it holds no data", NEW_STORE_HINT)
@@ -151,8 +149,7 @@ def store_record(r, root: str, directory: str) -> tuple[bytes, bool]:
     meta_path = os.path.join(root, layout.META_DIR)
     if store_id is None and enc is None:
         if layout.pairs_with_data(root):
-            from .storage import metadata_lost
-            raise metadata_lost(meta_path, f"the metadata of {directory} holds no store record")
+            raise layout.metadata_lost(meta_path, f"the metadata of {directory} holds no store record")
         raise CorruptionError(meta_path, None, f"the metadata of {directory} holds no store record and there is "
                               "no data: the store's creation did not commit", NEW_STORE_HINT)
     if store_id is None or len(store_id) != fmt.STORE_ID_SIZE or enc not in (b"\x00", b"\x01"):

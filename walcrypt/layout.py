@@ -15,10 +15,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
 from dataclasses import dataclass
 
 from . import vfs as _vfs
-from .errors import LockedError, SymlinkError, UsageError
+from .errors import WIPE_ADVICE, CorruptionError, LockedError, SymlinkError, UsageError
 
 LOCK_NAME = "LOCK"
 META_DIR = "meta"
@@ -26,6 +27,9 @@ WAL_ENCRYPTED = "wal-v1-encrypted"
 SNAP_ENCRYPTED = "snap-v1-encrypted"
 WAL_PLAIN = "wal-v1"
 SNAP_PLAIN = "snap-v1"
+
+# A segment file's name: <segment ID>-<base index>.wal, each 16 hex digits (FORMAT.md 3.1).
+SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")
 
 
 @dataclass(frozen=True)
@@ -213,3 +217,14 @@ def flock_holders(root: str, *, exclusive_only: bool = False) -> list[int] | Non
         except (ValueError, IndexError):
             continue
     return sorted(pids)
+
+
+def metadata_lost(meta_path: str, what: str, here: str = "segments or snapshots") -> CorruptionError:
+    """The error for data without the metadata that describes it (``what``: how the metadata is lost;
+    ``here``: what data the directory holds)."""
+    return CorruptionError(
+        meta_path, None, f"{what}, but the data directory holds {here}: meta/ was lost or "
+        "replaced, and walcrypt will not create a new store over existing data (it holds the manifest and the "
+        "wrapped data keys)", "walcrypt changed nothing. Put back this directory's own meta/ (from the same node, "
+        "not an older copy); otherwise rebuild it from the snapshot and segment files with the KEK ('walcrypt "
+        "recover DIR --key-file K'), restore the node from a snapshot export, or " + WIPE_ADVICE)

@@ -69,7 +69,6 @@ from .vfs import DEFAULT_VFS
 
 log = logging.getLogger("walcrypt")
 
-_SEGMENT_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.wal$")
 _SNAP_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
 TMP_META = ".recover-meta"
 ASIDE = ".unlisted"
@@ -287,7 +286,7 @@ def _plan(path: str, kek, want_store: bytes | None, force: bool) -> Plan:
     unread: dict[int, int] = {}            # every segment file not adopted and not another store's: ID -> base
     max_seg = 0
     for name in _names(vfs, wal_dir):
-        m = _SEGMENT_NAME.match(name)
+        m = layout.SEGMENT_NAME.match(name)
         if not m:
             continue
         p = os.path.join(wal_dir, name)
@@ -433,7 +432,7 @@ def _read_segment(vfs, p: str, seg_id: int, base: int, plan: Plan) -> Segment:
 
 def _list_segments_unread(vfs, wal_dir: str, plan: Plan) -> None:
     for name in _names(vfs, wal_dir):
-        if _SEGMENT_NAME.match(name):
+        if layout.SEGMENT_NAME.match(name):
             plan.ignored.append((os.path.join(wal_dir, name), "cannot be read without a data key"))
 
 
