@@ -11,8 +11,9 @@ import argparse
 import json
 import sys
 import threading
-import time
 import warnings
+
+from walcrypt.cluster_node import set_all
 
 
 def main() -> int:
@@ -29,7 +30,7 @@ def main() -> int:
     ap.add_argument("--password", default="legacy-test-transport")
     args = ap.parse_args()
 
-    from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
+    from pysyncobj import SyncObj, SyncObjConf
     from pysyncobj.batteries import ReplDict
 
     data = ReplDict()
@@ -61,23 +62,7 @@ def main() -> int:
             sys.stdout.flush()
 
     def do_set(items, timeout: float) -> dict:
-        done: dict = {}
-        cv = threading.Condition()
-
-        def make_cb(key):
-            def cb(result, error):
-                with cv:
-                    done[key] = error
-                    cv.notify_all()
-            return cb
-
-        for k, v in items:
-            data.set(k, v, callback=make_cb(k))
-        deadline = time.monotonic() + timeout
-        with cv:
-            while len(done) < len(items) and time.monotonic() < deadline:
-                cv.wait(timeout=0.05)
-        return {"acked": [k for k, e in done.items() if e == FAIL_REASON.SUCCESS]}
+        return {"acked": set_all(data, items, timeout)["acked"]}
 
     for line in sys.stdin:
         req = json.loads(line)

@@ -177,3 +177,26 @@ def assert_no_kek(path: str, kek_bytes: bytes) -> None:
     raw = read(path)
     for enc in kek_encodings(kek_bytes):
         assert enc not in raw, f"{path} contains the KEK ({enc[:8]!r}...)"
+
+
+def unwrapped_by(data_dir: str, kek, params) -> list[tuple[str, str]]:
+    """(file, key ID) of every key in a snapshot file's keyring bundle that ``kek`` (with the KEK
+    parameters ``params``) unwraps: after a KEK rotation, the old KEK must unwrap none."""
+    from walcrypt import keys as K
+    from walcrypt.errors import WrongKeyError
+    from walcrypt.snapshot import SnapshotFile
+    from walcrypt.vfs import DEFAULT_VFS
+    wrapper = kek.wrapper(params)
+    found = []
+    for name in wctest.snap_files(data_dir):
+        if not name.endswith(".snap"):
+            continue
+        doc = json.loads(SnapshotFile(DEFAULT_VFS, os.path.join(data_dir, wctest.SNAP_DIR, name)).bundle)
+        for k in doc["keys"]:
+            try:
+                wrapper.unwrap(bytes.fromhex(k["wrapped"]),
+                               K.wrap_context(bytes.fromhex(doc["store_id"]), bytes.fromhex(k["id"]), k["purpose"]))
+            except WrongKeyError:
+                continue
+            found.append((name, k["id"]))
+    return found

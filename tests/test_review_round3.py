@@ -29,6 +29,7 @@ from walcrypt.check import check
 from walcrypt.snapshot import SnapshotFile
 from walcrypt.vfs import DEFAULT_VFS, VFS
 
+import snaptest
 import wctest
 from injectvfs import SlowSnapshotDisk
 
@@ -447,17 +448,7 @@ def test_a_snapshot_begun_while_rotate_kek_copies_keeps_the_old_kek(tmp_path):
                 pass                                           # so would a refused commit
         assert not failed, failed
         live = s.active_key_id()
-    wrapper = KEK.wrapper(old_params)
-    unwrapped = []
-    for name in wctest.snap_files(data_dir):
-        doc = json.loads(SnapshotFile(DEFAULT_VFS, os.path.join(data_dir, SNAP, name)).bundle)
-        for k in doc["keys"]:
-            try:
-                wrapper.unwrap(bytes.fromhex(k["wrapped"]),
-                               K.wrap_context(bytes.fromhex(doc["store_id"]), bytes.fromhex(k["id"]), k["purpose"]))
-            except WrongKeyError:
-                continue
-            unwrapped.append((name, k["id"]))
+    unwrapped = snaptest.unwrapped_by(data_dir, KEK, old_params)
     assert not unwrapped, f"the old KEK unwraps {unwrapped} (live DEK {live.hex()}) after rotate_kek returned"
 
 

@@ -9,18 +9,17 @@ failed on the code it was written against; all pass since their fixes.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import threading
 
 import pytest
 
 import walcrypt
-from walcrypt import ConfState, HardState, SnapshotMeta, StoreFailedError, WalcryptError, WrongKeyError
+from walcrypt import ConfState, HardState, SnapshotMeta, StoreFailedError, WalcryptError
 from walcrypt import keys as K
-from walcrypt.snapshot import SnapshotFile
-from walcrypt.vfs import DEFAULT_VFS, VFS
+from walcrypt.vfs import VFS
 
+import snaptest
 import wctest
 from injectvfs import SlowSnapshotDisk
 
@@ -30,24 +29,6 @@ CS = ConfState(voters=(1, 2, 3))
 SNAP = "snap-v1-encrypted"
 
 
-
-
-def _unwrapped_by(data_dir: str, kek, params) -> list[tuple[str, str]]:
-    """(file, key ID) of every key in a snapshot file's keyring bundle that ``kek`` unwraps."""
-    wrapper = kek.wrapper(params)
-    found = []
-    for name in wctest.snap_files(data_dir):
-        if not name.endswith(".snap"):
-            continue
-        doc = json.loads(SnapshotFile(DEFAULT_VFS, os.path.join(data_dir, SNAP, name)).bundle)
-        for k in doc["keys"]:
-            try:
-                wrapper.unwrap(bytes.fromhex(k["wrapped"]),
-                               K.wrap_context(bytes.fromhex(doc["store_id"]), bytes.fromhex(k["id"]), k["purpose"]))
-            except WrongKeyError:
-                continue
-            found.append((name, k["id"]))
-    return found
 
 
 # -------------------------------------------------------------------------------------------------
@@ -127,7 +108,7 @@ def test_a_rekey_on_another_thread_while_rotate_kek_copies(tmp_path, at):
     assert set(outcome.values()) <= {"ok", "UsageError"} and "ok" in outcome.values(), outcome
     # ... and once rotate_kek returned, the old KEK unwraps nothing in the data directory.
     if outcome["rotate_kek"] == "ok":
-        leaked = _unwrapped_by(data_dir, KEK, old_params)
+        leaked = snaptest.unwrapped_by(data_dir, KEK, old_params)
         assert not leaked, f"the old KEK unwraps {leaked} (live DEK {live.hex()}) after rotate_kek returned"
     try:
         with walcrypt.open(data_dir, kek=NEW_KEK if outcome["rotate_kek"] == "ok" else KEK) as s:

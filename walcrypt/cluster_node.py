@@ -22,6 +22,30 @@ import threading
 import time
 
 
+def set_all(data, items, timeout: float) -> dict:
+    """Set every (key, value) of ``items`` on the replicated dict ``data`` and wait, at most
+    ``timeout`` seconds, for the cluster's answers: {"acked": [...], "failed": [...]} (keys not
+    answered in time are in neither)."""
+    from pysyncobj import FAIL_REASON
+    done: dict = {}
+    cv = threading.Condition()
+
+    def make_cb(key):
+        def cb(result, error):
+            with cv:
+                done[key] = error
+                cv.notify_all()
+        return cb
+
+    for k, v in items:
+        data.set(k, v, callback=make_cb(k))
+    deadline = time.monotonic() + timeout
+    with cv:
+        while len(done) < len(items) and time.monotonic() < deadline:
+            cv.wait(timeout=0.05)
+    return {"acked": [k for k, e in done.items() if e == FAIL_REASON.SUCCESS],
+            "failed": [k for k, e in done.items() if e != FAIL_REASON.SUCCESS]}
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="walcrypt.cluster_node")
     ap.add_argument("--dir", required=True)
@@ -66,25 +90,7 @@ def main(argv=None) -> int:
                 if st else None}
 
     def do_set(items, timeout: float) -> dict:
-        done: dict = {}
-        cv = threading.Condition()
-
-        def make_cb(key):
-            def cb(result, error):
-                with cv:
-                    done[key] = error
-                    cv.notify_all()
-            return cb
-
-        for k, v in items:
-            data.set(k, v, callback=make_cb(k))
-        deadline = time.monotonic() + timeout
-        with cv:
-            while len(done) < len(items) and time.monotonic() < deadline:
-                cv.wait(timeout=0.05)
-        from pysyncobj import FAIL_REASON
-        return {"acked": [k for k, e in done.items() if e == FAIL_REASON.SUCCESS],
-                "failed": [k for k, e in done.items() if e != FAIL_REASON.SUCCESS]}
+        return set_all(data, items, timeout)
 
     for line in sys.stdin:                     # ends when the parent closes stdin or kills us
         try:
