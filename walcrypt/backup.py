@@ -198,7 +198,7 @@ def export_store(root: str, out_path: str, *, kek: K.KeyEncryptionKey | None = N
     removed it and the newer snapshot is taken (bounded); when not, it is missing (CorruptionError)."""
     from . import layout, online
     from .check import bare_store
-    from .snapstore import decode_info
+    from .snapinfo import decode_info
     root = os.path.abspath(os.fspath(root))
     if embed_kek and not encrypted:
         raise UsageError("a plaintext store has no KEK to embed")
@@ -246,7 +246,8 @@ def export_store(root: str, out_path: str, *, kek: K.KeyEncryptionKey | None = N
 def _authenticated(st, vfs, info):
     """The registered snapshot ``info``, read through ``vfs`` and authenticated end to end (as the
     engine's open authenticates the newest snapshot)."""
-    from .snapstore import Snapshot, bind_to_registry
+    from .snapinfo import Snapshot
+    from .snapstore import bind_to_registry
     f = bind_to_registry(st, vfs, info)
     size = f.verify()
     if size != info.size:

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from . import format as fmt
-from . import layout, online
+from . import layout, online, snapinfo
 from . import meta as M
 from .bounded import FileSource, Source
 from .errors import (
@@ -398,7 +398,7 @@ class _Walk:
     def _named_paths(self) -> list[str]:
         """The files the metadata copy names (decoded without checks: only to open them early)."""
         from .segment import segment_file_name
-        from .snapstore import decode_info
+        from .snapinfo import decode_info
         paths = []
         for k, raw in self.meta.tables.get(M.DB_SEGMENTS, {}).items():
             try:
@@ -795,7 +795,7 @@ class _Walk:
 
     # -- snapshots -------------------------------------------------------------
     def _snapshot_infos(self, rows) -> list:
-        from .snapstore import decode_info
+        from .snapinfo import decode_info
         snap_dir = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
         infos = []
         for k, raw in rows:
@@ -834,8 +834,7 @@ class _Walk:
 
     def _leftover_snapshots(self, known: set[str], in_log: set[int]) -> None:
         """Files of the snapshot directory the registry does not list, each with what a read-write open
-        really does with it (snapstore.orphan_fate, the rule Snapshots._remove_orphans acts on)."""
-        from . import snapstore
+        really does with it (snapinfo.orphan_fate, the rule Snapshots._remove_orphans acts on)."""
         from .snapshot import SnapshotFile
         d = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
         if not os.path.isdir(d):
@@ -871,13 +870,13 @@ class _Walk:
                                  "is damaged (see the errors above), so no open gets as far as it")
                     continue
                 purged, intents, next_id = rules
-                fate = snapstore.orphan_fate(snap_id, purged=purged, intents=intents, next_id=next_id,
+                fate = snapinfo.orphan_fate(snap_id, purged=purged, intents=intents, next_id=next_id,
                                              in_log=lambda snap_id=snap_id: snap_id in in_log)
-                if fate == snapstore.REGISTER:
+                if fate == snapinfo.REGISTER:
                     self.warn(p, "snapshot saved and tied to the log (its SNAPSHOT record) but not registered: its "
                                  "registration did not commit; the next read-write open registers it (or sets it "
                                  "aside as .broken if it fails its checks)")
-                elif fate == snapstore.DELETE:
+                elif fate == snapinfo.DELETE:
                     why = ("the latest retention removed it from the registry" if snap_id in purged else
                            "its save never got past its commit point (no SNAPSHOT record in the log)")
                     self.warn(p, f"snapshot file not in the registry: {why}; the next read-write open deletes it")
@@ -887,7 +886,7 @@ class _Walk:
                     except StorageError:
                         ours = False
                     if ours:
-                        exc = snapstore.unaccounted_snapshot(p, snap_id, next_id)
+                        exc = snapinfo.unaccounted_snapshot(p, snap_id, next_id)
                         self.report.findings.append(Finding(
                             "error", p, None, f"{exc.detail}; a read-write open refuses this store", kind=METADATA,
                             hint=exc.hint))

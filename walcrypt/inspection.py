@@ -516,8 +516,8 @@ def _keyless(root: str, directory: str, key_file: str | None, live: bool):
         rep["log"]["last_index"] = max(visible + [c_index or 0])
 
     # -- snapshots --------------------------------------------------------------
+    from .snapinfo import decode_info
     from .snapshot import SnapshotFile, snapshot_file_name
-    from .snapstore import decode_info
     snaps = []
     snap_dir = os.path.join(root, layout.pair_for(encrypted).snap)
     for k, v in registry:

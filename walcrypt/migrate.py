@@ -38,8 +38,8 @@ from . import keys as K
 from . import meta as M
 from .errors import KeyProviderError, UsageError
 from .segment import Segment, SegmentIdentity
+from .snapinfo import SnapshotInfo, encode_info
 from .snapshot import SNAP_SALT_SIZE, SnapshotHeader, SnapshotWriter, snapshot_keys
-from .snapstore import SnapshotInfo, encode_info
 from .vfs import DEFAULT_VFS
 
 log = logging.getLogger("walcrypt")

@@ -613,7 +613,7 @@ def _free(vfs, path: str) -> str:
 
 
 def _apply(plan: Plan, kek, lock) -> None:
-    from .snapstore import SnapshotInfo, encode_info
+    from .snapinfo import SnapshotInfo, encode_info
     from .storage import Store
     vfs = DEFAULT_VFS
     root = plan.path

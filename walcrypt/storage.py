@@ -34,7 +34,8 @@ from .errors import (
     os_error_advice,
 )
 from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
-from .snapstore import Snapshot, Snapshots
+from .snapinfo import Snapshot
+from .snapstore import Snapshots
 from .store_files import SegmentFilesMixin
 from .store_keys import KeyringMixin
 from .store_recovery import RecoveryMixin

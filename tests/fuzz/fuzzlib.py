@@ -29,7 +29,7 @@ Harnesses (``HARNESSES``):
                     bytes written to a file
 ``snapshot``        ``walcrypt.snapshot.SnapshotFile``: header, bundle, unlock, every chunk
 ``records``         LMDB values: ``meta.decode_manifest``, ``decode_keyring``, ``decode_compacted``,
-                    ``snapstore.decode_info``, ``stable.open_value`` (encrypted and plaintext) and
+                    ``snapinfo.decode_info``, ``stable.open_value`` (encrypted and plaintext) and
                     ``Meta.open_value`` (the value MAC); the first input byte picks the decoder
 ``export``          ``walcrypt.backup.ExportFile`` and ``inspect_export`` (with and without the KEK)
 ``json``            the JSON records read from disk: ``keys.parse_kek_params`` (store/kek_params) and
@@ -68,7 +68,7 @@ from walcrypt.bounded import FileSource  # noqa: E402
 from walcrypt.errors import StorageError, WalcryptKeyError  # noqa: E402
 from walcrypt.segment import Segment, SegmentIdentity, decode_header, encode_header  # noqa: E402
 from walcrypt.snapshot import SnapshotFile, decode_meta, encode_meta, parse_bundle, snapshot_keys  # noqa: E402
-from walcrypt.snapstore import decode_info, encode_info  # noqa: E402
+from walcrypt.snapinfo import decode_info, encode_info  # noqa: E402
 from walcrypt.types import ConfState, HardState, SnapshotMeta  # noqa: E402
 from walcrypt.vfs import VFS  # noqa: E402
 
