@@ -20,9 +20,6 @@ inside the package directory can never shadow the standard library's ``inspect``
 
 from __future__ import annotations
 
-import datetime
-import errno
-import fcntl
 import json
 import os
 import stat
@@ -35,15 +32,15 @@ from . import format as fmt
 from . import keys as K
 from . import meta as M
 from .errors import (
-    CorruptionError,
     KeyProviderError,
-    LockedError,
     StorageError,
     UsageError,
     WalcryptError,
     WrongKeyError,
 )
-from .vfs import DEFAULT_VFS, own_file, refuse_link
+from .inspection_render import ns_iso
+from .storedir import lock_holders, open_meta, require_store, store_record
+from .vfs import DEFAULT_VFS
 
 ROTATION_STUCK_AFTER_S = 3600
 _MAX_STATE_JSON = 64 << 10          # a rotation or migration record is a few hundred bytes
@@ -61,169 +58,6 @@ PURPOSES = {K.PURPOSE_DEK: "dek", K.PURPOSE_META: "metadata"}
 
 
 # ---------------------------------------------------------------------------
-# Preconditions and the process lock
-# ---------------------------------------------------------------------------
-
-# Names walcrypt creates directly inside a data directory.  A directory holding none of them is not a data
-# directory; one holding some of them but lacking its metadata is a damaged one.
-WALCRYPT_NAMES = (layout.LOCK_NAME, layout.META_DIR, layout.WAL_ENCRYPTED, layout.SNAP_ENCRYPTED, layout.WAL_PLAIN,
-                  layout.SNAP_PLAIN, ".migrate-wal", ".migrate-snap")
-
-NEW_STORE_HINT = ("if it is a new store whose creation was interrupted, nothing was stored in it yet: remove the "
-                  "directory and run 'walcrypt init' again (or let the node create it); if it held data, its files "
-                  "were deleted: restore the node from a backup export or wipe it and let Raft re-replicate it")
-
-
-def _what_is_here(path: str) -> str:
-    """The walcrypt files present in a data directory, for messages ("8 segment files in wal-v1-encrypted/")."""
-    parts = []
-    for d, what in ((layout.WAL_ENCRYPTED, "segment"), (layout.SNAP_ENCRYPTED, "snapshot"),
-                    (layout.WAL_PLAIN, "segment"), (layout.SNAP_PLAIN, "snapshot")):
-        p = os.path.join(path, d)
-        if os.path.isdir(p) and not os.path.islink(p):
-            n = sum(1 for x in os.listdir(p) if not x.startswith("."))
-            parts.append(f"{n} {what} file{'s' if n != 1 else ''} in {d}/")
-    if not parts:
-        parts = [n + ("/" if os.path.isdir(os.path.join(path, n)) else "") for n in WALCRYPT_NAMES
-                 if os.path.lexists(os.path.join(path, n))]
-    return ", ".join(parts)
-
-
-def require_store(directory: str) -> str:
-    """The absolute path of an existing store directory.
-
-    A UsageError for what the operator named wrongly (no such directory, not a directory, no permission,
-    a directory holding no walcrypt files at all); a CorruptionError for a walcrypt data directory whose
-    metadata is missing (no meta/, no meta/data.mdb): that is damage, not a wrong argument."""
-    path = os.path.abspath(os.fspath(directory))
-    if not os.path.exists(path):
-        raise UsageError(f"{directory} does not exist; give the data directory of a walcrypt store")
-    if not os.path.isdir(path):
-        raise UsageError(f"{directory} is not a directory; give the data directory of a walcrypt store")
-    if not os.access(path, os.R_OK | os.X_OK):
-        raise UsageError(f"no permission to read {directory}; run as the user that owns the store")
-    layout.refuse_links(path)
-    names = os.listdir(path)
-    if not any(n in WALCRYPT_NAMES for n in names):
-        below = [n for n in names if n.endswith((".wal", ".snap"))]
-        raise UsageError(f"{directory} is not a walcrypt data directory (it holds none of meta/, "
-                         f"{layout.WAL_ENCRYPTED}/, {layout.SNAP_ENCRYPTED}/, {layout.WAL_PLAIN}/, {layout.SNAP_PLAIN}/"
-                         ", LOCK)" + ("; it holds segment or snapshot files: give the data directory above it"
-                                      if below else ""))
-    meta = os.path.join(path, layout.META_DIR)
-    if not os.path.isdir(meta):
-        what = "a file stands where its metadata directory meta/ belongs" if os.path.lexists(meta) else \
-            "its metadata directory meta/ is missing"
-        if layout.data_files(path):
-            raise layout.metadata_lost(meta, f"{directory} is a damaged walcrypt data directory: {what}",
-                                _what_is_here(path))
-        raise CorruptionError(meta, None, f"{directory} is a walcrypt data directory ({_what_is_here(path)}) but "
-                              f"{what} and it holds no data", NEW_STORE_HINT)
-    for n in sorted(os.listdir(meta)):
-        refuse_link(os.path.join(meta, n))
-    if not os.access(meta, os.R_OK | os.X_OK) or not all(
-            os.access(os.path.join(meta, n), os.R_OK) for n in os.listdir(meta)):
-        raise UsageError(f"no permission to read {meta}; run as the user that owns the store")
-    if not os.path.isfile(os.path.join(meta, "data.mdb")):
-        what = "its metadata database meta/data.mdb is missing"
-        if layout.data_files(path):
-            raise layout.metadata_lost(os.path.join(meta, "data.mdb"),
-                                f"{directory} is a damaged walcrypt data directory: {what}", _what_is_here(path))
-        raise CorruptionError(os.path.join(meta, "data.mdb"), None, f"{directory} is a walcrypt data directory "
-                              f"but {what} and it holds no data", NEW_STORE_HINT)
-    return path
-
-
-def open_meta(root: str, directory: str) -> M.Meta:
-    """The metadata database, read-only and without its lock file.  LMDB's errors arrive translated
-    (meta.lmdb_error): a damaged database is a CorruptionError saying what to do."""
-    return M.Meta(os.path.join(root, layout.META_DIR), readonly=True)
-
-
-def store_record(r, root: str, directory: str) -> tuple[bytes, bool]:
-    """(store ID, encrypted) from the store record, read without a key (it is not MAC'd).  A missing or
-    damaged record is damage: beside existing data, meta/ was lost or replaced; without any, the
-    store's creation never committed."""
-    store_id = r.raw(M.DB_STORE, M.K_STORE_ID)
-    enc = r.raw(M.DB_STORE, M.K_ENCRYPTED)
-    meta_path = os.path.join(root, layout.META_DIR)
-    if store_id is None and enc is None:
-        if layout.pairs_with_data(root):
-            raise layout.metadata_lost(meta_path, f"the metadata of {directory} holds no store record")
-        raise CorruptionError(meta_path, None, f"the metadata of {directory} holds no store record and there is "
-                              "no data: the store's creation did not commit", NEW_STORE_HINT)
-    if store_id is None or len(store_id) != fmt.STORE_ID_SIZE or enc not in (b"\x00", b"\x01"):
-        raise CorruptionError(meta_path, None, f"the store identity record of {directory} is damaged (store ID "
-                              "or mode)", M.DAMAGED_HINT)
-    return store_id, enc == b"\x01"
-
-
-def read_mode(root: str, directory: str) -> bool:
-    """True for an encrypted store, False for a plaintext one (CorruptionError when the record is missing)."""
-    meta = open_meta(root, directory)
-    try:
-        with meta.read() as r:
-            return store_record(r, root, directory)[1]
-    finally:
-        meta.close()
-
-
-def lock_holders(root: str) -> list[int] | None:
-    """PIDs holding a flock on ``root/LOCK`` according to /proc/locks (no lock is taken).
-
-    [] when nobody holds it, None when it cannot be told (no /proc/locks)."""
-    return layout.flock_holders(root)
-
-
-def locked_message(root: str, pids: list[int] | None) -> str:
-    who = f"process {', '.join(map(str, pids))}" if pids else "another process"
-    return (f"{root} is in use by {who} (it holds {os.path.join(root, layout.LOCK_NAME)}); stop it first "
-            "('walcrypt inspect' works on a running store)")
-
-
-class SharedLock:
-    """A shared flock on DATA/LOCK for read-only commands: refuses a store a writer holds, and keeps a
-    writer from opening it meanwhile.  Writes nothing (and does not create LOCK when it is absent)."""
-
-    def __init__(self, root: str, display: str | None = None):
-        self.root = root
-        self.display = display or root
-        self.fd: int | None = None
-
-    def __enter__(self) -> "SharedLock":
-        path = os.path.join(self.root, layout.LOCK_NAME)
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return self
-        except PermissionError:
-            raise UsageError(f"no permission to read {path}; run as the user that owns the store") from None
-        except OSError:
-            refuse_link(path)
-            raise
-        try:
-            own_file(self.fd, path, exclusive=False)       # never a FIFO or device
-        except BaseException:
-            os.close(self.fd)
-            self.fd = None
-            raise
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(self.fd)
-            self.fd = None
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockedError(locked_message(self.display, lock_holders(self.root))) from None
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            os.close(self.fd)       # closing the descriptor releases the flock
-            self.fd = None
-
-
-# ---------------------------------------------------------------------------
 # Keyless reading
 # ---------------------------------------------------------------------------
 
@@ -232,12 +66,6 @@ def alg_name(alg: int) -> str:
         return crypto.suite(alg).name
     except WalcryptError:
         return f"unknown({alg})"
-
-
-def _ns_iso(ns: int | None) -> str | None:
-    if not ns:
-        return None
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _dir_summary(root: str) -> list[dict]:
@@ -567,7 +395,7 @@ def _keyless(root: str, directory: str, key_file: str | None, live: bool):
     rep["migration"] = _json(state[M.K_MIGRATION])
     if rep["migration"] is not None:
         warnings.append(f"a migration to {rep['migration'].get('to', '?')} was interrupted (started "
-                        f"{_ns_iso(rep['migration'].get('started_ns')) or '?'}); the next read-write open undoes "
+                        f"{ns_iso(rep['migration'].get('started_ns')) or '?'}); the next read-write open undoes "
                         "it: run 'walcrypt migrate' again")
 
     # -- warnings from the directory ---------------------------------------------------
@@ -693,7 +521,7 @@ def _rotation(raw: bytes | None, warnings: list[str]) -> dict | None:
            "queued": doc.get("queued", 0), "reason": doc.get("reason"), "full_rekey": bool(doc.get("rekey")),
            "requested_ns": doc.get("requested_ns")}
     age = (time.time_ns() - doc["requested_ns"]) / 1e9 if isinstance(doc.get("requested_ns"), int) else None
-    since = _ns_iso(doc.get("requested_ns")) or "?"
+    since = ns_iso(doc.get("requested_ns")) or "?"
     if out["full_rekey"]:
         warnings.append(f"a full re-key (started {since}) was interrupted; the next read-write open redoes it "
                         "(or run 'walcrypt rotate-dek')")
@@ -705,144 +533,3 @@ def _rotation(raw: bytes | None, warnings: list[str]) -> dict | None:
                         "is possible once it has completed")
     return out
 
-
-# ---------------------------------------------------------------------------
-# Tables for people
-# ---------------------------------------------------------------------------
-
-def human_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def format_table(headers: list[str], rows: list[list], indent: str = "  ") -> str:
-    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    lines = [indent + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    for r in cells:
-        lines.append(indent + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    return "\n".join(lines)
-
-
-def _checked_summary(rep: dict) -> str:
-    """What the authenticated read checked, exactly (the 'authenticated' line)."""
-    segs = rep["segments"]
-    index_only = sum(1 for r in segs if r.get("checked") == "index frame")
-    every = sum(1 for r in segs if r.get("checked") == "every record")
-    unread = sum(1 for r in segs if r.get("checked") is None)
-    parts = ["metadata MACs verified"]
-    if index_only:
-        parts.append(f"{index_only} sealed segment(s): header and index frame authenticated, records not read")
-    if every:
-        parts.append(f"{every} open segment(s): every committed record authenticated")
-    if unread:
-        parts.append(f"{unread} segment(s) not read (written or removed after the metadata was read)")
-    snap = next((r for r in rep["snapshots"] if r.get("checked")), None)
-    if snap is not None:
-        parts.append(f"snapshot {snap['id']} authenticated end to end")
-    return "yes: " + "; ".join(parts) + " ('walcrypt verify' authenticates every record)"
-
-
-def render(rep: dict) -> str:
-    """The inspection report for people."""
-    out = []
-    log = rep["log"]
-    kek = rep.get("kek") or {}
-    mode = rep["mode"] + (f" ({rep['algorithm']})" if rep["mode"] == "encrypted" else "")
-    lock = rep["lock"]
-    lock_s = ("unknown" if lock["held"] is None else
-              f"held by process {', '.join(map(str, lock['pids']))}" if lock["held"] else
-              "free (no process has it open)")
-    out.append(f"store          {rep['path']}")
-    out.append(f"format         version {rep['format_version']}, {mode}")
-    out.append(f"store ID       {rep['store_id']}")
-    if kek:
-        if kek.get("fingerprint"):
-            how = "--kms NAME --kms-option ..." if kek.get("kind") == "kms" else "--key-file F"
-            fp = f"fingerprint {kek['fingerprint']}" + (" (the key given matches)" if rep["authenticated"] else
-                                                       f" ('walcrypt key fingerprint {how}' names a key)")
-        elif kek.get("kind") == "kms":
-            fp = "fingerprint none: a KMS-held key has no check value (the plug-in name identifies it)"
-        else:
-            fp = "fingerprint none: no check value is stored"
-        kind = kek.get("kind") + (f" ({kek['plugin']})" if kek.get("plugin") else "")
-        if kek.get("key"):
-            kind += f" key {K.describe_identity(kek['key'])}" + (f" version {kek['version']}"
-                                                              if kek.get("version") is not None else "")
-        out.append(f"KEK            {kind}, {fp}")
-    out.append(f"lock           {lock_s}")
-    out.append("authenticated  " + (_checked_summary(rep) if rep["authenticated"]
-                                    else "no - " + rep.get("note", "see errors below")))
-    hs = log.get("hard_state")
-    out.append(f"log            first index {log['first_index']}, last index {log['last_index']}"
-               + ("" if rep["authenticated"] else " (unauthenticated)"))
-    if hs is not None:
-        out.append(f"hard state     term={hs['term']} vote={hs['vote']} commit={hs['commit']}")
-    cs = log.get("conf_state")
-    if cs and (cs["voters"] or cs["learners"]):
-        out.append(f"conf state     voters={cs['voters']} learners={cs['learners']}")
-    out.append(f"compacted      index {log['compacted_index']} term {log['compacted_term']}; next segment ID "
-               f"{log['next_segment']}, next snapshot ID {log['next_snapshot']}; {log['stable_keys']} stable key(s)")
-    out.append("")
-    out.append("directories")
-    out.append(format_table(["DIRECTORY", "ROLE", "FILES", "SIZE"],
-                            [[d["name"] + "/", d["role"], d["files"] if d["exists"] else "absent",
-                              human_size(d["bytes"]) if d["exists"] else ""] for d in rep["directories"]]))
-    out.append("")
-    out.append(f"segments ({len(rep['segments'])})")
-    if rep["segments"]:
-        out.append(format_table(
-            ["ID", "FILE", "FIRST", "LAST", "KEY ID", "SEALED", "SIZE"],
-            [[s["id"], s["file"], s["first_index"],
-              s["last_index"] if s["last_index"] is None or s["last_index"] >= s["first_index"] else "(none)",
-              s["key_id"] if rep["mode"] == "encrypted" else "-",
-              "yes" if s["sealed"] else "no", "MISSING" if s.get("missing") else human_size(s["size"])]
-             for s in rep["segments"]]))
-    out.append("")
-    out.append(f"snapshots ({len(rep['snapshots'])})")
-    if rep["snapshots"]:
-        out.append(format_table(
-            ["ID", "INDEX", "TERM", "KEY ID", "DATA", "FILE SIZE", "KEK EMBEDDED"],
-            [[s["id"], s["index"], s["term"], s["key_id"] if rep["mode"] == "encrypted" else "-",
-              human_size(s["size"]), "MISSING" if s.get("missing") else human_size(s["file_size"]),
-              "YES" if s["kek_embedded"] else "no"] for s in rep["snapshots"]]))
-        out.append("  (snapshots in a data directory carry wrapped keys only, never the KEK)")
-    out.append("")
-    out.append(f"keyring ({len(rep['keyring'])})" + ("" if rep["keyring"] or rep["mode"] == "encrypted"
-                                                     else " - a plaintext store has no keys"))
-    if rep["keyring"]:
-        has_usage = any("records" in k for k in rep["keyring"])
-        headers = ["KEY ID", "PURPOSE", "STATE", "ALGORITHM", "CREATED"] + (["RECORDS", "BYTES"] if has_usage else [])
-        out.append(format_table(headers, [
-            [k["key_id"], k["purpose"], k["state"], k["algorithm"], _ns_iso(k["created_ns"])]
-            + ([k.get("records"), human_size(k.get("bytes")) if "bytes" in k else None] if has_usage else [])
-            for k in rep["keyring"]]))
-        out.append("  (key IDs and states only; key material is never shown)")
-    out.append("")
-    rot = rep["rotation"]
-    if rot is None:
-        out.append("rotation       none in flight")
-    else:
-        out.append(f"rotation       {'full re-key' if rot['full_rekey'] else 'DEK rotation'} to key "
-                   f"{rot['pending_key_id']}, requested {_ns_iso(rot['requested_ns'])} ({rot['reason']}); "
-                   f"needs a snapshot at or above index {rot['snapshot_index_needed']}; {rot['queued']} queued")
-    out.append("migration      " + ("none in progress" if rep["migration"] is None
-                                    else f"to {rep['migration'].get('to')} interrupted"))
-    if rep.get("notes"):
-        out.append("")
-        out.append(f"notes ({len(rep['notes'])})")
-        out.extend(f"  - {n}" for n in rep["notes"])
-    if rep["warnings"]:
-        out.append("")
-        out.append(f"warnings ({len(rep['warnings'])})")
-        out.extend(f"  ! {w}" for w in rep["warnings"])
-    if rep["errors"]:
-        out.append("")
-        out.append(f"errors ({len(rep['errors'])})")
-        out.extend(f"  x {e}" for e in rep["errors"])
-    return "\n".join(out)

@@ -177,7 +177,7 @@ def run(path, kek: K.KeyEncryptionKey, *, apply: bool = False, store_id: bytes |
         raise UsageError(f"{path} holds no encrypted segment or snapshot directory "
                          f"({layout.WAL_ENCRYPTED}/, {layout.SNAP_ENCRYPTED}/): nothing to recover from")
     if not apply:
-        from .inspection import SharedLock
+        from .storedir import SharedLock
         with SharedLock(path):
             hold = layout.ReadOnlyHold(path)
             try:

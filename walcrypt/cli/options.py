@@ -116,7 +116,7 @@ def stored_kek(source: str) -> tuple[dict | None, bytes | None, str]:
     from .. import format as fmt
     from .. import meta as M
     if os.path.isdir(source):
-        from ..inspection import open_meta, require_store, store_record
+        from ..storedir import open_meta, require_store, store_record
         root = require_store(source)
         meta = open_meta(root, source)
         try:

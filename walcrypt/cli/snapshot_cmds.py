@@ -88,7 +88,7 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
             crypto.suite_by_name(algorithm)
             if isinstance(kek, (K.KeyFile, K.EnvKey)):
                 kek.material(None)
-        from ..inspection import lock_holders, locked_message
+        from ..storedir import lock_holders, locked_message
         holders = lock_holders(root)
         if holders:
             raise LockedError(locked_message(directory, holders))
@@ -159,7 +159,7 @@ def snapshot_export(directory, out, embed_kek, **kw) -> None:
       walcrypt snapshot export /var/lib/node1 /backup/node1.wcx --key-file /secure/kek
     """
     from ..backup import _refuse_existing, export_store
-    from ..inspection import human_size
+    from ..inspection_render import human_size
     kek = kek_from_options(kw)
     root = store_root(directory)
     out_abs = os.path.abspath(out)
@@ -236,7 +236,7 @@ def snapshot_inspect(file, as_json, plaintext, **kw) -> None:
     Example:
       walcrypt snapshot inspect /backup/node1.wcx --key-file /secure/kek
     """
-    from ..inspection import format_table, human_size
+    from ..inspection_render import format_table, human_size
     kek = kek_from_options(kw)
     if not os.path.exists(file):
         raise UsageError(f"{file} does not exist")

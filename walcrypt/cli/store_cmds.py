@@ -53,7 +53,8 @@ def inspect(directory, as_json, **kw) -> None:
       walcrypt inspect /var/lib/node1
       walcrypt inspect /var/lib/node1 --key-file /secure/kek --json
     """
-    from ..inspection import inspect_store, render
+    from ..inspection import inspect_store
+    from ..inspection_render import render
     from ..layout import looks_like_store
     key_file = kw.get("key_file")
     kek = kek_from_options(kw)
@@ -116,7 +117,7 @@ def _print_findings(report, root: str) -> None:
 
 
 def _summary(report) -> str:
-    from ..inspection import human_size
+    from ..inspection_render import human_size
     rng = (f"; log {report.first_index}..{report.last_index}" if report.first_index is not None
            and report.last_index is not None and report.last_index >= report.first_index else "")
     return (f"{report.segments} segment(s), {report.records} records, {report.entries} entries "
@@ -191,7 +192,7 @@ def repair(directory, as_json, **kw) -> None:
     if encrypted and kek is None:
         raise need_key_error(directory)
     refuse_key_for_plaintext(directory, encrypted, kek)
-    from ..inspection import lock_holders, locked_message
+    from ..storedir import lock_holders, locked_message
     holders = lock_holders(root)
     if holders:
         raise LockedError(locked_message(directory, holders))
@@ -242,7 +243,7 @@ def compact(directory, index, do_apply, as_json, **kw) -> None:
     """
     kek = kek_from_options(kw)
     root = store_root(directory)
-    from ..inspection import SharedLock
+    from ..storedir import SharedLock
     if do_apply:
         store = open_rw(root, directory, kek)
     else:
@@ -316,7 +317,7 @@ def recover(directory, do_apply, store_id, force, as_json, **kw) -> None:
       walcrypt recover /var/lib/node1 --key-file /secure/kek --apply
     """
     from .. import recover as R
-    from ..inspection import lock_holders, locked_message
+    from ..storedir import lock_holders, locked_message
     kek = kek_from_options(kw)
     if kek is None:
         raise KeyProviderError("recover needs the store's KEK: --key-file F (or --key-env, --passphrase-env, --kms)")
@@ -344,7 +345,7 @@ def recover(directory, do_apply, store_id, force, as_json, **kw) -> None:
 
 
 def _recover_report(rep: dict, as_json: bool) -> None:
-    from ..inspection import format_table, human_size
+    from ..inspection_render import format_table, human_size
     if as_json:
         emit_json(rep)
         return
@@ -407,7 +408,7 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
     Example:
       walcrypt dump /var/lib/node1 --key-file /secure/kek --from 100 --to 120 --json
     """
-    from ..inspection import SharedLock
+    from ..storedir import SharedLock
     kek = kek_from_options(kw)
     if lo is not None and hi is not None and lo > hi + 1:       # --to FROM-1 is the empty range
         raise UsageError(f"--from {lo} is after --to {hi}: give the range first index first (--to is inclusive)")

@@ -25,7 +25,7 @@ from .options import need_key_error
 # ---------------------------------------------------------------------------
 
 def store_mode(root: str, directory: str) -> bool:
-    from ..inspection import read_mode
+    from ..storedir import read_mode
     return read_mode(root, directory)
 
 
@@ -49,8 +49,8 @@ def open_ro(root: str, directory: str, kek):
 
 
 def open_rw(root: str, directory: str, kek):
-    from ..inspection import lock_holders, locked_message
     from ..storage import Store
+    from ..storedir import lock_holders, locked_message
     encrypted = store_mode(root, directory)
     holders = lock_holders(root)
     if holders:
@@ -82,7 +82,7 @@ def preflight(root: str, kek, encrypted: bool) -> None:
 
 
 def store_root(directory: str) -> str:
-    from ..inspection import require_store
+    from ..storedir import require_store
     root = require_store(directory)
     Ctx.source = directory
     return root
