@@ -197,7 +197,7 @@ def export_store(root: str, out_path: str, *, kek: K.KeyEncryptionKey | None = N
     gone when it is opened is looked up in a fresh copy: when its record is gone too, retention
     removed it and the newer snapshot is taken (bounded); when not, it is missing (CorruptionError)."""
     from . import layout, online
-    from .check import bare_store
+    from .check_walk import bare_store
     from .snapinfo import decode_info
     root = os.path.abspath(os.fspath(root))
     if embed_kek and not encrypted:

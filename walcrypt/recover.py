@@ -69,7 +69,7 @@ from .vfs import DEFAULT_VFS
 
 log = logging.getLogger("walcrypt")
 
-_SNAP_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
+SNAP_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
 TMP_META = ".recover-meta"
 ASIDE = ".unlisted"
 
@@ -208,7 +208,7 @@ def _meta_status(path: str, kek) -> str:
     meta_dir = os.path.join(path, layout.META_DIR)
     if not os.path.lexists(meta_dir):
         return "missing"
-    from .check import bare_store
+    from .check_walk import bare_store
     try:
         meta = M.Meta(meta_dir, readonly=True)
     except (StorageError, UsageError, OSError) as exc:
@@ -246,7 +246,7 @@ def _plan(path: str, kek, want_store: bytes | None, force: bool) -> Plan:
     wrappers: dict[str, object] = {}
     max_snap = 0
     for name in _names(vfs, snap_dir):
-        m = _SNAP_NAME.match(name)
+        m = SNAP_NAME.match(name)
         if not m:
             continue
         p = os.path.join(snap_dir, name)

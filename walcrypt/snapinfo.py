@@ -25,7 +25,7 @@ from .wal import MAX_ENTRY_INDEX, U64_MAX, check_u64
 
 log = logging.getLogger("walcrypt")
 
-_SNAP_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
+SNAP_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
 
 
 @dataclass

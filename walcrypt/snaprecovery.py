@@ -14,9 +14,9 @@ from . import format as fmt
 from . import meta as M
 from .errors import CorruptionError, StorageError, SymlinkError
 from .snapinfo import (
-    _SNAP_NAME,
     REFUSE_OR_KEEP,
     REGISTER,
+    SNAP_NAME,
     Snapshot,
     SnapshotInfo,
     decode_info,
@@ -176,7 +176,7 @@ class SnapshotRecoveryMixin:
         purged, intents, next_id, known = self._orphan_rules()
         removed = False
         for name in sorted(st.vfs.listdir(self.dir)):
-            m = _SNAP_NAME.match(name)
+            m = SNAP_NAME.match(name)
             if not name.startswith(".tmp-") and not (m and name not in known):
                 continue
             path = os.path.join(self.dir, name)
@@ -221,7 +221,7 @@ class SnapshotRecoveryMixin:
         st = self.store
         purged, intents, next_id, known = self._orphan_rules()
         for name in sorted(st.vfs.listdir(self.dir)):
-            m = _SNAP_NAME.match(name)
+            m = SNAP_NAME.match(name)
             if not m or name in known:
                 continue
             snap_id = int(m.group(1), 16)
