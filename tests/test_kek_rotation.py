@@ -38,6 +38,7 @@ import walcrypt
 from walcrypt import ConfState, Entry, HardState, SnapshotMeta, WrongKeyError
 from walcrypt import keys as K
 from walcrypt import meta as M
+from walcrypt import metascrub as MS
 from walcrypt.check import check
 from walcrypt.snapshot import SnapshotFile
 from walcrypt.vfs import DEFAULT_VFS
@@ -503,9 +504,9 @@ def _scrub_done(meta_dir: str) -> bool:
     import lmdb
     env = lmdb.open(meta_dir, readonly=True, lock=False, max_dbs=8)
     try:
-        if env.begin().get(M.SCRUB_DB) is None:
+        if env.begin().get(MS.SCRUB_DB) is None:
             return False
-        db = env.open_db(M.SCRUB_DB, create=False)
+        db = env.open_db(MS.SCRUB_DB, create=False)
         with env.begin() as txn:
             return txn.stat(db)["entries"] == 0
     finally:
@@ -774,7 +775,7 @@ def test_a_left_over_scratch_table_never_breaks_an_open(tmp_path):
         with s.meta._txn(write=True) as txn:
             db = s.meta._scratch(txn, create=True)
             for i in range(50):
-                txn.put(M._scrub_key(i), bytes(1000), db=db, append=True)
+                txn.put(MS.scrub_key(i), bytes(1000), db=db, append=True)
     meta_dir = os.path.join(path, "meta")
     assert not _scrub_done(meta_dir)
     with walcrypt.open(path, kek=KEK, read_only=True) as r:
