@@ -21,7 +21,7 @@ from .snapshot import (
     snapshot_file_name,
 )
 from .types import ConfState, SnapshotMeta
-from .wal import MAX_ENTRY_INDEX, U64_MAX, check_u64
+from .values import MAX_ENTRY_INDEX, U64_MAX, check_u64
 
 log = logging.getLogger("walcrypt")
 

@@ -40,8 +40,9 @@ from .store_files import SegmentFilesMixin
 from .store_keys import KeyringMixin
 from .store_recovery import RecoveryMixin
 from .types import ConfState, Entry, HardState, SnapshotMeta
+from .values import MAX_ENTRY_INDEX, U64_MAX, as_bytes, check_u64
 from .vfs import DEFAULT_VFS, VFS
-from .wal import MAX_ENTRY_INDEX, SYNC_POLICIES, U64_MAX, Wal, _as_bytes, check_u64
+from .wal import SYNC_POLICIES, Wal
 
 log = logging.getLogger("walcrypt")
 
@@ -80,7 +81,7 @@ MAX_SEGMENT_SIZE = 1 << 40          # segment_size: frames and offsets stay far 
 
 
 def _stable_key(key) -> bytes:
-    key = _as_bytes(key, "a stable-store key")
+    key = as_bytes(key, "a stable-store key")
     if not 1 <= len(key) <= MAX_STABLE_KEY:
         raise UsageError(f"a stable-store key is 1 to {MAX_STABLE_KEY} bytes, not {len(key)}")
     return key
@@ -355,7 +356,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         """Durably store ``value`` under ``key`` (sealed under the DEK; one synced LMDB commit)."""
         self.check_write()
         self.wal.check_writable()
-        key, value = _stable_key(key), _as_bytes(value, "a stable-store value")
+        key, value = _stable_key(key), as_bytes(value, "a stable-store value")
         if len(value) > fmt.MAX_STABLE_VALUE:
             raise UsageError(f"a stable-store value is at most {fmt.MAX_STABLE_VALUE} bytes, not {len(value)}")
         from . import stable

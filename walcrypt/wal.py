@@ -30,21 +30,15 @@ Concurrency and durability contract:
 
 from __future__ import annotations
 
-import gc
-import operator
-import struct
 import threading
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import OrderedDict
-from itertools import repeat
 from typing import Protocol, Sequence
 
 from . import format as fmt
 from .errors import (
-    WIPE_ADVICE,
     CompactedError,
-    CorruptionError,
     StoreFailedError,
     UnavailableError,
     UsageError,
@@ -52,81 +46,20 @@ from .errors import (
 )
 from .segment import Segment, encode_entries
 from .types import Entry, HardState
+from .values import (
+    BYTES_TYPE,
+    INT_TYPE,
+    MAX_ENTRY_INDEX,
+    THREE,
+    U64_MAX,
+    check_u64,
+    checked_entries,
+    describe_error,
+    hardstate_record,
+)
+from .wal_reads import LogReads
 
 SYNC_POLICIES = ("always", "batch", "none")
-_new_tuple = tuple.__new__      # builds an Entry without NamedTuple's Python-level __new__ (hot read path)
-U64_MAX = (1 << 64) - 1
-# The index after an entry must fit the u64 base index of the segment that follows it.
-MAX_ENTRY_INDEX = U64_MAX - 1
-_INT = {int}
-_BYTES = {bytes}
-_THREE = {3}
-
-
-def check_u64(value, what: str, lo: int, hi: int) -> int:
-    """``value`` as a plain int in [lo, hi] (anything ``operator.index`` accepts), or a UsageError
-    naming ``what``."""
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise UsageError(f"{what} must be an integer, not {type(value).__name__}") from None
-    if not lo <= v <= hi:
-        if v == 0 and lo == 1 and "term" in what:
-            raise UsageError(f"{what} is 0; entry terms start at 1 (FORMAT.md, section 13)")
-        raise UsageError(f"{what} is {v}; it must be between {lo} and {hi}")
-    return v
-
-
-def _as_bytes(data, what: str) -> bytes:
-    if type(data) is bytes:
-        return data
-    if isinstance(data, str):
-        raise UsageError(f"{what} must be bytes-like, not str (encode it first)")
-    try:
-        return memoryview(data).tobytes()
-    except TypeError:
-        raise UsageError(f"{what} must be bytes-like, not {type(data).__name__}") from None
-
-
-def _checked_entries(entries) -> list[Entry]:
-    """The slow path of validation: every entry checked and normalised (plain ints, bytes)."""
-    out = []
-    for k, e in enumerate(entries):
-        try:
-            index, term, data = e
-        except (TypeError, ValueError):
-            raise UsageError(f"entries[{k}] is not an Entry(index, term, data)") from None
-        index = check_u64(index, f"entries[{k}].index", 1, MAX_ENTRY_INDEX)
-        term = check_u64(term, f"entry {index}: term", 1, U64_MAX)
-        out.append(Entry(index, term, _as_bytes(data, f"entry {index}: data")))
-    return out
-
-
-def _hardstate_record(hardstate) -> tuple:
-    """(normalised HardState, its HARDSTATE record), validated; raises UsageError naming the field."""
-    try:
-        payload = fmt.HARDSTATE_STRUCT.pack(*hardstate)
-    except (struct.error, TypeError):
-        try:
-            fields = tuple(hardstate)
-        except TypeError:
-            fields = ()
-        if len(fields) != 3:
-            raise UsageError("hard_state must be a HardState(term, vote, commit)") from None
-        for name, v in zip(HardState._fields, fields):
-            check_u64(v, f"hard_state.{name}", 0, U64_MAX)
-        raise UsageError(f"hard_state {hardstate!r} cannot be encoded") from None
-    hs = hardstate
-    if not (type(hs) is HardState and type(hs[0]) is int and type(hs[1]) is int and type(hs[2]) is int):
-        hs = _new_tuple(HardState, fmt.HARDSTATE_STRUCT.unpack(payload))    # plain ints from here on
-    return hs, (fmt.FRAME_HARDSTATE, 0, hs[0], 0, payload, None)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 class SegmentProvider(Protocol):
     """What the engine supplies to the WAL: segment creation and manifest bookkeeping."""
 
@@ -134,19 +67,6 @@ class SegmentProvider(Protocol):
     def segment_sealed(self, seg: Segment) -> None: ...
     def remove_segments(self, segs: list[Segment]) -> None: ...
     def sync_meta_failed(self, exc: BaseException) -> None: ...
-
-
-def _clip_runs(runs, lo: int, hi: int) -> list:
-    """The (first index, term) runs of a segment restricted to the entries lo..hi."""
-    out = []
-    for start, term in runs:
-        if start > hi:
-            break
-        if start <= lo:
-            out = [(lo, term)]
-        else:
-            out.append((start, term))
-    return out
 
 
 class _Request:
@@ -166,7 +86,7 @@ class _Request:
         self.error: BaseException | None = None
 
 
-class Wal:
+class Wal(LogReads):
     def __init__(self, provider: SegmentProvider, *, sync: str = "batch", segment_size: int = 64 << 20,
                  max_entry_size: int = fmt.MAX_ENTRY_SIZE_DEFAULT):
         if sync not in SYNC_POLICIES:
@@ -195,204 +115,11 @@ class Wal:
         self._queue_lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
 
-    # ------------------------------------------------------------------ loading
-    def load(self, segments: list[Segment], compacted_index: int, compacted_term: int,
-             reset_segment: int = 0) -> None:
-        """Install segments recovered by the engine (ID order) and the compaction point.
-
-        Which entries of a segment are still part of the log follows from the segments written
-        after it, never from its neighbours alone: every newer segment based at ``b`` superseded
-        the entries >= ``b`` of all older ones (Raft suffix replacement, truncation, a re-key's
-        copies; an empty segment supersedes as well), and ``reset_segment`` > 0 means a snapshot
-        or ``reset_log`` reset the log: segments older than ``reset_segment`` hold no entry of the
-        log any more.  Not even below the reset point: they may hold a stale suffix the cluster
-        replaced, and serving it to a snapshot fallback would diverge from the cluster (the snapshot
-        that reset the log covers everything up to it).  Segments are therefore read newest first,
-        each contributing the part of its range below everything newer.  Superseded entries may
-        lie anywhere - a stale suffix left by several process lifetimes spans several segments,
-        with gaps between them that no longer matter - so only the assembled log is checked for
-        continuity: a hole above the compaction point is missing data (an error); a hole at or
-        below it only disconnects the older pieces, which are dropped (they are compacted, and no
-        older snapshot could be rebuilt from a log with a hole).
-
-        The new index is built aside and installed in one step under the state lock: readers
-        never see it half built, and an interruption (a re-key installs its segments this way)
-        leaves the old one whole."""
-        pieces = []                      # (first, last, segment) contributed, newest first
-        limit = None                     # entries above this were superseded by a newer segment
-        hs = None
-        for seg in reversed(segments):
-            if hs is None and seg.hardstate is not None:
-                hs = seg.hardstate
-            if seg.seg_id >= reset_segment:      # an older one predates the reset: nothing of it is in the log
-                top = seg.last_index if limit is None else min(seg.last_index, limit)
-                if top >= seg.base_index:
-                    pieces.append((seg.base_index, top, seg))
-            limit = seg.base_index - 1 if limit is None else min(limit, seg.base_index - 1)
-        # The log is one contiguous run of pieces reaching the compaction point or beyond.
-        keep = []
-        for lo, hi, seg in pieces:
-            below = keep[-1][0] - 1 if keep else max(hi, compacted_index)
-            if hi < below:
-                if below > compacted_index:
-                    raise CorruptionError(
-                        keep[-1][2].path if keep else seg.path, None,
-                        f"segment {keep[-1][2].seg_id if keep else seg.seg_id} holds entries from index "
-                        f"{below + 1} but the log before it ends at {max(hi, compacted_index)}: entries "
-                        f"{max(hi, compacted_index) + 1}..{below} are missing (a segment or its manifest record "
-                        "was deleted, or a segment was cut short)",
-                        "restore the node from a snapshot, or " + WIPE_ADVICE)
-                break                    # a hole at or below the compaction point: older pieces are unreachable
-            keep.append((lo, hi, seg))
-        if keep and keep[-1][0] > compacted_index + 1:
-            lo, _hi, seg = keep[-1]
-            raise CorruptionError(
-                seg.path, None, f"segment {seg.seg_id} starts at index {lo} but the log before it ends at "
-                f"{compacted_index}: entries {compacted_index + 1}..{lo - 1} are missing (a segment or its manifest "
-                "record was deleted, or a segment was cut short)",
-                "restore the node from a snapshot, or " + WIPE_ADVICE)
-        keep.reverse()
-        run_start, run_term = array("Q"), array("Q")
-        for lo, hi, seg in keep:
-            for start, term in _clip_runs(seg.runs, lo, hi):
-                if not run_term or run_term[-1] != term:
-                    run_start.append(start)
-                    run_term.append(term)
-        view_first = [lo for lo, _hi, _seg in keep]
-        view_seg = [seg for _lo, _hi, seg in keep]
-        last = max(keep[-1][1] if keep else 0, compacted_index)
-        with self._state:
-            (self.segments, self.compacted_index, self.compacted_term, self.reset_segment, self.view_first,
-             self.view_seg, self.run_start, self.run_term, self.last, self.hardstate) = (
-                list(segments), compacted_index, compacted_term, reset_segment, view_first, view_seg,
-                run_start, run_term, last, hs or HardState())
-            self._cache.clear()
-
-    def _truncate_view(self, base: int) -> None:
-        """Forget visible entries >= base (a later segment replaced them)."""
-        k = bisect_left(self.view_first, base)
-        j = bisect_left(self.run_start, base)
-        # No call between the deletions: an asynchronous exception (KeyboardInterrupt) cannot
-        # leave the paired lists out of step.
-        del self.view_first[k:], self.view_seg[k:], self.run_start[j:], self.run_term[j:]
-        if self.last >= base:
-            self.last = base - 1
-
-    def _add_runs(self, runs) -> None:
-        """Extend the term runs with (first index, term) runs that follow the current log."""
-        for start, term in runs:
-            if not self.run_term or self.run_term[-1] != term:
-                self.run_start.append(start)
-                self.run_term.append(term)
-
-    # ------------------------------------------------------------------ queries
-    def first_index(self) -> int:
-        return self.compacted_index + 1
-
-    def last_index(self) -> int:
-        return self.last
-
-    def term(self, index: int) -> int:
-        with self._state:
-            if index == self.compacted_index:
-                return self.compacted_term
-            if index < self.compacted_index:
-                raise CompactedError(f"index {index} is compacted (first index is {self.compacted_index + 1})")
-            if index > self.last:
-                raise UnavailableError(f"index {index} is beyond the last index {self.last}")
-            try:
-                return self.run_term[bisect_right(self.run_start, index) - 1]
-            except IndexError as exc:
-                raise self._read_failure(exc) from exc
-
-    def _read_failure(self, exc: Exception) -> Exception:
-        """A read tripped over the in-memory index: after an interrupted write (the WAL is failed)
-        it may be half updated, which reopening repairs; otherwise it is a bug, raised as is."""
-        if self.failed is None:
-            return exc
-        return StoreFailedError(f"the in-memory index is incomplete after an interrupted write "
-                                f"({_describe(self.failed)}); reopen the store to read")
-
-    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
-        """Entries in [lo, hi); at least one when any is in range, then up to ``max_size`` bytes."""
-        if lo > hi:
-            raise UsageError(f"entries({lo}, {hi}): lo must not exceed hi")
-        with self._state:
-            if lo <= self.compacted_index:
-                raise CompactedError(f"index {lo} is compacted (first index is {self.compacted_index + 1})")
-            if hi > self.last + 1:
-                raise UnavailableError(f"entries up to {hi - 1} requested, the last index is {self.last}")
-            try:
-                pieces = self._locate(lo, hi)
-            except (IndexError, TypeError, AttributeError) as exc:
-                raise self._read_failure(exc) from exc
-        try:
-            if hi - lo > 2048 and gc.isenabled():
-                # Building many small tuples triggers collections that find nothing to free (a
-                # third of a bulk read's time); pause the collector for this call only.
-                gc.disable()
-                try:
-                    return self._read_pieces(lo, pieces, max_size)
-                finally:
-                    gc.enable()
-            return self._read_pieces(lo, pieces, max_size)
-        except (IndexError, TypeError, AttributeError) as exc:
-            raise self._read_failure(exc) from exc
-
-    def _read_pieces(self, lo: int, pieces, max_size: int | None) -> list[Entry]:
-        out: list[Entry] = []
-        size = 0
-        for seg, r, piece_hi in pieces:
-            idx = lo if not out else out[-1].index + 1
-            while idx < piece_hi:
-                rec = self._record(seg, r)
-                first, terms = rec.first, rec.terms
-                b = min(piece_hi, first + len(terms))
-                if max_size is None:            # bulk path: C-level iteration, no Python frame per entry
-                    p, e = rec.payload, rec.ends
-                    a, z = idx - first, b - first
-                    datas = map(p.__getitem__, map(slice, e[a:z], e[a + 1:z + 1]))
-                    out.extend(map(_new_tuple, repeat(Entry), zip(range(idx, b), terms[a:z], datas)))
-                else:
-                    for k in range(idx - first, b - first):
-                        size += rec.size(k)
-                        if out and size > max_size:
-                            return out
-                        out.append(Entry(first + k, terms[k], rec.data(k)))
-                idx = b
-                r += 1
-        return out
-
-    def _locate(self, lo: int, hi: int):
-        """[(segment, first record number, stop index)] covering [lo, hi).  Caller holds _state."""
-        pieces = []
-        v = bisect_right(self.view_first, lo) - 1
-        idx = lo
-        while idx < hi:
-            seg = self.view_seg[v]
-            stop = self.view_first[v + 1] if v + 1 < len(self.view_first) else self.last + 1
-            stop = min(stop, hi)
-            pieces.append((seg, seg.locate(idx), stop))
-            idx = stop
-            v += 1
-        return pieces
-
-    def _record(self, seg: Segment, r: int):
-        key = (seg.seg_id, r)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        rec = seg.read_entries_record(r)
-        self._cache[key] = rec
-        if len(self._cache) > 8:
-            self._cache.popitem(last=False)
-        return rec
-
     # ------------------------------------------------------------------ writing
     def check_writable(self) -> None:
         if self.failed is not None:
             raise StoreFailedError(
-                f"an earlier write failed or was interrupted ({_describe(self.failed)}); the store refuses "
+                f"an earlier write failed or was interrupted ({describe_error(self.failed)}); the store refuses "
                 "writes until it is reopened, which runs recovery") from None
 
     def fail(self, exc: BaseException, seg: Segment | None = None) -> None:
@@ -422,7 +149,7 @@ class Wal:
         self.check_writable()
         # Validation and encoding happen here, in the caller's thread: a bad request fails alone.
         entries, records = self._prepare(entries)
-        hs, hs_record = _hardstate_record(hardstate) if hardstate is not None else (None, None)
+        hs, hs_record = hardstate_record(hardstate) if hardstate is not None else (None, None)
         req = _Request(entries, entries[0][0] if entries else 0, records, hs, hs_record)
         if extra:
             req.extra = extra
@@ -484,7 +211,7 @@ class Wal:
                 index = term = data = None
             if not (type(index) is int and type(term) is int and type(data) is bytes
                     and 0 < index <= MAX_ENTRY_INDEX and 0 < term <= U64_MAX):
-                entries = _checked_entries(entries)
+                entries = checked_entries(entries)
                 index, term, data = entries[0]
             size = len(data)
             if size > self.max_entry_size:
@@ -495,12 +222,12 @@ class Wal:
             indexes = [e[0] for e in entries]
             terms = [e[1] for e in entries]
             datas = [e[2] for e in entries]
-            ok = (set(map(type, indexes)) == _INT and set(map(type, terms)) == _INT
-                  and set(map(type, datas)) == _BYTES and set(map(len, entries)) == _THREE)
+            ok = (set(map(type, indexes)) == INT_TYPE and set(map(type, terms)) == INT_TYPE
+                  and set(map(type, datas)) == BYTES_TYPE and set(map(len, entries)) == THREE)
         except (TypeError, IndexError, KeyError):
             ok = False
         if not ok:
-            entries = _checked_entries(entries)
+            entries = checked_entries(entries)
             indexes = [e[0] for e in entries]
             terms = [e[1] for e in entries]
             datas = [e[2] for e in entries]
@@ -573,7 +300,7 @@ class Wal:
                 if not req.done:
                     if req is not own:
                         err = StoreFailedError(f"the write unit holding this save was interrupted "
-                                               f"({_describe(exc)}); reopen the store to recover")
+                                               f"({describe_error(exc)}); reopen the store to recover")
                         err.__cause__ = exc
                         req.error = err
                     req.done = True

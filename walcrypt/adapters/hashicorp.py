@@ -27,7 +27,7 @@ from typing import NamedTuple, Sequence
 from ..errors import CorruptionError, UsageError, WalcryptError
 from ..storage import Store
 from ..types import Entry, SnapshotMeta
-from ..wal import U64_MAX, _as_bytes, check_u64
+from ..values import U64_MAX, as_bytes, check_u64
 
 _LOG_HEAD = struct.Struct("<BQI")
 
@@ -126,10 +126,10 @@ class StableStore:
         self.store = store
 
     def set(self, key: bytes, value: bytes) -> None:
-        self.store.stable_set(self._PREFIX + _as_bytes(key, "key"), value)
+        self.store.stable_set(self._PREFIX + as_bytes(key, "key"), value)
 
     def get(self, key: bytes) -> bytes:
-        v = self.store.stable_get(self._PREFIX + _as_bytes(key, "key"))
+        v = self.store.stable_get(self._PREFIX + as_bytes(key, "key"))
         if v is None:
             raise NotFoundError(key)
         return v
@@ -191,7 +191,7 @@ class SnapshotStore:
         # checked here, in the caller's thread, against what _describe reads back
         version = check_u64(version, "version", 0, U64_MAX)
         configuration_index = check_u64(configuration_index, "configuration_index", 0, U64_MAX)
-        configuration = _as_bytes(configuration, "configuration")
+        configuration = as_bytes(configuration, "configuration")
         extra = {"hc_version": version, "hc_configuration": base64.b64encode(configuration).decode(),
                  "hc_configuration_index": configuration_index}
         return SnapshotSink(self.store, SnapshotMeta(index, term), extra)
