@@ -37,7 +37,8 @@ from walcrypt import crypto, keys, stable  # noqa: E402
 from walcrypt import format as fmt  # noqa: E402
 from walcrypt import meta as M  # noqa: E402
 from walcrypt.errors import UnsupportedFormatError  # noqa: E402
-from walcrypt.segment import Segment, SegmentIdentity, encode_entries_payload, encode_header  # noqa: E402
+from walcrypt.segment import Segment  # noqa: E402
+from walcrypt.segment_codec import SegmentIdentity, encode_entries_payload, encode_header  # noqa: E402
 from walcrypt.snapshot import SnapshotHeader, SnapshotWriter, snapshot_keys  # noqa: E402
 from walcrypt.types import ConfState, Entry, HardState, SnapshotMeta  # noqa: E402
 from walcrypt.vfs import VFS  # noqa: E402

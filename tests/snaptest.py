@@ -3,7 +3,7 @@
 Snapshot files are parsed here from their documented layout (walcrypt/snapshot.py):
 128-byte header, keyring bundle, META frame, then chunk frames of
 ``<length u32><flags u32><ciphertext+tag>``; only the header codecs of the engine are reused
-(``SnapshotHeader.decode`` and ``segment.decode_header``), so the frame walking is independent.
+(``SnapshotHeader.decode`` and ``segment_codec.decode_header``), so the frame walking is independent.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from walcrypt import ConfState, Entry, HardState, SnapshotMeta
-from walcrypt.segment import decode_header
+from walcrypt.segment_codec import decode_header
 from walcrypt.snapshot import SnapshotHeader
 
 import wctest

@@ -33,8 +33,8 @@ from walcrypt import crypto, keys
 from walcrypt import format as fmt
 from walcrypt import meta as M
 from walcrypt.errors import AuthenticationError, CorruptionError, UnsupportedFormatError
-from walcrypt.segment import (Segment, SegmentIdentity, decode_entries_payload, decode_header,
-                              encode_entries_payload, encode_header)
+from walcrypt.segment import Segment
+from walcrypt.segment_codec import SegmentIdentity, decode_entries_payload, decode_header, encode_entries_payload, encode_header
 from walcrypt.types import Entry, HardState
 from walcrypt.vfs import VFS
 
@@ -431,7 +431,7 @@ def test_first_record_derivation(doc, name):
 
 
 def _record_entries(rec) -> list[tuple]:
-    """(index, term, data) of a decoded ENTRIES record (segment.EntriesRecord)."""
+    """(index, term, data) of a decoded ENTRIES record (segment_codec.EntriesRecord)."""
     return [(rec.first + k, rec.terms[k], bytes(d)) for k, d in enumerate(rec.datas())]
 
 

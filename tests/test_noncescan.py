@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from walcrypt import HardState, SnapshotMeta
 from walcrypt import crypto
 from walcrypt import format as fmt
-from walcrypt.segment import SegmentIdentity, encode_header, segment_file_name
+from walcrypt.segment_codec import SegmentIdentity, encode_header, segment_file_name
 from walcrypt.snapshot import SnapshotHeader, SnapshotWriter
 from walcrypt.vfs import DEFAULT_VFS
 

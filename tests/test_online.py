@@ -174,7 +174,7 @@ def _sealed_segment(root: str) -> str | None:
             rows = r.items(M.DB_SEGMENTS, verify=False)
     finally:
         m.close()
-    from walcrypt.segment import segment_file_name
+    from walcrypt.segment_codec import segment_file_name
     for k, v in sorted(rows, reverse=True):
         rec = M.decode_manifest(v, m.path)
         if rec["state"] == fmt.SEG_SEALED and rec["last_index"] >= rec["base_index"] + 3:

@@ -27,7 +27,7 @@ class SegmentChecks:
 
     def _segment_path(self, seg_id: int, rec: dict) -> str:
         d = layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED else layout.WAL_PLAIN
-        from .segment import segment_file_name
+        from .segment_codec import segment_file_name
         return os.path.join(self.path, d, segment_file_name(seg_id, rec["base_index"]))
 
     def _segment(self, seg_id: int, rec: dict) -> Segment | None:

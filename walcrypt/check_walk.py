@@ -147,7 +147,7 @@ class Walk(SegmentChecks, LeftoverChecks):
 
     def _named_paths(self) -> list[str]:
         """The files the metadata copy names (decoded without checks: only to open them early)."""
-        from .segment import segment_file_name
+        from .segment_codec import segment_file_name
         from .snapinfo import decode_info
         paths = []
         for k, raw in self.meta.tables.get(M.DB_SEGMENTS, {}).items():

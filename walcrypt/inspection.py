@@ -3,7 +3,7 @@
 Without a key nothing is authenticated: the LMDB environment is opened read-only (registered
 in its reader table, so a running writer never reuses a page being read; see walcrypt.meta)
 and read in one short transaction, the ``LOCK`` flock is not taken, segment and
-snapshot headers are parsed with ``walcrypt.segment.decode_header`` and
+snapshot headers are parsed with ``walcrypt.segment_codec.decode_header`` and
 ``SnapshotHeader.decode``, and the clear frame headers of unsealed segments (index, term,
 type and CRC are readable without a key) give their index range.  With a key (or for a
 plaintext store, whose MACs are keyless) the store is also opened read-only through the
@@ -297,7 +297,7 @@ def _keyless(root: str, directory: str, key_file: str | None, live: bool):
 
     # -- segments ---------------------------------------------------------------
     segs = []
-    from .segment import decode_header, segment_file_name
+    from .segment_codec import decode_header, segment_file_name
     newest = max((k for k, _v in manifest), default=None)          # the one a running writer appends to
     for k, v in manifest:
         seg_id = int.from_bytes(k, "big")

@@ -37,7 +37,8 @@ from . import format as fmt
 from . import keys as K
 from . import meta as M
 from .errors import KeyProviderError, UsageError
-from .segment import Segment, SegmentIdentity
+from .segment import Segment
+from .segment_codec import SegmentIdentity
 from .snapinfo import SnapshotInfo, encode_info
 from .snapshot import SNAP_SALT_SIZE, SnapshotHeader, SnapshotWriter, snapshot_keys
 from .vfs import DEFAULT_VFS

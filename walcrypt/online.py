@@ -315,7 +315,7 @@ def _is_live_tail(root: str, exc: BaseException) -> bool:
         rec = M.decode_manifest(rows[newest][:-M.MAC_SIZE], copy.path)
     except StorageError:
         return False
-    from .segment import segment_file_name
+    from .segment_codec import segment_file_name
     d = layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED else layout.WAL_PLAIN
     path = os.path.join(root, d, segment_file_name(int.from_bytes(newest, "big"), rec["base_index"]))
     return rec["state"] == fmt.SEG_OPEN and os.path.abspath(path) == os.path.abspath(str(exc.path))

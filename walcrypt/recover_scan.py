@@ -17,7 +17,8 @@ from . import keys as K
 from . import meta as M
 from .bounded import FileSource
 from .errors import WIPE_NOTE, CorruptionError, KeyNotFoundError, StorageError, UsageError, WalcryptError, WrongKeyError
-from .segment import Segment, SegmentIdentity, decode_header
+from .segment import Segment
+from .segment_codec import SegmentIdentity, decode_header
 from .snapshot import SnapshotFile, snapshot_keys
 from .vfs import DEFAULT_VFS
 

@@ -13,7 +13,8 @@ from . import meta as M
 from .errors import (
     StorageError,
 )
-from .segment import Segment, SegmentIdentity
+from .segment import Segment
+from .segment_codec import SegmentIdentity
 from .types import HardState
 
 log = logging.getLogger("walcrypt")

@@ -26,7 +26,7 @@ from .errors import (
     UsageError,
     WrongKeyError,
 )
-from .segment import SegmentIdentity
+from .segment_codec import SegmentIdentity
 
 log = logging.getLogger("walcrypt")
 

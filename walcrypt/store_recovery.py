@@ -22,7 +22,8 @@ from .errors import (
     SymlinkError,
     UnsafeFileError,
 )
-from .segment import Segment, SegmentIdentity, decode_header, segment_file_name
+from .segment import Segment
+from .segment_codec import SegmentIdentity, decode_header, segment_file_name
 
 log = logging.getLogger("walcrypt")
 

@@ -44,7 +44,8 @@ from .errors import (
     UsageError,
     WalcryptError,
 )
-from .segment import Segment, encode_entries
+from .segment import Segment
+from .segment_codec import encode_entries
 from .types import Entry, HardState
 from .values import (
     BYTES_TYPE,

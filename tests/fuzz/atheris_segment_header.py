@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""libFuzzer entry point (atheris) for walcrypt.segment.decode_header.
+"""libFuzzer entry point (atheris) for walcrypt.segment_codec.decode_header.
 
 The harness is tests/fuzz/fuzzlib.py:segment_header, the same function the hypothesis test
 tests/fuzz/test_fuzz_segment_header.py runs in CI.  Needs the ``fuzz`` extra (atheris).  From the repository root:

@@ -18,7 +18,7 @@ fixed there, so the harnesses can build readers without opening a store).
 
 Harnesses (``HARNESSES``):
 
-``segment_header``  ``walcrypt.segment.decode_header``
+``segment_header``  ``walcrypt.segment_codec.decode_header``
 ``segment``         frame decoding and whole-segment recovery: the open path of
                     ``storage.Store._open_segment`` (header, identity, key commitment, then
                     ``Segment.scan``), ``Segment.scan`` with the segment's own key whatever the
@@ -66,7 +66,8 @@ from walcrypt import meta as M  # noqa: E402
 from walcrypt.backup import EXPORT_HEADER_SIZE, ExportFile, inspect_export  # noqa: E402
 from walcrypt.bounded import FileSource  # noqa: E402
 from walcrypt.errors import StorageError, WalcryptKeyError  # noqa: E402
-from walcrypt.segment import Segment, SegmentIdentity, decode_header, encode_header  # noqa: E402
+from walcrypt.segment import Segment, encode_header  # noqa: E402
+from walcrypt.segment_codec import SegmentIdentity, decode_header
 from walcrypt.snapshot import SnapshotFile, decode_meta, encode_meta, parse_bundle, snapshot_keys  # noqa: E402
 from walcrypt.snapinfo import decode_info, encode_info  # noqa: E402
 from walcrypt.types import ConfState, HardState, SnapshotMeta  # noqa: E402

@@ -13,7 +13,9 @@ from __future__ import annotations
 from walcrypt import crypto
 from walcrypt import format as fmt
 from walcrypt.errors import AuthenticationError, CorruptionError
-from walcrypt.segment import _COMMIT_LEN, RECOVERY_SEQ_JUMP, SECTOR, ZERO_RUN, Segment
+from walcrypt.segment import Segment
+from walcrypt.segment_codec import COMMIT_LEN
+from walcrypt.segment_codec import RECOVERY_SEQ_JUMP, SECTOR, ZERO_RUN
 
 
 class LegacySegment(Segment):
@@ -92,10 +94,10 @@ class LegacySegment(Segment):
             return committed_end, None                # clean end: nothing but preallocated zeros
         # Rule 1: a CRC-valid COMMIT frame after ``bad`` that closes a write unit starting after the
         # sequence number ``bad`` should have had proves that ``bad`` lay in an earlier, durable unit.
-        pattern = bytes([fmt.FRAME_COMMIT, self.ident.algorithm, 0, 0]) + _COMMIT_LEN.to_bytes(4, "little")
+        pattern = bytes([fmt.FRAME_COMMIT, self.ident.algorithm, 0, 0]) + COMMIT_LEN.to_bytes(4, "little")
         pos = data.find(pattern, bad + 1)
         while pos != -1:
-            commit_end = pos + fmt.FRAME_HEADER_SIZE + _COMMIT_LEN
+            commit_end = pos + fmt.FRAME_HEADER_SIZE + COMMIT_LEN
             if pos % fmt.ALIGN == 0 and commit_end <= size:
                 header = data[pos:pos + fmt.FRAME_HEADER_SIZE]
                 h = fmt.FRAME_HEADER_STRUCT.unpack_from(header)

@@ -1,4 +1,4 @@
-"""Fuzz walcrypt.segment.decode_header (harness: fuzzlib.segment_header; atheris: atheris_segment_header.py)."""
+"""Fuzz walcrypt.segment_codec.decode_header (harness: fuzzlib.segment_header; atheris: atheris_segment_header.py)."""
 
 from __future__ import annotations
 

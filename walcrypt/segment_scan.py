@@ -1,0 +1,260 @@
+"""Opening a segment file, a mixin of walcrypt.segment.Segment: the header checked against the
+manifest's identity and commitment, a sealed segment's INDEX frame loaded, and the scan that
+authenticates every frame in order and applies the torn-tail rule (FORMAT.md 11.3-11.4)."""
+
+from __future__ import annotations
+
+from crc32c import crc32c
+
+from . import bounded, crypto
+from . import format as fmt
+from .errors import WIPE_ADVICE, AuthenticationError, CorruptionError
+from .segment_codec import COMMIT_LEN, RECOVERY_SEQ_JUMP, SECTOR, ZERO_RUN, SegmentIdentity, decode_entries_payload
+from .types import HardState
+
+
+def _changed(path: str, offset: int) -> CorruptionError:
+    return CorruptionError(path, offset, "the file became shorter while it was being read",
+                           "another process is modifying the store; stop it and try again")
+
+
+def _looks_incomplete(src: bounded.Source, lo: int, hi: int, window: int = bounded.WINDOW) -> bool:
+    """A frame at ``lo`` with extent [lo, hi) looks like an incomplete write: it runs past the end of
+    the file, it ends in zero bytes (a prefix reached the disk), its bytes up to the first sector
+    boundary are all zero, or it holds an all-zero run of ZERO_RUN bytes starting at ``lo`` or at a
+    sector boundary (a sector that never reached the disk).  Reads [lo, hi) a window at a time."""
+    if hi > src.size:
+        return True
+    if hi > lo and src.read(hi - 1, 1) == b"\x00":
+        return True
+    first_boundary = (lo // SECTOR + 1) * SECTOR
+    if bounded.all_zero(src, lo, min(hi, first_boundary), window):
+        return True          # the part of the frame in its first sector never reached the disk
+    need = min(ZERO_RUN, hi - lo)
+    a = lo
+    while a < hi:
+        w_end = min(hi, a + window)
+        block = src.read(a, min(hi, w_end + ZERO_RUN) - a)
+        starts = ([a] if a == lo else []) + list(range(max(first_boundary, -(-a // SECTOR) * SECTOR), w_end, SECTOR))
+        for s in starts:
+            e = min(hi, s + ZERO_RUN)
+            if e - s >= need and block.count(0, s - a, e - a) == e - s:
+                return True
+        a = w_end
+    return False
+
+
+class SegmentScan:
+    """Opening and scanning a segment file (see the module docstring)."""
+
+    # ------------------------------------------------------------------ open
+    def check_identity(self, found: SegmentIdentity, expected_commitment: bytes) -> None:
+        exp = self.ident
+        if found.store_id != exp.store_id:
+            raise AuthenticationError(self.path, 0, "segment belongs to another store",
+                                      "a segment file was copied in from elsewhere; remove it")
+        if found.segment_id != exp.segment_id or found.base_index != exp.base_index:
+            raise AuthenticationError(self.path, 0,
+                                      f"segment header says segment {found.segment_id} at index {found.base_index}, "
+                                      f"the manifest says {exp.segment_id} at {exp.base_index} (renamed or replaced)")
+        if found.key_id != exp.key_id or found.algorithm != exp.algorithm:
+            raise AuthenticationError(self.path, 0, "segment header key ID or algorithm differs from the manifest")
+        if not crypto.constant_time_equal(found.commitment, expected_commitment):
+            raise AuthenticationError(self.path, 0,
+                                      "segment key commitment does not match its data key (tampered header or "
+                                      "a segment from another store)")
+
+    def load_sealed(self, index_offset: int, end_offset: int) -> None:
+        """Build the index from the INDEX frame of a sealed segment (no scan)."""
+        fd = self.ensure_open()
+        size = self.vfs.fstat_size(fd)
+        if size != end_offset:
+            raise CorruptionError(self.path, min(size, end_offset),
+                                  f"sealed segment is {size} bytes, the manifest says {end_offset} "
+                                  "(truncated or extended)")
+        h, payload = self.read_frame(index_offset, fmt.FRAME_INDEX)
+        if len(payload) < fmt.INDEX_PREFIX_STRUCT.size:
+            raise CorruptionError(self.path, index_offset, "index frame payload is truncated")
+        nrec, nruns, end, hs_off = fmt.INDEX_PREFIX_STRUCT.unpack_from(payload)
+        pos = fmt.INDEX_PREFIX_STRUCT.size
+        if end != index_offset or pos + nrec * fmt.INDEX_RECORD_STRUCT.size + nruns * 16 != len(payload):
+            raise CorruptionError(self.path, index_offset, "index frame table is inconsistent")
+        for _k in range(nrec):
+            off, idx, cnt, _ = fmt.INDEX_RECORD_STRUCT.unpack_from(payload, pos)
+            pos += fmt.INDEX_RECORD_STRUCT.size
+            self.rec_offset.append(off)
+            self.rec_index.append(idx)
+            self.rec_count.append(cnt)
+        for _k in range(nruns):
+            self.runs.append(fmt.TERM_RUN_STRUCT.unpack_from(payload, pos))
+            pos += 16
+        if nrec:
+            self.last_index = self.rec_index[-1] + self.rec_count[-1] - 1
+        if self.last_index != h[6]:
+            raise CorruptionError(self.path, index_offset, "index frame's last index disagrees with its table")
+        self.hardstate_offset = hs_off
+        if hs_off:
+            _h, hs_payload = self.read_frame(hs_off, fmt.FRAME_HARDSTATE)
+            self.hardstate = HardState(*fmt.HARDSTATE_STRUCT.unpack(hs_payload))
+        self.sealed = True
+        self.end_offset = end_offset
+        self.index_offset = index_offset
+
+    def scan(self, data, *, on_entries=None, window: int = bounded.WINDOW):
+        """Scan every frame of a segment, building the index.
+
+        ``data`` is the whole file (bytes) or a :class:`walcrypt.bounded.Source` over it; a source
+        is read in windows of ``window`` bytes, so memory stays bounded whatever the file size
+        (FORMAT.md 11.3): a window, plus one frame when a frame is larger, plus the plaintexts of
+        the write unit being scanned.  A frame larger than the window is read whole only once its
+        CRC, computed window by window, matches.
+
+        Returns (committed_end, torn) where torn is None for a clean end or a
+        (offset, detail) pair for a torn tail after committed_end.  Raises for
+        corruption.  ``on_entries(record)`` sees every committed
+        entries record (used by verify and replay).
+        """
+        src = data if isinstance(data, bounded.Source) else bounded.BytesSource(data)
+        window = max(window, fmt.FRAME_HEADER_SIZE)
+        path = self.path
+        size = src.size
+        off = fmt.SEGMENT_HEADER_SIZE
+        seq = 0
+        chain = crypto.ZERO_CHAIN
+        pending = []
+        committed_end = off
+        hsize = fmt.FRAME_HEADER_SIZE
+        unpack = fmt.FRAME_HEADER_STRUCT.unpack_from
+        buf = view = b""            # bytes [base, base + len(buf)) of the file
+        base = 0
+        while True:
+            if off + hsize > size:
+                return self._classify(src, committed_end, off, size, "frame header cut off by the end of the file",
+                                      seq, chain, window)
+            rel = off - base
+            if rel < 0 or rel + hsize > len(buf):
+                buf, base, rel = src.read(off, window), off, 0
+                view = memoryview(buf)
+                if len(buf) < hsize:
+                    raise _changed(path, off)
+            h = unpack(buf, rel)
+            ftype, length = h[0], h[4]
+            if ftype == fmt.FRAME_UNWRITTEN:
+                return self._classify(src, committed_end, off, off + hsize, "unwritten space", seq, chain, window)
+            end = off + hsize + length
+            if ftype in fmt.FRAME_TYPES and length >= fmt.TAG_SIZE and end > size:
+                # A length pointing past the end of the file is a torn write (etcd #14114), whatever its size.
+                return self._classify(src, committed_end, off, end, "frame runs past the end of the file", seq, chain,
+                                      window)
+            if ftype not in fmt.FRAME_TYPES or length < fmt.TAG_SIZE or length > fmt.MAX_RECORD_PAYLOAD:
+                return self._classify(src, committed_end, off, off + hsize, "malformed frame header", seq, chain,
+                                      window)
+            if rel + hsize + length > len(buf):
+                if hsize + length > window:
+                    # Bounded before it is allocated: the CRC decides whether this frame is read whole.
+                    head = buf[rel:rel + hsize]
+                    crc = crc32c(head[fmt.FRAME_CRC_OFFSET + 4:], crc32c(head[:fmt.FRAME_CRC_OFFSET]))
+                    if bounded.crc_range(src, off + hsize, end, crc, window) != h[9]:
+                        return self._classify(src, committed_end, off, end, "frame fails its CRC32C", seq, chain,
+                                              window)
+                buf, base, rel = src.read(off, max(hsize + length, window)), off, 0
+                view = memoryview(buf)
+                if len(buf) < hsize + length:
+                    raise _changed(path, off)
+            header = buf[rel:rel + hsize]
+            ct = view[rel + hsize:rel + hsize + length]
+            if crypto.frame_crc(header, ct) != h[9]:
+                return self._classify(src, committed_end, off, end, "frame fails its CRC32C", seq, chain, window)
+            # From here on the frame is intact: any failure is tampering or foreign data.
+            if ftype == fmt.FRAME_INDEX and seq < h[5] < seq + RECOVERY_SEQ_JUMP + 1:
+                seq = h[5]      # an index written by recovery skips ahead (see Segment.seal)
+            self._check_frame_fields(h, off, seq=seq, chain=chain)
+            plain = self.cipher.open(header, ct, path=path, offset=off)
+            chain = bytes(ct[-fmt.TAG_SIZE:])
+            seq += 1
+            next_off = fmt.align_up(end)
+            if ftype == fmt.FRAME_COMMIT:
+                if len(plain) != fmt.COMMIT_STRUCT.size or fmt.COMMIT_STRUCT.unpack(plain)[0] != len(pending):
+                    raise AuthenticationError(path, off, "commit frame does not close the records before it")
+                for p in pending:
+                    self._apply_scanned(p, on_entries)
+                pending = []
+                committed_end = next_off
+                self.units_scanned += 1
+                self.write_offset = next_off
+                self.seq = seq
+                self.chain = chain
+            elif ftype == fmt.FRAME_INDEX:
+                if pending:
+                    raise AuthenticationError(path, off, "index frame follows uncommitted records")
+                self.index_offset = off
+                self.end_offset = next_off
+                self.sealed = True
+                if not bounded.all_zero(src, next_off, size, window):
+                    raise CorruptionError(path, next_off, "bytes follow the index frame of a sealed segment")
+                return committed_end, None
+            else:
+                pending.append((ftype, off, h, plain))
+            off = next_off
+
+    def _apply_scanned(self, p, on_entries) -> None:
+        ftype, off, h, plain = p
+        if ftype == fmt.FRAME_ENTRIES:
+            rec = decode_entries_payload(plain, h[6], h[8], path=self.path, offset=off)
+            if h[6] != self.last_index + 1:
+                raise AuthenticationError(self.path, off,
+                                          f"entries record starts at index {h[6]}, expected {self.last_index + 1}")
+            self._index_entries(off, h[6], h[8], rec.terms)
+            if on_entries is not None:
+                on_entries(rec)
+        elif ftype == fmt.FRAME_HARDSTATE:
+            if len(plain) != fmt.HARDSTATE_STRUCT.size:
+                raise CorruptionError(self.path, off, "hard state record has a bad size")
+            self.hardstate = HardState(*fmt.HARDSTATE_STRUCT.unpack(plain))
+            self.hardstate_offset = off
+        elif ftype == fmt.FRAME_SNAPSHOT:
+            if len(plain) != fmt.SNAPSHOT_RECORD_STRUCT.size:
+                raise CorruptionError(self.path, off, "snapshot record has a bad size")
+            self.snapshot_records.append(fmt.SNAPSHOT_RECORD_STRUCT.unpack(plain))
+        else:
+            raise AuthenticationError(self.path, off, f"unexpected frame type {ftype} inside a batch")
+
+    def _classify(self, src: bounded.Source, committed_end: int, bad: int, extent_end: int, detail: str,
+                  seq: int, chain: bytes, window: int = bounded.WINDOW):
+        """Decide torn tail vs corruption for the first failing frame at ``bad`` (see module doc and
+        FORMAT.md 11.4).  Reads the file in windows: nothing here holds more than a window."""
+        size = src.size
+        # Rule 0: one past the last nonzero byte of the file is at most committed_end.
+        if bounded.all_zero(src, committed_end, size, window):
+            return committed_end, None                # clean end: nothing but preallocated zeros
+        # Rule 1: a CRC-valid COMMIT frame after ``bad`` that closes a write unit starting after the
+        # sequence number ``bad`` should have had proves that ``bad`` lay in an earlier, durable unit.
+        pattern = bytes([fmt.FRAME_COMMIT, self.ident.algorithm, 0, 0]) + COMMIT_LEN.to_bytes(4, "little")
+        hsize = fmt.FRAME_HEADER_SIZE
+        for pos in bounded.find_aligned(src, pattern, bad + 1, size, fmt.ALIGN, window):
+            if pos + hsize + COMMIT_LEN > size:
+                break                                  # later matches end even further out
+            frame = src.read(pos, hsize + COMMIT_LEN)
+            if len(frame) < hsize + COMMIT_LEN:
+                break
+            header = frame[:hsize]
+            h = fmt.FRAME_HEADER_STRUCT.unpack_from(header)
+            if crypto.frame_crc(header, frame[hsize:]) == h[9] and h[5] - h[8] > seq:
+                raise CorruptionError(self.path, bad, f"{detail}, but a later write unit was committed after it",
+                                      "mid-log corruption is not repaired automatically; restore the node "
+                                      "from a snapshot or " + WIPE_ADVICE)
+        if not self.tail_may_be_mid_write and self._is_our_frame(src, bad, seq, chain) \
+                and not _looks_incomplete(src, bad, extent_end, window):
+            raise CorruptionError(self.path, bad, f"{detail} in the last batch, and the damage does not look like "
+                                  "an incomplete write", "run 'walcrypt verify'; restore from a snapshot if needed")
+        return committed_end, (bad, detail)
+
+    def _is_our_frame(self, src: bounded.Source, off: int, seq: int, chain: bytes) -> bool:
+        """Whether the bytes at ``off`` are the head of the frame this segment wrote next: at least one
+        of its nonce, key ID and chain value fields holds exactly the expected bytes.  One damaged
+        field cannot hide the other two; zeros, garbage and stale blocks match none."""
+        h = src.read(off, fmt.FRAME_HEADER_SIZE)
+        if len(h) < fmt.FRAME_HEADER_SIZE:
+            return False
+        return (h[40:52] == crypto.nonce_for(seq) or h[56:72] == self.ident.key_id
+                or h[72:88] == chain)
