@@ -314,12 +314,7 @@ def test_an_abandoned_streamed_snapshot_keeps_a_destroyed_dek_wrapped_on_disk(tm
 
 def test_a_damaged_older_snapshot_makes_every_rotate_kek_fail_the_store(tmp_path):
     data_dir = str(tmp_path / "data")
-    with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
-        s.save(HardState(1, 1, 20), wctest.term_entries(1, 21, 1))
-        s.save_snapshot(SnapshotMeta(5, 1, CS), b"A" * 5000)
-        s.save_snapshot(SnapshotMeta(10, 1, CS), b"B" * 5000)
-        older = s.snapshots.infos[0].path
-    wctest.flip_byte_near_end(older)                 # bit rot inside the older snapshot's last chunk
+    wctest.store_with_a_damaged_older_snapshot(data_dir, KEK)     # bit rot in the older snapshot
     outcome = []
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:   # opens: only the newest is verified
         try:

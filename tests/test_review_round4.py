@@ -133,12 +133,7 @@ class _RenameFailsDisk(VFS):
 
 def test_a_failed_rename_setting_aside_a_damaged_older_snapshot_escapes_rotate_kek_as_bare_oserror(tmp_path):
     data_dir = str(tmp_path / "data")
-    with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2) as s:
-        s.save(HardState(1, 1, 20), wctest.term_entries(1, 21, 1))
-        s.save_snapshot(SnapshotMeta(5, 1, CS), b"A" * 5000)
-        s.save_snapshot(SnapshotMeta(10, 1, CS), b"B" * 5000)
-        older = s.snapshots.infos[0].path
-    wctest.flip_byte_near_end(older)                 # bit rot inside the older snapshot's last chunk
+    wctest.store_with_a_damaged_older_snapshot(data_dir, KEK)     # bit rot in the older snapshot
     with walcrypt.open(data_dir, kek=KEK, keep_snapshots=2, vfs=_RenameFailsDisk()) as s:
         try:
             s.rotate_kek(NEW_KEK)

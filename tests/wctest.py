@@ -351,3 +351,16 @@ def tree_bytes(root: str) -> dict[str, bytes]:
                 with open(p, "rb") as f:
                     out[os.path.relpath(p, root)] = f.read()
     return out
+
+
+def store_with_a_damaged_older_snapshot(data_dir: str, kek) -> str:
+    """A store with entries 1..20 and snapshots at 5 and 10 (keep_snapshots=2) whose older snapshot has
+    bit rot in its last chunk (open verifies only the newest, so it opens); -> the older file's path."""
+    from walcrypt import ConfState, SnapshotMeta
+    with walcrypt.open(data_dir, kek=kek, keep_snapshots=2) as s:
+        s.save(HardState(1, 1, 20), term_entries(1, 21, 1))
+        s.save_snapshot(SnapshotMeta(5, 1, ConfState(voters=(1, 2, 3))), b"A" * 5000)
+        s.save_snapshot(SnapshotMeta(10, 1, ConfState(voters=(1, 2, 3))), b"B" * 5000)
+        older = s.snapshots.infos[0].path
+    flip_byte_near_end(older)
+    return older

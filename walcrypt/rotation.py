@@ -447,9 +447,7 @@ class Rotation:
         if not st.encrypted:
             raise UsageError("a plaintext store has no KEK")
         st.wal.check_writable()
-        if st.snapshots.in_progress():           # told before the KMS is asked for anything
-            raise UsageError("a snapshot begun with begin_snapshot() is being written, its keyring bundle under "
-                             "the current KEK: commit or abort it, then rotate the KEK")
+        st.snapshots.refuse_if_writing("the KEK rotation")     # told before the KMS is asked for anything
         # Everything that needs a key service (the new KEK's, or the old one's for a re-wrap) is done
         # before snapshot writers are held back and before anything changes: a slow or unreachable
         # service never stalls a snapshot, and its failure leaves the store as it was.

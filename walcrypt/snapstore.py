@@ -223,9 +223,7 @@ class Snapshots(SnapshotRecoveryMixin):
             if self._rotating_by is not None:
                 raise UsageError(f"{self._exclusive_what} is in progress on this store: wait for it to finish, "
                                  f"then retry {what}")
-            if self.in_progress():
-                raise UsageError("a snapshot begun with begin_snapshot() is being written, its keyring bundle and "
-                                 f"data key those of now: commit or abort it, then retry {what}")
+            self.refuse_if_writing(what)
             self._rotating_by = threading.get_ident()
             self._exclusive_what = what
         try:
@@ -384,6 +382,13 @@ class Snapshots(SnapshotRecoveryMixin):
                     pass
         if removed:
             st.vfs.fsync_dir(self.dir)
+
+    def refuse_if_writing(self, what: str) -> None:
+        """UsageError while a snapshot from begin() is being written or committed: its keyring bundle
+        and data key are those of now, which ``what`` (a KEK rotation, a re-key) would change."""
+        if self.in_progress():
+            raise UsageError("a snapshot begun with begin_snapshot() is being written, its keyring bundle and "
+                             f"data key those of now: commit or abort it, then retry {what}")
 
     def in_progress(self) -> bool:
         """True while a snapshot begun with begin() has not finished its commit or abort."""

@@ -90,8 +90,6 @@ class Retry:
             yield min(d, self.max_delay)
             d *= 2
 
-    def total(self) -> float:
-        return sum(self.delays())
 
 
 NO_RETRY = Retry(attempts=1)
