@@ -14,6 +14,8 @@ pytest.importorskip("pysyncobj")
 
 from walcrypt.cluster import Cluster  # noqa: E402
 
+import wctest  # noqa: E402
+
 MARKER = "cluster-secret-value"
 
 
@@ -33,16 +35,6 @@ def write_range(c: Cluster, node, lo: int, hi: int, acked: dict) -> None:
     items = [kv(i) for i in range(lo, hi)]
     got = set(c.write(node, items))
     acked.update((k, v) for k, v in items if k in got)
-
-
-def files_containing(root: str, needle: bytes) -> list[str]:
-    hits = []
-    for d, _dirs, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(d, name), "rb") as f:
-                if needle in f.read():
-                    hits.append(os.path.join(d, name))
-    return hits
 
 
 def assert_all_nodes_have(c: Cluster, acked: dict) -> None:
@@ -68,7 +60,7 @@ def test_leader_killed_during_writes_loses_nothing_acknowledged(cluster):
     assert_all_nodes_have(cluster, acked)
     cluster.stop_all()
     for n in cluster.nodes:
-        assert not files_containing(n.data_dir, MARKER.encode()), f"plaintext on disk under {n.data_dir}"
+        assert not wctest.files_containing(n.data_dir, MARKER.encode()), f"plaintext on disk under {n.data_dir}"
 
 
 def test_wiped_follower_catches_up_from_a_snapshot_reencrypted_under_its_own_key(cluster):
@@ -88,7 +80,7 @@ def test_wiped_follower_catches_up_from_a_snapshot_reencrypted_under_its_own_key
     others = {cluster.statuses()[n.name]["active_key"] for n in cluster.nodes if n is not victim}
     assert st["active_key"] not in others
     cluster.stop_all()
-    assert not files_containing(victim.data_dir, MARKER.encode())
+    assert not wctest.files_containing(victim.data_dir, MARKER.encode())
 
 
 def test_rolling_dek_rotation_under_load(cluster):

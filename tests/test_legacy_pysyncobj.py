@@ -46,16 +46,6 @@ def sha(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def files_containing(root: str, needle: bytes) -> list[str]:
-    hits = []
-    for d, _dirs, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(d, name), "rb") as f:
-                if needle in f.read():
-                    hits.append(os.path.join(d, name))
-    return hits
-
-
 def wait_until(pred, timeout: float = 60.0, interval: float = 0.1) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -205,7 +195,7 @@ def test_a_filejournal_cluster_restarts_on_walcrypt_with_every_committed_value(l
         c.stop(n)
 
     for n in c.nodes:
-        assert not files_containing(n.data_dir, MARKER.encode()), f"plaintext under {n.data_dir}"
+        assert not wctest.files_containing(n.data_dir, MARKER.encode()), f"plaintext under {n.data_dir}"
     assert {p: sha(p) for p in originals} == originals, "an original pysyncobj file was changed"
 
 
@@ -245,7 +235,7 @@ def test_journal_only_import_equals_the_journal(tmp_path):
     ents, hs = entries_of(str(tmp_path / "data"))
     assert [(e.index, e.term, e.data) for e in ents] == [(i, i // 6 + 1, cmd(i)) for i in range(1, 21)]
     assert hs.commit == 18
-    assert not files_containing(str(tmp_path / "data"), MARKER.encode())
+    assert not wctest.files_containing(str(tmp_path / "data"), MARKER.encode())
 
 
 @pytest.mark.parametrize("damage", ["truncated mid-entry", "zero-filled tail", "closing length torn"])

@@ -364,3 +364,14 @@ def store_with_a_damaged_older_snapshot(data_dir: str, kek) -> str:
         older = s.snapshots.infos[0].path
     flip_byte_near_end(older)
     return older
+
+
+def files_containing(root: str, needle: bytes) -> list[str]:
+    """Every file under ``root`` whose bytes contain ``needle`` (a plaintext left on disk)."""
+    hits = []
+    for d, _dirs, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(d, name), "rb") as f:
+                if needle in f.read():
+                    hits.append(os.path.join(d, name))
+    return hits
