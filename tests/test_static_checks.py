@@ -1,6 +1,6 @@
 """Static checks that run with the suite: the layers of formats/ARCHITECTURE.md (import-linter's
-contract in pyproject.toml) and ruff's lint of walcrypt/ (its configuration is in pyproject.toml).
-Both tools are in the test extra; where one is missing the check skips, saying so."""
+contract in pyproject.toml), ruff's lint and mypy's type check of walcrypt/ (their configuration is in
+pyproject.toml).  The tools are in the test extra; where one is missing the check skips, saying so."""
 
 from __future__ import annotations
 
@@ -29,4 +29,9 @@ def test_the_layers_hold():
 
 def test_ruff_finds_nothing_in_walcrypt():
     res = _run("ruff", "check", "walcrypt")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_mypy_finds_nothing_in_walcrypt():
+    res = _run("mypy")          # files and strictness: [tool.mypy] in pyproject.toml
     assert res.returncode == 0, res.stdout + res.stderr
