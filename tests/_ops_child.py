@@ -13,7 +13,7 @@ import sys
 
 import walcrypt
 from walcrypt import Entry, HardState, SnapshotMeta
-from walcrypt.storage import stored_mode
+from walcrypt.opening import stored_mode
 
 KEK = walcrypt.RawKey(bytes(range(32)))
 SEG = 16 * 1024

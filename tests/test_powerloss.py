@@ -550,7 +550,7 @@ def _verify_rotate_kek(path, done: bool) -> None:
 
 
 def _verify_migration(path, done: bool) -> None:
-    from walcrypt.storage import stored_mode
+    from walcrypt.opening import stored_mode
     if done:
         assert stored_mode(path) is True, "an acknowledged migration was rolled back"
     with _open(path, migrate=True) as s:         # migrates (again) when the power cut came first

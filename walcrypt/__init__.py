@@ -22,7 +22,8 @@ from .errors import (
 )
 from .keys import EnvKey, KeyEncryptionKey, KeyFile, Passphrase, RawKey, generate_key_file
 from .kms import Kms, KmsPlugin, Retry
-from .storage import Store, open
+from .opening import open
+from .storage import Store
 from .types import ConfState, Entry, HardState, SnapshotMeta
 
 __version__ = "0.1.0"

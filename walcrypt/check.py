@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 
-from . import layout, online
+from . import layout, online, salvage
 from . import meta as M
 from .check_walk import Walk, bare_store
 from .errors import (
@@ -59,7 +59,9 @@ from .findings import (
     file_size,
     finding_from,
 )
-from .storage import Store, stored_mode
+from .opening import stored_mode
+from .snapstore import Snapshots
+from .storage import Store
 
 # ---------------------------------------------------------------------------
 # Entry point
@@ -162,8 +164,6 @@ def _below_snapshot(path: str, kek, encrypted: bool, report: CheckReport) -> Non
     """Mark the errors of damaged segments that lie wholly below the newest valid snapshot repairable
     (walcrypt.salvage: repair sets them aside and compacts the log up to the snapshot), and note the
     plan in ``report.compaction``.  All of them or none: one that cannot be set aside blocks repair."""
-    from . import salvage
-    from .snapstore import Snapshots
     candidates = [f for f in report.errors if not f.repairable and f.kind in (SEGMENT, ENGINE)
                   and f.path and salvage.segment_id_of(f.path) is not None]
     if not candidates:

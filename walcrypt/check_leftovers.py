@@ -15,7 +15,9 @@ from .errors import (
     WalcryptError,
 )
 from .findings import METADATA, SEGMENT, Finding, Removed
-from .snapinfo import SNAP_NAME
+from .snapinfo import SNAP_NAME, decode_info
+from .snapshot import SnapshotFile
+from .snapstore import bind_to_registry
 
 
 class LeftoverChecks:
@@ -84,7 +86,6 @@ class LeftoverChecks:
                 or seg_id >= (self.meta.counter(M.K_NEXT_SEGMENT) or 0) or not os.path.lexists(path))
 
     def _snapshot_infos(self, rows) -> list:
-        from .snapinfo import decode_info
         snap_dir = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
         infos = []
         for k, raw in rows:
@@ -99,7 +100,6 @@ class LeftoverChecks:
     def _snapshot(self, info) -> int:
         """Authenticate one registered snapshot end to end; returns its data size (Removed when the
         writer removed it meanwhile)."""
-        from .snapstore import bind_to_registry
         st = self.st
         if not self.vfs.pinned(info.path) and not os.path.lexists(info.path):
             if self.removed_meanwhile(M.DB_SNAPSHOTS, info.snapshot_id):
@@ -124,7 +124,6 @@ class LeftoverChecks:
     def _leftover_snapshots(self, known: set[str], in_log: set[int]) -> None:
         """Files of the snapshot directory the registry does not list, each with what a read-write open
         really does with it (snapinfo.orphan_fate, the rule Snapshots._remove_orphans acts on)."""
-        from .snapshot import SnapshotFile
         d = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
         if not os.path.isdir(d):
             return

@@ -20,6 +20,7 @@ from .errors import (
 )
 from .findings import KEY, SEGMENT, TORN, Finding, Removed, finding_from, index_at
 from .segment import Segment
+from .segment_codec import segment_file_name
 
 
 class SegmentChecks:
@@ -27,7 +28,6 @@ class SegmentChecks:
 
     def _segment_path(self, seg_id: int, rec: dict) -> str:
         d = layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED else layout.WAL_PLAIN
-        from .segment_codec import segment_file_name
         return os.path.join(self.path, d, segment_file_name(seg_id, rec["base_index"]))
 
     def _segment(self, seg_id: int, rec: dict) -> Segment | None:

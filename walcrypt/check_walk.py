@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from . import format as fmt
-from . import layout, online
+from . import layout, online, stable
 from . import meta as M
 from .check_leftovers import LeftoverChecks
 from .check_segments import SegmentChecks
@@ -31,8 +31,11 @@ from .findings import (
     file_size,
     finding_from,
 )
+from .segment_codec import segment_file_name
+from .snapinfo import decode_info
 from .storage import Store
 from .vfs import DEFAULT_VFS
+from .wal import Wal
 
 
 def bare_store(path: str, kek, encrypted: bool, meta: M.Meta) -> Store:
@@ -147,8 +150,6 @@ class Walk(SegmentChecks, LeftoverChecks):
 
     def _named_paths(self) -> list[str]:
         """The files the metadata copy names (decoded without checks: only to open them early)."""
-        from .segment_codec import segment_file_name
-        from .snapinfo import decode_info
         paths = []
         for k, raw in self.meta.tables.get(M.DB_SEGMENTS, {}).items():
             try:
@@ -260,7 +261,6 @@ class Walk(SegmentChecks, LeftoverChecks):
             self.note(None, "log continuity was not checked: the running writer removed segments of the log "
                       "while this check read it", LOG)
         elif all_ok:
-            from .wal import Wal
             wal = Wal(st)
             try:
                 wal.load(segments, c_index, c_term, reset)
@@ -301,7 +301,6 @@ class Walk(SegmentChecks, LeftoverChecks):
         self._leftover_snapshots({os.path.basename(i.path) for i in snap_infos}, set(wal_snapshot_records))
 
         # stable store
-        from . import stable
         for k, raw in stable_rows:
             try:
                 stable.open_value(st, k, self.meta.open_value(M.DB_STABLE, k, raw))

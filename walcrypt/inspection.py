@@ -38,7 +38,11 @@ from .errors import (
     WalcryptError,
     WrongKeyError,
 )
+from .exports import ExportFile
 from .inspection_render import ns_iso
+from .segment_codec import decode_header, segment_file_name
+from .snapinfo import decode_info
+from .snapshot import SnapshotFile, snapshot_file_name
 from .storedir import lock_holders, open_meta, require_store, store_record
 from .vfs import DEFAULT_VFS
 
@@ -149,7 +153,6 @@ def _scan_frame_headers(src: bounded.Source, window: int) -> dict:
 
 def _find_exports(root: str) -> list[tuple[str, bool]]:
     """Export files (WCRYPEXP) anywhere under the data directory: (path, KEK embedded)."""
-    from .backup import ExportFile
     found = []
     lmdb_files = {os.path.join(root, layout.META_DIR, n) for n in ("data.mdb", "lock.mdb")}
     for dirpath, _dirs, files in os.walk(root):
@@ -297,7 +300,6 @@ def _keyless(root: str, directory: str, key_file: str | None, live: bool):
 
     # -- segments ---------------------------------------------------------------
     segs = []
-    from .segment_codec import decode_header, segment_file_name
     newest = max((k for k, _v in manifest), default=None)          # the one a running writer appends to
     for k, v in manifest:
         seg_id = int.from_bytes(k, "big")
@@ -344,8 +346,6 @@ def _keyless(root: str, directory: str, key_file: str | None, live: bool):
         rep["log"]["last_index"] = max(visible + [c_index or 0])
 
     # -- snapshots --------------------------------------------------------------
-    from .snapinfo import decode_info
-    from .snapshot import SnapshotFile, snapshot_file_name
     snaps = []
     snap_dir = os.path.join(root, layout.pair_for(encrypted).snap)
     for k, v in registry:

@@ -38,6 +38,7 @@ from . import crypto
 from .errors import (
     AuthenticationError,
     CorruptionError,
+    KeyNotFoundError,
     KeyProviderError,
     SymlinkError,
     UsageError,
@@ -444,7 +445,6 @@ def new_key_entry(wrapper: Wrapper, store_id: bytes, *, algorithm: int, purpose:
 
 def unwrap_entry(wrapper: Wrapper, store_id: bytes, entry: KeyEntry) -> SecretKey:
     if entry.state == DESTROYED:
-        from .errors import KeyNotFoundError
         raise KeyNotFoundError(f"key {entry.key_id.hex()} was destroyed; data under it cannot be read")
     secret = wrapper.unwrap(entry.wrapped, wrap_context(store_id, entry.key_id, entry.purpose))
     if len(secret) != KEY_SIZE:

@@ -22,6 +22,9 @@ from . import vfs as _vfs
 from .errors import WIPE_ADVICE, CorruptionError, LockedError, SymlinkError, UsageError
 
 LOCK_NAME = "LOCK"
+# Bounded retries everywhere a running writer (retention, compaction, a rotation) can invalidate a
+# read that takes no lock: an export, verify, inspect, a read of a running store.
+ATTEMPTS = 5
 META_DIR = "meta"
 WAL_ENCRYPTED = "wal-v1-encrypted"
 SNAP_ENCRYPTED = "snap-v1-encrypted"

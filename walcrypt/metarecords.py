@@ -10,6 +10,7 @@ from . import format as fmt
 from .errors import (
     CorruptionError,
 )
+from .keys import KeyEntry
 
 log = logging.getLogger("walcrypt")
 
@@ -48,7 +49,6 @@ def encode_keyring(entry) -> bytes:
 
 
 def decode_keyring(key_id: bytes, b: bytes, path: str):
-    from .keys import KeyEntry
     n = fmt.KEYRING_PREFIX_STRUCT.size
     if len(b) < n:
         raise CorruptionError(path, None, f"keyring record {key_id.hex()} is truncated")

@@ -32,11 +32,11 @@ import os
 import time
 from typing import Callable
 
-from . import crypto, layout
+from . import crypto, layout, stable
 from . import format as fmt
 from . import keys as K
 from . import meta as M
-from .errors import KeyProviderError, UsageError
+from .errors import CorruptionError, KeyProviderError, UsageError
 from .segment import Segment
 from .segment_codec import SegmentIdentity
 from .snapinfo import SnapshotInfo, encode_info
@@ -79,7 +79,6 @@ def cleanup_interrupted(store) -> bool:
         target = layout.pair_for(record["to"] == "encrypted")
         mig_id = str(record.get("id", ""))
     except (ValueError, TypeError, KeyError, AttributeError):
-        from .errors import CorruptionError
         raise CorruptionError(store.meta.path, None, "the migration record is malformed") from None
     for d in (TMP_WAL, TMP_SNAP):
         store.vfs.rmtree(os.path.join(store.path, d))
@@ -268,7 +267,6 @@ def _target_bundle(store, ctx: _TargetKeys) -> bytes:
 def _switch(store, ctx: _TargetKeys, segments: list[Segment], snap: SnapshotInfo | None) -> None:
     """Step D: one LMDB commit flips the mode, replaces the manifests and re-MACs every record."""
     meta = store.meta
-    from . import stable
     with meta.read() as r:
         carried = {db: r.items(db) for db in (M.DB_KEYRING, M.DB_STABLE, M.DB_STATE)}
         old_segments = [k for k, _ in r.raw_items(M.DB_SEGMENTS)]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -51,9 +52,11 @@ from .errors import (
     WalcryptError,
     WrongKeyError,
 )
+from .segment_codec import segment_file_name
+from .storage import Store
 from .vfs import DEFAULT_VFS, VFS
 
-ATTEMPTS = 5          # bounded retries everywhere a running writer can invalidate a read
+ATTEMPTS = layout.ATTEMPTS     # (re-exported: bounded retries where a running writer can invalidate a read)
 
 
 # ---------------------------------------------------------------------------
@@ -227,7 +230,6 @@ def txn_id(root: str) -> int | None:
 def _pin_limit() -> int:
     """How many files a reader pins at most: a quarter of the descriptor limit, 16 to 4096."""
     try:
-        import resource
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         if soft == resource.RLIM_INFINITY:
             soft = 1 << 16
@@ -315,7 +317,6 @@ def _is_live_tail(root: str, exc: BaseException) -> bool:
         rec = M.decode_manifest(rows[newest][:-M.MAC_SIZE], copy.path)
     except StorageError:
         return False
-    from .segment_codec import segment_file_name
     d = layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED else layout.WAL_PLAIN
     path = os.path.join(root, d, segment_file_name(int.from_bytes(newest, "big"), rec["base_index"]))
     return rec["state"] == fmt.SEG_OPEN and os.path.abspath(path) == os.path.abspath(str(exc.path))
@@ -328,7 +329,6 @@ def engine_open(root: str, kek, encrypted: bool, *, live: bool | None = None):
     committed from the start of the first to the end of the second (a segment removed or created,
     a snapshot dropped meanwhile commits one), and it is not the writer's unit in progress at the
     tail of its newest segment.  :class:`ChangedMeanwhile` when no attempt could tell."""
-    from .storage import Store
     if live is None:
         live = writer_active(root)
     if not live:

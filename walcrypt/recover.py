@@ -62,6 +62,9 @@ from . import meta as M
 from .errors import CorruptionError, UsageError
 from .recover_scan import ASIDE, TMP_META, Plan, active_key, make_plan
 from .segment import Segment
+from .snapinfo import SnapshotInfo, encode_info
+from .storage import Store
+from .storedir import SharedLock
 from .vfs import DEFAULT_VFS
 
 log = logging.getLogger("walcrypt")
@@ -101,7 +104,6 @@ def run(path, kek: K.KeyEncryptionKey, *, apply: bool = False, store_id: bytes |
         raise UsageError(f"{path} holds no encrypted segment or snapshot directory "
                          f"({layout.WAL_ENCRYPTED}/, {layout.SNAP_ENCRYPTED}/): nothing to recover from")
     if not apply:
-        from .storedir import SharedLock
         with SharedLock(path):
             hold = layout.ReadOnlyHold(path)
             try:
@@ -147,8 +149,6 @@ def _free(vfs, path: str) -> str:
 
 
 def _apply(plan: Plan, kek, lock) -> None:
-    from .snapinfo import SnapshotInfo, encode_info
-    from .storage import Store
     vfs = DEFAULT_VFS
     root = plan.path
     tmp = os.path.join(root, TMP_META)

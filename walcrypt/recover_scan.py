@@ -16,11 +16,13 @@ from . import format as fmt
 from . import keys as K
 from . import meta as M
 from .bounded import FileSource
+from .check_walk import bare_store
 from .errors import WIPE_NOTE, CorruptionError, KeyNotFoundError, StorageError, UsageError, WalcryptError, WrongKeyError
 from .segment import Segment
 from .segment_codec import SegmentIdentity, decode_header
 from .snapshot import SnapshotFile, snapshot_keys
 from .vfs import DEFAULT_VFS
+from .wal import Wal
 
 log = logging.getLogger("walcrypt")
 
@@ -110,7 +112,6 @@ def _meta_status(path: str, kek) -> str:
     meta_dir = os.path.join(path, layout.META_DIR)
     if not os.path.lexists(meta_dir):
         return "missing"
-    from .check_walk import bare_store
     try:
         meta = M.Meta(meta_dir, readonly=True)
     except (StorageError, UsageError, OSError) as exc:
@@ -367,7 +368,6 @@ def _term_at(pieces, index: int) -> int | None:
 
 
 def _assemble(plan: Plan, adopted: dict[int, Segment], barriers: dict[int, int]) -> None:
-    from .wal import Wal
     # An unreadable file of this store supersedes older segments from its base on: an older segment
     # it would cut is not adopted (it would otherwise serve entries that file replaced).
     for seg_id in sorted(adopted, reverse=True):       # newest first: a segment set aside cuts older ones too

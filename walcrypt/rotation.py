@@ -42,6 +42,7 @@ from .errors import (
     KeyProviderUnavailableError,
     UsageError,
 )
+from .stable import key_id_of
 from .types import SnapshotMeta
 
 log = logging.getLogger("walcrypt")
@@ -298,7 +299,6 @@ class Rotation:
         referenced = ({s.ident.key_id for s in st.wal.segments} | st.snapshots.key_ids()
                       | st.snapshots.writer_key_ids())
         with st.meta.read() as r:
-            from .stable import key_id_of
             referenced |= {key_id_of(blob) for _k, blob in r.items(M.DB_STABLE)}
         now = time.time_ns()
         unreferenced = retiring - referenced

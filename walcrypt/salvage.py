@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from . import format as fmt
 from . import meta as M
 from .errors import CorruptionError, KeyNotFoundError, StorageError, SymlinkError
+from .snapinfo import decode_info
 
 log = logging.getLogger("walcrypt")
 
@@ -57,7 +58,6 @@ def newest_valid_snapshot(snapshots, meta, *, newer_failed: list | None = None) 
     """The SnapshotInfo of the newest registered snapshot that authenticates end to end, or None.
     Modifies nothing (a failing newer snapshot is left for Snapshots.load to quarantine); the newer
     ones that failed are appended to ``newer_failed``."""
-    from .snapinfo import decode_info
     with meta.read() as r:
         rows = r.items(M.DB_SNAPSHOTS)
     infos = sorted((decode_info(int.from_bytes(k, "big"), v, snapshots.dir, meta.path) for k, v in rows),

@@ -5,6 +5,7 @@ rule for unregistered snapshot files (FORMAT.md 11.8).  Below :mod:`walcrypt.sna
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -53,7 +54,6 @@ class Snapshot:
 
     def open(self) -> BinaryIO:
         """A binary stream of the decrypted data, authenticated chunk by chunk."""
-        import io
         return io.BufferedReader(self._file.stream(), buffer_size=self._file.header.chunk_size)
 
     @property

@@ -18,12 +18,11 @@ import logging
 import os
 from typing import Sequence
 
-from . import crypto, layout
+from . import exports, layout, stable
 from . import format as fmt
 from . import keys as K
 from . import meta as M
 from .errors import (
-    WIPE_ADVICE,
     CompactedError,
     KeyProviderError,
     KeyProviderUnavailableError,
@@ -33,16 +32,18 @@ from .errors import (
     WalcryptError,
     os_error_advice,
 )
+from .migrate import cleanup_interrupted
 from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
 from .snapinfo import Snapshot
 from .snapstore import Snapshots
 from .store_files import SegmentFilesMixin
 from .store_keys import KeyringMixin
+from .store_options import check_bool, check_options, stable_key
 from .store_recovery import RecoveryMixin
 from .types import ConfState, Entry, HardState, SnapshotMeta
 from .values import MAX_ENTRY_INDEX, U64_MAX, as_bytes, check_u64
 from .vfs import DEFAULT_VFS, VFS
-from .wal import SYNC_POLICIES, Wal
+from .wal import Wal
 
 log = logging.getLogger("walcrypt")
 
@@ -76,59 +77,6 @@ class _FailStop:
         return False
 
 
-MAX_STABLE_KEY = 400               # LMDB's key limit, with room for the table's own prefix
-MAX_SEGMENT_SIZE = 1 << 40          # segment_size: frames and offsets stay far inside their u64 fields
-
-
-def _stable_key(key) -> bytes:
-    key = as_bytes(key, "a stable-store key")
-    if not 1 <= len(key) <= MAX_STABLE_KEY:
-        raise UsageError(f"a stable-store key is 1 to {MAX_STABLE_KEY} bytes, not {len(key)}")
-    return key
-
-
-def _check_bool(value, what: str) -> None:
-    if type(value) is not bool:
-        raise UsageError(f"{what} must be True or False, not {value!r}")
-
-
-def _check_options(*, kek, encrypted, sync, segment_size, algorithm, max_entry_size, read_only, keep_snapshots,
-                   snapshot_chunk_size, snapshot_source, destroy_retired_keys, max_records_per_dek,
-                   max_bytes_per_dek, max_dek_age_s) -> None:
-    """Every option of open(), checked before anything is touched, against what the readers accept
-    (FORMAT.md 13): a UsageError naming the option."""
-    for name, value in (("encrypted", encrypted), ("read_only", read_only),
-                        ("destroy_retired_keys", destroy_retired_keys)):
-        _check_bool(value, name)
-    if kek is not None and not isinstance(kek, K.KeyEncryptionKey):
-        raise UsageError(f"kek must be a key-encryption key (RawKey, KeyFile, Passphrase, EnvKey, Kms), not "
-                         f"{type(kek).__name__}")
-    if not isinstance(sync, str) or sync not in SYNC_POLICIES:
-        raise UsageError(f"sync must be one of {', '.join(SYNC_POLICIES)}, not {sync!r}")
-    if not isinstance(algorithm, str):
-        raise UsageError(f"algorithm must be a cipher suite name, not {type(algorithm).__name__}")
-    if encrypted:
-        if crypto.suite_by_name(algorithm).alg_id == fmt.ALG_NONE:   # (UsageError for an unknown suite)
-            raise UsageError(f"algorithm {algorithm!r} is the plaintext format: an encrypted store needs a cipher "
-                             "suite (aes-256-gcm, chacha20-poly1305, aes-256-gcm-siv); for a plaintext store pass "
-                             "encrypted=False")
-    check_u64(segment_size, "segment_size", 4096, MAX_SEGMENT_SIZE)
-    # The limit leaves room for the rest of the record the entry may share (FORMAT.md 13), and a record
-    # is never built beyond the readers' bound (Wal._records): a larger entry could be acknowledged in a
-    # record every reader refuses.
-    check_u64(max_entry_size, "max_entry_size", 1, min(fmt.MAX_ENTRY_SIZE_LIMIT, fmt.max_entry_size_bound()))
-    check_u64(keep_snapshots, "keep_snapshots", 1, U64_MAX)
-    check_u64(snapshot_chunk_size, "snapshot_chunk_size", 1, fmt.MAX_SNAPSHOT_CHUNK)
-    check_u64(max_records_per_dek, "max_records_per_dek", 1, U64_MAX)
-    check_u64(max_bytes_per_dek, "max_bytes_per_dek", 1, U64_MAX)
-    if max_dek_age_s is not None:
-        if isinstance(max_dek_age_s, bool) or not isinstance(max_dek_age_s, (int, float)) \
-                or not 0 < max_dek_age_s < float("inf"):
-            raise UsageError(f"max_dek_age_s must be a positive number of seconds or None, not {max_dek_age_s!r}")
-    if snapshot_source is not None and not callable(snapshot_source):
-        raise UsageError(f"snapshot_source must be callable or None, not {type(snapshot_source).__name__}")
-
-
 class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
     """An open walcrypt data directory.  Use :func:`walcrypt.open`.
 
@@ -154,7 +102,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         self.closed = True
         self._released = True                # set to False once there is something to release
         self.repairs: list[dict] = []
-        _check_options(kek=kek, encrypted=encrypted, sync=sync, segment_size=segment_size, algorithm=algorithm,
+        check_options(kek=kek, encrypted=encrypted, sync=sync, segment_size=segment_size, algorithm=algorithm,
                        max_entry_size=max_entry_size, read_only=read_only, keep_snapshots=keep_snapshots,
                        snapshot_chunk_size=snapshot_chunk_size, snapshot_source=snapshot_source,
                        destroy_retired_keys=destroy_retired_keys, max_records_per_dek=max_records_per_dek,
@@ -180,7 +128,6 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
             try:
                 self.open_keys(kek, algorithm)
                 if not read_only:
-                    from .migrate import cleanup_interrupted
                     cleanup_interrupted(self)
                 self.pair = layout.pair_for(self.encrypted)
                 self.wal_dir = os.path.join(self.path, self.pair.wal)
@@ -356,25 +303,22 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         """Durably store ``value`` under ``key`` (sealed under the DEK; one synced LMDB commit)."""
         self.check_write()
         self.wal.check_writable()
-        key, value = _stable_key(key), as_bytes(value, "a stable-store value")
+        key, value = stable_key(key), as_bytes(value, "a stable-store value")
         if len(value) > fmt.MAX_STABLE_VALUE:
             raise UsageError(f"a stable-store value is at most {fmt.MAX_STABLE_VALUE} bytes, not {len(value)}")
-        from . import stable
         with self.meta.write() as w:
             w.put(M.DB_STABLE, key, stable.seal(self, key, value))
 
     def stable_get(self, key: bytes) -> bytes | None:
         """The value stored under ``key``, or None."""
         self.check_open()
-        key = _stable_key(key)
-        from . import stable
+        key = stable_key(key)
         with self.meta.read() as r:
             blob = r.get(M.DB_STABLE, key)
         return None if blob is None else stable.open_value(self, key, blob)
 
     def reseal_stable(self, tx, key_id: bytes) -> None:
         """Re-seal every stable value under ``key_id`` inside the transaction ``tx`` (DEK rotation)."""
-        from . import stable
         for k, blob in tx.items(M.DB_STABLE):
             if stable.key_id_of(blob) != key_id:
                 tx.put(M.DB_STABLE, k, stable.seal(self, k, stable.open_value(self, k, blob), key_id))
@@ -445,9 +389,8 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
             out_path = os.fsdecode(out_path)
         if not out_path or "\0" in out_path:
             raise UsageError("out_path must be a non-empty path without NUL characters")
-        _check_bool(embed_kek, "embed_kek")
-        from .backup import export_snapshot
-        return export_snapshot(self, out_path, embed_kek=embed_kek)
+        check_bool(embed_kek, "embed_kek")
+        return exports.export_snapshot(self, out_path, embed_kek=embed_kek)
 
     @property
     def needs_snapshot(self) -> bool:
@@ -503,98 +446,3 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         state = "closed" if self.closed else "open"
         mode = "encrypted" if self.encrypted else "plaintext"
         return f"<walcrypt.Store {self.path} {mode} {state}>"
-
-
-def _close_fully(closable) -> None:
-    """Close a store (or metadata environment) the caller never sees: if close() itself is
-    interrupted (KeyboardInterrupt), it is called again to release what is left (the directory
-    lock, the LMDB environment), then the interruption propagates."""
-    try:
-        closable.close()
-    except BaseException:
-        closable.close()
-        raise
-
-
-def stored_mode(path) -> bool | None:
-    """True/False for an existing encrypted/plaintext store, None when there is none yet."""
-    meta_dir = os.path.join(os.fspath(path), layout.META_DIR)
-    if not os.path.isdir(meta_dir):
-        return None
-    m = M.Meta(meta_dir, readonly=True)
-    try:
-        with m.read() as r:
-            v = r.raw(M.DB_STORE, M.K_ENCRYPTED)
-    finally:
-        try:
-            m.close()
-        except BaseException:                # interrupted: close again (LMDB allows one handle per process)
-            m.close()
-            raise
-    return None if v is None else v == b"\x01"
-
-
-def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True, migrate: bool = False,
-         decrypt_existing: bool = False, migration_progress=None, **options) -> Store:
-    """Open (creating if needed) a walcrypt data directory.  Encrypted unless ``encrypted=False``.
-
-    Migration between the modes is always an explicit act, never a side effect of the
-    arguments: a plaintext store opened with ``encrypted=True`` and a KEK is migrated to
-    encrypted only with ``migrate=True`` (otherwise it is a UsageError: anyone who can write
-    the directory could have planted that plaintext store), and an encrypted store opened
-    with ``encrypted=False`` is decrypted only with ``migrate=True`` (or its older spelling
-    ``decrypt_existing=True``) and its KEK.  ``migration_progress(stage, done, total)``
-    reports progress."""
-    built: list[Store] = []                  # every store this call built, returned or not
-    try:
-        return _open(os.fspath(path), kek, encrypted, migrate or decrypt_existing, migration_progress, options, built)
-    except BaseException as exc:
-        # Interrupted (KeyboardInterrupt) after a store was built but before it reached the caller:
-        # nobody else can close it, so its lock and files are released here.
-        for st in built:
-            _close_fully(st)
-        if isinstance(exc, OSError):         # a file error anywhere in open or migration: typed, with a hint
-            raise StorageError(f"opening {path} failed: {exc} ({os_error_advice(exc)}; an interrupted migration "
-                               "is redone)") from exc
-        raise
-
-
-def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, options: dict,
-          built: list) -> Store:
-    if options.get("read_only") or not layout.looks_like_store(path):
-        return Store(path, kek=kek, encrypted=encrypted, _holder=built, **options)
-    held: list = []                      # the lock, even if we are interrupted storing it
-    try:
-        lock = layout.DirLock(path, holder=held)     # before reading anything: no writer can be active
-        have = stored_mode(path)
-        if have is None or have == encrypted:
-            if not encrypted and migrate:
-                kek = None                   # already plaintext (a finished migration): nothing to decrypt
-            return Store(path, kek=kek, encrypted=encrypted, _dirlock=lock, _holder=built, **options)
-        if not encrypted and not migrate:
-            raise UsageError(f"{path} is encrypted; opening it as plaintext would decrypt every record on disk. "
-                             "Pass migrate=True (and its kek=) to migrate it, or open it with its kek=")
-        if encrypted and kek is None:
-            raise KeyProviderError(f"{path} is a plaintext store: open it with encrypted=False, or pass kek=... "
-                                   "and migrate=True to encrypt it")
-        if encrypted and not migrate:
-            raise UsageError(
-                f"{path} holds a plaintext store, but a KEK was given for an encrypted one. walcrypt never adopts "
-                "plaintext data implicitly: if this node's store was encrypted, its metadata was replaced and "
-                "must not be trusted (restore it from a backup, or " + WIPE_ADVICE + "); to encrypt a plaintext "
-                "store on purpose, open it with migrate=True (or run 'walcrypt migrate DIR --to encrypted')")
-        from .migrate import migrate as run_migration
-        src = Store(path, kek=kek if have else None, encrypted=have, _dirlock=lock, _holder=built, **options)
-        try:
-            run_migration(src, to_encrypted=encrypted, kek=kek, algorithm=options.get("algorithm", "aes-256-gcm"),
-                          progress=migration_progress)
-        except BaseException as exc:
-            src.wal.fail(exc)                # nothing more is written; the next open redoes the migration
-            raise
-        finally:
-            _close_fully(src)
-        return Store(path, kek=kek if encrypted else None, encrypted=encrypted, _holder=built, **options)
-    except BaseException:
-        for held_lock in held:           # our lock, unless a store we built and lost is holding it
-            held_lock.release()          # idempotent: a store it was handed to may have released it
-        raise

@@ -27,6 +27,7 @@ from .errors import (
     WrongKeyError,
 )
 from .segment_codec import SegmentIdentity
+from .snapshot import MAX_KEYRING_BUNDLE, SnapshotFile
 
 log = logging.getLogger("walcrypt")
 
@@ -233,7 +234,6 @@ class KeyringMixin:
     def bundle_is_current(self, info) -> bool:
         """Whether the keyring bundle inside a retained snapshot file holds the keys exactly as they
         are wrapped now (False: wrapped under an earlier KEK, or listing other keys)."""
-        from .snapshot import SnapshotFile
         doc = SnapshotFile(self.vfs, info.path).bundle_doc()
         return self._wraps(doc) == self._wraps(json.loads(self.keyring_bundle({info.key_id})))
 
@@ -265,7 +265,6 @@ class KeyringMixin:
         being destroyed, or wrapped under a KEK being replaced, must not live on there.  The rest of
         each copy is left for inspection.  A copy walcrypt may not write (a link, a file another name
         shares) is left alone, with a warning."""
-        from .snapshot import MAX_KEYRING_BUNDLE
         pats = {b.hex().encode() for b in blobs if b}
         d = self.snapshots.dir
         if not pats or not os.path.isdir(d):

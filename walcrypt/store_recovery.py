@@ -10,7 +10,7 @@ import logging
 import os
 
 from . import format as fmt
-from . import layout
+from . import layout, salvage
 from . import meta as M
 from .bounded import FileSource
 from .errors import (
@@ -59,7 +59,6 @@ class RecoveryMixin:
                 damaged[seg_id] = exc
         try:
             if damaged:
-                from . import salvage
                 c_index, c_term = salvage.settle(self, manifest, damaged, c_index, c_term, reset_seg)
             segments = []
             for rec, seg, scanned in opened:

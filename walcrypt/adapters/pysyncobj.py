@@ -220,12 +220,12 @@ class WalcryptNode:
 
     def open_journal(self) -> "WalcryptJournal":
         """Open the store and a journal on it (one per SyncObj start); the store closes with the journal."""
-        from .. import storage
+        from .. import opening
         if self.journal is not None and not self.journal.closed:
             raise UsageError(f"this walcrypt_conf already serves an open journal (store {self.path})")
         self._adopt_legacy_files()
         try:
-            store = storage.open(self.path, kek=self.kek, encrypted=self.encrypted, **self.store_options)
+            store = opening.open(self.path, kek=self.kek, encrypted=self.encrypted, **self.store_options)
         except LockedError as exc:
             raise LockedError(f"{exc}. If another SyncObj in this process serves {self.path}, destroy() it first "
                               f"(destroy() waits up to {CLOSE_WAIT_S:.0f} s for its tick thread to close the "

@@ -158,12 +158,12 @@ def snapshot_export(directory, out, embed_kek, **kw) -> None:
     Example:
       walcrypt snapshot export /var/lib/node1 /backup/node1.wcx --key-file /secure/kek
     """
-    from ..backup import _refuse_existing, export_store
+    from ..backup import export_store, refuse_existing
     from ..inspection_render import human_size
     kek = kek_from_options(kw)
     root = store_root(directory)
     out_abs = os.path.abspath(out)
-    _refuse_existing(out)                # never overwritten, never written through a link
+    refuse_existing(out)                # never overwritten, never written through a link
     if not os.path.isdir(os.path.dirname(out_abs)):
         raise UsageError(f"the directory of {out} does not exist")
     if out_abs.startswith(root + os.sep):

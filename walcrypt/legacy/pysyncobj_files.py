@@ -351,7 +351,7 @@ def import_pysyncobj(data_dir, *, journal, dump=None, kek=None, max_dump_bytes: 
         from ..adapters import pysyncobj as adapter
     except ImportError as exc:
         raise UsageError(f"importing pysyncobj files needs pysyncobj: {exc}") from None
-    from .. import storage
+    from .. import opening
     data_dir = os.path.abspath(os.fspath(data_dir))
     if os.path.lexists(data_dir) and (not os.path.isdir(data_dir) or os.path.islink(data_dir) or os.listdir(data_dir)):
         raise UsageError(f"{data_dir} exists and is not an empty directory; import only into a new or empty one")
@@ -368,7 +368,7 @@ def import_pysyncobj(data_dir, *, journal, dump=None, kek=None, max_dump_bytes: 
         snap = read_dump(report["dump"], max_dump_bytes, report) if dump is not None else None
         src = _Source(report["journal"], "journal")
         try:
-            with storage.open(staging, kek=kek, **open_options) as st:
+            with opening.open(staging, kek=kek, **open_options) as st:
                 st.stable_set(adapter._STABLE_TERM_OFFSET, str(TERM_OFFSET).encode())
                 _write_log(st, read_journal(src, report), snap, report)
                 report["sources"].insert(0, src.finish())
@@ -458,8 +458,8 @@ def remove_sources(data_dir: str, kek, *, apply: bool = True) -> dict:
     """Delete the pysyncobj files the store at ``data_dir`` was imported from, each only while it is
     still a regular file byte-identical (size and SHA-256) to what was imported.
     -> {"removed": [path, ...], "kept": [{"path", "reason"}, ...]}"""
-    from .. import storage
-    with storage.open(data_dir, kek=kek, read_only=True) as st:
+    from .. import opening
+    with opening.open(data_dir, kek=kek, read_only=True) as st:
         raw = st.stable_get(STABLE_SOURCES)
     out: dict = {"removed": [], "kept": []}
     if raw is None:
