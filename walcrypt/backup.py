@@ -16,7 +16,6 @@ from . import format as fmt
 from . import keys as K
 from . import layout, online
 from . import meta as M
-from .check_walk import bare_store
 from .errors import CorruptionError, StorageError, UsageError
 from .exports import (  # noqa: F401  (re-exported: the export format's public names)
     EXPORT_HEADER,
@@ -61,7 +60,7 @@ def export_store(root: str, out_path: str, *, kek: K.KeyEncryptionKey | None = N
     try:
         live, copy = online.frozen(os.path.join(root, layout.META_DIR))
         try:
-            st = bare_store(root, kek, encrypted, copy)
+            st = Store.keys_only(root, kek, encrypted, copy)
             kek_bytes = st.kek_material() if embed_kek else b""
             snap_dir = os.path.join(root, layout.pair_for(encrypted).snap)
             for _attempt in range(online.ATTEMPTS):

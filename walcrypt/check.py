@@ -39,7 +39,7 @@ import os
 
 from . import layout, online, salvage
 from . import meta as M
-from .check_walk import Walk, bare_store
+from .check_walk import Walk
 from .errors import (
     KeyProviderError,
     LockedError,
@@ -172,7 +172,7 @@ def _below_snapshot(path: str, kek, encrypted: bool, report: CheckReport) -> Non
     try:
         meta = M.Meta(os.path.join(path, layout.META_DIR), readonly=True)
         try:
-            st = bare_store(path, kek, encrypted, meta)
+            st = Store.keys_only(path, kek, encrypted, meta)
             with meta.read() as r:
                 manifest = {int.from_bytes(k, "big"): M.decode_manifest(v, meta.path)
                             for k, v in r.items(M.DB_SEGMENTS)}

@@ -34,22 +34,7 @@ from .findings import (
 from .segment_codec import segment_file_name
 from .snapinfo import decode_info
 from .storage import Store
-from .vfs import DEFAULT_VFS
 from .wal import Wal
-
-
-def bare_store(path: str, kek, encrypted: bool, meta: M.Meta) -> Store:
-    """A Store that has its keys unwrapped but has opened nothing else (no lock, no recovery).
-
-    Used by the walk, which must keep going where the engine's open stops at the first
-    problem.  Raises WrongKeyError / KeyProviderError for key problems."""
-    st = Store.__new__(Store)
-    st.path, st.vfs, st.read_only, st.encrypted, st.closed = path, DEFAULT_VFS, True, encrypted, True
-    st.repairs, st._kek, st._lock, st.meta = [], kek, None, meta
-    st.open_keys(kek, "aes-256-gcm")
-    return st
-
-
 
 
 class Walk(SegmentChecks, LeftoverChecks):
@@ -137,7 +122,7 @@ class Walk(SegmentChecks, LeftoverChecks):
             return
         try:
             try:
-                self.st = bare_store(self.path, self.kek, self.encrypted, self.meta)
+                self.st = Store.keys_only(self.path, self.kek, self.encrypted, self.meta)
             except StorageError as exc:
                 self.error(exc, METADATA)
                 return

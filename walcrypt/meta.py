@@ -41,12 +41,10 @@ from .errors import (
     WIPE_ADVICE,
     AuthenticationError,
     CorruptionError,
-    LockedError,
     StorageError,
-    UnsupportedFormatError,
     UsageError,
-    WalcryptError,
 )
+from .lmdb_errors import DAMAGED_HINT, MAP_SIZE, lmdb_error  # noqa: F401 - re-exported (M.lmdb_error)
 from .metarecords import (  # noqa: F401 - the metadata layer's record codecs, used as M.<name>
     CATALOG_SIZE,
     decode_compacted,
@@ -60,44 +58,44 @@ from .metarecords import (  # noqa: F401 - the metadata layer's record codecs, u
     encode_manifest,
     u64,
 )
+from .metaschema import (  # noqa: F401 - the tables, keys and MACs of meta/, used as M.<name>
+    CATALOG_DBS,
+    DB_KEYRING,
+    DB_SEGMENTS,
+    DB_SNAPSHOTS,
+    DB_STABLE,
+    DB_STATE,
+    DB_STORE,
+    FIRST_DOMAIN_TAGGED_VERSION,
+    K_ALGORITHM,
+    K_COMPACTED,
+    K_CREATING,
+    K_ENCRYPTED,
+    K_FORMAT_VERSION,
+    K_KEK_CHECK,
+    K_KEK_PARAMS,
+    K_META_KEY,
+    K_META_KEY_ID,
+    K_MIGRATION,
+    K_NEXT_SEGMENT,
+    K_NEXT_SNAPSHOT,
+    K_PURGED,
+    K_ROTATION,
+    K_SNAP_CREATING,
+    K_SNAP_PURGED,
+    K_STAGING,
+    K_STORE_ID,
+    MAC_DOMAIN_V3,
+    MAC_SIZE,
+    keyed_mac,
+    keyless_mac,
+)
 from .metascrub import ScrubMixin, scrub_key
 from .vfs import pinned_files, refuse_link
 
 log = logging.getLogger("walcrypt")
 
 
-DB_STORE = b"store"
-DB_KEYRING = b"keyring"
-DB_SEGMENTS = b"segments"
-DB_STABLE = b"stable"
-DB_STATE = b"state"
-DB_SNAPSHOTS = b"snapshots"
-
-# keys of DB_STORE (not MAC'd: they are needed to derive the MAC key)
-K_STORE_ID = b"store_id"
-K_FORMAT_VERSION = b"format_version"
-K_ENCRYPTED = b"encrypted"
-K_ALGORITHM = b"algorithm"
-K_KEK_PARAMS = b"kek_params"
-K_KEK_CHECK = b"kek_check"
-K_META_KEY = b"meta_key"          # wrapped metadata MAC key
-K_META_KEY_ID = b"meta_key_id"
-
-# keys of DB_STATE (MAC'd)
-K_COMPACTED = b"compacted"        # u64 index, u64 term, u64 reset segment (0: none)
-K_NEXT_SEGMENT = b"next_segment"  # u64
-K_NEXT_SNAPSHOT = b"next_snapshot"  # u64
-K_ROTATION = b"rotation"          # JSON
-K_MIGRATION = b"migration"        # JSON, present only while a migration is in progress
-K_PURGED = b"purged"              # u64 segment IDs of the latest purge (their files may outlive the commit)
-K_STAGING = b"staging"            # u64 first, u64 end: segment IDs reserved for a staged rewrite (re-key)
-K_CREATING = b"creating"          # u64 segment IDs being created (recorded before the file exists)
-K_SNAP_CREATING = b"snap_creating"  # u64 snapshot IDs being written (recorded before the file exists)
-K_SNAP_PURGED = b"snap_purged"    # u64 snapshot IDs the latest retention removed from the registry
-
-MAC_SIZE = 16
-CATALOG_DBS = (DB_KEYRING, DB_SEGMENTS, DB_SNAPSHOTS, DB_STATE, DB_STABLE)
-MAP_SIZE = 1 << 30
 LEGACY_COMPACT_NAME = "data.mdb.compact"   # a copy earlier versions wrote (removed at read-write open)
 # scrub(): a scratch table (not one of walcrypt's: no catalog, MAC or reader ever sees it), filled
 # with zeros until LMDB has reused every free page it may, then emptied; records in it mean that a
@@ -110,90 +108,6 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# Metadata format version 3 puts a domain tag in front of every MAC'd message, so that no MAC a
-# store computed under versions 1 or 2 verifies under version 3: an upgraded store re-MACs every
-# record in the upgrading transaction, and a record replayed from its older past (the 24-byte
-# compaction record without a catalog, above all) fails its MAC instead of turning checks off.
-MAC_DOMAIN_V3 = b"walcrypt/v3/meta-mac"
-FIRST_DOMAIN_TAGGED_VERSION = 3
-
-
-def _framed(h, parts) -> None:
-    for p in parts:
-        h.update(len(p).to_bytes(4, "little"))
-        h.update(p)
-
-
-def _domain(version: int) -> tuple[bytes, ...]:
-    return (MAC_DOMAIN_V3,) if version >= FIRST_DOMAIN_TAGGED_VERSION else ()
-
-
-def keyless_mac(db: bytes, key: bytes, value: bytes, *, version: int = fmt.META_FORMAT_VERSION) -> bytes:
-    """The MAC of a plaintext store (an accident check: anyone can compute it)."""
-    h = hashlib.blake2b(digest_size=MAC_SIZE)
-    _framed(h, _domain(version) + (db, key, value))
-    return h.digest()
-
-
-def keyed_mac(mac_key: bytes, db: bytes, key: bytes, value: bytes, *,
-              version: int = fmt.META_FORMAT_VERSION) -> bytes:
-    """The MAC of an encrypted store: HMAC-SHA256 under the metadata key, cut to 16 bytes."""
-    h = hmac.new(mac_key, digestmod=hashlib.sha256)
-    _framed(h, _domain(version) + (db, key, value))
-    return h.digest()[:MAC_SIZE]
-
-
-DAMAGED_HINT = ("keep a copy of the data directory for analysis, then rebuild meta/ from the snapshot and segment "
-                "files with the KEK ('walcrypt recover DIR --key-file K'), restore the node from a backup export "
-                "('walcrypt snapshot restore EXPORT NEW_DIR'), or " + WIPE_ADVICE)
-
-
-def lmdb_error(exc: "lmdb.Error", path: str, doing: str) -> WalcryptError:
-    """The walcrypt error, saying what to do, for an LMDB error met while ``doing`` (e.g. "opening") the
-    metadata database in ``path``.  Raise it ``from exc``: the LMDB error stays the cause."""
-    data = os.path.join(path, "data.mdb")
-    reason = getattr(exc, "reason", None) or str(exc)
-    if isinstance(exc, lmdb.InvalidError):
-        return CorruptionError(data, None, f"{doing} the metadata database failed: the file is not an LMDB "
-                               "database (truncated, overwritten or replaced)", DAMAGED_HINT)
-    if isinstance(exc, (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadChecksumError, lmdb.PanicError,
-                        lmdb.IncompatibleError, lmdb.BadValsizeError)):
-        return CorruptionError(data, None, f"{doing} the metadata database failed: it is damaged "
-                               f"(LMDB: {reason})", DAMAGED_HINT)
-    if isinstance(exc, lmdb.VersionMismatchError):
-        return UnsupportedFormatError(f"{data}: the metadata database was written by an LMDB library of another "
-                                      "on-disk version; open it with the walcrypt installation (and py-lmdb build) "
-                                      "that wrote it")
-    if isinstance(exc, (lmdb.MapFullError, lmdb.TxnFullError)):
-        return StorageError(f"{doing} the metadata database {path} failed: it is full (walcrypt maps at most "
-                            f"{MAP_SIZE} bytes); nothing was committed. walcrypt's "
-                            "own records stay far below this size: look for what filled it (large stable-store "
-                            "values?); to carry the node on, export its newest snapshot ('walcrypt snapshot "
-                            "export') and restore it into a new directory ('walcrypt snapshot restore')")
-    if isinstance(exc, lmdb.ReadonlyError):
-        return StorageError(f"{doing} the metadata database {path} failed: no permission to write it (or its "
-                            "file system is mounted read-only); run as the user that owns the store, or remount "
-                            "the file system read-write")
-    if isinstance(exc, lmdb.DiskError):
-        return StorageError(f"{doing} the metadata database {path} failed: no space left on the device; nothing "
-                            "was committed - free space and run it again")
-    if isinstance(exc, lmdb.LockError):
-        return LockedError(f"{doing} the metadata database {path} failed: another process holds its lock; "
-                           "stop it first")
-    if isinstance(exc, (lmdb.ReadersFullError, lmdb.TlsFullError)):
-        return StorageError(f"{doing} the metadata database {path} failed: too many readers at once (LMDB: "
-                            f"{reason}); close other processes reading the store and try again")
-    if isinstance(exc, lmdb.MemoryError):
-        return StorageError(f"{doing} the metadata database {path} failed: out of memory or address space "
-                            f"(walcrypt maps {MAP_SIZE} bytes); free memory, or raise the process's "
-                            "address-space limit (ulimit -v)")
-    if isinstance(exc, lmdb.InvalidParameterError):
-        return StorageError(f"{doing} the metadata database {path} failed: LMDB refused it (EINVAL); the file "
-                            "system may not support memory-mapped files (some network file systems do not): "
-                            "keep the data directory on a local file system")
-    return StorageError(f"{doing} the metadata database {path} failed: LMDB: {exc}")
 
 
 class Meta(ScrubMixin):

@@ -131,7 +131,7 @@ class FrozenMeta(M.Meta):
 
     Reads (``read()``) are served from the copy, so all of them see one state of the store
     whatever the writer commits meanwhile, and no LMDB read transaction stays open while the
-    files are read.  The MAC key and version are set on it as on a Meta (bare_store does)."""
+    files are read.  The MAC key and version are set on it as on a Meta (Store.keys_only does)."""
 
     def __init__(self, live: M.Meta):      # super().__init__ opens an environment: not called
         self.live = live

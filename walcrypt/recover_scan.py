@@ -16,11 +16,11 @@ from . import format as fmt
 from . import keys as K
 from . import meta as M
 from .bounded import FileSource
-from .check_walk import bare_store
 from .errors import WIPE_NOTE, CorruptionError, KeyNotFoundError, StorageError, UsageError, WalcryptError, WrongKeyError
 from .segment import Segment
 from .segment_codec import SegmentIdentity, decode_header
 from .snapshot import SnapshotFile, snapshot_keys
+from .storage import Store
 from .vfs import DEFAULT_VFS
 from .wal import Wal
 
@@ -117,7 +117,7 @@ def _meta_status(path: str, kek) -> str:
     except (StorageError, UsageError, OSError) as exc:
         return f"damaged: {' '.join(str(exc).split())}"
     try:
-        bare_store(path, kek, True, meta)
+        Store.keys_only(path, kek, True, meta)
         with meta.read() as r:
             for _k, v in r.items(M.DB_SEGMENTS):
                 M.decode_manifest(v, meta.path)

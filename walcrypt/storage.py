@@ -168,6 +168,20 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
             _holder.append(self)              # walcrypt.open closes it if interrupted before returning it
 
     # ------------------------------------------------------------------ Storage API
+    @classmethod
+    def keys_only(cls, path: str, kek: K.KeyEncryptionKey | None, encrypted: bool, meta: M.Meta) -> "Store":
+        """A read-only Store over ``meta`` (a Meta the caller opened and keeps closing) that has unwrapped
+        its keys and opened nothing else: no lock, no recovery, no segment, no snapshot.
+
+        For the tools that must go on where open() stops at the first problem (verify's walk, export
+        from a running store, recover's check of a surviving meta/): they read files through it with
+        the store's keys.  Raises WrongKeyError / KeyProviderError for key problems."""
+        st = cls.__new__(cls)
+        st.path, st.vfs, st.read_only, st.encrypted, st.closed = path, DEFAULT_VFS, True, encrypted, True
+        st.repairs, st._kek, st._lock, st.meta = [], kek, None, meta
+        st.open_keys(kek, "aes-256-gcm")
+        return st
+
     def check_open(self) -> None:
         if self.closed:
             raise UsageError("the store is closed")
