@@ -60,7 +60,8 @@ def export_store(root: str, out_path: str, *, kek: K.KeyEncryptionKey | None = N
     try:
         live, copy = online.frozen(os.path.join(root, layout.META_DIR))
         try:
-            st = Store.keys_only(root, kek, encrypted, copy)
+            frozen: online.FrozenMeta = copy
+            st = Store.keys_only(root, kek, encrypted, frozen)
             kek_bytes = st.kek_material() if embed_kek else b""
             snap_dir = os.path.join(root, layout.pair_for(encrypted).snap)
             for _attempt in range(online.ATTEMPTS):
@@ -83,11 +84,12 @@ def export_store(root: str, out_path: str, *, kek: K.KeyEncryptionKey | None = N
                             vfs.close(sfd)
                 finally:
                     vfs.release()
-                fresh = st.meta.fresh()
+                fresh = frozen.fresh()
                 if sid in fresh.ids(M.DB_SNAPSHOTS):
                     raise CorruptionError(info.path, None, "registered snapshot file is missing",
                                           "run 'walcrypt verify' on the store")
-                st.meta, st.keys = fresh, {}
+                st.meta = frozen = fresh
+                st.keys = {}
                 st.load_keyring()
             raise StorageError(f"retention removed the newest snapshot {online.ATTEMPTS} times while it was being "
                                "exported; export again")
@@ -131,11 +133,15 @@ def restore_export(path: str, data_dir: str, *, kek: K.KeyEncryptionKey | None =
     staging = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(data_dir)) + ".restore-", dir=parent)
     try:
         with Store(staging, kek=store_kek, encrypted=store_kek is not None, **options) as s:
+            meta = sf.meta
+            assert meta is not None          # unlock_export returns the file unlocked: its metadata decoded
             with sf.stream() as stream:
-                s.save_snapshot(sf.meta, stream)
-            s.save(hard_state=HardState(term=sf.meta.term, vote=0, commit=sf.meta.index))
-            result = {"data_dir": data_dir, "index": sf.meta.index, "term": sf.meta.term,
-                      "data_bytes": s.snapshot().size, "encrypted": store_kek is not None,
+                s.save_snapshot(meta, stream)
+            s.save(hard_state=HardState(term=meta.term, vote=0, commit=meta.index))
+            saved = s.snapshot()
+            assert saved is not None         # the snapshot just saved
+            result = {"data_dir": data_dir, "index": meta.index, "term": meta.term,
+                      "data_bytes": saved.size, "encrypted": store_kek is not None,
                       "source": "export" if isinstance(src, ExportFile) else "snapshot"}
         try:
             os.rename(staging, data_dir)       # onto a missing or empty directory only (rename(2))

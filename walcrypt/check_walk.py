@@ -262,8 +262,8 @@ class Walk(SegmentChecks, LeftoverChecks):
             rep.snapshots += 1
             try:
                 size = self._snapshot(info)
-                rec = wal_snapshot_records.get(info.snapshot_id)
-                if rec is not None and (rec[1], rec[2], rec[3]) != (info.index, info.term, info.digest):
+                logged = wal_snapshot_records.get(info.snapshot_id)
+                if logged is not None and (logged[1], logged[2], logged[3]) != (info.index, info.term, info.digest):
                     raise AuthenticationError(info.path, None, f"snapshot {info.snapshot_id} differs from the "
                                               "SNAPSHOT record the log holds for it (replaced file or registry)")
                 rep.snapshot_bytes += size

@@ -283,6 +283,7 @@ def inspect_export(path: str, kek: K.KeyEncryptionKey | None = None, *, plaintex
         refuse_plaintext(path, plaintext, "a KEK was given, so an encrypted export was expected")
     if kek is not None or ex.kek_embedded or (info["plaintext"] and plaintext):
         f = unlock_export(ex, kek, plaintext=plaintext)
+        assert f.meta is not None            # unlock_export returns the file unlocked: its metadata decoded
         info["conf_state"] = {"voters": list(f.meta.conf_state.voters), "learners": list(f.meta.conf_state.learners)}
         info["data_bytes"] = f.verify()
         info["verified"] = True
@@ -338,6 +339,7 @@ def redact_export(path: str, *, out_path: str | None = None, kek_out: str | None
 
 
 def _redact_into(ex: "ExportFile", inp, dest: str, kek_out: str | None) -> dict:
+    assert ex.kek is not None                # redact_export returns early when no KEK is embedded
     if kek_out:
         try:
             fd = open_private(kek_out, detail=_link_detail(kek_out))

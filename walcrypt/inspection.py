@@ -161,6 +161,9 @@ def _keyless(root: str, directory: str, key_file: str | None, live: bool):
         warnings.append(f"the store is in use by process {', '.join(map(str, holders))}: what follows is the "
                         "store as of one moment (one read of its metadata), and it changes as the process runs")
 
+    c_index: int | None
+    c_term: int | None
+    reset: int | None
     try:
         c_index, c_term, reset = M.decode_compacted(state[M.K_COMPACTED], meta.path)
     except StorageError:

@@ -17,7 +17,7 @@ def ns_iso(ns: int | None) -> str | None:
     return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def human_size(n: int | None) -> str:
+def human_size(n: float | None) -> str:
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -77,7 +77,7 @@ def render(rep: dict) -> str:
             fp = "fingerprint none: a KMS-held key has no check value (the plug-in name identifies it)"
         else:
             fp = "fingerprint none: no check value is stored"
-        kind = kek.get("kind") + (f" ({kek['plugin']})" if kek.get("plugin") else "")
+        kind = str(kek.get("kind")) + (f" ({kek['plugin']})" if kek.get("plugin") else "")
         if kek.get("key"):
             kind += f" key {K.describe_identity(kek['key'])}" + (f" version {kek['version']}"
                                                               if kek.get("version") is not None else "")

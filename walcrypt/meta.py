@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import lmdb
 
@@ -130,7 +130,9 @@ class Meta(ScrubMixin):
                 raise UsageError(f"{path} does not exist: not a walcrypt data directory")
             os.makedirs(path, mode=0o700, exist_ok=True)
             created = True
-        self.env = None
+        # An lmdb.Environment (untyped) while open, None before and once closed: cast, so that the type
+        # checker does not narrow it to None through _open_env, which sets it.
+        self.env: Any = cast(Any, None)
         self._fds: list[int] = []           # the pinned files, open as long as the environment (vfs.pinned_files)
         self.locked = not readonly          # registered in LMDB's reader table (see the module doc)
         try:
@@ -191,7 +193,7 @@ class Meta(ScrubMixin):
         on lock.mdb: vfs.pinned_files).  A reader pins lock.mdb read-write (never creating it): its
         reader slot is written there."""
         path = self.path
-        names = ("data.mdb", "lock.mdb")
+        names: tuple[str, ...] = ("data.mdb", "lock.mdb")
         writable_names = ("lock.mdb",) if readonly else ()
         for attempt in (0, 1):
             try:

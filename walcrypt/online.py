@@ -352,7 +352,8 @@ def engine_open(root: str, kek, encrypted: bool, *, live: bool | None = None):
             key = _error_key(exc)
             if prev is not None and prev[0] == key and prev[1] is not None and prev[1] == after:
                 if _is_live_tail(root, exc):
-                    raise ChangedMeanwhile(f"{exc.path}: the running writer is appending to it") from None
+                    where = getattr(exc, "path", root)
+                    raise ChangedMeanwhile(f"{where}: the running writer is appending to it") from None
                 raise
             prev = (key, before)
     raise ChangedMeanwhile(f"{root} changed during each of {ATTEMPTS} attempts to read it (a running writer)")

@@ -7,16 +7,18 @@ is closed here, so its directory lock and LMDB environment are released."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from . import keys as K
 from . import layout
 from . import meta as M
 from .errors import WIPE_ADVICE, KeyProviderError, StorageError, UsageError, os_error_advice
+from .migrate import Progress
 from .migrate import migrate as run_migration
 from .storage import Store
 
 
-def close_fully(closable) -> None:
+def close_fully(closable: Store | M.Meta) -> None:
     """Close a store (or metadata environment) the caller never sees: if close() itself is
     interrupted (KeyboardInterrupt), it is called again to release what is left (the directory
     lock, the LMDB environment), then the interruption propagates."""
@@ -27,7 +29,7 @@ def close_fully(closable) -> None:
         raise
 
 
-def stored_mode(path) -> bool | None:
+def stored_mode(path: str | os.PathLike[str]) -> bool | None:
     """True/False for an existing encrypted/plaintext store, None when there is none yet."""
     meta_dir = os.path.join(os.fspath(path), layout.META_DIR)
     if not os.path.isdir(meta_dir):
@@ -45,8 +47,9 @@ def stored_mode(path) -> bool | None:
     return None if v is None else v == b"\x01"
 
 
-def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True, migrate: bool = False,
-         decrypt_existing: bool = False, migration_progress=None, **options) -> Store:
+def open(path: str | os.PathLike[str], *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
+         migrate: bool = False, decrypt_existing: bool = False, migration_progress: Progress | None = None,
+         **options: Any) -> Store:
     """Open (creating if needed) a walcrypt data directory.  Encrypted unless ``encrypted=False``.
 
     Migration between the modes is always an explicit act, never a side effect of the
@@ -70,7 +73,8 @@ def open(path, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
         raise
 
 
-def _open(path: str, kek, encrypted: bool, migrate: bool, migration_progress, options: dict,
+def _open(path: str, kek: K.KeyEncryptionKey | None, encrypted: bool, migrate: bool,
+          migration_progress: Progress | None, options: dict,
           built: list) -> Store:
     if options.get("read_only") or not layout.looks_like_store(path):
         return Store(path, kek=kek, encrypted=encrypted, _holder=built, **options)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from types import TracebackType
+from typing import Callable, Literal, Protocol, Sequence
 
 from . import exports, layout, stable
 from . import format as fmt
@@ -35,7 +36,7 @@ from .errors import (
 from .migrate import cleanup_interrupted
 from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
 from .snapinfo import Snapshot
-from .snapstore import Snapshots
+from .snapstore import PendingSnapshot, Snapshots
 from .store_files import SegmentFilesMixin
 from .store_keys import KeyringMixin
 from .store_options import check_bool, check_options, stable_key
@@ -46,6 +47,17 @@ from .vfs import DEFAULT_VFS, VFS
 from .wal import Wal
 
 log = logging.getLogger("walcrypt")
+
+class BinaryReader(Protocol):
+    """What save_snapshot streams data from: an object whose read(n) returns bytes (a file opened 'rb',
+    an io.BytesIO, a socket's makefile('rb'), a snapshot's own stream)."""
+
+    def read(self, size: int = ..., /) -> bytes | None: ...
+
+
+# snapshot_source(store) -> (meta, data): the host's newest state, asked for when a DEK rotation
+# needs a snapshot (data: bytes or a binary file object, as save_snapshot takes).
+SnapshotSource = Callable[["Store"], "tuple[SnapshotMeta, bytes | BinaryReader]"]
 
 
 
@@ -64,11 +76,12 @@ class _FailStop:
     def __init__(self, store: "Store", what: str):
         self.store, self.what = store, what
 
-    def __enter__(self):
+    def __enter__(self) -> "_FailStop":
         return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        if exc_type is None or exc is None:
             return False
         self.store.wal.fail(exc)
         if issubclass(exc_type, OSError):
@@ -87,11 +100,12 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
     def __init__(self, path: str, *, kek: K.KeyEncryptionKey | None = None, encrypted: bool = True,
                  sync: str = "batch", segment_size: int = 64 << 20, algorithm: str = "aes-256-gcm",
                  max_entry_size: int = fmt.MAX_ENTRY_SIZE_DEFAULT, read_only: bool = False,
-                 keep_snapshots: int = 2, snapshot_chunk_size: int = 1 << 20, snapshot_source=None,
+                 keep_snapshots: int = 2, snapshot_chunk_size: int = 1 << 20,
+                 snapshot_source: SnapshotSource | None = None,
                  destroy_retired_keys: bool = False, max_records_per_dek: int = DEFAULT_MAX_RECORDS_PER_DEK,
                  max_bytes_per_dek: int = DEFAULT_MAX_BYTES_PER_DEK, max_dek_age_s: float | None = None,
                  vfs: VFS | None = None, _dirlock: layout.DirLock | None = None, _holder: list | None = None,
-                 _drop_segments: frozenset = frozenset()):
+                 _drop_segments: frozenset = frozenset()) -> None:
         """``_drop_segments``: segment IDs 'walcrypt repair' found damaged (check.py): the open treats
         them as it treats damage it finds itself (see walcrypt.salvage)."""
         self.path = os.path.abspath(os.fspath(path))
@@ -261,7 +275,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         self.remove_segments(self.wal.removable(floor))
 
     # ------------------------------------------------------------------ snapshots
-    def save_snapshot(self, meta: SnapshotMeta, data) -> None:
+    def save_snapshot(self, meta: SnapshotMeta, data: bytes | BinaryReader) -> None:
         """Persist a snapshot (bytes or a binary file object, streamed in chunks).
 
         Durable on return.  When the snapshot is ahead of the log or disagrees with it
@@ -274,7 +288,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         self.check_open()
         return self.snapshots.current
 
-    def begin_snapshot(self, meta: SnapshotMeta, *, extra_meta: dict | None = None):
+    def begin_snapshot(self, meta: SnapshotMeta, *, extra_meta: dict | None = None) -> PendingSnapshot:
         """Stream a snapshot in: ``w = store.begin_snapshot(meta); w.write(b); w.commit()`` (or
         ``w.abort()``).  ``commit()`` is durable on return, like save_snapshot."""
         self.check_write()
@@ -331,7 +345,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
             blob = r.get(M.DB_STABLE, key)
         return None if blob is None else stable.open_value(self, key, blob)
 
-    def reseal_stable(self, tx, key_id: bytes) -> None:
+    def reseal_stable(self, tx: M.WriteTxn, key_id: bytes) -> None:
         """Re-seal every stable value under ``key_id`` inside the transaction ``tx`` (DEK rotation)."""
         for k, blob in tx.items(M.DB_STABLE):
             if stable.key_id_of(blob) != key_id:
@@ -453,7 +467,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
     def __enter__(self) -> "Store":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
