@@ -9,7 +9,7 @@ import gc
 from array import array
 from bisect import bisect_left, bisect_right
 from itertools import repeat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import (
     WIPE_ADVICE,
@@ -59,7 +59,7 @@ class LogReads:
     _cache: OrderedDict
 
     # ------------------------------------------------------------------ loading
-    def load(self, segments: list[Segment], compacted_index: int, compacted_term: int,
+    def load(self, segments: Sequence[Segment], compacted_index: int, compacted_term: int,
              reset_segment: int = 0) -> None:
         """Install segments recovered by the engine (ID order) and the compaction point.
 
