@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 
 from . import layout, online, snapinfo
 from . import meta as M
@@ -19,9 +20,33 @@ from .snapinfo import SNAP_NAME, decode_info
 from .snapshot import SnapshotFile
 from .snapstore import bind_to_registry
 
+if TYPE_CHECKING:
+    from typing import Literal
+
+    from .findings import LEFTOVER, CheckReport
+    from .storage import Store
+
 
 class LeftoverChecks:
     """Checking snapshots and unlisted files (see the module docstring)."""
+
+    # Host contract: provided by Walk (check_walk.py).
+    path: str
+    encrypted: bool
+    meta: online.FrozenMeta
+    vfs: online.PinnedVFS
+    st: Store
+    report: CheckReport
+    _migration_recorded: bool
+
+    if TYPE_CHECKING:
+        def error(self, exc: BaseException, kind: str, index: int | None = None) -> Finding: ...
+        def warn(self, path: str | None, detail: str, hint: str | None = None, kind: str = LEFTOVER) -> None: ...
+        def advance(self, n: int) -> None: ...
+        def fsize(self, path: str) -> int: ...
+        def is_live(self) -> bool: ...
+        def fresh(self) -> online.FrozenMeta | None: ...
+        def removed_meanwhile(self, db: bytes, ident: int) -> bool: ...
 
     def _fresh_if_live(self) -> "online.FrozenMeta | None":
         """While a writer holds the store: a fresh copy of the metadata, taken after a directory was
@@ -129,7 +154,7 @@ class LeftoverChecks:
             return
         names = sorted(os.listdir(d))
         fresh = self._fresh_if_live()
-        rules = None
+        rules: tuple[set[int], set[int] | None, int] | Literal[False] | None = None   # False: unreadable
         for name in names:
             p = os.path.join(d, name)
             m = SNAP_NAME.match(name)

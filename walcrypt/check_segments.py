@@ -5,6 +5,7 @@ being appended to on a running store read up to its last COMMIT (twice, when in 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from . import format as fmt
 from . import layout, online
@@ -22,9 +23,31 @@ from .findings import KEY, SEGMENT, TORN, Finding, Removed, finding_from, index_
 from .segment import Segment
 from .segment_codec import segment_file_name
 
+if TYPE_CHECKING:
+    from .findings import CheckReport
+    from .storage import Store
+
 
 class SegmentChecks:
     """Checking segment files (see the module docstring)."""
+
+    # Host contract: provided by Walk (check_walk.py).
+    path: str
+    encrypted: bool
+    meta: online.FrozenMeta
+    vfs: online.PinnedVFS
+    st: Store
+    report: CheckReport
+    newest: int | None
+
+    if TYPE_CHECKING:
+        def error(self, exc: BaseException, kind: str, index: int | None = None) -> Finding: ...
+        def note(self, path: str | None, detail: str, kind: str, offset: int | None = None) -> None: ...
+        def advance(self, n: int) -> None: ...
+        def fsize(self, path: str) -> int: ...
+        def is_live(self) -> bool: ...
+        def fresh(self) -> online.FrozenMeta | None: ...
+        def removed_meanwhile(self, db: bytes, ident: int) -> bool: ...
 
     def _segment_path(self, seg_id: int, rec: dict) -> str:
         d = layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED else layout.WAL_PLAIN

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import lmdb
 
@@ -15,6 +16,12 @@ from .errors import (
     StorageError,
 )
 from .vfs import DEFAULT_VFS, VFS
+
+if TYPE_CHECKING:
+    from contextlib import contextmanager
+    from typing import Any, Iterator
+
+    from .meta import ReadTxn
 
 log = logging.getLogger("walcrypt")
 
@@ -38,6 +45,20 @@ def scrub_key(n: int) -> bytes:
 class ScrubMixin:
     """Scrubbing the free pages of the metadata file (see the module docstring)."""
 
+    # Host contract: provided by Meta (meta.py).
+    path: str
+    env: lmdb.Environment | None
+    dbs: dict[bytes, Any]                   # table handles by name (a FrozenMeta maps names to names)
+
+    if TYPE_CHECKING:
+        @contextmanager
+        def read(self) -> Iterator[ReadTxn]: ...
+        @contextmanager
+        def _in_use(self) -> Iterator[None]: ...
+        @contextmanager
+        def _txn(self, *, write: bool) -> Iterator: ...
+        def _renew(self) -> None: ...
+
     def has_free_pages(self) -> bool:
         """True when data.mdb holds pages no table uses (old versions of records among them)."""
         return self._free_pages_upper_bound() > 0
@@ -45,9 +66,10 @@ class ScrubMixin:
     def _free_pages_upper_bound(self) -> int:
         """Pages of data.mdb no walcrypt table uses: the free pages, plus the free list's own few pages
         and the scratch table's, if there is one (an upper bound, cheap: no table is opened)."""
-        def pages(st: dict) -> int:
+        def pages(st: lmdb._StatDict) -> int:
             return st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         with self.read() as r:
+            assert self.env is not None                      # a read transaction is open on it
             used = 2 + pages(self.env.stat())                # the meta pages and the main table
             used += sum(pages(r.txn.stat(db)) for db in self.dbs.values())
             return max(0, self.env.info()["last_pgno"] + 1 - used)
@@ -56,6 +78,7 @@ class ScrubMixin:
         """The scratch table of scrub() in the write transaction ``txn``, or None when there is none."""
         if not create and txn.get(SCRUB_DB) is None:          # the main table names every table
             return None
+        assert self.env is not None                          # txn is a transaction of it
         return self.env.open_db(SCRUB_DB, txn=txn, create=create)
 
     def scrub(self, secrets=(), *, vfs: VFS | None = None, attempts: int = SCRUB_ATTEMPTS,
@@ -126,6 +149,7 @@ class ScrubMixin:
            table stays: it tells a read-write open that no scrub is pending (scrub_pending)."""
         try:
             self._renew()
+            assert self.env is not None                      # _renew() reopened it, or raised
             with self._in_use():
                 psize = self.env.stat()["psize"]
             # A leaf node: 2-byte pointer, 8-byte header, key, value; three of them fill a page's

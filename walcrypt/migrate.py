@@ -162,6 +162,12 @@ def _write_marker(vfs, directory: str, mig_id: str) -> None:
 class _TargetKeys:
     """The key material of the target mode."""
 
+    # Set by create(): the migration's ID, and towards encryption the new DEK's keyring entry and the
+    # new KEK parameters.
+    mig_id: str
+    entry: K.KeyEntry
+    params: dict
+
     def __init__(self, encrypted: bool, algorithm: int, key_id: bytes, dek: bytes | None, mac_key: bytes | None):
         self.encrypted = encrypted
         self.algorithm = algorithm
@@ -213,6 +219,7 @@ def _rewrite_log(store, ctx: _TargetKeys, directory: str, say: Progress) -> list
         salt = os.urandom(fmt.SALT_SIZE) if ctx.encrypted else bytes(fmt.SALT_SIZE)
         ident = SegmentIdentity(store.store_id, seg_id, base, ctx.algorithm, ctx.key_id, salt, b"")
         if ctx.encrypted:
+            assert ctx.dek is not None          # an encrypted target has its DEK (create)
             key, commitment = crypto.segment_keys(ctx.dek, salt, store.store_id, seg_id, ctx.algorithm)
         else:
             key, commitment = b"", bytes(fmt.COMMITMENT_SIZE)
@@ -233,6 +240,7 @@ def _rewrite_snapshot(store, ctx: _TargetKeys, directory: str, say: Progress) ->
     h = SnapshotHeader(ctx.algorithm, 0, store.store_id, snap_id, cur.meta.index, cur.meta.term,
                        store.snapshots.chunk_size, len(bundle), ctx.key_id, salt, b"")
     if ctx.encrypted:
+        assert ctx.dek is not None              # an encrypted target has its DEK (create)
         key, h.commitment = snapshot_keys(ctx.dek, h)
     else:
         key, h.commitment = b"", bytes(fmt.COMMITMENT_SIZE)

@@ -155,6 +155,7 @@ def _apply(plan: Plan, kek, lock) -> None:
     vfs.rmtree(tmp)                       # a rebuild a crash interrupted: it was never switched in
     wrapper = kek.wrapper(plan.kek_params)
     store_id = plan.store_id
+    assert store_id is not None           # only a plan that is ok (Plan.ok: it names the store) is applied
     active = active_key(plan)
     now = time.time_ns()
     meta = M.Meta(tmp)

@@ -184,7 +184,7 @@ def make_plan(path: str, kek, want_store: bytes | None, force: bool) -> Plan:
         plan.keys.setdefault(s.key_id, (s.dek, entry))
 
     # -- segments ------------------------------------------------------------------------------
-    adopted: dict[int, Segment] = {}
+    adopted: dict[int, _Recorded] = {}
     barriers: dict[int, int] = {}          # this store's segments (header authenticated), unreadable: ID -> base
     unread: dict[int, int] = {}            # every segment file not adopted and not another store's: ID -> base
     max_seg = 0
@@ -216,7 +216,11 @@ def make_plan(path: str, kek, want_store: bytes | None, force: bool) -> Plan:
 class _Recorded(Segment):
     """A Segment whose scan also notes the committed frames in order: (type, offset, snapshot ID)."""
 
-    def __init__(self, *a, **kw):
+    # Set by _read_segment once the scan is done.
+    file_size: int
+    torn: tuple[int, str] | None
+
+    def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
         self.frames: list[tuple[int, int, int | None]] = []
 
@@ -283,7 +287,7 @@ def _read_snapshot(vfs, p: str, m, kek, wrappers: dict) -> _Snap:
     return _Snap(p, h.snapshot_id, h.index, h.term, h.key_id, sf.digest, size, h.store_id, doc, dek)
 
 
-def _read_segment(vfs, p: str, seg_id: int, base: int, plan: Plan) -> Segment:
+def _read_segment(vfs, p: str, seg_id: int, base: int, plan: Plan) -> _Recorded:
     """Authenticate one segment file completely (header, key commitment, every frame)."""
     fd = vfs.open(p, os.O_RDONLY)
     try:
@@ -319,8 +323,10 @@ def _read_segment(vfs, p: str, seg_id: int, base: int, plan: Plan) -> Segment:
             committed_end, torn = seg.scan(src, on_entries=count)
         except StorageError as exc:
             # The header authenticated (its commitment needs the DEK): this is this store's segment,
-            # damaged.  It still supersedes older segments from its base on (_assemble).
-            exc.walcrypt_header_authenticated = True
+            # damaged.  It still supersedes older segments from its base on (_assemble).  A tag no
+            # exception class declares, read back with getattr by make_plan: set as the dynamic
+            # attribute it is.
+            setattr(exc, "walcrypt_header_authenticated", True)     # noqa: B010
             raise
         seg.bytes_written = nbytes[0]
         seg.file_size = src.size
@@ -367,7 +373,7 @@ def _term_at(pieces, index: int) -> int | None:
     return None
 
 
-def _assemble(plan: Plan, adopted: dict[int, Segment], barriers: dict[int, int]) -> None:
+def _assemble(plan: Plan, adopted: dict[int, _Recorded], barriers: dict[int, int]) -> None:
     # An unreadable file of this store supersedes older segments from its base on: an older segment
     # it would cut is not adopted (it would otherwise serve entries that file replaced).
     for seg_id in sorted(adopted, reverse=True):       # newest first: a segment set aside cuts older ones too
@@ -460,7 +466,7 @@ def _written_after(seg: "_Recorded", snapshot_id: int) -> bool:
                                   if ftype in (fmt.FRAME_ENTRIES, fmt.FRAME_HARDSTATE))
 
 
-def _describe_losses(plan: Plan, adopted: dict[int, Segment], barriers: dict[int, int],
+def _describe_losses(plan: Plan, adopted: dict[int, _Recorded], barriers: dict[int, int],
                      unread: dict[int, int]) -> None:
     s = plan.snapshots[-1].index if plan.snapshots else 0
     plan.lost.append("the stable store (Raft term and vote of hosts that keep them there, the pysyncobj adapter's "

@@ -132,7 +132,7 @@ class Rotation:
     @property
     def needs_snapshot(self) -> bool:
         """True while a DEK rotation waits for a snapshot at or above ``snapshot_index_needed``."""
-        return bool(self.state) and not self.state.get("rekey")
+        return bool(self.state and not self.state.get("rekey"))
 
     @property
     def snapshot_index_needed(self) -> int | None:
@@ -250,6 +250,7 @@ class Rotation:
     def _promote(self, index: int, term: int) -> None:
         st = self.store
         pending = self.pending_key_id
+        assert self.state is not None and pending is not None       # on_snapshot: a DEK rotation is pending
         now = time.time_ns()
         queued = self.state.get("queued", 0)
         changed = []

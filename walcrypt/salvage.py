@@ -31,16 +31,20 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Mapping
 
 from . import format as fmt
 from . import meta as M
 from .errors import CorruptionError, KeyNotFoundError, StorageError, SymlinkError
 from .snapinfo import decode_info
 
+if TYPE_CHECKING:
+    from .snapinfo import SnapshotInfo
+
 log = logging.getLogger("walcrypt")
 
 
-def reach(seg_id: int, rec: dict, manifest: dict[int, dict], reset_segment: int) -> tuple[int, int] | None:
+def reach(seg_id: int, rec: dict, manifest: dict[int, dict], reset_segment: int) -> tuple[int, int | None] | None:
     """The index range a segment can contribute to the log, from the manifest alone: None when it
     contributes nothing, (base, None) when nothing newer bounds it (the newest segment)."""
     if seg_id < reset_segment:
@@ -54,7 +58,7 @@ def reach(seg_id: int, rec: dict, manifest: dict[int, dict], reset_segment: int)
     return rec["base_index"], top
 
 
-def newest_valid_snapshot(snapshots, meta, *, newer_failed: list | None = None) -> "object | None":
+def newest_valid_snapshot(snapshots, meta, *, newer_failed: list | None = None) -> SnapshotInfo | None:
     """The SnapshotInfo of the newest registered snapshot that authenticates end to end, or None.
     Modifies nothing (a failing newer snapshot is left for Snapshots.load to quarantine); the newer
     ones that failed are appended to ``newer_failed``."""
@@ -112,13 +116,13 @@ def plan(manifest: dict[int, dict], damaged: set[int], c_index: int, c_term: int
     """The plan that sets ``damaged`` aside under the rule above, or None when the rule refuses."""
     if not damaged or max(manifest) in damaged:
         return None
-    ranges = []
+    ranges: list[tuple[int, int]] = []
     for seg_id in sorted(damaged):
         r = reach(seg_id, manifest[seg_id], manifest, reset_segment)
         if r is not None:
             if r[1] is None:
                 return None
-            ranges.append(r)
+            ranges.append((r[0], r[1]))
     p = Plan(segments=[(i, manifest[i]) for i in sorted(damaged)])
     if not ranges:
         return p                                     # nothing of the log was in them
@@ -137,7 +141,7 @@ def plan(manifest: dict[int, dict], damaged: set[int], c_index: int, c_term: int
     return p
 
 
-def settle(store, manifest: list, damaged: dict[int, BaseException], c_index: int, c_term: int,
+def settle(store, manifest: list, damaged: Mapping[int, BaseException], c_index: int, c_term: int,
            reset_segment: int) -> tuple[int, int]:
     """At open: set aside the damaged segments (read-write) when the rule allows it, else raise the
     first damaged segment's error.  Returns the compaction point to load the log with."""
@@ -167,7 +171,7 @@ def _aside_name(vfs, path: str) -> str:
     return aside
 
 
-def apply(store, p: Plan, damaged: dict[int, BaseException]) -> None:
+def apply(store, p: Plan, damaged: Mapping[int, BaseException]) -> None:
     """Rename the damaged files aside, then one metadata commit: their manifest records go, the
     compaction point moves.  A crash before the commit leaves a manifest naming missing files, which
     the next open settles the same way."""

@@ -197,10 +197,12 @@ class Segment(SegmentScan):
                                    "reopen the store to recover")
         off = self.write_offset
         self.writable = False
+        assert self.fd is not None          # a writable segment holds its file open (create, apply_batch)
         self.vfs.pwrite(self.fd, buf, off)
         return off
 
     def sync(self) -> None:
+        assert self.fd is not None          # synced after a write, through the descriptor it was written with
         self.vfs.fdatasync(self.fd)
 
     # ------------------------------------------------------------------ seal
@@ -229,6 +231,7 @@ class Segment(SegmentScan):
         frame, _tag = self.cipher.seal(fmt.FRAME_INDEX, self.seq, self.last_index, 0, len(self.rec_offset),
                                        self.encode_index(), self.chain)
         self.index_offset = self.write_offset
+        assert self.fd is not None          # its writer, or recovery (_seal_recovered), holds it open read-write
         self.vfs.pwrite(self.fd, frame, self.write_offset)
         end = self.write_offset + len(frame)
         self.vfs.fdatasync(self.fd)

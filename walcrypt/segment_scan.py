@@ -4,6 +4,8 @@ authenticates every frame in order and applies the torn-tail rule (FORMAT.md 11.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from crc32c import crc32c
 
 from . import bounded, crypto
@@ -11,6 +13,11 @@ from . import format as fmt
 from .errors import WIPE_ADVICE, AuthenticationError, CorruptionError
 from .segment_codec import COMMIT_LEN, RECOVERY_SEQ_JUMP, SECTOR, ZERO_RUN, SegmentIdentity, decode_entries_payload
 from .types import HardState
+
+if TYPE_CHECKING:
+    from array import array
+
+    from .vfs import VFS
 
 
 def _changed(path: str, offset: int) -> CorruptionError:
@@ -46,6 +53,35 @@ def _looks_incomplete(src: bounded.Source, lo: int, hi: int, window: int = bound
 
 class SegmentScan:
     """Opening and scanning a segment file (see the module docstring)."""
+
+    # Host contract: provided by Segment (segment.py).
+    vfs: VFS
+    path: str
+    ident: SegmentIdentity
+    cipher: crypto.FrameCipher
+    rec_offset: array[int]
+    rec_index: array[int]
+    rec_count: array[int]
+    runs: list[tuple[int, int]]
+    snapshot_records: list[tuple]
+    last_index: int
+    hardstate: HardState | None
+    hardstate_offset: int
+    sealed: bool
+    index_offset: int
+    end_offset: int
+    write_offset: int
+    seq: int
+    chain: bytes
+    units_scanned: int
+    tail_may_be_mid_write: bool
+
+    if TYPE_CHECKING:
+        def ensure_open(self) -> int: ...
+        def read_frame(self, offset: int, expect_type: int, size_hint: int = 0): ...
+        def _check_frame_fields(self, h, offset: int, *, expect_type: int | None = None, seq: int | None = None,
+                                chain: bytes | None = None) -> None: ...
+        def _index_entries(self, offset: int, index: int, count: int, terms) -> list: ...
 
     # ------------------------------------------------------------------ open
     def check_identity(self, found: SegmentIdentity, expected_commitment: bytes) -> None:
@@ -121,10 +157,11 @@ class SegmentScan:
         off = fmt.SEGMENT_HEADER_SIZE
         seq = 0
         chain = crypto.ZERO_CHAIN
-        pending = []
+        pending: list[tuple] = []
         committed_end = off
         hsize = fmt.FRAME_HEADER_SIZE
         unpack = fmt.FRAME_HEADER_STRUCT.unpack_from
+        view: bytes | memoryview
         buf = view = b""            # bytes [base, base + len(buf)) of the file
         base = 0
         while True:

@@ -46,6 +46,7 @@ class Snapshot:
     def __init__(self, info: SnapshotInfo, file: SnapshotFile):
         self.info = info
         self._file = file
+        assert file.meta is not None        # made from an unlocked file: unlock() decoded its metadata
         self.meta: SnapshotMeta = file.meta
 
     @property

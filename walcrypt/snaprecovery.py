@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from . import bounded, crypto
 from . import format as fmt
@@ -30,11 +31,24 @@ from .snapshot import (
     snapshot_keys,
 )
 
+if TYPE_CHECKING:
+    from .storage import Store
+
 log = logging.getLogger("walcrypt")
 
 
 class SnapshotRecoveryMixin:
     """Opening the snapshot store (see the module docstring)."""
+
+    # Host contract: provided by Snapshots (snapstore.py).
+    store: Store
+    dir: str
+    infos: list[SnapshotInfo]
+    current: Snapshot | None
+
+    if TYPE_CHECKING:
+        def open_info(self, info: SnapshotInfo) -> Snapshot: ...
+        def _register(self, index: int, term: int, info: SnapshotInfo) -> None: ...
 
     # ------------------------------------------------------------------ open
     def load(self) -> None:
@@ -188,7 +202,9 @@ class SnapshotRecoveryMixin:
                     self._refuse_newer(path, snap_id, next_id)
                     continue
                 if fate == REGISTER:
-                    self._roll_forward(path, snap_id, self._log_record(snap_id))
+                    record = self._log_record(snap_id)
+                    assert record is not None           # REGISTER: orphan_fate found the record in the log
+                    self._roll_forward(path, snap_id, record)
                     continue
                 if snap_id not in purged:
                     spares.append((path, snap_id))

@@ -282,7 +282,7 @@ class SnapshotWriter:
         self.data_bytes = 0
         # Created anew: a stale temporary file (a crash) or a name planted here loses its name first,
         # so nothing that another name shares is ever written.
-        self.fd = create_replacing(vfs, self.tmp, os.O_RDWR)
+        self.fd: int | None = create_replacing(vfs, self.tmp, os.O_RDWR)
         self.offset = 0
         try:
             hdr = header.encode()
@@ -295,6 +295,7 @@ class SnapshotWriter:
             raise
 
     def _put(self, data: bytes) -> None:
+        assert self.fd is not None          # open until publish() or abort(), after which nothing is written
         self.vfs.pwrite(self.fd, data, self.offset)
         self.offset += len(data)
 
@@ -334,6 +335,7 @@ class SnapshotWriter:
         """Seal the final chunk, fsync, rename into place, fsync the directory."""
         self._emit(self._pending or b"", True)
         self._pending = None
+        assert self.fd is not None          # _emit wrote through it just now
         self.vfs.fsync(self.fd)
         fd, self.fd = self.fd, None              # never closed twice, even if close() is interrupted
         self.vfs.close(fd)

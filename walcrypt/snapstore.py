@@ -25,6 +25,7 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
+from typing import Sequence
 
 from . import format as fmt
 from . import keys as K
@@ -279,8 +280,8 @@ class Snapshots(SnapshotRecoveryMixin):
         st.ensure_dir(self.dir)
         # The ID is taken, and recorded as being written, before the file exists (see _remove_orphans).
         with st.meta.write() as tx:
-            nxt = tx.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
-            nxt = int.from_bytes(nxt, "little") if nxt else 1
+            raw = tx.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
+            nxt = int.from_bytes(raw, "little") if raw else 1
             snap_id = nxt if snap_id is None else snap_id
             intents = M.decode_ids(tx.get(M.DB_STATE, M.K_SNAP_CREATING), st.meta.path)
             tx.put(M.DB_STATE, M.K_SNAP_CREATING, M.encode_ids(sorted(set(intents) | {snap_id})))
@@ -336,7 +337,7 @@ class Snapshots(SnapshotRecoveryMixin):
         st.purge_segments()
 
     # ------------------------------------------------------------------ copies (re-key, KEK rotation)
-    def register_copies(self, tx, new: list[SnapshotInfo], replaced: list[SnapshotInfo] = ()) -> None:
+    def register_copies(self, tx, new: list[SnapshotInfo], replaced: Sequence[SnapshotInfo] = ()) -> None:
         """In one metadata transaction: register ``new`` (published copies, oldest first, under IDs above
         every retained one) and drop ``replaced`` from the registry.  The IDs of ``replaced`` become the
         latest purge record, so their files are leftovers if a crash comes before their unlink
@@ -349,7 +350,7 @@ class Snapshots(SnapshotRecoveryMixin):
         if replaced:
             tx.put(M.DB_STATE, M.K_SNAP_PURGED, M.encode_ids(i.snapshot_id for i in replaced))
 
-    def install_copies(self, new: list[SnapshotInfo], replaced: list[SnapshotInfo] = ()) -> None:
+    def install_copies(self, new: list[SnapshotInfo], replaced: Sequence[SnapshotInfo] = ()) -> None:
         """After register_copies committed: ``new`` replace ``replaced`` in memory (the last of ``new``
         is the current snapshot), and the files of ``replaced`` are removed."""
         gone = {i.snapshot_id for i in replaced}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from . import format as fmt
 from . import meta as M
@@ -17,6 +18,13 @@ from .segment import Segment
 from .segment_codec import SegmentIdentity
 from .types import HardState
 
+if TYPE_CHECKING:
+    from . import crypto
+    from .rotation import Rotation
+    from .snapstore import Snapshots
+    from .vfs import VFS
+    from .wal import Wal
+
 log = logging.getLogger("walcrypt")
 
 STAGING_BLOCK = 1 << 16      # segment IDs reserved at a time for a staged rewrite (re-key)
@@ -24,6 +32,23 @@ STAGING_BLOCK = 1 << 16      # segment IDs reserved at a time for a staged rewri
 
 class SegmentFilesMixin:
     """Segment files of a Store (see the module docstring)."""
+
+    # Host contract: provided by Store (storage.py) and its other mixins.
+    vfs: VFS
+    encrypted: bool
+    meta: M.Meta
+    store_id: bytes
+    algorithm: int
+    wal_dir: str
+    wal: Wal
+    snapshots: Snapshots
+    rotation: Rotation
+    next_segment: int
+
+    if TYPE_CHECKING:
+        def _cipher(self, ident: SegmentIdentity) -> tuple[crypto.FrameCipher, bytes]: ...
+        def write_key_id(self) -> bytes: ...
+        def keyring_bundle(self, key_ids: set[bytes] | None = None, *, kek: dict | None = None) -> bytes: ...
 
     # ------------------------------------------------------------------ SegmentProvider
     def _segment_file(self, seg_id: int, base_index: int, key_id: bytes, hardstate: HardState,

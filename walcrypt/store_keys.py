@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+from typing import TYPE_CHECKING
 
 from . import crypto, layout
 from . import format as fmt
@@ -29,12 +30,33 @@ from .errors import (
 from .segment_codec import SegmentIdentity
 from .snapshot import MAX_KEYRING_BUNDLE, SnapshotFile
 
+if TYPE_CHECKING:
+    from .rotation import Rotation
+    from .snapstore import Snapshots
+    from .storage import _FailStop
+    from .vfs import VFS
+
 log = logging.getLogger("walcrypt")
 
 
 
 class KeyringMixin:
     """Keys and the keyring of a Store (see the module docstring)."""
+
+    # Host contract: provided by Store (storage.py) and its other mixins.
+    path: str
+    vfs: VFS
+    read_only: bool
+    encrypted: bool
+    meta: M.Meta
+    snapshots: Snapshots
+    rotation: Rotation
+    _kek: K.KeyEncryptionKey | None
+
+    if TYPE_CHECKING:
+        def fail_stop(self, what: str) -> _FailStop: ...
+        def copy_snapshots(self, infos: list, *, key_id: bytes | None = None, kek: dict | None = None) -> list: ...
+        def tie_to_log(self, infos: list) -> None: ...
 
     # ------------------------------------------------------------------ bootstrap
     def _prepare_root(self) -> None:
@@ -99,6 +121,7 @@ class KeyringMixin:
             self.meta.verify_catalog()
             self.load_keyring()
             return
+        assert kek is not None          # an encrypted store is never opened without its KEK (Store, check)
         self.wrapper = kek.wrapper(params)
         cv = self.wrapper.check_value()
         if check and cv is not None and not crypto.constant_time_equal(cv, check):
@@ -153,6 +176,7 @@ class KeyringMixin:
             w.put_raw(M.DB_STORE, M.K_FORMAT_VERSION, bytes([fmt.META_FORMAT_VERSION]))
             w.put_raw(M.DB_STORE, M.K_ENCRYPTED, b"\x01" if self.encrypted else b"\x00")
             if self.encrypted:
+                assert kek is not None  # Store refuses an encrypted store without a KEK
                 self.algorithm = crypto.suite_by_name(algorithm).alg_id
                 self.kek_params = kek.new_params()
                 self.wrapper = kek.wrapper(self.kek_params)
@@ -211,6 +235,7 @@ class KeyringMixin:
             meta_key_id = r.raw(M.DB_STORE, M.K_META_KEY_ID)
             meta_wrapped = r.raw(M.DB_STORE, M.K_META_KEY)
             check = r.raw(M.DB_STORE, M.K_KEK_CHECK)
+        assert meta_key_id is not None and meta_wrapped is not None     # open_keys refused a store without them
         params, wrapped = self.kek_params, {k.key_id: k.wrapped for k in self.keys.values()}
         if kek is not None:
             params, check, meta_wrapped, wrapped = kek["params"], kek["check"], kek["meta_wrapped"], kek["wrapped"]
@@ -330,6 +355,7 @@ class KeyringMixin:
 
     def kek_material(self) -> bytes:
         """The effective KEK bytes, only for an explicitly requested embedded-KEK export."""
+        assert self._kek is not None     # callers refuse a plaintext store; an encrypted one has its KEK
         return self._kek.material(self.kek_params)
 
     def secret(self, key_id: bytes) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from . import format as fmt
 from . import layout, salvage
@@ -25,12 +26,38 @@ from .errors import (
 from .segment import Segment
 from .segment_codec import SegmentIdentity, decode_header, segment_file_name
 
+if TYPE_CHECKING:
+    from . import crypto
+    from .rotation import Rotation
+    from .snapstore import Snapshots
+    from .vfs import VFS
+    from .wal import Wal
+
 log = logging.getLogger("walcrypt")
 
 
 
 class RecoveryMixin:
     """Opening and recovering the segments of a Store (see the module docstring)."""
+
+    # Host contract: provided by Store (storage.py) and its other mixins.
+    path: str
+    vfs: VFS
+    read_only: bool
+    meta: M.Meta
+    meta_version: int
+    store_id: bytes
+    wal_dir: str
+    wal: Wal
+    snapshots: Snapshots
+    rotation: Rotation
+    repairs: list[dict]
+    next_segment: int
+    _drop_segments: frozenset
+
+    if TYPE_CHECKING:
+        def _cipher(self, ident: SegmentIdentity) -> tuple[crypto.FrameCipher, bytes]: ...
+        def _manifest_record(self, seg: Segment) -> dict: ...
 
     # ------------------------------------------------------------------ recovery
     def _recover(self) -> None:
@@ -45,7 +72,8 @@ class RecoveryMixin:
         # lies wholly below the newest valid snapshot is set aside (walcrypt.salvage); any other
         # damage raises the first error, as it always did, before a torn tail is cut or a segment
         # sealed.
-        opened, damaged = [], {}
+        opened: list[tuple[dict, Segment, tuple | None]] = []
+        damaged: dict[int, StorageError] = {}
         for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
             if seg_id in self._drop_segments:
                 damaged[seg_id] = CorruptionError(self.segment_path(seg_id, rec), None,
@@ -153,11 +181,13 @@ class RecoveryMixin:
             # An open segment is scanned through positioned reads a window at a time, never read
             # whole: its size (preallocated, or extended by anyone) bounds nothing in memory.
             src = None if sealed else FileSource(self.vfs, fd)
-            head = self.vfs.pread(fd, fmt.SEGMENT_HEADER_SIZE, 0) if sealed else src.read(0, fmt.SEGMENT_HEADER_SIZE)
+            head = (self.vfs.pread(fd, fmt.SEGMENT_HEADER_SIZE, 0) if src is None
+                    else src.read(0, fmt.SEGMENT_HEADER_SIZE))
             seg = self.bind_segment(path, seg_id, rec, head)
             if sealed:
                 seg.load_sealed(rec["index_offset"], rec["end_offset"])
                 return seg, None
+            assert src is not None              # an unsealed segment is read through src
             committed_end, torn = seg.scan(src)
             return seg, (committed_end, torn, src.size)
         except BaseException:

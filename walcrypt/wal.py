@@ -87,11 +87,11 @@ class _Request:
 
 
 class Wal(LogReads):
-    def __init__(self, provider: SegmentProvider, *, sync: str = "batch", segment_size: int = 64 << 20,
+    def __init__(self, provider: SegmentProvider | None, *, sync: str = "batch", segment_size: int = 64 << 20,
                  max_entry_size: int = fmt.MAX_ENTRY_SIZE_DEFAULT):
         if sync not in SYNC_POLICIES:
             raise UsageError(f"sync must be one of {', '.join(SYNC_POLICIES)}, not {sync!r}")
-        self.provider = provider
+        self.provider = provider                 # None: a WAL that only loads and reads (recover's plan)
         self.sync_policy = sync
         self.segment_size = segment_size
         self.max_entry_size = max_entry_size
@@ -425,6 +425,7 @@ class Wal(LogReads):
     def _cut(self, base_index: int, records=(), hardstate: HardState | None = None) -> Segment:
         self.check_writable()
         try:
+            assert self.provider is not None    # a WAL that writes has its provider
             seg = self.provider.create_segment(base_index, hardstate or self.hardstate, records)
             with self._state:
                 self.segments.append(seg)
@@ -444,6 +445,7 @@ class Wal(LogReads):
         try:
             seg.seal()
             self.fsyncs += 2
+            assert self.provider is not None    # a WAL that writes has its provider
             self.provider.segment_sealed(seg)
         except BaseException as exc:
             err = self._failure(exc, seg, f"sealing {seg.path}")

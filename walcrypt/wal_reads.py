@@ -9,6 +9,7 @@ import gc
 from array import array
 from bisect import bisect_left, bisect_right
 from itertools import repeat
+from typing import TYPE_CHECKING, Sequence
 
 from .errors import (
     WIPE_ADVICE,
@@ -21,6 +22,10 @@ from .errors import (
 from .segment import Segment
 from .types import Entry, HardState
 from .values import describe_error, new_tuple
+
+if TYPE_CHECKING:
+    import threading
+    from collections import OrderedDict
 
 
 def clip_runs(runs, lo: int, hi: int) -> list:
@@ -38,8 +43,23 @@ def clip_runs(runs, lo: int, hi: int) -> list:
 class LogReads:
     """Loading and reading the log (see the module docstring)."""
 
+    # Host contract: provided by Wal (wal.py), which creates them; load() replaces the index ones.
+    segments: list[Segment]
+    view_first: list[int]
+    view_seg: list[Segment]
+    run_start: array[int]
+    run_term: array[int]
+    compacted_index: int
+    compacted_term: int
+    reset_segment: int
+    last: int
+    hardstate: HardState
+    failed: BaseException | None
+    _state: threading.Lock
+    _cache: OrderedDict
+
     # ------------------------------------------------------------------ loading
-    def load(self, segments: list[Segment], compacted_index: int, compacted_term: int,
+    def load(self, segments: Sequence[Segment], compacted_index: int, compacted_term: int,
              reset_segment: int = 0) -> None:
         """Install segments recovered by the engine (ID order) and the compaction point.
 
@@ -73,7 +93,7 @@ class LogReads:
                     pieces.append((seg.base_index, top, seg))
             limit = seg.base_index - 1 if limit is None else min(limit, seg.base_index - 1)
         # The log is one contiguous run of pieces reaching the compaction point or beyond.
-        keep = []
+        keep: list[tuple[int, int, Segment]] = []
         for lo, hi, seg in pieces:
             below = keep[-1][0] - 1 if keep else max(hi, compacted_index)
             if hi < below:
