@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import IO
 
 from .keys import generate_key_file
 
@@ -41,7 +43,7 @@ class Node:
     addr: str
     data_dir: str
     key_file: str
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[str] | None = None
     restarts: int = 0
 
     @property
@@ -49,27 +51,34 @@ class Node:
         return self.proc is not None and self.proc.poll() is None
 
     def request(self, req: dict, timeout: float = 30.0) -> dict:
-        if not self.alive:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:     # not alive
             raise NodeError(f"{self.name} is not running")
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        line = _readline(self.proc, timeout)
+        stdin, stdout = _pipes(proc)
+        stdin.write(json.dumps(req) + "\n")
+        stdin.flush()
+        line = _readline(stdout, timeout)
         if not line:
-            raise NodeError(f"{self.name} did not answer {req.get('op')!r} (exit code {self.proc.poll()})")
+            raise NodeError(f"{self.name} did not answer {req.get('op')!r} (exit code {proc.poll()})")
         resp = json.loads(line)
         if "error" in resp:
             raise NodeError(f"{self.name}: {resp['error']}")
         return resp
 
 
-def _readline(proc: subprocess.Popen, timeout: float) -> str:
-    import selectors
+def _pipes(proc: subprocess.Popen[str]) -> tuple[IO[str], IO[str]]:
+    """A node process's stdin and stdout (Cluster.start opens both as pipes)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    return proc.stdin, proc.stdout
+
+
+def _readline(stdout: IO[str], timeout: float) -> str:
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(stdout, selectors.EVENT_READ)
     try:
         if not sel.select(timeout):
             return ""
-        return proc.stdout.readline()
+        return stdout.readline()
     finally:
         sel.close()
 
@@ -127,11 +136,12 @@ class Cluster:
         self.start(node)
 
     def stop(self, node: Node, timeout: float = 15.0) -> None:
-        if not node.alive:
+        proc = node.proc
+        if proc is None or proc.poll() is not None:     # not alive
             return
         try:
             node.request({"op": "stop"}, timeout=timeout)
-            node.proc.wait(timeout=timeout)
+            proc.wait(timeout=timeout)
         except (NodeError, subprocess.TimeoutExpired, OSError, ValueError):
             self.kill(node)
 
@@ -150,7 +160,8 @@ class Cluster:
                     pass
             for stream in (n.proc.stdin, n.proc.stdout) if n.proc else ():
                 try:
-                    stream.close()
+                    if stream is not None:
+                        stream.close()
                 except OSError:
                     pass
 

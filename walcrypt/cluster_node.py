@@ -20,13 +20,19 @@ import json
 import sys
 import threading
 import time
+from typing import Any
+
+from pysyncobj import FAIL_REASON, SyncObj
+from pysyncobj.batteries import ReplDict
+
+from .adapters.pysyncobj import walcrypt_conf
+from .keys import KeyFile
 
 
-def set_all(data, items, timeout: float) -> dict:
+def set_all(data: Any, items: list, timeout: float) -> dict:
     """Set every (key, value) of ``items`` on the replicated dict ``data`` and wait, at most
     ``timeout`` seconds, for the cluster's answers: {"acked": [...], "failed": [...]} (keys not
     answered in time are in neither)."""
-    from pysyncobj import FAIL_REASON
     done: dict = {}
     cv = threading.Condition()
 
@@ -57,15 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--segment-size", type=int, default=4 << 20)
     args = ap.parse_args(argv)
 
-    from pysyncobj import SyncObj
-    from pysyncobj.batteries import ReplDict
-
-    import walcrypt
-
-    from .adapters.pysyncobj import walcrypt_conf
-
     data = ReplDict()
-    conf = walcrypt_conf(args.dir, kek=walcrypt.KeyFile(args.key_file), password=args.password,
+    conf = walcrypt_conf(args.dir, kek=KeyFile(args.key_file), password=args.password,
                          logCompactionMinEntries=args.compaction_entries, logCompactionMinTime=3600,
                          store_options={"segment_size": args.segment_size})
     node = conf.walcrypt

@@ -21,6 +21,7 @@ import time
 
 from . import check as checkmod
 from . import keys as K
+from .cluster import Cluster
 from .errors import CorruptionError, WalcryptError, WrongKeyError
 from .storage import Store
 from .types import Entry, HardState
@@ -61,7 +62,7 @@ os._exit(0)   # crash: no close, the last segment stays unsealed
 def run_store_tour(*, n_entries: int = 20000, workdir: str | None = None, echo=None) -> dict:
     say = echo or (lambda *_a, **_k: None)
     own = workdir is None
-    root = tempfile.mkdtemp(prefix="walcrypt-demo-") if own else os.path.abspath(workdir)
+    root = tempfile.mkdtemp(prefix="walcrypt-demo-") if workdir is None else os.path.abspath(workdir)
     os.makedirs(root, exist_ok=True)
     report: dict = {"directory": root, "checks": {}}
     checks = report["checks"]
@@ -177,7 +178,6 @@ def _kv(i: int) -> tuple[str, str]:
 
 
 def run_cluster_demo(*, n_ops: int = 6000, workdir: str, echo=None) -> dict:
-    from .cluster import Cluster
     say = echo or (lambda *_a, **_k: None)
     checks: dict = {}
     report: dict = {"nodes": 3, "checks": checks}
@@ -261,7 +261,7 @@ def run_cluster_demo(*, n_ops: int = 6000, workdir: str, echo=None) -> dict:
 def run_demo(*, n_entries: int = 6000, workdir: str | None = None, echo=None) -> dict:
     say = echo or (lambda *_a, **_k: None)
     own = workdir is None
-    root = tempfile.mkdtemp(prefix="walcrypt-demo-") if own else os.path.abspath(workdir)
+    root = tempfile.mkdtemp(prefix="walcrypt-demo-") if workdir is None else os.path.abspath(workdir)
     try:
         say("walcrypt demo: part 1, a 3-node pysyncobj cluster on encrypted walcrypt stores")
         cluster = run_cluster_demo(n_ops=n_entries, workdir=root, echo=echo)

@@ -49,7 +49,7 @@ class NotFoundError(WalcryptError, LookupError):
 
 
 class Log(NamedTuple):
-    index: int
+    index: int  # type: ignore[assignment]  # hashicorp's field name; mypy reports it as shadowing tuple.index
     term: int
     type: int = 0
     data: bytes = b""
@@ -147,7 +147,7 @@ class StableStore:
 
 class SnapshotInfo(NamedTuple):
     id: str
-    index: int
+    index: int  # type: ignore[assignment]  # hashicorp's field name; mypy reports it as shadowing tuple.index
     term: int
     size: int
     version: int

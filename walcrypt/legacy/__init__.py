@@ -7,14 +7,15 @@
 
 Everything read from those files is untrusted input: parsed with bounds, checked with the
 format's own checksums, and refused with a typed error naming the file and offset.  The sources
-are never modified.
+are never modified.  Optional libraries (pysyncobj, protobuf) are loaded only when a parser needs them.
 """
 
 from __future__ import annotations
+
+from . import etcd, pysyncobj_detect
 
 
 def detect(path: str) -> list[dict]:
     """What legacy Raft data ``path`` holds (for ``walcrypt inspect``): one dict per finding, with
     ``kind``, ``paths``, ``detail`` and ``command`` (the import command that adopts it)."""
-    from . import etcd, pysyncobj_files  # each parser loads its own dependencies only when asked
-    return pysyncobj_files.detect(path) + etcd.detect(path)
+    return pysyncobj_detect.detect(path) + etcd.detect(path)

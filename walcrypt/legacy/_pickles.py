@@ -80,9 +80,10 @@ def top_tuple(data: bytes, max_protocol: int = 3) -> tuple[int, list[tuple[int, 
 
     try:
         for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+            assert pos is not None      # genops gives every opcode's offset when the stream has tell() (BytesIO)
             name = op.name
             if name == "PROTO":
-                if pos != 0 or not 2 <= arg <= max_protocol:
+                if pos != 0 or not isinstance(arg, int) or not 2 <= arg <= max_protocol:
                     raise PickleRefused(pos, f"pickle protocol {arg} (expected 2..{max_protocol} at the start)")
                 protocol = arg
                 continue
@@ -90,7 +91,7 @@ def top_tuple(data: bytes, max_protocol: int = 3) -> tuple[int, list[tuple[int, 
                 raise PickleRefused(pos, f"opcode {name} is not used by pysyncobj's pickles")
             if name in _PUTS:
                 idx = puts if name == "MEMOIZE" else arg
-                if not 0 <= idx <= puts:
+                if not isinstance(idx, int) or not 0 <= idx <= puts:
                     raise PickleRefused(pos, f"memo index {idx} out of order (next is {puts})")
                 if idx == puts:
                     puts += 1
@@ -98,7 +99,7 @@ def top_tuple(data: bytes, max_protocol: int = 3) -> tuple[int, list[tuple[int, 
                 if (items if isinstance(items, int) else len(items)) == 0:
                     raise PickleRefused(pos, "memo store with nothing on the stack")
                 continue
-            if name in _GETS and not 0 <= arg < puts:
+            if name in _GETS and (not isinstance(arg, int) or not 0 <= arg < puts):
                 raise PickleRefused(pos, f"memo index {arg} was never stored")
             if name == "STOP":
                 if len(frames) != 1 or len(frames[0][1]) != 1 or result is None:
@@ -176,7 +177,7 @@ def _empty_bytes(*args):
 
 def node_classes() -> dict:
     try:
-        from pysyncobj import node
+        from pysyncobj import node  # optional dependency (the pysyncobj extra): no node classes without it
     except ImportError:
         return {}
     return {("pysyncobj.node", n): getattr(node, n) for n in ("Node", "TCPNode") if hasattr(node, n)}
@@ -228,16 +229,16 @@ def check(data: bytes, max_protocol: int = 3) -> None:
     puts = 0
     try:
         for op, arg, pos in pickletools.genops(io.BytesIO(data)):
-            if op.name == "PROTO" and not 0 <= arg <= max_protocol:
+            if op.name == "PROTO" and (not isinstance(arg, int) or not 0 <= arg <= max_protocol):
                 raise PickleRefused(pos, f"pickle protocol {arg}")
             if op.name in ("FRAME", "PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4"):
                 raise PickleRefused(pos, f"opcode {op.name} is not used by pysyncobj's pickles")
             if op.name in _PUTS:
                 idx = puts if op.name == "MEMOIZE" else arg
-                if not 0 <= idx <= puts:
+                if not isinstance(idx, int) or not 0 <= idx <= puts:
                     raise PickleRefused(pos, f"memo index {idx} out of order")
                 puts += idx == puts
-            elif op.name in _GETS and not 0 <= arg < puts:
+            elif op.name in _GETS and (not isinstance(arg, int) or not 0 <= arg < puts):
                 raise PickleRefused(pos, f"memo index {arg} was never stored")
             elif op.name == "STOP":
                 return

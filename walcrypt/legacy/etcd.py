@@ -49,6 +49,8 @@ import shutil
 import tempfile
 
 from ..errors import CorruptionError, UsageError
+from ..keys import KeyEncryptionKey
+from ..storage import Store
 from ..types import ConfState, Entry, HardState, SnapshotMeta
 from . import etcd_wal as W
 from . import etcdpb as pb
@@ -223,8 +225,6 @@ def import_etcd(data_dir: str, *, member_dir: str, kek, **open_options) -> dict:
     """Import an etcd v3 member directory into a new encrypted store at ``data_dir`` (missing or
     empty).  Built in a private directory beside it and renamed into place: on any error nothing
     is left behind.  The source is only read.  Returns a report (dict)."""
-    from ..keys import KeyEncryptionKey
-    from ..storage import Store
     if not isinstance(kek, KeyEncryptionKey):
         raise UsageError("import_etcd needs kek= (RawKey, KeyFile, Passphrase, EnvKey, Kms): the store is encrypted")
     if open_options.get("encrypted") is False or open_options.get("read_only"):
@@ -295,7 +295,6 @@ def export_etcd(data_dir: str, *, member_dir: str, kek) -> dict:
     parent when it is named ``member``).  The WAL is one file, ``0000000000000000-0000000000000000.wal``:
     crc, metadata, the empty snapshot record, the snapshot's record (if any), the entries, the hard
     state, with the rolling CRC.  The output is decrypted: plaintext, as etcd keeps it (files 0600)."""
-    from ..storage import Store
     made_parent = None
     target = os.path.abspath(member_dir)
     if os.path.basename(target) == "member" and not os.path.lexists(os.path.dirname(target)) \
@@ -391,7 +390,7 @@ def _snapshot_bytes(snap) -> bytes:
     m = snap.meta
     doc = (snap._file.extra or {}).get("etcd") or {}
     cs_doc = doc.get("conf_state") or {}
-    conf = None
+    conf: bytes | dict[str, list[int]] | None = None
     if isinstance(cs_doc.get("raw"), str):
         try:
             raw = base64.b64decode(cs_doc["raw"], validate=True)

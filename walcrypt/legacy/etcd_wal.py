@@ -57,7 +57,7 @@ SNAP_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})\.snap$")
 
 class Record(NamedTuple):
     file: str          # path of the WAL file
-    offset: int        # of the frame's length word
+    offset: int | None  # of the frame's length word (None: data read back from a store, not from a WAL file)
     type: int
     data: bytes
 

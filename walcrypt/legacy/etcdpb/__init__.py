@@ -20,11 +20,15 @@ write for the same values, fields in number order.
 
 from __future__ import annotations
 
+from ...errors import UsageError
+
 _U64, _I64, _U32, _BOOL, _BYTES, _ENUM, _MSG = "uint64", "int64", "uint32", "bool", "bytes", "enum", "message"
 
 # package -> (dependencies, enums {name: [(value name, number)]}, messages {name: [(field, number, type,
 # type name or None, repeated)]}).  Mirrors the .proto files beside this module.
-_SCHEMA = {
+_Field = tuple[str, int, str, str | None, bool]
+_Package = tuple[tuple[str, ...], dict[str, list[tuple[str, int]]], dict[str, list[_Field]]]
+_SCHEMA: dict[str, _Package] = {
     "raftpb": ((), {"EntryType": [("EntryNormal", 0), ("EntryConfChange", 1), ("EntryConfChangeV2", 2)]}, {
         "Entry": [("Type", 1, _ENUM, ".raftpb.EntryType", False), ("Term", 2, _U64, None, False),
                   ("Index", 3, _U64, None, False), ("Data", 4, _BYTES, None, False)],
@@ -68,9 +72,8 @@ _classes: dict | None = None
 
 def _build() -> dict:
     try:
-        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory  # optional dependency (etcd extra)
     except ImportError as exc:               # the walcrypt[etcd] extra
-        from ...errors import UsageError
         raise UsageError("reading or writing etcd data needs the protobuf package: "
                          "pip install 'walcrypt[etcd]'") from exc
     F = descriptor_pb2.FieldDescriptorProto
@@ -138,20 +141,27 @@ def _fill(name: str, msg, values: dict) -> None:
             continue
         if fields[fname][2] == _MSG:
             sub = getattr(msg, fname)
-            _fill(fields[fname][3].lstrip("."), sub, {})
+            _fill(_message_type(fields[fname]), sub, {})
             sub.SetInParent()
         else:
             setattr(msg, fname, getattr(msg, fname))      # the default, with its presence bit set
     for fname, value in values.items():
-        _fname, _n, ftype, type_name, repeated = fields[fname]
+        _fname, _n, ftype, _type_name, repeated = fields[fname]
         if ftype == _MSG:
             sub = getattr(msg, fname)
             if isinstance(value, (bytes, bytearray)):
                 sub.MergeFromString(bytes(value))
             else:
-                _fill(type_name.lstrip("."), sub, value)
+                _fill(_message_type(fields[fname]), sub, value)
             sub.SetInParent()
         elif repeated:
             getattr(msg, fname).extend(value)
         elif value is not None:
             setattr(msg, fname, value)
+
+
+def _message_type(field: _Field) -> str:
+    """The message a message field holds (every message field of _SCHEMA names its type)."""
+    type_name = field[3]
+    assert type_name is not None, field
+    return type_name.lstrip(".")
