@@ -162,7 +162,7 @@ class FrameCipher:
         pad = (-length) & (fmt.ALIGN - 1)
         return b"".join((head, crc.to_bytes(4, "little"), tail, ct, bytes(pad))), ct[-fmt.TAG_SIZE:]
 
-    def open(self, header: bytes, ct: bytes, *, path: str, offset: int) -> bytes:
+    def open(self, header: bytes, ct: bytes | memoryview, *, path: str, offset: int) -> bytes:
         """Authenticate and decrypt one frame whose header and CRC were already checked."""
         head, tail = header[:fmt.FRAME_CRC_OFFSET], header[fmt.FRAME_CRC_OFFSET + 4:fmt.FRAME_HEADER_SIZE]
         nonce = header[40:52]
