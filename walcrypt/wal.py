@@ -45,20 +45,13 @@ from .errors import (
     WalcryptError,
 )
 from .segment import Segment
-from .segment_codec import encode_entries
 from .types import Entry, HardState
 from .values import (
-    BYTES_TYPE,
-    INT_TYPE,
-    MAX_ENTRY_INDEX,
-    THREE,
-    U64_MAX,
-    check_u64,
-    checked_entries,
     describe_error,
     hardstate_record,
 )
 from .wal_reads import LogReads
+from .wal_requests import Request, encode_stored, prepare_entries
 
 SYNC_POLICIES = ("always", "batch", "none")
 class SegmentProvider(Protocol):
@@ -67,23 +60,6 @@ class SegmentProvider(Protocol):
     def create_segment(self, base_index: int, hardstate: HardState, records=()) -> Segment: ...
     def segment_sealed(self, seg: Segment) -> None: ...
     def remove_segments(self, segs: list[Segment]) -> None: ...
-
-
-class _Request:
-    """One save(): validated, its entries and hard state already encoded as record payloads (by
-    the calling thread)."""
-
-    __slots__ = ("entries", "first", "records", "hardstate", "hs_record", "extra", "done", "error")
-
-    def __init__(self, entries, first: int, records: list, hardstate, hs_record):
-        self.entries = entries
-        self.first = first            # first entry index, 0 when there are no entries
-        self.records = records
-        self.hardstate = hardstate
-        self.hs_record = hs_record
-        self.extra: list = []
-        self.done = False
-        self.error: BaseException | None = None
 
 
 class Wal(LogReads):
@@ -111,7 +87,7 @@ class Wal(LogReads):
         self.fsyncs = 0
         self._state = threading.Lock()           # guards the index (short critical sections)
         self._write = threading.RLock()          # one leader writes at a time (re-entrant for re-key)
-        self._queue: list[_Request] = []
+        self._queue: list[Request] = []
         self._queue_lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
 
@@ -148,9 +124,9 @@ class Wal(LogReads):
             return
         self.check_writable()
         # Validation and encoding happen here, in the caller's thread: a bad request fails alone.
-        entries, records = self._prepare(entries)
+        entries, records = prepare_entries(entries, self.max_entry_size)
         hs, hs_record = hardstate_record(hardstate) if hardstate is not None else (None, None)
-        req = _Request(entries, entries[0][0] if entries else 0, records, hs, hs_record)
+        req = Request(entries, entries[0][0] if entries else 0, records, hs, hs_record)
         if extra:
             req.extra = extra
         if self.sync_policy != "batch":
@@ -178,7 +154,7 @@ class Wal(LogReads):
             self.fail(exc)
             raise exc
 
-    def _withdraw(self, req: _Request) -> None:
+    def _withdraw(self, req: Request) -> None:
         """The caller was interrupted while waiting (e.g. KeyboardInterrupt during the lock wait): a
         request nobody took yet is withdrawn; one a leader took is settled by that leader."""
         with self._queue_lock:
@@ -187,108 +163,17 @@ class Wal(LogReads):
             except ValueError:
                 pass
 
-    def _prepare(self, entries) -> tuple:
-        """Validate a save's entries and encode them into ENTRIES record payloads.
-        -> (entries, normalised where needed, records)
-
-        Runs in the caller's thread, outside the write lock, so that with group commit
-        the next batch is prepared while the leader waits on fdatasync, and so that a bad
-        request fails in its own thread only."""
-        if type(entries) is not list and type(entries) is not tuple:
-            if isinstance(entries, (str, bytes, bytearray, memoryview, dict, Entry)):
-                raise UsageError(f"entries must be a sequence of Entry, not {type(entries).__name__}")
-            try:
-                entries = list(entries)        # any iterable, read once (a dict or a set is refused above / below)
-            except TypeError:
-                raise UsageError(f"entries must be a sequence of Entry, not {type(entries).__name__}") from None
-        n = len(entries)
-        if not n:
-            return entries, []
-        if n == 1:                                 # the common Raft case, without the list machinery
-            try:
-                index, term, data = entries[0]
-            except (TypeError, ValueError):
-                index = term = data = None
-            if not (type(index) is int and type(term) is int and type(data) is bytes
-                    and 0 < index <= MAX_ENTRY_INDEX and 0 < term <= U64_MAX):
-                entries = checked_entries(entries)
-                index, term, data = entries[0]
-            size = len(data)
-            if size > self.max_entry_size:
-                raise UsageError(f"entry {index} is {size} bytes; the maximum entry size is "
-                                 f"{self.max_entry_size} (raise max_entry_size= when opening)")
-            return entries, [(fmt.FRAME_ENTRIES, index, term, 1, encode_entries((term,), (size,), (data,)), (term,))]
-        try:
-            indexes = [e[0] for e in entries]
-            terms = [e[1] for e in entries]
-            datas = [e[2] for e in entries]
-            ok = (set(map(type, indexes)) == INT_TYPE and set(map(type, terms)) == INT_TYPE
-                  and set(map(type, datas)) == BYTES_TYPE and set(map(len, entries)) == THREE)
-        except (TypeError, IndexError, KeyError):
-            ok = False
-        if not ok:
-            entries = checked_entries(entries)
-            indexes = [e[0] for e in entries]
-            terms = [e[1] for e in entries]
-            datas = [e[2] for e in entries]
-        first = indexes[0]
-        if indexes != list(range(first, first + n)):
-            k = next(k for k in range(n) if indexes[k] != first + k)
-            raise UsageError(f"entries are not contiguous: index {indexes[k]} at position {k}, expected {first + k}")
-        if first < 1:
-            check_u64(first, "entries[0].index", 1, MAX_ENTRY_INDEX)              # raises
-        if indexes[-1] > MAX_ENTRY_INDEX:
-            check_u64(indexes[-1], f"entries[{n - 1}].index", 1, MAX_ENTRY_INDEX)  # raises
-        if min(terms) < 1 or max(terms) > U64_MAX:
-            k = next(k for k in range(n) if not 1 <= terms[k] <= U64_MAX)
-            check_u64(terms[k], f"entry {first + k}: term", 1, U64_MAX)  # raises
-        lengths = list(map(len, datas))
-        if max(lengths) > self.max_entry_size:
-            k = next(k for k in range(n) if lengths[k] > self.max_entry_size)
-            raise UsageError(f"entry {first + k} is {lengths[k]} bytes; the maximum entry size is "
-                             f"{self.max_entry_size} (raise max_entry_size= when opening)")
-        return entries, self._records(first, terms, lengths, datas)
-
-    def encode_stored(self, entries) -> list:
+    def encode_stored(self, entries: Sequence[Entry]) -> list:
         """ENTRIES records for entries read back from this store (a re-key or a migration rewrites
         them): no validation, they were accepted when they were saved."""
-        return self._records(entries[0][0], [e[1] for e in entries], [len(e[2]) for e in entries],
-                             [e[2] for e in entries])
+        return encode_stored(entries)
 
-    @staticmethod
-    def _records(first: int, terms: list, lengths: list, datas: list) -> list:
-        """Split entries into ENTRIES records (FORMAT.md 12): a record is closed once its data reaches
-        RECORD_TARGET_BYTES or it holds RECORD_MAX_ENTRIES entries, and before an entry that would take
-        its sealed payload beyond MAX_RECORD_PAYLOAD (the readers' bound, read at call time); such an
-        entry starts the next record, where it fits alone (max_entry_size is capped at open)."""
-        n = len(terms)
-        records = []
-        start = 0
-        row = fmt.ENTRIES_ROW_SIZE
-        room = fmt.MAX_RECORD_PAYLOAD - fmt.ENTRIES_RECORD_OVERHEAD - row   # data + rows beyond the first
-        while start < n:
-            stop = start + 1
-            size = lengths[start]
-            used = size
-            limit = min(n, start + fmt.RECORD_MAX_ENTRIES)
-            while stop < limit and size < fmt.RECORD_TARGET_BYTES:
-                used += lengths[stop] + row
-                if used > room:
-                    break
-                size += lengths[stop]
-                stop += 1
-            t = terms[start:stop]
-            payload = encode_entries(t, lengths[start:stop], datas[start:stop])
-            records.append((fmt.FRAME_ENTRIES, first + start, terms[start], stop - start, payload, t))
-            start = stop
-        return records
-
-    def _lead(self, batch: list[_Request] | None, own: _Request) -> None:
+    def _lead(self, batch: list[Request] | None, own: Request) -> None:
         """Leader (holds the write lock): write ``batch`` (None: everything queued).  Every request
         taken is either written durably or given an error, whatever happens; an exception that
         escapes fails the WAL and reaches the leader's caller, the other requesters get
         StoreFailedError."""
-        taken: list[_Request] = [] if batch is None else batch
+        taken: list[Request] = [] if batch is None else batch
         try:
             if batch is None:
                 with self._queue_lock:
@@ -306,12 +191,12 @@ class Wal(LogReads):
                     req.done = True
             raise
 
-    def _run_unit(self, batch: list[_Request]) -> None:
+    def _run_unit(self, batch: list[Request]) -> None:
         """Write the requests as write units; mark each request done (or failed).  A request's own
         problem (a gap, a refused write) is that request's error; anything else escapes."""
         records: list = []
         hs_record = hardstate = None
-        members: list[_Request] = []
+        members: list[Request] = []
         for req in batch:
             if req.done:                          # settled by an earlier, interrupted leader
                 continue
@@ -352,7 +237,7 @@ class Wal(LogReads):
                 return rec[1] + rec[3]
         return self.last + 1
 
-    def _flush(self, records: list, hs_record, hardstate: HardState | None, members: list[_Request]) -> None:
+    def _flush(self, records: list, hs_record, hardstate: HardState | None, members: list[Request]) -> None:
         if hs_record is not None:
             records.append(hs_record)
         if records:
