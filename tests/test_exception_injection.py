@@ -264,7 +264,7 @@ def scenarios(t: dict) -> dict[str, Scenario]:
                 results[name] = exc
 
         threads = [threading.Thread(target=go, args=kv, name=kv[0]) for kv in calls.items()]
-        with wal._write:                          # every request queues before the leader starts
+        with wal.write_lock:                          # every request queues before the leader starts
             for th in threads:
                 th.start()
             deadline = time.monotonic() + 10

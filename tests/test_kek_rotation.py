@@ -117,7 +117,7 @@ def snapshot_contents(s) -> list[tuple]:
     out = []
     for info in s.snapshots.infos:
         snap = s.snapshots.open_info(info)
-        out.append((info.index, info.term, info.key_id, snap.data, snap._file.extra))
+        out.append((info.index, info.term, info.key_id, snap.data, snap.file.extra))
     return out
 
 
@@ -773,7 +773,7 @@ def test_a_left_over_scratch_table_never_breaks_an_open(tmp_path):
     with walcrypt.open(path, kek=KEK, **OPTS) as s:
         fill(s, 1, 10)
         with s.meta._txn(write=True) as txn:
-            db = s.meta._scratch(txn, create=True)
+            db = s.meta.scratch_table(txn, create=True)
             for i in range(50):
                 txn.put(MS.scrub_key(i), bytes(1000), db=db, append=True)
     meta_dir = os.path.join(path, "meta")

@@ -204,7 +204,7 @@ def read_store(path: str) -> dict:
         snap = st.snapshot()
         first, last = st.first_index(), st.last_index()
         ents = st.entries(first, last + 1) if last >= first else []
-        return {"hs": hs, "cs": cs, "entries": ents, "snap": snap and (snap.meta, snap.data, snap._file.extra),
+        return {"hs": hs, "cs": cs, "entries": ents, "snap": snap and (snap.meta, snap.data, snap.file.extra),
                 "metadata": st.stable_get(E.STABLE_METADATA), "marker": json.loads(st.stable_get(E.STABLE_IMPORT))}
 
 

@@ -40,7 +40,7 @@ def _make_store(data_dir: str, encrypted: bool) -> bytes | None:
         s.stable_set(b"CurrentTerm", b"2")
         s.save_snapshot(SnapshotMeta(10, 1, CS), b"state machine at 10")
         s.save(None, _ents(30, 35, 2))
-        return s.meta._mac_key
+        return s.meta.mac_key
 
 
 def _stored_version(data_dir: str) -> int:

@@ -648,7 +648,7 @@ def test_replayed_version_1_compaction_record_disables_the_catalog(tmp_path, mac
         # that was upgraded.  The last case stands for any 24-byte record the key could make.
         with s.meta.read() as r:
             value = r.get(M.DB_STATE, M.K_COMPACTED)
-        old_record = value[:24] + M.keyed_mac(s.meta._mac_key, M.DB_STATE, M.K_COMPACTED, value[:24],
+        old_record = value[:24] + M.keyed_mac(s.meta.mac_key, M.DB_STATE, M.K_COMPACTED, value[:24],
                                               version=mac_version)
     with walcrypt.open(data_dir, kek=KEK) as s:
         s.save(HardState(2, 2, 3), _ents(6, 12, 2, b"acknowledged "))

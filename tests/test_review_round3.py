@@ -103,7 +103,7 @@ def test_a_version_1_compaction_record_replayed_into_a_version_2_store_is_sealed
     data_dir = str(tmp_path / "data")
     with walcrypt.open(data_dir, kek=KEK) as s:
         s.save(HardState(1, 1, 5), wctest.term_entries(1, 6, 1))
-        mac_key = s.meta._mac_key
+        mac_key = s.meta.mac_key
     # The store's version 1 past: the compaction record exactly as a version 1 meta/ held it (a
     # backup or a file-system snapshot of that time is where an attacker finds it).
     wctest.rewrite_meta_as(data_dir, mac_key, 1)

@@ -53,7 +53,7 @@ class LeftoverChecks:
         listed, to tell the writer's files in progress from leftovers (None otherwise)."""
         return self.fresh() if self.is_live() else None
 
-    def _leftover_segments(self, known: set[int]) -> None:
+    def leftover_segments(self, known: set[int]) -> None:
         """Files of the segment directory the manifest does not list, each with what a read-write open
         really does with it (Store.orphan_fate: the engine's own rule, told without acting)."""
         d = os.path.join(self.path, layout.pair_for(self.encrypted).wal)
@@ -110,7 +110,7 @@ class LeftoverChecks:
                 or seg_id in fresh.state_ids(M.K_PURGED) or (len(staging) == 2 and staging[0] <= seg_id < staging[1])
                 or seg_id >= (self.meta.counter(M.K_NEXT_SEGMENT) or 0) or not os.path.lexists(path))
 
-    def _snapshot_infos(self, rows) -> list:
+    def snapshot_infos(self, rows) -> list:
         snap_dir = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
         infos = []
         for k, raw in rows:
@@ -122,7 +122,7 @@ class LeftoverChecks:
                 f.detail = f"registry record of snapshot {sid}: {f.detail}"
         return sorted(infos, key=lambda i: i.snapshot_id)
 
-    def _snapshot(self, info) -> int:
+    def check_snapshot(self, info) -> int:
         """Authenticate one registered snapshot end to end; returns its data size (Removed when the
         writer removed it meanwhile)."""
         st = self.st
@@ -146,7 +146,7 @@ class LeftoverChecks:
         finally:
             self.advance(fsize - counted)
 
-    def _leftover_snapshots(self, known: set[str], in_log: set[int]) -> None:
+    def leftover_snapshots(self, known: set[str], in_log: set[int]) -> None:
         """Files of the snapshot directory the registry does not list, each with what a read-write open
         really does with it (snapinfo.orphan_fate, the rule Snapshots._remove_orphans acts on)."""
         d = os.path.join(self.path, layout.pair_for(self.encrypted).snap)
@@ -215,7 +215,7 @@ class LeftoverChecks:
                 or snap_id in fresh.state_ids(M.K_SNAP_PURGED)
                 or snap_id >= (self.meta.counter(M.K_NEXT_SNAPSHOT) or 1) or not os.path.lexists(path))
 
-    def _other_mode(self) -> None:
+    def other_mode(self) -> None:
         other = layout.pair_for(not self.encrypted)
         if layout.has_data(self.path, other):
             what = "legacy plaintext" if self.encrypted else "encrypted"

@@ -49,12 +49,12 @@ class SegmentChecks:
         def fresh(self) -> online.FrozenMeta | None: ...
         def removed_meanwhile(self, db: bytes, ident: int) -> bool: ...
 
-    def _segment_path(self, seg_id: int, rec: dict) -> str:
+    def segment_path(self, seg_id: int, rec: dict) -> str:
         d = layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED else layout.WAL_PLAIN
         return os.path.join(self.path, d, segment_file_name(seg_id, rec["base_index"]))
 
-    def _segment(self, seg_id: int, rec: dict) -> Segment | None:
-        path = self._segment_path(seg_id, rec)
+    def check_segment(self, seg_id: int, rec: dict) -> Segment | None:
+        path = self.segment_path(seg_id, rec)
         size = self.fsize(path)
         try:
             return self._segment_checked(seg_id, rec, path)

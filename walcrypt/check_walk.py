@@ -220,10 +220,10 @@ class Walk(SegmentChecks, LeftoverChecks):
                 self.error(CorruptionError(self.meta.path, None, f"segment {seg_id} is in the manifest but the "
                                            f"next segment counter is {next_segment}"), METADATA)
             manifest.append((seg_id, rec))
-        snap_infos = self._snapshot_infos(snap_rows)
+        snap_infos = self.snapshot_infos(snap_rows)
         self.newest = max((seg_id for seg_id, _ in manifest), default=None)   # the one a writer appends to
         for seg_id, rec in manifest:
-            self.total += self.fsize(self._segment_path(seg_id, rec))
+            self.total += self.fsize(self.segment_path(seg_id, rec))
         for info in snap_infos:
             self.total += self.fsize(info.path)
 
@@ -232,7 +232,7 @@ class Walk(SegmentChecks, LeftoverChecks):
         for seg_id, rec in sorted(manifest, key=lambda x: x[0]):
             rep.segments += 1
             try:
-                seg = self._segment(seg_id, rec)
+                seg = self.check_segment(seg_id, rec)
             except Removed:
                 rep.segments -= 1
                 removed = True
@@ -253,7 +253,7 @@ class Walk(SegmentChecks, LeftoverChecks):
             except StorageError as exc:
                 self.error(exc, LOG)
                 wal = None
-        self._leftover_segments({seg_id for seg_id, _ in manifest})
+        self.leftover_segments({seg_id for seg_id, _ in manifest})
 
         # snapshots
         wal_snapshot_records = {r[0]: r for s in segments for r in s.snapshot_records}
@@ -261,7 +261,7 @@ class Walk(SegmentChecks, LeftoverChecks):
         for n, info in enumerate(snap_infos):
             rep.snapshots += 1
             try:
-                size = self._snapshot(info)
+                size = self.check_snapshot(info)
                 logged = wal_snapshot_records.get(info.snapshot_id)
                 if logged is not None and (logged[1], logged[2], logged[3]) != (info.index, info.term, info.digest):
                     raise AuthenticationError(info.path, None, f"snapshot {info.snapshot_id} differs from the "
@@ -283,7 +283,7 @@ class Walk(SegmentChecks, LeftoverChecks):
                         f.repairable = True
                         f.hint = (f"'walcrypt repair' renames it .broken and falls back to the snapshot at "
                                   f"index {older}")
-        self._leftover_snapshots({os.path.basename(i.path) for i in snap_infos}, set(wal_snapshot_records))
+        self.leftover_snapshots({os.path.basename(i.path) for i in snap_infos}, set(wal_snapshot_records))
 
         # stable store
         for k, raw in stable_rows:
@@ -291,6 +291,6 @@ class Walk(SegmentChecks, LeftoverChecks):
                 stable.open_value(st, k, self.meta.open_value(M.DB_STABLE, k, raw))
             except WalcryptError as exc:
                 self.error(exc, METADATA)
-        self._other_mode()
+        self.other_mode()
 
 

@@ -247,6 +247,11 @@ class Meta(ScrubMixin):
                 os.close(fd)
 
     # -- MAC ---------------------------------------------------------------
+    @property
+    def mac_key(self) -> bytes | None:
+        """The metadata MAC key in use (None: a plaintext store's keyless MACs)."""
+        return self._mac_key
+
     def set_mac_key(self, key: bytes | None, *, version: int | None = None) -> None:
         """The MAC key (None: keyless) and the metadata format version whose MAC domain applies
         (default: unchanged; a new Meta starts at the current version)."""
@@ -452,13 +457,13 @@ class WriteTxn(ReadTxn):
 
     def create_scrub_table(self) -> None:
         """At bootstrap: the scratch table, empty (no scrub is due in a file nothing was replaced in)."""
-        self.meta._scratch(self.txn, create=True)
+        self.meta.scratch_table(self.txn, create=True)
 
     def mark_scrub_pending(self) -> None:
         """In the commit that replaces key material (a key destroyed, every key re-wrapped): a record
         in the scratch table, so that a crash before the scrub that follows is made good by the next
         read-write open (Meta.scrub_pending); the scrub empties the table."""
-        self.txn.put(scrub_key(0), b"", db=self.meta._scratch(self.txn, create=True))
+        self.txn.put(scrub_key(0), b"", db=self.meta.scratch_table(self.txn, create=True))
 
 
 def upgrade(meta: Meta, from_version: int) -> None:

@@ -66,7 +66,7 @@ class ScrubMixin:
     def _free_pages_upper_bound(self) -> int:
         """Pages of data.mdb no walcrypt table uses: the free pages, plus the free list's own few pages
         and the scratch table's, if there is one (an upper bound, cheap: no table is opened)."""
-        def pages(st: lmdb._StatDict) -> int:
+        def pages(st: lmdb._StatDict) -> int:      # (py-lmdb's own type of stat())
             return st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
         with self.read() as r:
             assert self.env is not None                      # a read transaction is open on it
@@ -74,7 +74,7 @@ class ScrubMixin:
             used += sum(pages(r.txn.stat(db)) for db in self.dbs.values())
             return max(0, self.env.info()["last_pgno"] + 1 - used)
 
-    def _scratch(self, txn, *, create: bool = False):
+    def scratch_table(self, txn, *, create: bool = False):
         """The scratch table of scrub() in the write transaction ``txn``, or None when there is none."""
         if not create and txn.get(SCRUB_DB) is None:          # the main table names every table
             return None
@@ -162,11 +162,11 @@ class ScrubMixin:
                         records = [(bytes(k), bytes(v)) for k, v in cur]
                     for k, v in records:
                         txn.put(k, v, db=db)
-                scratch = self._scratch(txn, create=True)
+                scratch = self.scratch_table(txn, create=True)
                 txn.drop(scratch, delete=False)
                 txn.put(scrub_key(0), value, db=scratch)
             with self._txn(write=True) as txn:                           # 2
-                txn.put(scrub_key(1), value, db=self._scratch(txn, create=True), append=True)
+                txn.put(scrub_key(1), value, db=self.scratch_table(txn, create=True), append=True)
             n, grown = 2, False
             for batch in range(SCRUB_MAX_BATCHES):                       # 3
                 with self._in_use():
@@ -177,7 +177,7 @@ class ScrubMixin:
                 else:
                     pages = 1 << (batch - 1)
                 with self._txn(write=True) as txn:
-                    scratch = self._scratch(txn, create=True)
+                    scratch = self.scratch_table(txn, create=True)
                     for _ in range(3 * pages):
                         txn.put(scrub_key(n), value, db=scratch, append=True)
                         n += 1
@@ -196,7 +196,7 @@ class ScrubMixin:
 
     def _empty_scratch(self) -> None:
         with self._txn(write=True) as txn:
-            txn.drop(self._scratch(txn, create=True), delete=False)
+            txn.drop(self.scratch_table(txn, create=True), delete=False)
 
     def scrub_pending(self) -> bool:
         """Whether a scrub is due (read-write only): the scratch table is missing (the file was never
@@ -204,7 +204,7 @@ class ScrubMixin:
         replaced key material marked it, or a scrub was interrupted, or found a secret still there)."""
         try:
             with self._txn(write=True) as txn:            # opening a table is done in a write transaction
-                db = self._scratch(txn)
+                db = self.scratch_table(txn)
                 return db is None or txn.stat(db)["entries"] > 0
         except lmdb.Error as exc:
             raise StorageError(f"reading the metadata database {self.path} failed: {exc}") from None
@@ -213,6 +213,6 @@ class ScrubMixin:
         """Record (in a commit of its own) that a scrub is due: see WriteTxn.mark_scrub_pending."""
         try:
             with self._txn(write=True) as txn:
-                txn.put(scrub_key(0), b"", db=self._scratch(txn, create=True))
+                txn.put(scrub_key(0), b"", db=self.scratch_table(txn, create=True))
         except lmdb.Error as exc:
             raise StorageError(f"metadata commit failed in {self.path}: {exc}") from None

@@ -283,7 +283,7 @@ def _switch(store, ctx: _TargetKeys, segments: list[Segment], snap: SnapshotInfo
         (k, stable.seal_with(store.store_id, k, stable.open_value(store, k, blob), key_id=ctx.key_id,
                              dek=ctx.dek, algorithm=ctx.algorithm))
         for k, blob in carried[M.DB_STABLE]]
-    old_mac = meta._mac_key
+    old_mac = meta.mac_key
     meta.set_mac_key(ctx.mac_key)
     try:
         with meta.write() as tx:

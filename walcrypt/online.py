@@ -139,8 +139,7 @@ class FrozenMeta(M.Meta):
         self.env = None
         self.locked = live.locked
         self.dbs = {name: name for name in live.dbs}
-        self._mac_key = None
-        self.mac_version = live.mac_version
+        self.set_mac_key(None, version=live.mac_version)
         self.tables: dict[bytes, dict[bytes, bytes]] = {}
         self.txn_id: int | None = None
         self._copy()

@@ -208,7 +208,7 @@ class Rotation(KekRotation):
                 tx.put(M.DB_KEYRING, entry.key_id, M.encode_keyring(entry))
                 self._put_state(tx, state)
             st.keys[entry.key_id] = entry
-            st._secrets[entry.key_id] = secret
+            st.key_secrets[entry.key_id] = secret
         self.state = state
         if self.deferred is not None:
             log.info("the DEK rotation put off since the key service was unreachable has started")
@@ -313,7 +313,7 @@ class Rotation(KekRotation):
                 k = st.keys[kid]
                 if self.destroy_retired_keys:
                     k.state, k.wrapped = K.DESTROYED, b""
-                    st._secrets.pop(kid, None)
+                    st.key_secrets.pop(kid, None)
                 else:
                     k.state = K.INACTIVE
                 k.state_changed_ns = now

@@ -45,7 +45,7 @@ class Snapshot:
 
     def __init__(self, info: SnapshotInfo, file: SnapshotFile):
         self.info = info
-        self._file = file
+        self.file = file
         assert file.meta is not None        # made from an unlocked file: unlock() decoded its metadata
         self.meta: SnapshotMeta = file.meta
 
@@ -55,7 +55,7 @@ class Snapshot:
 
     def open(self) -> BinaryIO:
         """A binary stream of the decrypted data, authenticated chunk by chunk."""
-        return io.BufferedReader(self._file.stream(), buffer_size=self._file.header.chunk_size)
+        return io.BufferedReader(self.file.stream(), buffer_size=self.file.header.chunk_size)
 
     @property
     def data(self) -> bytes:
@@ -103,7 +103,7 @@ def check_snapshot_meta(meta, extra_meta: dict | None = None) -> tuple[SnapshotM
         raise UsageError(f"snapshot metadata refused: {exc} (the reader would refuse the snapshot)") from None
 
 
-def _blocks(data, size: int):
+def data_blocks(data, size: int):
     """The blocks of a snapshot's data: bytes-like as one block, a binary file read ``size`` at a time."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         yield data
@@ -118,7 +118,7 @@ def _blocks(data, size: int):
         yield block
 
 
-def _registered(tx, snap_id: int) -> None:
+def forget_creation_intent(tx, snap_id: int) -> None:
     """In the registering transaction: the ID is no longer being written, and never given out again."""
     nxt = tx.get(M.DB_STATE, M.K_NEXT_SNAPSHOT)
     nxt = int.from_bytes(nxt, "little") if nxt else 1

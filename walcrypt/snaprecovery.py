@@ -92,7 +92,7 @@ class SnapshotRecoveryMixin:
                 if (h.store_id, h.snapshot_id, h.index, h.term) != (self.store.store_id, snap_id,
                                                                     broken.index, broken.term):
                     continue
-                aead, commitment = self._keys(h)
+                aead, commitment = self.snapshot_aead(h)
                 f.unlock(aead, commitment)
                 size = f.verify()
             except SymlinkError:
@@ -133,14 +133,14 @@ class SnapshotRecoveryMixin:
         if h.store_id != st.store_id or h.snapshot_id != info.snapshot_id or f.digest != info.digest:
             raise CorruptionError(info.path, 0, "snapshot file does not match its registry record "
                                                 "(replaced, renamed or from another store)")
-        aead, commitment = self._keys(h)
+        aead, commitment = self.snapshot_aead(h)
         f.unlock(aead, commitment)
         size = f.verify()
         if size != info.size:
             raise CorruptionError(info.path, None, f"snapshot holds {size} bytes, the registry says {info.size}")
         return Snapshot(info, f)
 
-    def _keys(self, h: SnapshotHeader):
+    def snapshot_aead(self, h: SnapshotHeader):
         st = self.store
         if h.algorithm == fmt.ALG_NONE:
             if st.encrypted:
@@ -306,7 +306,7 @@ class SnapshotRecoveryMixin:
             h = f.header
             if (h.store_id, h.snapshot_id, h.index, h.term, f.digest) != (st.store_id, snap_id, index, term, digest):
                 raise CorruptionError(path, 0, "snapshot file differs from the log's record of it")
-            aead, commitment = self._keys(h)
+            aead, commitment = self.snapshot_aead(h)
             f.unlock(aead, commitment)
             size = f.verify()
         except SymlinkError:
@@ -332,7 +332,7 @@ class SnapshotRecoveryMixin:
             try:
                 if not os.path.lexists(info.path):
                     raise CorruptionError(info.path, None, "registered snapshot file is missing")
-                size = self.open_info(info)._file.verify()      # every chunk, a chunk at a time
+                size = self.open_info(info).file.verify()      # every chunk, a chunk at a time
                 if size != info.size:
                     raise CorruptionError(info.path, None, f"snapshot holds {size} bytes, the registry says "
                                                            f"{info.size}")

@@ -34,10 +34,10 @@ from .errors import AuthenticationError, CorruptionError, UsageError
 from .snapinfo import (
     Snapshot,
     SnapshotInfo,
-    _blocks,
-    _registered,
     check_snapshot_meta,
+    data_blocks,
     encode_info,
+    forget_creation_intent,
 )
 from .snaprecovery import SnapshotRecoveryMixin
 from .snapshot import (
@@ -133,7 +133,7 @@ def bind_to_registry(st, vfs, info: SnapshotInfo) -> SnapshotFile:
                                             "(replaced, renamed or from another store)")
     if h.key_id != info.key_id:
         raise AuthenticationError(info.path, 0, "snapshot header key ID differs from its registry record")
-    aead, commitment = Snapshots(st, os.path.dirname(info.path))._keys(h)
+    aead, commitment = Snapshots(st, os.path.dirname(info.path)).snapshot_aead(h)
     f.unlock(aead, commitment)
     return f
 
@@ -165,7 +165,7 @@ class Snapshots(SnapshotRecoveryMixin):
         try:
             # The data source is the host's: reading it runs outside the fail-stop guards (an error
             # there aborts this snapshot and leaves the store as it is); writing is guarded.
-            for block in _blocks(data, self.chunk_size):
+            for block in data_blocks(data, self.chunk_size):
                 pending.write(block)
         except BaseException:
             pending.abort()
@@ -258,7 +258,7 @@ class Snapshots(SnapshotRecoveryMixin):
         reset_segment = st.next_segment
         with st.meta.write() as tx:
             tx.put(M.DB_SNAPSHOTS, M.u64(info.snapshot_id), encode_info(info))
-            _registered(tx, info.snapshot_id)
+            forget_creation_intent(tx, info.snapshot_id)
             if reset:
                 tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, reset_segment))
         if reset:
@@ -291,7 +291,7 @@ class Snapshots(SnapshotRecoveryMixin):
             bundle = st.keyring_bundle({key_id})
         h = SnapshotHeader(st.algorithm, 0, st.store_id, snap_id, meta.index, meta.term, self.chunk_size,
                            len(bundle), key_id, salt, b"")
-        aead, commitment = self._keys(h)
+        aead, commitment = self.snapshot_aead(h)
         h.commitment = commitment
         return SnapshotWriter(st.vfs, self.dir, h, aead, bundle, meta, extra_meta)
 
@@ -310,7 +310,7 @@ class Snapshots(SnapshotRecoveryMixin):
     def install(self, info: SnapshotInfo) -> None:
         """Make a registered snapshot the current one."""
         f = SnapshotFile(self.store.vfs, info.path)
-        aead, commitment = self._keys(f.header)
+        aead, commitment = self.snapshot_aead(f.header)
         f.unlock(aead, commitment)
         self.infos.append(info)
         self.current = Snapshot(info, f)
@@ -346,7 +346,7 @@ class Snapshots(SnapshotRecoveryMixin):
             tx.delete(M.DB_SNAPSHOTS, M.u64(info.snapshot_id))
         for info in new:
             tx.put(M.DB_SNAPSHOTS, M.u64(info.snapshot_id), encode_info(info))
-            _registered(tx, info.snapshot_id)
+            forget_creation_intent(tx, info.snapshot_id)
         if replaced:
             tx.put(M.DB_STATE, M.K_SNAP_PURGED, M.encode_ids(i.snapshot_id for i in replaced))
 

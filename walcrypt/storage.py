@@ -61,7 +61,7 @@ SnapshotSource = Callable[["Store"], "tuple[SnapshotMeta, bytes | BinaryReader]"
 
 
 
-class _FailStop:
+class FailStop:
     """Fail-stop for the steps of a mutating operation (a segment cut or seal, a snapshot publish,
     compaction, rotation, re-key, KEK rotation): any exception that escapes -- an OSError (failed
     write, fsync, rename, unlink, full disk), but also KeyboardInterrupt, MemoryError or an
@@ -76,7 +76,7 @@ class _FailStop:
     def __init__(self, store: "Store", what: str):
         self.store, self.what = store, what
 
-    def __enter__(self) -> "_FailStop":
+    def __enter__(self) -> "FailStop":
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -128,7 +128,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         if not encrypted and kek is not None:
             raise UsageError("a KEK was given for a plaintext store; drop kek= or open with encrypted=True")
         self._kek = kek
-        self._prepare_root()
+        self.prepare_root()
         held: list = [_dirlock] if _dirlock else []      # the lock, even if we are interrupted storing it
         self._lock = None
         try:
@@ -154,7 +154,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
                                          destroy_retired_keys=destroy_retired_keys,
                                          max_records_per_dek=max_records_per_dek,
                                          max_bytes_per_dek=max_bytes_per_dek, max_dek_age_s=max_dek_age_s)
-                self._recover()
+                self.recover_at_open()
             except BaseException:
                 self.meta.close()
                 raise
@@ -169,7 +169,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         if not read_only:
             try:
                 self.rotation.resume()        # finish a rotation a crash interrupted (may call snapshot_source)
-                self._refresh_snapshot_bundles()
+                self.refresh_snapshot_bundles()
                 if self.encrypted and self.meta.scrub_pending():
                     self.scrub_meta()        # no key outlives its record (scrub_meta), a crash notwithstanding
             except BaseException as exc:
@@ -261,7 +261,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         if index <= wal.compacted_index:
             raise CompactedError(f"already compacted up to {wal.compacted_index}")
         term = wal.term(index)                  # UnavailableError beyond the last index
-        with _FailStop(self, "compacting the log"):
+        with FailStop(self, "compacting the log"):
             wal.compact(index, term)
             with self.meta.write() as w:
                 w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, wal.compacted_term, wal.reset_segment))
@@ -304,7 +304,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         term = check_u64(term, "term", 0, U64_MAX)
         if index < wal.compacted_index:
             raise UsageError(f"cannot reset the log to {index}: it is compacted up to {wal.compacted_index}")
-        with _FailStop(self, "resetting the log"):
+        with FailStop(self, "resetting the log"):
             reset_segment = self.next_segment
             with self.meta.write() as tx:
                 tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, reset_segment))
@@ -323,7 +323,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         if index <= wal.compacted_index:
             raise UsageError(f"cannot truncate from {index}: entries up to {wal.compacted_index} are compacted")
         wal.check_writable()
-        with _FailStop(self, "truncating the log"):
+        with FailStop(self, "truncating the log"):
             wal.truncate_from(index)
 
     # ------------------------------------------------------------------ stable store
@@ -376,13 +376,13 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
                     raise
                 self.rotation.defer(reason, exc, queued=queued)
                 return
-            with _FailStop(self, "rotating the data key"):
+            with FailStop(self, "rotating the data key"):
                 self.rotation.rotate_dek(reason=reason, prepared=prepared, queued=queued)   # steps 1 and 2
         self.rotation.ask_for_snapshot()                   # step 3: the host's source, outside the guard
 
-    def fail_stop(self, what: str) -> _FailStop:
-        """A guard for the steps of a mutating operation (see _FailStop)."""
-        return _FailStop(self, what)
+    def fail_stop(self, what: str) -> FailStop:
+        """A guard for the steps of a mutating operation (see FailStop)."""
+        return FailStop(self, what)
 
     def rekey(self) -> None:
         """Full re-key: rewrite all retained data under a new DEK and destroy the old ones."""
@@ -394,7 +394,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         with self.rotation.key_lock:
             prepared = self.rotation.prepare_key()
             with self.snapshots.writers_excluded("the full re-key"):
-                with _FailStop(self, "re-keying"):
+                with FailStop(self, "re-keying"):
                     self.rotation.rekey(prepared=prepared)
 
     def rotate_kek(self, new_kek: K.KeyEncryptionKey) -> None:

@@ -109,7 +109,7 @@ class SegmentFilesMixin:
         registered: ``register_staged`` makes them visible in one LMDB commit, and a crash
         before it leaves orphans that the next open removes.  -> (segments, snapshot info)"""
         wal = self.wal
-        with wal._write:
+        with wal.write_lock:
             wal.check_writable()
             wal.seal_active()
             next_id = [self.next_segment]
@@ -139,7 +139,7 @@ class SegmentFilesMixin:
             for info in infos:
                 cur = self.snapshots.current
                 snap = cur if cur is not None and cur.info is info else self.snapshots.open_info(info)
-                extra = {k: v for k, v in snap._file.extra.items() if k not in ("index", "term", "conf_state")}
+                extra = {k: v for k, v in snap.file.extra.items() if k not in ("index", "term", "conf_state")}
                 kid = key_id or info.key_id
                 bundle = self.keyring_bundle({kid}, kek=kek) if kek is not None else None
                 with snap.open() as stream:
@@ -221,7 +221,7 @@ class SegmentFilesMixin:
         """After register_staged committed: the staged segments supersede the older ones."""
         wal = self.wal
         self.next_segment = max(self.next_segment, staged[-1].seg_id + 1)
-        with wal._write:
+        with wal.write_lock:
             wal.load(wal.segments + staged, wal.compacted_index, wal.compacted_term, wal.reset_segment)
             wal.active = None
         if snap_info is not None:

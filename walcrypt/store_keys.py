@@ -33,7 +33,7 @@ from .snapshot import MAX_KEYRING_BUNDLE, SnapshotFile
 if TYPE_CHECKING:
     from .rotation import Rotation
     from .snapstore import Snapshots
-    from .storage import _FailStop
+    from .storage import FailStop
     from .vfs import VFS
 
 log = logging.getLogger("walcrypt")
@@ -54,12 +54,12 @@ class KeyringMixin:
     _kek: K.KeyEncryptionKey | None
 
     if TYPE_CHECKING:
-        def fail_stop(self, what: str) -> _FailStop: ...
+        def fail_stop(self, what: str) -> FailStop: ...
         def copy_snapshots(self, infos: list, *, key_id: bytes | None = None, kek: dict | None = None) -> list: ...
         def tie_to_log(self, infos: list) -> None: ...
 
     # ------------------------------------------------------------------ bootstrap
-    def _prepare_root(self) -> None:
+    def prepare_root(self) -> None:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UsageError(f"{self.path} exists and is not a directory")
         layout.refuse_links(self.path)
@@ -111,7 +111,7 @@ class KeyringMixin:
         params = K.parse_kek_params(raw_params, self.meta.path) if self.encrypted else None
         self.kek_params = params
         self.keys: dict[bytes, K.KeyEntry] = {}
-        self._secrets: dict[bytes, K.SecretKey] = {}
+        self.key_secrets: dict[bytes, K.SecretKey] = {}
         if not self.encrypted:
             if stored_alg != fmt.ALG_NONE:
                 raise CorruptionError(self.meta.path, None, "the store record of a plaintext store names a cipher",
@@ -170,7 +170,7 @@ class KeyringMixin:
     def _bootstrap(self, kek: K.KeyEncryptionKey | None, algorithm: str) -> None:
         self.store_id = os.urandom(fmt.STORE_ID_SIZE)
         self.meta_version = fmt.META_FORMAT_VERSION
-        self.keys, self._secrets = {}, {}
+        self.keys, self.key_secrets = {}, {}
         with self.meta.write() as w:
             w.put_raw(M.DB_STORE, M.K_STORE_ID, self.store_id)
             w.put_raw(M.DB_STORE, M.K_FORMAT_VERSION, bytes([fmt.META_FORMAT_VERSION]))
@@ -194,7 +194,7 @@ class KeyringMixin:
                                               purpose=K.PURPOSE_DEK, state=K.ACTIVE)
                 w.put(M.DB_KEYRING, dek.key_id, M.encode_keyring(dek))
                 self.keys[dek.key_id] = dek
-                self._secrets[dek.key_id] = secret
+                self.key_secrets[dek.key_id] = secret
                 w.create_scrub_table()       # empty: nothing to scrub yet (FORMAT.md 9.11)
             else:
                 self.algorithm = fmt.ALG_NONE
@@ -313,7 +313,7 @@ class KeyringMixin:
             finally:
                 self.vfs.close(fd)
 
-    def _refresh_snapshot_bundles(self) -> None:
+    def refresh_snapshot_bundles(self) -> None:
         """At a read-write open: the retained snapshot files from the first one whose keyring bundle
         is not what the keyring holds now (keys wrapped under an earlier KEK: a KEK rotation made by
         a walcrypt that left the snapshot files alone) are replaced by copies with the current
@@ -362,13 +362,13 @@ class KeyringMixin:
         return self._secret(key_id)
 
     def _secret(self, key_id: bytes) -> bytes:
-        s = self._secrets.get(key_id)
+        s = self.key_secrets.get(key_id)
         if s is None:
             entry = self.keys.get(key_id)
             if entry is None:
                 raise KeyNotFoundError(f"data key {key_id.hex()} is not in the keyring of {self.path}")
             s = K.unwrap_entry(self.wrapper, self.store_id, entry)
-            self._secrets[key_id] = s
+            self.key_secrets[key_id] = s
         return s.material
 
     def _cipher(self, ident: SegmentIdentity) -> tuple[crypto.FrameCipher, bytes]:

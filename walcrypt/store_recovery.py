@@ -60,7 +60,7 @@ class RecoveryMixin:
         def _manifest_record(self, seg: Segment) -> dict: ...
 
     # ------------------------------------------------------------------ recovery
-    def _recover(self) -> None:
+    def recover_at_open(self) -> None:
         with self.meta.read() as r:
             manifest = [(int.from_bytes(k, "big"), M.decode_manifest(v, self.meta.path))
                         for k, v in r.items(M.DB_SEGMENTS)]

@@ -86,7 +86,7 @@ class Wal(LogReads):
         self.failed: BaseException | None = None
         self.fsyncs = 0
         self._state = threading.Lock()           # guards the index (short critical sections)
-        self._write = threading.RLock()          # one leader writes at a time (re-entrant for re-key)
+        self.write_lock = threading.RLock()          # one leader writes at a time (re-entrant for re-key)
         self._queue: list[Request] = []
         self._queue_lock = threading.Lock()
         self._cache: OrderedDict = OrderedDict()
@@ -130,7 +130,7 @@ class Wal(LogReads):
         if extra:
             req.extra = extra
         if self.sync_policy != "batch":
-            with self._write:
+            with self.write_lock:
                 self._lead([req], req)
         else:
             with self._queue_lock:
@@ -138,7 +138,7 @@ class Wal(LogReads):
             # Whoever gets the write lock first writes every queued request; the others find
             # their request done when they get the lock.  Bounded: each pass drains the queue.
             try:
-                with self._write:
+                with self.write_lock:
                     if not req.done:
                         self._lead(None, req)
             except BaseException:
@@ -275,7 +275,7 @@ class Wal(LogReads):
                         self.view_first.append(before + 1)
                         self.view_seg.append(seg)
                     if new_runs:
-                        self._add_runs(new_runs)
+                        self.add_runs(new_runs)
                     self.last = seg.last_index
         except BaseException as exc:
             err = self._failure(exc, seg, f"writing {seg.path}")
@@ -294,12 +294,12 @@ class Wal(LogReads):
         seg = self._cut(index, records, hardstate)
         try:
             with self._state:
-                self._truncate_view(index)
+                self.truncate_view(index)
                 self._cache.clear()
                 if seg.last_index >= index:
                     self.view_first.append(index)
                     self.view_seg.append(seg)
-                    self._add_runs(seg.runs)
+                    self.add_runs(seg.runs)
                     self.last = seg.last_index
             if hardstate is not None:
                 self.hardstate = hardstate
@@ -340,26 +340,26 @@ class Wal(LogReads):
 
     def truncate_from(self, index: int) -> None:
         """Durably discard entries >= index: a new segment based at ``index`` supersedes them."""
-        with self._write:
+        with self.write_lock:
             self.check_writable()
             self._replace_from(index)
 
     def cut_now(self) -> None:
         """Seal the active segment and start a new one now (a DEK rotation's step 2)."""
-        with self._write:
+        with self.write_lock:
             self.check_writable()
             self.seal_active()
             self._cut(self.last + 1)
 
     def seal_for_close(self) -> None:
-        with self._write:
+        with self.write_lock:
             if self.failed is None and self.active is not None and self.active.writable:
                 self.seal_active()
 
     # ------------------------------------------------------------------ compaction
     def compact(self, index: int, term: int | None = None) -> None:
         """Discard entries <= index (logically; the engine removes segments below its purge floor)."""
-        with self._write, self._state:
+        with self.write_lock, self._state:
             if index <= self.compacted_index:
                 raise CompactedError(f"already compacted up to {self.compacted_index}")
             if index > self.last:
@@ -373,10 +373,10 @@ class Wal(LogReads):
         entry is index + 1, written into a new segment.  ``reset_segment`` is the ID that segment
         will get (recorded with the compaction point): older segments are no part of the log any
         more, not even below ``index`` (see load), and are purged."""
-        with self._write:
+        with self.write_lock:
             self.seal_active()                    # raises StoreFailedError on a failed WAL
             with self._state:
-                self._truncate_view(0)
+                self.truncate_view(0)
                 self.compacted_index, self.compacted_term = index, term
                 self.reset_segment = reset_segment
                 self.last = index

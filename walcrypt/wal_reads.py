@@ -131,7 +131,7 @@ class LogReads:
                 run_start, run_term, last, hs or HardState())
             self._cache.clear()
 
-    def _truncate_view(self, base: int) -> None:
+    def truncate_view(self, base: int) -> None:
         """Forget visible entries >= base (a later segment replaced them)."""
         k = bisect_left(self.view_first, base)
         j = bisect_left(self.run_start, base)
@@ -141,7 +141,7 @@ class LogReads:
         if self.last >= base:
             self.last = base - 1
 
-    def _add_runs(self, runs) -> None:
+    def add_runs(self, runs) -> None:
         """Extend the term runs with (first index, term) runs that follow the current log."""
         for start, term in runs:
             if not self.run_term or self.run_term[-1] != term:

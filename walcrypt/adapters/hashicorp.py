@@ -197,7 +197,7 @@ class SnapshotStore:
         return SnapshotSink(self.store, SnapshotMeta(index, term), extra)
 
     def _describe(self, snap) -> SnapshotInfo:
-        extra = snap._file.extra
+        extra = snap.file.extra
         version, conf, conf_index = (extra.get("hc_version", 1), extra.get("hc_configuration", ""),
                                      extra.get("hc_configuration_index", 0))
         try:

@@ -388,7 +388,7 @@ def _snapshot_bytes(snap) -> bytes:
     """The marshalled raftpb.Snapshot for a store snapshot: its conf state from extra_meta["etcd"] (the
     marshalled bytes when they still say what walcrypt's ConfState says), else from the ConfState."""
     m = snap.meta
-    doc = (snap._file.extra or {}).get("etcd") or {}
+    doc = (snap.file.extra or {}).get("etcd") or {}
     cs_doc = doc.get("conf_state") or {}
     conf: bytes | dict[str, list[int]] | None = None
     if isinstance(cs_doc.get("raw"), str):
