@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .common import ENTRY_SIZES, VARIANTS
 from .harness import fmt_num
-from .workloads import ENTRY_SIZES, VARIANTS
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
