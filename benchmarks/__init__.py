@@ -12,7 +12,10 @@ Modules:
 * :mod:`benchmarks.harness`   -- timing loop, statistics, percentiles, machine information.
 * :mod:`benchmarks.baselines` -- the baseline log stores and the naive durable pysyncobj journal.
 * :mod:`benchmarks.sources`   -- streamed snapshot data, raw write + fsync / read, size names.
-* :mod:`benchmarks.workloads` -- the walcrypt adapter, the append/replay/read matrix, ``run_all``.
+* :mod:`benchmarks.common`    -- what the case modules share: variants, kinds, sizings, payload
+  batches, the ``--only`` selector, the append/replay ratios.
+* :mod:`benchmarks.workloads` -- the registry: the walcrypt adapter, the append/replay/read matrix,
+  every case module's cases, ``run_all``.  Only ``__main__`` imports it.
 * :mod:`benchmarks.scenarios` -- snapshot write/read, open time, DEK rotation latency.
 * :mod:`benchmarks.memory`    -- memory cases measured in fresh subprocesses (and their child side).
 * :mod:`benchmarks.cluster`   -- the 3-node pysyncobj cluster with three journals.
@@ -23,4 +26,5 @@ Modules:
 
 from __future__ import annotations
 
-__all__ = ["harness", "baselines", "sources", "workloads", "scenarios", "memory", "cluster", "goals", "report"]
+__all__ = ["harness", "baselines", "sources", "common", "workloads", "scenarios", "memory", "cluster", "goals",
+           "report"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import report, workloads
+from . import common, report, workloads
 from .harness import MIN_REPS, Printer
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="NAME",
                    help="run only these: variants (%s, walcrypt), kinds (%s), or name "
                         "fragments containing '=' or '/' (e.g. entry=1k)"
-                        % (", ".join(workloads.VARIANTS), ", ".join(workloads.KINDS)))
+                        % (", ".join(common.VARIANTS), ", ".join(common.KINDS)))
     p.add_argument("--dir", metavar="DIR",
                    help="make the temporary data directory under DIR (default: system temp)")
     p.add_argument("--reps", type=int, default=None,
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        select = workloads.Selector(args.only)
+        select = common.Selector(args.only)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         print(f"error: --reps must be >= {MIN_REPS}", file=sys.stderr)
         return 2
     if args.list:
-        sz = workloads.TINY if args.tiny else workloads.QUICK if args.quick else workloads.FULL
+        sz = common.TINY if args.tiny else common.QUICK if args.quick else common.FULL
         matrix = workloads.QUICK_APPEND if args.quick else workloads.FULL_APPEND
         _, reason = workloads.walcrypt_status()
         groups, mem_cases, cluster_groups = workloads.build_all(sz, matrix, reason, select)

@@ -31,8 +31,9 @@ import time
 import warnings
 from typing import Callable, List, Optional
 
+from .baselines import forget_naive_journal, use_naive_journal
+from .common import Selector, Sizing
 from .harness import Case, Sample
-from .workloads import Selector, Sizing
 
 VARIANTS = ("walcrypt-encrypted", "pysyncobj", "naive-durable")
 VALUE_SIZE = 256
@@ -59,8 +60,6 @@ def _conf(variant: str, d: str, i: int):
         return walcrypt_conf(os.path.join(d, f"node{i}"), kek=walcrypt.RawKey(bytes([i + 1]) * 32), **common)
     path = os.path.join(d, f"node{i}.journal")
     if variant == "naive-durable":
-        from .baselines import use_naive_journal
-
         use_naive_journal(path)
     return SyncObjConf(journalFile=path, **common)
 
@@ -69,6 +68,7 @@ class _Cluster:
     def __init__(self, variant: str, d: str):
         from pysyncobj import SyncObj
         from pysyncobj.batteries import ReplDict
+
         from walcrypt.cluster import free_ports
 
         self.variant, self.dir = variant, d
@@ -153,8 +153,6 @@ class _Cluster:
                     and time.monotonic() < deadline:
                 time.sleep(0.01)
         if self.variant == "naive-durable":
-            from .baselines import forget_naive_journal
-
             for i in range(len(self.nodes)):
                 forget_naive_journal(os.path.join(self.dir, f"node{i}.journal"))
 
@@ -183,8 +181,6 @@ class _WarningCounter:
     """Counts pysyncobj's log warnings during a repetition (instead of printing them)."""
 
     def __init__(self):
-        import logging
-
         self.logger = logging.getLogger("pysyncobj")
         self.count, self.first = 0, None
         self.handler = logging.Handler(logging.WARNING)

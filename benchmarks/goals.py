@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+from .common import RATIO_DEFS, Sizing
 from .sources import size_name
-from .workloads import RATIO_DEFS, Sizing
 
 E = "walcrypt-encrypted"
 

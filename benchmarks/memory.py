@@ -29,9 +29,9 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from .common import WALCRYPT_KEK, Selector, Sizing
 from .harness import MIB, Case, Printer, Sample
 from .sources import PatternStream, size_name
-from .workloads import WALCRYPT_KEK, Selector, Sizing
 
 E = "walcrypt-encrypted"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

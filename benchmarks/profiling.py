@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-from .workloads import WALCRYPT_KEK, make_batches
+from .common import WALCRYPT_KEK, make_batches
 
 
 def _open(path: str, sync: str):

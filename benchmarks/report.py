@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .common import ENTRY_SIZES, VARIANTS
 from .harness import fmt_num
-from .workloads import ENTRY_SIZES, VARIANTS
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
@@ -89,7 +89,8 @@ def _header(results: Dict) -> List[str]:
         f"{results.get('reps')} repetitions per case (interleaved), {results.get('elapsed_s')} s"
         + (f", only: `{' '.join(results['only'])}`" if results.get("only") else ""),
         "- time per phase: " + (", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) or "—"),
-        f"- walcrypt: {'measured' if results.get('walcrypt_available') else 'skipped — ' + str(results.get('walcrypt_skip_reason'))}"
+        "- walcrypt: " + ("measured" if results.get("walcrypt_available")
+                          else "skipped — " + str(results.get("walcrypt_skip_reason")))
         + (f" ({results['machine'].get('walcrypt_path')})" if results.get("machine", {}).get("walcrypt_path") else ""),
         "- every figure is the median over the repetitions, with min and max beside it; memory peaks",
         "  are goals on the worst repetition (max); latency percentiles pool every operation of every",

@@ -28,9 +28,9 @@ import tempfile
 import time
 from typing import Callable, List, Optional
 
+from .common import WALCRYPT_KEK, Selector, Sizing, make_batches
 from .harness import Case, Sample
 from .sources import PatternStream, raw_read, raw_write_fsync, size_name
-from .workloads import WALCRYPT_KEK, Selector, Sizing, make_batches
 
 E = "walcrypt-encrypted"
 

@@ -17,6 +17,9 @@ run: ``snapshot``, ``open`` and ``rotation`` (:mod:`benchmarks.scenarios`),
 ``memory`` (:mod:`benchmarks.memory`, fresh subprocesses) and ``cluster``
 (:mod:`benchmarks.cluster`, three pysyncobj nodes).  :mod:`benchmarks.goals`
 turns the cases into the ratios and metrics of the JSON and checks the goals.
+This module is the registry: it imports those modules, and they import what
+they share with it (variants, sizings, the selector, payload batches) from
+:mod:`benchmarks.common`, never this module.
 
 Repetitions of the variants of one parameter set are interleaved.  walcrypt
 cases are listed as skipped while ``walcrypt.open`` does not exist yet.
@@ -30,22 +33,35 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import baselines
+from . import baselines, cluster, goals, memory, scenarios
+from .common import (
+    ENTRY_SIZES,
+    FULL,
+    KINDS,
+    QUICK,
+    RATIO_DEFS,
+    STORE_VARIANTS,
+    TINY,
+    VARIANTS,
+    WALCRYPT_KEK,
+    WALCRYPT_VARIANTS,
+    Selector,
+    Sizing,
+    make_batches,
+)
 from .harness import MIN_REPS, Case, Printer, Sample, machine_info, make_workdir, run_groups
 
+__all__ = [
+    "run_all", "build_all", "build_groups", "walcrypt_status", "WalcryptStore", "make_store", "compute_ratios",
+    "SCHEMA_VERSION", "FULL_APPEND", "QUICK_APPEND", "BATCHES", "REPLAY_VARIANTS", "READ_VARIANTS",
+    # the shared vocabulary of benchmarks.common, offered here too
+    "ENTRY_SIZES", "FULL", "KINDS", "QUICK", "RATIO_DEFS", "TINY", "VARIANTS", "WALCRYPT_KEK", "Selector", "Sizing",
+    "make_batches",
+]
+
 SCHEMA_VERSION = 2
-
-WALCRYPT_VARIANTS = ("walcrypt-encrypted", "walcrypt-plain")
-#: every variant any case uses ("naive-durable" is the cluster's hand-written durable journal)
-STORE_VARIANTS = WALCRYPT_VARIANTS + tuple(baselines.names())  # the append/replay/read matrix
-VARIANTS = STORE_VARIANTS + ("naive-durable",)
-KINDS = ("append", "replay", "read", "snapshot", "open", "rotation", "memory", "cluster")
-
-#: The KEK the benchmark opens walcrypt with (speed does not depend on it).
-WALCRYPT_KEK = b"k" * 32
 
 REPLAY_VARIANTS = WALCRYPT_VARIANTS + ("lmdb", "sqlite", "raw", "pysyncobj")
 READ_VARIANTS = WALCRYPT_VARIANTS + ("lmdb", "sqlite", "raw")
@@ -126,48 +142,8 @@ def capability(variant: str, attr: str) -> bool:
     return getattr(baselines.BASELINES[variant], attr)
 
 
-# -------------------------------------------------------------------- sizing
+# -------------------------------------------------------------------- the append matrix
 
-
-@dataclass(frozen=True)
-class Sizing:
-    """How much work one repetition does.  Fixed per mode, so cases stay comparable."""
-
-    append_bytes: int  # payload per append case ...
-    max_entries: int  # ... but at most this many entries ...
-    max_sync_batches: int  # ... and at most this many syncs (sync=on)
-    replay_entries: int
-    read_store_entries: int
-    read_ops: int
-    reps: int
-    snapshot_bytes: int  # snapshot write/read and its memory probes
-    rotation_state_bytes: int  # what the rotation's snapshot_source returns ...
-    rotation_entries: int  # ... on a store holding this many 1 KiB entries
-    open_entries: int  # 1 KiB entries in the store whose open time is measured
-    index_entries: int  # memory per indexed entry: entries in the store ...
-    index_batch: int  # ... written this many per save() ...
-    index_entry: int  # ... of this size
-    cluster_ops: int  # committed commands per cluster repetition (after a warm-up)
-    cluster_window: int  # outstanding commands at most
-    cluster_warmup: int
-
-
-# Sized so that the slowest baseline takes about 1-2 s per repetition (full) or
-# well under 1 s (quick) on a VM disk with ~0.5 ms fdatasync.
-FULL = Sizing(64 << 20, 40_000, 2000, 50_000, 20_000, 20_000, MIN_REPS,
-              snapshot_bytes=1 << 30, rotation_state_bytes=100 << 20, rotation_entries=20_000,
-              open_entries=200_000, index_entries=1_000_000, index_batch=1, index_entry=64,
-              cluster_ops=10_000, cluster_window=1000, cluster_warmup=1000)
-QUICK = Sizing(8 << 20, 16_000, 500, 20_000, 10_000, 10_000, MIN_REPS,
-               snapshot_bytes=256 << 20, rotation_state_bytes=32 << 20, rotation_entries=5_000,
-               open_entries=50_000, index_entries=1_000_000, index_batch=1, index_entry=64,
-               cluster_ops=2_000, cluster_window=1000, cluster_warmup=100)
-TINY = Sizing(1 << 30, 50, 50, 50, 50, 50, 1,
-              snapshot_bytes=2 << 20, rotation_state_bytes=1 << 20, rotation_entries=100,
-              open_entries=200, index_entries=2_000, index_batch=1, index_entry=64,
-              cluster_ops=30, cluster_window=10, cluster_warmup=0)
-
-ENTRY_SIZES = {"128": 128, "1k": 1024, "16k": 16384}
 BATCHES = (1, 64)
 FULL_APPEND = [(e, b, s) for s in (True, False) for e in ENTRY_SIZES for b in BATCHES]
 QUICK_APPEND = [("1k", 1, True), ("1k", 64, True), ("128", 64, False), ("16k", 64, False)]
@@ -178,24 +154,6 @@ def append_entries(sz: Sizing, entry: int, batch: int, sync: bool) -> int:
     if sync:
         n = min(n, sz.max_sync_batches * batch)
     return max(n, 1)
-
-
-def payload_pool(size: int, count: int = 16, seed: int = 1) -> List[bytes]:
-    rnd = random.Random(seed * 1_000_003 + size)
-    return [rnd.randbytes(size) for _ in range(count)]
-
-
-def make_batches(n: int, entry: int, batch: int, term: int = 1) -> List[List[Tuple[int, int, bytes]]]:
-    pool = payload_pool(entry)
-    out, cur = [], []
-    for i in range(1, n + 1):
-        cur.append((i, term, pool[i % len(pool)]))
-        if len(cur) == batch:
-            out.append(cur)
-            cur = []
-    if cur:
-        out.append(cur)
-    return out
 
 
 # ----------------------------------------------------------------- run_once
@@ -275,37 +233,6 @@ def _read_once(variant: str, n: int, ops: int, entry: int) -> Callable[[str], Sa
         return Sample(dt, ops, ops * entry)
 
     return run
-
-
-# ------------------------------------------------------------------- selection
-
-
-class Selector:
-    """``--only`` tokens: kinds (append/replay/read), variants (``walcrypt`` means
-    both walcrypt variants), or any other text as a substring of the case name.
-    Within one axis tokens are OR'ed; the axes are AND'ed."""
-
-    def __init__(self, tokens: Optional[Iterable[str]] = None):
-        self.kinds, self.variants, self.subs = set(), set(), []
-        for t in tokens or ():
-            if t in KINDS:
-                self.kinds.add(t)
-            elif any(v == t or v.startswith(t + "-") for v in VARIANTS):
-                self.variants.update(v for v in VARIANTS if v == t or v.startswith(t + "-"))
-            elif "=" in t or "/" in t:
-                self.subs.append(t)
-            else:
-                raise ValueError(
-                    f"--only {t!r}: not a kind ({', '.join(KINDS)}), a variant "
-                    f"({', '.join(VARIANTS)}, walcrypt) or a name fragment containing '=' or '/'"
-                )
-
-    def __call__(self, name: str, kind: str, variant: str) -> bool:
-        return (
-            (not self.kinds or kind in self.kinds)
-            and (not self.variants or variant in self.variants)
-            and (not self.subs or any(s in name for s in self.subs))
-        )
 
 
 # -------------------------------------------------------------------- matrix
@@ -394,38 +321,6 @@ def build_groups(
 
 # -------------------------------------------------------------------- ratios
 
-_E = "walcrypt-encrypted"
-
-#: ratio key -> (walcrypt case, baseline case); ratio = median / median.
-RATIO_DEFS: Dict[str, Tuple[str, str]] = {
-    "encrypted_vs_plain_append_1k_b64": (
-        f"append/entry=1k/batch=64/sync=on/v={_E}",
-        "append/entry=1k/batch=64/sync=on/v=walcrypt-plain",
-    ),
-    "vs_raw_limit_append_1k_b1": (
-        f"append/entry=1k/batch=1/sync=on/v={_E}",
-        "append/entry=1k/batch=1/sync=on/v=raw",
-    ),
-    "vs_raw_limit_append_1k_b64": (
-        f"append/entry=1k/batch=64/sync=on/v={_E}",
-        "append/entry=1k/batch=64/sync=on/v=raw",
-    ),
-    "vs_lmdb_append_1k_b1": (
-        f"append/entry=1k/batch=1/sync=on/v={_E}",
-        "append/entry=1k/batch=1/sync=on/v=lmdb",
-    ),
-    "vs_lmdb_append_1k_b64": (
-        f"append/entry=1k/batch=64/sync=on/v={_E}",
-        "append/entry=1k/batch=64/sync=on/v=lmdb",
-    ),
-    "vs_sqlite_append_1k_b64": (
-        f"append/entry=1k/batch=64/sync=on/v={_E}",
-        "append/entry=1k/batch=64/sync=on/v=sqlite",
-    ),
-    "replay_vs_lmdb_scan_1k": (f"replay/entry=1k/v={_E}", "replay/entry=1k/v=lmdb"),
-}
-
-
 def compute_ratios(cases: Dict[str, Dict[str, object]]) -> Dict[str, float]:
     """The append/replay ratios only (see :func:`benchmarks.goals.compute_metrics` for all)."""
     out: Dict[str, float] = {}
@@ -441,8 +336,6 @@ def compute_ratios(cases: Dict[str, Dict[str, object]]) -> Dict[str, float]:
 
 def build_all(sz: Sizing, matrix, wc_reason: Optional[str], select: Selector):
     """Every case of a run, by phase: (throughput groups, memory cases, cluster groups)."""
-    from . import cluster, memory, scenarios
-
     groups = build_groups(sz, matrix, wc_reason, select)
     groups += scenarios.build_groups(sz, wc_reason, select)
     return groups, memory.build_cases(sz, wc_reason, select), cluster.build_groups(sz, wc_reason, select)
@@ -463,8 +356,6 @@ def run_all(
     the reduced matrix and sizes.  ``out_dir`` is where the temporary data
     directory is made (default: the system temp dir); it is removed afterwards.
     """
-    from . import goals, memory
-
     sz = TINY if tiny else (QUICK if quick else FULL)
     if reps is None:
         reps = sz.reps

@@ -8,7 +8,8 @@ from typing import NamedTuple
 class Entry(NamedTuple):
     """One Raft log entry.  ``data`` is opaque bytes."""
 
-    index: int
+    # The field shadows tuple.index; the name is etcd raft's and public API (Entry.index).
+    index: int  # type: ignore[assignment]
     term: int
     data: bytes = b""
 
@@ -29,6 +30,7 @@ class ConfState(NamedTuple):
 
 
 class SnapshotMeta(NamedTuple):
-    index: int
+    # The field shadows tuple.index; the name is etcd raft's and public API (SnapshotMeta.index).
+    index: int  # type: ignore[assignment]
     term: int
     conf_state: ConfState = ConfState()

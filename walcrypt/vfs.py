@@ -22,262 +22,56 @@ Durability contract (what the engine may rely on, and all it may rely on):
 ``walcrypt.testing.CrashVFS`` enforces exactly this contract and nothing more: its ``crash()``
 rewrites the real files into a state a power loss could leave.  Only I/O that goes
 through the VFS is tracked (LMDB does its own I/O and is out of scope).
+
+The path rules the VFS applies (no link followed below a data directory, only regular files of
+walcrypt's own opened) are :mod:`walcrypt.vfs_paths`; the system calls under it (whole-buffer
+pwrite/pread, fallocate(2)) are :mod:`walcrypt.vfs_io`.  The names other modules use from them are
+importable from here too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import os
 import shutil
 import stat
 import sys
 import tempfile
-import threading
-from typing import Callable, Iterator, Union
+from typing import Iterator
 
 from .errors import SymlinkError, UnsafeFileError
+from .vfs_io import LIBC_FALLOCATE as _LIBC_FALLOCATE  # noqa: F401 - tests ask it here whether libc has one
+from .vfs_io import NO_FALLOCATE, Buffer, pread_all, pwrite_all
+from .vfs_io import fallocate as _fallocate
+from .vfs_paths import (
+    O_CLOEXEC,
+    O_DIRECTORY,
+    O_NOFOLLOW,
+    O_NONBLOCK,
+    confine,
+    confined_root,
+    open_dir_at,
+    open_regular,
+    own_file,
+    refuse_link,
+    refuse_special,
+    release,
+    set_blocking,
+    with_path,
+)
+from .vfs_paths import located as _located
 
-try:
-    import fcntl
-except ImportError:                        # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
+# ``_located`` and ``_fallocate`` are looked up in this module by the code below, so that a test
+# can replace them here (to watch every path the VFS resolves, or to play a file system without
+# fallocate).
 
 __all__ = ["VFS", "DEFAULT_VFS", "SECTOR_SIZE",
            "confine", "release", "confined_root", "refuse_link", "open_private", "own_file", "open_regular",
            "create_replacing", "pinned_files"]
 
-Buffer = Union[bytes, bytearray, memoryview]
 SECTOR_SIZE = 512
 _COPY_CHUNK = 1 << 20
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
-_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
-
-
-def _pwrite_all(fd: int, data: Buffer, offset: int) -> int:
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise OSError(errno.EIO, f"pwrite made no progress at offset {offset + done}")
-        done += n
-    return len(view)
-
-
-def _pread_all(fd: int, n: int, offset: int) -> bytes:
-    parts: list[bytes] = []
-    got = 0
-    while got < n:
-        chunk = os.pread(fd, n - got, offset + got)
-        if not chunk:
-            break
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
-# ---------------------------------------------------------------------------------------
-# fallocate(2)
-
-def _load_fallocate() -> Callable[..., int] | None:
-    """The C library's fallocate (64-bit offsets), or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    for name in ("fallocate64", "fallocate"):
-        fn = getattr(libc, name, None)
-        if fn is None or (name == "fallocate" and ctypes.sizeof(ctypes.c_long) < 8):
-            continue                       # plain fallocate takes a 32-bit off_t on 32-bit glibc
-        fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-        fn.restype = ctypes.c_int
-        return fn
-    return None
-
-
-_LIBC_FALLOCATE = _load_fallocate()
-
-
-def _fallocate(fd: int, length: int) -> int:
-    """``fallocate(fd, 0, 0, length)``: 0 on success, else the errno (ENOSYS without the call).
-
-    The system call itself, never glibc's ``posix_fallocate``: on a file system without
-    fallocate that one writes a byte into every block of the range (through FUSE, one request
-    per 4 KiB block: seconds per segment)."""
-    if _LIBC_FALLOCATE is None:
-        return errno.ENOSYS
-    while True:
-        if _LIBC_FALLOCATE(fd, 0, 0, length) == 0:
-            return 0
-        err = ctypes.get_errno()
-        if err != errno.EINTR:
-            return err
-
-
-# ---------------------------------------------------------------------------------------
-# Symbolic links.  Below a data directory this process holds (``confine``), every path is
-# resolved one component at a time with O_NOFOLLOW from a descriptor of the data directory, so
-# no component - file or directory - is ever followed, and a directory swapped for a link while
-# a path is in use cannot redirect it.  The data directory itself may be a link (the operator's
-# choice).  Outside confined directories, files opened for writing and rename destinations are
-# still never followed.
-
-_CONFINED: dict[str, int] = {}
-_CONFINED_LOCK = threading.Lock()
-
-
-def confine(root: str) -> str:
-    """Resolve every path below ``root`` without following links until :func:`release`."""
-    r = os.path.abspath(os.fspath(root))
-    with _CONFINED_LOCK:
-        _CONFINED[r] = _CONFINED.get(r, 0) + 1
-    return r
-
-
-def release(root: str) -> None:
-    r = os.path.abspath(os.fspath(root))
-    with _CONFINED_LOCK:
-        n = _CONFINED.get(r, 0) - 1
-        if n > 0:
-            _CONFINED[r] = n
-        else:
-            _CONFINED.pop(r, None)
-
-
-def confined_root(path: str) -> str | None:
-    """The confined directory ``path`` lies strictly below (the innermost one), or None."""
-    p = os.path.abspath(os.fspath(path))
-    best = None
-    with _CONFINED_LOCK:
-        for r in _CONFINED:
-            if p.startswith(r.rstrip(os.sep) + os.sep) and (best is None or len(r) > len(best)):
-                best = r
-    return best
-
-
-def _is_link(name: str, dir_fd: int | None) -> bool:
-    try:
-        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
-
-
-def refuse_link(path: str, *, dir_fd: int | None = None, name: str | None = None,
-                detail: str | None = None) -> None:
-    """Raise :class:`SymlinkError` when ``path`` (or ``name`` relative to ``dir_fd``) is a symbolic link."""
-    if _is_link(name if name is not None else path, dir_fd):
-        raise SymlinkError(path, detail)
-
-
-_KIND_NAMES = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-               stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link"}
-
-
-def _not_regular(path: str, mode: int) -> UnsafeFileError:
-    kind = _KIND_NAMES.get(stat.S_IFMT(mode), "not a regular file")
-    return UnsafeFileError(path, "not-regular",
-                           f"{path} is {kind}, not a regular file; walcrypt opens only regular files of its "
-                           "own there (and never blocks on a FIFO or device): remove it")
-
-
-def _hard_linked(path: str, nlink: int) -> UnsafeFileError:
-    return UnsafeFileError(path, "hard-link",
-                           f"{path} has {nlink} hard links (another name shares this file); walcrypt never "
-                           "writes, truncates or chmods a file it does not hold alone: remove this name")
-
-
-def own_file(fd: int, path: str, *, exclusive: bool) -> os.stat_result:
-    """``fstat`` of an opened ``fd``: refuse anything but a regular file, and, when ``exclusive``, a
-    file that another name shares (a hard link) - an :class:`UnsafeFileError`."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise _not_regular(path, st.st_mode)
-    if exclusive and st.st_nlink != 1:
-        raise _hard_linked(path, st.st_nlink)
-    return st
-
-
-def _refuse_special(full: str, *, dir_fd: int | None = None, name: str | None = None) -> None:
-    """After a failed open: an entry that is neither a regular file nor a link is an UnsafeFileError
-    (a FIFO without a writer, a socket: ENXIO; a directory where a file should be: EISDIR/EEXIST)."""
-    try:
-        st = os.stat(name if name is not None else full, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError:
-        return
-    if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
-        raise _not_regular(full, st.st_mode)
-
-
-def open_regular(path: str, *, exclusive: bool = False) -> int:
-    """Open an operator's file (an export) for reading: links are followed (the operator's path), but
-    the open never blocks and anything but a regular file - or, when ``exclusive``, a file another
-    name shares - is an :class:`UnsafeFileError`."""
-    try:
-        fd = os.open(path, os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC)
-    except OSError:
-        _refuse_special(os.path.abspath(path))
-        raise
-    try:
-        own_file(fd, path, exclusive=exclusive)
-        _blocking(fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _blocking(fd: int) -> None:
-    """Clear O_NONBLOCK again (it was only there so a FIFO or device could not block the open)."""
-    if fcntl is not None and _O_NONBLOCK:
-        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
-        if fl & _O_NONBLOCK:
-            fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~_O_NONBLOCK)
-
-
-def _with_path(exc: OSError, path: str) -> OSError:
-    exc.filename = path
-    return exc
-
-
-def _open_dir_at(name: str, dir_fd: int | None, full: str) -> int:
-    """A directory component, never followed."""
-    try:
-        return os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
-    except OSError as exc:
-        refuse_link(full, dir_fd=dir_fd, name=name)
-        raise _with_path(exc, full) from None
-
-
-@contextlib.contextmanager
-def _located(path: str) -> Iterator[tuple[int | None, str, str, bool]]:
-    """``(dir_fd, name, full path, confined)`` of ``path``.
-
-    Below a confined root, ``dir_fd`` is the parent directory, reached component by component
-    without following links, and ``name`` its last component; elsewhere ``(None, path, path, False)``."""
-    full = os.path.abspath(os.fspath(path))
-    root = confined_root(full)
-    if root is None:
-        yield None, full, full, False
-        return
-    parts = full[len(root.rstrip(os.sep)) + 1:].split(os.sep)
-    fd = os.open(root, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-    try:
-        cur = root
-        for comp in parts[:-1]:
-            cur = os.path.join(cur, comp)
-            prev, fd = fd, _open_dir_at(comp, fd, cur)
-            os.close(prev)       # after the swap: an interruption here leaks one fd, never closes one twice
-        yield fd, parts[-1], full, True
-    finally:
-        os.close(fd)
 
 
 def open_private(path: str, flags: int = os.O_WRONLY, *, replace_stale: bool = False,
@@ -287,7 +81,7 @@ def open_private(path: str, flags: int = os.O_WRONLY, *, replace_stale: bool = F
     A symbolic link at ``path`` is a :class:`SymlinkError` (its target is not touched).  A
     regular file already there is a FileExistsError, or, with ``replace_stale``, unlinked first
     (a temporary file of walcrypt's own left by a crash)."""
-    want = flags | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+    want = flags | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC
     with _located(path) as (dfd, name, full, _):
         for attempt in (1, 2):
             try:
@@ -295,13 +89,13 @@ def open_private(path: str, flags: int = os.O_WRONLY, *, replace_stale: bool = F
                 break
             except FileExistsError as exc:
                 refuse_link(full, dir_fd=dfd, name=name, detail=detail)
-                _refuse_special(full, dir_fd=dfd, name=name)
+                refuse_special(full, dir_fd=dfd, name=name)
                 if not replace_stale or attempt == 2:
-                    raise _with_path(exc, full) from None
+                    raise with_path(exc, full) from None
                 os.unlink(name, dir_fd=dfd)
             except OSError as exc:
                 refuse_link(full, dir_fd=dfd, name=name, detail=detail)
-                raise _with_path(exc, full) from None
+                raise with_path(exc, full) from None
     try:
         os.fchmod(fd, 0o600)
     except BaseException:
@@ -325,20 +119,20 @@ class VFS:
         writing = bool(flags & _WRITE_FLAGS)
         with _located(path) as (dfd, name, full, confined):
             nofollow = confined or writing
-            want = (flags & ~os.O_TRUNC) | _O_CLOEXEC | _O_NONBLOCK | (_O_NOFOLLOW if nofollow else 0)
+            want = (flags & ~os.O_TRUNC) | O_CLOEXEC | O_NONBLOCK | (O_NOFOLLOW if nofollow else 0)
             try:
                 fd = os.open(name, want, mode, dir_fd=dfd)
             except OSError as exc:
                 if nofollow:
                     refuse_link(full, dir_fd=dfd, name=name)
-                _refuse_special(full, dir_fd=dfd, name=name)
-                raise _with_path(exc, full) from None
+                refuse_special(full, dir_fd=dfd, name=name)
+                raise with_path(exc, full) from None
         try:
             st = own_file(fd, full, exclusive=writing)
             if flags & os.O_TRUNC and st.st_size:
                 os.ftruncate(fd, 0)
-            if not flags & _O_NONBLOCK:
-                _blocking(fd)
+            if not flags & O_NONBLOCK:
+                set_blocking(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -349,11 +143,11 @@ class VFS:
 
     def pwrite(self, fd: int, data: Buffer, offset: int) -> int:
         """Write all of ``data`` at ``offset`` (looping over partial writes); return its length."""
-        return _pwrite_all(fd, data, offset)
+        return pwrite_all(fd, data, offset)
 
     def pread(self, fd: int, n: int, offset: int) -> bytes:
         """Read up to ``n`` bytes at ``offset``; fewer only at end of file."""
-        return _pread_all(fd, n, offset)
+        return pread_all(fd, n, offset)
 
     def fdatasync(self, fd: int) -> None:
         (getattr(os, "fdatasync", None) or os.fsync)(fd)
@@ -364,8 +158,8 @@ class VFS:
     def _open_dir(self, path: str) -> int:
         with _located(path) as (dfd, name, full, confined):
             if confined:
-                return _open_dir_at(name, dfd, full)
-            return os.open(full, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+                return open_dir_at(name, dfd, full)
+            return os.open(full, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
 
     def fsync_dir(self, path: str) -> None:
         """Make the entries (creates, renames, unlinks) of directory ``path`` durable."""
@@ -383,7 +177,7 @@ class VFS:
         err = _fallocate(fd, length)
         if err == 0:
             return
-        if err not in _NO_FALLOCATE:
+        if err not in NO_FALLOCATE:
             raise OSError(err, f"fallocate: {os.strerror(err)}")
         if os.fstat(fd).st_size < length:
             os.ftruncate(fd, length)
@@ -410,7 +204,7 @@ class VFS:
             try:
                 os.unlink(name, dir_fd=dfd)
             except OSError as exc:
-                raise _with_path(exc, full) from None
+                raise with_path(exc, full) from None
 
     def mkdir(self, path: str, mode: int = 0o700) -> None:
         with _located(path) as (dfd, name, full, _):
@@ -418,7 +212,7 @@ class VFS:
                 os.mkdir(name, mode, dir_fd=dfd)
             except OSError as exc:
                 refuse_link(full, dir_fd=dfd, name=name)
-                raise _with_path(exc, full) from None
+                raise with_path(exc, full) from None
 
     def makedirs(self, path: str, mode: int = 0o700) -> None:
         full = os.path.abspath(os.fspath(path))
@@ -427,7 +221,7 @@ class VFS:
             refuse_link(full)
             os.makedirs(full, mode, exist_ok=True)
             return
-        fd = os.open(root, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        fd = os.open(root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         try:
             cur = root
             for comp in full[len(root.rstrip(os.sep)) + 1:].split(os.sep):
@@ -437,8 +231,8 @@ class VFS:
                 except FileExistsError:
                     pass
                 except OSError as exc:
-                    raise _with_path(exc, cur) from None
-                nfd = _open_dir_at(comp, fd, cur)
+                    raise with_path(exc, cur) from None
+                nfd = open_dir_at(comp, fd, cur)
                 os.close(fd)
                 fd = nfd
         finally:
@@ -471,7 +265,7 @@ class VFS:
             try:
                 return os.stat(name, dir_fd=dfd).st_size
             except OSError as exc:
-                raise _with_path(exc, full) from None
+                raise with_path(exc, full) from None
 
     def rmtree(self, path: str) -> bool:
         """Remove the directory tree at ``path``; False if there is no directory there.
@@ -572,7 +366,7 @@ def pinned_files(directory: str, names: tuple[str, ...], *, writable: bool, crea
         for name in names:
             flags = (os.O_RDWR if writable or name in writable_names else os.O_RDONLY) | (os.O_CREAT if create else 0)
             try:
-                fds[name] = DEFAULT_VFS.open(os.path.join(directory, name), flags | _O_NOFOLLOW, 0o600)
+                fds[name] = DEFAULT_VFS.open(os.path.join(directory, name), flags | O_NOFOLLOW, 0o600)
             except FileNotFoundError:
                 continue
             except UnsafeFileError:

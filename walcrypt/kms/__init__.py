@@ -29,12 +29,14 @@ import logging
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, TypeVar, runtime_checkable
 
 from .. import keys as K
 from ..errors import KeyProviderError, KeyProviderUnavailableError, UsageError, WalcryptError, WrongKeyError
 
 log = logging.getLogger("walcrypt")
+
+_T = TypeVar("_T")
 
 __all__ = ["Kms", "KmsPlugin", "Retry", "KmsWrapper"]
 
@@ -75,7 +77,7 @@ class Retry:
     delay: float = 0.2
     max_delay: float = 5.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if type(self.attempts) is not int or not 1 <= self.attempts <= 100:
             raise UsageError("Retry.attempts is a whole number of calls from 1 to 100")
         for name in ("delay", "max_delay"):
@@ -83,7 +85,7 @@ class Retry:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
                 raise UsageError(f"Retry.{name} is a number of seconds from 0 to 3600")
 
-    def delays(self):
+    def delays(self) -> Iterator[float]:
         """The sleeps between the attempts (attempts - 1 of them)."""
         d = float(self.delay)
         for _ in range(self.attempts - 1):
@@ -100,7 +102,7 @@ class KmsWrapper:
 
     remote = True          # its calls leave the process: unwrapped keys are kept while the store is open
 
-    def __init__(self, name: str, plugin: KmsPlugin, retry: Retry, identity: dict | None):
+    def __init__(self, name: str, plugin: KmsPlugin, retry: Retry, identity: dict | None) -> None:
         self.name = name
         self._plugin = plugin
         self.retry = retry
@@ -113,28 +115,9 @@ class KmsWrapper:
         """The same service, asked once with no retries (for a retry that must not wait)."""
         return KmsWrapper(self.name, self._plugin, NO_RETRY, self.identity)
 
-    def _call(self, what: str, fn, *args, retry: Retry | None = None, unwrapping: bool = False):
-        last = None
-        delays = list((retry or self.retry).delays())
-        for attempt in range(len(delays) + 1):
-            try:
-                return fn(*args)
-            except (KeyProviderUnavailableError, ConnectionError, TimeoutError) as exc:
-                last = exc
-            except WalcryptError:
-                raise
-            except Exception as exc:
-                if unwrapping:
-                    raise WrongKeyError(
-                        f"KMS plug-in {self.name!r} could not unwrap a data key ({type(exc).__name__}): "
-                        "wrong KMS key or a keyring from another store") from None
-                raise KeyProviderError(f"KMS plug-in {self.name!r} failed to {what}: "
-                                       f"{type(exc).__name__}: {_first_line(exc)}") from None
-            if attempt < len(delays):
-                log.warning("KMS %s could not %s (%s); retrying in %.1f s", self.name, what,
-                            _first_line(last), delays[attempt])
-                time.sleep(delays[attempt])
-        raise unavailable(self.name, what, last, len(delays) + 1)
+    def _call(self, what: str, fn: Callable[..., _T], *args: Any, retry: Retry | None = None,
+              unwrapping: bool = False) -> _T:
+        return _call_service(self.name, retry or self.retry, what, fn, *args, unwrapping=unwrapping)
 
     def wrap(self, secret: bytes, context: bytes) -> bytes:
         blob = self._call("wrap a key", self._plugin.wrap, secret, context)
@@ -145,7 +128,7 @@ class KmsWrapper:
             raise WrongKeyError("this data key was not wrapped by a KMS plug-in; open the store with its own KEK")
         return bytes(self._call("unwrap a key", self._plugin.unwrap, bytes(blob[1:]), context, unwrapping=True))
 
-    def can_rewrap(self, old) -> bool:
+    def can_rewrap(self, old: object) -> bool:
         """Whether keys wrapped by ``old`` can be re-wrapped by this service without unwrapping them."""
         return (isinstance(old, KmsWrapper) and old.name == self.name and hasattr(self._plugin, "rewrap")
                 and old.identity is not None and K.stable_identity(old.identity) == K.stable_identity(self.identity))
@@ -153,7 +136,10 @@ class KmsWrapper:
     def rewrap(self, blob: bytes, context: bytes) -> bytes:
         if not blob or blob[0] != K.WRAP_VERSION_KMS:
             raise WrongKeyError("this data key was not wrapped by a KMS plug-in")
-        out = self._call("re-wrap a key", self._plugin.rewrap, bytes(blob[1:]), context, unwrapping=True)
+        rewrap: Callable[[bytes, bytes], bytes] | None = getattr(self._plugin, "rewrap", None)
+        if rewrap is None:                 # optional: callers ask can_rewrap first
+            raise AttributeError(f"KMS plug-in {self.name!r} has no rewrap")
+        out = self._call("re-wrap a key", rewrap, bytes(blob[1:]), context, unwrapping=True)
         return bytes([K.WRAP_VERSION_KMS]) + bytes(out)
 
     def check_value(self) -> None:
@@ -166,6 +152,34 @@ class KmsWrapper:
                 close()
             except Exception as exc:        # noqa: BLE001 - closing is best effort, and says so
                 log.warning("KMS plug-in %s failed to close: %s", self.name, type(exc).__name__)
+
+
+def _call_service(name: str, retry: Retry, what: str, fn: Callable[..., _T], *args: Any,
+                  unwrapping: bool = False) -> _T:
+    """``fn(*args)``, a call to the key service ``name``, under the contract of this module: retried
+    per ``retry`` while the service is unavailable, then KeyProviderUnavailableError; any other
+    failure a WrongKeyError when ``unwrapping``, else a KeyProviderError."""
+    last: BaseException | None = None
+    delays = list(retry.delays())
+    for attempt in range(len(delays) + 1):
+        try:
+            return fn(*args)
+        except (KeyProviderUnavailableError, ConnectionError, TimeoutError) as exc:
+            last = exc
+        except WalcryptError:
+            raise
+        except Exception as exc:
+            if unwrapping:
+                raise WrongKeyError(
+                    f"KMS plug-in {name!r} could not unwrap a data key ({type(exc).__name__}): "
+                    "wrong KMS key or a keyring from another store") from None
+            raise KeyProviderError(f"KMS plug-in {name!r} failed to {what}: "
+                                   f"{type(exc).__name__}: {_first_line(exc)}") from None
+        if attempt < len(delays):
+            log.warning("KMS %s could not %s (%s); retrying in %.1f s", name, what,
+                        _first_line(last), delays[attempt])
+            time.sleep(delays[attempt])
+    raise unavailable(name, what, last, len(delays) + 1)
 
 
 def unavailable(name: str, what: str, exc: BaseException | None, attempts: int) -> KeyProviderUnavailableError:
@@ -191,7 +205,7 @@ class Kms(K.KeyEncryptionKey):
 
     kind = "kms"
 
-    def __init__(self, name: str, *, retry: Retry | None = None, **options):
+    def __init__(self, name: str, *, retry: Retry | None = None, **options: Any) -> None:
         if not K.valid_plugin_name(name):
             raise UsageError(f"a KMS plug-in name is 1 .. {K.MAX_PLUGIN_NAME} printable characters without '=' "
                              "(an entry-point name of the group walcrypt.kms)")
@@ -219,8 +233,8 @@ class Kms(K.KeyEncryptionKey):
                                        "pip install 'walcrypt[vault]')") from None
             except Exception as exc:
                 raise KeyProviderError(f"KMS plug-in {self.name!r} cannot be loaded: {type(exc).__name__}") from None
-            starter = KmsWrapper(self.name, None, self.retry, None)        # error mapping and retries
-            self._plugin = starter._call("start", lambda: factory(**self.options))
+            # the factory's call, with the error mapping and retries of every plug-in call
+            self._plugin = _call_service(self.name, self.retry, "start", lambda: factory(**self.options))
         return self._plugin
 
     def identity(self) -> dict | None:

@@ -215,6 +215,7 @@ class Pkcs11Key:
             raise KeyProviderError("pkcs11 needs the option token_label (the token's label)")
         if (key_label is None) == (key_id is None) or key_label == "" or key_id == "":
             raise KeyProviderError("pkcs11 needs exactly one of the options key_label and key_id (hex of CKA_ID)")
+        self._key_id: bytes | None
         if key_id is not None:
             text = key_id[2:] if key_id.lower().startswith("0x") else key_id
             try:
