@@ -6,6 +6,7 @@ import errno
 import os
 import random
 import stat
+import sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -845,3 +846,35 @@ def test_confined_paths_never_follow_any_component(tmp_path):
     assert vfs_mod.confined_root(str(root / "sub" / "f")) is None
     _intact(target)
     assert sorted(os.listdir(target.parent)) == ["target"]
+
+
+def test_pinned_files_interrupted_after_the_hand_over_closes_nothing_twice(tmp_path):
+    """An interruption (KeyboardInterrupt) arriving at any line of pinned_files after the descriptors
+    were handed to ``keep`` must leave them open for the caller to close: a double close could close
+    a descriptor number another thread was given meanwhile (found by the exception-injection test at
+    the line after the hand-over)."""
+    code = vfs_mod.pinned_files.__wrapped__.__code__
+    hand_over = next(n for n, line in enumerate(open(code.co_filename).read().splitlines(), 1)
+                     if "keep.extend(fds.values())" in line and n > code.co_firstlineno)
+    later_lines = []
+
+    def trace(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+        if event == "line" and frame.f_lineno > hand_over and not later_lines:
+            later_lines.append(frame.f_lineno)
+            raise KeyboardInterrupt("injected after the hand-over")
+        return trace
+
+    keep: list[int] = []
+    sys.settrace(trace)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with vfs_mod.pinned_files(str(tmp_path), ("data.mdb",), writable=True, create=True, keep=keep):
+                pass
+    finally:
+        sys.settrace(None)
+    assert later_lines, "the injection point was never reached"
+    assert len(keep) == 1
+    os.fstat(keep[0])                     # still open: handed over, not closed by pinned_files
+    os.close(keep[0])

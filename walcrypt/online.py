@@ -160,7 +160,7 @@ class FrozenMeta(M.Meta):
         """A new copy, as of now, under the same MAC key, its catalog authenticated (so that a record
         found missing in it was deleted by the writer, not behind walcrypt's back)."""
         new = FrozenMeta(self.live)
-        new.set_mac_key(self._mac_key, version=self.mac_version)
+        new.set_mac_key(self.mac_key, version=self.mac_version)
         new.verify_catalog()
         return new
 

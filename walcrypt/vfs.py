@@ -383,10 +383,14 @@ def pinned_files(directory: str, names: tuple[str, ...], *, writable: bool, crea
         else:
             yield directory
         if keep is not None:
-            keep.extend(fds.values())
-            fds = {}
+            keep.extend(fds.values())       # one step: from here on the caller closes them
     finally:
+        # Closed here unless handed over: an interruption (KeyboardInterrupt) between the hand-over and
+        # the end of the block must not close descriptors the caller will close again (a double close
+        # may close a descriptor number another thread has been given meanwhile).
+        handed = set(keep) if keep is not None else set()
         for fd in fds.values():
-            os.close(fd)
+            if fd not in handed:
+                os.close(fd)
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)

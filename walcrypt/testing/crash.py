@@ -55,7 +55,7 @@ class CrashVFS(FaultyVFS):
 
     def shutdown(self) -> None:
         """Stop tracking: everything done so far stays as it is on disk (no crash)."""
-        with self._lock:
+        with self.lock:
             release_all(self._nodes, self._holding)
             self._fds.clear()
             self._ops.clear()
@@ -71,8 +71,8 @@ class CrashVFS(FaultyVFS):
         cat = op_category(op)
         if n < 1:
             raise ValueError("n counts from 1 (the next call)")
-        with self._lock:
-            self._armed.setdefault(cat, {})[self._seen[cat] + n] = when
+        with self.lock:
+            self._armed.setdefault(cat, {})[self.calls_seen[cat] + n] = when
 
     @property
     def crashed(self) -> bool:
@@ -292,7 +292,7 @@ class CrashVFS(FaultyVFS):
         ``keep_probability``, in the original order.  Non-durable directory operations are
         reverted newest first.  Armed crashes are disarmed; injected faults stay.
         """
-        with self._lock:
+        with self.lock:
             rng = rng if rng is not None else random.Random()
             for fd in self._fds:
                 try:

@@ -41,8 +41,8 @@ class FaultyVFS(VFS):
     def __init__(self, base: VFS | None = None) -> None:
         self.base: VFS = base if base is not None else DEFAULT_VFS
         self.calls: collections.Counter[str] = collections.Counter()
-        self._lock = threading.RLock()
-        self._seen: collections.Counter[str] = collections.Counter()
+        self.lock = threading.RLock()
+        self.calls_seen: collections.Counter[str] = collections.Counter()
         self._fail: dict[str, dict[int, int]] = {}
         self._short_next: int | None = None
         self._enospc_budget: int | None = None
@@ -54,12 +54,12 @@ class FaultyVFS(VFS):
         cat = op_category(op)
         if n < 1:
             raise ValueError("n counts from 1 (the next call)")
-        with self._lock:
-            self._fail.setdefault(cat, {})[self._seen[cat] + n] = err
+        with self.lock:
+            self._fail.setdefault(cat, {})[self.calls_seen[cat] + n] = err
 
     def short_write_next(self, nbytes: int) -> None:
         """The next pwrite writes only its first ``nbytes`` bytes, then raises EIO."""
-        with self._lock:
+        with self.lock:
             self._short_next = max(0, nbytes)
 
     def enospc_after(self, nbytes: int) -> None:
@@ -68,11 +68,11 @@ class FaultyVFS(VFS):
         The write that crosses the limit writes what fits first.  Every written byte
         counts (overwrites too): it is a budget, not a free-space model.
         """
-        with self._lock:
+        with self.lock:
             self._enospc_budget = max(0, nbytes)
 
     def clear_faults(self) -> None:
-        with self._lock:
+        with self.lock:
             self._fail.clear()
             self._short_next = None
             self._enospc_budget = None
@@ -80,7 +80,7 @@ class FaultyVFS(VFS):
     # -- plumbing ------------------------------------------------------------------
 
     def _run(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
-        with self._lock:
+        with self.lock:
             n = self._before(op)
             try:
                 return fn(*args)
@@ -90,8 +90,8 @@ class FaultyVFS(VFS):
     def _before(self, op: str) -> int:
         self.calls[op] += 1
         cat = op_category(op)
-        self._seen[cat] += 1
-        n = self._seen[cat]
+        self.calls_seen[cat] += 1
+        n = self.calls_seen[cat]
         self._check_crash(cat, n, "before")
         err = self._fail.get(cat, {}).pop(n, None)
         if err is not None:
