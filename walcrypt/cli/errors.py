@@ -3,23 +3,34 @@ command group that maps every exception a command raises to them."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
+import traceback
 
 import click
+import lmdb
 
 from .. import keys as K
 from ..errors import (
+    AuthenticationError,
     CompactedError,
+    CorruptionError,
+    KeyNotFoundError,
     KeyProviderError,
     KeyProviderUnavailableError,
     LockedError,
+    StorageError,
+    StoreFailedError,
     SymlinkError,
     UnavailableError,
+    UnsafeFileError,
+    UnsupportedFormatError,
     UsageError,
     WalcryptError,
     WrongKeyError,
+    os_error_advice,
 )
 from .context import Ctx
 from .options import stored_kek
@@ -69,9 +80,6 @@ def _causes(exc: BaseException):
 
 def _no_permission(exc: BaseException) -> bool:
     """A permission problem, here or as the cause of a StorageError (EACCES, EPERM, EROFS, LMDB's ReadonlyError)."""
-    import errno
-
-    import lmdb
     for e in _causes(exc):
         if isinstance(e, (PermissionError, lmdb.ReadonlyError, NoWrite)):
             return True
@@ -81,15 +89,6 @@ def _no_permission(exc: BaseException) -> bool:
 
 
 def error_kind(exc: BaseException) -> str:
-    from ..errors import (
-        AuthenticationError,
-        CorruptionError,
-        KeyNotFoundError,
-        StorageError,
-        StoreFailedError,
-        UnsafeFileError,
-        UnsupportedFormatError,
-    )
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if _no_permission(exc):
@@ -135,7 +134,6 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, FileExistsError):
         return f"{exc.filename or 'a file'} already exists; refusing to overwrite it"
     if isinstance(exc, OSError):
-        from ..errors import os_error_advice
         return (f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''} "
                 f"({os_error_advice(exc)})")
     if isinstance(exc, KeyboardInterrupt):
@@ -163,7 +161,6 @@ def _which_key(exc: BaseException) -> str:
 
 def _error_doc(exc: BaseException, code: int, which_key: str = "") -> dict:
     """The JSON error object (README, "Command line"): kind, type, message, hint, path, exit_code."""
-    from ..errors import CorruptionError
     hint = None
     if isinstance(exc, CorruptionError) and exc.hint:
         where = f"{exc.path}{' at offset ' + str(exc.offset) if exc.offset is not None else ''}: " \
@@ -182,7 +179,6 @@ def _error_doc(exc: BaseException, code: int, which_key: str = "") -> dict:
 
 def _fail(exc: BaseException, code: int | None = None) -> None:
     if Ctx.debug:
-        import traceback
         traceback.print_exception(exc)
     code = exit_code_of(exc) if code is None else code
     if isinstance(exc, WrongKeyError):

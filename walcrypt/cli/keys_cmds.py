@@ -6,6 +6,7 @@ import os
 
 import click
 
+from .. import crypto
 from .. import keys as K
 from ..errors import (
     KeyProviderError,
@@ -13,6 +14,7 @@ from ..errors import (
     WrongKeyError,
 )
 from ..kms import Kms
+from ..storage import Store
 from .app import command, main
 from .errors import EXIT_CODES, Group
 from .options import (
@@ -140,7 +142,6 @@ def init(directory, plaintext, algorithm, **kw) -> None:
       walcrypt init /var/lib/node1 --key-file /secure/kek
       walcrypt init /var/lib/legacy --plaintext
     """
-    from ..storage import Store
     kek = kek_from_options(kw)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UsageError(f"{directory} exists and is not a directory")
@@ -150,7 +151,6 @@ def init(directory, plaintext, algorithm, **kw) -> None:
         raise UsageError("a plaintext store takes no key; drop the key option or --plaintext")
     if not plaintext and kek is None:
         raise KeyProviderError("an encrypted store needs a key: --key-file F (create one with 'walcrypt keygen F')")
-    from .. import crypto
     if not plaintext:
         crypto.suite_by_name(algorithm)
         if isinstance(kek, K.KeyFile):
@@ -227,7 +227,6 @@ def rotate_kek(directory, **kw) -> None:
       walcrypt keygen /secure/kek2
       walcrypt rotate-kek /var/lib/node1 --key-file /secure/kek --new-key-file /secure/kek2
     """
-    from ..storage import Store
     new = new_kek_from_options(kw)
     kek = kek_from_options(kw)
     if new is None:

@@ -6,12 +6,18 @@ import os
 
 import click
 
+from .. import backup
+from .. import format as fmt
 from .. import keys as K
+from .. import meta as M
 from ..errors import (
     KeyProviderError,
     UsageError,
 )
 from ..kms import Kms, Retry
+from ..snapshot import SnapshotFile
+from ..storedir import open_meta, require_store, store_record
+from ..vfs import DEFAULT_VFS, open_regular
 from .context import Ctx
 
 # ---------------------------------------------------------------------------
@@ -112,11 +118,7 @@ def kek_from_options(kw) -> K.KeyEncryptionKey | None:
 def stored_kek(source: str) -> tuple[dict | None, bytes | None, str]:
     """(KEK parameters, check value, what) stored in a data directory, an export or a snapshot file, read
     without any key (neither is secret; neither is authenticated: they are what open checks a key against)."""
-    from .. import backup
-    from .. import format as fmt
-    from .. import meta as M
     if os.path.isdir(source):
-        from ..storedir import open_meta, require_store, store_record
         root = require_store(source)
         meta = open_meta(root, source)
         try:
@@ -178,14 +180,11 @@ class SnapOnly:
         return {}                 # no export keyring: the snapshot's own bundle is used
 
     def snapshot_file(self):
-        from ..snapshot import SnapshotFile
-        from ..vfs import DEFAULT_VFS
         return SnapshotFile(DEFAULT_VFS, self.path)
 
 
 def read_magic(path: str) -> bytes:
     """The first 8 bytes of an operator's file: never blocks on a FIFO or device (UnsafeFileError)."""
-    from ..vfs import open_regular
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not a snapshot file")
     fd = open_regular(path)

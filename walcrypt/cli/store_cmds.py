@@ -15,6 +15,9 @@ from ..errors import (
     LockedError,
     UsageError,
 )
+from ..inspection_render import format_table, human_size, render
+from ..layout import looks_like_store
+from ..storedir import SharedLock, lock_holders, locked_message
 from .app import command
 from .context import Ctx
 from .errors import EXIT_FINDINGS, EXIT_OK
@@ -53,9 +56,8 @@ def inspect(directory, as_json, **kw) -> None:
       walcrypt inspect /var/lib/node1
       walcrypt inspect /var/lib/node1 --key-file /secure/kek --json
     """
+    # lazy: start-up time (walcrypt.inspection, the inspect report)
     from ..inspection import inspect_store
-    from ..inspection_render import render
-    from ..layout import looks_like_store
     key_file = kw.get("key_file")
     kek = kek_from_options(kw)
     legacy = legacy_findings(directory)
@@ -117,7 +119,6 @@ def _print_findings(report, root: str) -> None:
 
 
 def _summary(report) -> str:
-    from ..inspection_render import human_size
     rng = (f"; log {report.first_index}..{report.last_index}" if report.first_index is not None
            and report.last_index is not None and report.last_index >= report.first_index else "")
     return (f"{report.segments} segment(s), {report.records} records, {report.entries} entries "
@@ -142,6 +143,7 @@ def verify(directory, as_json, **kw) -> None:
     Example:
       walcrypt verify /var/lib/node1 --key-file /secure/kek
     """
+    # lazy: start-up time (walcrypt.check with its walk, findings and online readers)
     from ..check import check
     kek = kek_from_options(kw)
     root = store_root(directory)
@@ -185,6 +187,7 @@ def repair(directory, as_json, **kw) -> None:
     Example:
       walcrypt repair /var/lib/node1 --key-file /secure/kek
     """
+    # lazy: start-up time (walcrypt.check with its walk, findings and online readers)
     from ..check import check
     kek = kek_from_options(kw)
     root = store_root(directory)
@@ -192,7 +195,6 @@ def repair(directory, as_json, **kw) -> None:
     if encrypted and kek is None:
         raise need_key_error(directory)
     refuse_key_for_plaintext(directory, encrypted, kek)
-    from ..storedir import lock_holders, locked_message
     holders = lock_holders(root)
     if holders:
         raise LockedError(locked_message(directory, holders))
@@ -243,7 +245,6 @@ def compact(directory, index, do_apply, as_json, **kw) -> None:
     """
     kek = kek_from_options(kw)
     root = store_root(directory)
-    from ..storedir import SharedLock
     if do_apply:
         store = open_rw(root, directory, kek)
     else:
@@ -316,8 +317,8 @@ def recover(directory, do_apply, store_id, force, as_json, **kw) -> None:
       walcrypt recover /var/lib/node1 --key-file /secure/kek
       walcrypt recover /var/lib/node1 --key-file /secure/kek --apply
     """
+    # lazy: start-up time (walcrypt.recover with recover_scan, the meta/ rebuilder)
     from .. import recover as R
-    from ..storedir import lock_holders, locked_message
     kek = kek_from_options(kw)
     if kek is None:
         raise KeyProviderError("recover needs the store's KEK: --key-file F (or --key-env, --passphrase-env, --kms)")
@@ -345,7 +346,6 @@ def recover(directory, do_apply, store_id, force, as_json, **kw) -> None:
 
 
 def _recover_report(rep: dict, as_json: bool) -> None:
-    from ..inspection_render import format_table, human_size
     if as_json:
         emit_json(rep)
         return
@@ -408,7 +408,6 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
     Example:
       walcrypt dump /var/lib/node1 --key-file /secure/kek --from 100 --to 120 --json
     """
-    from ..storedir import SharedLock
     kek = kek_from_options(kw)
     if lo is not None and hi is not None and lo > hi + 1:       # --to FROM-1 is the empty range
         raise UsageError(f"--from {lo} is after --to {hi}: give the range first index first (--to is inclusive)")

@@ -12,10 +12,14 @@ import time
 
 import click
 
+from .. import layout
 from ..errors import (
     LockedError,
     UsageError,
 )
+from ..legacy import detect
+from ..storage import Store
+from ..storedir import lock_holders, locked_message, read_mode, require_store
 from .context import Ctx
 from .errors import NoWrite
 from .options import need_key_error
@@ -25,7 +29,6 @@ from .options import need_key_error
 # ---------------------------------------------------------------------------
 
 def store_mode(root: str, directory: str) -> bool:
-    from ..storedir import read_mode
     return read_mode(root, directory)
 
 
@@ -40,7 +43,6 @@ def refuse_key_for_plaintext(directory: str, encrypted: bool, kek) -> None:
 
 
 def open_ro(root: str, directory: str, kek):
-    from ..storage import Store
     encrypted = store_mode(root, directory)
     if encrypted and kek is None:
         raise need_key_error(directory)
@@ -49,8 +51,6 @@ def open_ro(root: str, directory: str, kek):
 
 
 def open_rw(root: str, directory: str, kek):
-    from ..storage import Store
-    from ..storedir import lock_holders, locked_message
     encrypted = store_mode(root, directory)
     holders = lock_holders(root)
     if holders:
@@ -71,7 +71,6 @@ def preflight(root: str, kek, encrypted: bool) -> None:
     """Open read-only first: a wrong key, damage, a torn tail or an unregistered snapshot file the
     read-write open would refuse is refused before a read-write open touches anything (even LMDB's
     lock file).  A torn tail is 'walcrypt repair''s job, not a side effect of a key operation."""
-    from ..storage import Store
     store = Store(root, kek=kek, encrypted=encrypted, read_only=True)
     try:
         refusal = store.snapshots.refusal()      # what only a read-write open looks at
@@ -82,7 +81,6 @@ def preflight(root: str, kek, encrypted: bool) -> None:
 
 
 def store_root(directory: str) -> str:
-    from ..storedir import require_store
     root = require_store(directory)
     Ctx.source = directory
     return root
@@ -91,7 +89,6 @@ def store_root(directory: str) -> str:
 def require_writable(root: str, directory: str) -> None:
     """Before a read-write command: every file and directory it may write is writable, or exit 2 saying
     why (a read-only mount, or permissions) - not a half-done operation and a misleading error later."""
-    from .. import layout
     meta = os.path.join(root, layout.META_DIR)
     paths = [root, meta] + [os.path.join(meta, n) for n in sorted(os.listdir(meta))]
     paths += [os.path.join(root, d) for d in (layout.WAL_ENCRYPTED, layout.SNAP_ENCRYPTED, layout.WAL_PLAIN,
@@ -197,7 +194,6 @@ def emit_json(obj) -> None:
 def legacy_findings(path: str) -> list[dict]:
     """What walcrypt.legacy.detect finds at ``path`` (data other Raft libraries wrote); never fails inspect."""
     try:
-        from ..legacy import detect
         return detect(path)
     except Exception as exc:                 # a detector's failure must not hide the store's own report
         logging.getLogger("walcrypt").debug("legacy detection at %s failed: %s", path, exc)
