@@ -7,7 +7,9 @@ import sys
 
 import click
 
-from .. import backup, crypto, storage
+import walcrypt
+
+from .. import backup, crypto
 from .. import format as fmt
 from .. import keys as K
 from ..errors import (
@@ -99,7 +101,7 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
             def progress(stage, done, total):
                 bar.stage(f"migrating to {target}: {stage}")
                 bar(done, total)
-            storage.open(root, kek=kek, encrypted=want, migrate=True, migration_progress=progress,
+            walcrypt.open(root, kek=kek, encrypted=want, migrate=True, migration_progress=progress,
                           algorithm=algorithm).close()
         click.echo(f"migrated {directory} to {target}"
                    + ("" if remove_source else "; the old directories are kept (remove them with --remove-source)"))
