@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 
 import click
 import lmdb
@@ -70,12 +71,13 @@ ERROR_KINDS = {
 }
 
 
-def _causes(exc: BaseException):
+def _causes(exc: BaseException) -> Iterator[BaseException]:
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__
 
 
 def _no_permission(exc: BaseException) -> bool:

@@ -98,17 +98,19 @@ def key_fingerprint(source, as_json, **kw) -> None:
         raise UsageError("a passphrase's fingerprint depends on the scrypt salt of the store it protects: give "
                          "the data directory, export or snapshot file as SOURCE")
     fp = K.fingerprint_of(kek, params)
-    out = {"key": kek.describe(), "fingerprint": fp}
+    out: dict[str, object] = {"key": kek.describe(), "fingerprint": fp}
+    need: dict | None = None            # what SOURCE needs, when given
+    matches: bool | None = None         # whether the key is SOURCE's (None: cannot tell)
     if source is not None:
         need = kek_summary(params, check)
-        out.update({"source": source, "source_kek": need})
         if isinstance(kek, Kms):
-            out["matches"] = (False if need.get("plugin") != kek.name
-                              else None if need["fingerprint"] is None or fp is None
-                              else need["fingerprint"] == fp)
+            matches = (False if need.get("plugin") != kek.name
+                       else None if need["fingerprint"] is None or fp is None
+                       else need["fingerprint"] == fp)
         else:
-            out["matches"] = None if need["fingerprint"] is None else need["fingerprint"] == fp
-        if out["matches"] is False:
+            matches = None if need["fingerprint"] is None else need["fingerprint"] == fp
+        out.update({"source": source, "source_kek": need, "matches": matches})
+        if matches is False:
             raise WrongKeyError(f"the key given ({kek.describe()}, "
                                 + (f"fingerprint {fp}" if fp else "a KMS plug-in") + f") is not the KEK {source} "
                                 f"needs ({describe_fingerprint(need)})")
@@ -120,11 +122,11 @@ def key_fingerprint(source, as_json, **kw) -> None:
     else:
         click.echo(f"none  {kek.describe()}: a KMS-held key has no check value, so no fingerprint (walcrypt "
                    "never sees the key)")
-    if source is not None:
-        if out["matches"]:
-            click.echo(f"{source} needs this key ({describe_fingerprint(out['source_kek'])})")
+    if need is not None:
+        if matches:
+            click.echo(f"{source} needs this key ({describe_fingerprint(need)})")
         else:
-            click.echo(f"{source}: {describe_fingerprint(out['source_kek'])}; whether the key is the right one "
+            click.echo(f"{source}: {describe_fingerprint(need)}; whether the key is the right one "
                        "shows only when it unwraps the data keys (walcrypt verify)")
 
 

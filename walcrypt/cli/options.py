@@ -151,7 +151,7 @@ def kek_summary(params: dict | None, check: bytes | None) -> dict:
     """What names the KEK a store or file needs: its kind, its fingerprint (None for a KMS-held key, which
     has no check value: the plug-in name is what identifies it)."""
     out: dict = {"kind": (params or {}).get("kind"), "fingerprint": K.params_fingerprint(params, check)}
-    if out["kind"] == "kms":
+    if params is not None and out["kind"] == "kms":
         out["plugin"] = params.get("plugin")
     return out
 
@@ -170,10 +170,12 @@ def need_key_error(directory: str) -> KeyProviderError:
                             "--passphrase-env, --kms)")
 
 
-class SnapOnly:
-    """A raw ``.snap`` file presented the way backup.unlock_export expects an export."""
+class SnapOnly(backup.ExportFile):
+    """A raw ``.snap`` file presented the way backup.unlock_export expects an export: an export with no
+    header of its own (no embedded KEK, no export keyring, the snapshot at offset 0).  The header's other
+    fields (flags, created_ns, store_id, snapshot_length) are not there to read."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str):      # not ExportFile.__init__: there is no export header to parse
         self.path, self.kek, self.snapshot_offset, self.bundle = path, None, 0, b""
 
     def bundle_doc(self) -> dict:

@@ -213,6 +213,7 @@ def _inspect_snapshot_file(path: str, kek, plaintext: bool = False) -> dict:
         backup.refuse_plaintext(path, plaintext, "a KEK was given, so an encrypted snapshot was expected")
     if kek is not None or (info["plaintext"] and plaintext):
         unlocked = backup.unlock_export(shim, kek, plaintext=plaintext)
+        assert unlocked.meta is not None        # unlock_export unlocked it: unlock() decoded its metadata
         info["conf_state"] = {"voters": list(unlocked.meta.conf_state.voters),
                               "learners": list(unlocked.meta.conf_state.learners)}
         info["data_bytes"] = unlocked.verify()

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,6 +24,9 @@ from ..storedir import lock_holders, locked_message, read_mode, require_store
 from .context import Ctx
 from .errors import NoWrite
 from .options import need_key_error
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar  # what click.progressbar returns (click.termui names it so too)
 
 # ---------------------------------------------------------------------------
 # Opening stores
@@ -124,19 +128,20 @@ class Bar:
     def __init__(self, label: str, *, unit: str = "bytes"):
         self.label = label
         self.unit = unit
-        self.bar = None
+        self.bar: ProgressBar[int] | None = None
 
     def __enter__(self) -> "Bar":
         if _progress_on():
-            self.bar = click.progressbar(length=1, label=self.label, file=sys.stderr, show_pos=False,
-                                         show_percent=True, show_eta=True, width=30)
+            bar = click.progressbar(length=1, label=self.label, file=sys.stderr, show_pos=False,
+                                    show_percent=True, show_eta=True, width=30)
             # --progress on a non-terminal draws the bar too (click hides it there; the attribute
             # is named is_hidden up to click 8.1 and _is_atty since)
-            if hasattr(self.bar, "is_hidden"):
-                self.bar.is_hidden = False
-            if hasattr(self.bar, "_is_atty"):
-                self.bar._is_atty = True
-            self.bar.__enter__()
+            if hasattr(bar, "is_hidden"):
+                bar.is_hidden = False
+            if hasattr(bar, "_is_atty"):
+                bar._is_atty = True
+            bar.__enter__()
+            self.bar = bar
         return self
 
     def __call__(self, done: int, total: int) -> None:
@@ -162,7 +167,7 @@ class Spinner:
     def __init__(self, label: str):
         self.label = label
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         start = time.monotonic()
