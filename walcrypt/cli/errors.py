@@ -4,7 +4,6 @@ command group that maps every exception a command raises to them."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
 import traceback
@@ -35,6 +34,7 @@ from ..errors import (
 )
 from .context import Ctx
 from .options import stored_kek
+from .output import emit_json, end_json_list_with_error
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -191,11 +191,9 @@ def _fail(exc: BaseException, code: int | None = None) -> None:
     if Ctx.json:
         doc = _error_doc(exc, code, which_key)
         if Ctx.json_stream_open:        # close the streamed document: the error becomes its "error" member
-            Ctx.json_stream_open = False
-            body = json.dumps(doc["error"], indent=2).replace("\n", "\n  ")
-            click.echo(f'\n  ],\n  "error": {body}\n}}')
+            end_json_list_with_error(doc["error"])
         else:
-            click.echo(json.dumps(doc, indent=2))
+            emit_json(doc)
     click.echo(f"walcrypt: error: {_message(exc)}{which_key}{hint}", err=True)
     sys.exit(code)
 

@@ -27,7 +27,8 @@ from .options import (
     new_key_options,
     stored_kek,
 )
-from .stores import Spinner, emit_json, open_rw, store_mode, store_root
+from .output import emit_json
+from .stores import Spinner, open_rw, store_mode, store_root
 
 # ---------------------------------------------------------------------------
 # keygen, init

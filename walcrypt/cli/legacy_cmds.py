@@ -15,7 +15,8 @@ from .app import command, main
 from .context import Ctx
 from .errors import EXIT_CODES, Group
 from .options import kek_from_options, key_options
-from .stores import Spinner, emit_json
+from .output import emit_json
+from .stores import Spinner
 
 # ---------------------------------------------------------------------------
 # import, export: data written before walcrypt (walcrypt.legacy)

@@ -18,7 +18,6 @@ from ..errors import (
     SymlinkError,
     UsageError,
 )
-from ..inspection_render import format_table, human_size
 from ..storedir import lock_holders, locked_message
 from .app import command, main
 from .context import Ctx
@@ -35,10 +34,10 @@ from .options import (
     read_magic,
     stored_kek,
 )
+from .output import emit_json, format_table, human_size
 from .stores import (
     Bar,
     Spinner,
-    emit_json,
     preflight,
     refuse_key_for_plaintext,
     require_writable,

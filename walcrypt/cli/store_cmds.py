@@ -15,17 +15,16 @@ from ..errors import (
     LockedError,
     UsageError,
 )
-from ..inspection_render import format_table, human_size, render
+from ..inspection_render import render
 from ..layout import looks_like_store
 from ..storedir import SharedLock, lock_holders, locked_message
 from .app import command
-from .context import Ctx
 from .errors import EXIT_FINDINGS, EXIT_OK
 from .options import kek_from_options, key_options, need_key_error
+from .output import JsonList, emit_json, format_table, human_size
 from .stores import (
     Bar,
     Spinner,
-    emit_json,
     legacy_findings,
     open_ro,
     open_rw,
@@ -437,30 +436,25 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
                     "conf_state": {"voters": list(cs.voters), "learners": list(cs.learners)},
                     "snapshot": None if snap is None else {"index": snap.meta.index, "term": snap.meta.term,
                                                            "size": snap.size}}
-            if as_json:
-                click.echo(json.dumps(head, indent=2)[:-2] + ',\n  "entries": [', nl=False)
-                Ctx.json_stream_open = True        # an error from here on closes the document (see _fail)
-            else:
+            # --json: an error from here on ends the document with its "error" member (see errors._fail)
+            listing = JsonList(head, "entries") if as_json else None
+            if listing is None:
                 click.echo(f"hard state: term={hs.term} vote={hs.vote} commit={hs.commit}")
                 click.echo(f"log: first index {first}, last index {last}"
                            + (f"; snapshot at index {snap.meta.index} term {snap.meta.term}" if snap else ""))
                 click.echo("INDEX\tTERM\tSIZE\tDATA")
-            n = 0
             idx = a
             while idx <= b:
                 batch = store.entries(idx, min(b, idx + 1023) + 1, max_size=4 << 20)
                 for e in batch:
                     v = _data_view(e.data)
-                    if as_json:
-                        click.echo(("\n    " if n == 0 else ",\n    ")
-                                   + json.dumps({"index": e.index, "term": e.term, **v}), nl=False)
+                    if listing is not None:
+                        listing.add({"index": e.index, "term": e.term, **v})
                     else:
                         shown = json.dumps(v["text"], ensure_ascii=False) if "text" in v else "base64:" + v["base64"]
                         click.echo(f"{e.index}\t{e.term}\t{len(e.data)}\t{shown}")
-                    n += 1
                 idx = batch[-1].index + 1
-            if as_json:
-                Ctx.json_stream_open = False
-                click.echo(("\n  ]\n}" if n else "]\n}"))
+            if listing is not None:
+                listing.close()
         finally:
             store.close()

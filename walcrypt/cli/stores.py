@@ -1,9 +1,8 @@
 """Opening stores for a command (read-only, read-write, preflight checks), progress on stderr,
-JSON output, legacy data found where a store was expected."""
+legacy data found where a store was expected."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -190,10 +189,6 @@ class Spinner:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-
-
-def emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2))
 
 
 def legacy_findings(path: str) -> list[dict]:

@@ -14,7 +14,7 @@ from ..errors import (
 )
 from .app import command, main
 from .errors import EXIT_FINDINGS, EXIT_OK
-from .stores import emit_json
+from .output import emit_json
 
 # ---------------------------------------------------------------------------
 # demo, bench
