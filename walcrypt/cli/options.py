@@ -181,7 +181,7 @@ class SnapOnly(backup.ExportFile):
     def bundle_doc(self) -> dict:
         return {}                 # no export keyring: the snapshot's own bundle is used
 
-    def snapshot_file(self):
+    def snapshot_file(self) -> SnapshotFile:
         return SnapshotFile(DEFAULT_VFS, self.path)
 
 

@@ -175,7 +175,7 @@ def snapshot_export(directory, out, embed_kek, **kw) -> None:
     refuse_key_for_plaintext(directory, encrypted, kek)
     with Spinner("exporting"):
         info = backup.export_store(root, out_abs, kek=kek if encrypted else None, encrypted=encrypted,
-                            embed_kek=embed_kek)
+                                   embed_kek=embed_kek)
     click.echo(f"exported the snapshot at index {info['index']} term {info['term']} to {out} "
                f"({human_size(info['size'])}, mode 0600)")
     if info["kek_embedded"]:
