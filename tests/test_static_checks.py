@@ -32,7 +32,6 @@ def test_ruff_finds_nothing_in_walcrypt():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the type errors are being fixed module by module")
 def test_mypy_finds_nothing_in_walcrypt():
     res = _run("mypy")          # files and strictness: [tool.mypy] in pyproject.toml
     assert res.returncode == 0, res.stdout + res.stderr

@@ -290,7 +290,8 @@ def inspect_export(path: str, kek: K.KeyEncryptionKey | None = None, *, plaintex
     return info
 
 
-def unlock_export(ex: ExportFile, kek: K.KeyEncryptionKey | None, *, plaintext: bool = False) -> SnapshotFile:
+def unlock_export(ex: ExportFile | SnapshotSource, kek: K.KeyEncryptionKey | None, *,
+                  plaintext: bool = False) -> SnapshotFile:
     sf = ex.snapshot_file()
     h = sf.header
     if h.algorithm == fmt.ALG_NONE:

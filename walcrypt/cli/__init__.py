@@ -17,9 +17,12 @@ is also a JSON object on stdout, ``{"error": {"kind", "type", "message", "hint",
 "exit_code"}}`` (kinds: ``errors.ERROR_KINDS``).
 
 The package: ``app`` (the group), ``errors`` (exit codes and error output), ``options`` (key
-options), ``stores`` (opening stores, progress, JSON), and one module per command group
-(``keys_cmds``, ``store_cmds``, ``snapshot_cmds``, ``legacy_cmds``, ``tools_cmds``), imported
-here so that their commands are registered on the group.
+options), ``output`` (JSON documents, tables), ``stores`` (opening stores, progress), and one
+module per command group (``keys_cmds``, ``store_cmds``, ``snapshot_cmds``, ``legacy_cmds``,
+``tools_cmds``), imported here so that their commands are registered on the group.  Each module
+imports what it uses at its top, but for the tool subsystems only one command runs (the verify
+walk, the inspect report, the meta/ rebuilder, migration, the demo, the legacy parsers): that
+command imports them, for start-up time, as its comment says.
 """
 
 from __future__ import annotations

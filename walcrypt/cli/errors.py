@@ -3,26 +3,38 @@ command group that maps every exception a command raises to them."""
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import sys
+import traceback
+from collections.abc import Iterator
 
 import click
+import lmdb
 
 from .. import keys as K
 from ..errors import (
+    AuthenticationError,
     CompactedError,
+    CorruptionError,
+    KeyNotFoundError,
     KeyProviderError,
     KeyProviderUnavailableError,
     LockedError,
+    StorageError,
+    StoreFailedError,
     SymlinkError,
     UnavailableError,
+    UnsafeFileError,
+    UnsupportedFormatError,
     UsageError,
     WalcryptError,
     WrongKeyError,
+    os_error_advice,
 )
 from .context import Ctx
 from .options import stored_kek
+from .output import emit_json, end_json_list_with_error
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -59,19 +71,17 @@ ERROR_KINDS = {
 }
 
 
-def _causes(exc: BaseException):
+def _causes(exc: BaseException) -> Iterator[BaseException]:
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__
 
 
 def _no_permission(exc: BaseException) -> bool:
     """A permission problem, here or as the cause of a StorageError (EACCES, EPERM, EROFS, LMDB's ReadonlyError)."""
-    import errno
-
-    import lmdb
     for e in _causes(exc):
         if isinstance(e, (PermissionError, lmdb.ReadonlyError, NoWrite)):
             return True
@@ -81,15 +91,6 @@ def _no_permission(exc: BaseException) -> bool:
 
 
 def error_kind(exc: BaseException) -> str:
-    from ..errors import (
-        AuthenticationError,
-        CorruptionError,
-        KeyNotFoundError,
-        StorageError,
-        StoreFailedError,
-        UnsafeFileError,
-        UnsupportedFormatError,
-    )
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if _no_permission(exc):
@@ -135,7 +136,6 @@ def _message(exc: BaseException) -> str:
     if isinstance(exc, FileExistsError):
         return f"{exc.filename or 'a file'} already exists; refusing to overwrite it"
     if isinstance(exc, OSError):
-        from ..errors import os_error_advice
         return (f"{exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''} "
                 f"({os_error_advice(exc)})")
     if isinstance(exc, KeyboardInterrupt):
@@ -163,7 +163,6 @@ def _which_key(exc: BaseException) -> str:
 
 def _error_doc(exc: BaseException, code: int, which_key: str = "") -> dict:
     """The JSON error object (README, "Command line"): kind, type, message, hint, path, exit_code."""
-    from ..errors import CorruptionError
     hint = None
     if isinstance(exc, CorruptionError) and exc.hint:
         where = f"{exc.path}{' at offset ' + str(exc.offset) if exc.offset is not None else ''}: " \
@@ -182,7 +181,6 @@ def _error_doc(exc: BaseException, code: int, which_key: str = "") -> dict:
 
 def _fail(exc: BaseException, code: int | None = None) -> None:
     if Ctx.debug:
-        import traceback
         traceback.print_exception(exc)
     code = exit_code_of(exc) if code is None else code
     if isinstance(exc, WrongKeyError):
@@ -193,11 +191,9 @@ def _fail(exc: BaseException, code: int | None = None) -> None:
     if Ctx.json:
         doc = _error_doc(exc, code, which_key)
         if Ctx.json_stream_open:        # close the streamed document: the error becomes its "error" member
-            Ctx.json_stream_open = False
-            body = json.dumps(doc["error"], indent=2).replace("\n", "\n  ")
-            click.echo(f'\n  ],\n  "error": {body}\n}}')
+            end_json_list_with_error(doc["error"])
         else:
-            click.echo(json.dumps(doc, indent=2))
+            emit_json(doc)
     click.echo(f"walcrypt: error: {_message(exc)}{which_key}{hint}", err=True)
     sys.exit(code)
 

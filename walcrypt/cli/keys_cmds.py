@@ -6,6 +6,7 @@ import os
 
 import click
 
+from .. import crypto
 from .. import keys as K
 from ..errors import (
     KeyProviderError,
@@ -13,6 +14,7 @@ from ..errors import (
     WrongKeyError,
 )
 from ..kms import Kms
+from ..storage import Store
 from .app import command, main
 from .errors import EXIT_CODES, Group
 from .options import (
@@ -25,7 +27,8 @@ from .options import (
     new_key_options,
     stored_kek,
 )
-from .stores import Spinner, emit_json, open_rw, store_mode, store_root
+from .output import emit_json
+from .stores import Spinner, open_rw, store_mode, store_root
 
 # ---------------------------------------------------------------------------
 # keygen, init
@@ -96,17 +99,19 @@ def key_fingerprint(source, as_json, **kw) -> None:
         raise UsageError("a passphrase's fingerprint depends on the scrypt salt of the store it protects: give "
                          "the data directory, export or snapshot file as SOURCE")
     fp = K.fingerprint_of(kek, params)
-    out = {"key": kek.describe(), "fingerprint": fp}
+    out: dict[str, object] = {"key": kek.describe(), "fingerprint": fp}
+    need: dict | None = None            # what SOURCE needs, when given
+    matches: bool | None = None         # whether the key is SOURCE's (None: cannot tell)
     if source is not None:
         need = kek_summary(params, check)
-        out.update({"source": source, "source_kek": need})
         if isinstance(kek, Kms):
-            out["matches"] = (False if need.get("plugin") != kek.name
-                              else None if need["fingerprint"] is None or fp is None
-                              else need["fingerprint"] == fp)
+            matches = (False if need.get("plugin") != kek.name
+                       else None if need["fingerprint"] is None or fp is None
+                       else need["fingerprint"] == fp)
         else:
-            out["matches"] = None if need["fingerprint"] is None else need["fingerprint"] == fp
-        if out["matches"] is False:
+            matches = None if need["fingerprint"] is None else need["fingerprint"] == fp
+        out.update({"source": source, "source_kek": need, "matches": matches})
+        if matches is False:
             raise WrongKeyError(f"the key given ({kek.describe()}, "
                                 + (f"fingerprint {fp}" if fp else "a KMS plug-in") + f") is not the KEK {source} "
                                 f"needs ({describe_fingerprint(need)})")
@@ -118,11 +123,11 @@ def key_fingerprint(source, as_json, **kw) -> None:
     else:
         click.echo(f"none  {kek.describe()}: a KMS-held key has no check value, so no fingerprint (walcrypt "
                    "never sees the key)")
-    if source is not None:
-        if out["matches"]:
-            click.echo(f"{source} needs this key ({describe_fingerprint(out['source_kek'])})")
+    if need is not None:
+        if matches:
+            click.echo(f"{source} needs this key ({describe_fingerprint(need)})")
         else:
-            click.echo(f"{source}: {describe_fingerprint(out['source_kek'])}; whether the key is the right one "
+            click.echo(f"{source}: {describe_fingerprint(need)}; whether the key is the right one "
                        "shows only when it unwraps the data keys (walcrypt verify)")
 
 
@@ -140,7 +145,6 @@ def init(directory, plaintext, algorithm, **kw) -> None:
       walcrypt init /var/lib/node1 --key-file /secure/kek
       walcrypt init /var/lib/legacy --plaintext
     """
-    from ..storage import Store
     kek = kek_from_options(kw)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UsageError(f"{directory} exists and is not a directory")
@@ -150,7 +154,6 @@ def init(directory, plaintext, algorithm, **kw) -> None:
         raise UsageError("a plaintext store takes no key; drop the key option or --plaintext")
     if not plaintext and kek is None:
         raise KeyProviderError("an encrypted store needs a key: --key-file F (create one with 'walcrypt keygen F')")
-    from .. import crypto
     if not plaintext:
         crypto.suite_by_name(algorithm)
         if isinstance(kek, K.KeyFile):
@@ -227,7 +230,6 @@ def rotate_kek(directory, **kw) -> None:
       walcrypt keygen /secure/kek2
       walcrypt rotate-kek /var/lib/node1 --key-file /secure/kek --new-key-file /secure/kek2
     """
-    from ..storage import Store
     new = new_kek_from_options(kw)
     kek = kek_from_options(kw)
     if new is None:

@@ -15,7 +15,8 @@ from .app import command, main
 from .context import Ctx
 from .errors import EXIT_CODES, Group
 from .options import kek_from_options, key_options
-from .stores import Spinner, emit_json
+from .output import emit_json
+from .stores import Spinner
 
 # ---------------------------------------------------------------------------
 # import, export: data written before walcrypt (walcrypt.legacy)
@@ -59,6 +60,7 @@ def import_pysyncobj_cmd(directory, journal, dump, max_dump_bytes, as_json, **kw
       walcrypt import pysyncobj /var/lib/node1 --journal /var/lib/pso/node1.journal \\
           --dump /var/lib/pso/node1.dump --key-file /secure/node1.kek
     """
+    # lazy: start-up time (walcrypt.legacy.pysyncobj_files: the journal and pickle/gzip dump parsers)
     from ..legacy import pysyncobj_files as legacy
     kek = kek_from_options(kw)
     if kek is None:
@@ -113,6 +115,7 @@ def import_etcd_cmd(data, member_dir, as_json, **kw) -> None:
     Example:
       walcrypt import etcd /var/lib/node1 --member-dir /var/lib/etcd/member --key-file /secure/kek
     """
+    # lazy: start-up time (walcrypt.legacy.etcd: the etcd WAL reader and protobuf schemas)
     from ..legacy.etcd import import_etcd
     kek = kek_from_options(kw)
     if kek is None:
@@ -156,6 +159,7 @@ def export_etcd_cmd(data, member_dir, as_json, **kw) -> None:
       walcrypt export etcd /var/lib/node1 --member-dir /var/lib/etcd-restored/member --key-file /secure/kek
       etcd --data-dir /var/lib/etcd-restored --name node1 ...
     """
+    # lazy: start-up time (walcrypt.legacy.etcd: the etcd WAL reader and protobuf schemas)
     from ..legacy.etcd import export_etcd
     kek = kek_from_options(kw)
     Ctx.source = data

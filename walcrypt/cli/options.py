@@ -6,12 +6,17 @@ import os
 
 import click
 
+from .. import backup
+from .. import format as fmt
 from .. import keys as K
+from .. import meta as M
 from ..errors import (
     KeyProviderError,
     UsageError,
 )
 from ..kms import Kms, Retry
+from ..storedir import open_meta, require_store, store_record
+from ..vfs import open_regular
 from .context import Ctx
 
 # ---------------------------------------------------------------------------
@@ -112,11 +117,7 @@ def kek_from_options(kw) -> K.KeyEncryptionKey | None:
 def stored_kek(source: str) -> tuple[dict | None, bytes | None, str]:
     """(KEK parameters, check value, what) stored in a data directory, an export or a snapshot file, read
     without any key (neither is secret; neither is authenticated: they are what open checks a key against)."""
-    from .. import backup
-    from .. import format as fmt
-    from .. import meta as M
     if os.path.isdir(source):
-        from ..storedir import open_meta, require_store, store_record
         root = require_store(source)
         meta = open_meta(root, source)
         try:
@@ -137,7 +138,7 @@ def stored_kek(source: str) -> tuple[dict | None, bytes | None, str]:
         doc = ex.bundle_doc() or ex.snapshot_file().bundle_doc()
         what = "export"
     elif magic == fmt.SNAPSHOT_MAGIC:
-        doc = SnapOnly(source).snapshot_file().bundle_doc()
+        doc = backup.SnapshotSource(source).snapshot_file().bundle_doc()
         what = "snapshot"
     else:
         raise UsageError(f"{source} is not a walcrypt data directory, snapshot export or snapshot file")
@@ -149,7 +150,7 @@ def kek_summary(params: dict | None, check: bytes | None) -> dict:
     """What names the KEK a store or file needs: its kind, its fingerprint (None for a KMS-held key, which
     has no check value: the plug-in name is what identifies it)."""
     out: dict = {"kind": (params or {}).get("kind"), "fingerprint": K.params_fingerprint(params, check)}
-    if out["kind"] == "kms":
+    if params is not None and out["kind"] == "kms":
         out["plugin"] = params.get("plugin")
     return out
 
@@ -168,24 +169,8 @@ def need_key_error(directory: str) -> KeyProviderError:
                             "--passphrase-env, --kms)")
 
 
-class SnapOnly:
-    """A raw ``.snap`` file presented the way backup.unlock_export expects an export."""
-
-    def __init__(self, path: str):
-        self.path, self.kek, self.snapshot_offset, self.bundle = path, None, 0, b""
-
-    def bundle_doc(self) -> dict:
-        return {}                 # no export keyring: the snapshot's own bundle is used
-
-    def snapshot_file(self):
-        from ..snapshot import SnapshotFile
-        from ..vfs import DEFAULT_VFS
-        return SnapshotFile(DEFAULT_VFS, self.path)
-
-
 def read_magic(path: str) -> bytes:
     """The first 8 bytes of an operator's file: never blocks on a FIFO or device (UnsafeFileError)."""
-    from ..vfs import open_regular
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not a snapshot file")
     fd = open_regular(path)

@@ -7,6 +7,10 @@ import sys
 
 import click
 
+import walcrypt
+
+from .. import backup, crypto
+from .. import format as fmt
 from .. import keys as K
 from ..errors import (
     KeyProviderError,
@@ -14,11 +18,11 @@ from ..errors import (
     SymlinkError,
     UsageError,
 )
+from ..storedir import lock_holders, locked_message
 from .app import command, main
 from .context import Ctx
 from .errors import EXIT_CODES, EXIT_FINDINGS, Group
 from .options import (
-    SnapOnly,
     describe_fingerprint,
     kek_from_options,
     kek_summary,
@@ -29,10 +33,10 @@ from .options import (
     read_magic,
     stored_kek,
 )
+from .output import emit_json, format_table, human_size
 from .stores import (
     Bar,
     Spinner,
-    emit_json,
     preflight,
     refuse_key_for_plaintext,
     require_writable,
@@ -67,8 +71,7 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
       walcrypt migrate /var/lib/legacy --to encrypted --key-file /secure/kek --remove-source
       walcrypt migrate /var/lib/node1 --to plaintext --key-file /secure/kek --yes
     """
-    import walcrypt
-
+    # lazy: start-up time (walcrypt.migrate, the plaintext <-> encrypted rewrite)
     from ..migrate import remove_source as _remove_source
     kek = kek_from_options(kw)
     root = store_root(directory)
@@ -84,11 +87,9 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
                    KeyProviderError("migrating to encrypted needs a key: --key-file F (create one with "
                                     "'walcrypt keygen F')"))
         if want:
-            from .. import crypto
             crypto.suite_by_name(algorithm)
             if isinstance(kek, (K.KeyFile, K.EnvKey)):
                 kek.material(None)
-        from ..storedir import lock_holders, locked_message
         holders = lock_holders(root)
         if holders:
             raise LockedError(locked_message(directory, holders))
@@ -112,6 +113,7 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
 def _remove_imported_sources(root: str, directory: str, kek) -> None:
     """migrate --remove-source on a store imported from pysyncobj files: delete those files, each only
     while it is byte-identical to what was imported (the record is sealed: it needs the key)."""
+    # lazy: start-up time (walcrypt.legacy.pysyncobj_files: the journal and pickle/gzip dump parsers)
     from ..legacy import pysyncobj_files as legacy
     if not legacy.has_recorded_sources(root):
         return
@@ -158,12 +160,10 @@ def snapshot_export(directory, out, embed_kek, **kw) -> None:
     Example:
       walcrypt snapshot export /var/lib/node1 /backup/node1.wcx --key-file /secure/kek
     """
-    from ..backup import export_store, refuse_existing
-    from ..inspection_render import human_size
     kek = kek_from_options(kw)
     root = store_root(directory)
     out_abs = os.path.abspath(out)
-    refuse_existing(out)                # never overwritten, never written through a link
+    backup.refuse_existing(out)         # never overwritten, never written through a link
     if not os.path.isdir(os.path.dirname(out_abs)):
         raise UsageError(f"the directory of {out} does not exist")
     if out_abs.startswith(root + os.sep):
@@ -173,8 +173,8 @@ def snapshot_export(directory, out, embed_kek, **kw) -> None:
         raise need_key_error(directory)
     refuse_key_for_plaintext(directory, encrypted, kek)
     with Spinner("exporting"):
-        info = export_store(root, out_abs, kek=kek if encrypted else None, encrypted=encrypted,
-                            embed_kek=embed_kek)
+        info = backup.export_store(root, out_abs, kek=kek if encrypted else None, encrypted=encrypted,
+                                   embed_kek=embed_kek)
     click.echo(f"exported the snapshot at index {info['index']} term {info['term']} to {out} "
                f"({human_size(info['size'])}, mode 0600)")
     if info["kek_embedded"]:
@@ -187,8 +187,6 @@ def snapshot_export(directory, out, embed_kek, **kw) -> None:
 
 
 def _inspect_snapshot_file(path: str, kek, plaintext: bool = False) -> dict:
-    from .. import backup, crypto
-    from .. import format as fmt
     magic = read_magic(path)
     if magic == backup.EXPORT_MAGIC:
         info = backup.inspect_export(path, kek, plaintext=plaintext)
@@ -198,7 +196,7 @@ def _inspect_snapshot_file(path: str, kek, plaintext: bool = False) -> dict:
         return info
     if magic != fmt.SNAPSHOT_MAGIC:
         raise UsageError(f"{path} is not a walcrypt snapshot export or snapshot file")
-    shim = SnapOnly(path)
+    shim = backup.SnapshotSource(path)
     sf = shim.snapshot_file()
     h = sf.header
     bundle = sf.bundle_doc()
@@ -213,6 +211,7 @@ def _inspect_snapshot_file(path: str, kek, plaintext: bool = False) -> dict:
         backup.refuse_plaintext(path, plaintext, "a KEK was given, so an encrypted snapshot was expected")
     if kek is not None or (info["plaintext"] and plaintext):
         unlocked = backup.unlock_export(shim, kek, plaintext=plaintext)
+        assert unlocked.meta is not None        # unlock_export unlocked it: unlock() decoded its metadata
         info["conf_state"] = {"voters": list(unlocked.meta.conf_state.voters),
                               "learners": list(unlocked.meta.conf_state.learners)}
         info["data_bytes"] = unlocked.verify()
@@ -236,7 +235,6 @@ def snapshot_inspect(file, as_json, plaintext, **kw) -> None:
     Example:
       walcrypt snapshot inspect /backup/node1.wcx --key-file /secure/kek
     """
-    from ..inspection_render import format_table, human_size
     kek = kek_from_options(kw)
     if not os.path.exists(file):
         raise UsageError(f"{file} does not exist")
@@ -286,7 +284,6 @@ def snapshot_redact(file, kek_out) -> None:
     Example:
       walcrypt snapshot redact /backup/node1.wcx --kek-out /secure/kek-from-backup
     """
-    from .. import backup
     if os.path.islink(file):             # redacting through a link would leave the KEK in its target
         raise SymlinkError(file, f"{file} is a symbolic link; redacting it would replace the link and leave the "
                                  f"KEK in the file it points to: redact {os.path.realpath(file)} itself")
@@ -342,7 +339,6 @@ def snapshot_restore(file, directory, plaintext, **kw) -> None:
           --new-key-file /secure/node3.kek
       walcrypt snapshot restore /var/lib/node1/snap-v1-encrypted/FILE.snap /var/lib/node1.new --key-file /secure/kek
     """
-    from .. import backup
     new = new_kek_from_options(kw)
     kek = kek_from_options(kw)
     if not os.path.exists(file):

@@ -15,14 +15,16 @@ from ..errors import (
     LockedError,
     UsageError,
 )
+from ..inspection_render import render
+from ..layout import looks_like_store
+from ..storedir import SharedLock, lock_holders, locked_message
 from .app import command
-from .context import Ctx
 from .errors import EXIT_FINDINGS, EXIT_OK
 from .options import kek_from_options, key_options, need_key_error
+from .output import JsonList, emit_json, format_table, human_size
 from .stores import (
     Bar,
     Spinner,
-    emit_json,
     legacy_findings,
     open_ro,
     open_rw,
@@ -53,9 +55,8 @@ def inspect(directory, as_json, **kw) -> None:
       walcrypt inspect /var/lib/node1
       walcrypt inspect /var/lib/node1 --key-file /secure/kek --json
     """
+    # lazy: start-up time (walcrypt.inspection, the inspect report)
     from ..inspection import inspect_store
-    from ..inspection_render import render
-    from ..layout import looks_like_store
     key_file = kw.get("key_file")
     kek = kek_from_options(kw)
     legacy = legacy_findings(directory)
@@ -117,7 +118,6 @@ def _print_findings(report, root: str) -> None:
 
 
 def _summary(report) -> str:
-    from ..inspection_render import human_size
     rng = (f"; log {report.first_index}..{report.last_index}" if report.first_index is not None
            and report.last_index is not None and report.last_index >= report.first_index else "")
     return (f"{report.segments} segment(s), {report.records} records, {report.entries} entries "
@@ -142,6 +142,7 @@ def verify(directory, as_json, **kw) -> None:
     Example:
       walcrypt verify /var/lib/node1 --key-file /secure/kek
     """
+    # lazy: start-up time (walcrypt.check with its walk, findings and online readers)
     from ..check import check
     kek = kek_from_options(kw)
     root = store_root(directory)
@@ -185,6 +186,7 @@ def repair(directory, as_json, **kw) -> None:
     Example:
       walcrypt repair /var/lib/node1 --key-file /secure/kek
     """
+    # lazy: start-up time (walcrypt.check with its walk, findings and online readers)
     from ..check import check
     kek = kek_from_options(kw)
     root = store_root(directory)
@@ -192,7 +194,6 @@ def repair(directory, as_json, **kw) -> None:
     if encrypted and kek is None:
         raise need_key_error(directory)
     refuse_key_for_plaintext(directory, encrypted, kek)
-    from ..storedir import lock_holders, locked_message
     holders = lock_holders(root)
     if holders:
         raise LockedError(locked_message(directory, holders))
@@ -243,7 +244,6 @@ def compact(directory, index, do_apply, as_json, **kw) -> None:
     """
     kek = kek_from_options(kw)
     root = store_root(directory)
-    from ..storedir import SharedLock
     if do_apply:
         store = open_rw(root, directory, kek)
     else:
@@ -316,8 +316,8 @@ def recover(directory, do_apply, store_id, force, as_json, **kw) -> None:
       walcrypt recover /var/lib/node1 --key-file /secure/kek
       walcrypt recover /var/lib/node1 --key-file /secure/kek --apply
     """
+    # lazy: start-up time (walcrypt.recover with recover_scan, the meta/ rebuilder)
     from .. import recover as R
-    from ..storedir import lock_holders, locked_message
     kek = kek_from_options(kw)
     if kek is None:
         raise KeyProviderError("recover needs the store's KEK: --key-file F (or --key-env, --passphrase-env, --kms)")
@@ -345,7 +345,6 @@ def recover(directory, do_apply, store_id, force, as_json, **kw) -> None:
 
 
 def _recover_report(rep: dict, as_json: bool) -> None:
-    from ..inspection_render import format_table, human_size
     if as_json:
         emit_json(rep)
         return
@@ -408,7 +407,6 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
     Example:
       walcrypt dump /var/lib/node1 --key-file /secure/kek --from 100 --to 120 --json
     """
-    from ..storedir import SharedLock
     kek = kek_from_options(kw)
     if lo is not None and hi is not None and lo > hi + 1:       # --to FROM-1 is the empty range
         raise UsageError(f"--from {lo} is after --to {hi}: give the range first index first (--to is inclusive)")
@@ -438,30 +436,25 @@ def dump(directory, lo, hi, as_json, **kw) -> None:
                     "conf_state": {"voters": list(cs.voters), "learners": list(cs.learners)},
                     "snapshot": None if snap is None else {"index": snap.meta.index, "term": snap.meta.term,
                                                            "size": snap.size}}
-            if as_json:
-                click.echo(json.dumps(head, indent=2)[:-2] + ',\n  "entries": [', nl=False)
-                Ctx.json_stream_open = True        # an error from here on closes the document (see _fail)
-            else:
+            # --json: an error from here on ends the document with its "error" member (see errors._fail)
+            listing = JsonList(head, "entries") if as_json else None
+            if listing is None:
                 click.echo(f"hard state: term={hs.term} vote={hs.vote} commit={hs.commit}")
                 click.echo(f"log: first index {first}, last index {last}"
                            + (f"; snapshot at index {snap.meta.index} term {snap.meta.term}" if snap else ""))
                 click.echo("INDEX\tTERM\tSIZE\tDATA")
-            n = 0
             idx = a
             while idx <= b:
                 batch = store.entries(idx, min(b, idx + 1023) + 1, max_size=4 << 20)
                 for e in batch:
                     v = _data_view(e.data)
-                    if as_json:
-                        click.echo(("\n    " if n == 0 else ",\n    ")
-                                   + json.dumps({"index": e.index, "term": e.term, **v}), nl=False)
+                    if listing is not None:
+                        listing.add({"index": e.index, "term": e.term, **v})
                     else:
                         shown = json.dumps(v["text"], ensure_ascii=False) if "text" in v else "base64:" + v["base64"]
                         click.echo(f"{e.index}\t{e.term}\t{len(e.data)}\t{shown}")
-                    n += 1
                 idx = batch[-1].index + 1
-            if as_json:
-                Ctx.json_stream_open = False
-                click.echo(("\n  ]\n}" if n else "]\n}"))
+            if listing is not None:
+                listing.close()
         finally:
             store.close()

@@ -1,31 +1,37 @@
 """Opening stores for a command (read-only, read-write, preflight checks), progress on stderr,
-JSON output, legacy data found where a store was expected."""
+legacy data found where a store was expected."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import click
 
+from .. import layout
 from ..errors import (
     LockedError,
     UsageError,
 )
+from ..legacy import detect
+from ..storage import Store
+from ..storedir import lock_holders, locked_message, read_mode, require_store
 from .context import Ctx
 from .errors import NoWrite
 from .options import need_key_error
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar  # what click.progressbar returns (click.termui names it so too)
 
 # ---------------------------------------------------------------------------
 # Opening stores
 # ---------------------------------------------------------------------------
 
 def store_mode(root: str, directory: str) -> bool:
-    from ..storedir import read_mode
     return read_mode(root, directory)
 
 
@@ -40,7 +46,6 @@ def refuse_key_for_plaintext(directory: str, encrypted: bool, kek) -> None:
 
 
 def open_ro(root: str, directory: str, kek):
-    from ..storage import Store
     encrypted = store_mode(root, directory)
     if encrypted and kek is None:
         raise need_key_error(directory)
@@ -49,8 +54,6 @@ def open_ro(root: str, directory: str, kek):
 
 
 def open_rw(root: str, directory: str, kek):
-    from ..storage import Store
-    from ..storedir import lock_holders, locked_message
     encrypted = store_mode(root, directory)
     holders = lock_holders(root)
     if holders:
@@ -71,7 +74,6 @@ def preflight(root: str, kek, encrypted: bool) -> None:
     """Open read-only first: a wrong key, damage, a torn tail or an unregistered snapshot file the
     read-write open would refuse is refused before a read-write open touches anything (even LMDB's
     lock file).  A torn tail is 'walcrypt repair''s job, not a side effect of a key operation."""
-    from ..storage import Store
     store = Store(root, kek=kek, encrypted=encrypted, read_only=True)
     try:
         refusal = store.snapshots.refusal()      # what only a read-write open looks at
@@ -82,7 +84,6 @@ def preflight(root: str, kek, encrypted: bool) -> None:
 
 
 def store_root(directory: str) -> str:
-    from ..storedir import require_store
     root = require_store(directory)
     Ctx.source = directory
     return root
@@ -91,7 +92,6 @@ def store_root(directory: str) -> str:
 def require_writable(root: str, directory: str) -> None:
     """Before a read-write command: every file and directory it may write is writable, or exit 2 saying
     why (a read-only mount, or permissions) - not a half-done operation and a misleading error later."""
-    from .. import layout
     meta = os.path.join(root, layout.META_DIR)
     paths = [root, meta] + [os.path.join(meta, n) for n in sorted(os.listdir(meta))]
     paths += [os.path.join(root, d) for d in (layout.WAL_ENCRYPTED, layout.SNAP_ENCRYPTED, layout.WAL_PLAIN,
@@ -127,19 +127,20 @@ class Bar:
     def __init__(self, label: str, *, unit: str = "bytes"):
         self.label = label
         self.unit = unit
-        self.bar = None
+        self.bar: ProgressBar[int] | None = None
 
     def __enter__(self) -> "Bar":
         if _progress_on():
-            self.bar = click.progressbar(length=1, label=self.label, file=sys.stderr, show_pos=False,
-                                         show_percent=True, show_eta=True, width=30)
+            bar = click.progressbar(length=1, label=self.label, file=sys.stderr, show_pos=False,
+                                    show_percent=True, show_eta=True, width=30)
             # --progress on a non-terminal draws the bar too (click hides it there; the attribute
             # is named is_hidden up to click 8.1 and _is_atty since)
-            if hasattr(self.bar, "is_hidden"):
-                self.bar.is_hidden = False
-            if hasattr(self.bar, "_is_atty"):
-                self.bar._is_atty = True
-            self.bar.__enter__()
+            if hasattr(bar, "is_hidden"):
+                bar.is_hidden = False
+            if hasattr(bar, "_is_atty"):
+                bar._is_atty = True
+            bar.__enter__()
+            self.bar = bar
         return self
 
     def __call__(self, done: int, total: int) -> None:
@@ -165,7 +166,7 @@ class Spinner:
     def __init__(self, label: str):
         self.label = label
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
 
     def _run(self) -> None:
         start = time.monotonic()
@@ -190,14 +191,9 @@ class Spinner:
             self._thread.join()
 
 
-def emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2))
-
-
 def legacy_findings(path: str) -> list[dict]:
     """What walcrypt.legacy.detect finds at ``path`` (data other Raft libraries wrote); never fails inspect."""
     try:
-        from ..legacy import detect
         return detect(path)
     except Exception as exc:                 # a detector's failure must not hide the store's own report
         logging.getLogger("walcrypt").debug("legacy detection at %s failed: %s", path, exc)

@@ -14,7 +14,7 @@ from ..errors import (
 )
 from .app import command, main
 from .errors import EXIT_FINDINGS, EXIT_OK
-from .stores import emit_json
+from .output import emit_json
 
 # ---------------------------------------------------------------------------
 # demo, bench
@@ -42,6 +42,7 @@ def demo(as_json, n_entries, workdir) -> None:
 
     Every step checks what it claims; exits 1 if any check fails.
     """
+    # lazy: start-up time (walcrypt.demo with the verify walk it runs, walcrypt.check)
     from ..demo import run_demo
     report = run_demo(n_entries=n_entries, workdir=workdir, echo=None if as_json else click.echo)
     if as_json:
