@@ -111,7 +111,7 @@ def test_a_new_conf_for_a_running_nodes_path_does_not_take_it_over(tmp_path, nod
     assert wait_until(lambda: conf_a.walcrypt.snapshots_saved >= 1), "A's compaction did not reach A's store"
     assert conf_b.walcrypt.snapshots_saved == 0 and conf_b.walcrypt.store is None
     ser = so_a._SyncObj__serializer
-    assert ps._node_for_serializer(ser) is conf_a.walcrypt
+    assert ps.node_for_serializer(ser) is conf_a.walcrypt
 
     with pytest.raises(LockedError, match="destroy"):   # B cannot open what A holds ...
         SyncObj(new_addr(), [], consumers=[ReplDict()], conf=conf_b)

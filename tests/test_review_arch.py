@@ -1,9 +1,10 @@
 """Review of the restructuring (layers, one recovery walker, small modules, walcrypt.testing, typed
 engine): checks that the change kept behaviour and met its own rules.
 
-The tests marked ``xfail(strict=True)`` demonstrate a defect that is still present; each one passes
-(and so turns into an XPASS failure) once the defect is fixed, and its marker must then go.  The
-others are guards for what the change promised and what held.
+The first tests are the review's breaks, each a strict xfail until its fix (renames the suite's own
+fault double and group-commit helper missed, reaches into private names, CLI imports marked lazy that
+saved nothing, the adapter's CLOSE_WAIT_S knob set on a copy); the others are guards for what the
+change promised and what held.
 """
 
 from __future__ import annotations
@@ -46,10 +47,6 @@ def _run_python(code: str, *args: str, timeout: float = 120) -> subprocess.Compl
 # Breaks
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="FaultyVFS._lock became FaultyVFS.lock (and _seen calls_seen), but the "
-                                       "suite's own subclass tests/injectvfs.py still uses self._lock: every "
-                                       "arm()/count_calls()/disarm() raises AttributeError, so the "
-                                       "exception-injection enumeration cannot run")
 def test_the_suites_injection_double_still_arms_on_faultyvfs():
     from injectvfs import InjectVFS
 
@@ -59,8 +56,6 @@ def test_the_suites_injection_double_still_arms_on_faultyvfs():
     vfs.disarm()
 
 
-@pytest.mark.xfail(strict=True, reason="Wal._write became Wal.write_lock, but tests/test_exception_safety.py's "
-                                       "group-commit helper _one_unit still takes wal._write (AttributeError)")
 def test_exception_safety_group_commit_helper_finds_the_wal_lock(data_dir):
     import test_exception_safety as T
 
@@ -68,8 +63,6 @@ def test_exception_safety_group_commit_helper_finds_the_wal_lock(data_dir):
         assert T._one_unit(s, {}) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="tests/test_exception_safety.py is red after the renames (20 of its 48 "
-                                       "tests fail with AttributeError): the suite is not green")
 def test_exception_safety_suite_is_green():
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
@@ -115,9 +108,6 @@ def _cross_module_private_uses() -> list[str]:
             for mod, line, name, src in uses if defs[name] and mod not in defs[name]]
 
 
-@pytest.mark.xfail(strict=True, reason="the pysyncobj adapter's split left two reaches into another module's "
-                                       "private names: pysyncobj.py imports pysyncobj_install._node_for_serializer, "
-                                       "and pysyncobj_install's destroy() reads WalcryptJournal._node")
 def test_no_module_reaches_into_another_modules_private_names():
     assert _cross_module_private_uses() == []
 
@@ -148,11 +138,6 @@ def _lazy_cli_imports() -> list[tuple[str, int, str]]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="two '# lazy: start-up time' imports of the CLI save nothing: "
-                                       "walcrypt.legacy.etcd (now loaded at CLI start through cli.stores' "
-                                       "top-level 'from ..legacy import detect') and walcrypt.migrate (loaded "
-                                       "by 'import walcrypt' through walcrypt.opening) are already imported; "
-                                       "the CLI's start-up loads 66 walcrypt modules instead of 40")
 def test_every_lazy_cli_import_saves_start_up_time():
     lazy = sorted({m for _f, _l, m in _lazy_cli_imports()})
     assert lazy, "no lazy import found in walcrypt/cli"
@@ -163,9 +148,6 @@ def test_every_lazy_cli_import_saves_start_up_time():
     assert already == [], f"imported lazily 'for start-up time' but loaded by 'import walcrypt.cli' anyway: {already}"
 
 
-@pytest.mark.xfail(strict=True, reason="walcrypt.adapters.pysyncobj.CLOSE_WAIT_S (named in the README) is now a "
-                                       "re-exported copy: bind() and destroy() read pysyncobj_node's own, so a "
-                                       "host that sets it on the adapter module no longer changes the wait")
 def test_close_wait_set_on_the_adapter_module_bounds_the_wait(tmp_path, monkeypatch):
     ps = pytest.importorskip("walcrypt.adapters.pysyncobj")
     monkeypatch.setattr(ps, "CLOSE_WAIT_S", 0.2)

@@ -51,6 +51,8 @@ Lifecycle (the store is closed exactly once, whatever ends the node):
 from __future__ import annotations
 
 import os
+import sys
+import types
 from typing import Any
 
 try:
@@ -63,12 +65,26 @@ except ImportError as exc:  # pragma: no cover - depends on the extra
 
 from ..errors import UsageError
 from ..keys import KeyEncryptionKey
+from . import pysyncobj_node
 from .pysyncobj_adopt import LegacyFilesWarning  # noqa: F401 - the adapter's names, used as pysyncobj.<name>
 from .pysyncobj_format import DUMP_MAGIC, MARKER_NAME, decode_dump, encode_dump  # noqa: F401
-from .pysyncobj_install import InsecureTransportWarning, _node_for_serializer, register_conf_path  # noqa: F401
+from .pysyncobj_install import InsecureTransportWarning, node_for_serializer, register_conf_path  # noqa: F401
 from .pysyncobj_install import install as _install
 from .pysyncobj_journal import WalcryptJournal  # noqa: F401
 from .pysyncobj_node import CLOSE_WAIT_S, WalcryptNode  # noqa: F401
+
+
+class _AdapterModule(types.ModuleType):
+    """This module, whose ``CLOSE_WAIT_S`` (the README's knob: how long destroy() and a restart wait
+    for the old SyncObj's tick thread to close the store) is set where it is read."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "CLOSE_WAIT_S":
+            pysyncobj_node.CLOSE_WAIT_S = value
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _AdapterModule
 
 
 def walcrypt_conf(path: str | os.PathLike[str], *, kek: KeyEncryptionKey | None = None, encrypted: bool = True,

@@ -28,8 +28,9 @@ from pysyncobj.serializer import Serializer
 
 from ..errors import UsageError
 from ..layout import LOCK_NAME, META_DIR
+from . import pysyncobj_node
 from .pysyncobj_journal import WalcryptJournal
-from .pysyncobj_node import CLOSE_WAIT_S, WalcryptNode
+from .pysyncobj_node import WalcryptNode
 from .pysyncobj_transfer import receive_chunk, send_chunk
 
 _INSTALLED = False
@@ -53,7 +54,7 @@ def register_conf_path(path: str) -> None:
         _CONF_PATHS.add(os.path.realpath(path))
 
 
-def _node_for_serializer(ser: Any) -> WalcryptNode | None:
+def node_for_serializer(ser: Any) -> WalcryptNode | None:
     """The node whose conf built this Serializer: its serializer hook is that node's bound method."""
     node = getattr(getattr(ser, "_Serializer__serializer", None), "__self__", None)
     return node if isinstance(node, WalcryptNode) else None
@@ -164,9 +165,9 @@ def install() -> None:
         thread = self.__dict__.get("_SyncObj__thread")
         if thread is None or thread is threading.current_thread() or not thread.is_alive():
             return                            # no tick thread to wait for (or we are it)
-        if not journal.wait_closed(CLOSE_WAIT_S):
+        if not journal.wait_closed(pysyncobj_node.CLOSE_WAIT_S):
             log.warning("SyncObj.destroy(): the tick thread has not closed the walcrypt store at %s within %.0f s; "
-                        "it stays locked until it does", journal._node.path, CLOSE_WAIT_S)
+                        "it stays locked until it does", journal.node.path, pysyncobj_node.CLOSE_WAIT_S)
 
     _ps.SyncObj.destroy = destroy
 
@@ -225,7 +226,7 @@ def install() -> None:
     orig_get = Serializer.getTransmissionData
 
     def get_transmission_data(self, transmissionID):
-        node = _node_for_serializer(self)
+        node = node_for_serializer(self)
         if node is None:
             return orig_get(self, transmissionID)
         return send_chunk(node, self, transmissionID)
@@ -235,7 +236,7 @@ def install() -> None:
     orig_set = Serializer.setTransmissionData
 
     def set_transmission_data(self, data):
-        node = _node_for_serializer(self)
+        node = node_for_serializer(self)
         if node is None:
             return orig_set(self, data)
         return receive_chunk(node, self, data)

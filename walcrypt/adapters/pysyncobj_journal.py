@@ -37,7 +37,7 @@ class WalcryptJournal(Journal):
         store = node.store
         if store is None:
             raise UsageError(f"the store at {node.path} is not open: the node opens it before its journal")
-        self._node = node
+        self.node = node
         self._store = store
         self._destroy_lock = threading.RLock()
         self._destroyed = False
@@ -136,7 +136,7 @@ class WalcryptJournal(Journal):
         try:
             self._destroy()
         except Exception:
-            log.exception("closing the walcrypt store at %s failed", self._node.path)
+            log.exception("closing the walcrypt store at %s failed", self.node.path)
 
     @property
     def closed(self) -> bool:

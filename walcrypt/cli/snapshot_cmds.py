@@ -18,6 +18,7 @@ from ..errors import (
     SymlinkError,
     UsageError,
 )
+from ..migrate import remove_source as remove_migration_source
 from ..storedir import lock_holders, locked_message
 from .app import command, main
 from .context import Ctx
@@ -71,8 +72,6 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
       walcrypt migrate /var/lib/legacy --to encrypted --key-file /secure/kek --remove-source
       walcrypt migrate /var/lib/node1 --to plaintext --key-file /secure/kek --yes
     """
-    # lazy: start-up time (walcrypt.migrate, the plaintext <-> encrypted rewrite)
-    from ..migrate import remove_source as _remove_source
     kek = kek_from_options(kw)
     root = store_root(directory)
     have = store_mode(root, directory)
@@ -104,7 +103,7 @@ def migrate(directory, target, yes, remove_source, algorithm, **kw) -> None:
         click.echo(f"migrated {directory} to {target}"
                    + ("" if remove_source else "; the old directories are kept (remove them with --remove-source)"))
     if remove_source:
-        removed = _remove_source(root)
+        removed = remove_migration_source(root)
         click.echo("removed " + ", ".join(os.path.basename(p) + "/" for p in removed) if removed
                    else "no directories of the other mode to remove")
         _remove_imported_sources(root, directory, kek)

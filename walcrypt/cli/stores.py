@@ -17,7 +17,6 @@ from ..errors import (
     LockedError,
     UsageError,
 )
-from ..legacy import detect
 from ..storage import Store
 from ..storedir import lock_holders, locked_message, read_mode, require_store
 from .context import Ctx
@@ -193,6 +192,8 @@ class Spinner:
 
 def legacy_findings(path: str) -> list[dict]:
     """What walcrypt.legacy.detect finds at ``path`` (data other Raft libraries wrote); never fails inspect."""
+    # lazy: start-up time (walcrypt.legacy: the etcd WAL and pysyncobj journal readers)
+    from ..legacy import detect
     try:
         return detect(path)
     except Exception as exc:                 # a detector's failure must not hide the store's own report
