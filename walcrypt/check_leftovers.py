@@ -15,7 +15,7 @@ from .errors import (
     StorageError,
     WalcryptError,
 )
-from .findings import METADATA, SEGMENT, Finding, Removed
+from .findings import METADATA, SEGMENT, Finding, Removed, WalkHost
 from .snapinfo import SNAP_NAME, decode_info
 from .snapshot import SnapshotFile
 from .snapstore import bind_to_registry
@@ -23,30 +23,17 @@ from .snapstore import bind_to_registry
 if TYPE_CHECKING:
     from typing import Literal
 
-    from .findings import LEFTOVER, CheckReport
-    from .storage import Store
+    from .findings import LEFTOVER
 
 
-class LeftoverChecks:
+class LeftoverChecks(WalkHost):
     """Checking snapshots and unlisted files (see the module docstring)."""
 
-    # Host contract: provided by Walk (check_walk.py).
-    path: str
-    encrypted: bool
-    meta: online.FrozenMeta
-    vfs: online.PinnedVFS
-    st: Store
-    report: CheckReport
+    # Host contract: provided by Walk (check_walk.py), beyond findings.WalkHost.
     _migration_recorded: bool
 
     if TYPE_CHECKING:
-        def error(self, exc: BaseException, kind: str, index: int | None = None) -> Finding: ...
         def warn(self, path: str | None, detail: str, hint: str | None = None, kind: str = LEFTOVER) -> None: ...
-        def advance(self, n: int) -> None: ...
-        def fsize(self, path: str) -> int: ...
-        def is_live(self) -> bool: ...
-        def fresh(self) -> online.FrozenMeta | None: ...
-        def removed_meanwhile(self, db: bytes, ident: int) -> bool: ...
 
     def _fresh_if_live(self) -> "online.FrozenMeta | None":
         """While a writer holds the store: a fresh copy of the metadata, taken after a directory was

@@ -19,35 +19,22 @@ from .errors import (
     StorageError,
     WalcryptError,
 )
-from .findings import KEY, SEGMENT, TORN, Finding, Removed, finding_from, index_at
+from .findings import KEY, SEGMENT, TORN, Finding, Removed, WalkHost, finding_from, index_at
 from .segment import Segment
 from .segment_codec import segment_file_name
 
 if TYPE_CHECKING:
-    from .findings import CheckReport
-    from .storage import Store
+    pass
 
 
-class SegmentChecks:
+class SegmentChecks(WalkHost):
     """Checking segment files (see the module docstring)."""
 
-    # Host contract: provided by Walk (check_walk.py).
-    path: str
-    encrypted: bool
-    meta: online.FrozenMeta
-    vfs: online.PinnedVFS
-    st: Store
-    report: CheckReport
+    # Host contract: provided by Walk (check_walk.py), beyond findings.WalkHost.
     newest: int | None
 
     if TYPE_CHECKING:
-        def error(self, exc: BaseException, kind: str, index: int | None = None) -> Finding: ...
         def note(self, path: str | None, detail: str, kind: str, offset: int | None = None) -> None: ...
-        def advance(self, n: int) -> None: ...
-        def fsize(self, path: str) -> int: ...
-        def is_live(self) -> bool: ...
-        def fresh(self) -> online.FrozenMeta | None: ...
-        def removed_meanwhile(self, db: bytes, ident: int) -> bool: ...
 
     def segment_path(self, seg_id: int, rec: dict) -> str:
         d = layout.WAL_ENCRYPTED if rec["dir_code"] == fmt.DIR_CODE_ENCRYPTED else layout.WAL_PLAIN

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import format as fmt
 from .bounded import Source
@@ -14,6 +14,10 @@ from .errors import (
     CorruptionError,
 )
 from .segment import Segment
+
+if TYPE_CHECKING:
+    from . import online
+    from .storage import Store
 
 # Finding kinds.  Only TORN (and SNAPSHOT, when an older snapshot can take over) are repairable.
 TORN = "torn-tail"
@@ -113,3 +117,24 @@ def index_at(src: Source | None, offset: int | None, seg: Segment | None) -> int
     if seg is not None:
         return seg.last_index + 1
     return None
+
+
+class WalkHost:
+    """What verify's walk (check_walk.Walk) gives its halves, the segment checks (check_segments) and
+    the snapshot and leftover checks (check_leftovers): declared here for the type checker, set and
+    defined by Walk.  Nothing of it exists at runtime."""
+
+    path: str
+    encrypted: bool
+    meta: online.FrozenMeta
+    vfs: online.PinnedVFS
+    st: Store
+    report: CheckReport
+
+    if TYPE_CHECKING:
+        def error(self, exc: BaseException, kind: str, index: int | None = None) -> Finding: ...
+        def advance(self, n: int) -> None: ...
+        def fsize(self, path: str) -> int: ...
+        def is_live(self) -> bool: ...
+        def fresh(self) -> online.FrozenMeta | None: ...
+        def removed_meanwhile(self, db: bytes, ident: int) -> bool: ...
