@@ -22,7 +22,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from benchmarks import baselines, goals, report, sources, workloads  # noqa: E402
+from benchmarks import baselines, goals, journal, report, sources, workloads  # noqa: E402
 
 MATRIX_RATIO_KEYS = {
     "encrypted_vs_plain_append_1k_b64",
@@ -204,19 +204,19 @@ def test_pattern_stream_and_sizes():
 def test_naive_durable_journal_round_trip(tmp_path):
     pytest.importorskip("pysyncobj")
     path = str(tmp_path / "j")
-    j = baselines.NaiveDurableJournal(path)
+    j = journal.NaiveDurableJournal(path)
     for i in range(1, 6):
         j.add(b"cmd%d" % i, i, 1)
     j.setCurrentTerm(3, "node-b")
     j.deleteEntriesFrom(3)                      # positions, not indexes: keeps 1..3
     j.add(b"new4", 4, 2)
     j._destroy()
-    j = baselines.NaiveDurableJournal(path)
+    j = journal.NaiveDurableJournal(path)
     assert [j[k] for k in range(len(j))] == [(b"cmd1", 1, 1), (b"cmd2", 2, 1), (b"cmd3", 3, 1), (b"new4", 4, 2)]
     assert (j.getCurrentTerm(), j.getVotedForNodeId()) == (3, "node-b")
     j.deleteEntriesTo(2)                        # compaction rewrites the file
     j._destroy()
-    j = baselines.NaiveDurableJournal(path)
+    j = journal.NaiveDurableJournal(path)
     assert [j[k][1] for k in range(len(j))] == [3, 4]
     with open(path, "rb") as f:
         assert b"cmd3" not in f.read()          # encrypted on disk
