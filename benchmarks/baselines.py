@@ -86,7 +86,10 @@ class Baseline:
 
 
 class RawFileBaseline(Baseline):
-    """The disk limit: one ``os.write`` of the whole batch, then ``os.fdatasync``.
+    """The O_APPEND disk baseline: one ``os.write`` of the whole batch to a file opened
+    ``O_APPEND``, then ``os.fdatasync``.  Every append grows the file, so every fdatasync
+    also flushes the new size (a metadata write); :class:`RawPreallocBaseline` is the floor
+    without it.
 
     Record layout: ``<u32 length><u64 index><u64 term><data>``.  No checksums, no
     crypto.  ``get`` uses ``os.pread`` with an in-memory offset table (built while
@@ -97,24 +100,32 @@ class RawFileBaseline(Baseline):
     encrypted = False
     supports_get = True
     _HDR = struct.Struct("<IQQ")
+    FILE = "raw.log"
 
     def open(self, dir: str) -> None:
-        self.path = os.path.join(dir, "raw.log")
+        self.path = os.path.join(dir, self.FILE)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         self.offsets: dict[int, Tuple[int, int]] = {}
-        self.end = 0
-        size = os.fstat(self.fd).st_size
-        if size:
-            buf = os.pread(self.fd, size, 0)
-            pos = 0
-            hdr = self._HDR
-            while pos + hdr.size <= size:
-                length, index, _term = hdr.unpack_from(buf, pos)
-                self.offsets[index] = (pos + hdr.size, length)
-                pos += hdr.size + length
-            self.end = pos
+        self.end = self._walk(os.fstat(self.fd).st_size)
 
-    def append_batch(self, batch: Batch) -> None:
+    def _walk(self, size: int) -> int:
+        """Fill the offset table from the file's first ``size`` bytes; the end of the last record.
+        A header of index 0 is the end (preallocated zeros: an index is never 0)."""
+        if not size:
+            return 0
+        buf = os.pread(self.fd, size, 0)
+        pos = 0
+        hdr = self._HDR
+        while pos + hdr.size <= size:
+            length, index, _term = hdr.unpack_from(buf, pos)
+            if index == 0:
+                break
+            self.offsets[index] = (pos + hdr.size, length)
+            pos += hdr.size + length
+        return pos
+
+    def _records(self, batch: Batch) -> bytes:
+        """The batch's records as one buffer, their offsets noted (``self.end`` is not moved)."""
         pack = self._HDR.pack
         hsize = self._HDR.size
         parts = []
@@ -125,13 +136,17 @@ class RawFileBaseline(Baseline):
             parts.append(data)
             offsets[index] = (pos + hsize, len(data))
             pos += hsize + len(data)
-        os.write(self.fd, b"".join(parts))
-        self.end = pos
+        return b"".join(parts)
+
+    def append_batch(self, batch: Batch) -> None:
+        buf = self._records(batch)
+        os.write(self.fd, buf)
+        self.end += len(buf)
         if self.sync:
             os.fdatasync(self.fd)
 
     def scan(self) -> int:
-        size = os.fstat(self.fd).st_size
+        size = self.end
         buf = os.pread(self.fd, size, 0)
         pos = 0
         count = 0
@@ -150,6 +165,63 @@ class RawFileBaseline(Baseline):
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def preallocate(fd: int, offset: int, length: int) -> None:
+    """Reserve ``[offset, offset + length)`` with posix_fallocate (fallocate(2) where the file
+    system has it, as walcrypt's segments are reserved; glibc writes the blocks where it has not)."""
+    os.posix_fallocate(fd, offset, length)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RawPreallocBaseline(RawFileBaseline):
+    """The disk's floor: the same records as :class:`RawFileBaseline`, written with one
+    ``os.pwrite`` per batch at a tracked offset into a preallocated file, then ``os.fdatasync``.
+
+    ``open`` (untimed) reserves :attr:`CHUNK` bytes -- 64 MiB, walcrypt's segment size -- and
+    makes the new size durable (fsync of the file and of its directory), so that an append in the
+    steady state never changes the file's size and its fdatasync has no size to flush.  A write
+    that would pass the reservation first reserves the next chunk (rare: at most once per 64 MiB,
+    as walcrypt cuts a segment).  The reserved blocks are unwritten extents (ext4, XFS), which the
+    writes convert, as walcrypt's writes into its preallocated segments do.
+    """
+
+    name = "raw-prealloc"
+    FILE = "raw-prealloc.log"
+    CHUNK = 64 << 20
+
+    def open(self, dir: str) -> None:
+        self.path = os.path.join(dir, self.FILE)
+        created = not os.path.exists(self.path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.offsets = {}
+        self.allocated = os.fstat(self.fd).st_size
+        self.end = self._walk(self.allocated)
+        if self.allocated < self.end + self.CHUNK // 2:
+            preallocate(self.fd, self.allocated, self.CHUNK)
+            self.allocated += self.CHUNK
+            os.fsync(self.fd)
+        if created:
+            fsync_dir(dir)
+
+    def append_batch(self, batch: Batch) -> None:
+        buf = self._records(batch)
+        end = self.end + len(buf)
+        if end > self.allocated:
+            grow = max(self.CHUNK, end - self.allocated)
+            preallocate(self.fd, self.allocated, grow)
+            self.allocated += grow
+        os.pwrite(self.fd, buf, self.end)
+        self.end = end
+        if self.sync:
+            os.fdatasync(self.fd)
 
 
 # ------------------------------------------------------------------------ cipher
@@ -260,10 +332,13 @@ class SqliteBaseline(Baseline):
 
     name = "sqlite"
     supports_get = True
+    #: False where one connection is shared by threads that take turns (benchmarks.concurrent)
+    check_same_thread = True
 
     def open(self, dir: str) -> None:
         self.aead = AESGCM(BENCH_KEY)
-        self.db = sqlite3.connect(os.path.join(dir, "log.sqlite"), isolation_level=None)
+        self.db = sqlite3.connect(os.path.join(dir, "log.sqlite"), isolation_level=None,
+                                  check_same_thread=self.check_same_thread)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=%s" % ("FULL" if self.sync else "OFF"))
         self.db.execute(
@@ -347,6 +422,7 @@ BASELINES = {
     cls.name: cls
     for cls in (
         RawFileBaseline,
+        RawPreallocBaseline,
         CipherLimitBaseline,
         LmdbBaseline,
         SqliteBaseline,
