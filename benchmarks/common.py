@@ -74,7 +74,7 @@ QUICK = Sizing(8 << 20, 16_000, 500, 20_000, 10_000, 10_000, MIN_REPS,
                snapshot_bytes=256 << 20, rotation_state_bytes=32 << 20, rotation_entries=5_000,
                open_entries=50_000, index_entries=1_000_000, index_batch=1, index_entry=64,
                cluster_ops=2_000, cluster_window=1000, cluster_warmup=100,
-               concurrent_entries=1600, crash_segment_bytes=16 << 20)
+               concurrent_entries=800, crash_segment_bytes=16 << 20)
 TINY = Sizing(1 << 30, 50, 50, 50, 50, 50, 1,
               snapshot_bytes=2 << 20, rotation_state_bytes=1 << 20, rotation_entries=100,
               open_entries=200, index_entries=2_000, index_batch=1, index_entry=64,
@@ -109,8 +109,9 @@ def make_batches(n: int, entry: int, batch: int, term: int = 1) -> List[List[Tup
 
 
 class Selector:
-    """``--only`` tokens: kinds (append/replay/read), variants (``walcrypt`` means
-    both walcrypt variants), or any other text as a substring of the case name.
+    """``--only`` tokens: kinds (append/replay/read/...), variants (a name also selects the
+    variants named after it: ``walcrypt`` means both walcrypt variants, ``raw`` also selects
+    ``raw-prealloc``), or any other text as a substring of the case name.
     Within one axis tokens are OR'ed; the axes are AND'ed."""
 
     def __init__(self, tokens: Optional[Iterable[str]] = None):
