@@ -10,7 +10,7 @@ walcrypt figure can be read as a ratio to something the machine can do anyway.
 Modules:
 
 * :mod:`benchmarks.harness`   -- timing loop, statistics, percentiles, machine information.
-* :mod:`benchmarks.baselines` -- the baseline log stores and the naive durable pysyncobj journal.
+* :mod:`benchmarks.baselines` -- the baseline log stores (one interface: open, append_batch, scan, get).
 * :mod:`benchmarks.sources`   -- streamed snapshot data, raw write + fsync / read, size names.
 * :mod:`benchmarks.common`    -- what the case modules share: variants, kinds, sizings, payload
   batches, the ``--only`` selector, the append/replay ratios.
@@ -19,6 +19,7 @@ Modules:
 * :mod:`benchmarks.scenarios` -- snapshot write/read, open time, DEK rotation latency.
 * :mod:`benchmarks.memory`    -- memory cases measured in fresh subprocesses (and their child side).
 * :mod:`benchmarks.cluster`   -- the 3-node pysyncobj cluster with three journals.
+* :mod:`benchmarks.journal`   -- the cluster's hand-written durable encrypted journal.
 * :mod:`benchmarks.goals`     -- ratios, metrics and the goals checked in RESULTS.md.
 * :mod:`benchmarks.report`    -- JSON results, ``RESULTS.md`` and the chart.
 * :mod:`benchmarks.profiling` -- ``python -m benchmarks.profiling``: profiles of the hot paths.
@@ -26,5 +27,5 @@ Modules:
 
 from __future__ import annotations
 
-__all__ = ["harness", "baselines", "sources", "common", "workloads", "scenarios", "memory", "cluster", "goals",
-           "report"]
+__all__ = ["harness", "baselines", "sources", "common", "workloads", "scenarios", "memory", "cluster",
+           "journal", "goals", "report"]

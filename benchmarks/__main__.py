@@ -13,10 +13,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=(
-            "walcrypt benchmarks: append / replay / random-read throughput, snapshot write and "
-            "read, open time, DEK rotation latency, memory (fresh subprocesses) and a 3-node "
-            "pysyncobj cluster, each next to its baselines (raw disk, AES-GCM, LMDB, SQLite, "
-            "pysyncobj FileJournal, a naive durable journal) in the same run. "
+            "walcrypt benchmarks: append / replay / random-read throughput, concurrent writers "
+            "(1, 4, 16 threads of single saves), snapshot write and read, open time (sealed, "
+            "scanned, crash recovery of a full segment), DEK rotation latency, memory (fresh "
+            "subprocesses) and a 3-node pysyncobj cluster, each next to its baselines (raw disk "
+            "O_APPEND and preallocated, AES-GCM, LMDB, SQLite, pysyncobj FileJournal, a naive "
+            "durable journal) in the same run. "
             "Writes benchmarks/results/<date>.json (<date>-quick.json with --quick), "
             "benchmarks/RESULTS.md and a chart (results/chart.png, results/chart-quick.png)."
         ),

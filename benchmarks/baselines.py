@@ -17,9 +17,8 @@ about the cheapest correct one a user would write by hand: AES-256-GCM with a
 fresh 12-byte random nonce per entry, the 8-byte big-endian index as AAD, and
 ``nonce || ciphertext||tag`` as the stored value.
 
-:class:`NaiveDurableJournal` is the cluster's third journal: a pysyncobj
-``Journal`` that seals every entry the same way and fsyncs after every
-``add`` (:func:`use_naive_journal` points a ``journalFile`` at it).
+The cluster's hand-written durable journal is in :mod:`benchmarks.journal`; the
+concurrent writers' stores are in :mod:`benchmarks.concurrent`.
 """
 
 from __future__ import annotations
@@ -87,7 +86,10 @@ class Baseline:
 
 
 class RawFileBaseline(Baseline):
-    """The disk limit: one ``os.write`` of the whole batch, then ``os.fdatasync``.
+    """The O_APPEND disk baseline: one ``os.write`` of the whole batch to a file opened
+    ``O_APPEND``, then ``os.fdatasync``.  Every append grows the file, so every fdatasync
+    also flushes the new size (a metadata write); :class:`RawPreallocBaseline` is the floor
+    without it.
 
     Record layout: ``<u32 length><u64 index><u64 term><data>``.  No checksums, no
     crypto.  ``get`` uses ``os.pread`` with an in-memory offset table (built while
@@ -98,24 +100,32 @@ class RawFileBaseline(Baseline):
     encrypted = False
     supports_get = True
     _HDR = struct.Struct("<IQQ")
+    FILE = "raw.log"
 
     def open(self, dir: str) -> None:
-        self.path = os.path.join(dir, "raw.log")
+        self.path = os.path.join(dir, self.FILE)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         self.offsets: dict[int, Tuple[int, int]] = {}
-        self.end = 0
-        size = os.fstat(self.fd).st_size
-        if size:
-            buf = os.pread(self.fd, size, 0)
-            pos = 0
-            hdr = self._HDR
-            while pos + hdr.size <= size:
-                length, index, _term = hdr.unpack_from(buf, pos)
-                self.offsets[index] = (pos + hdr.size, length)
-                pos += hdr.size + length
-            self.end = pos
+        self.end = self._walk(os.fstat(self.fd).st_size)
 
-    def append_batch(self, batch: Batch) -> None:
+    def _walk(self, size: int) -> int:
+        """Fill the offset table from the file's first ``size`` bytes; the end of the last record.
+        A header of index 0 is the end (preallocated zeros: an index is never 0)."""
+        if not size:
+            return 0
+        buf = os.pread(self.fd, size, 0)
+        pos = 0
+        hdr = self._HDR
+        while pos + hdr.size <= size:
+            length, index, _term = hdr.unpack_from(buf, pos)
+            if index == 0:
+                break
+            self.offsets[index] = (pos + hdr.size, length)
+            pos += hdr.size + length
+        return pos
+
+    def _records(self, batch: Batch) -> bytes:
+        """The batch's records as one buffer, their offsets noted (``self.end`` is not moved)."""
         pack = self._HDR.pack
         hsize = self._HDR.size
         parts = []
@@ -126,13 +136,17 @@ class RawFileBaseline(Baseline):
             parts.append(data)
             offsets[index] = (pos + hsize, len(data))
             pos += hsize + len(data)
-        os.write(self.fd, b"".join(parts))
-        self.end = pos
+        return b"".join(parts)
+
+    def append_batch(self, batch: Batch) -> None:
+        buf = self._records(batch)
+        os.write(self.fd, buf)
+        self.end += len(buf)
         if self.sync:
             os.fdatasync(self.fd)
 
     def scan(self) -> int:
-        size = os.fstat(self.fd).st_size
+        size = self.end
         buf = os.pread(self.fd, size, 0)
         pos = 0
         count = 0
@@ -151,6 +165,63 @@ class RawFileBaseline(Baseline):
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def preallocate(fd: int, offset: int, length: int) -> None:
+    """Reserve ``[offset, offset + length)`` with posix_fallocate (fallocate(2) where the file
+    system has it, as walcrypt's segments are reserved; glibc writes the blocks where it has not)."""
+    os.posix_fallocate(fd, offset, length)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RawPreallocBaseline(RawFileBaseline):
+    """The disk's floor: the same records as :class:`RawFileBaseline`, written with one
+    ``os.pwrite`` per batch at a tracked offset into a preallocated file, then ``os.fdatasync``.
+
+    ``open`` (untimed) reserves :attr:`CHUNK` bytes -- 64 MiB, walcrypt's segment size -- and
+    makes the new size durable (fsync of the file and of its directory), so that an append in the
+    steady state never changes the file's size and its fdatasync has no size to flush.  A write
+    that would pass the reservation first reserves the next chunk (rare: at most once per 64 MiB,
+    as walcrypt cuts a segment).  The reserved blocks are unwritten extents (ext4, XFS), which the
+    writes convert, as walcrypt's writes into its preallocated segments do.
+    """
+
+    name = "raw-prealloc"
+    FILE = "raw-prealloc.log"
+    CHUNK = 64 << 20
+
+    def open(self, dir: str) -> None:
+        self.path = os.path.join(dir, self.FILE)
+        created = not os.path.exists(self.path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.offsets = {}
+        self.allocated = os.fstat(self.fd).st_size
+        self.end = self._walk(self.allocated)
+        if self.allocated < self.end + self.CHUNK // 2:
+            preallocate(self.fd, self.allocated, self.CHUNK)
+            self.allocated += self.CHUNK
+            os.fsync(self.fd)
+        if created:
+            fsync_dir(dir)
+
+    def append_batch(self, batch: Batch) -> None:
+        buf = self._records(batch)
+        end = self.end + len(buf)
+        if end > self.allocated:
+            grow = max(self.CHUNK, end - self.allocated)
+            preallocate(self.fd, self.allocated, grow)
+            self.allocated += grow
+        os.pwrite(self.fd, buf, self.end)
+        self.end = end
+        if self.sync:
+            os.fdatasync(self.fd)
 
 
 # ------------------------------------------------------------------------ cipher
@@ -261,10 +332,13 @@ class SqliteBaseline(Baseline):
 
     name = "sqlite"
     supports_get = True
+    #: False where one connection is shared by threads that take turns (benchmarks.concurrent)
+    check_same_thread = True
 
     def open(self, dir: str) -> None:
         self.aead = AESGCM(BENCH_KEY)
-        self.db = sqlite3.connect(os.path.join(dir, "log.sqlite"), isolation_level=None)
+        self.db = sqlite3.connect(os.path.join(dir, "log.sqlite"), isolation_level=None,
+                                  check_same_thread=self.check_same_thread)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=%s" % ("FULL" if self.sync else "OFF"))
         self.db.execute(
@@ -343,192 +417,12 @@ class PysyncobjBaseline(Baseline):
         self.journal._destroy()
 
 
-# ------------------------------------------------- naive durable pysyncobj journal
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-try:
-    from pysyncobj.journal import Journal as _PysyncobjJournal
-except ImportError:  # pragma: no cover - pysyncobj is a benchmark/test dependency
-    _PysyncobjJournal = object  # type: ignore[assignment,misc]
-
-
-class NaiveDurableJournal(_PysyncobjJournal):  # type: ignore[misc,valid-type]
-    """The durable encrypted journal a user would write by hand: the cluster baseline.
-
-    Every ``add`` seals the command with AES-256-GCM (random nonce, index and
-    term as AAD), appends ``<u32 len><u64 idx><u64 term><nonce||ct>`` to an
-    append-only file and calls ``os.fsync`` -- one fsync per entry, no group
-    commit.  Term and vote live in a small JSON file replaced atomically
-    (write, fsync, rename, directory fsync).  ``deleteEntriesFrom`` truncates
-    and fsyncs; ``deleteEntriesTo`` rewrites the file (rare: compaction).
-    """
-
-    _REC = struct.Struct("<IQQ")
-
-    def __init__(self, path: str):
-        self.path = path
-        self.term_path = path + ".term"
-        self.dir = os.path.dirname(os.path.abspath(path)) or "."
-        self.aead = AESGCM(BENCH_KEY)
-        self.entries: List[Tuple[bytes, int, int]] = []
-        self.offsets: List[int] = []
-        self.commit = 1
-        self.term, self.vote = 0, None
-        if os.path.exists(self.term_path):
-            import json
-
-            with open(self.term_path) as f:
-                tv = json.load(f)
-            self.term, self.vote = tv["term"], tv["vote"]
-        existed = os.path.exists(path)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        if not existed:
-            _fsync_dir(self.dir)
-        size = os.fstat(self.fd).st_size
-        buf = os.pread(self.fd, size, 0) if size else b""
-        pos, rec = 0, self._REC
-        while pos + rec.size <= size:
-            length, idx, term = rec.unpack_from(buf, pos)
-            if pos + rec.size + length > size:
-                break
-            value = buf[pos + rec.size:pos + rec.size + length]
-            aad = rec.pack(length, idx, term)
-            command = self.aead.decrypt(value[:NONCE_LEN], value[NONCE_LEN:], aad)
-            self.offsets.append(pos)
-            self.entries.append((command, idx, term))
-            pos += rec.size + length
-        if pos != size:                       # a torn tail: drop it
-            os.ftruncate(self.fd, pos)
-            os.fsync(self.fd)
-        self.end = pos
-
-    def _record(self, command: bytes, idx: int, term: int) -> bytes:
-        length = NONCE_LEN + len(command) + 16
-        head = self._REC.pack(length, idx, term)
-        nonce = os.urandom(NONCE_LEN)
-        return head + nonce + self.aead.encrypt(nonce, bytes(command), head)
-
-    def add(self, command, idx, term):
-        rec = self._record(command, idx, term)
-        os.pwrite(self.fd, rec, self.end)
-        os.fsync(self.fd)
-        self.offsets.append(self.end)
-        self.end += len(rec)
-        self.entries.append((command, idx, term))
-
-    def clear(self):
-        self.entries, self.offsets = [], []
-        os.ftruncate(self.fd, 0)
-        os.fsync(self.fd)
-        self.end = 0
-
-    def deleteEntriesFrom(self, entryFrom):
-        if entryFrom >= len(self.entries):
-            return
-        self.end = self.offsets[entryFrom]
-        del self.entries[entryFrom:]
-        del self.offsets[entryFrom:]
-        os.ftruncate(self.fd, self.end)
-        os.fsync(self.fd)
-
-    def deleteEntriesTo(self, entryTo):
-        keep = self.entries[entryTo:]
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        offsets, pos, parts = [], 0, []
-        for command, idx, term in keep:
-            rec = self._record(command, idx, term)
-            offsets.append(pos)
-            parts.append(rec)
-            pos += len(rec)
-        os.write(fd, b"".join(parts))
-        os.fsync(fd)
-        os.replace(tmp, self.path)
-        _fsync_dir(self.dir)
-        os.close(self.fd)
-        self.fd, self.end = fd, pos
-        self.entries, self.offsets = keep, offsets
-
-    def __getitem__(self, item):
-        return self.entries[item]
-
-    def __len__(self):
-        return len(self.entries)
-
-    def _destroy(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def setRaftCommitIndex(self, raftCommitIndex):
-        self.commit = raftCommitIndex
-
-    def getRaftCommitIndex(self):
-        return self.commit
-
-    def setCurrentTerm(self, term, votedForNodeId):
-        import json
-
-        self.term, self.vote = term, votedForNodeId
-        tmp = self.term_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"term": term, "vote": votedForNodeId}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.term_path)
-        _fsync_dir(self.dir)
-
-    def getCurrentTerm(self):
-        return self.term
-
-    def getVotedForNodeId(self):
-        return self.vote
-
-
-_NAIVE_PATHS: set = set()
-_NAIVE_INSTALLED = False
-
-
-def use_naive_journal(journal_file: str) -> str:
-    """Make SyncObjs whose ``journalFile`` is ``journal_file`` use :class:`NaiveDurableJournal`.
-
-    pysyncobj calls ``pysyncobj.syncobj.createJournal``; it is wrapped once (the wrapper
-    hands every other path to whatever was installed before, e.g. walcrypt's adapter)."""
-    global _NAIVE_INSTALLED
-    import pysyncobj.syncobj as ps
-
-    path = os.path.abspath(journal_file)
-    _NAIVE_PATHS.add(path)
-    if not _NAIVE_INSTALLED:
-        _NAIVE_INSTALLED = True
-        previous = ps.createJournal
-
-        def create_journal(journal_file=None):
-            if journal_file and os.path.abspath(journal_file) in _NAIVE_PATHS:
-                return NaiveDurableJournal(journal_file)
-            return previous(journal_file)
-
-        ps.createJournal = create_journal
-    return path
-
-
-def forget_naive_journal(journal_file: str) -> None:
-    _NAIVE_PATHS.discard(os.path.abspath(journal_file))
-
-
 #: name -> class, in the order the workloads interleave them.
 BASELINES = {
     cls.name: cls
     for cls in (
         RawFileBaseline,
+        RawPreallocBaseline,
         CipherLimitBaseline,
         LmdbBaseline,
         SqliteBaseline,

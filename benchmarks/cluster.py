@@ -12,7 +12,7 @@ Variants (each repetition starts a fresh cluster in a fresh directory):
 * ``walcrypt-encrypted`` -- :func:`walcrypt.adapters.pysyncobj.walcrypt_conf`:
   durable before the node answers the leader, one fdatasync per tick (group commit);
 * ``pysyncobj`` -- pysyncobj's own ``FileJournal`` (mmap, never fsyncs: not durable);
-* ``naive-durable`` -- :class:`benchmarks.baselines.NaiveDurableJournal`
+* ``naive-durable`` -- :class:`benchmarks.journal.NaiveDurableJournal`
   (AES-GCM per entry, one ``os.fsync`` per ``add``).
 
 All three run with the same SyncObjConf: pysyncobj's defaults (election timeout
@@ -31,9 +31,9 @@ import time
 import warnings
 from typing import Callable, List, Optional
 
-from .baselines import forget_naive_journal, use_naive_journal
 from .common import Selector, Sizing
 from .harness import Case, Sample
+from .journal import forget_naive_journal, use_naive_journal
 
 VARIANTS = ("walcrypt-encrypted", "pysyncobj", "naive-durable")
 VALUE_SIZE = 256

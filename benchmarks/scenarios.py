@@ -13,6 +13,13 @@
   segment (every record is scanned and authenticated, then the segment is
   sealed); ``segments=sealed+read-all`` is a full replay: open plus
   ``entries()`` over the whole log.  Seconds (lower is better).
+* ``open/segment=64m/segments=crashed-full/v=walcrypt-encrypted`` -- crash-recovery open:
+  ``walcrypt.open`` of a crash image whose newest segment is a full unsealed segment of the
+  default 64 MiB (1 KiB entries saved 64 at a time until one more save would cut a new segment;
+  the directory copied while the writer still had it open).  ``v=read-decrypt`` is its floor: read
+  a file of the segment's size and AES-256-GCM-decrypt the entry bytes that segment holds once, in
+  records of walcrypt's record size (32 entries of 1 KiB), with ``cryptography``'s AESGCM.
+  Seconds; the goal's ratio is the floor's time over the open's.
 * ``rotation/state=100m/v=walcrypt-encrypted`` -- from ``rotate_dek()`` until the
   old DEK is *inactive*, on a store whose ``snapshot_source`` returns a state
   of that size (the new snapshot, the promotion, the purge of the old key's
@@ -22,13 +29,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import struct
 import tempfile
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
-from .common import WALCRYPT_KEK, Selector, Sizing, make_batches
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .baselines import BENCH_KEY, NONCE_LEN
+from .common import WALCRYPT_KEK, Selector, Sizing, make_batches, payload_pool
 from .harness import Case, Sample
 from .sources import PatternStream, raw_read, raw_write_fsync, size_name
 
@@ -224,6 +236,156 @@ def _open_once(tpl: _OpenTemplates, segments: str) -> Callable[[str], Sample]:
     return run
 
 
+# ----------------------------------------------------------- crash-recovery open
+
+
+def _wal_files(path: str) -> int:
+    return sum(f.endswith(".wal") for _root, _dirs, files in os.walk(path) for f in files)
+
+
+class _CrashTemplate:
+    """A crash image whose newest (and only) segment is a full unsealed segment of ``segment``
+    bytes, built once per run (untimed) and copied per repetition.
+
+    How many entries fill a segment is found by saving batches of ``batch`` 1 KiB entries into a
+    probe store until it cuts a second segment; the image then holds one batch fewer (the most that
+    fits without a cut), saved with ``sync="none"`` and copied while the writer has it open."""
+
+    def __init__(self, segment: int, entry: int = 1024, batch: int = 64):
+        self.segment, self.entry, self.batch = segment, entry, batch
+        self.root: Optional[str] = None
+        self.entries = 0
+
+    def _saves(self, store, upto: Optional[int] = None):
+        from walcrypt import Entry
+
+        pool = payload_pool(self.entry)
+        n = 0
+        while upto is None or n < upto:
+            store.save(entries=[Entry(n + k + 1, 1, pool[(n + k) % len(pool)]) for k in range(self.batch)])
+            n += self.batch
+            yield n
+
+    def _capacity(self, root: str) -> int:
+        path = os.path.join(root, "probe")
+        store = _open(path, sync="none", segment_size=self.segment)
+        try:
+            for n in self._saves(store):
+                if _wal_files(path) > 1:
+                    return n - self.batch
+                if n * self.entry > 2 * self.segment:
+                    raise AssertionError("no second segment after twice the segment size")
+        finally:
+            store.close()
+            shutil.rmtree(path, ignore_errors=True)
+        raise AssertionError("unreachable")
+
+    def get(self, workdir: str) -> Tuple[str, int]:
+        """(the crash image's directory, the entries it holds)"""
+        if self.root is None:
+            root = tempfile.mkdtemp(prefix="crash-template-", dir=workdir)
+            n = self._capacity(root)
+            building = os.path.join(root, "building")
+            store = _open(building, sync="none", segment_size=self.segment)
+            try:
+                for _ in self._saves(store, n):
+                    pass
+                if _wal_files(building) != 1 or store.last_index() != n:
+                    raise AssertionError(f"the crash image should hold one segment of {n} entries")
+                shutil.copytree(building, os.path.join(root, "crashed"))
+            finally:
+                store.close()
+            shutil.rmtree(building)
+            self.root, self.entries = root, n
+        return os.path.join(self.root, "crashed"), self.entries
+
+
+def record_entries(entry: int) -> int:
+    """Entries per ENTRIES record when a save of many ``entry``-byte entries is split (a record is
+    closed once its data reaches walcrypt's record target)."""
+    try:
+        from walcrypt.format import RECORD_TARGET_BYTES as target
+    except ImportError:                     # a stand-in walcrypt
+        target = 32 << 10
+    return max(1, math.ceil(target / entry))
+
+
+def _write_sealed_file(path: str, size: int, data_bytes: int, record: int) -> List[Tuple[int, int]]:
+    """A file of ``size`` bytes holding ``data_bytes`` of AES-GCM records of ``record`` plaintext
+    bytes each (nonce || ciphertext || tag), zeros after; -> (offset, length) of every record."""
+    aead = AESGCM(BENCH_KEY)
+    plain = payload_pool(record, count=1)[0]
+    aad = struct.Struct(">Q")
+    parts, spans, pos, left, i = [], [], 0, data_bytes, 0
+    while left > 0:
+        n = min(record, left)
+        nonce = os.urandom(NONCE_LEN)
+        sealed = nonce + aead.encrypt(nonce, plain[:n], aad.pack(i))
+        parts.append(sealed)
+        spans.append((pos, len(sealed)))
+        pos += len(sealed)
+        left -= n
+        i += 1
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, b"".join(parts))
+        os.ftruncate(fd, max(size, pos))
+    finally:
+        os.close(fd)
+    return spans
+
+
+def _read_decrypt(path: str, spans: List[Tuple[int, int]]) -> int:
+    """Read the whole file in 1 MiB blocks, then decrypt every record once; -> plaintext bytes."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        buf = bytearray(size)
+        mv = memoryview(buf)
+        pos = 0
+        while pos < size:
+            got = os.preadv(fd, [mv[pos:pos + (1 << 20)]], pos)
+            if got <= 0:
+                raise AssertionError("short read")
+            pos += got
+    finally:
+        os.close(fd)
+    dec = AESGCM(BENCH_KEY).decrypt
+    aad = struct.Struct(">Q").pack
+    out = 0
+    for i, (off, length) in enumerate(spans):
+        out += len(dec(mv[off:off + NONCE_LEN], mv[off + NONCE_LEN:off + length], aad(i)))
+    return out
+
+
+def _crash_open_once(tpl: _CrashTemplate, variant: str) -> Callable[[str], Sample]:
+    def run(d: str) -> Sample:
+        src, n = tpl.get(os.path.dirname(d))
+        data_bytes = n * tpl.entry
+        if variant == E:
+            path = os.path.join(d, "wal")
+            shutil.copytree(src, path)
+            t0 = time.perf_counter()
+            store = _open(path)
+            dt = time.perf_counter() - t0
+            try:
+                if store.last_index() != n:
+                    raise AssertionError(f"recovered store ends at {store.last_index()}, expected {n}")
+            finally:
+                store.close()
+        else:
+            path = os.path.join(d, "segment.bin")
+            spans = _write_sealed_file(path, tpl.segment, data_bytes, record_entries(tpl.entry) * tpl.entry)
+            t0 = time.perf_counter()
+            got = _read_decrypt(path, spans)
+            dt = time.perf_counter() - t0
+            if got != data_bytes:
+                raise AssertionError(f"decrypted {got} bytes, expected {data_bytes}")
+        return Sample(dt, n, data_bytes)
+
+    return run
+
+
 # ----------------------------------------------------------------------- groups
 
 
@@ -251,6 +413,14 @@ def build_groups(sz: Sizing, wc_reason: Optional[str], select: Selector) -> List
                   {"entries": sz.open_entries, "entry": 1024, "segments": seg},
                   lambda seg=seg: _open_once(tpl, seg))
              for seg in ("sealed", "unsealed", "sealed+read-all")]
+    groups.append([c for c in group if c])
+
+    crash = _CrashTemplate(sz.crash_segment_bytes)
+    seg = size_name(sz.crash_segment_bytes)
+    group = [case(f"open/segment={seg}/segments=crashed-full/v={v}", "open", v, "s",
+                  {"segments": "crashed-full", "segment_bytes": sz.crash_segment_bytes, "entry": 1024},
+                  lambda v=v: _crash_open_once(crash, v))
+             for v in (E, "read-decrypt")]
     groups.append([c for c in group if c])
 
     state = sz.rotation_state_bytes

@@ -9,11 +9,18 @@ Three kinds of case, each named with its parameters:
   listed as skipped.
 * ``replay/entry=1k/v=lmdb`` -- open an existing store and read every entry
   (decrypting).  The store is written untimed first; the page cache is warm.
+  ``v=cipher`` is the cipher's own limit: AES-256-GCM decryption of every entry
+  (sealed untimed, in memory), no I/O and no store.
 * ``read/entry=1k/pattern=random/v=sqlite`` -- single-entry reads at uniformly
   random indexes of an existing store, in ops/s.
 
+The append matrix has two disk baselines: ``raw`` (``os.write`` to a file opened
+``O_APPEND``: each sync also flushes the grown size) and ``raw-prealloc``
+(``os.pwrite`` into a preallocated file: the disk's floor).
+
 More kinds live in their own modules and run after these, in the same process
-run: ``snapshot``, ``open`` and ``rotation`` (:mod:`benchmarks.scenarios`),
+run: ``concurrent`` (:mod:`benchmarks.concurrent`: 1, 4 and 16 threads saving
+single entries), ``snapshot``, ``open`` and ``rotation`` (:mod:`benchmarks.scenarios`),
 ``memory`` (:mod:`benchmarks.memory`, fresh subprocesses) and ``cluster``
 (:mod:`benchmarks.cluster`, three pysyncobj nodes).  :mod:`benchmarks.goals`
 turns the cases into the ratios and metrics of the JSON and checks the goals.
@@ -29,13 +36,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import functools
 import os
 import random
 import shutil
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import baselines, cluster, goals, memory, scenarios
+from . import baselines, cluster, concurrent, goals, memory, scenarios
 from .common import (
     ENTRY_SIZES,
     FULL,
@@ -61,9 +69,9 @@ __all__ = [
     "make_batches",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: ratios are medians of per-repetition ratios; "stats" holds their min/max
 
-REPLAY_VARIANTS = WALCRYPT_VARIANTS + ("lmdb", "sqlite", "raw", "pysyncobj")
+REPLAY_VARIANTS = WALCRYPT_VARIANTS + ("lmdb", "sqlite", "raw", "pysyncobj", "cipher")
 READ_VARIANTS = WALCRYPT_VARIANTS + ("lmdb", "sqlite", "raw")
 
 
@@ -213,6 +221,26 @@ def _replay_once(variant: str, n: int, entry: int) -> Callable[[str], Sample]:
     return run
 
 
+def _cipher_replay_once(n: int, entry: int) -> Callable[[str], Sample]:
+    """The cipher's own limit for a replay: decrypt every entry, sealed beforehand (untimed)."""
+    def run(d: str) -> Sample:
+        store = baselines.make("cipher", False)
+        store.open(d)
+        try:
+            for b in make_batches(n, entry, 256):
+                store.append_batch(b)
+            t0 = time.perf_counter()
+            got = store.scan()
+            dt = time.perf_counter() - t0
+        finally:
+            store.close()
+        if got != n:
+            raise AssertionError(f"cipher replay decrypted {got} entries, sealed {n}")
+        return Sample(dt, n, n * entry)
+
+    return run
+
+
 def _read_once(variant: str, n: int, ops: int, entry: int) -> Callable[[str], Sample]:
     def run(d: str) -> Sample:
         _populate(variant, d, n, entry)
@@ -297,7 +325,8 @@ def build_groups(
         case = Case(name, "replay", variant, "MiB/s",
                     params={"entry": entry, "entries": sz.replay_entries}, skip_reason=reason)
         if not reason:
-            case.run_once = _replay_once(variant, sz.replay_entries, entry)
+            once = _cipher_replay_once if variant == "cipher" else functools.partial(_replay_once, variant)
+            case.run_once = once(sz.replay_entries, entry)
         group.append(case)
     if group:
         groups.append(group)
@@ -322,12 +351,13 @@ def build_groups(
 # -------------------------------------------------------------------- ratios
 
 def compute_ratios(cases: Dict[str, Dict[str, object]]) -> Dict[str, float]:
-    """The append/replay ratios only (see :func:`benchmarks.goals.compute_metrics` for all)."""
+    """The append/replay ratios only, each the median of its per-repetition ratios (see
+    :func:`benchmarks.goals.compute_metrics` for all)."""
     out: Dict[str, float] = {}
     for key, (num, den) in RATIO_DEFS.items():
-        a, b = cases.get(num), cases.get(den)
-        if a and b and b["median"]:
-            out[key] = float(a["median"]) / float(b["median"])
+        st = goals.paired(cases.get(num), cases.get(den))
+        if st is not None:
+            out[key] = st["median"]
     return out
 
 
@@ -337,6 +367,7 @@ def compute_ratios(cases: Dict[str, Dict[str, object]]) -> Dict[str, float]:
 def build_all(sz: Sizing, matrix, wc_reason: Optional[str], select: Selector):
     """Every case of a run, by phase: (throughput groups, memory cases, cluster groups)."""
     groups = build_groups(sz, matrix, wc_reason, select)
+    groups += concurrent.build_groups(sz, wc_reason, select)
     groups += scenarios.build_groups(sz, wc_reason, select)
     return groups, memory.build_cases(sz, wc_reason, select), cluster.build_groups(sz, wc_reason, select)
 
@@ -437,13 +468,12 @@ def run_all(
     }
     results["goals"] = goals.evaluate(results)
     printer.line()
-    for section in ("ratios", "open", "memory", "latency"):
+    for section in goals.SECTIONS:
         for k, v in metrics[section].items():
             printer.line(f"{section}.{k:<42} " + (f"{v:10d}" if isinstance(v, int) else f"{v:10.3f}"))
     printer.line()
     for g in results["goals"]:
-        val = "-" if g["value"] is None else f"{g['value']:.3f}"
-        printer.line(f"goal {g['status']:<12} {g['key']:<46} {val:>9} {g['op']} {g['target']:g}")
+        printer.line(goals.goal_line(g))
     printer.line(f"\n{len(cases)} cases measured, {len(skipped)} skipped, "
                  f"{len(errors)} errors, {elapsed:.1f} s "
                  f"({', '.join(f'{k} {v:.0f} s' for k, v in phases.items())})")

@@ -1,7 +1,8 @@
 """Smoke test of the benchmark suite: every workload once, at a tiny size.
 
-No timing is asserted -- only that every case runs (append/replay/read matrix,
-snapshots, open time, rotation, memory subprocesses, the 3-node pysyncobj
+No timing is asserted -- only that every case runs (append/replay/read matrix
+with both disk baselines, concurrent writers, snapshots, open time including the
+crash-recovery open, rotation, memory subprocesses, the 3-node pysyncobj
 cluster with all three journals) and that the results dict has the structure
 the report and CI read.  A stand-in walcrypt module checks the walcrypt
 adapter and the append/replay ratio keys independently of the engine.
@@ -12,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
+import struct
 import sys
+import threading
 import types
 
 import pytest
@@ -22,26 +26,30 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from benchmarks import baselines, goals, report, sources, workloads  # noqa: E402
+from benchmarks import baselines, common, concurrent, goals, journal, report, sources, workloads  # noqa: E402
 
 MATRIX_RATIO_KEYS = {
     "encrypted_vs_plain_append_1k_b64",
+    "vs_raw_prealloc_append_1k_b1",
+    "vs_raw_prealloc_append_1k_b64",
     "vs_raw_limit_append_1k_b1",
     "vs_raw_limit_append_1k_b64",
     "vs_lmdb_append_1k_b1",
     "vs_lmdb_append_1k_b64",
     "vs_sqlite_append_1k_b64",
     "replay_vs_lmdb_scan_1k",
+    "replay_vs_cipher_decrypt_1k",
 }
-RATIO_KEYS = MATRIX_RATIO_KEYS | {
+CONCURRENT_RATIO_KEYS = {f"concurrent_vs_{b}_{t}t" for b in ("raw_group", "lmdb", "sqlite") for t in (1, 4, 16)}
+RATIO_KEYS = MATRIX_RATIO_KEYS | CONCURRENT_RATIO_KEYS | {
     "snapshot_encrypted_vs_raw_write",
     "snapshot_encrypted_vs_raw_read",
     "cluster_vs_filejournal",
     "cluster_vs_naive_durable",
 }
 CASE_KEYS = {"median", "min", "max", "unit", "reps"}
-TOP_KEYS = {"cases", "ratios", "memory", "latency", "open", "goals", "skipped", "errors", "machine",
-            "mode", "reps", "date", "phase_seconds"}
+TOP_KEYS = {"cases", "ratios", "memory", "latency", "open", "replay", "concurrent", "stats", "goals", "skipped",
+            "errors", "machine", "mode", "reps", "date", "phase_seconds"}
 UNITS = {"MiB/s", "ops/s", "s", "MiB", "B/entry"}
 
 
@@ -55,13 +63,17 @@ def _expected_baseline_cases() -> set:
     names = set()
     for ename, batch, sync in workloads.FULL_APPEND:
         on = "on" if sync else "off"
-        for v in ("raw", "lmdb", "sqlite"):
+        for v in ("raw", "raw-prealloc", "lmdb", "sqlite"):
             names.add(f"append/entry={ename}/batch={batch}/sync={on}/v={v}")
         names.add(f"append/entry={ename}/batch={batch}/sync=na/v=cipher")
         if not sync:
             names.add(f"append/entry={ename}/batch={batch}/sync=off/v=pysyncobj")
-    for v in ("lmdb", "sqlite", "raw", "pysyncobj"):
+    for v in ("lmdb", "sqlite", "raw", "pysyncobj", "cipher"):
         names.add(f"replay/entry=1k/v={v}")
+    for t in (1, 4, 16):
+        for v in ("raw-prealloc", "lmdb", "sqlite"):
+            names.add(f"concurrent/threads={t}/entry=1k/v={v}")
+    names.add(f"open/segment={sources.size_name(sz.crash_segment_bytes)}/segments=crashed-full/v=read-decrypt")
     for v in ("lmdb", "sqlite", "raw"):
         names.add(f"read/entry=1k/pattern=random/v={v}")
     snap = sources.size_name(sz.snapshot_bytes)
@@ -110,10 +122,19 @@ def test_tiny_run_structure(tiny_results):
     # appends and cluster commands carry latency percentiles
     lat = cases["append/entry=1k/batch=1/sync=on/v=raw"]["latency_us"]
     assert lat["p50"] <= lat["p99"] <= lat["max"]
+    # concurrent writers: every thread count, latency per save, the group size of the raw writer
+    for t in (1, 4, 16):
+        c = cases[f"concurrent/threads={t}/entry=1k/v=raw-prealloc"]
+        assert c["entries"] == workloads.TINY.concurrent_entries // t * t
+        assert c["latency_us"]["count"] == c["entries"]
+        assert c["extra"]["threads"] == t and c["extra"]["mean_group"] >= 1
+    assert res["replay"]["cipher_decrypt_mib_s"] > 0
     assert "latency_us" in cases[f"cluster/nodes=3/value=256/window={workloads.TINY.cluster_window}/v=pysyncobj"]
     # every goal is listed, measured or not
     assert [g["key"] for g in res["goals"]] == [g[1] for g in goals.GOALS]
     assert {g["status"] for g in res["goals"]} <= {"PASS", "MISS", "not measured"}
+    for g in res["goals"]:
+        assert {"median", "min", "max", "gate", "command"} <= set(g), g["key"]
     # the temporary data directory is removed
     assert os.listdir(out) == []
     json.dumps(res)  # serialisable as is
@@ -130,9 +151,21 @@ def test_walcrypt_cases_skipped_or_measured(tiny_results):
         return
     assert set(res["ratios"]) == RATIO_KEYS
     assert not [n for n in res["skipped"] if "/v=walcrypt-" in n]
-    for kind in ("snapshot", "open", "rotation", "memory", "cluster"):
+    for kind in ("concurrent", "snapshot", "open", "rotation", "memory", "cluster"):
         assert any(n.startswith(kind + "/") and "/v=walcrypt-" in n for n in res["cases"]), kind
-    assert {"sealed_vs_replay", "sealed_vs_unsealed_scan"} <= set(res["open"])
+    assert {"sealed_vs_replay", "sealed_vs_unsealed_scan", "crash_vs_read_decrypt", "crashed_full_seconds"} \
+        <= set(res["open"])
+    assert "walcrypt_encrypted_mib_s" in res["replay"]
+    for t in (1, 4, 16):
+        c = res["cases"][f"concurrent/threads={t}/entry=1k/v=walcrypt-encrypted"]
+        assert c["latency_us"]["count"] == c["entries"] and c["extra"]["gap_retries"] >= 0
+        assert {f"walcrypt_{t}t_p50_us", f"walcrypt_{t}t_p99_us", f"walcrypt_{t}t_mean_group",
+                f"raw_group_{t}t_mean_group"} <= set(res["concurrent"])
+    # every ratio goal has its per-repetition statistics
+    for g in res["goals"]:
+        if g["key"] in res["stats"]:
+            st = res["stats"][g["key"]]
+            assert st["min"] <= st["median"] <= st["max"] and st["n"] >= 1, g["key"]
     assert {"bytes_per_entry", "snapshot_write_peak_growth_mib", "snapshot_read_peak_growth_mib"} <= set(res["memory"])
     assert res["memory"]["bytes_per_entry_store_entries"] == workloads.TINY.index_entries
     assert "bytes_per_entry_1m" not in res["memory"]           # only a real 1M-entry store sets it
@@ -143,7 +176,8 @@ def test_report_outputs(tiny_results, tmp_path):
     res, _ = tiny_results
     md = report.render_markdown(res)
     for heading in ("## Goals", "## Machine", "## Ratios and metrics", "## All cases", "## Snapshots",
-                    "## Open time", "## DEK rotation", "## Memory", "## 3-node pysyncobj cluster"):
+                    "## Open time", "## DEK rotation", "## Memory", "## 3-node pysyncobj cluster",
+                    "## Concurrent writers"):
         assert heading in md, heading
     p = report.write_json(res, tmp_path / "r.json")
     assert json.loads(p.read_text())["cases"].keys() == res["cases"].keys()
@@ -169,6 +203,69 @@ def test_goal_evaluation():
     assert by_key["ratios.vs_lmdb_append_1k_b1"]["status"] == "MISS"
     assert by_key["memory.bytes_per_entry_1m"]["status"] == "MISS"
     assert by_key["ratios.cluster_vs_filejournal"]["status"] == "not measured"
+
+
+def test_goal_gates_on_per_repetition_statistics():
+    """The replay goal must hold in every repetition: a median above the target with one
+    repetition below it is a MISS; a median goal looks at the median only."""
+    stats = {"ratios.replay_vs_lmdb_scan_1k": {"median": 1.2, "min": 0.97, "max": 1.4, "n": 5},
+             "ratios.vs_raw_prealloc_append_1k_b1": {"median": 0.86, "min": 0.7, "max": 0.9, "n": 5}}
+    res = {"ratios": {"replay_vs_lmdb_scan_1k": 1.2, "vs_raw_prealloc_append_1k_b1": 0.86}, "stats": stats}
+    by_key = {g["key"]: g for g in goals.evaluate(res)}
+    replay = by_key["ratios.replay_vs_lmdb_scan_1k"]
+    assert (replay["gate"], replay["value"], replay["status"]) == ("min", 0.97, "MISS")
+    assert (replay["median"], replay["min"], replay["max"]) == (1.2, 0.97, 1.4)
+    floor = by_key["ratios.vs_raw_prealloc_append_1k_b1"]
+    assert (floor["value"], floor["status"]) == (0.86, "PASS")
+    md = report.render_markdown({"goals": goals.evaluate(res), "cases": {}})
+    assert "| >= 1 (min) | 1.200 | 0.970 | 1.400 | **MISS** |" in md
+
+
+def test_ratios_pair_repetitions():
+    rate = {"unit": "MiB/s", "median": 4.0}
+    a = dict(rate, samples=[2.0, 4.0, 9.0])
+    b = dict(rate, samples=[1.0, 2.0, 3.0])
+    assert goals.paired(a, b) == {"median": 2.0, "min": 2.0, "max": 3.0, "n": 3}
+    # durations: the baseline's time over walcrypt's
+    a = {"unit": "s", "median": 2.0, "samples": [2.0, 4.0]}
+    b = {"unit": "s", "median": 1.0, "samples": [1.0, 1.0]}
+    assert goals.paired(a, b) == {"median": 0.375, "min": 0.25, "max": 0.5, "n": 2}
+    # a case that stopped early (an error) pairs its repetitions that ran
+    assert goals.paired(dict(rate, samples=[3.0]), dict(rate, samples=[1.0, 5.0]))["n"] == 1
+    # results without samples: the ratio of the medians, no min or max
+    assert goals.paired({"unit": "MiB/s", "median": 3.0}, {"unit": "MiB/s", "median": 2.0}) == \
+        {"median": 1.5, "min": None, "max": None, "n": 0}
+
+
+def _goal_selector(command: str) -> workloads.Selector:
+    args = shlex.split(command)
+    assert args[:3] == ["python", "-m", "benchmarks"]
+    parsed = __import__("benchmarks.__main__", fromlist=["build_parser"]).build_parser().parse_args(args[3:])
+    assert parsed.no_save
+    return workloads.Selector(parsed.only)
+
+
+def test_goal_commands_select_their_cases():
+    """Each goal's command reruns (at least) the two cases of its ratio, with the full sizes'
+    names, and the two cases are in one interleaved group (their repetitions pair up)."""
+    sz = workloads.FULL
+    defs = goals.ratio_defs(sz)
+    everything = workloads.build_all(sz, workloads.FULL_APPEND, None, workloads.Selector())
+    group_of = {}
+    for k, group in enumerate(everything[0] + [everything[1]] + everything[2]):
+        for c in group:
+            group_of[c.name] = k
+    for label, path, _op, _target, _gate, command in goals.GOALS:
+        sel = _goal_selector(command)
+        groups, mem, cl = workloads.build_all(sz, workloads.FULL_APPEND, None, sel)
+        names = {c.name for g in groups + [mem] + cl for c in g}
+        section, _, key = path.partition(".")
+        ratio = defs.get(key) or defs.get(path)
+        if ratio:
+            assert set(ratio) <= names, (label, command)
+            assert group_of[ratio[0]] == group_of[ratio[1]], label
+        else:
+            assert names and all(n.startswith(section + "/") for n in names), (label, command)
 
 
 def test_duration_ratios_are_oriented_higher_is_better():
@@ -204,19 +301,19 @@ def test_pattern_stream_and_sizes():
 def test_naive_durable_journal_round_trip(tmp_path):
     pytest.importorskip("pysyncobj")
     path = str(tmp_path / "j")
-    j = baselines.NaiveDurableJournal(path)
+    j = journal.NaiveDurableJournal(path)
     for i in range(1, 6):
         j.add(b"cmd%d" % i, i, 1)
     j.setCurrentTerm(3, "node-b")
     j.deleteEntriesFrom(3)                      # positions, not indexes: keeps 1..3
     j.add(b"new4", 4, 2)
     j._destroy()
-    j = baselines.NaiveDurableJournal(path)
+    j = journal.NaiveDurableJournal(path)
     assert [j[k] for k in range(len(j))] == [(b"cmd1", 1, 1), (b"cmd2", 2, 1), (b"cmd3", 3, 1), (b"new4", 4, 2)]
     assert (j.getCurrentTerm(), j.getVotedForNodeId()) == (3, "node-b")
     j.deleteEntriesTo(2)                        # compaction rewrites the file
     j._destroy()
-    j = baselines.NaiveDurableJournal(path)
+    j = journal.NaiveDurableJournal(path)
     assert [j[k][1] for k in range(len(j))] == [3, 4]
     with open(path, "rb") as f:
         assert b"cmd3" not in f.read()          # encrypted on disk
@@ -277,7 +374,7 @@ def test_walcrypt_adapter_and_ratios_with_stand_in(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "walcrypt", _fake_walcrypt())
     res = workloads.run_all(
         tiny=True, quick=True, out_dir=str(tmp_path),
-        only=["append", "replay", "read", "walcrypt", "raw", "lmdb", "sqlite"],
+        only=["append", "replay", "read", "walcrypt", "raw", "lmdb", "sqlite", "cipher"],
     )
     assert not res["errors"], res["errors"]
     assert res["walcrypt_available"]
@@ -286,3 +383,90 @@ def test_walcrypt_adapter_and_ratios_with_stand_in(monkeypatch, tmp_path):
                  "replay/entry=1k/v=walcrypt-plain",
                  "read/entry=1k/pattern=random/v=walcrypt-encrypted"):
         _check_case(name, res["cases"][name])
+
+
+# --- the new baselines, on their own -------------------------------------------------
+
+
+def test_raw_prealloc_never_grows_the_file_in_the_steady_state(tmp_path):
+    store = baselines.make("raw-prealloc", sync=False)
+    store.CHUNK = 1 << 16
+    store.open(str(tmp_path))
+    size0 = os.path.getsize(store.path)
+    assert size0 == 1 << 16
+    batches = common.make_batches(200, 400, 8)
+    sizes = set()
+    for b in batches[:12]:                         # 96 records of 420 bytes: within the first chunk
+        store.append_batch(b)
+        sizes.add(os.path.getsize(store.path))
+    assert sizes == {size0}
+    for b in batches[12:]:
+        store.append_batch(b)
+    assert os.path.getsize(store.path) == 2 << 16  # the next chunk, reserved when the first was full
+    store.close()
+    store = baselines.make("raw-prealloc", sync=False)
+    store.open(str(tmp_path))                      # the end is found before the preallocated zeros
+    assert store.scan() == 200 and store.get(200) == batches[-1][-1][2]
+    assert store.end == 200 * (20 + 400)
+    store.close()
+
+
+def test_raw_group_commit_writer_keeps_index_order(tmp_path):
+    w = concurrent.RawGroupWriters()
+    w.open(str(tmp_path))
+    threads = [threading.Thread(target=lambda t=t: [w.append_one(b"%02d" % t * 8) for _ in range(25)])
+               for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert w.last() == 200 and 1 <= w.syncs <= 200
+    path = w.file.path
+    w.close()
+    with open(path, "rb") as f:
+        buf = f.read()
+    hdr = struct.Struct("<IQQ")
+    pos, seen = 0, []
+    while True:
+        length, index, _term = hdr.unpack_from(buf, pos)
+        if index == 0:
+            break
+        seen.append(index)
+        pos += hdr.size + length
+    assert seen == list(range(1, 201))
+
+
+def test_walcrypt_writers_resubmit_a_save_refused_as_a_gap():
+    """A save that overtook its predecessor's is refused alone (nothing written) and resubmitted."""
+    class UsageError(Exception):
+        pass
+
+    class Store:
+        def __init__(self):
+            self.log, self.refused = [], 0
+
+        def save(self, entries):
+            (e,) = entries
+            if e.index != len(self.log) + 1:
+                raise UsageError(f"entries start at index {e.index}: a gap is not allowed")
+            if e.index == 2 and not self.refused:       # as if entry 3's save had come first
+                self.refused += 1
+                raise UsageError("entries start at index 3 but the log ends at 1; a gap is not allowed")
+            self.log.append(e)
+
+    w = concurrent.WalcryptWriters()
+    w.store, w._entry, w._usage_error = Store(), common_entry, UsageError
+    w._seq, w._next, w.retries = threading.Lock(), 1, 0
+    for _ in range(3):
+        w.append_one(b"x")
+    assert [e.index for e in w.store.log] == [1, 2, 3] and w.retries == 1
+    w.store.save = lambda entries: (_ for _ in ()).throw(UsageError("entry too large"))
+    with pytest.raises(UsageError):
+        w.append_one(b"y")                              # any other refusal is an error
+
+
+@dataclasses.dataclass(frozen=True)
+class common_entry:  # noqa: N801 - stands in for walcrypt.Entry
+    index: int
+    term: int
+    data: bytes
