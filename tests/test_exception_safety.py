@@ -149,7 +149,7 @@ def _one_unit(s, calls: dict) -> dict:
 
     wal = s.wal
     threads = [threading.Thread(target=run, args=item, name=item[0]) for item in calls.items()]
-    with wal._write:
+    with wal.write_lock:
         for t in threads:
             t.start()
         deadline = time.monotonic() + 10
