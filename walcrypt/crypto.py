@@ -125,6 +125,9 @@ def segment_keys(dek: bytes, salt: bytes, store_id: bytes, segment_id: int, alg_
     return okm[:32], okm[32:]
 
 
+_PADDING = tuple(bytes(n) for n in range(fmt.ALIGN))     # the zero padding after a frame, by length
+
+
 def nonce_for(seq: int) -> bytes:
     return NONCE_PREFIX + seq.to_bytes(8, "big")
 
@@ -156,11 +159,13 @@ class FrameCipher:
         hdr = fmt.FRAME_HEADER_STRUCT.pack(
             ftype, self.alg_id, 0, 0, length, seq, index, term, count, 0,
             nonce, 0, self.key_id, prev_chain)
-        head, tail = hdr[:fmt.FRAME_CRC_OFFSET], hdr[fmt.FRAME_CRC_OFFSET + 4:]
-        ct = self._aead.encrypt(nonce, payload, self.ad_prefix + head + tail)
-        crc = crc32c(ct, crc32c(tail, crc32c(head)))
-        pad = (-length) & (fmt.ALIGN - 1)
-        return b"".join((head, crc.to_bytes(4, "little"), tail, ct, bytes(pad))), ct[-fmt.TAG_SIZE:]
+        # The header without its CRC field is both the associated data (after the segment's
+        # prefix) and, followed by the ciphertext, what the CRC covers (FORMAT.md 7.2).
+        covered = hdr[:fmt.FRAME_CRC_OFFSET] + hdr[fmt.FRAME_CRC_OFFSET + 4:]
+        ct = self._aead.encrypt(nonce, payload, self.ad_prefix + covered)
+        crc = crc32c(ct, crc32c(covered))
+        return (b"".join((hdr[:fmt.FRAME_CRC_OFFSET], crc.to_bytes(4, "little"), hdr[fmt.FRAME_CRC_OFFSET + 4:], ct,
+                          _PADDING[(-length) & (fmt.ALIGN - 1)])), ct[-fmt.TAG_SIZE:])
 
     def open(self, header: bytes, ct: bytes | memoryview, *, path: str, offset: int) -> bytes:
         """Authenticate and decrypt one frame whose header and CRC were already checked."""

@@ -54,6 +54,9 @@ from .wal_reads import LogReads
 from .wal_requests import Request, encode_stored, prepare_entries
 
 SYNC_POLICIES = ("always", "batch", "none")
+# A waiting requester leads itself after this long without news (only after an interrupted leader
+# failed to name the next one; see append).
+LEADER_WAIT_S = 1.0
 class SegmentProvider(Protocol):
     """What the engine supplies to the WAL: segment creation and manifest bookkeeping."""
 
@@ -88,7 +91,8 @@ class Wal(LogReads):
         self._state = threading.Lock()           # guards the index (short critical sections)
         self.write_lock = threading.RLock()          # one leader writes at a time (re-entrant for re-key)
         self._queue: list[Request] = []
-        self._queue_lock = threading.Lock()
+        self._queue_lock = threading.Lock()      # guards _queue and _leader
+        self._leader: Request | None = None      # the request whose thread leads (group commit)
         self._cache: OrderedDict = OrderedDict()
 
     # ------------------------------------------------------------------ writing
@@ -133,17 +137,32 @@ class Wal(LogReads):
             with self.write_lock:
                 self._lead([req], req)
         else:
+            # Group commit.  A request that finds no leader leads: it writes every queued request as
+            # one unit.  The others sleep on their own event until a leader settled their request
+            # (they return at once, without waiting for the next unit) or named them the next
+            # leader.  The timeout only matters when a leader was interrupted before it named one (or
+            # a unit takes longer than that): the sleeper then takes over as the leader, so the
+            # hand-over chain goes on; two leaders at once are safe, the write lock serialises them.
             with self._queue_lock:
+                leading = self._leader is None
+                if leading:
+                    self._leader = req
+                else:
+                    req.event = threading.Event()
                 self._queue.append(req)
-            # Whoever gets the write lock first writes every queued request; the others find
-            # their request done when they get the lock.  Bounded: each pass drains the queue.
             try:
-                with self.write_lock:
-                    if not req.done:
-                        self._lead(None, req)
+                if req.event is not None and not req.event.wait(LEADER_WAIT_S):
+                    with self._queue_lock:
+                        self._leader = req
+                if not req.done:
+                    with self.write_lock:
+                        if not req.done:
+                            self._lead(None, req)
             except BaseException:
                 self._withdraw(req)
                 raise
+            finally:
+                self._hand_over(req)
         if req.error is not None:
             raise req.error
         if not req.done:
@@ -153,6 +172,17 @@ class Wal(LogReads):
                                    "reopen the store to recover")
             self.fail(exc)
             raise exc
+
+    def _hand_over(self, req: Request) -> None:
+        """``req``'s thread is leaving append: if it was the leader, the oldest queued request's
+        thread becomes the leader (woken), else nobody is."""
+        with self._queue_lock:
+            if self._leader is not req:
+                return
+            nxt = self._queue[0] if self._queue else None
+            self._leader = nxt
+        if nxt is not None and nxt.event is not None:
+            nxt.event.set()
 
     def _withdraw(self, req: Request) -> None:
         """The caller was interrupted while waiting (e.g. KeyboardInterrupt during the lock wait): a
@@ -187,8 +217,9 @@ class Wal(LogReads):
                         err = StoreFailedError(f"the write unit holding this save was interrupted "
                                                f"({describe_error(exc)}); reopen the store to recover")
                         err.__cause__ = exc
-                        req.error = err
-                    req.done = True
+                        req.finish(err)
+                    else:
+                        req.finish()
             raise
 
     def _run_unit(self, batch: list[Request]) -> None:
@@ -214,15 +245,14 @@ class Wal(LogReads):
                     self._flush(records, hs_record, hardstate, members)
                     records, hs_record, hardstate, members = [], None, None, []
                     self._replace_from(first, recs + req.extra, req.hardstate)
-                    req.done = True
+                    req.finish()
                     continue
                 elif recs and first != self._next_index(records):
                     raise UsageError(
                         f"entries start at index {first} but the log ends at {self._next_index(records) - 1}; "
                         "a gap is not allowed")
             except WalcryptError as exc:  # this request only
-                req.error = exc
-                req.done = True
+                req.finish(exc)
                 continue
             records.extend(recs)
             records.extend(req.extra)
@@ -245,13 +275,12 @@ class Wal(LogReads):
                 self._write_unit(records)
             except WalcryptError as exc:        # a failed write (the WAL is failed): every member learns it
                 for req in members:
-                    req.error = exc
-                    req.done = True
+                    req.finish(exc)
                 return
             if hardstate is not None:
                 self.hardstate = hardstate
         for req in members:
-            req.done = True
+            req.finish()
 
     def _write_unit(self, records: list) -> None:
         seg = self.active

@@ -5,6 +5,8 @@ commit the next batch is prepared while the leader waits on fdatasync (see walcr
 
 from __future__ import annotations
 
+import threading
+
 from . import format as fmt
 from .errors import UsageError
 from .segment_codec import encode_entries
@@ -24,7 +26,7 @@ class Request:
     """One save(): validated, its entries and hard state already encoded as record payloads (by
     the calling thread)."""
 
-    __slots__ = ("entries", "first", "records", "hardstate", "hs_record", "extra", "done", "error")
+    __slots__ = ("entries", "first", "records", "hardstate", "hs_record", "extra", "done", "error", "event")
 
     def __init__(self, entries, first: int, records: list, hardstate, hs_record):
         self.entries = entries
@@ -35,6 +37,18 @@ class Request:
         self.extra: list = []
         self.done = False
         self.error: BaseException | None = None
+        # Set when the request is settled or its thread is named the next leader (group commit: a
+        # waiting requester sleeps on it instead of on the write lock).  None for the thread that
+        # leads from the start, which never waits.
+        self.event: threading.Event | None = None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Settled: written durably (no error) or refused or failed (``error``).  Wakes its thread."""
+        if error is not None:
+            self.error = error
+        self.done = True
+        if self.event is not None:
+            self.event.set()
 
 
 
