@@ -53,8 +53,9 @@ from .types import EntryBatch, HardState
 from .vfs import VFS
 
 _READ_AHEAD = 4096
-# A bulk read's pread: every record in 1 MiB at once.  Larger reads measured slower (each buffer is
-# fresh memory to fault in, and it no longer stays in the CPU's caches until its records are opened).
+# A bulk read's pread (read_entries_records): every record in 1 MiB at once.  Larger reads measured
+# slower (each buffer is fresh memory to fault in, and no longer stays in the CPU's caches until its
+# records are opened).
 READ_WINDOW = 1 << 20
 
 
@@ -248,12 +249,15 @@ class Segment(SegmentScan):
     # ------------------------------------------------------------------ read
     def ensure_open(self) -> int:
         if self.fd is None:
-            try:
-                self.fd = self.vfs.open(self.path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise CorruptionError(self.path, None, "segment file is missing",
-                                      "a segment listed in the manifest was deleted; restore from a snapshot") from None
+            self.fd = self._open_for_read()
         return self.fd
+
+    def _open_for_read(self) -> int:
+        try:
+            return self.vfs.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptionError(self.path, None, "segment file is missing",
+                                  "a segment listed in the manifest was deleted; restore from a snapshot") from None
 
     def close(self) -> None:
         fd, self.fd = self.fd, None             # never closed twice, even if close() is interrupted
@@ -344,12 +348,15 @@ class Segment(SegmentScan):
                                       f"{self.rec_index[r]} x{self.rec_count[r]} (records swapped or moved)")
         return decode_entries_payload(payload, h[6], h[8], path=self.path, offset=offset)
 
-    def read_entries_records(self, r: int, last: int, window: int = READ_WINDOW,
+    def read_entries_records(self, r: int, last: int, window: int | None = None,
                              before_read: Callable[[], None] | None = None) -> Iterator[EntryBatch]:
         """ENTRIES records r..last in order, each checked exactly as :meth:`read_entries_record` checks
-        it and handed out only then, read sequentially a window of about ``window`` bytes at a time
-        (one pread for every record the window holds; a larger frame is read alone, after the file
-        was found to hold it).  ``before_read()`` is called before every read (it may raise)."""
+        it and handed out only then, read sequentially a window of about ``window`` bytes (default
+        READ_WINDOW) at a time: one pread for every record the window holds; a frame larger than the
+        window is read alone, once the file was found to hold it.  The file is read through a
+        descriptor of the reader's own, which nobody else closes (or reuses) under it, closed when
+        the reader ends.  ``before_read()`` is called before every read (it may raise)."""
+        window = READ_WINDOW if window is None else window
         offs = self.rec_offset
         hsize = fmt.FRAME_HEADER_SIZE
         # Records r..last lie before the next record's offset (commit frames may sit between them).
@@ -357,27 +364,35 @@ class Segment(SegmentScan):
         buf = b""
         view = memoryview(buf)
         base = 0
-        while r <= last:
-            off = offs[r]
-            rel = off - base
-            if rel < 0 or rel + hsize > len(buf):
-                if before_read is not None:
-                    before_read()
-                buf = self.vfs.pread(self.ensure_open(), max(min(window, stop - off), hsize + _READ_AHEAD), off)
-                view, base, rel = memoryview(buf), off, 0
-            h = self._frame_head(buf, rel, off)
-            need = hsize + h[4]
-            if rel + need > len(buf):
-                if before_read is not None:
-                    before_read()
-                fd = self.ensure_open()
-                if need > window:
-                    self._check_frame_fits(fd, off, h[4])     # before allocating the declared length
-                buf = self.vfs.pread(fd, max(need, min(window, stop - off)), off)
-                view, base, rel = memoryview(buf), off, 0
-                if len(buf) < need:
-                    self._check_frame_fits(fd, off, h[4])
-                    raise CorruptionError(self.path, off, "frame is cut off by the end of the file")
-            payload = self._open_frame(h, buf, view, rel, off, fmt.FRAME_ENTRIES)
-            yield self._entries_record(r, h, payload, off)
-            r += 1
+        fd = None
+        try:
+            while r <= last:
+                off = offs[r]
+                rel = off - base
+                if rel < 0 or rel + hsize > len(buf):
+                    if before_read is not None:
+                        before_read()
+                    if fd is None:
+                        fd = self._open_for_read()
+                    buf = self.vfs.pread(fd, max(min(window, stop - off), hsize + _READ_AHEAD), off)
+                    view, base, rel = memoryview(buf), off, 0
+                h = self._frame_head(buf, rel, off)
+                need = hsize + h[4]
+                if rel + need > len(buf):
+                    if before_read is not None:
+                        before_read()
+                    if fd is None:
+                        fd = self._open_for_read()
+                    if need > window:
+                        self._check_frame_fits(fd, off, h[4])     # before allocating the declared length
+                    buf = self.vfs.pread(fd, max(need, min(window, stop - off)), off)
+                    view, base, rel = memoryview(buf), off, 0
+                    if len(buf) < need:
+                        self._check_frame_fits(fd, off, h[4])
+                        raise CorruptionError(self.path, off, "frame is cut off by the end of the file")
+                payload = self._open_frame(h, buf, view, rel, off, fmt.FRAME_ENTRIES)
+                yield self._entries_record(r, h, payload, off)
+                r += 1
+        finally:
+            if fd is not None:
+                self.vfs.close(fd)
