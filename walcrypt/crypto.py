@@ -164,10 +164,13 @@ class FrameCipher:
 
     def open(self, header: bytes, ct: bytes | memoryview, *, path: str, offset: int) -> bytes:
         """Authenticate and decrypt one frame whose header and CRC were already checked."""
-        head, tail = header[:fmt.FRAME_CRC_OFFSET], header[fmt.FRAME_CRC_OFFSET + 4:fmt.FRAME_HEADER_SIZE]
-        nonce = header[40:52]
+        return self.open_parts(header[40:52], ct, header[:fmt.FRAME_CRC_OFFSET]
+                               + header[fmt.FRAME_CRC_OFFSET + 4:fmt.FRAME_HEADER_SIZE], path=path, offset=offset)
+
+    def open_parts(self, nonce: bytes, ct: bytes | memoryview, fields: bytes, *, path: str, offset: int) -> bytes:
+        """``open`` given the frame's nonce and its header without the CRC field."""
         try:
-            return self._aead.decrypt(nonce, ct, self.ad_prefix + head + tail)
+            return self._aead.decrypt(nonce, ct, self.ad_prefix + fields)
         except InvalidTag:
             raise AuthenticationError(
                 path, offset,

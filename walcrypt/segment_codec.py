@@ -105,12 +105,6 @@ def _entries_table(payload: bytes, count: int, path: str, offset: int) -> tuple[
     return table_end, lengths
 
 
-def _entries_terms(payload: bytes, count: int) -> array:
-    terms = array("Q")
-    terms.frombytes(payload[8:8 + 8 * count])
-    return terms
-
-
 def decode_entries_payload(payload: bytes, first_index: int, count: int, *, path: str,
                            offset: int) -> EntryBatch:
     """Check and index an ENTRIES payload.  Lengths are checked before anything is sliced."""
@@ -118,13 +112,23 @@ def decode_entries_payload(payload: bytes, first_index: int, count: int, *, path
     ends = list(accumulate(lengths, initial=table_end))      # a list: its ints are made once, not per use
     if ends[-1] != len(payload):
         raise CorruptionError(path, offset, "entries record lengths do not add up to its payload")
-    return EntryBatch(first_index, _entries_terms(payload, count), ends, payload)
+    terms = array("Q")
+    terms.frombytes(payload[8:8 + 8 * count])
+    return EntryBatch(first_index, terms, ends, payload)
 
 
 def entries_payload_terms(payload: bytes, count: int, *, path: str, offset: int) -> array:
     """The terms of an ENTRIES payload, after the checks of :func:`decode_entries_payload`, without
     indexing the data (what a scan needs)."""
+    if count == 1 and len(payload) >= _ONE_ENTRY_HEAD.size:      # the common Raft case, one unpack
+        pcount, _, term, length = _ONE_ENTRY_HEAD.unpack_from(payload)
+        if pcount == 1:
+            if _ONE_ENTRY_HEAD.size + length != len(payload):
+                raise CorruptionError(path, offset, "entries record lengths do not add up to its payload")
+            return array("Q", (term,))
     table_end, lengths = _entries_table(payload, count, path, offset)
     if table_end + sum(lengths) != len(payload):
         raise CorruptionError(path, offset, "entries record lengths do not add up to its payload")
-    return _entries_terms(payload, count)
+    terms = array("Q")
+    terms.frombytes(payload[8:8 + 8 * count])
+    return terms

@@ -11,7 +11,15 @@ from crc32c import crc32c
 from . import bounded, crypto
 from . import format as fmt
 from .errors import WIPE_ADVICE, AuthenticationError, CorruptionError
-from .segment_codec import COMMIT_LEN, RECOVERY_SEQ_JUMP, SECTOR, ZERO_RUN, SegmentIdentity, decode_entries_payload
+from .segment_codec import (
+    COMMIT_LEN,
+    RECOVERY_SEQ_JUMP,
+    SECTOR,
+    ZERO_RUN,
+    SegmentIdentity,
+    decode_entries_payload,
+    entries_payload_terms,
+)
 from .types import HardState
 
 if TYPE_CHECKING:
@@ -160,7 +168,12 @@ class SegmentScan:
         pending: list[tuple] = []
         committed_end = off
         hsize = fmt.FRAME_HEADER_SIZE
+        crc_at = fmt.FRAME_CRC_OFFSET
         unpack = fmt.FRAME_HEADER_STRUCT.unpack_from
+        frame_types = fmt.FRAME_TYPES
+        tag_size = fmt.TAG_SIZE
+        alg, key_id = self.ident.algorithm, self.ident.key_id
+        open_frame = self.cipher.open_parts
         view: bytes | memoryview
         buf = view = b""            # bytes [base, base + len(buf)) of the file
         base = 0
@@ -179,18 +192,18 @@ class SegmentScan:
             if ftype == fmt.FRAME_UNWRITTEN:
                 return self._classify(src, committed_end, off, off + hsize, "unwritten space", seq, chain, window)
             end = off + hsize + length
-            if ftype in fmt.FRAME_TYPES and length >= fmt.TAG_SIZE and end > size:
+            if ftype in frame_types and length >= tag_size and end > size:
                 # A length pointing past the end of the file is a torn write (etcd #14114), whatever its size.
                 return self._classify(src, committed_end, off, end, "frame runs past the end of the file", seq, chain,
                                       window)
-            if ftype not in fmt.FRAME_TYPES or length < fmt.TAG_SIZE or length > fmt.MAX_RECORD_PAYLOAD:
+            if ftype not in frame_types or length < tag_size or length > fmt.MAX_RECORD_PAYLOAD:
                 return self._classify(src, committed_end, off, off + hsize, "malformed frame header", seq, chain,
                                       window)
             if rel + hsize + length > len(buf):
                 if hsize + length > window:
                     # Bounded before it is allocated: the CRC decides whether this frame is read whole.
                     head = buf[rel:rel + hsize]
-                    crc = crc32c(head[fmt.FRAME_CRC_OFFSET + 4:], crc32c(head[:fmt.FRAME_CRC_OFFSET]))
+                    crc = crc32c(head[crc_at + 4:], crc32c(head[:crc_at]))
                     if bounded.crc_range(src, off + hsize, end, crc, window) != h[9]:
                         return self._classify(src, committed_end, off, end, "frame fails its CRC32C", seq, chain,
                                               window)
@@ -198,18 +211,23 @@ class SegmentScan:
                 view = memoryview(buf)
                 if len(buf) < hsize + length:
                     raise _changed(path, off)
-            header = buf[rel:rel + hsize]
-            ct = view[rel + hsize:rel + hsize + length]
-            if crypto.frame_crc(header, ct) != h[9]:
+            # The header without its CRC field: what the CRC (then the ciphertext) and the associated data cover.
+            fields = buf[rel:rel + crc_at] + buf[rel + crc_at + 4:rel + hsize]
+            ct_end = rel + hsize + length
+            ct = view[rel + hsize:ct_end]
+            if crc32c(ct, crc32c(fields)) != h[9]:
                 return self._classify(src, committed_end, off, end, "frame fails its CRC32C", seq, chain, window)
             # From here on the frame is intact: any failure is tampering or foreign data.
             if ftype == fmt.FRAME_INDEX and seq < h[5] < seq + RECOVERY_SEQ_JUMP + 1:
                 seq = h[5]      # an index written by recovery skips ahead (see Segment.seal)
-            self._check_frame_fields(h, off, seq=seq, chain=chain)
-            plain = self.cipher.open(header, ct, path=path, offset=off)
-            chain = bytes(ct[-fmt.TAG_SIZE:])
+            # The nonce is 4 zero bytes and the sequence number (big-endian): as a number, it is seq.
+            if (h[5] != seq or h[13] != chain or h[12] != key_id or h[1] != alg or h[2] or h[3] or h[11]
+                    or int.from_bytes(h[10], "big") != seq):
+                self._check_frame_fields(h, off, seq=seq, chain=chain)    # raises, naming what is wrong
+            plain = open_frame(h[10], ct, fields, path=path, offset=off)
+            chain = buf[ct_end - tag_size:ct_end]
             seq += 1
-            next_off = fmt.align_up(end)
+            next_off = (end + fmt.ALIGN - 1) & -fmt.ALIGN
             if ftype == fmt.FRAME_COMMIT:
                 if len(plain) != fmt.COMMIT_STRUCT.size or fmt.COMMIT_STRUCT.unpack(plain)[0] != len(pending):
                     raise AuthenticationError(path, off, "commit frame does not close the records before it")
@@ -237,12 +255,17 @@ class SegmentScan:
     def _apply_scanned(self, p, on_entries) -> None:
         ftype, off, h, plain = p
         if ftype == fmt.FRAME_ENTRIES:
-            rec = decode_entries_payload(plain, h[6], h[8], path=self.path, offset=off)
+            if on_entries is None:          # the index needs the terms only: the data is not indexed
+                terms = entries_payload_terms(plain, h[8], path=self.path, offset=off)
+                rec = None
+            else:
+                rec = decode_entries_payload(plain, h[6], h[8], path=self.path, offset=off)
+                terms = rec.terms
             if h[6] != self.last_index + 1:
                 raise AuthenticationError(self.path, off,
                                           f"entries record starts at index {h[6]}, expected {self.last_index + 1}")
-            self._index_entries(off, h[6], h[8], rec.terms)
-            if on_entries is not None:
+            self._index_entries(off, h[6], h[8], terms)
+            if rec is not None:
                 on_entries(rec)
         elif ftype == fmt.FRAME_HARDSTATE:
             if len(plain) != fmt.HARDSTATE_STRUCT.size:
