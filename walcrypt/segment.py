@@ -40,8 +40,10 @@ checks is always an :class:`AuthenticationError`.
 from __future__ import annotations
 
 import os
+import sys
 from array import array
 from bisect import bisect_right
+from itertools import chain
 from typing import Callable, Iterator
 
 from . import crypto
@@ -156,10 +158,10 @@ class Segment(SegmentScan):
 
         Returns the term runs (first index, term) that the batch started."""
         placed, seq, chain, nbytes = pending
-        new_runs: list = []
+        first_new_run = len(self.runs)
         for ftype, offset, index, count, terms, payload in placed:
             if ftype == fmt.FRAME_ENTRIES:
-                new_runs += self._index_entries(offset, index, count, terms)
+                self._index_entries(offset, index, count, terms)
             elif ftype == fmt.FRAME_HARDSTATE:
                 self.hardstate = HardState(*fmt.HARDSTATE_STRUCT.unpack(payload))
                 self.hardstate_offset = offset
@@ -169,10 +171,10 @@ class Segment(SegmentScan):
         self.records_written += len(placed) + 1
         self.bytes_written += nbytes
         self.writable = True                     # the writer state accounts for every frame written
-        return new_runs
+        return self.runs[first_new_run:]
 
-    def _index_entries(self, offset: int, index: int, count: int, terms) -> list:
-        """Index one ENTRIES record; returns the term runs it starts."""
+    def _index_entries(self, offset: int, index: int, count: int, terms) -> None:
+        """Index one ENTRIES record (and the term runs it starts)."""
         if index <= self.last_index:  # records of a segment never overlap
             raise CorruptionError(self.path, offset, f"entries record at index {index} overlaps earlier records")
         self.rec_offset.append(offset)
@@ -180,7 +182,6 @@ class Segment(SegmentScan):
         self.rec_count.append(count)
         self.last_index = index + count - 1
         runs = self.runs
-        start = len(runs)
         if terms[0] == terms[-1]:   # the common case: one term (Raft terms never decrease)
             if not runs or runs[-1][1] != terms[0]:
                 runs.append((index, terms[0]))
@@ -188,7 +189,6 @@ class Segment(SegmentScan):
             for k, t in enumerate(terms):
                 if not runs or runs[-1][1] != t:
                     runs.append((index + k, t))
-        return runs[start:]
 
     def write(self, buf: bytes) -> int:
         """pwrite one encoded batch at the write offset; returns the offset written.
@@ -213,12 +213,18 @@ class Segment(SegmentScan):
     # ------------------------------------------------------------------ seal
     def encode_index(self) -> bytes:
         n = len(self.rec_offset)
-        parts = [fmt.INDEX_PREFIX_STRUCT.pack(n, len(self.runs), self.write_offset, self.hardstate_offset)]
-        rec = fmt.INDEX_RECORD_STRUCT.pack
-        parts.extend(rec(self.rec_offset[k], self.rec_index[k], self.rec_count[k], 0) for k in range(n))
-        run = fmt.TERM_RUN_STRUCT.pack
-        parts.extend(run(i, t) for i, t in self.runs)
-        return b"".join(parts)
+        # The record table built as columns, in C: (offset u64, index u64, count u32, reserved u32 = 0)
+        # per record is three u64 per record, the count in the low half of the third.
+        cols = array("Q", bytes(8)) * (3 * n)
+        cols[0::3] = self.rec_offset
+        cols[1::3] = self.rec_index
+        cols[2::3] = array("Q", self.rec_count)
+        runs = array("Q", chain.from_iterable(self.runs))
+        if sys.byteorder != "little":
+            cols.byteswap()
+            runs.byteswap()
+        return b"".join((fmt.INDEX_PREFIX_STRUCT.pack(n, len(self.runs), self.write_offset, self.hardstate_offset),
+                         cols.tobytes(), runs.tobytes()))
 
     def seal(self, *, recovered: bool = False) -> None:
         """Write the INDEX frame, sync, truncate the preallocated tail, sync.  Manifest update is the caller's.

@@ -7,6 +7,7 @@ import struct
 from array import array
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Sequence
 
 from crc32c import crc32c
 
@@ -117,7 +118,7 @@ def decode_entries_payload(payload: bytes, first_index: int, count: int, *, path
     return EntryBatch(first_index, terms, ends, payload)
 
 
-def entries_payload_terms(payload: bytes, count: int, *, path: str, offset: int) -> array:
+def entries_payload_terms(payload: bytes, count: int, *, path: str, offset: int) -> Sequence[int]:
     """The terms of an ENTRIES payload, after the checks of :func:`decode_entries_payload`, without
     indexing the data (what a scan needs)."""
     if count == 1 and len(payload) >= _ONE_ENTRY_HEAD.size:      # the common Raft case, one unpack
@@ -125,7 +126,7 @@ def entries_payload_terms(payload: bytes, count: int, *, path: str, offset: int)
         if pcount == 1:
             if _ONE_ENTRY_HEAD.size + length != len(payload):
                 raise CorruptionError(path, offset, "entries record lengths do not add up to its payload")
-            return array("Q", (term,))
+            return (term,)
     table_end, lengths = _entries_table(payload, count, path, offset)
     if table_end + sum(lengths) != len(payload):
         raise CorruptionError(path, offset, "entries record lengths do not add up to its payload")
