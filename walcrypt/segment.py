@@ -355,13 +355,15 @@ class Segment(SegmentScan):
         return decode_entries_payload(payload, h[6], h[8], path=self.path, offset=offset)
 
     def read_entries_records(self, r: int, last: int, window: int | None = None,
-                             before_read: Callable[[], None] | None = None) -> Iterator[EntryBatch]:
+                             before_read: Callable[[], None] | None = None,
+                             own_fd: bool = False) -> Iterator[EntryBatch]:
         """ENTRIES records r..last in order, each checked exactly as :meth:`read_entries_record` checks
         it and handed out only then, read sequentially a window of about ``window`` bytes (default
         READ_WINDOW) at a time: one pread for every record the window holds; a frame larger than the
-        window is read alone, once the file was found to hold it.  The file is read through a
-        descriptor of the reader's own, which nobody else closes (or reuses) under it, closed when
-        the reader ends.  ``before_read()`` is called before every read (it may raise)."""
+        window is read alone, once the file was found to hold it.  ``before_read()`` is called before
+        every read (it may raise).  With ``own_fd`` (a reader that lives across calls) the file is read
+        through a descriptor of the reader's own, which nobody else closes (or reuses) under it,
+        closed when the reader ends; otherwise through the segment's (``ensure_open``)."""
         window = READ_WINDOW if window is None else window
         offs = self.rec_offset
         hsize = fmt.FRAME_HEADER_SIZE
@@ -379,7 +381,7 @@ class Segment(SegmentScan):
                     if before_read is not None:
                         before_read()
                     if fd is None:
-                        fd = self._open_for_read()
+                        fd = self._open_for_read() if own_fd else self.ensure_open()
                     buf = self.vfs.pread(fd, max(min(window, stop - off), hsize + _READ_AHEAD), off)
                     view, base, rel = memoryview(buf), off, 0
                 h = self._frame_head(buf, rel, off)
@@ -388,7 +390,7 @@ class Segment(SegmentScan):
                     if before_read is not None:
                         before_read()
                     if fd is None:
-                        fd = self._open_for_read()
+                        fd = self._open_for_read() if own_fd else self.ensure_open()
                     if need > window:
                         self._check_frame_fits(fd, off, h[4])     # before allocating the declared length
                     buf = self.vfs.pread(fd, max(need, min(window, stop - off)), off)
@@ -400,5 +402,5 @@ class Segment(SegmentScan):
                 yield self._entries_record(r, h, payload, off)
                 r += 1
         finally:
-            if fd is not None:
+            if fd is not None and own_fd:
                 self.vfs.close(fd)

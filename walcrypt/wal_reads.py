@@ -34,6 +34,11 @@ if TYPE_CHECKING:
 _BULK_RECORDS = 3
 
 
+def _not_in_order(seg: Segment, idx: int, first: int, n: int) -> CorruptionError:
+    return CorruptionError(seg.path, None, f"segment {seg.seg_id}: its records do not follow each other "
+                           f"(index {idx} expected in a record at {first} x{n})")
+
+
 def clip_runs(runs, lo: int, hi: int) -> list:
     """The (first index, term) runs of a segment restricted to the entries lo..hi."""
     out = []
@@ -215,7 +220,7 @@ class LogReads:
     def batches(self, lo: int, hi: int, before_read: Callable[[], None] | None = None) -> Iterator[EntryBatch]:
         """The entries [lo, hi) as they are read, one EntryBatch per record (see _batches).  The range
         is checked and located now; reading starts with the first ``next()``."""
-        return self._checked(self._batches(lo, self._pieces(lo, hi), before_read))
+        return self._checked(self._batches(lo, self._pieces(lo, hi), before_read, own_fd=True))
 
     def _checked(self, batches: Iterator[EntryBatch]) -> Iterator[EntryBatch]:
         try:
@@ -225,9 +230,26 @@ class LogReads:
 
     def _read_pieces(self, lo: int, pieces, max_size: int | None) -> list[Entry]:
         out: list[Entry] = []
-        if max_size is None:            # bulk path: C-level iteration, no Python frame per entry
-            for batch in self._batches(lo, pieces):
-                out.extend(map(new_tuple, repeat(Entry), batch.tuples()))
+        if max_size is None:            # C-level iteration, no Python frame per entry
+            idx = lo
+            for seg, r, piece_hi in pieces:
+                last = seg.locate(piece_hi - 1)
+                if last - r >= _BULK_RECORDS:
+                    for batch in self._clipped(seg, seg.read_entries_records(r, last), idx, piece_hi, False):
+                        out.extend(map(new_tuple, repeat(Entry), batch.tuples()))
+                    idx = piece_hi
+                    continue
+                while idx < piece_hi:   # a few records: through the record cache, sliced in place
+                    rec = self._record(seg, r)
+                    first, terms, p, e = rec.first, rec.terms, rec.payload, rec.offsets
+                    if not first <= idx < first + len(terms):
+                        raise _not_in_order(seg, idx, first, len(terms))
+                    b = min(piece_hi, first + len(terms))
+                    a, z = idx - first, b - first
+                    datas = map(p.__getitem__, map(slice, e[a:z], e[a + 1:z + 1]))
+                    out.extend(map(new_tuple, repeat(Entry), zip(range(idx, b), terms[a:z], datas)))
+                    idx = b
+                    r += 1
             return out
         size = 0
         for seg, r, piece_hi in pieces:
@@ -245,41 +267,48 @@ class LogReads:
                 r += 1
         return out
 
-    def _batches(self, lo: int, pieces, before_read: Callable[[], None] | None = None) -> Iterator[EntryBatch]:
+    def _batches(self, lo: int, pieces, before_read: Callable[[], None] | None = None,
+                 own_fd: bool = False) -> Iterator[EntryBatch]:
         """The entries of ``pieces`` from ``lo`` on, one EntryBatch per record, each authenticated before
         it is handed out: a few records through the record cache, more in sequential windows
-        (Segment.read_entries_records).  Nothing handed out is shared with the cache."""
+        (Segment.read_entries_records; ``own_fd`` for a reader that outlives the call).  Nothing
+        handed out is shared with the cache."""
         idx = lo
         for seg, r, piece_hi in pieces:
             last = seg.locate(piece_hi - 1)
-            records: Iterable[EntryBatch]
             if last - r >= _BULK_RECORDS:
-                records = seg.read_entries_records(r, last, before_read=before_read)
-                cached = False
+                yield from self._clipped(
+                    seg, seg.read_entries_records(r, last, before_read=before_read, own_fd=own_fd), idx, piece_hi,
+                    False)
             else:
                 if before_read is not None:
                     before_read()
-                records = map(self._record, repeat(seg), range(r, last + 1))
-                cached = True
-            try:
-                for rec in records:
-                    first, n = rec.first, len(rec.terms)
-                    if not first <= idx < first + n:
-                        raise CorruptionError(seg.path, None, f"segment {seg.seg_id}: its records do not follow "
-                                              f"each other (index {idx} expected in a record at {first} x{n})")
-                    b = min(piece_hi, first + n)
-                    if idx == first and b == first + n and not cached:
-                        yield rec
-                    else:
-                        a, z = idx - first, b - first
-                        yield EntryBatch(idx, rec.terms[a:z], rec.offsets[a:z + 1], rec.payload)
-                    idx = b
-            except StorageError as exc:
-                if any(s is seg for s in self.segments):
-                    raise
-                # Its file was closed and removed under a long read (compaction purged it).
-                raise CompactedError(f"entries from {idx} were compacted while they were being read "
-                                     f"(segment {seg.seg_id} was removed)") from exc
+                yield from self._clipped(seg, map(self._record, repeat(seg), range(r, last + 1)), idx, piece_hi,
+                                         True)
+            idx = piece_hi
+
+    def _clipped(self, seg: Segment, records: Iterable[EntryBatch], idx: int, hi: int,
+                 cached: bool) -> Iterator[EntryBatch]:
+        """The records of ``seg`` that hold the entries [idx, hi), clipped to them (copied when they
+        come from the cache).  A segment removed under a long read ends it with CompactedError."""
+        try:
+            for rec in records:
+                first, n = rec.first, len(rec.terms)
+                if not first <= idx < first + n:
+                    raise _not_in_order(seg, idx, first, n)
+                b = min(hi, first + n)
+                if idx == first and b == first + n and not cached:
+                    yield rec
+                else:
+                    a, z = idx - first, b - first
+                    yield EntryBatch(idx, rec.terms[a:z], rec.offsets[a:z + 1], rec.payload)
+                idx = b
+        except StorageError as exc:
+            if any(s is seg for s in self.segments):
+                raise
+            # Its file was closed and removed under a long read (compaction purged it).
+            raise CompactedError(f"entries from {idx} were compacted while they were being read "
+                                 f"(segment {seg.seg_id} was removed)") from exc
 
     def _locate(self, lo: int, hi: int):
         """[(segment, first record number, stop index)] covering [lo, hi).  Caller holds _state."""
