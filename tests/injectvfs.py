@@ -55,14 +55,14 @@ class InjectVFS(FaultyVFS):
     # -- configuration -------------------------------------------------------------------
     def count_calls(self) -> None:
         """Start counting calls without injecting (a dry run measures an operation)."""
-        with self._lock:
+        with self.lock:
             self._counting, self._armed_at, self._armed_op, self.count = True, None, None, 0
 
     def arm(self, k: int, when: str, exc_type: type[BaseException], on_fire=None) -> None:
         """Raise at the k-th VFS call (any kind) from now on."""
         if when not in ("before", "after") or k < 1:
             raise ValueError("arm(k >= 1, 'before' | 'after', exception type)")
-        with self._lock:
+        with self.lock:
             self._counting, self._armed_at, self._armed_op, self.count = True, k, None, 0
             self._when, self._exc_type, self.on_fire = when, exc_type, on_fire
             self.fired = None
@@ -70,11 +70,11 @@ class InjectVFS(FaultyVFS):
     def arm_op(self, op: str, n: int, when: str, exc_type: type[BaseException], on_fire=None) -> None:
         """Raise at the n-th call of ``op`` ("fsync" and "fdatasync" count together) from now on."""
         self.arm(1, when, exc_type, on_fire)
-        with self._lock:
+        with self.lock:
             self._armed_at, self._armed_op, self._op_count = n, "fdatasync" if op == "fsync" else op, 0
 
     def disarm(self) -> None:
-        with self._lock:
+        with self.lock:
             self._counting, self._armed_at = False, None
 
     # -- hooks -------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class InjectVFS(FaultyVFS):
     def step(self, name: str, when: str) -> None:
         """An injection point that is not a VFS call (a step boundary such as an LMDB commit):
         counted and fired like one.  Call it with "before" and then, once the step is done, "after"."""
-        with self._lock:
+        with self.lock:
             if when == "before":
                 self._steps[name] = self._steps.get(name, 0) + 1
             self._check_crash(name, -self._steps.get(name, 0), when)
