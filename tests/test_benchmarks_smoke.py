@@ -351,6 +351,9 @@ def _fake_walcrypt() -> types.ModuleType:
         def entries(self, lo, hi):
             return self.log[lo - 1 : hi - 1]
 
+        def iter_entries(self, lo, hi):
+            return ((e.index, e.term, e.data) for e in self.log[lo - 1 : hi - 1])
+
         def first_index(self):
             return 1
 

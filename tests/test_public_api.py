@@ -12,6 +12,7 @@ EXPECTED_ALL = [
     "ConfState",
     "CorruptionError",
     "Entry",
+    "EntryBatch",
     "EnvKey",
     "HardState",
     "KeyEncryptionKey",

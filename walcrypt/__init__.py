@@ -24,13 +24,13 @@ from .keys import EnvKey, KeyEncryptionKey, KeyFile, Passphrase, RawKey, generat
 from .kms import Kms, KmsPlugin, Retry
 from .opening import open
 from .storage import Store
-from .types import ConfState, Entry, HardState, SnapshotMeta
+from .types import ConfState, Entry, EntryBatch, HardState, SnapshotMeta
 
 __version__ = "0.1.0"
 
 __all__ = [
     "open", "Store",
-    "Entry", "HardState", "ConfState", "SnapshotMeta",
+    "Entry", "EntryBatch", "HardState", "ConfState", "SnapshotMeta",
     "KeyEncryptionKey", "RawKey", "KeyFile", "Passphrase", "EnvKey", "Kms", "KmsPlugin", "Retry",
     "generate_key_file",
     "WalcryptError", "UsageError", "CompactedError", "UnavailableError",

@@ -147,7 +147,7 @@ class SegmentChecks(WalkHost):
 
             def on_entries(r):
                 counts[0] += len(r)
-                counts[1] += r.ends[-1] - r.ends[0]
+                counts[1] += r.offsets[-1] - r.offsets[0]
 
             committed_end, torn = seg.scan(src, on_entries=on_entries)
             if torn is not None and rec["state"] == fmt.SEG_SEALED:

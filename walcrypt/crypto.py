@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from crc32c import crc32c
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
@@ -169,17 +170,32 @@ class FrameCipher:
 
     def open(self, header: bytes, ct: bytes | memoryview, *, path: str, offset: int) -> bytes:
         """Authenticate and decrypt one frame whose header and CRC were already checked."""
-        head, tail = header[:fmt.FRAME_CRC_OFFSET], header[fmt.FRAME_CRC_OFFSET + 4:fmt.FRAME_HEADER_SIZE]
-        nonce = header[40:52]
+        return self.open_parts(header[40:52], ct, header[:fmt.FRAME_CRC_OFFSET]
+                               + header[fmt.FRAME_CRC_OFFSET + 4:fmt.FRAME_HEADER_SIZE], path=path, offset=offset)
+
+    def open_parts(self, nonce: bytes, ct: bytes | memoryview, fields: bytes, *, path: str, offset: int) -> bytes:
+        """``open`` given the frame's nonce and its header without the CRC field."""
         try:
-            return self._aead.decrypt(nonce, ct, self.ad_prefix + head + tail)
+            return self._aead.decrypt(nonce, ct, self.ad_prefix + fields)
         except InvalidTag:
-            raise AuthenticationError(
-                path, offset,
-                "record failed authentication (tampered, moved from another position, segment or store, "
-                "or encrypted under another key)",
-                "do not trust this segment; run 'walcrypt verify' and restore the node from a snapshot "
-                "or " + WIPE_ADVICE) from None
+            raise authentication_failure(path, offset) from None
+
+    @property
+    def decrypt(self) -> Callable[[bytes, bytes | memoryview, bytes], bytes]:
+        """The AEAD's own decrypt(nonce, ciphertext and tag, associated data), for a reader that opens
+        many frames in one loop: it builds the associated data as ``open_parts`` does and turns
+        InvalidTag into :func:`authentication_failure`."""
+        return self._aead.decrypt
+
+
+def authentication_failure(path: str, offset: int) -> AuthenticationError:
+    """The error of a frame whose tag does not verify."""
+    return AuthenticationError(
+        path, offset,
+        "record failed authentication (tampered, moved from another position, segment or store, "
+        "or encrypted under another key)",
+        "do not trust this segment; run 'walcrypt verify' and restore the node from a snapshot "
+        "or " + WIPE_ADVICE)
 
 
 def frame_crc(header: bytes, payload: memoryview | bytes) -> int:

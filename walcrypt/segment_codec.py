@@ -7,11 +7,13 @@ import struct
 from array import array
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Sequence
 
 from crc32c import crc32c
 
 from . import format as fmt
 from .errors import CorruptionError, UnsupportedFormatError
+from .types import EntryBatch
 
 SECTOR = 512
 ZERO_RUN = 32
@@ -85,34 +87,13 @@ def encode_entries_payload(entries, start: int, stop: int) -> bytes:
     return encode_entries([e[1] for e in chunk], [len(e[2]) for e in chunk], [e[2] for e in chunk])
 
 
-class EntriesRecord:
-    """The decrypted payload of one ENTRIES record; entry data is sliced out only when asked for."""
-
-    __slots__ = ("first", "terms", "ends", "payload")
-
-    def __init__(self, first: int, terms: array, ends: array, payload: bytes):
-        self.first = first
-        self.terms = terms
-        self.ends = ends        # ends[k] .. ends[k + 1] is entry k's data in payload
-        self.payload = payload
-
-    def __len__(self) -> int:
-        return len(self.terms)
-
-    def data(self, k: int) -> bytes:
-        return self.payload[self.ends[k]:self.ends[k + 1]]
-
-    def datas(self) -> list[bytes]:
-        p, e = self.payload, self.ends
-        return [p[e[k]:e[k + 1]] for k in range(len(self.terms))]
-
-    def size(self, k: int) -> int:
-        return self.ends[k + 1] - self.ends[k]
+# The decrypted payload of one ENTRIES record; entry data is sliced out only when asked for.
+EntriesRecord = EntryBatch
 
 
-def decode_entries_payload(payload: bytes, first_index: int, count: int, *, path: str,
-                           offset: int) -> EntriesRecord:
-    """Check and index an ENTRIES payload.  Lengths are checked before anything is sliced."""
+def _entries_table(payload: bytes, count: int, path: str, offset: int) -> tuple[int, array]:
+    """(end of the table, entry lengths) of an ENTRIES payload of ``count`` entries, the lengths
+    checked against the payload size before anything is sliced."""
     n = len(payload)
     if n < 8:
         raise CorruptionError(path, offset, "entries record payload is truncated")
@@ -120,11 +101,35 @@ def decode_entries_payload(payload: bytes, first_index: int, count: int, *, path
     table_end = 8 + 12 * pcount
     if pcount != count or pcount == 0 or table_end > n:
         raise CorruptionError(path, offset, f"entries record table is inconsistent (count {pcount})")
-    terms = array("Q")
-    terms.frombytes(payload[8:8 + 8 * pcount])
     lengths = array("I")
     lengths.frombytes(payload[8 + 8 * pcount:table_end])
-    ends = array("Q", accumulate(lengths, initial=table_end))
-    if ends[-1] != n:
+    return table_end, lengths
+
+
+def decode_entries_payload(payload: bytes, first_index: int, count: int, *, path: str,
+                           offset: int) -> EntryBatch:
+    """Check and index an ENTRIES payload.  Lengths are checked before anything is sliced."""
+    table_end, lengths = _entries_table(payload, count, path, offset)
+    ends = list(accumulate(lengths, initial=table_end))      # a list: its ints are made once, not per use
+    if ends[-1] != len(payload):
         raise CorruptionError(path, offset, "entries record lengths do not add up to its payload")
-    return EntriesRecord(first_index, terms, ends, payload)
+    terms = array("Q")
+    terms.frombytes(payload[8:8 + 8 * count])
+    return EntryBatch(first_index, terms, ends, payload)
+
+
+def entries_payload_terms(payload: bytes, count: int, *, path: str, offset: int) -> Sequence[int]:
+    """The terms of an ENTRIES payload, after the checks of :func:`decode_entries_payload`, without
+    indexing the data (what a scan needs)."""
+    if count == 1 and len(payload) >= _ONE_ENTRY_HEAD.size:      # the common Raft case, one unpack
+        pcount, _, term, length = _ONE_ENTRY_HEAD.unpack_from(payload)
+        if pcount == 1:
+            if _ONE_ENTRY_HEAD.size + length != len(payload):
+                raise CorruptionError(path, offset, "entries record lengths do not add up to its payload")
+            return (term,)
+    table_end, lengths = _entries_table(payload, count, path, offset)
+    if table_end + sum(lengths) != len(payload):
+        raise CorruptionError(path, offset, "entries record lengths do not add up to its payload")
+    terms = array("Q")
+    terms.frombytes(payload[8:8 + 8 * count])
+    return terms

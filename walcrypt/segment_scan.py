@@ -4,20 +4,31 @@ authenticates every frame in order and applies the torn-tail rule (FORMAT.md 11.
 
 from __future__ import annotations
 
+import sys
+from array import array
 from typing import TYPE_CHECKING
 
 from crc32c import crc32c
+from cryptography.exceptions import InvalidTag
 
 from . import bounded, crypto
 from . import format as fmt
 from .errors import WIPE_ADVICE, AuthenticationError, CorruptionError
-from .segment_codec import COMMIT_LEN, RECOVERY_SEQ_JUMP, SECTOR, ZERO_RUN, SegmentIdentity, decode_entries_payload
+from .segment_codec import (
+    COMMIT_LEN,
+    RECOVERY_SEQ_JUMP,
+    SECTOR,
+    ZERO_RUN,
+    SegmentIdentity,
+    decode_entries_payload,
+    entries_payload_terms,
+)
 from .types import HardState
 
 if TYPE_CHECKING:
-    from array import array
-
     from .vfs import VFS
+
+_LOW32 = 0xFFFFFFFF
 
 
 def _changed(path: str, offset: int) -> CorruptionError:
@@ -81,7 +92,7 @@ class SegmentScan:
         def read_frame(self, offset: int, expect_type: int, size_hint: int = 0): ...
         def _check_frame_fields(self, h, offset: int, *, expect_type: int | None = None, seq: int | None = None,
                                 chain: bytes | None = None) -> None: ...
-        def _index_entries(self, offset: int, index: int, count: int, terms) -> list: ...
+        def _index_entries(self, offset: int, index: int, count: int, terms) -> None: ...
 
     # ------------------------------------------------------------------ open
     def check_identity(self, found: SegmentIdentity, expected_commitment: bytes) -> None:
@@ -115,15 +126,17 @@ class SegmentScan:
         pos = fmt.INDEX_PREFIX_STRUCT.size
         if end != index_offset or pos + nrec * fmt.INDEX_RECORD_STRUCT.size + nruns * 16 != len(payload):
             raise CorruptionError(self.path, index_offset, "index frame table is inconsistent")
-        for _k in range(nrec):
-            off, idx, cnt, _ = fmt.INDEX_RECORD_STRUCT.unpack_from(payload, pos)
-            pos += fmt.INDEX_RECORD_STRUCT.size
-            self.rec_offset.append(off)
-            self.rec_index.append(idx)
-            self.rec_count.append(cnt)
-        for _k in range(nruns):
-            self.runs.append(fmt.TERM_RUN_STRUCT.unpack_from(payload, pos))
-            pos += 16
+        # The record table as columns, in C: (offset u64, index u64, count u32, reserved u32) per record
+        # is three u64 per record, the count in the low half of the third.
+        table = pos + nrec * fmt.INDEX_RECORD_STRUCT.size
+        cols = array("Q")
+        cols.frombytes(payload[pos:table])
+        if sys.byteorder != "little":
+            cols.byteswap()
+        self.rec_offset.extend(cols[0::3])
+        self.rec_index.extend(cols[1::3])
+        self.rec_count.extend(map(_LOW32.__and__, cols[2::3]))
+        self.runs.extend(fmt.TERM_RUN_STRUCT.iter_unpack(payload[table:table + nruns * fmt.TERM_RUN_STRUCT.size]))
         if nrec:
             self.last_index = self.rec_index[-1] + self.rec_count[-1] - 1
         if self.last_index != h[6]:
@@ -160,7 +173,14 @@ class SegmentScan:
         pending: list[tuple] = []
         committed_end = off
         hsize = fmt.FRAME_HEADER_SIZE
+        crc_at = fmt.FRAME_CRC_OFFSET
         unpack = fmt.FRAME_HEADER_STRUCT.unpack_from
+        frame_types = fmt.FRAME_TYPES
+        tag_size, max_length = fmt.TAG_SIZE, fmt.MAX_RECORD_PAYLOAD
+        commit_type, commit_struct = fmt.FRAME_COMMIT, fmt.COMMIT_STRUCT
+        alg, key_id = self.ident.algorithm, self.ident.key_id
+        decrypt, ad_prefix = self.cipher.decrypt, self.cipher.ad_prefix
+        apply = self._apply_scanned
         view: bytes | memoryview
         buf = view = b""            # bytes [base, base + len(buf)) of the file
         base = 0
@@ -176,21 +196,21 @@ class SegmentScan:
                     raise _changed(path, off)
             h = unpack(buf, rel)
             ftype, length = h[0], h[4]
-            if ftype == fmt.FRAME_UNWRITTEN:
-                return self._classify(src, committed_end, off, off + hsize, "unwritten space", seq, chain, window)
             end = off + hsize + length
-            if ftype in fmt.FRAME_TYPES and length >= fmt.TAG_SIZE and end > size:
-                # A length pointing past the end of the file is a torn write (etcd #14114), whatever its size.
-                return self._classify(src, committed_end, off, end, "frame runs past the end of the file", seq, chain,
-                                      window)
-            if ftype not in fmt.FRAME_TYPES or length < fmt.TAG_SIZE or length > fmt.MAX_RECORD_PAYLOAD:
+            if not (ftype in frame_types and tag_size <= length <= max_length and end <= size):
+                if ftype == fmt.FRAME_UNWRITTEN:
+                    return self._classify(src, committed_end, off, off + hsize, "unwritten space", seq, chain, window)
+                if ftype in frame_types and length >= tag_size and end > size:
+                    # A length pointing past the end of the file is a torn write (etcd #14114), whatever its size.
+                    return self._classify(src, committed_end, off, end, "frame runs past the end of the file", seq,
+                                          chain, window)
                 return self._classify(src, committed_end, off, off + hsize, "malformed frame header", seq, chain,
                                       window)
             if rel + hsize + length > len(buf):
                 if hsize + length > window:
                     # Bounded before it is allocated: the CRC decides whether this frame is read whole.
                     head = buf[rel:rel + hsize]
-                    crc = crc32c(head[fmt.FRAME_CRC_OFFSET + 4:], crc32c(head[:fmt.FRAME_CRC_OFFSET]))
+                    crc = crc32c(head[crc_at + 4:], crc32c(head[:crc_at]))
                     if bounded.crc_range(src, off + hsize, end, crc, window) != h[9]:
                         return self._classify(src, committed_end, off, end, "frame fails its CRC32C", seq, chain,
                                               window)
@@ -198,23 +218,31 @@ class SegmentScan:
                 view = memoryview(buf)
                 if len(buf) < hsize + length:
                     raise _changed(path, off)
-            header = buf[rel:rel + hsize]
-            ct = view[rel + hsize:rel + hsize + length]
-            if crypto.frame_crc(header, ct) != h[9]:
+            # The header without its CRC field: what the CRC (then the ciphertext) and the associated data cover.
+            fields = buf[rel:rel + crc_at] + buf[rel + crc_at + 4:rel + hsize]
+            ct_end = rel + hsize + length
+            ct = view[rel + hsize:ct_end]
+            if crc32c(ct, crc32c(fields)) != h[9]:
                 return self._classify(src, committed_end, off, end, "frame fails its CRC32C", seq, chain, window)
             # From here on the frame is intact: any failure is tampering or foreign data.
             if ftype == fmt.FRAME_INDEX and seq < h[5] < seq + RECOVERY_SEQ_JUMP + 1:
                 seq = h[5]      # an index written by recovery skips ahead (see Segment.seal)
-            self._check_frame_fields(h, off, seq=seq, chain=chain)
-            plain = self.cipher.open(header, ct, path=path, offset=off)
-            chain = bytes(ct[-fmt.TAG_SIZE:])
+            # The nonce is 4 zero bytes and the sequence number (big-endian): as a number, it is seq.
+            if (h[5] != seq or h[13] != chain or h[12] != key_id or h[1] != alg or h[2] or h[3] or h[11]
+                    or int.from_bytes(h[10], "big") != seq):
+                self._check_frame_fields(h, off, seq=seq, chain=chain)    # raises, naming what is wrong
+            try:
+                plain = decrypt(h[10], ct, ad_prefix + fields)
+            except InvalidTag:
+                raise crypto.authentication_failure(path, off) from None
+            chain = buf[ct_end - tag_size:ct_end]
             seq += 1
-            next_off = fmt.align_up(end)
-            if ftype == fmt.FRAME_COMMIT:
-                if len(plain) != fmt.COMMIT_STRUCT.size or fmt.COMMIT_STRUCT.unpack(plain)[0] != len(pending):
+            next_off = (end + fmt.ALIGN - 1) & -fmt.ALIGN
+            if ftype == commit_type:
+                if len(plain) != commit_struct.size or commit_struct.unpack(plain)[0] != len(pending):
                     raise AuthenticationError(path, off, "commit frame does not close the records before it")
                 for p in pending:
-                    self._apply_scanned(p, on_entries)
+                    apply(p, on_entries)
                 pending = []
                 committed_end = next_off
                 self.units_scanned += 1
@@ -237,12 +265,17 @@ class SegmentScan:
     def _apply_scanned(self, p, on_entries) -> None:
         ftype, off, h, plain = p
         if ftype == fmt.FRAME_ENTRIES:
-            rec = decode_entries_payload(plain, h[6], h[8], path=self.path, offset=off)
+            if on_entries is None:          # the index needs the terms only: the data is not indexed
+                terms = entries_payload_terms(plain, h[8], path=self.path, offset=off)
+                rec = None
+            else:
+                rec = decode_entries_payload(plain, h[6], h[8], path=self.path, offset=off)
+                terms = rec.terms
             if h[6] != self.last_index + 1:
                 raise AuthenticationError(self.path, off,
                                           f"entries record starts at index {h[6]}, expected {self.last_index + 1}")
-            self._index_entries(off, h[6], h[8], rec.terms)
-            if on_entries is not None:
+            self._index_entries(off, h[6], h[8], terms)
+            if rec is not None:
                 on_entries(rec)
         elif ftype == fmt.FRAME_HARDSTATE:
             if len(plain) != fmt.HARDSTATE_STRUCT.size:

@@ -9,23 +9,34 @@ import gc
 from array import array
 from bisect import bisect_left, bisect_right
 from itertools import repeat
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from .errors import (
     WIPE_ADVICE,
     CompactedError,
     CorruptionError,
+    StorageError,
     StoreFailedError,
     UnavailableError,
     UsageError,
 )
 from .segment import Segment
-from .types import Entry, HardState
+from .types import Entry, EntryBatch, HardState
 from .values import describe_error, new_tuple
 
 if TYPE_CHECKING:
     import threading
     from collections import OrderedDict
+
+
+# A read spanning more records than this reads them in sequential windows rather than one by one
+# through the record cache.
+_BULK_RECORDS = 3
+
+
+def _not_in_order(seg: Segment, idx: int, first: int, n: int) -> CorruptionError:
+    return CorruptionError(seg.path, None, f"segment {seg.seg_id}: its records do not follow each other "
+                           f"(index {idx} expected in a record at {first} x{n})")
 
 
 def clip_runs(runs, lo: int, hi: int) -> list:
@@ -176,8 +187,8 @@ class LogReads:
         return StoreFailedError(f"the in-memory index is incomplete after an interrupted write "
                                 f"({describe_error(self.failed)}); reopen the store to read")
 
-    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
-        """Entries in [lo, hi); at least one when any is in range, then up to ``max_size`` bytes."""
+    def _pieces(self, lo: int, hi: int) -> list[tuple[Segment, int, int]]:
+        """Where the entries [lo, hi) lie (see _locate), or the error for a range the log does not hold."""
         if lo > hi:
             raise UsageError(f"entries({lo}, {hi}): lo must not exceed hi")
         with self._state:
@@ -186,9 +197,13 @@ class LogReads:
             if hi > self.last + 1:
                 raise UnavailableError(f"entries up to {hi - 1} requested, the last index is {self.last}")
             try:
-                pieces = self._locate(lo, hi)
+                return self._locate(lo, hi)
             except (IndexError, TypeError, AttributeError) as exc:
                 raise self._read_failure(exc) from exc
+
+    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
+        """Entries in [lo, hi); at least one when any is in range, then up to ``max_size`` bytes."""
+        pieces = self._pieces(lo, hi)
         try:
             if hi - lo > 2048 and gc.isenabled():
                 # Building many small tuples triggers collections that find nothing to free (a
@@ -202,8 +217,40 @@ class LogReads:
         except (IndexError, TypeError, AttributeError) as exc:
             raise self._read_failure(exc) from exc
 
+    def batches(self, lo: int, hi: int, before_read: Callable[[], None] | None = None) -> Iterator[EntryBatch]:
+        """The entries [lo, hi) as they are read, one EntryBatch per record (see _batches).  The range
+        is checked and located now; reading starts with the first ``next()``."""
+        return self._checked(self._batches(lo, self._pieces(lo, hi), before_read, own_fd=True))
+
+    def _checked(self, batches: Iterator[EntryBatch]) -> Iterator[EntryBatch]:
+        try:
+            yield from batches
+        except (IndexError, TypeError, AttributeError) as exc:
+            raise self._read_failure(exc) from exc
+
     def _read_pieces(self, lo: int, pieces, max_size: int | None) -> list[Entry]:
         out: list[Entry] = []
+        if max_size is None:            # C-level iteration, no Python frame per entry
+            idx = lo
+            for seg, r, piece_hi in pieces:
+                last = seg.locate(piece_hi - 1)
+                if last - r >= _BULK_RECORDS:
+                    for batch in self._clipped(seg, seg.read_entries_records(r, last), idx, piece_hi, False):
+                        out.extend(map(new_tuple, repeat(Entry), batch.tuples()))
+                    idx = piece_hi
+                    continue
+                while idx < piece_hi:   # a few records: through the record cache, sliced in place
+                    rec = self._record(seg, r)
+                    first, terms, p, e = rec.first, rec.terms, rec.payload, rec.offsets
+                    if not first <= idx < first + len(terms):
+                        raise _not_in_order(seg, idx, first, len(terms))
+                    b = min(piece_hi, first + len(terms))
+                    a, z = idx - first, b - first
+                    datas = map(p.__getitem__, map(slice, e[a:z], e[a + 1:z + 1]))
+                    out.extend(map(new_tuple, repeat(Entry), zip(range(idx, b), terms[a:z], datas)))
+                    idx = b
+                    r += 1
+            return out
         size = 0
         for seg, r, piece_hi in pieces:
             idx = lo if not out else out[-1].index + 1
@@ -211,20 +258,57 @@ class LogReads:
                 rec = self._record(seg, r)
                 first, terms = rec.first, rec.terms
                 b = min(piece_hi, first + len(terms))
-                if max_size is None:            # bulk path: C-level iteration, no Python frame per entry
-                    p, e = rec.payload, rec.ends
-                    a, z = idx - first, b - first
-                    datas = map(p.__getitem__, map(slice, e[a:z], e[a + 1:z + 1]))
-                    out.extend(map(new_tuple, repeat(Entry), zip(range(idx, b), terms[a:z], datas)))
-                else:
-                    for k in range(idx - first, b - first):
-                        size += rec.size(k)
-                        if out and size > max_size:
-                            return out
-                        out.append(Entry(first + k, terms[k], rec.data(k)))
+                for k in range(idx - first, b - first):
+                    size += rec.size(k)
+                    if out and size > max_size:
+                        return out
+                    out.append(Entry(first + k, terms[k], rec.data(k)))
                 idx = b
                 r += 1
         return out
+
+    def _batches(self, lo: int, pieces, before_read: Callable[[], None] | None = None,
+                 own_fd: bool = False) -> Iterator[EntryBatch]:
+        """The entries of ``pieces`` from ``lo`` on, one EntryBatch per record, each authenticated before
+        it is handed out: a few records through the record cache, more in sequential windows
+        (Segment.read_entries_records; ``own_fd`` for a reader that outlives the call).  Nothing
+        handed out is shared with the cache."""
+        idx = lo
+        for seg, r, piece_hi in pieces:
+            last = seg.locate(piece_hi - 1)
+            if last - r >= _BULK_RECORDS:
+                yield from self._clipped(
+                    seg, seg.read_entries_records(r, last, before_read=before_read, own_fd=own_fd), idx, piece_hi,
+                    False)
+            else:
+                if before_read is not None:
+                    before_read()
+                yield from self._clipped(seg, map(self._record, repeat(seg), range(r, last + 1)), idx, piece_hi,
+                                         True)
+            idx = piece_hi
+
+    def _clipped(self, seg: Segment, records: Iterable[EntryBatch], idx: int, hi: int,
+                 cached: bool) -> Iterator[EntryBatch]:
+        """The records of ``seg`` that hold the entries [idx, hi), clipped to them (copied when they
+        come from the cache).  A segment removed under a long read ends it with CompactedError."""
+        try:
+            for rec in records:
+                first, n = rec.first, len(rec.terms)
+                if not first <= idx < first + n:
+                    raise _not_in_order(seg, idx, first, n)
+                b = min(hi, first + n)
+                if idx == first and b == first + n and not cached:
+                    yield rec
+                else:
+                    a, z = idx - first, b - first
+                    yield EntryBatch(idx, rec.terms[a:z], rec.offsets[a:z + 1], rec.payload)
+                idx = b
+        except StorageError as exc:
+            if any(s is seg for s in self.segments):
+                raise
+            # Its file was closed and removed under a long read (compaction purged it).
+            raise CompactedError(f"entries from {idx} were compacted while they were being read "
+                                 f"(segment {seg.seg_id} was removed)") from exc
 
     def _locate(self, lo: int, hi: int):
         """[(segment, first record number, stop index)] covering [lo, hi).  Caller holds _state."""
@@ -240,7 +324,7 @@ class LogReads:
             v += 1
         return pieces
 
-    def _record(self, seg: Segment, r: int):
+    def _record(self, seg: Segment, r: int) -> EntryBatch:
         key = (seg.seg_id, r)
         hit = self._cache.get(key)
         if hit is not None:

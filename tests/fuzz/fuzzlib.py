@@ -41,6 +41,7 @@ Harnesses (``HARNESSES``):
 from __future__ import annotations
 
 import functools
+import itertools
 import hashlib
 import json
 import os
@@ -290,19 +291,56 @@ def _read_path(info: dict, data: bytes) -> None:
                 seg.load_sealed(info["index_offset"], len(data))
             except StorageError:
                 return
+            one_by_one: list = []
             for r in range(len(seg.rec_offset)):
                 try:
                     rec = seg.read_entries_record(r)
-                except StorageError:
+                except StorageError as exc:
+                    one_by_one.append(_error(exc))
                     continue
+                one_by_one.append(_record(rec))
                 for k, d in enumerate(rec.datas()):
                     idx = rec.first + k
                     exp = info["expected"][idx - info["base_index"]] if 0 <= idx - info["base_index"] < len(
                         info["expected"]) else None
                     assert exp is not None and tuple(exp) == (idx, rec.terms[k], bytes(d)), \
                         f"entry {idx} read from a sealed segment was never written"
+            _windowed_reads(seg, one_by_one)
     finally:
         seg.close()
+
+
+def _error(exc: StorageError) -> tuple:
+    return ("error", type(exc).__name__, getattr(exc, "offset", None), getattr(exc, "detail", str(exc)))
+
+
+def _record(rec) -> tuple:
+    return (rec.first, tuple(rec.terms), tuple(rec.datas()))
+
+
+# Windows for the bulk read: below one frame header plus its read-ahead, an odd size, one that
+# holds a few of the corpus's records, and the default.
+READ_WINDOWS = (1, 97, 1000, None)
+
+
+def _windowed_reads(seg: Segment, one_by_one: list) -> None:
+    """read_entries_records over every record, for every window, hands out exactly the records
+    read_entries_record returns one by one, up to the first that fails, and then fails alike."""
+    if not one_by_one:
+        return
+    want = list(itertools.takewhile(lambda x: x[0] != "error", one_by_one))
+    failure = next((x for x in one_by_one if x[0] == "error"), None)
+    for window in READ_WINDOWS:
+        got: list = []
+        try:
+            for rec in seg.read_entries_records(0, len(one_by_one) - 1, window):
+                got.append(_record(rec))
+        except StorageError as exc:
+            assert failure is not None and _error(exc) == failure, \
+                f"window {window}: the bulk read failed with {_error(exc)}, the record read with {failure}"
+        else:
+            assert failure is None, f"window {window}: the bulk read passed over {failure}"
+        assert got == want, f"window {window}: the bulk read handed out other records than the record read"
 
 
 # Windows for the bounded scan: the smallest it accepts (one frame header), an odd size that puts
@@ -310,14 +348,14 @@ def _read_path(info: dict, data: bytes) -> None:
 SCAN_WINDOWS = (fmt.FRAME_HEADER_SIZE, 97, 512, 1000, 1 << 20)
 
 
-def _scan_outcome(seg: Segment, data, **kw) -> tuple:
+def _scan_outcome(seg: Segment, data, see_entries: bool = True, **kw) -> tuple:
     """Everything a scan decides: its result or error (type, offset, detail) and the index it built."""
     seen: list = []
 
     def on_entries(rec):
         seen.extend((rec.first + k, rec.terms[k], bytes(d)) for k, d in enumerate(rec.datas()))
     try:
-        out: tuple = ("ok", seg.scan(data, on_entries=on_entries, **kw))
+        out: tuple = ("ok", seg.scan(data, on_entries=on_entries if see_entries else None, **kw))
     except StorageError as exc:
         out = ("error", type(exc).__name__, getattr(exc, "offset", None), getattr(exc, "detail", str(exc)))
     return out + (seg.last_index, seg.hardstate, tuple(seg.rec_offset), tuple(seg.rec_index), tuple(seg.rec_count),
@@ -335,6 +373,12 @@ def scan_windows(info: dict, data: bytes) -> None:
             got = _scan_outcome(_segment_for(info, info["salt"], path), FileSource(VFS(), fd), window=window)
             assert got == expected, f"window {window}: the bounded scan decided {got[:4]}, the whole-file " \
                                     f"scan {expected[:4]}"
+        # The open's scan sees no record (it indexes terms only): it decides alike and builds the same index.
+        for window in (fmt.FRAME_HEADER_SIZE, 1 << 20):
+            got = _scan_outcome(_segment_for(info, info["salt"], path), FileSource(VFS(), fd), window=window,
+                                see_entries=False)
+            assert got == expected[:-1] + ((),), f"window {window}: the open's scan decided {got[:4]}, the " \
+                                                 f"whole-file scan {expected[:4]}"
     finally:
         os.close(fd)
 

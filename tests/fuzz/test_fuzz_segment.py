@@ -1,8 +1,8 @@
 """Fuzz frame decoding and whole-segment recovery (harness: fuzzlib.segment; atheris: atheris_segment.py).
 
 The open path of Store._open_segment, Segment.scan with the segment's own key, and Segment.read_frame /
-load_sealed / read_entries_record on a file: a result or a StorageError, never entries that were not
-written, and bounded memory for any declared length.
+load_sealed / read_entries_record / read_entries_records on a file: a result or a StorageError, never
+entries that were not written, and bounded memory for any declared length.
 """
 
 from __future__ import annotations
@@ -95,6 +95,24 @@ def test_read_frame_memory_is_bounded_by_the_format_limit():
     finally:
         seg.close()
     assert peak < BOUND           # over the limit: rejected before any read
+
+
+@pytest.mark.parametrize("length", [fmt.MAX_RECORD_PAYLOAD, 0xFFFF_FFFF])
+@pytest.mark.parametrize("window", [1, None])
+def test_bulk_read_memory_is_bounded_for_a_huge_declared_length(length, window):
+    """read_entries_records over a sealed segment whose middle ENTRIES frame says 2^30 bytes (or more
+    than the format allows) in a small file: rejected before anything of that size is allocated."""
+    info = fuzzlib._segment_info("enc-sealed")
+    frames = [f for f in wctest.parse_frames(info["pristine"]) if f.type == fmt.FRAME_ENTRIES]
+    damaged = _with_length(info["pristine"], frames[len(frames) // 2].offset, length)
+    path = fuzzlib.scratch().write(damaged, "bounded.wal")
+    seg = fuzzlib._segment_for(info, info["salt"], path)
+    try:
+        seg.load_sealed(info["index_offset"], len(damaged))
+        peak = _peak(lambda: list(seg.read_entries_records(0, len(seg.rec_offset) - 1, window)))
+    finally:
+        seg.close()
+    assert peak < BOUND, f"the bulk read allocated {peak} bytes for a {os.path.getsize(path)}-byte file"
 
 
 # ---------------------------------------------------------------------------------------------
