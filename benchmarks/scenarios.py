@@ -358,6 +358,18 @@ def _read_decrypt(path: str, spans: List[Tuple[int, int]]) -> int:
     return out
 
 
+def _sync_tree(root: str) -> None:
+    """fsync every file below ``root`` (untimed): what is measured then reads and writes its own bytes
+    only, not the write-back of a copy just made."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def _crash_open_once(tpl: _CrashTemplate, variant: str) -> Callable[[str], Sample]:
     def run(d: str) -> Sample:
         src, n = tpl.get(os.path.dirname(d))
@@ -365,6 +377,7 @@ def _crash_open_once(tpl: _CrashTemplate, variant: str) -> Callable[[str], Sampl
         if variant == E:
             path = os.path.join(d, "wal")
             shutil.copytree(src, path)
+            _sync_tree(path)             # a crashed host's files are on disk: the open does not flush the copy
             t0 = time.perf_counter()
             store = _open(path)
             dt = time.perf_counter() - t0
@@ -376,6 +389,7 @@ def _crash_open_once(tpl: _CrashTemplate, variant: str) -> Callable[[str], Sampl
         else:
             path = os.path.join(d, "segment.bin")
             spans = _write_sealed_file(path, tpl.segment, data_bytes, record_entries(tpl.entry) * tpl.entry)
+            _sync_tree(d)
             t0 = time.perf_counter()
             got = _read_decrypt(path, spans)
             dt = time.perf_counter() - t0
