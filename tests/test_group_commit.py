@@ -5,12 +5,15 @@ before its predecessor is refused as a gap, alone, and resubmitted)."""
 
 from __future__ import annotations
 
+import dis
+import sys
 import threading
 
 import pytest
 
 from walcrypt import Entry, HardState, UsageError
 from walcrypt import wal as wal_mod
+from walcrypt.vfs import VFS
 
 import wctest
 
@@ -86,3 +89,95 @@ def test_a_waiter_leads_itself_when_no_leader_names_it(tmp_path, monkeypatch):
     s.close()
     with wctest.open_store(d) as s2:
         assert s2.last_index() == 2
+
+
+class _GateVFS(VFS):
+    """Once armed, the next pwrite waits until ``gate`` is set (a leader held inside its unit)."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def pwrite(self, fd, data, offset):
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.gate.wait(10)
+        return super().pwrite(fd, data, offset)
+
+
+def _after_queuing_point() -> int:
+    """The instruction after the call that leaves ``with self._queue_lock`` once the request is
+    queued in Wal.append: where an asynchronous exception (KeyboardInterrupt, a signal handler's)
+    arriving during that call is raised."""
+    ins = [x for x in dis.get_instructions(wal_mod.Wal.append) if x.opname != "CACHE"]
+    i = next(k for k, x in enumerate(ins) if x.argval == "append" and ins[k - 1].argval == "_queue")
+    j = next(k for k in range(i + 1, len(ins)) if ins[k].opname == "CALL" and ins[k].arg == 2)
+    return ins[j + 1].offset
+
+
+def _raise_in_append_at(offset: int, exc: BaseException):
+    code = wal_mod.Wal.append.__code__
+
+    def op(frame, event, arg):
+        if event == "opcode" and frame.f_lasti == offset:
+            frame.f_trace_opcodes = False
+            raise exc
+        return op
+
+    def call(frame, event, arg):
+        if frame.f_code is code:
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+            return op
+        return None
+    return call
+
+
+def test_a_follower_interrupted_right_after_queuing_withdraws_its_save(tmp_path, monkeypatch):
+    """A requester interrupted just after it queued (found by review): its request is withdrawn, so
+    the leader neither writes it later nor names its gone thread the next leader (which made the next
+    save wait for the takeover timeout)."""
+    monkeypatch.setattr(wal_mod, "LEADER_WAIT_S", 30.0)    # a stall would show as a hang, caught below
+    vfs = _GateVFS()
+    d = str(tmp_path / "data")
+    s = wctest.open_store(d, sync="batch", vfs=vfs)
+    s.save(HardState(1, 0, 1), [Entry(1, 1, b"one")])
+    results: dict = {}
+    point = _after_queuing_point()
+
+    def leader():
+        s.save(None, [Entry(2, 1, b"two")])
+        results["leader"] = "ok"
+
+    def follower():
+        sys.settrace(_raise_in_append_at(point, KeyboardInterrupt("arrived while queuing")))
+        try:
+            s.save(None, [Entry(3, 1, b"three, interrupted")])
+            results["follower"] = "ok"
+        except BaseException as exc:  # noqa: BLE001 - the injected interrupt
+            results["follower"] = exc
+        finally:
+            sys.settrace(None)
+
+    vfs.armed = True                                    # the leader's unit waits inside its pwrite
+    lt = threading.Thread(target=leader, daemon=True)
+    lt.start()
+    assert vfs.entered.wait(5)
+    ft = threading.Thread(target=follower, daemon=True)
+    ft.start()
+    ft.join(5)
+    assert isinstance(results.get("follower"), KeyboardInterrupt)
+    vfs.gate.set()
+    lt.join(5)
+    assert results.get("leader") == "ok"
+    assert s.last_index() == 2, "the interrupted (unacknowledged) save was written by a later leader"
+    done = threading.Event()
+    threading.Thread(target=lambda: (s.save(None, [Entry(3, 1, b"three, retried")]), done.set()),
+                     daemon=True).start()
+    assert done.wait(10), "the next save waited for a leader whose thread was gone"
+    s.close()
+    with wctest.open_store(d) as s2:
+        assert s2.entries(1, 4) == [Entry(1, 1, b"one"), Entry(2, 1, b"two"), Entry(3, 1, b"three, retried")]

@@ -143,14 +143,15 @@ class Wal(LogReads):
             # leader.  The timeout only matters when a leader was interrupted before it named one (or
             # a unit takes longer than that): the sleeper then takes over as the leader, so the
             # hand-over chain goes on; two leaders at once are safe, the write lock serialises them.
-            with self._queue_lock:
-                leading = self._leader is None
-                if leading:
-                    self._leader = req
-                else:
-                    req.event = threading.Event()
-                self._queue.append(req)
+            # Queued inside the try: a requester interrupted right after queuing withdraws its request,
+            # so no leader names a thread that has gone.
             try:
+                with self._queue_lock:
+                    if self._leader is None:
+                        self._leader = req
+                    else:
+                        req.event = threading.Event()
+                    self._queue.append(req)
                 if req.event is not None and not req.event.wait(LEADER_WAIT_S):
                     with self._queue_lock:
                         self._leader = req
