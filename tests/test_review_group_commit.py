@@ -18,9 +18,10 @@ rebuilt FrameCipher.seal: attempts to break them, kept as tests.
 
 The review's one break in the change itself (a follower interrupted right after queuing) is fixed
 and tested in tests/test_group_commit.py.  The tests marked xfail(strict=True) show defects that
-still exist in code this change did not touch (compaction and purging racing saves and snapshots,
-and a save re-entering from the leader's own thread): found by driving compact() and snapshots
-concurrently with saves, kept failing here until they are fixed.
+still exist in code this change did not touch (compaction and purging racing saves and snapshots): found by driving compact() and snapshots
+concurrently with saves, kept failing here until they are fixed.  A fifth, a save re-entering from
+the leader's own thread in the middle of a unit (a signal handler saving on SIGTERM), reused nonces:
+it is refused now (UsageError) and its test is an ordinary one.
 """
 
 from __future__ import annotations
@@ -658,11 +659,6 @@ def test_two_concurrent_purges_do_not_fail_the_store(tmp_path):
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="not introduced by this change (the write lock was re-entrant before it): "
-                   "a save made by the thread that is inside a unit (a signal handler or a finalizer running "
-                   "there) waits LEADER_WAIT_S, takes over and re-enters the RLock, writing a unit between the "
-                   "outer unit's encoding and its pwrite: the outer frames reuse the nested frames' sequence "
-                   "numbers, so their (key, nonce) pairs, both saves return, and the segment no longer opens")
 def test_a_save_from_the_leaders_own_thread_mid_unit_reuses_no_nonce(tmp_path, monkeypatch):
     monkeypatch.setattr(wal_mod, "LEADER_WAIT_S", 0.05)
     from walcrypt.segment import Segment

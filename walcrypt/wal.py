@@ -93,6 +93,7 @@ class Wal(LogReads):
         self._queue: list[Request] = []
         self._queue_lock = threading.Lock()      # guards _queue and _leader
         self._leader: Request | None = None      # the request whose thread leads (group commit)
+        self._unit_thread: int | None = None     # the thread writing a unit (inside _lead), if any
         self._cache: OrderedDict = OrderedDict()
 
     # ------------------------------------------------------------------ writing
@@ -126,6 +127,13 @@ class Wal(LogReads):
         """Persist entries, hard state and ``extra`` records (snapshot records) in one write unit."""
         if not entries and hardstate is None and not extra:
             return
+        if self._unit_thread == threading.get_ident():
+            # This thread is in the middle of writing a unit (a signal handler, or a VFS hook, calling
+            # save()): the write lock would let it in, and its frames would take sequence numbers -
+            # nonces - the unit under way has already used.
+            raise UsageError("save() was called while this thread was writing to the store (from a signal "
+                             "handler or a file-system hook); nothing was written by it - save from "
+                             "outside, after the interrupted save returns")
         self.check_writable()
         # Validation and encoding happen here, in the caller's thread: a bad request fails alone.
         entries, records = prepare_entries(entries, self.max_entry_size)
@@ -206,6 +214,7 @@ class Wal(LogReads):
         StoreFailedError."""
         taken: list[Request] = [] if batch is None else batch
         try:
+            self._unit_thread = threading.get_ident()
             if batch is None:
                 with self._queue_lock:
                     taken, self._queue = self._queue, []
@@ -222,6 +231,8 @@ class Wal(LogReads):
                     else:
                         req.finish()
             raise
+        finally:
+            self._unit_thread = None
 
     def _run_unit(self, batch: list[Request]) -> None:
         """Write the requests as write units; mark each request done (or failed).  A request's own
