@@ -13,7 +13,6 @@ import pytest
 
 from walcrypt import Entry, HardState, UsageError
 from walcrypt import wal as wal_mod
-from walcrypt.vfs import VFS
 
 import wctest
 
@@ -91,23 +90,6 @@ def test_a_waiter_leads_itself_when_no_leader_names_it(tmp_path, monkeypatch):
         assert s2.last_index() == 2
 
 
-class _GateVFS(VFS):
-    """Once armed, the next pwrite waits until ``gate`` is set (a leader held inside its unit)."""
-
-    def __init__(self):
-        super().__init__()
-        self.armed = False
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-
-    def pwrite(self, fd, data, offset):
-        if self.armed:
-            self.armed = False
-            self.entered.set()
-            self.gate.wait(10)
-        return super().pwrite(fd, data, offset)
-
-
 def _after_queuing_point() -> int:
     """The instruction after the call that leaves ``with self._queue_lock`` once the request is
     queued in Wal.append: where an asynchronous exception (KeyboardInterrupt, a signal handler's)
@@ -141,7 +123,7 @@ def test_a_follower_interrupted_right_after_queuing_withdraws_its_save(tmp_path,
     the leader neither writes it later nor names its gone thread the next leader (which made the next
     save wait for the takeover timeout)."""
     monkeypatch.setattr(wal_mod, "LEADER_WAIT_S", 30.0)    # a stall would show as a hang, caught below
-    vfs = _GateVFS()
+    vfs = wctest.GateVFS()
     d = str(tmp_path / "data")
     s = wctest.open_store(d, sync="batch", vfs=vfs)
     s.save(HardState(1, 0, 1), [Entry(1, 1, b"one")])
@@ -162,7 +144,7 @@ def test_a_follower_interrupted_right_after_queuing_withdraws_its_save(tmp_path,
         finally:
             sys.settrace(None)
 
-    vfs.armed = True                                    # the leader's unit waits inside its pwrite
+    vfs.arm()                                           # the leader's unit waits inside its pwrite
     lt = threading.Thread(target=leader, daemon=True)
     lt.start()
     assert vfs.entered.wait(5)

@@ -41,7 +41,6 @@ import walcrypt
 from walcrypt import ConfState, Entry, HardState, SnapshotMeta, StoreFailedError, UsageError, crypto
 from walcrypt import format as fmt
 from walcrypt import wal as wal_mod
-from walcrypt.vfs import VFS
 
 import noncescan
 import wctest
@@ -52,28 +51,6 @@ ENGINE = os.path.dirname(os.path.abspath(walcrypt.__file__)) + os.sep
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
-
-class GateVFS(VFS):
-    """Once armed, the next pwrite waits until ``gate`` is set (a leader held inside its unit)."""
-
-    def __init__(self):
-        super().__init__()
-        self.armed = False
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-
-    def arm(self):
-        self.entered.clear()
-        self.gate.clear()
-        self.armed = True
-
-    def pwrite(self, fd, data, offset):
-        if self.armed:
-            self.armed = False
-            self.entered.set()
-            self.gate.wait(10)
-        return super().pwrite(fd, data, offset)
-
 
 class Boom(Exception):
     """An application exception (say, a timeout raised from a signal handler)."""
@@ -205,7 +182,7 @@ def _role_run(tmp_path, scenario, target, k, exc_type, wait):
     d, copies = str(root / "data"), str(root / "copies")
     os.makedirs(copies)
     wal_mod.LEADER_WAIT_S = wait
-    vfs = GateVFS()
+    vfs = wctest.GateVFS()
     s = wctest.open_store(d, sync="batch", segment_size=16384, vfs=vfs)
     s.save(HardState(1, 0, 1), [Entry(1, 1, b"base")])
     wal = s.wal
@@ -336,7 +313,7 @@ def test_an_exception_at_any_point_of_any_role(tmp_path, monkeypatch, scenario, 
 
 def test_takeover_while_the_leader_still_writes_keeps_order_and_writes_each_request_once(tmp_path, monkeypatch):
     monkeypatch.setattr(wal_mod, "LEADER_WAIT_S", 0.05)
-    vfs = GateVFS()
+    vfs = wctest.GateVFS()
     d = str(tmp_path / "data")
     s = wctest.open_store(d, sync="batch", vfs=vfs)
     s.save(HardState(1, 0, 1), [Entry(1, 1, b"one")])

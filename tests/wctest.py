@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 
 from crc32c import crc32c
@@ -19,6 +20,7 @@ from crc32c import crc32c
 import walcrypt
 from walcrypt import Entry, HardState
 from walcrypt import format as fmt
+from walcrypt.vfs import VFS
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
@@ -375,3 +377,26 @@ def files_containing(root: str, needle: bytes) -> list[str]:
                 if needle in f.read():
                     hits.append(os.path.join(d, name))
     return hits
+
+
+class GateVFS(VFS):
+    """Once armed (``arm()``), the next pwrite waits until ``gate`` is set: a leader held inside its
+    write unit while other threads queue; ``entered`` tells that it got there."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def arm(self):
+        self.entered.clear()
+        self.gate.clear()
+        self.armed = True
+
+    def pwrite(self, fd, data, offset):
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.gate.wait(10)
+        return super().pwrite(fd, data, offset)
