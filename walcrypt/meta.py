@@ -95,6 +95,8 @@ from .vfs import pinned_files, refuse_link
 
 log = logging.getLogger("walcrypt")
 
+_HANDOVER = threading.Lock()     # taking an environment's handles to close them (see Meta._close_env)
+
 
 LEGACY_COMPACT_NAME = "data.mdb.compact"   # a copy earlier versions wrote (removed at read-write open)
 # scrub(): a scratch table (not one of walcrypt's: no catalog, MAC or reader ever sees it), filled
@@ -236,13 +238,17 @@ class Meta(ScrubMixin):
     def _close_env(self) -> None:
         """The environment first, then the pinned descriptors (closing one of those first would drop
         LMDB's record locks on lock.mdb while the environment still uses it: vfs.pinned_files).
-        Each is taken before it is closed, so an interrupted close never closes anything twice."""
-        env, self.env = self.env, None
+        Each is taken before it is closed, so an interrupted close never closes anything twice, and
+        taken under a lock, so two threads closing at once (a host's close racing its own) do not both
+        take it: a descriptor closed twice may be one another thread has been given meanwhile."""
+        with _HANDOVER:
+            env, self.env = self.env, None
         try:
             if env is not None:
                 env.close()
         finally:
-            fds, self._fds = self._fds, []
+            with _HANDOVER:
+                fds, self._fds = self._fds, []
             for fd in fds:
                 os.close(fd)
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from array import array
 from bisect import bisect_right
 from itertools import chain
@@ -59,6 +60,7 @@ _READ_AHEAD = 4096
 # slower (each buffer is fresh memory to fault in, and no longer stays in the CPU's caches until its
 # records are opened).
 READ_WINDOW = 1 << 20
+_FD_HANDOVER = threading.Lock()     # taking a segment's descriptor to close it (Segment.close)
 
 
 class Segment(SegmentScan):
@@ -266,7 +268,10 @@ class Segment(SegmentScan):
                                   "a segment listed in the manifest was deleted; restore from a snapshot") from None
 
     def close(self) -> None:
-        fd, self.fd = self.fd, None             # never closed twice, even if close() is interrupted
+        # Taken before it is closed (an interrupted close never closes it twice) and under a lock (two
+        # threads closing the same segment at once do not both take it).
+        with _FD_HANDOVER:
+            fd, self.fd = self.fd, None
         if fd is not None:
             self.vfs.close(fd)
 
