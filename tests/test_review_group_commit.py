@@ -17,11 +17,11 @@ rebuilt FrameCipher.seal: attempts to break them, kept as tests.
 * FrameCipher.seal against the previous construction, for every algorithm.
 
 The review's one break in the change itself (a follower interrupted right after queuing) is fixed
-and tested in tests/test_group_commit.py.  The tests marked xfail(strict=True) show defects that
-still exist in code this change did not touch (compaction and purging racing saves and snapshots): found by driving compact() and snapshots
-concurrently with saves, kept failing here until they are fixed.  A fifth, a save re-entering from
-the leader's own thread in the middle of a unit (a signal handler saving on SIGTERM), reused nonces:
-it is refused now (UsageError) and its test is an ordinary one.
+and tested in tests/test_group_commit.py.  Three defects it found in code the change did not touch
+(compaction and purging racing saves and snapshots) are fixed and tested in
+tests/test_concurrent_state_changes.py.  A fourth, a save re-entering from the leader's own thread
+in the middle of a unit (a signal handler saving on SIGTERM), reused nonces: it is refused now
+(UsageError), tested below.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import pytest
 from crc32c import crc32c
 
 import walcrypt
-from walcrypt import ConfState, Entry, HardState, SnapshotMeta, StoreFailedError, UsageError, crypto
+from walcrypt import Entry, HardState, StoreFailedError, UsageError, crypto
 from walcrypt import format as fmt
 from walcrypt import wal as wal_mod
 
@@ -556,84 +556,6 @@ def test_seal_produces_the_bytes_of_the_previous_construction(alg):
                 r.randrange(1 << 32), bytes(r.randrange(256) for _ in range(n)),
                 bytes(r.randrange(256) for _ in range(32)))
         assert c.seal(*args) == _previous_seal(c, *args)
-
-
-# ---------------------------------------------------------------------------------------------
-# Found while driving compact() and snapshots concurrently with saves; in code this change did not
-# touch (Storage.compact, purge_segments), the same on the base branch.  Each interleaving is
-# forced in one thread by a hook at the point where the other thread's call lands.
-# ---------------------------------------------------------------------------------------------
-
-@pytest.mark.xfail(strict=True, reason="not introduced by this change: Storage.compact writes its compaction "
-                   "record (index, reset segment) after wal.compact, outside the write lock; a snapshot ahead "
-                   "of the log committed in between is overwritten by the older index, and the store no "
-                   "longer opens (entries between the two indexes are 'missing')")
-def test_compact_racing_a_snapshot_ahead_of_the_log_leaves_an_openable_store(tmp_path):
-    d = str(tmp_path / "data")
-    s = wctest.open_store(d, sync="batch", segment_size=4096)
-    for i in range(1, 41):
-        s.save(HardState(1, 0, i), [Entry(i, 1, b"x" * 100)])
-    wal = s.wal
-    compact = wal.compact
-
-    def compact_then_other_thread(index, term=None):
-        compact(index, term)
-        del wal.compact
-        # another thread: a snapshot received from the leader, ahead of the log (a log reset)
-        s.save_snapshot(SnapshotMeta(50, 2, ConfState(voters=(1,))), b"snapshot at 50")
-    wal.compact = compact_then_other_thread
-    s.compact(20)
-    s.save(HardState(2, 0, 51), [Entry(51, 2, b"acknowledged after the snapshot")])
-    s.close()
-    with wctest.open_store(d, sync="batch", segment_size=4096) as s2:
-        assert s2.entries(51, 52) == [Entry(51, 2, b"acknowledged after the snapshot")]
-
-
-@pytest.mark.xfail(strict=True, reason="not introduced by this change: Storage.compact reads the term outside "
-                   "the write lock; a Raft truncation saved in between makes wal.compact raise "
-                   "UnavailableError inside the fail-stop guard, which fails the whole store")
-def test_compact_racing_a_truncation_does_not_fail_the_store(tmp_path):
-    s = wctest.open_store(str(tmp_path / "data"), sync="batch", segment_size=4096)
-    s.save(HardState(1, 0, 0), [Entry(i, 1, b"x") for i in range(1, 11)])
-    wal = s.wal
-    term = wal.term
-
-    def term_then_other_thread(index):
-        t = term(index)
-        del wal.term
-        s.save(HardState(2, 0, 0), [Entry(5, 2, b"a new leader's entry")])    # truncates 6..10
-        return t
-    wal.term = term_then_other_thread
-    with pytest.raises(walcrypt.WalcryptError):
-        s.compact(8)                                   # beyond the log now: refused, fine
-    try:
-        s.save(HardState(2, 0, 0), [Entry(6, 2, b"the next entry")])          # must still work
-    finally:
-        s.close()
-
-
-@pytest.mark.xfail(strict=True, reason="not introduced by this change: two purges (compact() and a "
-                   "snapshot's retention in another thread) compute the same removable segments; the "
-                   "second unlink fails with FileNotFoundError inside the fail-stop guard and fails the store")
-def test_two_concurrent_purges_do_not_fail_the_store(tmp_path):
-    s = wctest.open_store(str(tmp_path / "data"), sync="batch", segment_size=4096)
-    for i in range(1, 61):
-        s.save(HardState(1, 0, i), [Entry(i, 1, b"x" * 100)])
-    wal = s.wal
-    removable = wal.removable
-
-    def removable_then_other_thread(floor):
-        segs = removable(floor)
-        del wal.removable
-        if segs:
-            s.purge_segments()                         # the other thread's purge gets there first
-        return segs
-    wal.removable = removable_then_other_thread
-    try:
-        s.compact(40)
-        s.save(HardState(1, 0, 61), [Entry(61, 1, b"next")])
-    finally:
-        s.close()
 
 
 def test_a_save_from_the_leaders_own_thread_mid_unit_reuses_no_nonce(tmp_path, monkeypatch):

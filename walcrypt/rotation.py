@@ -103,6 +103,7 @@ class Rotation(KekRotation):
         self.usage: dict[bytes, list[int]] = {}
         self.auto_due = False
         self.snapshot_wanted = False      # steps 1-2 of a rotation done: ask the host's source (step 3)
+        self.queued_next = 0              # a rotation queued behind the one just completed (start_queued)
         # Wrapping a new key under the KEK in use and committing it, and a KEK rotation's re-wrap,
         # commit and swap of the KEK in use, exclude each other: a key wrapped under the old KEK must
         # never be committed after the rotation committed (no KEK would open the store).
@@ -190,6 +191,16 @@ class Rotation(KekRotation):
         (Store.fail_stop); step 3, asking the host's snapshot source, is ask_for_snapshot(),
         called once the guard is left so that the host's exceptions do not fail the store.
         ``prepared``: the new key from prepare_key() (made here when not given)."""
+        # The rotation's state is read and changed exclusive of a snapshot commit that completes a
+        # rotation (Rotation._promote) and of write units; the key service is asked before that
+        # (Wal.exclusive's lock order: key_lock first, no key service call inside).
+        with self.key_lock:
+            if prepared is None and not self.state:
+                prepared = self.prepare_key()
+            with self.store.wal.exclusive():
+                self._rotate_dek(reason, rekey, queued, prepared)
+
+    def _rotate_dek(self, reason: str, rekey: bool, queued: int, prepared) -> None:
         st = self.store
         self.check_rotatable()
         if self.state:
@@ -272,19 +283,26 @@ class Rotation(KekRotation):
         if index > st.wal.compacted_index:
             st.wal.compact(index, term)
         self.state = None
+        self.queued_next = queued
         log.info("DEK rotation complete: key %s active", pending.hex())
         self.finish_retirement()
-        if queued:
-            # The next rotation queued behind this one needs a new key from the key service.  This
-            # runs inside a snapshot commit: the service is asked once, and an outage or a refusal
-            # puts the rotation off (retried by later saves) instead of failing the commit.
-            with self.key_lock:
-                try:
-                    prepared = self.prepare_key(quick=True)
-                except KeyProviderError as exc:
-                    self.defer("queued", exc, queued=queued - 1)
-                    return
-                self.rotate_dek(reason="queued", queued=queued - 1, prepared=prepared)
+
+    def start_queued(self) -> None:
+        """After a snapshot commit (or the open) that completed a rotation: start the one queued
+        behind it.  It needs a new key from the key service, so it runs outside the WAL's exclusive
+        section (see Wal.exclusive: the key lock comes first).  The service is asked once, and an
+        outage or a refusal puts the rotation off (retried by later saves) instead of failing the
+        commit."""
+        queued, self.queued_next = self.queued_next, 0
+        if not queued:
+            return
+        with self.key_lock:
+            try:
+                prepared = self.prepare_key(quick=True)
+            except KeyProviderError as exc:
+                self.defer("queued", exc, queued=queued - 1)
+                return
+            self.rotate_dek(reason="queued", queued=queued - 1, prepared=prepared)
 
     def finish_retirement(self) -> None:
         """Purge what retiring keys protect; retire keys nothing references any more."""
@@ -334,6 +352,7 @@ class Rotation(KekRotation):
             cur = st.snapshots.infos[-1] if st.snapshots.infos else None
             if cur is not None:
                 self.on_snapshot(cur)
+                self.start_queued()
             if self.state:
                 # A host that registered a source gets asked again.  If the source itself fails, the
                 # open goes on; if saving what it returned fails, the open fails (nothing is lost: the

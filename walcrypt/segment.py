@@ -49,7 +49,7 @@ from typing import Callable, Iterator
 
 from . import crypto
 from . import format as fmt
-from .errors import AuthenticationError, CorruptionError, StoreFailedError
+from .errors import AuthenticationError, CorruptionError, StoreFailedError, UsageError
 from .segment_codec import RECOVERY_SEQ_JUMP, SegmentIdentity, decode_entries_payload, encode_header, segment_file_name
 from .segment_scan import SegmentScan
 from .types import EntryBatch, HardState
@@ -87,6 +87,7 @@ class Segment(SegmentScan):
         self.snapshot_records: list[tuple] = []   # SNAPSHOT records seen while scanning
         self.sealed = False
         self.fd: int | None = None
+        self.released = False                   # see release()
         # writer state
         self.write_offset = fmt.SEGMENT_HEADER_SIZE
         self.seq = 0
@@ -256,9 +257,16 @@ class Segment(SegmentScan):
 
     # ------------------------------------------------------------------ read
     def ensure_open(self) -> int:
-        if self.fd is None:
-            self.fd = self._open_for_read()
-        return self.fd
+        fd = self.fd
+        if fd is not None:
+            return fd
+        with _FD_HANDOVER:              # two readers opening it at once: one descriptor, none leaked
+            if self.released:
+                raise UsageError(f"{self.path} was released while it was being read: the store was closed "
+                                 "or compaction removed the segment; read again")
+            if self.fd is None:
+                self.fd = self._open_for_read()
+            return self.fd
 
     def _open_for_read(self) -> int:
         try:
@@ -274,6 +282,13 @@ class Segment(SegmentScan):
             fd, self.fd = self.fd, None
         if fd is not None:
             self.vfs.close(fd)
+
+    def release(self) -> None:
+        """Close for good: the WAL no longer holds this segment (the store closed, or it was purged).
+        A later read raises UsageError instead of opening the file again."""
+        with _FD_HANDOVER:
+            self.released = True
+        self.close()
 
     def read_frame(self, offset: int, expect_type: int, size_hint: int = 0) -> tuple[tuple, bytes]:
         """Read, check and open the frame at ``offset`` (one read when ``size_hint`` covers it).

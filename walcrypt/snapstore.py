@@ -107,10 +107,14 @@ class PendingSnapshot:
                         raise
                     info = SnapshotInfo(w.header.snapshot_id, self.meta.index, self.meta.term, w.header.key_id,
                                         w.digest, w.data_bytes, path)
-                    self.owner._commit(self.meta, info)
+                    # Its record, the log reset it implies, retention and the rotation it completes
+                    # see one state of the log: no save, compaction or purge runs in between.
+                    with st.wal.exclusive():
+                        self.owner._commit(self.meta, info)
+                    st.rotation.start_queued()      # a rotation queued behind the one this completed
         finally:
             self.owner.settle(self)
-        st.rotation.ask_for_snapshot()          # a rotation queued behind the one this completed
+        st.rotation.ask_for_snapshot()          # ... asks the host's source for its snapshot
         return info
 
     def abort(self) -> None:

@@ -274,24 +274,31 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         are deleted (the log after a retained snapshot is kept so a broken newer
         snapshot can fall back to it)."""
         self.check_write()
-        self.wal.check_writable()
         index = check_u64(index, "index", 0, U64_MAX)
         wal = self.wal
-        if index <= wal.compacted_index:
-            raise CompactedError(f"already compacted up to {wal.compacted_index}")
-        term = wal.term(index)                  # UnavailableError beyond the last index
-        with FailStop(self, "compacting the log"):
-            wal.compact(index, term)
-            with self.meta.write() as w:
-                w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, wal.compacted_term, wal.reset_segment))
-            self.purge_segments()
+        # Exclusive from the checks to the purge: a save (a truncation), a snapshot's log reset or
+        # another purge in between would make the term, the compaction record or the segments to
+        # remove stale.
+        with wal.exclusive():
+            wal.check_writable()
+            if index <= wal.compacted_index:
+                raise CompactedError(f"already compacted up to {wal.compacted_index}")
+            term = wal.term(index)              # UnavailableError beyond the last index
+            with FailStop(self, "compacting the log"):
+                wal.compact(index, term)
+                with self.meta.write() as w:
+                    w.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, wal.reset_segment))
+                self.purge_segments()
 
     def purge_segments(self) -> None:
-        floor = self.wal.compacted_index
-        snap_floor = self.snapshots.floor()
-        if snap_floor is not None:
-            floor = min(floor, snap_floor)
-        self.remove_segments(self.wal.removable(floor))
+        """Remove the segments below both the compaction point and the oldest retained snapshot.
+        Exclusive: two purges (a compaction and a snapshot's retention) never remove the same segment."""
+        with self.wal.exclusive():
+            floor = self.wal.compacted_index
+            snap_floor = self.snapshots.floor()
+            if snap_floor is not None:
+                floor = min(floor, snap_floor)
+            self.remove_segments(self.wal.removable(floor))
 
     # ------------------------------------------------------------------ snapshots
     def save_snapshot(self, meta: SnapshotMeta, data: bytes | BinaryReader) -> None:
@@ -318,17 +325,18 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         the log does (hashicorp hosts: DeleteRange over everything, then StoreLogs further on)."""
         self.check_write()
         wal = self.wal
-        wal.check_writable()
         index = check_u64(index, "index", 0, MAX_ENTRY_INDEX)
         term = check_u64(term, "term", 0, U64_MAX)
-        if index < wal.compacted_index:
-            raise UsageError(f"cannot reset the log to {index}: it is compacted up to {wal.compacted_index}")
-        with FailStop(self, "resetting the log"):
-            reset_segment = self.next_segment
-            with self.meta.write() as tx:
-                tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, reset_segment))
-            wal.reset_to(index, term, reset_segment)
-            self.purge_segments()
+        with wal.exclusive():                   # see compact: the record and the reset in one step
+            wal.check_writable()
+            if index < wal.compacted_index:
+                raise UsageError(f"cannot reset the log to {index}: it is compacted up to {wal.compacted_index}")
+            with FailStop(self, "resetting the log"):
+                reset_segment = self.next_segment
+                with self.meta.write() as tx:
+                    tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, reset_segment))
+                wal.reset_to(index, term, reset_segment)
+                self.purge_segments()
 
     def truncate(self, index: int) -> None:
         """Durably discard every entry >= ``index`` (hashicorp's DeleteRange of a suffix).
@@ -337,13 +345,14 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         self.check_write()
         wal = self.wal
         index = check_u64(index, "index", 0, U64_MAX)
-        if index > wal.last_index():
-            return
-        if index <= wal.compacted_index:
-            raise UsageError(f"cannot truncate from {index}: entries up to {wal.compacted_index} are compacted")
-        wal.check_writable()
-        with FailStop(self, "truncating the log"):
-            wal.truncate_from(index)
+        with wal.exclusive():                   # the checks hold until the truncation is done
+            if index > wal.last_index():
+                return
+            if index <= wal.compacted_index:
+                raise UsageError(f"cannot truncate from {index}: entries up to {wal.compacted_index} are compacted")
+            wal.check_writable()
+            with FailStop(self, "truncating the log"):
+                wal.truncate_from(index)
 
     # ------------------------------------------------------------------ stable store
     def stable_set(self, key: bytes, value: bytes) -> None:

@@ -34,7 +34,8 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
-from typing import Protocol, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Protocol, Sequence
 
 from . import format as fmt
 from .errors import (
@@ -94,10 +95,14 @@ class Wal(LogReads):
         self._queue_lock = threading.Lock()      # guards _queue and _leader
         self._leader: Request | None = None      # the request whose thread leads (group commit)
         self._unit_thread: int | None = None     # the thread writing a unit (inside _lead), if any
+        self._exclusive_thread: int | None = None  # the thread inside exclusive(), if any
+        self.closed = False                      # set under the write lock by close()
         self._cache: OrderedDict = OrderedDict()
 
     # ------------------------------------------------------------------ writing
     def check_writable(self) -> None:
+        if self.closed:
+            raise UsageError("the store is closed")
         if self.failed is not None:
             raise StoreFailedError(
                 f"an earlier write failed or was interrupted ({describe_error(self.failed)}); the store refuses "
@@ -141,7 +146,9 @@ class Wal(LogReads):
         req = Request(entries, entries[0][0] if entries else 0, records, hs, hs_record)
         if extra:
             req.extra = extra
-        if self.sync_policy != "batch":
+        if self.sync_policy != "batch" or self._exclusive_thread == threading.get_ident():
+            # (A save from inside exclusive() is written by its own thread: it holds the write lock
+            # that a leader would wait for.)
             with self.write_lock:
                 self._lead([req], req)
         else:
@@ -181,6 +188,26 @@ class Wal(LogReads):
                                    "reopen the store to recover")
             self.fail(exc)
             raise exc
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the write lock across a change of the log's state that takes several steps and reads
+        the state it changes (a compaction: the term at its index, the WAL's compaction point, its
+        metadata record, the purge; a snapshot's commit: its record, the reset it implies,
+        retention): no write unit, truncation, compaction or purge of another thread runs in between.
+        Re-entrant.  A save from inside it is written at once by its own thread.
+
+        Lock order: a snapshot commit's lock, then the rotation's key lock, then this one; code
+        holding it never waits for the key lock (or a key service)."""
+        with self.write_lock:
+            if self.closed:
+                raise UsageError("the store is closed")
+            outer = self._exclusive_thread
+            self._exclusive_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._exclusive_thread = outer
 
     def _hand_over(self, req: Request) -> None:
         """``req``'s thread is leaving append: if it was the leader, the oldest queued request's
@@ -445,16 +472,19 @@ class Wal(LogReads):
                 [s for s in self.segments if id(s) not in ids], [f for f, _ in keep], [s for _, s in keep])
             self._cache.clear()
         for s in segs:
-            s.close()
+            s.release()
 
     def close(self) -> None:
         """Close every segment file, even when closing one of them raises (the first error is
-        raised after the others were closed)."""
-        first = None
-        for seg in self.segments:
-            try:
-                seg.close()
-            except BaseException as exc:        # noqa: BLE001 - re-raised below
-                first = first or exc
-        if first is not None:
-            raise first
+        raised after the others were closed).  Taken under the write lock: a write unit in progress
+        finishes first, and a save or compaction that comes later is refused (closed)."""
+        with self.write_lock:
+            self.closed = True
+            first = None
+            for seg in self.segments:
+                try:
+                    seg.release()
+                except BaseException as exc:        # noqa: BLE001 - re-raised below
+                    first = first or exc
+            if first is not None:
+                raise first
