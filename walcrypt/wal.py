@@ -52,7 +52,7 @@ from .values import (
     hardstate_record,
 )
 from .wal_reads import LogReads
-from .wal_requests import Request, encode_stored, prepare_entries
+from .wal_requests import Request, coalesce_records, encode_stored, prepare_entries
 
 SYNC_POLICIES = ("always", "batch", "none")
 # A waiting requester leads itself after this long without news (only after an interrupted leader
@@ -307,6 +307,8 @@ class Wal(LogReads):
         return self.last + 1
 
     def _flush(self, records: list, hs_record, hardstate: HardState | None, members: list[Request]) -> None:
+        if len(members) > 1:
+            records = coalesce_records(records)     # one-entry saves of many writers: one record
         if hs_record is not None:
             records.append(hs_record)
         if records:

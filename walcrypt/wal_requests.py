@@ -146,3 +146,53 @@ def split_records(first: int, terms: list, lengths: list, datas: list) -> list:
         records.append((fmt.FRAME_ENTRIES, first + start, terms[start], stop - start, payload, t))
         start = stop
     return records
+
+
+def coalesce_records(records: list) -> list:
+    """One write unit's records with adjacent small ENTRIES records merged, as split_records would
+    have made them had the entries come in one save: a record is closed once its data reaches
+    RECORD_TARGET_BYTES or it holds RECORD_MAX_ENTRIES entries, and never grows beyond
+    MAX_RECORD_PAYLOAD.  Group commit gathers many one-entry saves into a unit; one record for them
+    is one seal, one frame header and one index row instead of one per save.  Only records whose
+    indexes follow each other are merged; any other record (a snapshot record, the hard state)
+    ends a run and keeps its place.  Every record was validated when its save was prepared."""
+    out: list = []
+    run: list = []
+    count = data = size = 0
+    target, max_entries = fmt.RECORD_TARGET_BYTES, fmt.RECORD_MAX_ENTRIES
+    limit = fmt.MAX_RECORD_PAYLOAD - fmt.TAG_SIZE
+    for rec in records:
+        if rec[0] == fmt.FRAME_ENTRIES:
+            n, p = rec[3], len(rec[4])
+            if (run and data < target and count + n <= max_entries and size + p - 8 <= limit
+                    and run[-1][1] + run[-1][3] == rec[1]):
+                run.append(rec)
+                count, data, size = count + n, data + p - 8 - 12 * n, size + p - 8
+                continue
+            if run:
+                out.append(_merged(run, count))
+            run, count, data, size = [rec], n, p - 8 - 12 * n, p
+            continue
+        if run:
+            out.append(_merged(run, count))
+            run = []
+        out.append(rec)
+    if run:
+        out.append(_merged(run, count))
+    return out
+
+
+def _merged(run: list, count: int) -> tuple:
+    """The ENTRIES record holding the entries of the records ``run`` (FORMAT.md 4.4: count,
+    reserved, every term, every length, every entry's data)."""
+    if len(run) == 1:
+        return run[0]
+    terms_b, lengths_b, datas = [], [], []
+    for _t, _i, _term, n, payload, _terms in run:
+        view = memoryview(payload)
+        terms_b.append(view[8:8 + 8 * n])
+        lengths_b.append(view[8 + 8 * n:8 + 12 * n])
+        datas.append(view[8 + 12 * n:])
+    payload = b"".join((fmt.ENTRIES_PREFIX_STRUCT.pack(count, 0), *terms_b, *lengths_b, *datas))
+    terms = tuple(t for rec in run for t in rec[5])
+    return (fmt.FRAME_ENTRIES, run[0][1], run[0][2], count, payload, terms)
