@@ -127,6 +127,11 @@ def segment_keys(dek: bytes, salt: bytes, store_id: bytes, segment_id: int, alg_
 
 
 _PADDING = tuple(bytes(n) for n in range(fmt.ALIGN))     # the zero padding after a frame, by length
+# The frame layout's constants, bound once for FrameCipher.seal (it runs for every frame written).
+_pack_header = fmt.FRAME_HEADER_STRUCT.pack
+_CRC_AT = fmt.FRAME_CRC_OFFSET
+_TAG = fmt.TAG_SIZE
+_PAD_MASK = fmt.ALIGN - 1
 
 
 def nonce_for(seq: int) -> bytes:
@@ -156,17 +161,16 @@ class FrameCipher:
              payload: bytes, prev_chain: bytes) -> tuple[bytes, bytes]:
         """Build one frame (header, ciphertext, tag, zero padding).  Returns (frame, tag)."""
         nonce = NONCE_PREFIX + seq.to_bytes(8, "big")
-        length = len(payload) + fmt.TAG_SIZE
-        hdr = fmt.FRAME_HEADER_STRUCT.pack(
-            ftype, self.alg_id, 0, 0, length, seq, index, term, count, 0,
-            nonce, 0, self.key_id, prev_chain)
+        length = len(payload) + _TAG
+        hdr = _pack_header(ftype, self.alg_id, 0, 0, length, seq, index, term, count, 0,
+                           nonce, 0, self.key_id, prev_chain)
         # The header without its CRC field is both the associated data (after the segment's
         # prefix) and, followed by the ciphertext, what the CRC covers (FORMAT.md 7.2).
-        covered = hdr[:fmt.FRAME_CRC_OFFSET] + hdr[fmt.FRAME_CRC_OFFSET + 4:]
+        head, tail = hdr[:_CRC_AT], hdr[_CRC_AT + 4:]
+        covered = head + tail
         ct = self._aead.encrypt(nonce, payload, self.ad_prefix + covered)
         crc = crc32c(ct, crc32c(covered))
-        return (b"".join((hdr[:fmt.FRAME_CRC_OFFSET], crc.to_bytes(4, "little"), hdr[fmt.FRAME_CRC_OFFSET + 4:], ct,
-                          _PADDING[(-length) & (fmt.ALIGN - 1)])), ct[-fmt.TAG_SIZE:])
+        return b"".join((head, crc.to_bytes(4, "little"), tail, ct, _PADDING[-length & _PAD_MASK])), ct[-_TAG:]
 
     def open(self, header: bytes, ct: bytes | memoryview, *, path: str, offset: int) -> bytes:
         """Authenticate and decrypt one frame whose header and CRC were already checked."""

@@ -147,14 +147,17 @@ class Segment(SegmentScan):
             placed.append((ftype, offset, index, count, terms, payload))
             offset += len(frame)
             seq += 1
-        last_entries = [r for r in records if r[0] == fmt.FRAME_ENTRIES]
-        last_index = last_entries[-1][1] + last_entries[-1][3] - 1 if last_entries else self.last_index
+        last_index = self.last_index
+        for r in reversed(records):
+            if r[0] == fmt.FRAME_ENTRIES:
+                last_index = r[1] + r[3] - 1
+                break
         frame, chain = seal(fmt.FRAME_COMMIT, seq, last_index, records[-1][2], len(records),
                             fmt.COMMIT_STRUCT.pack(len(records), 0), chain)
         parts.append(frame)
         seq += 1
         buf = b"".join(parts)
-        return buf, (placed, seq, chain, sum(len(r[4]) for r in records))
+        return buf, (placed, seq, chain, sum([len(r[4]) for r in records]))
 
     def apply_batch(self, buf: bytes, pending) -> list:
         """Record a batch that was written (and synced as the policy requires) in the index.

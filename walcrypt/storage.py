@@ -216,7 +216,8 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
 
         Durable on return unless the store was opened with sync="none".
         """
-        self.check_write()
+        if self.closed or self.read_only:
+            self.check_write()                  # raises
         self.wal.append(entries, hard_state)
         rot = self.rotation
         due = rot.auto_due

@@ -104,6 +104,10 @@ def open_private(path: str, flags: int = os.O_WRONLY, *, replace_stale: bool = F
     return fd
 
 
+# fdatasync(2) where the platform has it (not macOS), else fsync.
+_fdatasync = getattr(os, "fdatasync", None) or os.fsync
+
+
 class VFS:
     """The real filesystem (os module). All paths are str.
 
@@ -150,7 +154,7 @@ class VFS:
         return pread_all(fd, n, offset)
 
     def fdatasync(self, fd: int) -> None:
-        (getattr(os, "fdatasync", None) or os.fsync)(fd)
+        _fdatasync(fd)
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)

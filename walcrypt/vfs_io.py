@@ -22,6 +22,13 @@ NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.E
 
 def pwrite_all(fd: int, data: Buffer, offset: int) -> int:
     """Write all of ``data`` at ``offset``, looping over partial writes; return its length."""
+    if type(data) is bytes:                 # the common case: one pwrite writes it all
+        n = os.pwrite(fd, data, offset)
+        if n == len(data):
+            return n
+        if n <= 0:
+            raise OSError(errno.EIO, f"pwrite made no progress at offset {offset}")
+        return n + pwrite_all(fd, memoryview(data)[n:], offset + n)
     view = memoryview(data).cast("B")
     done = 0
     while done < len(view):

@@ -132,21 +132,23 @@ class Wal(LogReads):
         """Persist entries, hard state and ``extra`` records (snapshot records) in one write unit."""
         if not entries and hardstate is None and not extra:
             return
-        if self._unit_thread == threading.get_ident():
+        me = threading.get_ident()
+        if self._unit_thread == me:
             # This thread is in the middle of writing a unit (a signal handler, or a VFS hook, calling
             # save()): the write lock would let it in, and its frames would take sequence numbers -
             # nonces - the unit under way has already used.
             raise UsageError("save() was called while this thread was writing to the store (from a signal "
                              "handler or a file-system hook); nothing was written by it - save from "
                              "outside, after the interrupted save returns")
-        self.check_writable()
+        if self.failed is not None or self.closed:
+            self.check_writable()               # raises
         # Validation and encoding happen here, in the caller's thread: a bad request fails alone.
         entries, records = prepare_entries(entries, self.max_entry_size)
         hs, hs_record = hardstate_record(hardstate) if hardstate is not None else (None, None)
         req = Request(entries, entries[0][0] if entries else 0, records, hs, hs_record)
         if extra:
             req.extra = extra
-        if self.sync_policy != "batch" or self._exclusive_thread == threading.get_ident():
+        if self.sync_policy != "batch" or self._exclusive_thread == me:
             # (A save from inside exclusive() is written by its own thread: it holds the write lock
             # that a leader would wait for.)
             with self.write_lock:
@@ -271,14 +273,16 @@ class Wal(LogReads):
             if req.done:                          # settled by an earlier, interrupted leader
                 continue
             try:
-                self.check_writable()
+                if self.failed is not None or self.closed:
+                    self.check_writable()       # raises
                 first, recs = req.first, req.records
                 if recs and first <= self.compacted_index:
                     # Entries at or below the compaction point are already covered by it.
                     skip = self.compacted_index + 1 - first
                     rest = req.entries[skip:]
                     first, recs = first + skip, (self.encode_stored(rest) if rest else [])
-                if recs and first <= self._next_index(records) - 1:
+                nxt = self._next_index(records) if recs else 0
+                if recs and first < nxt:
                     # Raft suffix replacement: flush what we have, then write this save into the
                     # new segment that supersedes the suffix, atomically.
                     self._flush(records, hs_record, hardstate, members)
@@ -286,9 +290,9 @@ class Wal(LogReads):
                     self._replace_from(first, recs + req.extra, req.hardstate)
                     req.finish()
                     continue
-                elif recs and first != self._next_index(records):
+                elif recs and first != nxt:
                     raise UsageError(
-                        f"entries start at index {first} but the log ends at {self._next_index(records) - 1}; "
+                        f"entries start at index {first} but the log ends at {nxt - 1}; "
                         "a gap is not allowed")
             except WalcryptError as exc:  # this request only
                 req.finish(exc)
@@ -325,7 +329,7 @@ class Wal(LogReads):
 
     def _write_unit(self, records: list) -> None:
         seg = self.active
-        estimate = sum(len(r[4]) + fmt.FRAME_HEADER_SIZE + 24 for r in records) + 128
+        estimate = sum([len(r[4]) for r in records]) + len(records) * (fmt.FRAME_HEADER_SIZE + 24) + 128
         if seg is None or not seg.writable:
             seg = self._cut(self.last + 1)
         elif seg.write_offset + estimate > self.segment_size and seg.records_written > 2:
