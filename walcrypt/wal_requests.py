@@ -6,6 +6,8 @@ commit the next batch is prepared while the leader waits on fdatasync (see walcr
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
+from itertools import accumulate
 
 from . import format as fmt
 from .errors import UsageError
@@ -84,20 +86,20 @@ def prepare_entries(entries, max_entry_size: int) -> tuple:
                              f"{max_entry_size} (raise max_entry_size= when opening)")
         return entries, [(fmt.FRAME_ENTRIES, index, term, 1, encode_entries((term,), (size,), (data,)), (term,))]
     try:
-        indexes = [e[0] for e in entries]
-        terms = [e[1] for e in entries]
-        datas = [e[2] for e in entries]
-        ok = (set(map(type, indexes)) == INT_TYPE and set(map(type, terms)) == INT_TYPE
-              and set(map(type, datas)) == BYTES_TYPE and set(map(len, entries)) == THREE)
-    except (TypeError, IndexError, KeyError):
+        # Three columns in one C-level pass; an entry of another length is caught by the length check
+        # (zip stops at the shortest).
+        ok = set(map(len, entries)) == THREE
+        if ok:
+            indexes, terms, datas = zip(*entries)
+            ok = (set(map(type, indexes)) == INT_TYPE and set(map(type, terms)) == INT_TYPE
+                  and set(map(type, datas)) == BYTES_TYPE)
+    except (TypeError, IndexError, KeyError, ValueError):
         ok = False
     if not ok:
         entries = checked_entries(entries)
-        indexes = [e[0] for e in entries]
-        terms = [e[1] for e in entries]
-        datas = [e[2] for e in entries]
+        indexes, terms, datas = zip(*entries)
     first = indexes[0]
-    if indexes != list(range(first, first + n)):
+    if indexes != tuple(range(first, first + n)):
         k = next(k for k in range(n) if indexes[k] != first + k)
         raise UsageError(f"entries are not contiguous: index {indexes[k]} at position {k}, expected {first + k}")
     if first < 1:
@@ -130,6 +132,18 @@ def split_records(first: int, terms: list, lengths: list, datas: list) -> list:
     start = 0
     row = fmt.ENTRIES_ROW_SIZE
     room = fmt.MAX_RECORD_PAYLOAD - fmt.ENTRIES_RECORD_OVERHEAD - row   # data + rows beyond the first
+    ends = list(accumulate(lengths, initial=0))      # ends[k]: the data of entries [0, k)
+    if ends[n] + row * n <= room:
+        # No record can reach the payload bound: a record ends at the first entry that brings its
+        # data to the target (found by bisection over the running sums), or at the entry cap.
+        target, cap = fmt.RECORD_TARGET_BYTES, fmt.RECORD_MAX_ENTRIES
+        while start < n:
+            stop = min(bisect_left(ends, ends[start] + target, start + 1), n, start + cap)
+            t = terms[start:stop]
+            records.append((fmt.FRAME_ENTRIES, first + start, terms[start], stop - start,
+                            encode_entries(t, lengths[start:stop], datas[start:stop]), t))
+            start = stop
+        return records
     while start < n:
         stop = start + 1
         size = lengths[start]
