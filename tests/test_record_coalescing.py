@@ -149,3 +149,39 @@ def test_many_writers_one_entry_saves_share_records(tmp_path):
         assert s2.entries(1, n + 1) == [Entry(i, 1, written[i]) for i in range(1, n + 1)]
     report = check(d, kek=RawKey(wctest.KEK_BYTES))
     assert report.ok, report.findings
+
+
+def _model_split(sizes: list[int]) -> list[int]:
+    """The counts of the records a save of entries of ``sizes`` must become (FORMAT.md 12), entry by
+    entry: a record ends after the entry that brings its data to RECORD_TARGET_BYTES, at
+    RECORD_MAX_ENTRIES, or before an entry that would take its sealed payload (8-byte prefix, 12
+    bytes per entry, data, 16-byte tag) beyond MAX_RECORD_PAYLOAD."""
+    counts: list[int] = []
+    cur: list[int] = []
+    for n in sizes:
+        if cur and (sum(cur) >= fmt.RECORD_TARGET_BYTES or len(cur) >= fmt.RECORD_MAX_ENTRIES
+                    or 8 + 12 * (len(cur) + 1) + sum(cur) + n + 16 > fmt.MAX_RECORD_PAYLOAD):
+            counts.append(len(cur))
+            cur = []
+        cur.append(n)
+    return counts + [len(cur)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=120),
+       st.sampled_from([None, 100, 4096]), st.sampled_from([None, 3, 50]), st.sampled_from([None, 6000, 60000]))
+def test_a_save_is_split_into_records_by_the_format_rule(sizes, target, max_entries, max_payload):
+    saved = fmt.MAX_RECORD_PAYLOAD
+    try:
+        with _Limits(target, max_entries):
+            if max_payload is not None:
+                fmt.MAX_RECORD_PAYLOAD = max_payload
+            entries = [Entry(7 + k, 2, bytes([k % 256]) * n) for k, n in enumerate(sizes)]
+            records = prepare_entries(entries, min(max(sizes), fmt.max_entry_size_bound()))[1] \
+                if max(sizes) <= fmt.max_entry_size_bound() else None
+            if records is None:
+                return                              # an entry too large for any record: refused elsewhere
+            assert [r[3] for r in records] == _model_split(sizes)
+            assert _entries_of(records) == [(e.index, e.term, e.data) for e in entries]
+    finally:
+        fmt.MAX_RECORD_PAYLOAD = saved
