@@ -9,7 +9,7 @@ into the manifest.  Writing always continues in a fresh segment.
 :class:`Store` composes the parts: the keyring (:mod:`walcrypt.store_keys`), recovery at open
 (:mod:`walcrypt.store_recovery`), segment files and staged rewrites (:mod:`walcrypt.store_files`),
 the log (:mod:`walcrypt.wal`), the snapshots (:mod:`walcrypt.snapstore`) and key rotation
-(:mod:`walcrypt.rotation`); this module holds the Storage API and the fail-stop guard.
+(:mod:`walcrypt.rotation`); this module holds the Storage API (the fail-stop guard is :mod:`walcrypt.failstop`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from itertools import chain
-from types import TracebackType
-from typing import Callable, Iterator, Literal, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from . import exports, layout, stable
 from . import format as fmt
@@ -29,11 +28,11 @@ from .errors import (
     KeyProviderError,
     KeyProviderUnavailableError,
     StorageError,
-    StoreFailedError,
     UsageError,
     WalcryptError,
     os_error_advice,
 )
+from .failstop import FailStop
 from .migrate import cleanup_interrupted
 from .rotation import DEFAULT_MAX_BYTES_PER_DEK, DEFAULT_MAX_RECORDS_PER_DEK, Rotation
 from .snapinfo import Snapshot
@@ -60,35 +59,6 @@ class BinaryReader(Protocol):
 # needs a snapshot (data: bytes or a binary file object, as save_snapshot takes).
 SnapshotSource = Callable[["Store"], "tuple[SnapshotMeta, bytes | BinaryReader]"]
 
-
-
-class FailStop:
-    """Fail-stop for the steps of a mutating operation (a segment cut or seal, a snapshot publish,
-    compaction, rotation, re-key, KEK rotation): any exception that escapes -- an OSError (failed
-    write, fsync, rename, unlink, full disk), but also KeyboardInterrupt, MemoryError or an
-    exception raised from a signal handler -- leaves the store failed: it refuses writes with
-    StoreFailedError until it is reopened, which runs recovery.  An OSError surfaces as
-    StoreFailedError; anything else propagates unchanged.  Validation of the caller's arguments
-    happens before a guard is entered, and the host's own code (a snapshot source, the stream a
-    snapshot is read from) runs outside guards: its exceptions leave the store as it is."""
-
-    __slots__ = ("store", "what")
-
-    def __init__(self, store: "Store", what: str):
-        self.store, self.what = store, what
-
-    def __enter__(self) -> "FailStop":
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> Literal[False]:
-        if exc_type is None or exc is None:
-            return False
-        self.store.wal.fail(exc)
-        if issubclass(exc_type, OSError):
-            raise StoreFailedError(f"{self.what} failed: {exc}; the store refuses writes until it is reopened "
-                                   "(reopening runs recovery; free space first if the disk is full)") from exc
-        return False
 
 
 class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):

@@ -31,9 +31,9 @@ from .segment_codec import SegmentIdentity
 from .snapshot import MAX_KEYRING_BUNDLE, SnapshotFile
 
 if TYPE_CHECKING:
+    from .failstop import FailStop
     from .rotation import Rotation
     from .snapstore import Snapshots
-    from .storage import FailStop
     from .vfs import VFS
 
 log = logging.getLogger("walcrypt")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from itertools import accumulate
+from typing import Sequence
 
 from . import format as fmt
 from .errors import UsageError
@@ -122,7 +123,7 @@ def encode_stored(entries) -> list:
     return split_records(entries[0][0], [e[1] for e in entries], [len(e[2]) for e in entries],
                          [e[2] for e in entries])
 
-def split_records(first: int, terms: list, lengths: list, datas: list) -> list:
+def split_records(first: int, terms: Sequence[int], lengths: Sequence[int], datas: Sequence[bytes]) -> list:
     """Split entries into ENTRIES records (FORMAT.md 12): a record is closed once its data reaches
     RECORD_TARGET_BYTES or it holds RECORD_MAX_ENTRIES entries, and before an entry that would take
     its sealed payload beyond MAX_RECORD_PAYLOAD (the readers' bound, read at call time); such an
