@@ -186,19 +186,29 @@ class Rotation(KekRotation):
         return self.deferred is not None and time.monotonic() >= self.deferred["next_try"]
 
     def rotate_dek(self, *, reason: str = "requested", rekey: bool = False, queued: int = 0,
-                   prepared=None) -> None:
+                   prepared=None) -> bool:
         """Steps 1 and 2 (or queue one more rotation).  The caller holds a fail-stop guard
         (Store.fail_stop); step 3, asking the host's snapshot source, is ask_for_snapshot(),
         called once the guard is left so that the host's exceptions do not fail the store.
-        ``prepared``: the new key from prepare_key() (made here when not given)."""
+        ``prepared``: the new key from prepare_key() (made here when not given; None when a rotation
+        was in flight, whose queue this call joins).
+
+        Returns False, having changed nothing, when the rotation in flight completed while this call
+        waited for the write lock (a snapshot commit promoted it): the new rotation needs a key of
+        its own, which the caller asks the key service for - outside the lock - before calling
+        again.  With key_lock held throughout, no other rotation starts in between, so the second
+        call goes through."""
         # The rotation's state is read and changed exclusive of a snapshot commit that completes a
-        # rotation (Rotation._promote) and of write units; the key service is asked before that
-        # (Wal.exclusive's lock order: key_lock first, no key service call inside).
+        # rotation (Rotation._promote) and of write units; the key service is never asked inside
+        # (Wal.exclusive's lock order: key_lock first).
         with self.key_lock:
             if prepared is None and not self.state:
                 prepared = self.prepare_key()
             with self.store.wal.exclusive():
+                if prepared is None and not self.state:
+                    return False
                 self._rotate_dek(reason, rekey, queued, prepared)
+        return True
 
     def _rotate_dek(self, reason: str, rekey: bool, queued: int, prepared) -> None:
         st = self.store
@@ -212,7 +222,8 @@ class Rotation(KekRotation):
             return
         st.wal.check_writable()
         with self.key_lock:
-            entry, secret = prepared if prepared is not None else self.prepare_key()
+            assert prepared is not None            # rotate_dek: a key is prepared when none is in flight
+            entry, secret = prepared
             state = {"pending": entry.key_id.hex(), "first_index": st.wal.last_index() + 1, "queued": queued,
                      "requested_ns": time.time_ns(), "reason": reason, "rekey": rekey}
             with st.meta.write() as tx:                   # step 1: durable before anything else
@@ -302,7 +313,7 @@ class Rotation(KekRotation):
             except KeyProviderError as exc:
                 self.defer("queued", exc, queued=queued - 1)
                 return
-            self.rotate_dek(reason="queued", queued=queued - 1, prepared=prepared)
+            self.rotate_dek(reason="queued", queued=queued - 1, prepared=prepared)   # nothing in flight: True
 
     def finish_retirement(self) -> None:
         """Purge what retiring keys protect; retire keys nothing references any more."""

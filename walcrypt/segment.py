@@ -55,12 +55,23 @@ from .segment_scan import SegmentScan
 from .types import EntryBatch, HardState
 from .vfs import VFS
 
+
+class SegmentReleased(UsageError):
+    """A read reached a segment the WAL released (purged by compaction, or the store closed) after
+    the read had located it.  Internal: the WAL's readers raise CompactedError or UsageError
+    ("the store is closed") instead."""
+
+    def __init__(self, path: str):
+        super().__init__(f"{path} was released while it was being read (compaction removed it, or the store "
+                         "was closed)")
+
+
 _READ_AHEAD = 4096
 # A bulk read's pread (read_entries_records): every record in 1 MiB at once.  Larger reads measured
 # slower (each buffer is fresh memory to fault in, and no longer stays in the CPU's caches until its
 # records are opened).
 READ_WINDOW = 1 << 20
-_FD_HANDOVER = threading.Lock()     # taking a segment's descriptor to close it (Segment.close)
+_FD_HANDOVER = threading.Lock()     # a segment's descriptor: opening, pinning, taking it to close it
 
 
 class Segment(SegmentScan):
@@ -88,6 +99,7 @@ class Segment(SegmentScan):
         self.sealed = False
         self.fd: int | None = None
         self.released = False                   # see release()
+        self.readers = 0                        # reads holding the descriptor (pin / unpin)
         # writer state
         self.write_offset = fmt.SEGMENT_HEADER_SIZE
         self.seq = 0
@@ -260,16 +272,39 @@ class Segment(SegmentScan):
 
     # ------------------------------------------------------------------ read
     def ensure_open(self) -> int:
+        """The segment's descriptor, opened when needed (at open, by the one thread using it)."""
         fd = self.fd
         if fd is not None:
             return fd
-        with _FD_HANDOVER:              # two readers opening it at once: one descriptor, none leaked
+        with _FD_HANDOVER:              # two threads opening it at once: one descriptor, none leaked
             if self.released:
-                raise UsageError(f"{self.path} was released while it was being read: the store was closed "
-                                 "or compaction removed the segment; read again")
+                raise SegmentReleased(self.path)
             if self.fd is None:
                 self.fd = self._open_for_read()
             return self.fd
+
+    # Concurrency contract of the reads of a live store: a read pins the descriptor for as long as it
+    # reads through it.  A release (compaction purged the segment, or the store closed) meanwhile does
+    # not close the descriptor under it - the last reader does - so a read never uses a number that
+    # was closed, or given to another file since; a read that starts after the release gets
+    # SegmentReleased (the WAL's readers turn it into CompactedError or "the store is closed").
+    def pin(self) -> int:
+        with _FD_HANDOVER:
+            if self.released:
+                raise SegmentReleased(self.path)
+            if self.fd is None:
+                self.fd = self._open_for_read()
+            self.readers += 1
+            return self.fd
+
+    def unpin(self) -> None:
+        with _FD_HANDOVER:
+            self.readers -= 1
+            if self.readers or not self.released:
+                return
+            fd, self.fd = self.fd, None
+        if fd is not None:
+            self.vfs.close(fd)
 
     def _open_for_read(self) -> int:
         try:
@@ -288,23 +323,31 @@ class Segment(SegmentScan):
 
     def release(self) -> None:
         """Close for good: the WAL no longer holds this segment (the store closed, or it was purged).
-        A later read raises UsageError instead of opening the file again."""
+        A later read raises SegmentReleased instead of opening the file again; a read in progress
+        keeps the descriptor until it ends (see pin)."""
         with _FD_HANDOVER:
             self.released = True
-        self.close()
+            if self.readers:
+                return
+            fd, self.fd = self.fd, None
+        if fd is not None:
+            self.vfs.close(fd)
 
     def read_frame(self, offset: int, expect_type: int, size_hint: int = 0) -> tuple[tuple, bytes]:
         """Read, check and open the frame at ``offset`` (one read when ``size_hint`` covers it).
         Returns (header tuple, plaintext)."""
-        fd = self.ensure_open()
-        raw = self.vfs.pread(fd, max(size_hint, fmt.FRAME_HEADER_SIZE + _READ_AHEAD), offset)
-        h = self._frame_head(raw, 0, offset)
-        need = fmt.FRAME_HEADER_SIZE + h[4]
-        if len(raw) < need:
-            self._check_frame_fits(fd, offset, h[4])     # before allocating the declared length
-            raw += self.vfs.pread(fd, need - len(raw), offset + len(raw))
+        fd = self.pin()
+        try:
+            raw = self.vfs.pread(fd, max(size_hint, fmt.FRAME_HEADER_SIZE + _READ_AHEAD), offset)
+            h = self._frame_head(raw, 0, offset)
+            need = fmt.FRAME_HEADER_SIZE + h[4]
             if len(raw) < need:
-                raise CorruptionError(self.path, offset, "frame is cut off by the end of the file")
+                self._check_frame_fits(fd, offset, h[4])     # before allocating the declared length
+                raw += self.vfs.pread(fd, need - len(raw), offset + len(raw))
+                if len(raw) < need:
+                    raise CorruptionError(self.path, offset, "frame is cut off by the end of the file")
+        finally:
+            self.unpin()
         return h, self._open_frame(h, raw, memoryview(raw), 0, offset, expect_type)
 
     # The steps of reading one frame, shared by read_frame and read_entries_records (which reads many
@@ -404,7 +447,7 @@ class Segment(SegmentScan):
                     if before_read is not None:
                         before_read()
                     if fd is None:
-                        fd = self._open_for_read() if own_fd else self.ensure_open()
+                        fd = self._open_for_read() if own_fd else self.pin()
                     buf = self.vfs.pread(fd, max(min(window, stop - off), hsize + _READ_AHEAD), off)
                     view, base, rel = memoryview(buf), off, 0
                 h = self._frame_head(buf, rel, off)
@@ -413,7 +456,7 @@ class Segment(SegmentScan):
                     if before_read is not None:
                         before_read()
                     if fd is None:
-                        fd = self._open_for_read() if own_fd else self.ensure_open()
+                        fd = self._open_for_read() if own_fd else self.pin()
                     if need > window:
                         self._check_frame_fits(fd, off, h[4])     # before allocating the declared length
                     buf = self.vfs.pread(fd, max(need, min(window, stop - off)), off)
@@ -425,5 +468,8 @@ class Segment(SegmentScan):
                 yield self._entries_record(r, h, payload, off)
                 r += 1
         finally:
-            if fd is not None and own_fd:
-                self.vfs.close(fd)
+            if fd is not None:
+                if own_fd:
+                    self.vfs.close(fd)
+                else:
+                    self.unpin()

@@ -363,20 +363,26 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         self.rotation.check_rotatable()
         queued = (self.rotation.deferred or {}).get("queued", 0)
         with self.rotation.key_lock:
-            try:
-                # The new key is wrapped first, outside the fail-stop guard: a key service that cannot
-                # be reached changes nothing, and the rotation is retried later (Rotation.defer).
-                prepared = self.rotation.prepare_key(quick=from_save)
-            except KeyProviderUnavailableError as exc:
-                self.rotation.defer(reason, exc, queued=queued)
-                return
-            except KeyProviderError as exc:
-                if not from_save:
-                    raise
-                self.rotation.defer(reason, exc, queued=queued)
-                return
-            with FailStop(self, "rotating the data key"):
-                self.rotation.rotate_dek(reason=reason, prepared=prepared, queued=queued)   # steps 1 and 2
+            # Twice at most: Rotation.rotate_dek declines when the rotation in flight (no key
+            # prepared, the request would queue behind it) completed while it waited for the write
+            # lock; key_lock keeps any other from starting, so the second pass has its key.
+            for _attempt in range(2):
+                try:
+                    # The new key is wrapped first, outside the fail-stop guard: a key service that
+                    # cannot be reached changes nothing, and the rotation is retried later
+                    # (Rotation.defer).
+                    prepared = self.rotation.prepare_key(quick=from_save)
+                except KeyProviderUnavailableError as exc:
+                    self.rotation.defer(reason, exc, queued=queued)
+                    return
+                except KeyProviderError as exc:
+                    if not from_save:
+                        raise
+                    self.rotation.defer(reason, exc, queued=queued)
+                    return
+                with FailStop(self, "rotating the data key"):
+                    if self.rotation.rotate_dek(reason=reason, prepared=prepared, queued=queued):   # steps 1, 2
+                        break
         self.rotation.ask_for_snapshot()                   # step 3: the host's source, outside the guard
 
     def fail_stop(self, what: str) -> FailStop:
@@ -444,6 +450,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         called again to finish releasing (it does not seal again)."""
         if self._released:
             return
+        self.wal.refuse_inside_unit("close()")      # before anything changed: the unit finishes first
         sealing = not self.closed
         self.closed = True
         try:

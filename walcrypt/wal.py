@@ -137,9 +137,7 @@ class Wal(LogReads):
             # This thread is in the middle of writing a unit (a signal handler, or a VFS hook, calling
             # save()): the write lock would let it in, and its frames would take sequence numbers -
             # nonces - the unit under way has already used.
-            raise UsageError("save() was called while this thread was writing to the store (from a signal "
-                             "handler or a file-system hook); nothing was written by it - save from "
-                             "outside, after the interrupted save returns")
+            self.refuse_inside_unit("save()")
         if self.failed is not None or self.closed:
             self.check_writable()               # raises
         # Validation and encoding happen here, in the caller's thread: a bad request fails alone.
@@ -191,6 +189,15 @@ class Wal(LogReads):
             self.fail(exc)
             raise exc
 
+    def refuse_inside_unit(self, what: str) -> None:
+        """Raise UsageError when the calling thread is in the middle of writing a unit (a signal
+        handler or a file-system hook of that thread calling the store): the re-entrant write lock
+        would let it in between the unit's write and its bookkeeping."""
+        if self._unit_thread == threading.get_ident():
+            raise UsageError(f"{what} was called while this thread was writing to the store (from a signal "
+                             "handler or a file-system hook); nothing was done - call it from outside, "
+                             "after the interrupted save returns")
+
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Hold the write lock across a change of the log's state that takes several steps and reads
@@ -201,6 +208,7 @@ class Wal(LogReads):
 
         Lock order: a snapshot commit's lock, then the rotation's key lock, then this one; code
         holding it never waits for the key lock (or a key service)."""
+        self.refuse_inside_unit("an operation that changes the log")
         with self.write_lock:
             if self.closed:
                 raise UsageError("the store is closed")

@@ -19,8 +19,9 @@ from .errors import (
     StoreFailedError,
     UnavailableError,
     UsageError,
+    WalcryptError,
 )
-from .segment import Segment
+from .segment import Segment, SegmentReleased
 from .types import Entry, EntryBatch, HardState
 from .values import describe_error, new_tuple
 
@@ -66,6 +67,7 @@ class LogReads:
     last: int
     hardstate: HardState
     failed: BaseException | None
+    closed: bool
     _state: threading.Lock
     _cache: OrderedDict
 
@@ -216,6 +218,8 @@ class LogReads:
             return self._read_pieces(lo, pieces, max_size)
         except (IndexError, TypeError, AttributeError) as exc:
             raise self._read_failure(exc) from exc
+        except SegmentReleased as exc:
+            raise self._gone(exc, f"entries in [{lo}, {hi}) were compacted while they were being read") from exc
 
     def batches(self, lo: int, hi: int, before_read: Callable[[], None] | None = None) -> Iterator[EntryBatch]:
         """The entries [lo, hi) as they are read, one EntryBatch per record (see _batches).  The range
@@ -303,12 +307,18 @@ class LogReads:
                     a, z = idx - first, b - first
                     yield EntryBatch(idx, rec.terms[a:z], rec.offsets[a:z + 1], rec.payload)
                 idx = b
-        except StorageError as exc:
-            if any(s is seg for s in self.segments):
+        except (StorageError, SegmentReleased) as exc:
+            if not isinstance(exc, SegmentReleased) and not self.closed and any(s is seg for s in self.segments):
                 raise
-            # Its file was closed and removed under a long read (compaction purged it).
-            raise CompactedError(f"entries from {idx} were compacted while they were being read "
-                                 f"(segment {seg.seg_id} was removed)") from exc
+            # Its file was closed and removed under a long read (compaction purged it), or the store closed.
+            raise self._gone(exc, f"entries from {idx} were compacted while they were being read "
+                                  f"(segment {seg.seg_id} was removed)") from exc
+
+    def _gone(self, exc: BaseException, compacted: str) -> WalcryptError:
+        """The error of a read whose segment went away under it: the store closed, or compaction."""
+        if self.closed:
+            return UsageError("the store is closed")
+        return CompactedError(compacted)
 
     def _locate(self, lo: int, hi: int):
         """[(segment, first record number, stop index)] covering [lo, hi).  Caller holds _state."""
