@@ -299,3 +299,102 @@ def test_a_truncation_from_inside_a_write_unit_is_refused_or_kept_consistent(tmp
                 "the store reopened to another log than the one it served")
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. What the review suspected but did not pin down, made tests
+# ---------------------------------------------------------------------------------------------
+
+def test_close_from_a_signal_handler_in_the_middle_of_a_unit_is_refused(tmp_path):
+    d = str(tmp_path / "data")
+    vfs = _HookVFS()
+    s = wctest.open_store(d, sync="batch", vfs=vfs)
+    try:
+        s.save(HardState(1, 0, 1), [Entry(1, 1, b"one")])
+        seen: list = []
+
+        def handler():
+            try:
+                s.close()
+                seen.append("closed")
+            except UsageError as exc:
+                seen.append(exc)
+        vfs.hook = handler
+        s.save(HardState(1, 0, 2), [Entry(2, 1, b"two")])      # acknowledged: must survive
+        assert len(seen) == 1 and isinstance(seen[0], UsageError), seen
+    finally:
+        s.close()
+    assert wctest.open_and_read_all(d, sync="batch")[0] == [Entry(1, 1, b"one"), Entry(2, 1, b"two")]
+
+
+def test_no_save_starts_a_segment_after_the_close_seal(tmp_path):
+    """Between sealing on close and releasing the files, a save that was queued gets "closed"; it
+    does not start a segment that close() then leaves unsealed."""
+    d = str(tmp_path / "data")
+    s = wctest.open_store(d, sync="batch")
+    s.save(HardState(1, 0, 1), [Entry(1, 1, b"one")])
+    s.wal.seal_for_close()
+    with pytest.raises(UsageError, match="closed"):
+        s.wal.append([Entry(2, 1, b"two")], None)
+    s.close()
+    with wctest.open_store(d, read_only=True) as ro:
+        assert all(seg.sealed for seg in ro.wal.segments)
+        assert ro.last_index() == 1
+
+
+def test_a_rotation_queued_behind_a_completed_one_keeps_its_own_queue(tmp_path):
+    """Two rotations queued behind the one in flight; a snapshot completes it and, before the next
+    one starts, the host asks for another rotation: none of the queued ones is lost."""
+    def source(store):
+        last = store.last_index()
+        return SnapshotMeta(last, store.term(last), CS), b"state"
+    s = wctest.open_store(str(tmp_path / "data"), sync="batch")
+    try:
+        for i in range(1, 6):
+            s.save(HardState(1, 0, i), [Entry(i, 1, b"e%d" % i)])
+        s.rotate_dek()
+        s.rotate_dek()
+        s.rotate_dek()
+        assert s.rotation.state["queued"] == 2
+        rot = s.rotation
+        start_queued = rot.start_queued
+
+        def host_asks_first():
+            del rot.start_queued
+            s.rotate_dek()                                  # starts at once: nothing in flight now
+            start_queued()
+        rot.start_queued = host_asks_first
+        s.save_snapshot(SnapshotMeta(5, 1, CS), b"state at 5")
+        assert rot.state is not None and rot.state["queued"] == 2
+    finally:
+        s.close()
+
+
+class _InterruptingUnlinkVFS(VFS):
+    armed = False
+
+    def unlink(self, path):
+        if self.armed and path.endswith(".wal"):
+            self.armed = False
+            raise KeyboardInterrupt
+        return super().unlink(path)
+
+
+def test_a_purge_interrupted_before_its_unlinks_fails_the_store_and_reopens(tmp_path):
+    d = str(tmp_path / "data")
+    vfs = _InterruptingUnlinkVFS()
+    s = _filled(d, vfs=vfs)
+    try:
+        purge = s.purge_segments
+        s.purge_segments = lambda: None                     # compaction without its purge ...
+        s.compact(40)
+        del s.purge_segments
+        vfs.armed = True
+        with pytest.raises(KeyboardInterrupt):
+            purge()                                         # ... then the purge, interrupted
+        with pytest.raises(walcrypt.StoreFailedError):
+            s.save(HardState(1, 0, 61), [Entry(61, 1, b"next")])
+    finally:
+        s.close()
+    entries, _hs = wctest.open_and_read_all(d, sync="batch", segment_size=4096)
+    assert [e.index for e in entries] == list(range(41, 61))

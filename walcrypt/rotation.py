@@ -190,20 +190,19 @@ class Rotation(KekRotation):
         """Steps 1 and 2 (or queue one more rotation).  The caller holds a fail-stop guard
         (Store.fail_stop); step 3, asking the host's snapshot source, is ask_for_snapshot(),
         called once the guard is left so that the host's exceptions do not fail the store.
-        ``prepared``: the new key from prepare_key() (made here when not given; None when a rotation
-        was in flight, whose queue this call joins).
+        ``prepared``: the new key from prepare_key(), which the caller asked for under key_lock (None
+        when a rotation was in flight: this call joins its queue).  The key service is never asked
+        here: a caller's guard (FailStop) must not turn its outage into a failed store.
 
-        Returns False, having changed nothing, when the rotation in flight completed while this call
-        waited for the write lock (a snapshot commit promoted it): the new rotation needs a key of
-        its own, which the caller asks the key service for - outside the lock - before calling
-        again.  With key_lock held throughout, no other rotation starts in between, so the second
-        call goes through."""
+        Returns False, having changed nothing, when no key was prepared and no rotation is in flight
+        any more (a snapshot commit completed it after prepare_key looked): the caller prepares a key
+        and calls again.  Under key_lock no other rotation starts in between, so the second call goes
+        through."""
         # The rotation's state is read and changed exclusive of a snapshot commit that completes a
-        # rotation (Rotation._promote) and of write units; the key service is never asked inside
-        # (Wal.exclusive's lock order: key_lock first).
+        # rotation (Rotation._promote) and of write units (Wal.exclusive's lock order: key_lock first).
         with self.key_lock:
             if prepared is None and not self.state:
-                prepared = self.prepare_key()
+                return False
             with self.store.wal.exclusive():
                 if prepared is None and not self.state:
                     return False
@@ -215,7 +214,8 @@ class Rotation(KekRotation):
         self.check_rotatable()
         if self.state:
             with st.meta.write() as tx:
-                self.state["queued"] = self.state.get("queued", 0) + 1
+                # this request, and the rotations queued behind it (a deferred one's, a completed one's)
+                self.state["queued"] = self.state.get("queued", 0) + 1 + queued
                 self._put_state(tx, self.state)
             log.info("DEK rotation queued behind the one in flight")
             self.deferred = None
@@ -401,8 +401,9 @@ class Rotation(KekRotation):
                 with st.meta.write() as tx:
                     self.state["rekey"] = True
                     self._put_state(tx, self.state)
-            else:
-                self.rotate_dek(reason="rekey", rekey=True, prepared=prepared)
+            elif not self.rotate_dek(reason="rekey", rekey=True, prepared=prepared):
+                # The rotation in flight when the caller prepared (so no key) completed since.
+                self.rotate_dek(reason="rekey", rekey=True, prepared=self.prepare_key())
         new_id = self.pending_key_id
         assert new_id is not None            # rotate_dek above (or the resumed rotation) left a key pending
         staged, snap_info = st.rewrite_under(new_id)

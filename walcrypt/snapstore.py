@@ -358,9 +358,12 @@ class Snapshots(SnapshotRecoveryMixin):
         """After register_copies committed: ``new`` replace ``replaced`` in memory (the last of ``new``
         is the current snapshot), and the files of ``replaced`` are removed."""
         gone = {i.snapshot_id for i in replaced}
-        self.infos = [i for i in self.infos if i.snapshot_id not in gone]
-        for info in new:
-            self.install(info)
+        # Exclusive: a purge meanwhile would see the retained snapshots half swapped (none, for a
+        # moment) and take the compaction point alone as its floor.
+        with self.store.wal.exclusive():
+            self.infos = [i for i in self.infos if i.snapshot_id not in gone]
+            for info in new:
+                self.install(info)
         for info in replaced:
             try:
                 self.store.vfs.unlink(info.path)

@@ -264,7 +264,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
     def purge_segments(self) -> None:
         """Remove the segments below both the compaction point and the oldest retained snapshot.
         Exclusive: two purges (a compaction and a snapshot's retention) never remove the same segment."""
-        with self.wal.exclusive():
+        with self.wal.exclusive(), FailStop(self, "purging segments"):
             floor = self.wal.compacted_index
             snap_floor = self.snapshots.floor()
             if snap_floor is not None:

@@ -434,9 +434,14 @@ class Wal(LogReads):
             self._cut(self.last + 1)
 
     def seal_for_close(self) -> None:
+        """Seal the active segment, and refuse every write after it (in one hold of the write lock: a
+        queued save cannot start a new segment between this seal and close())."""
         with self.write_lock:
-            if self.failed is None and self.active is not None and self.active.writable:
-                self.seal_active()
+            try:
+                if self.failed is None and not self.closed and self.active is not None and self.active.writable:
+                    self.seal_active()
+            finally:
+                self.closed = True
 
     # ------------------------------------------------------------------ compaction
     def compact(self, index: int, term: int | None = None) -> None:
