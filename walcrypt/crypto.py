@@ -160,6 +160,13 @@ class FrameCipher:
     def seal(self, ftype: int, seq: int, index: int, term: int, count: int,
              payload: bytes, prev_chain: bytes) -> tuple[bytes, bytes]:
         """Build one frame (header, ciphertext, tag, zero padding).  Returns (frame, tag)."""
+        parts, tag = self.seal_parts(ftype, seq, index, term, count, payload, prev_chain)
+        return b"".join(parts), tag
+
+    def seal_parts(self, ftype: int, seq: int, index: int, term: int, count: int,
+                   payload: bytes, prev_chain: bytes) -> tuple[tuple[bytes, ...], bytes]:
+        """``seal`` as the frame's pieces in order (for a writer that joins a whole unit at once: one
+        copy of the ciphertext instead of two).  Returns (pieces, tag)."""
         nonce = NONCE_PREFIX + seq.to_bytes(8, "big")
         length = len(payload) + _TAG
         hdr = _pack_header(ftype, self.alg_id, 0, 0, length, seq, index, term, count, 0,
@@ -170,7 +177,7 @@ class FrameCipher:
         covered = head + tail
         ct = self._aead.encrypt(nonce, payload, self.ad_prefix + covered)
         crc = crc32c(ct, crc32c(covered))
-        return b"".join((head, crc.to_bytes(4, "little"), tail, ct, _PADDING[-length & _PAD_MASK])), ct[-_TAG:]
+        return (head, crc.to_bytes(4, "little"), tail, ct, _PADDING[-length & _PAD_MASK]), ct[-_TAG:]
 
     def open(self, header: bytes, ct: bytes | memoryview, *, path: str, offset: int) -> bytes:
         """Authenticate and decrypt one frame whose header and CRC were already checked."""

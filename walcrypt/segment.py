@@ -150,23 +150,24 @@ class Segment(SegmentScan):
         seq = self.seq
         chain = self.chain
         offset = self.write_offset
-        parts = []
+        parts: list[bytes] = []
         placed = []
-        seal = self.cipher.seal
+        seal = self.cipher.seal_parts
+        frame_size = fmt.FRAME_HEADER_SIZE + fmt.TAG_SIZE
         for ftype, index, term, count, payload, terms in records:
-            frame, chain = seal(ftype, seq, index, term, count, payload, chain)
-            parts.append(frame)
+            pieces, chain = seal(ftype, seq, index, term, count, payload, chain)
+            parts += pieces
             placed.append((ftype, offset, index, count, terms, payload))
-            offset += len(frame)
+            offset += fmt.align_up(frame_size + len(payload))
             seq += 1
         last_index = self.last_index
         for r in reversed(records):
             if r[0] == fmt.FRAME_ENTRIES:
                 last_index = r[1] + r[3] - 1
                 break
-        frame, chain = seal(fmt.FRAME_COMMIT, seq, last_index, records[-1][2], len(records),
-                            fmt.COMMIT_STRUCT.pack(len(records), 0), chain)
-        parts.append(frame)
+        pieces, chain = seal(fmt.FRAME_COMMIT, seq, last_index, records[-1][2], len(records),
+                             fmt.COMMIT_STRUCT.pack(len(records), 0), chain)
+        parts += pieces
         seq += 1
         buf = b"".join(parts)
         return buf, (placed, seq, chain, sum([len(r[4]) for r in records]))
