@@ -129,6 +129,16 @@ def _goals(results: Dict) -> List[str]:
                                      rows, "lllrrrll") + [""]
 
 
+def _changes() -> List[str]:
+    from .changes import CHANGES
+
+    rows = [[c.change, f"`{c.before_rev}`", c.measure, c.before, c.after, c.command] for c in CHANGES]
+    return (["## Profile-driven changes", "",
+             "Each change to a hot path with what it did, measured on the revision before it and on the "
+             "one after (see `benchmarks/changes.py`: these are not figures of this run).", ""]
+            + _table(["change", "revision before", "measure", "before", "after", "command"], rows, "llllll") + [""])
+
+
 def _machine(m: Dict) -> List[str]:
     fs = m.get("tempdir_fs", {}) or {}
     rows = [
@@ -228,7 +238,8 @@ def _concurrent(cases: Dict[str, Dict]) -> List[str]:
 
 def render_markdown(results: Dict) -> str:
     cases: Dict[str, Dict] = results.get("cases", {})
-    lines = _header(results) + _goals(results) + _machine(results.get("machine", {})) + _metrics(results)
+    lines = _header(results) + _goals(results) + _changes() + _machine(results.get("machine", {}))
+    lines += _metrics(results)
     lines += _append(cases)
     lines += _concurrent(cases)
     for kind, title, lat in (

@@ -175,7 +175,8 @@ def test_walcrypt_cases_skipped_or_measured(tiny_results):
 def test_report_outputs(tiny_results, tmp_path):
     res, _ = tiny_results
     md = report.render_markdown(res)
-    for heading in ("## Goals", "## Machine", "## Ratios and metrics", "## All cases", "## Snapshots",
+    for heading in ("## Goals", "## Profile-driven changes", "## Machine", "## Ratios and metrics", "## All cases",
+                    "## Snapshots",
                     "## Open time", "## DEK rotation", "## Memory", "## 3-node pysyncobj cluster",
                     "## Concurrent writers"):
         assert heading in md, heading
@@ -473,3 +474,13 @@ class common_entry:  # noqa: N801 - stands in for walcrypt.Entry
     index: int
     term: int
     data: bytes
+
+
+def test_ab_times_two_checkouts_in_subprocesses(capsys):
+    """benchmarks.ab runs each side in a fresh process with that side's walcrypt (here the same
+    checkout twice) and reports both sides and their ratio."""
+    from benchmarks import ab
+
+    assert ab.main(["append-1k-b1", "--before", ab.HERE, "--entries", "40", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "before  median" in out and "after   median" in out and "after/before per repetition" in out
