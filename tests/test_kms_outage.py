@@ -8,54 +8,26 @@ needs the service is refused or put off with nothing changed, and completes once
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+import wctest
+from wctest import FlakyService
 
 import walcrypt
 import walcrypt.rotation as R
-from walcrypt import (ConfState, HardState, KeyProviderError, KeyProviderUnavailableError, Kms, RawKey, Retry,
-                      SnapshotMeta, WrongKeyError)
-
-import wctest
+from walcrypt import (
+    ConfState,
+    HardState,
+    KeyProviderError,
+    KeyProviderUnavailableError,
+    Kms,
+    RawKey,
+    Retry,
+    SnapshotMeta,
+    WrongKeyError,
+)
 
 FAST = Retry(attempts=3, delay=0.0)
 CS = ConfState(voters=(1,))
-
-
-class FlakyService:
-    """A key service holding one AES-256 key; ``up`` False makes every call fail as a network would."""
-
-    def __init__(self, key: bytes | None = None, name: str = "k1"):
-        self._aead = AESGCM(key or os.urandom(32))
-        self.name = name
-        self.up = True
-        self.calls = 0
-        self.fail_with: BaseException | None = None
-
-    def _gate(self):
-        self.calls += 1
-        if not self.up:
-            raise ConnectionRefusedError(111, "Connection refused")
-        if self.fail_with is not None:
-            raise self.fail_with
-
-    def wrap(self, plaintext: bytes, context: bytes) -> bytes:
-        self._gate()
-        nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, plaintext, context)
-
-    def unwrap(self, blob: bytes, context: bytes) -> bytes:
-        self._gate()
-        try:
-            return self._aead.decrypt(blob[:12], blob[12:], context)
-        except InvalidTag:
-            raise WrongKeyError("the service's key does not open this blob") from None
-
-    def identity(self) -> dict:
-        return {"key": self.name}
 
 
 def kms(service: FlakyService, retry: Retry = FAST) -> Kms:

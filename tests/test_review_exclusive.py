@@ -13,12 +13,10 @@ threads, real files and real LMDB.
 
 from __future__ import annotations
 
-import os
 import threading
 
 import pytest
 import wctest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import walcrypt
 from walcrypt import (
@@ -30,7 +28,6 @@ from walcrypt import (
     Retry,
     SnapshotMeta,
     UsageError,
-    WrongKeyError,
 )
 from walcrypt.vfs import VFS
 
@@ -109,35 +106,18 @@ def test_entries_racing_a_compaction_in_another_thread_is_compacted_error(tmp_pa
 # 2. rotate_dek() behind a snapshot commit that completes the rotation in flight
 # ---------------------------------------------------------------------------------------------
 
-class _FlakyService:
-    """An in-process key service (real AES-GCM wrapping) whose availability the test switches."""
+class _FlakyService(wctest.FlakyService):
+    """The suite's in-process key service, counting the calls made while the WAL's write lock is held."""
 
     def __init__(self):
-        self._aead = AESGCM(os.urandom(32))
-        self.up = True
+        super().__init__(name="review")
         self.calls_while_write_locked = 0
         self.wal = None
 
     def _gate(self):
         if self.wal is not None and self.wal.write_lock._is_owned():
             self.calls_while_write_locked += 1
-        if not self.up:
-            raise ConnectionRefusedError(111, "Connection refused")
-
-    def wrap(self, plaintext: bytes, context: bytes) -> bytes:
-        self._gate()
-        nonce = os.urandom(12)
-        return nonce + self._aead.encrypt(nonce, plaintext, context)
-
-    def unwrap(self, blob: bytes, context: bytes) -> bytes:
-        self._gate()
-        try:
-            return self._aead.decrypt(blob[:12], blob[12:], context)
-        except Exception:
-            raise WrongKeyError("the service's key does not open this blob") from None
-
-    def identity(self) -> dict:
-        return {"key": "review"}
+        super()._gate()
 
 
 def _kms(service) -> Kms:

@@ -16,6 +16,8 @@ import threading
 from dataclasses import dataclass
 
 from crc32c import crc32c
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import walcrypt
 from walcrypt import Entry, HardState
@@ -294,6 +296,7 @@ def rewrite_meta_as(data_dir: str, mac_key: bytes | None, version: int) -> None:
     under that version's MAC domain (``mac_key`` None: keyless); version 1 also has the 24-byte
     compaction record and none of the intent or purge records."""
     import lmdb
+
     from walcrypt import meta as M
     v2_state_keys = (M.K_CREATING, M.K_SNAP_CREATING, M.K_PURGED, M.K_SNAP_PURGED, M.K_STAGING)
     env = lmdb.open(os.path.join(data_dir, "meta"), max_dbs=8)
@@ -400,3 +403,40 @@ class GateVFS(VFS):
             self.entered.set()
             self.gate.wait(10)
         return super().pwrite(fd, data, offset)
+
+
+# ---------------------------------------------------------------------------
+# A key service in process
+# ---------------------------------------------------------------------------
+
+class FlakyService:
+    """A key service holding one AES-256 key; ``up`` False makes every call fail as a network would."""
+
+    def __init__(self, key: bytes | None = None, name: str = "k1"):
+        self._aead = AESGCM(key or os.urandom(32))
+        self.name = name
+        self.up = True
+        self.calls = 0
+        self.fail_with: BaseException | None = None
+
+    def _gate(self):
+        self.calls += 1
+        if not self.up:
+            raise ConnectionRefusedError(111, "Connection refused")
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def wrap(self, plaintext: bytes, context: bytes) -> bytes:
+        self._gate()
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, plaintext, context)
+
+    def unwrap(self, blob: bytes, context: bytes) -> bytes:
+        self._gate()
+        try:
+            return self._aead.decrypt(blob[:12], blob[12:], context)
+        except InvalidTag:
+            raise walcrypt.WrongKeyError("the service's key does not open this blob") from None
+
+    def identity(self) -> dict:
+        return {"key": self.name}
