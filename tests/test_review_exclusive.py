@@ -151,18 +151,11 @@ def test_rotate_dek_behind_a_completing_snapshot_commit_never_fails_the_store(tm
         assert inside.wait(JOIN_S), commit_out
 
         svc.up = False                                      # the key service goes away
-        wal = s.wal
-        exclusive = wal.exclusive
-        waiting = threading.Event()
-
-        def marked_exclusive():
-            if threading.current_thread() is not tc:
-                waiting.set()                               # the rotator, past its checks, about to wait
-            return exclusive()
-        wal.exclusive = marked_exclusive
+        # The rotator now waits for the commit (which holds key_lock while it completes the
+        # rotation): it decides on the state the commit leaves, never on the one before it.
         tr, rot_out = _run(s.rotate_dek)
-        assert waiting.wait(JOIN_S), rot_out
-        del wal.exclusive
+        tr.join(0.5)
+        assert tr.is_alive() and not rot_out, rot_out
         go.set()
         tc.join(JOIN_S)
         tr.join(JOIN_S)
@@ -322,13 +315,12 @@ def test_no_save_starts_a_segment_after_the_close_seal(tmp_path):
         assert ro.last_index() == 1
 
 
-def test_a_rotation_queued_behind_a_completed_one_keeps_its_own_queue(tmp_path):
-    """Two rotations queued behind the one in flight; a snapshot completes it and, before the next
-    one starts, the host asks for another rotation: none of the queued ones is lost."""
-    def source(store):
-        last = store.last_index()
-        return SnapshotMeta(last, store.term(last), CS), b"state"
-    s = wctest.open_store(str(tmp_path / "data"), sync="batch")
+def test_a_rotation_queued_behind_a_completed_one_starts_in_the_same_commit(tmp_path):
+    """Two rotations queued behind the one in flight: the snapshot commit that completes it starts
+    the next (its key asked for before the write lock is taken) in the same transaction, so the
+    queue is durable at every moment: a reopen right after finds the next one in flight, one queued."""
+    d = str(tmp_path / "data")
+    s = wctest.open_store(d, sync="batch")
     try:
         for i in range(1, 6):
             s.save(HardState(1, 0, i), [Entry(i, 1, b"e%d" % i)])
@@ -336,18 +328,17 @@ def test_a_rotation_queued_behind_a_completed_one_keeps_its_own_queue(tmp_path):
         s.rotate_dek()
         s.rotate_dek()
         assert s.rotation.state["queued"] == 2
-        rot = s.rotation
-        start_queued = rot.start_queued
-
-        def host_asks_first():
-            del rot.start_queued
-            s.rotate_dek()                                  # starts at once: nothing in flight now
-            start_queued()
-        rot.start_queued = host_asks_first
+        first = s.rotation.pending_key_id
         s.save_snapshot(SnapshotMeta(5, 1, CS), b"state at 5")
-        assert rot.state is not None and rot.state["queued"] == 2
+        assert s.rotation.state is not None and s.rotation.state["queued"] == 1
+        assert s.rotation.pending_key_id not in (None, first)
+        assert s.key_info()["rotation"]["queued"] == 1
+        s.save(HardState(1, 0, 6), [Entry(6, 1, b"e6")])    # written under the next pending key
     finally:
         s.close()
+    with wctest.open_store(d, sync="batch") as s2:
+        assert s2.key_info()["rotation"]["queued"] == 1
+        assert s2.entries(6, 7) == [Entry(6, 1, b"e6")]
 
 
 class _InterruptingUnlinkVFS(VFS):

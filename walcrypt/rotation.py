@@ -103,7 +103,10 @@ class Rotation(KekRotation):
         self.usage: dict[bytes, list[int]] = {}
         self.auto_due = False
         self.snapshot_wanted = False      # steps 1-2 of a rotation done: ask the host's source (step 3)
-        self.queued_next = 0              # a rotation queued behind the one just completed (start_queued)
+        # The key of the rotation queued behind the one a snapshot commit is about to complete, or the
+        # key service's refusal (prepare_queued; taken by _promote).
+        self.next_key: tuple | None = None
+        self.next_error: BaseException | None = None
         # Wrapping a new key under the KEK in use and committing it, and a KEK rotation's re-wrap,
         # commit and swap of the KEK in use, exclude each other: a key wrapped under the old KEK must
         # never be committed after the rotation committed (no KEK would open the store).
@@ -161,9 +164,12 @@ class Rotation(KekRotation):
         service), or None when a rotation is in flight (the request is queued, no key needed).  Changes
         nothing.  The caller holds key_lock until rotate_dek() has committed the key.  ``quick``: one
         attempt, no retries (a deferred rotation retried from save())."""
-        st = self.store
         if self.state:
             return None
+        return self._new_key(quick)
+
+    def _new_key(self, quick: bool):
+        st = self.store
         wrapper = st.wrapper
         if quick and hasattr(wrapper, "once"):
             wrapper = wrapper.once()
@@ -261,11 +267,29 @@ class Rotation(KekRotation):
             meta = SnapshotMeta(*meta)
         self.store.save_snapshot(meta, data)
 
+    def completes(self, info) -> bool:
+        """Would registering the snapshot ``info`` complete the rotation in flight (step 4)?"""
+        if not self.state or self.state.get("rekey"):
+            return False
+        return info.key_id == self.pending_key_id and info.index >= self.state["first_index"] - 1
+
+    def prepare_queued(self, info) -> None:
+        """Before the commit of the snapshot ``info`` (or the open that finds it): when it completes
+        the rotation in flight and another is queued behind it, the next rotation's key, asked for
+        now - outside the WAL's write lock - so that the commit that completes one rotation starts
+        the next in the same transaction (the queued request is never in memory only).  The service
+        is asked once; an outage or a refusal is kept, and the queued rotation is put off (retried by
+        later saves) instead of failing the commit.  The caller holds key_lock until the commit."""
+        self.next_key = self.next_error = None
+        if self.completes(info) and self.state and self.state.get("queued"):
+            try:
+                self.next_key = self._new_key(quick=True)
+            except KeyProviderError as exc:
+                self.next_error = exc
+
     def on_snapshot(self, info) -> None:
         """Called after a snapshot is registered (step 4 when it satisfies the rotation)."""
-        if not self.state or self.state.get("rekey"):
-            return
-        if info.key_id == self.pending_key_id and info.index >= self.state["first_index"] - 1:
+        if self.completes(info):
             self._promote(info.index, info.term)
 
     def _promote(self, index: int, term: int) -> None:
@@ -274,6 +298,12 @@ class Rotation(KekRotation):
         assert self.state is not None and pending is not None       # on_snapshot: a DEK rotation is pending
         now = time.time_ns()
         queued = self.state.get("queued", 0)
+        nxt, self.next_key = (self.next_key, None) if queued else (None, None)
+        error, self.next_error = self.next_error, None
+        following = None                      # the state of the queued rotation started here
+        if nxt is not None:
+            following = {"pending": nxt[0].key_id.hex(), "first_index": st.wal.last_index() + 1,
+                         "queued": queued - 1, "requested_ns": now, "reason": "queued", "rekey": False}
         changed = []
         with st.meta.write() as tx:
             for k in st.keys.values():
@@ -290,30 +320,25 @@ class Rotation(KekRotation):
             if index > st.wal.compacted_index:
                 tx.put(M.DB_STATE, M.K_COMPACTED, M.encode_compacted(index, term, st.wal.reset_segment))
             st.reseal_stable(tx, pending)
-            self._put_state(tx, None)
+            if nxt is not None:
+                # the rotation queued behind this one, step 1, in the same commit
+                tx.put(M.DB_KEYRING, nxt[0].key_id, M.encode_keyring(nxt[0]))
+            self._put_state(tx, following)
         if index > st.wal.compacted_index:
             st.wal.compact(index, term)
-        self.state = None
-        self.queued_next = queued
+        if nxt is not None:
+            st.keys[nxt[0].key_id] = nxt[0]
+            st.key_secrets[nxt[0].key_id] = nxt[1]
+        self.state = following
         log.info("DEK rotation complete: key %s active", pending.hex())
         self.finish_retirement()
-
-    def start_queued(self) -> None:
-        """After a snapshot commit (or the open) that completed a rotation: start the one queued
-        behind it.  It needs a new key from the key service, so it runs outside the WAL's exclusive
-        section (see Wal.exclusive: the key lock comes first).  The service is asked once, and an
-        outage or a refusal puts the rotation off (retried by later saves) instead of failing the
-        commit."""
-        queued, self.queued_next = self.queued_next, 0
-        if not queued:
-            return
-        with self.key_lock:
-            try:
-                prepared = self.prepare_key(quick=True)
-            except KeyProviderError as exc:
-                self.defer("queued", exc, queued=queued - 1)
-                return
-            self.rotate_dek(reason="queued", queued=queued - 1, prepared=prepared)   # nothing in flight: True
+        if nxt is not None:
+            log.info("the DEK rotation queued behind it has started")
+            st.wal.cut_now()                              # its step 2: new segment under its pending DEK
+            self.snapshot_wanted = True
+        elif queued:
+            self.defer("queued", error if error is not None else KeyProviderError("no key was prepared"),
+                       queued=queued - 1)
 
     def finish_retirement(self) -> None:
         """Purge what retiring keys protect; retire keys nothing references any more."""
@@ -362,8 +387,9 @@ class Rotation(KekRotation):
                 return
             cur = st.snapshots.infos[-1] if st.snapshots.infos else None
             if cur is not None:
-                self.on_snapshot(cur)
-                self.start_queued()
+                with self.key_lock:
+                    self.prepare_queued(cur)
+                    self.on_snapshot(cur)
             if self.state:
                 # A host that registered a source gets asked again.  If the source itself fails, the
                 # open goes on; if saving what it returned fails, the open fails (nothing is lost: the

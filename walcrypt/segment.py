@@ -150,7 +150,7 @@ class Segment(SegmentScan):
         seq = self.seq
         chain = self.chain
         offset = self.write_offset
-        parts: list[bytes] = []
+        parts: list = []
         placed = []
         seal = self.cipher.seal_parts
         frame_size = fmt.FRAME_HEADER_SIZE + fmt.TAG_SIZE
@@ -289,18 +289,22 @@ class Segment(SegmentScan):
     # not close the descriptor under it - the last reader does - so a read never uses a number that
     # was closed, or given to another file since; a read that starts after the release gets
     # SegmentReleased (the WAL's readers turn it into CompactedError or "the store is closed").
-    def pin(self) -> int:
+    # ``held`` is the reader's own one-item list: the count and it change in one statement, so an
+    # interruption (KeyboardInterrupt) never leaves a pin the reader does not know to take back.
+    def pin(self, held: list) -> int:
         with _FD_HANDOVER:
             if self.released:
                 raise SegmentReleased(self.path)
             if self.fd is None:
                 self.fd = self._open_for_read()
-            self.readers += 1
+            self.readers, held[0] = self.readers + 1, True
             return self.fd
 
-    def unpin(self) -> None:
+    def unpin(self, held: list) -> None:
         with _FD_HANDOVER:
-            self.readers -= 1
+            if not held[0]:
+                return
+            self.readers, held[0] = self.readers - 1, False
             if self.readers or not self.released:
                 return
             fd, self.fd = self.fd, None
@@ -337,8 +341,9 @@ class Segment(SegmentScan):
     def read_frame(self, offset: int, expect_type: int, size_hint: int = 0) -> tuple[tuple, bytes]:
         """Read, check and open the frame at ``offset`` (one read when ``size_hint`` covers it).
         Returns (header tuple, plaintext)."""
-        fd = self.pin()
+        held = [False]
         try:
+            fd = self.pin(held)
             raw = self.vfs.pread(fd, max(size_hint, fmt.FRAME_HEADER_SIZE + _READ_AHEAD), offset)
             h = self._frame_head(raw, 0, offset)
             need = fmt.FRAME_HEADER_SIZE + h[4]
@@ -348,7 +353,7 @@ class Segment(SegmentScan):
                 if len(raw) < need:
                     raise CorruptionError(self.path, offset, "frame is cut off by the end of the file")
         finally:
-            self.unpin()
+            self.unpin(held)
         return h, self._open_frame(h, raw, memoryview(raw), 0, offset, expect_type)
 
     # The steps of reading one frame, shared by read_frame and read_entries_records (which reads many
@@ -440,6 +445,7 @@ class Segment(SegmentScan):
         view = memoryview(buf)
         base = 0
         fd = None
+        held = [False]                 # pinned (the segment's own descriptor; see pin)
         try:
             while r <= last:
                 off = offs[r]
@@ -448,7 +454,7 @@ class Segment(SegmentScan):
                     if before_read is not None:
                         before_read()
                     if fd is None:
-                        fd = self._open_for_read() if own_fd else self.pin()
+                        fd = self._open_for_read() if own_fd else self.pin(held)
                     buf = self.vfs.pread(fd, max(min(window, stop - off), hsize + _READ_AHEAD), off)
                     view, base, rel = memoryview(buf), off, 0
                 h = self._frame_head(buf, rel, off)
@@ -457,7 +463,7 @@ class Segment(SegmentScan):
                     if before_read is not None:
                         before_read()
                     if fd is None:
-                        fd = self._open_for_read() if own_fd else self.pin()
+                        fd = self._open_for_read() if own_fd else self.pin(held)
                     if need > window:
                         self._check_frame_fits(fd, off, h[4])     # before allocating the declared length
                     buf = self.vfs.pread(fd, max(need, min(window, stop - off)), off)
@@ -469,8 +475,8 @@ class Segment(SegmentScan):
                 yield self._entries_record(r, h, payload, off)
                 r += 1
         finally:
-            if fd is not None:
-                if own_fd:
+            if own_fd:
+                if fd is not None:
                     self.vfs.close(fd)
-                else:
-                    self.unpin()
+            else:
+                self.unpin(held)

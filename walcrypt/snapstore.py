@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Sequence
 
 from . import format as fmt
@@ -108,13 +108,17 @@ class PendingSnapshot:
                     info = SnapshotInfo(w.header.snapshot_id, self.meta.index, self.meta.term, w.header.key_id,
                                         w.digest, w.data_bytes, path)
                     # Its record, the log reset it implies, retention and the rotation it completes
-                    # see one state of the log: no save, compaction or purge runs in between.
-                    with st.wal.exclusive():
-                        self.owner._commit(self.meta, info)
-                    st.rotation.start_queued()      # a rotation queued behind the one this completed
+                    # (and the one queued behind, whose key is asked for first, outside the write
+                    # lock) see one state of the log: no save, compaction or purge runs in between.
+                    # key_lock only for a commit that completes the rotation in flight (nothing else
+                    # completes or starts one meanwhile: rotate_dek and rekey take key_lock too).
+                    with st.rotation.key_lock if st.rotation.completes(info) else nullcontext():
+                        st.rotation.prepare_queued(info)
+                        with st.wal.exclusive():
+                            self.owner._commit(self.meta, info)
         finally:
             self.owner.settle(self)
-        st.rotation.ask_for_snapshot()          # ... asks the host's source for its snapshot
+        st.rotation.ask_for_snapshot()          # a rotation started behind the one this completed
         return info
 
     def abort(self) -> None:

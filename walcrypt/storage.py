@@ -399,6 +399,11 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         with self.rotation.key_lock:
             prepared = self.rotation.prepare_key()
             with self.snapshots.writers_excluded("the full re-key"):
+                if prepared is None and not self.rotation.state:
+                    # The rotation in flight when the key was asked for (so none was made) was
+                    # completed by a snapshot commit since; with writers excluded and key_lock held
+                    # none starts or completes now.  Asked outside the guard: an outage changes nothing.
+                    prepared = self.rotation.prepare_key()
                 with FailStop(self, "re-keying"):
                     self.rotation.rekey(prepared=prepared)
 

@@ -19,7 +19,6 @@ from .errors import (
     StoreFailedError,
     UnavailableError,
     UsageError,
-    WalcryptError,
 )
 from .segment import Segment, SegmentReleased
 from .types import Entry, EntryBatch, HardState
@@ -34,6 +33,10 @@ if TYPE_CHECKING:
 # through the record cache.
 _BULK_RECORDS = 3
 
+
+# A read that meets segments released under it by a rewrite (a full re-key, a migration: the entries
+# are still in the log, in new segments) locates them again, at most this many times.
+REREADS = 3
 
 def _not_in_order(seg: Segment, idx: int, first: int, n: int) -> CorruptionError:
     return CorruptionError(seg.path, None, f"segment {seg.seg_id}: its records do not follow each other "
@@ -205,32 +208,52 @@ class LogReads:
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         """Entries in [lo, hi); at least one when any is in range, then up to ``max_size`` bytes."""
-        pieces = self._pieces(lo, hi)
-        try:
-            if hi - lo > 2048 and gc.isenabled():
-                # Building many small tuples triggers collections that find nothing to free (a
-                # third of a bulk read's time); pause the collector for this call only.
-                gc.disable()
-                try:
-                    return self._read_pieces(lo, pieces, max_size)
-                finally:
-                    gc.enable()
-            return self._read_pieces(lo, pieces, max_size)
-        except (IndexError, TypeError, AttributeError) as exc:
-            raise self._read_failure(exc) from exc
-        except SegmentReleased as exc:
-            raise self._gone(exc, f"entries in [{lo}, {hi}) were compacted while they were being read") from exc
+        for attempt in range(REREADS + 1):
+            pieces = self._pieces(lo, hi)
+            try:
+                if hi - lo > 2048 and gc.isenabled():
+                    # Building many small tuples triggers collections that find nothing to free (a
+                    # third of a bulk read's time); pause the collector for this call only.
+                    gc.disable()
+                    try:
+                        return self._read_pieces(lo, pieces, max_size)
+                    finally:
+                        gc.enable()
+                return self._read_pieces(lo, pieces, max_size)
+            except (IndexError, TypeError, AttributeError) as exc:
+                raise self._read_failure(exc) from exc
+            except SegmentReleased as exc:
+                self._reread_or_raise(exc, lo, attempt)
+        raise AssertionError("unreachable: the last attempt raises")   # pragma: no cover
+
+    def _reread_or_raise(self, exc: SegmentReleased, idx: int, attempt: int) -> None:
+        """A read met a segment released under it (see Segment.pin).  Returns when the entries from
+        ``idx`` are still in the log - a full re-key or a migration rewrote them into new segments -
+        and the read should locate them again; raises UsageError when the store was closed, and
+        CompactedError when compaction removed them (or they kept moving for REREADS attempts)."""
+        if self.closed:
+            raise UsageError("the store is closed") from exc
+        if idx <= self.compacted_index or attempt >= REREADS:
+            raise CompactedError(f"entries from {idx} were compacted while they were being read") from exc
 
     def batches(self, lo: int, hi: int, before_read: Callable[[], None] | None = None) -> Iterator[EntryBatch]:
         """The entries [lo, hi) as they are read, one EntryBatch per record (see _batches).  The range
         is checked and located now; reading starts with the first ``next()``."""
-        return self._checked(self._batches(lo, self._pieces(lo, hi), before_read, own_fd=True))
+        return self._checked(lo, hi, self._pieces(lo, hi), before_read)
 
-    def _checked(self, batches: Iterator[EntryBatch]) -> Iterator[EntryBatch]:
-        try:
-            yield from batches
-        except (IndexError, TypeError, AttributeError) as exc:
-            raise self._read_failure(exc) from exc
+    def _checked(self, lo: int, hi: int, pieces, before_read) -> Iterator[EntryBatch]:
+        idx = lo
+        for attempt in range(REREADS + 1):
+            try:
+                for batch in self._batches(idx, pieces, before_read, own_fd=True):
+                    yield batch
+                    idx = batch.first + len(batch.terms)
+                return
+            except (IndexError, TypeError, AttributeError) as exc:
+                raise self._read_failure(exc) from exc
+            except SegmentReleased as exc:
+                self._reread_or_raise(exc, idx, attempt)
+                pieces = self._pieces(idx, hi)
 
     def _read_pieces(self, lo: int, pieces, max_size: int | None) -> list[Entry]:
         out: list[Entry] = []
@@ -294,7 +317,8 @@ class LogReads:
     def _clipped(self, seg: Segment, records: Iterable[EntryBatch], idx: int, hi: int,
                  cached: bool) -> Iterator[EntryBatch]:
         """The records of ``seg`` that hold the entries [idx, hi), clipped to them (copied when they
-        come from the cache).  A segment removed under a long read ends it with CompactedError."""
+        come from the cache).  A segment removed under the read raises SegmentReleased (the caller
+        decides: compacted, closed, or rewritten and to be located again)."""
         try:
             for rec in records:
                 first, n = rec.first, len(rec.terms)
@@ -307,18 +331,14 @@ class LogReads:
                     a, z = idx - first, b - first
                     yield EntryBatch(idx, rec.terms[a:z], rec.offsets[a:z + 1], rec.payload)
                 idx = b
-        except (StorageError, SegmentReleased) as exc:
-            if not isinstance(exc, SegmentReleased) and not self.closed and any(s is seg for s in self.segments):
+        except SegmentReleased:
+            raise
+        except StorageError as exc:
+            if not self.closed and any(s is seg for s in self.segments):
                 raise
-            # Its file was closed and removed under a long read (compaction purged it), or the store closed.
-            raise self._gone(exc, f"entries from {idx} were compacted while they were being read "
-                                  f"(segment {seg.seg_id} was removed)") from exc
-
-    def _gone(self, exc: BaseException, compacted: str) -> WalcryptError:
-        """The error of a read whose segment went away under it: the store closed, or compaction."""
-        if self.closed:
-            return UsageError("the store is closed")
-        return CompactedError(compacted)
+            # Its file was closed and removed under a long read (with a descriptor of the reader's
+            # own: compaction or a rewrite purged it), or the store closed.
+            raise SegmentReleased(seg.path) from exc
 
     def _locate(self, lo: int, hi: int):
         """[(segment, first record number, stop index)] covering [lo, hi).  Caller holds _state."""

@@ -24,6 +24,8 @@ from .values import (
     checked_entries,
 )
 
+_INDEXABLE = frozenset({Entry, tuple, list})   # kept as given by the fast paths of prepare_entries
+
 
 class Request:
     """One save(): validated, its entries and hard state already encoded as record payloads (by
@@ -77,7 +79,7 @@ def prepare_entries(entries, max_entry_size: int) -> tuple:
             index, term, data = entries[0]
         except (TypeError, ValueError):
             index = term = data = None
-        if not (type(index) is int and type(term) is int and type(data) is bytes
+        if not (type(entries[0]) in _INDEXABLE and type(index) is int and type(term) is int and type(data) is bytes
                 and 0 < index <= MAX_ENTRY_INDEX and 0 < term <= U64_MAX):
             entries = checked_entries(entries)
             index, term, data = entries[0]
@@ -89,7 +91,9 @@ def prepare_entries(entries, max_entry_size: int) -> tuple:
     try:
         # Three columns in one C-level pass; an entry of another length is caught by the length check
         # (zip stops at the shortest).
-        ok = set(map(len, entries)) == THREE
+        # Entries that can be indexed (the request keeps them, and reads them by position) of three
+        # fields; anything else is normalised by checked_entries.
+        ok = set(map(type, entries)) <= _INDEXABLE and set(map(len, entries)) == THREE
         if ok:
             indexes, terms, datas = zip(*entries)
             ok = (set(map(type, indexes)) == INT_TYPE and set(map(type, terms)) == INT_TYPE
