@@ -369,3 +369,24 @@ def test_a_purge_interrupted_before_its_unlinks_fails_the_store_and_reopens(tmp_
         s.close()
     entries, _hs = wctest.open_and_read_all(d, sync="batch", segment_size=4096)
     assert [e.index for e in entries] == list(range(41, 61))
+
+
+def test_a_save_that_triggers_a_rotation_while_another_thread_closes_still_returns(tmp_path):
+    """A save whose entries were written is acknowledged even when the DEK rotation its key budget
+    starts finds the store closed by another thread meanwhile (the entries are durable)."""
+    d = str(tmp_path / "data")
+    s = wctest.open_store(d, sync="batch", segment_size=4096, max_records_per_dek=3)
+    s.save(HardState(1, 0, 1), [Entry(1, 1, b"one")])
+    real = s._rotate_dek
+
+    def close_first(reason, **kw):
+        s.close()                                   # another thread's close lands here
+        return real(reason, **kw)
+    s._rotate_dek = close_first
+    for i in range(2, 40):                          # a budget counts sealed segments' records
+        s.save(HardState(1, 0, i), [Entry(i, 1, b"e%d" % i + bytes(1000))])
+        if s.closed:
+            break
+    assert s.closed, "the key budget never started a rotation: the test lost its point"
+    entries, _hs = wctest.open_and_read_all(d, sync="batch", segment_size=4096)
+    assert entries[-1].index == i

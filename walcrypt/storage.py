@@ -192,13 +192,19 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         rot = self.rotation
         due = rot.auto_due
         rot.auto_due = False
-        if rot.deferred is not None:
-            # A DEK rotation the key service could not serve (a budget reached since adds nothing):
-            # one attempt, no waiting, when its backoff says so.
-            if rot.retry_due():
-                self._rotate_dek(rot.deferred["reason"], from_save=True)
-        elif due:
-            self._rotate_dek("key budget reached", from_save=True)
+        try:
+            if rot.deferred is not None:
+                # A DEK rotation the key service could not serve (a budget reached since adds
+                # nothing): one attempt, no waiting, when its backoff says so.
+                if rot.retry_due():
+                    self._rotate_dek(rot.deferred["reason"], from_save=True)
+            elif due:
+                self._rotate_dek("key budget reached", from_save=True)
+        except UsageError:
+            # Closed by another thread after the entries were written: the save stands (it is
+            # durable); the rotation is asked for again by the budget at the next open.
+            if not self.closed:
+                raise
 
     def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
         self.check_open()
