@@ -35,17 +35,7 @@ CS = ConfState(voters=(1,))
 JOIN_S = 20
 
 
-def _run(fn) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def go():
-        try:
-            out["ok"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            out["error"] = exc
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    return t, out
+_run = wctest.in_thread
 
 
 def _filled(d: str, n: int = 60, **opts):

@@ -15,7 +15,6 @@ tests/test_review_exclusive.py does), with real threads, real files and real LMD
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 import wctest
@@ -37,17 +36,7 @@ CS = ConfState(voters=(1,))
 JOIN_S = 20
 
 
-def _run(fn) -> tuple[threading.Thread, dict]:
-    out: dict = {}
-
-    def go():
-        try:
-            out["ok"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            out["error"] = exc
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    return t, out
+_run = wctest.in_thread
 
 
 def _kms(service) -> Kms:

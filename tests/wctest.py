@@ -440,3 +440,17 @@ class FlakyService:
 
     def identity(self) -> dict:
         return {"key": self.name}
+
+
+def in_thread(fn) -> tuple[threading.Thread, dict]:
+    """Run ``fn()`` in a daemon thread: (the thread, {"ok": result} or {"error": exception})."""
+    out: dict = {}
+
+    def go():
+        try:
+            out["ok"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            out["error"] = exc
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t, out
