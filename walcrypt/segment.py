@@ -153,12 +153,11 @@ class Segment(SegmentScan):
         parts: list = []
         placed = []
         seal = self.cipher.seal_parts
-        frame_size = fmt.FRAME_HEADER_SIZE + fmt.TAG_SIZE
         for ftype, index, term, count, payload, terms in records:
             pieces, chain = seal(ftype, seq, index, term, count, payload, chain)
             parts += pieces
             placed.append((ftype, offset, index, count, terms, payload))
-            offset += fmt.align_up(frame_size + len(payload))
+            offset += sum(map(len, pieces))
             seq += 1
         last_index = self.last_index
         for r in reversed(records):
@@ -278,11 +277,16 @@ class Segment(SegmentScan):
         if fd is not None:
             return fd
         with _FD_HANDOVER:              # two threads opening it at once: one descriptor, none leaked
-            if self.released:
-                raise SegmentReleased(self.path)
-            if self.fd is None:
-                self.fd = self._open_for_read()
-            return self.fd
+            return self._descriptor()
+
+    def _descriptor(self) -> int:
+        """The segment's descriptor, opened if it is not; SegmentReleased once released.  Caller
+        holds _FD_HANDOVER."""
+        if self.released:
+            raise SegmentReleased(self.path)
+        if self.fd is None:
+            self.fd = self._open_for_read()
+        return self.fd
 
     # Concurrency contract of the reads of a live store: a read pins the descriptor for as long as it
     # reads through it.  A release (compaction purged the segment, or the store closed) meanwhile does
@@ -293,12 +297,9 @@ class Segment(SegmentScan):
     # interruption (KeyboardInterrupt) never leaves a pin the reader does not know to take back.
     def pin(self, held: list) -> int:
         with _FD_HANDOVER:
-            if self.released:
-                raise SegmentReleased(self.path)
-            if self.fd is None:
-                self.fd = self._open_for_read()
+            fd = self._descriptor()
             self.readers, held[0] = self.readers + 1, True
-            return self.fd
+            return fd
 
     def unpin(self, held: list) -> None:
         with _FD_HANDOVER:

@@ -81,6 +81,21 @@ def encode_entries(terms, lengths, datas) -> bytes:
                      struct.pack(f"<{n}I", *lengths), *datas))
 
 
+def join_entries_payloads(payloads, counts, total: int) -> bytes:
+    """One ENTRIES payload holding, in order, the entries of the payloads ``payloads`` of ``counts``
+    entries each (``total`` in all): the tables' terms, then their lengths, then the data."""
+    prefix = fmt.ENTRIES_PREFIX_STRUCT.size
+    terms_b, lengths_b, datas = [], [], []
+    for payload, n in zip(payloads, counts):
+        view = memoryview(payload)
+        lengths_at = prefix + 8 * n
+        data_at = lengths_at + 4 * n
+        terms_b.append(view[prefix:lengths_at])
+        lengths_b.append(view[lengths_at:data_at])
+        datas.append(view[data_at:])
+    return b"".join((fmt.ENTRIES_PREFIX_STRUCT.pack(total, 0), *terms_b, *lengths_b, *datas))
+
+
 def encode_entries_payload(entries, start: int, stop: int) -> bytes:
     """The ENTRIES payload of ``entries[start:stop]`` (Entry-like (index, term, data) tuples)."""
     chunk = entries[start:stop]

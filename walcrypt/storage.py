@@ -202,7 +202,7 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
                 self._rotate_dek("key budget reached", from_save=True)
         except UsageError:
             # Closed by another thread after the entries were written: the save stands (it is
-            # durable); the rotation is asked for again by the budget at the next open.
+            # durable); after the next open the budget is checked again when a segment is started.
             if not self.closed:
                 raise
 

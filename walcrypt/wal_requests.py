@@ -12,7 +12,7 @@ from typing import Sequence
 
 from . import format as fmt
 from .errors import UsageError
-from .segment_codec import encode_entries
+from .segment_codec import encode_entries, join_entries_payloads
 from .types import Entry
 from .values import (
     BYTES_TYPE,
@@ -89,10 +89,9 @@ def prepare_entries(entries, max_entry_size: int) -> tuple:
                              f"{max_entry_size} (raise max_entry_size= when opening)")
         return entries, [(fmt.FRAME_ENTRIES, index, term, 1, encode_entries((term,), (size,), (data,)), (term,))]
     try:
-        # Three columns in one C-level pass; an entry of another length is caught by the length check
-        # (zip stops at the shortest).
-        # Entries that can be indexed (the request keeps them, and reads them by position) of three
-        # fields; anything else is normalised by checked_entries.
+        # Entries that can be indexed (the request keeps them and reads them by position) and have
+        # three fields (zip stops at the shortest), taken apart into three columns in one C-level
+        # pass; anything else is normalised by checked_entries.
         ok = set(map(type, entries)) <= _INDEXABLE and set(map(len, entries)) == THREE
         if ok:
             indexes, terms, datas = zip(*entries)
@@ -180,17 +179,18 @@ def coalesce_records(records: list) -> list:
     count = data = size = 0
     target, max_entries = fmt.RECORD_TARGET_BYTES, fmt.RECORD_MAX_ENTRIES
     limit = fmt.MAX_RECORD_PAYLOAD - fmt.TAG_SIZE
+    prefix, row = fmt.ENTRIES_PREFIX_STRUCT.size, fmt.ENTRIES_ROW_SIZE
     for rec in records:
         if rec[0] == fmt.FRAME_ENTRIES:
             n, p = rec[3], len(rec[4])
-            if (run and data < target and count + n <= max_entries and size + p - 8 <= limit
+            if (run and data < target and count + n <= max_entries and size + p - prefix <= limit
                     and run[-1][1] + run[-1][3] == rec[1]):
                 run.append(rec)
-                count, data, size = count + n, data + p - 8 - 12 * n, size + p - 8
+                count, data, size = count + n, data + p - prefix - row * n, size + p - prefix
                 continue
             if run:
                 out.append(_merged(run, count))
-            run, count, data, size = [rec], n, p - 8 - 12 * n, p
+            run, count, data, size = [rec], n, p - prefix - row * n, p
             continue
         if run:
             out.append(_merged(run, count))
@@ -206,12 +206,6 @@ def _merged(run: list, count: int) -> tuple:
     reserved, every term, every length, every entry's data)."""
     if len(run) == 1:
         return run[0]
-    terms_b, lengths_b, datas = [], [], []
-    for _t, _i, _term, n, payload, _terms in run:
-        view = memoryview(payload)
-        terms_b.append(view[8:8 + 8 * n])
-        lengths_b.append(view[8 + 8 * n:8 + 12 * n])
-        datas.append(view[8 + 12 * n:])
-    payload = b"".join((fmt.ENTRIES_PREFIX_STRUCT.pack(count, 0), *terms_b, *lengths_b, *datas))
+    payload = join_entries_payloads([rec[4] for rec in run], [rec[3] for rec in run], count)
     terms = tuple(t for rec in run for t in rec[5])
     return (fmt.FRAME_ENTRIES, run[0][1], run[0][2], count, payload, terms)
