@@ -484,3 +484,13 @@ def test_ab_times_two_checkouts_in_subprocesses(capsys):
     assert ab.main(["append-1k-b1", "--before", ab.HERE, "--entries", "40", "--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert "before  median" in out and "after   median" in out and "after/before per repetition" in out
+
+
+def test_profiling_phases_reports_where_a_save_spends_its_time(capsys):
+    from benchmarks import profiling
+
+    assert profiling.main(["--phases", "append-1k-b1", "--sync", "always", "--entries", "30"]) == 0
+    out = capsys.readouterr().out
+    for row in ("before the pwrite", "pwrite", "fdatasync", "after the fdatasync"):
+        assert row in out, out
+    assert float(out.split("fdatasync")[1].split()[0]) > 0        # the sync was timed
