@@ -94,6 +94,7 @@ class Wal(LogCompaction):
         self._unit_thread: int | None = None     # the thread writing a unit (inside _lead), if any
         self._exclusive_thread: int | None = None  # the thread inside exclusive(), if any
         self.closed = False                      # set under the write lock by close()
+        self.replacements = 0                    # see LogReads.truncate_view
         self._cache: OrderedDict = OrderedDict()
 
     # ------------------------------------------------------------------ writing

@@ -71,6 +71,7 @@ class LogReads:
     hardstate: HardState
     failed: BaseException | None
     closed: bool
+    replacements: int          # suffix replacements and log resets so far (truncate_view)
     _state: threading.Lock
     _cache: OrderedDict
 
@@ -149,6 +150,7 @@ class LogReads:
 
     def truncate_view(self, base: int) -> None:
         """Forget visible entries >= base (a later segment replaced them)."""
+        self.replacements += 1              # first: a reader that sees it unchanged saw no replacement
         k = bisect_left(self.view_first, base)
         j = bisect_left(self.run_start, base)
         # No call between the deletions: an asynchronous exception (KeyboardInterrupt) cannot
@@ -230,7 +232,8 @@ class LogReads:
         """A read met a segment released under it (see Segment.pin).  Returns when the entries from
         ``idx`` are still in the log - a full re-key or a migration rewrote them into new segments -
         and the read should locate them again; raises UsageError when the store was closed, and
-        CompactedError when compaction removed them (or they kept moving for REREADS attempts)."""
+        CompactedError when compaction removed them (or they kept moving for REREADS attempts, or
+        the caller cannot go on: ``attempt`` REREADS)."""
         if self.closed:
             raise UsageError("the store is closed") from exc
         if idx <= self.compacted_index or attempt >= REREADS:
@@ -239,9 +242,10 @@ class LogReads:
     def batches(self, lo: int, hi: int, before_read: Callable[[], None] | None = None) -> Iterator[EntryBatch]:
         """The entries [lo, hi) as they are read, one EntryBatch per record (see _batches).  The range
         is checked and located now; reading starts with the first ``next()``."""
-        return self._checked(lo, hi, self._pieces(lo, hi), before_read)
+        seen = self.replacements            # before locating: a replacement meanwhile is never missed
+        return self._checked(lo, hi, self._pieces(lo, hi), before_read, seen)
 
-    def _checked(self, lo: int, hi: int, pieces, before_read) -> Iterator[EntryBatch]:
+    def _checked(self, lo: int, hi: int, pieces, before_read, seen: int) -> Iterator[EntryBatch]:
         idx = lo
         for attempt in range(REREADS + 1):
             try:
@@ -252,7 +256,10 @@ class LogReads:
             except (IndexError, TypeError, AttributeError) as exc:
                 raise self._read_failure(exc) from exc
             except SegmentReleased as exc:
-                self._reread_or_raise(exc, idx, attempt)
+                # Entries before idx were handed out already: going on is right only if the log
+                # they came from is still the log (a re-key rewrote it), not if a truncation or a
+                # snapshot's reset replaced part of it (the rest would come from another log).
+                self._reread_or_raise(exc, idx, REREADS if self.replacements != seen else attempt)
                 pieces = self._pieces(idx, hi)
 
     def _read_pieces(self, lo: int, pieces, max_size: int | None) -> list[Entry]:
