@@ -37,33 +37,28 @@ LET_IT_RUN_S = 1.0
 JOIN_S = 60
 
 
-def _in_thread(fn) -> tuple[threading.Thread, list]:
-    out: list = []
-
-    def run():
-        try:
-            out.append(("ok", fn()))
-        except BaseException as exc:  # noqa: BLE001 - reported to the test
-            out.append(("error", exc))
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, out
+_in_thread = wctest.in_thread
 
 
-def _finish(t: threading.Thread, out: list):
+def _finish(t: threading.Thread, out: dict):
     t.join(JOIN_S)
     assert not t.is_alive(), "the other thread never finished (a deadlock?)"
-    kind, value = out[0]
-    if kind == "error":
-        raise value
-    return value
+    if "error" in out:
+        raise out["error"]
+    return out["ok"]
+
+
+def _saved(d: str, n: int):
+    """A store in 4 KiB segments holding n one-entry saves of 100 bytes (term 1)."""
+    s = wctest.open_store(d, sync="batch", segment_size=4096)
+    for i in range(1, n + 1):
+        s.save(HardState(1, 0, i), [Entry(i, 1, b"x" * 100)])
+    return s
 
 
 def test_compact_racing_a_snapshot_ahead_of_the_log_leaves_an_openable_store(tmp_path):
     d = str(tmp_path / "data")
-    s = wctest.open_store(d, sync="batch", segment_size=4096)
-    for i in range(1, 41):
-        s.save(HardState(1, 0, i), [Entry(i, 1, b"x" * 100)])
+    s = _saved(d, 40)
     wal = s.wal
     compact = wal.compact
     other: list = []
@@ -118,9 +113,7 @@ def test_compact_racing_a_truncation_does_not_fail_the_store(tmp_path):
 
 def test_two_concurrent_purges_do_not_fail_the_store(tmp_path):
     d = str(tmp_path / "data")
-    s = wctest.open_store(d, sync="batch", segment_size=4096)
-    for i in range(1, 61):
-        s.save(HardState(1, 0, i), [Entry(i, 1, b"x" * 100)])
+    s = _saved(d, 60)
     wal = s.wal
     removable = wal.removable
     other: list = []
