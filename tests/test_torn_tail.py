@@ -205,6 +205,34 @@ def test_bit_flip_in_a_committed_record_followed_by_a_later_batch(pristine, tmp_
             shutil.rmtree(root)
 
 
+@pytest.mark.parametrize("damage", ["payload", "header", "none"])
+def test_damaged_frame_of_the_last_batch_ending_in_a_zero_byte_is_corruption(pristine, tmp_path, damage):
+    """An acknowledged last batch with one frame damaged, and that frame's last byte zero (as one
+    tag in 256 is), its later frames intact: damage, not a torn write.  The store refuses to open
+    and nothing is cut (a one-byte zero end used to pass for a write that stopped there)."""
+    p = pristine
+    final = p["batches"][-1]
+    for f in final[:-1]:                              # every frame followed by a frame of its unit
+        root, seg = _copy(p, tmp_path, f"z{f.offset}-{damage}")
+        data = bytearray(p["data"])
+        data[f.end - 1] = 0
+        if damage == "payload":
+            wctest.flip_bit(data, f.offset + wctest.FRAME_HEADER_SIZE + f.length // 2, 4)
+        elif damage == "header":
+            wctest.flip_bit(data, f.offset + 20, 1)
+        if data == bytearray(p["data"]):
+            data[f.end - 2] ^= 0x40                   # its last byte was zero already: damage another
+        wctest.write(seg, bytes(data))
+        before = wctest.tree_hashes(root)
+        with pytest.raises(CorruptionError) as info:
+            wctest.open_and_read_all(root, encrypted=not p["plain"], segment_size=SEG)
+        assert os.path.abspath(info.value.path) == os.path.abspath(seg)
+        assert info.value.offset == f.offset, str(info.value)
+        assert wctest.tree_hashes(root) == before
+        assert not os.path.exists(seg + ".broken")
+        shutil.rmtree(root)
+
+
 def test_lost_sector_inside_a_committed_batch_is_corruption(pristine, tmp_path):
     """A zeroed 512-byte sector inside an earlier, committed batch looks like a torn write but a
     later commit proves the batch was complete: a hard error, not a silent truncation."""

@@ -36,14 +36,28 @@ def _changed(path: str, offset: int) -> CorruptionError:
                            "another process is modifying the store; stop it and try again")
 
 
+def _end_never_written(src: bounded.Source, lo: int, hi: int, window: int) -> bool:
+    """Whether the end of the frame [lo, hi) never reached the disk, under either crash model of
+    FORMAT.md 11.4: its part in its last sector is zero (up to ZERO_RUN bytes: a sector that was
+    not written is zero from its start), or the write stopped inside the frame and nothing after it
+    reached the disk either (its last byte and the ZERO_RUN - 1 bytes after it are zero).  Its last
+    byte being zero alone is no evidence: a tag byte is zero in one frame of 256, and damage
+    elsewhere in an acknowledged last unit must not pass for a torn write."""
+    if hi <= lo or src.read(hi - 1, 1) != b"\x00":
+        return False
+    tail = min(ZERO_RUN, hi - max(lo, (hi - 1) // SECTOR * SECTOR))
+    return bounded.all_zero(src, hi - tail, hi, window) or bounded.all_zero(src, hi - 1, hi - 1 + ZERO_RUN, window)
+
+
 def _looks_incomplete(src: bounded.Source, lo: int, hi: int, window: int = bounded.WINDOW) -> bool:
     """A frame at ``lo`` with extent [lo, hi) looks like an incomplete write: it runs past the end of
-    the file, it ends in zero bytes (a prefix reached the disk), its bytes up to the first sector
-    boundary are all zero, or it holds an all-zero run of ZERO_RUN bytes starting at ``lo`` or at a
-    sector boundary (a sector that never reached the disk).  Reads [lo, hi) a window at a time."""
+    the file, its end never reached the disk (_end_never_written), its bytes up to
+    the first sector boundary are all zero, or it holds an all-zero run of ZERO_RUN bytes starting
+    at ``lo`` or at a sector boundary (a sector that never reached the disk).  Reads [lo, hi) a
+    window at a time."""
     if hi > src.size:
         return True
-    if hi > lo and src.read(hi - 1, 1) == b"\x00":
+    if _end_never_written(src, lo, hi, window):
         return True
     first_boundary = (lo // SECTOR + 1) * SECTOR
     if bounded.all_zero(src, lo, min(hi, first_boundary), window):

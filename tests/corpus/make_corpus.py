@@ -227,7 +227,8 @@ def looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
     """Rule 3 of FORMAT.md 11.4: the frame with extent [lo, hi) looks like an incomplete write."""
     if hi > len(data):
         return True
-    if hi > lo and data[hi - 1] == 0:
+    if hi > lo and data[hi - 1] == 0 and (not any(data[hi - min(32, hi - max(lo, (hi - 1) // 512 * 512)):hi])
+                                          or not any(data[hi - 1:hi - 1 + 32])):
         return True
     starts = [lo] + [s for s in range((lo // 512 + 1) * 512, hi, 512)]
     for s in starts:

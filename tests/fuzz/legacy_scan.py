@@ -126,13 +126,14 @@ class LegacySegment(Segment):
 
 def _legacy_looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
     """A frame at ``lo`` with extent [lo, hi) looks like an incomplete write: it runs past the end of
-    the file, it ends in zero bytes (a prefix reached the disk), its bytes up to the first sector
+    the file, its last bytes in its last sector (up to ZERO_RUN) are zero, its bytes up to the first sector
     boundary are all zero, or it holds an all-zero run of ZERO_RUN bytes starting at ``lo`` or at a
     sector boundary (a sector that never reached the disk)."""
     if hi > len(data):
         return True
-    if hi > lo and data[hi - 1] == 0:
-        return True
+    if hi > lo and data[hi - 1] == 0 and (not any(data[hi - min(ZERO_RUN, hi - max(lo, (hi - 1) // SECTOR * SECTOR)):hi])
+                                          or not any(data[hi - 1:hi - 1 + ZERO_RUN])):
+        return True          # its end never reached the disk
     first_boundary = (lo // SECTOR + 1) * SECTOR
     if not any(data[lo:min(hi, first_boundary)]):
         return True          # the part of the frame in its first sector never reached the disk
