@@ -181,14 +181,16 @@ class Cluster:
         return out
 
     def leader(self, timeout: float = 30.0) -> Node:
+        """The one leader, once every running node that answers knows it: a follower that has not
+        heard from it yet would refuse a write at once (pysyncobj's MISSING_LEADER)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             st = self.statuses()
             leaders = [n for n in self.nodes if st.get(n.name, {}).get("leader")]
-            if len(leaders) == 1:
+            if len(leaders) == 1 and all(s.get("leader_addr") == leaders[0].addr for s in st.values()):
                 return leaders[0]
             time.sleep(0.1)
-        raise NodeError(f"no leader elected within {timeout:.0f} s")
+        raise NodeError(f"no leader elected and known to every node within {timeout:.0f} s")
 
     def write(self, node: Node, items: list[tuple[str, str]], timeout: float = 20.0) -> list[str]:
         return node.request({"op": "set", "items": [list(i) for i in items], "timeout": timeout},
