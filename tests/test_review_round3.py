@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import lmdb
 import pytest
@@ -375,18 +376,29 @@ def test_a_budget_dek_rotation_during_rotate_kek_leaves_a_store_no_kek_opens(tmp
         admin = threading.Thread(target=operator)
         admin.start()
         assert disk.writing.wait(60)
-        # The Raft thread keeps saving while the snapshots are copied; the key budget is reached.
+        # The Raft thread keeps saving while the snapshots are copied; the key budget is reached. Its
+        # saves never wait for the KEK rotation: the DEK rotation is put off, no key is made meanwhile.
         i = 11
-        while set(s.keys) == keys_before:
-            assert i < 2000, "the key budget never started a DEK rotation"
+        while s.key_info()["deferred"] is None:
+            assert i < 2000, "the key budget never asked for a DEK rotation"
             s.save(HardState(1, 1, i), wctest.term_entries(i, i + 1, 1, b"acknowledged " * 4))
             i += 1
+        assert admin.is_alive() and set(s.keys) == keys_before
+        assert "another key operation" in s.key_info()["deferred"]["error"]
         disk.release.set()
         admin.join(60)
-        assert not failed, failed
-        s.save(HardState(1, 1, i), wctest.term_entries(i, i + 1, 1, b"acknowledged "))
+        assert not admin.is_alive() and not failed, failed
+        # A later save, once the retry is due, starts the rotation under the new KEK.
+        for _ in range(400):                     # bounded: the retry is due 1 s after it was put off
+            s.save(HardState(1, 1, i), wctest.term_entries(i, i + 1, 1, b"acknowledged "))
+            i += 1
+            if set(s.keys) != keys_before:
+                break
+            time.sleep(0.01)
+        assert set(s.keys) != keys_before, "the DEK rotation put off was never retried"
+        assert s.key_info()["deferred"] is None
         first = s.first_index()
-        expected = s.entries(first, i + 1)
+        expected = s.entries(first, i)
     finally:
         disk.release.set()
         s.close()
@@ -394,7 +406,7 @@ def test_a_budget_dek_rotation_during_rotate_kek_leaves_a_store_no_kek_opens(tmp
     for name, kek in (("new KEK", NEW_KEK), ("old KEK", KEK)):
         try:
             with walcrypt.open(data_dir, kek=kek) as s:
-                opened[name] = s.entries(first, i + 1) == expected
+                opened[name] = s.entries(first, i) == expected
         except WalcryptError as exc:
             opened[name] = type(exc).__name__
     assert opened.get("new KEK") is True, f"after the restart: {opened}"

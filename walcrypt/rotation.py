@@ -175,18 +175,24 @@ class Rotation(KekRotation):
             wrapper = wrapper.once()
         return K.new_key_entry(wrapper, st.store_id, algorithm=st.algorithm, purpose=K.PURPOSE_DEK, state=K.PENDING)
 
-    def defer(self, reason: str, exc: BaseException, *, queued: int = 0) -> None:
-        """Keep a DEK rotation the key service could not serve (unreachable, or refusing), with the
-        rotations queued behind it, for a later retry (retry_due)."""
+    def defer(self, reason: str, exc: BaseException | None, *, queued: int = 0) -> None:
+        """Keep a DEK rotation the key service could not serve (unreachable, or refusing), or that a
+        save found another key operation busy with the keys for (``exc`` None), with the rotations
+        queued behind it, for a later retry (retry_due)."""
         tries = (self.deferred or {}).get("tries", 0) + 1
-        wait = min(DEFER_MAX_WAIT_S, DEFER_FIRST_WAIT_S * 2 ** (tries - 1))
-        error = str(exc).split(". Nothing was changed")[0][:300] or type(exc).__name__
+        if exc is None:
+            wait = DEFER_FIRST_WAIT_S               # the other operation ends by itself: no backoff
+            error = "another key operation (a KEK rotation, a re-key or a DEK rotation) was in progress"
+            why = error
+        else:
+            wait = min(DEFER_MAX_WAIT_S, DEFER_FIRST_WAIT_S * 2 ** (tries - 1))
+            error = str(exc).split(". Nothing was changed")[0][:300] or type(exc).__name__
+            what = "is unreachable" if isinstance(exc, KeyProviderUnavailableError) else "refused it"
+            why = f"the key service {what} ({error})"
         self.deferred = {"reason": reason, "since_ns": (self.deferred or {}).get("since_ns", time.time_ns()),
                          "queued": queued, "tries": tries, "error": error, "next_try": time.monotonic() + wait}
-        what = "is unreachable" if isinstance(exc, KeyProviderUnavailableError) else "refused it"
-        log.warning("DEK rotation (%s) put off: the key service %s (%s); it is retried on a later "
-                    "save, the next in %.0f s. Reads and writes go on under the current data key",
-                    reason, what, error, wait)
+        log.warning("DEK rotation (%s) put off: %s; it is retried on a later save, the next in %.0f s. "
+                    "Reads and writes go on under the current data key", reason, why, wait)
 
     def retry_due(self) -> bool:
         return self.deferred is not None and time.monotonic() >= self.deferred["next_try"]

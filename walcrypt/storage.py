@@ -368,7 +368,16 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         the caller - an outage or a refusal never turns a successful save into an error."""
         self.rotation.check_rotatable()
         queued = (self.rotation.deferred or {}).get("queued", 0)
-        with self.rotation.key_lock:
+        # A save never waits for another key operation: a KEK rotation copying the snapshots, a
+        # re-key, or a DEK rotation waiting on its key service holds key_lock as long as it takes.
+        # The save's rotation is put off instead, and a later save retries it.
+        lock = self.rotation.key_lock
+        acquired = False
+        try:
+            acquired = lock.acquire(blocking=not from_save)
+            if not acquired:
+                self.rotation.defer(reason, None, queued=queued)
+                return
             # Twice at most: Rotation.rotate_dek declines when the rotation in flight (no key
             # prepared, the request would queue behind it) completed while it waited for the write
             # lock; key_lock keeps any other from starting, so the second pass has its key.
@@ -389,6 +398,9 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
                 with FailStop(self, "rotating the data key"):
                     if self.rotation.rotate_dek(reason=reason, prepared=prepared, queued=queued):   # steps 1, 2
                         break
+        finally:
+            if acquired:
+                lock.release()
         self.rotation.ask_for_snapshot()                   # step 3: the host's source, outside the guard
 
     def fail_stop(self, what: str) -> FailStop:
