@@ -4,7 +4,8 @@ Run as ``python -m walcrypt.cluster_node --dir D --key-file K --self HOST:PORT -
 It speaks JSON lines on stdin/stdout (one request, one response), used by ``walcrypt demo``
 and the cluster tests:
 
-* ``{"op": "status"}`` -> leader flag, the leader this node knows, applied size, fsync count, rotation state, snapshot facts
+* ``{"op": "status"}`` -> leader flag, the leader this node knows, applied size, fsync count,
+  rotation state, snapshot facts
 * ``{"op": "set", "items": [[k, v], ...], "timeout": s}`` -> ``{"acked": [k, ...]}``: keys whose
   write was committed by the cluster (the callback reported success) within the timeout
 * ``{"op": "dump"}`` -> every key/value this node has applied
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
         st = node.store
         snap = st.snapshot() if st is not None and not st.closed else None
         known = so._getLeader()
-        return {"leader": so._isLeader(), "leader_addr": getattr(known, "id", None), "ready": so.isReady(), "size": len(data.rawData()),
+        return {"leader": so._isLeader(), "leader_addr": getattr(known, "id", None), "ready": so.isReady(),
+                "size": len(data.rawData()),
                 "fsyncs": st.fsync_count if st else 0, "needs_snapshot": bool(st and st.needs_snapshot),
                 "rotation_done": node.rotation_done, "snapshots_saved": node.snapshots_saved,
                 "snapshots_received": node.snapshots_received,
