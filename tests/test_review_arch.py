@@ -177,13 +177,13 @@ def test_close_wait_set_on_the_adapter_module_bounds_the_wait(tmp_path, monkeypa
 
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     mods = [m for m in _modules() if not m.endswith("__main__")]
-    code = ("import importlib, sys\n"
-            "bad = []\n"
-            "for m in sys.argv[1:]:\n"
-            "    import subprocess\n"
+    code = ("import os, subprocess, sys\n"
+            "from concurrent.futures import ThreadPoolExecutor\n"
+            "def one(m):\n"
             "    r = subprocess.run([sys.executable, '-c', 'import ' + m], capture_output=True, text=True)\n"
-            "    if r.returncode: bad.append((m, r.stderr.strip().splitlines()[-1:]))\n"
-            "print(bad)\n")
+            "    return (m, r.stderr.strip().splitlines()[-1:]) if r.returncode else None\n"
+            "with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:\n"
+            "    print([b for b in pool.map(one, sys.argv[1:]) if b])\n")
     res = _run_python(code, *mods, timeout=600)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]", res.stdout
