@@ -30,6 +30,7 @@ import json
 import logging
 import threading
 import time
+from typing import Callable
 
 from . import keys as K
 from . import meta as M
@@ -116,6 +117,22 @@ class Rotation(KekRotation):
         # key budget asks again after a restart; an operator's request must be repeated).
         self.deferred: dict | None = None
 
+    def holding_keys(self, body: Callable[[], bool], *, wait: bool, busy: Callable[[], bool]) -> bool:
+        """body() holding key_lock; with ``wait`` false and key_lock held by another thread, busy()
+        at once instead.  An interruption as the lock is taken never leaves it held: the lock's own
+        record of its owner decides the release, not a variable assigned after acquire() returns
+        (a ``with`` statement is as safe, and takes the waiting path)."""
+        lock = self.key_lock
+        owned = lock._is_owned   # type: ignore[attr-defined]  # CPython's RLock, as threading.Condition uses it
+        if wait or owned():                         # waits, or re-entered (never waits)
+            with lock:
+                return body()
+        try:
+            return body() if lock.acquire(blocking=False) else busy()
+        finally:
+            if owned():                             # not held before: this is the one acquisition
+                lock.release()
+
     # ------------------------------------------------------------------ state
     def load(self) -> None:
         with self.store.meta.read() as r:
@@ -179,20 +196,24 @@ class Rotation(KekRotation):
         """Keep a DEK rotation the key service could not serve (unreachable, or refusing), or that a
         save found another key operation busy with the keys for (``exc`` None), with the rotations
         queued behind it, for a later retry (retry_due)."""
-        tries = (self.deferred or {}).get("tries", 0) + 1
+        prev = self.deferred or {}
         if exc is None:
-            wait = DEFER_FIRST_WAIT_S               # the other operation ends by itself: no backoff
-            error = "another key operation (a KEK rotation, a re-key or a DEK rotation) was in progress"
-            why = error
+            # The other operation ends by itself: no backoff and no try counted towards the key
+            # service's backoff; said once, not at every save while it runs.
+            tries, wait = prev.get("tries", 0), DEFER_FIRST_WAIT_S
+            error = why = "another key operation (a KEK rotation, a re-key or a DEK rotation) was in progress"
+            say = log.debug if prev else log.warning
         else:
+            tries = prev.get("tries", 0) + 1
             wait = min(DEFER_MAX_WAIT_S, DEFER_FIRST_WAIT_S * 2 ** (tries - 1))
             error = str(exc).split(". Nothing was changed")[0][:300] or type(exc).__name__
             what = "is unreachable" if isinstance(exc, KeyProviderUnavailableError) else "refused it"
             why = f"the key service {what} ({error})"
-        self.deferred = {"reason": reason, "since_ns": (self.deferred or {}).get("since_ns", time.time_ns()),
+            say = log.warning
+        self.deferred = {"reason": reason, "since_ns": prev.get("since_ns", time.time_ns()),
                          "queued": queued, "tries": tries, "error": error, "next_try": time.monotonic() + wait}
-        log.warning("DEK rotation (%s) put off: %s; it is retried on a later save, the next in %.0f s. "
-                    "Reads and writes go on under the current data key", reason, why, wait)
+        say("DEK rotation (%s) put off: %s; it is retried on a later save, the next in %.0f s. "
+            "Reads and writes go on under the current data key", reason, why, wait)
 
     def retry_due(self) -> bool:
         return self.deferred is not None and time.monotonic() >= self.deferred["next_try"]
@@ -438,25 +459,28 @@ class Rotation(KekRotation):
                 self.rotate_dek(reason="rekey", rekey=True, prepared=self.prepare_key())
         new_id = self.pending_key_id
         assert new_id is not None            # rotate_dek above (or the resumed rotation) left a key pending
-        staged, snap_info = st.rewrite_under(new_id)
-        now = time.time_ns()
-        with st.meta.write() as tx:
-            st.register_staged(tx, staged, snap_info)
-            st.reseal_stable(tx, new_id)
-            for k in st.keys.values():
-                if k.purpose != K.PURPOSE_DEK:
-                    continue
-                if k.key_id == new_id:
-                    k.state = K.ACTIVE
-                elif k.state in (K.ACTIVE, K.PENDING, K.RETIRING, K.INACTIVE):
-                    k.state = K.RETIRING   # destroyed below once nothing references it
-                else:
-                    continue
-                k.state_changed_ns = now
-                tx.put(M.DB_KEYRING, k.key_id, M.encode_keyring(k))
-            self._put_state(tx, None)
-        self.state = None
-        st.install_staged(staged, snap_info)
+        # From the rewrite to the install no save runs: one in between would land in a segment the
+        # staged copies (which end where the log ended) then supersede in memory.
+        with st.wal.exclusive():
+            staged, snap_info = st.rewrite_under(new_id)
+            now = time.time_ns()
+            with st.meta.write() as tx:
+                st.register_staged(tx, staged, snap_info)
+                st.reseal_stable(tx, new_id)
+                for k in st.keys.values():
+                    if k.purpose != K.PURPOSE_DEK:
+                        continue
+                    if k.key_id == new_id:
+                        k.state = K.ACTIVE
+                    elif k.state in (K.ACTIVE, K.PENDING, K.RETIRING, K.INACTIVE):
+                        k.state = K.RETIRING   # destroyed below once nothing references it
+                    else:
+                        continue
+                    k.state_changed_ns = now
+                    tx.put(M.DB_KEYRING, k.key_id, M.encode_keyring(k))
+                self._put_state(tx, None)
+            self.state = None
+            st.install_staged(staged, snap_info)
         destroy = self.destroy_retired_keys
         self.destroy_retired_keys = True                  # a compromised key is always destroyed
         try:

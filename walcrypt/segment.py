@@ -25,10 +25,10 @@ acknowledged).  Then:
    wrote next (none of its nonce, key ID and chain fields match: zeros,
    garbage, stale blocks), the tail is torn;
 3. otherwise the frame is ours and damaged: torn when it looks like an
-   incomplete write (runs past the end of the file, its end is zeros within
-   its last sector or up to 32 bytes past it, or it holds an all-zero run of
-   32 bytes at its start or at a 512-byte sector boundary), else
-   CorruptionError naming file and offset.
+   incomplete write (runs past the end of the file, its last byte and the 31
+   after it are zero with a CRC that the zero end can complete, or it holds
+   an all-zero run of 32 bytes at its start or at a 512-byte sector
+   boundary), else CorruptionError naming file and offset.
 
 Recovery never holds the file whole: the scan and this classification read it a window at a time
 (:mod:`walcrypt.bounded`), so a preallocated or sparsely extended file costs no memory.

@@ -36,17 +36,32 @@ def _changed(path: str, offset: int) -> CorruptionError:
                            "another process is modifying the store; stop it and try again")
 
 
+# A frame whose zero end is shorter than this is checked against its CRC (see _end_never_written).
+_CRC_CHECKED_TAIL = 3
+
+
 def _end_never_written(src: bounded.Source, lo: int, hi: int, window: int) -> bool:
-    """Whether the end of the frame [lo, hi) never reached the disk, under either crash model of
-    FORMAT.md 11.4: its part in its last sector is zero (up to ZERO_RUN bytes: a sector that was
-    not written is zero from its start), or the write stopped inside the frame and nothing after it
-    reached the disk either (its last byte and the ZERO_RUN - 1 bytes after it are zero).  Its last
-    byte being zero alone is no evidence: a tag byte is zero in one frame of 256, and damage
-    elsewhere in an acknowledged last unit must not pass for a torn write."""
-    if hi <= lo or src.read(hi - 1, 1) != b"\x00":
+    """Whether the end of the frame [lo, hi) never reached the disk (FORMAT.md 11.4 rule 3): its last
+    byte and the ZERO_RUN - 1 bytes after it are zero (fewer where the file ends), as they are when a
+    write stopped inside the frame, or when the frame's last sector was lost and that part of it is
+    shorter than ZERO_RUN (a longer part is a zero run at a sector boundary, see _looks_incomplete).
+    When fewer than _CRC_CHECKED_TAIL of the frame's last bytes are zero, the bytes before them must
+    be as written: one value of those bytes makes the frame's CRC match.  A zero last byte alone is
+    no evidence: a tag byte is zero in one frame of 256, and damage anywhere in an acknowledged last
+    unit (its COMMIT frame is followed by preallocated zeros) must not pass for a torn write."""
+    if hi <= lo or not bounded.all_zero(src, hi - 1, hi - 1 + ZERO_RUN, window):
         return False
-    tail = min(ZERO_RUN, hi - max(lo, (hi - 1) // SECTOR * SECTOR))
-    return bounded.all_zero(src, hi - tail, hi, window) or bounded.all_zero(src, hi - 1, hi - 1 + ZERO_RUN, window)
+    tail = src.read(hi - _CRC_CHECKED_TAIL, _CRC_CHECKED_TAIL)
+    zeros = len(tail) - len(tail.rstrip(b"\x00"))
+    if zeros >= _CRC_CHECKED_TAIL:
+        return True
+    header = src.read(lo, fmt.FRAME_HEADER_SIZE)
+    known = bounded.crc_range(src, lo + fmt.FRAME_CRC_OFFSET + 4, hi - zeros,
+                              crc32c(header[:fmt.FRAME_CRC_OFFSET]), window)
+    if known is None:
+        return True                  # the file shrank while it was read: nothing is there
+    stored = int.from_bytes(header[fmt.FRAME_CRC_OFFSET:fmt.FRAME_CRC_OFFSET + 4], "little")
+    return any(crc32c(v.to_bytes(zeros, "little"), known) == stored for v in range(256 ** zeros))
 
 
 def _looks_incomplete(src: bounded.Source, lo: int, hi: int, window: int = bounded.WINDOW) -> bool:

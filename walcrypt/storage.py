@@ -368,39 +368,34 @@ class Store(KeyringMixin, RecoveryMixin, SegmentFilesMixin):
         the caller - an outage or a refusal never turns a successful save into an error."""
         self.rotation.check_rotatable()
         queued = (self.rotation.deferred or {}).get("queued", 0)
-        # A save never waits for another key operation: a KEK rotation copying the snapshots, a
-        # re-key, or a DEK rotation waiting on its key service holds key_lock as long as it takes.
-        # The save's rotation is put off instead, and a later save retries it.
-        lock = self.rotation.key_lock
-        acquired = False
-        try:
-            acquired = lock.acquire(blocking=not from_save)
-            if not acquired:
-                self.rotation.defer(reason, None, queued=queued)
-                return
+
+        def under_key_lock() -> bool:
             # Twice at most: Rotation.rotate_dek declines when the rotation in flight (no key
             # prepared, the request would queue behind it) completed while it waited for the write
             # lock; key_lock keeps any other from starting, so the second pass has its key.
             for _attempt in range(2):
                 try:
-                    # The new key is wrapped first, outside the fail-stop guard: a key service that
-                    # cannot be reached changes nothing, and the rotation is retried later
-                    # (Rotation.defer).
+                    # The new key is wrapped first, outside the fail-stop guard: an unreachable key
+                    # service changes nothing, and the rotation is retried later (Rotation.defer).
                     prepared = self.rotation.prepare_key(quick=from_save)
-                except KeyProviderUnavailableError as exc:
-                    self.rotation.defer(reason, exc, queued=queued)
-                    return
                 except KeyProviderError as exc:
-                    if not from_save:
+                    if not from_save and not isinstance(exc, KeyProviderUnavailableError):
                         raise
                     self.rotation.defer(reason, exc, queued=queued)
-                    return
+                    return False
                 with FailStop(self, "rotating the data key"):
                     if self.rotation.rotate_dek(reason=reason, prepared=prepared, queued=queued):   # steps 1, 2
                         break
-        finally:
-            if acquired:
-                lock.release()
+            return True
+
+        def busy() -> bool:
+            # A save never waits for another key operation (a KEK rotation copying the snapshots, a
+            # re-key, a DEK rotation waiting on its key service): it puts its rotation off.
+            self.rotation.defer(reason, None, queued=queued)
+            return False
+
+        if not self.rotation.holding_keys(under_key_lock, wait=not from_save, busy=busy):
+            return
         self.rotation.ask_for_snapshot()                   # step 3: the host's source, outside the guard
 
     def fail_stop(self, what: str) -> FailStop:

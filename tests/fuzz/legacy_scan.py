@@ -10,6 +10,8 @@ the keyless header walk of ``walcrypt inspect`` as it was, for the same comparis
 
 from __future__ import annotations
 
+from crc32c import crc32c
+
 from walcrypt import crypto
 from walcrypt import format as fmt
 from walcrypt.errors import AuthenticationError, CorruptionError
@@ -124,6 +126,20 @@ class LegacySegment(Segment):
                 or h[72:88] == chain)
 
 
+def end_never_written(data: bytes, lo: int, hi: int) -> bool:
+    """FORMAT.md 11.4 rule 3, second case, over the whole file: the frame's last byte and the ZERO_RUN - 1
+    bytes after it are zero, and when fewer than 3 of its last bytes are zero, one value of them
+    gives the CRC the frame's header holds."""
+    if any(data[hi - 1:hi - 1 + ZERO_RUN]):
+        return False
+    zeros = 3 - len(data[hi - 3:hi].rstrip(b"\x00"))
+    if zeros >= 3:
+        return True
+    known = crc32c(data[lo + 40:hi - zeros], crc32c(data[lo:lo + 36]))
+    stored = int.from_bytes(data[lo + 36:lo + 40], "little")
+    return any(crc32c(v.to_bytes(zeros, "little"), known) == stored for v in range(256 ** zeros))
+
+
 def _legacy_looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
     """A frame at ``lo`` with extent [lo, hi) looks like an incomplete write: it runs past the end of
     the file, its last bytes in its last sector (up to ZERO_RUN) are zero, its bytes up to the first sector
@@ -131,8 +147,7 @@ def _legacy_looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
     sector boundary (a sector that never reached the disk)."""
     if hi > len(data):
         return True
-    if hi > lo and data[hi - 1] == 0 and (not any(data[hi - min(ZERO_RUN, hi - max(lo, (hi - 1) // SECTOR * SECTOR)):hi])
-                                          or not any(data[hi - 1:hi - 1 + ZERO_RUN])):
+    if hi > lo and end_never_written(data, lo, hi):
         return True          # its end never reached the disk
     first_boundary = (lo // SECTOR + 1) * SECTOR
     if not any(data[lo:min(hi, first_boundary)]):
