@@ -17,7 +17,7 @@ flight and every call of the snapshot source), it is reopened at least every fiv
 always at the end.  A failing history is shrunk and printed as the calls a host made.
 
 Knobs (environment):
-    WALCRYPT_HISTORIES=200000     histories to run (default 2400, split over 8 test cases)
+    WALCRYPT_HISTORIES=200000     histories to run (default 1800, split over 8 test cases)
     WALCRYPT_HISTORY_STEPS=60     the most operations in one history (default 24)
     WALCRYPT_HISTORY_SEED=random  another set of histories (default 0: the same ones every run)
     WALCRYPT_HISTORY_ONLY=<seed>  run only the history a failure message names (with the same
@@ -163,7 +163,7 @@ def test_a_broken_snapshot_never_falls_back_across_a_log_reset(tmp_path, monkeyp
 
 CONFS = (ConfState(voters=(1, 2, 3)), ConfState(voters=(1, 2, 3), learners=(4,)),
          ConfState(voters=(1, 2, 3, 4, 5)), ConfState(voters=(2, 3, 4)))
-HISTORIES = int(os.environ.get("WALCRYPT_HISTORIES", "2400"))
+HISTORIES = int(os.environ.get("WALCRYPT_HISTORIES", "1800"))
 MAX_STEPS = int(os.environ.get("WALCRYPT_HISTORY_STEPS", "24"))
 _seed_env = os.environ.get("WALCRYPT_HISTORY_SEED", "0")
 BASE_SEED = random.SystemRandom().randrange(1 << 32) if _seed_env == "random" else int(_seed_env)
