@@ -369,3 +369,136 @@ def test_entries_saved_during_a_full_rekey_stay_in_the_log(tmp_path):
         s.close()
     with walcrypt.open(path, kek=walcrypt.RawKey(wctest.KEK_BYTES)) as s:
         assert s.last_index() == 23 and s.entries(21, 23) == during
+
+
+# ---------------------------------------------------------------------------------------------
+# Second review.  (a) An interruption at any point of Rotation.holding_keys where CPython delivers
+# one (after each call returns) never leaves key_lock held.  (b) A few zero bytes at the head of a
+# later frame of the last unit are no lost sector: its first sector holds the unit's earlier frame.
+# ---------------------------------------------------------------------------------------------
+
+class _InterruptAsCallReturns:
+    """KeyboardInterrupt as the ``n``-th call made from ``code`` returns (0: none; counts them).  That
+    is where CPython delivers a signal handler's exception: at the end of a call, attributed to the
+    call (raised from the profiler's return events, in the thread that enters)."""
+
+    def __init__(self, code, n: int):
+        self.code, self.n, self.count, self.fired = code, n, 0, False
+
+    def _profile(self, frame, event, arg):
+        if self.fired:
+            return
+        if (event == "c_return" and frame.f_code is self.code) or \
+                (event == "return" and frame.f_back is not None and frame.f_back.f_code is self.code):
+            self.count += 1
+            if self.count == self.n:
+                self.fired = True
+                raise KeyboardInterrupt(f"injected as call {self.n} of {self.code.co_name} returned")
+
+    def __enter__(self):
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(None)
+        return False
+
+
+def _budget_saves_interrupted(tmp_path, n: int) -> dict:
+    """Saves on a worker thread until the key budget asks for a DEK rotation, interrupted as the n-th
+    call in Rotation.holding_keys returns; then, from this thread: is key_lock free, and do the saves
+    that follow rotate the DEK?"""
+    path = str(tmp_path / f"d{n}")
+    s = walcrypt.open(path, kek=walcrypt.RawKey(wctest.KEK_BYTES), segment_size=4096, max_records_per_dek=40)
+    try:
+        s.save(HardState(1, 1, 10), wctest.term_entries(1, 11, 1))
+        keys = set(s.keys)
+        out: dict = {"next": 11}
+
+        def worker():
+            with _InterruptAsCallReturns(KEYS_HELD, n) as inj:
+                try:
+                    for _ in range(200):                  # bounded; the budget is reached within it
+                        i = out["next"]
+                        s.save(HardState(1, 1, i), wctest.term_entries(i, i + 1, 1, b"acknowledged " * 4))
+                        out["next"] = i + 1
+                        if inj.count:
+                            break
+                except KeyboardInterrupt:
+                    out["next"] += 1                     # the save was durable before its rotation
+            out["calls"], out["fired"] = inj.count, inj.fired
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join(60)
+        assert not t.is_alive()
+        out["free"] = s.rotation.key_lock.acquire(timeout=5)
+        if out["free"]:
+            s.rotation.key_lock.release()
+            i = out["next"]
+            for _ in range(120):                         # bounded: the budget is 40 records
+                if set(s.keys) != keys:
+                    break
+                s.save(HardState(1, 1, i), wctest.term_entries(i, i + 1, 1, b"after " * 4))
+                i += 1
+            out["rotated"] = set(s.keys) != keys
+    finally:
+        if out.get("free", True):
+            s.close()
+    return out
+
+
+def test_an_interrupt_as_any_call_in_holding_keys_returns_never_leaves_key_lock_held(tmp_path, monkeypatch):
+    """A budget save on a worker thread is interrupted as each call Rotation.holding_keys makes
+    returns, in turn: afterwards another thread takes key_lock at once, and the saves that follow
+    rotate the DEK (none is left put off by a lock nobody uses)."""
+    monkeypatch.setattr(rotation_mod, "DEFER_FIRST_WAIT_S", 0.0)
+    calls = _budget_saves_interrupted(tmp_path, 0)["calls"]
+    assert calls >= 3                                   # the owner check, acquire, the body, release
+    bad = []
+    for n in range(1, calls + 1):
+        out = _budget_saves_interrupted(tmp_path, n)
+        if not (out["fired"] and out["free"] and out["rotated"]):
+            bad.append((n, out))
+    assert not bad, f"interrupted as call n of {calls} in holding_keys returned: {bad}"
+
+
+CHILD_504 = r'''
+import os, sys
+import walcrypt, wctest
+from walcrypt import Entry, HardState
+path, mode = sys.argv[1], sys.argv[2]
+s = wctest.open_store(path, encrypted=(mode == "enc"), segment_size=1 << 22, sync="always")
+s.save(hard_state=HardState(1, 1, 1), entries=[Entry(1, 1, b"first")])
+u = s.wal.active.write_offset
+n = (504 - u - (88 + 20 + 16)) % 512          # the unit's ENTRIES frame ends at 512k + 504
+n = n + 512 if n < 8 else n
+s.save(hard_state=None, entries=[Entry(2, 1, wctest.entry_data(2, n))])    # acknowledged
+seg = s.wal.active
+print(f"UNIT {u} {seg.write_offset} {seg.path}", flush=True)
+os._exit(0)                                   # no seal: the segment stays the newest, unsealed
+'''
+
+
+@pytest.mark.parametrize("mode", ["enc", "plain"])
+@pytest.mark.parametrize("zeroed", [8, 16, 24])
+def test_zero_bytes_at_the_head_of_the_acknowledged_commit_frame_are_not_cut_as_torn(tmp_path, mode, zeroed):
+    """The last unit's COMMIT frame starts 8 bytes before a sector boundary, its ENTRIES frame ends
+    in the same sector.  Its first 8-24 bytes zeroed (the rest of it, and the ENTRIES frame, intact):
+    damage, a CorruptionError at the frame; the acknowledged entry is not cut off."""
+    root = str(tmp_path / mode)
+    proc = subprocess.run([sys.executable, "-c", CHILD_504, root, mode], capture_output=True, text=True,
+                          env=wctest.child_env(), cwd=HERE_TESTS, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _, lo, hi, seg = proc.stdout.split()
+    lo, hi = int(lo), int(hi)
+    data = bytearray(wctest.read(seg))
+    x = hi - 112                                  # the unit's COMMIT frame [x, hi)
+    assert data[x] == fmt.FRAME_COMMIT and x % 512 == 504 and lo < x - 8, (lo, x, hi)
+    data[x:x + zeroed] = bytes(zeroed)
+    wctest.write(seg, bytes(data))
+    before = wctest.tree_hashes(root)
+    with pytest.raises(CorruptionError) as info:
+        wctest.open_and_read_all(root, encrypted=mode == "enc", segment_size=1 << 22)
+    assert info.value.offset == x
+    assert wctest.tree_hashes(root) == before and not os.path.exists(seg + ".broken")

@@ -119,9 +119,9 @@ class Rotation(KekRotation):
 
     def holding_keys(self, body: Callable[[], bool], *, wait: bool, busy: Callable[[], bool]) -> bool:
         """body() holding key_lock; with ``wait`` false and key_lock held by another thread, busy()
-        at once instead.  An interruption as the lock is taken never leaves it held: the lock's own
-        record of its owner decides the release, not a variable assigned after acquire() returns
-        (a ``with`` statement is as safe, and takes the waiting path)."""
+        at once instead.  An interruption as the lock is taken never leaves it held: the release is
+        decided by the lock itself, not by a variable assigned after acquire() returns (a ``with``
+        statement is as safe, and takes the waiting path)."""
         lock = self.key_lock
         owned = lock._is_owned   # type: ignore[attr-defined]  # CPython's RLock, as threading.Condition uses it
         if wait or owned():                         # waits, or re-entered (never waits)
@@ -130,8 +130,13 @@ class Rotation(KekRotation):
         try:
             return body() if lock.acquire(blocking=False) else busy()
         finally:
-            if owned():                             # not held before: this is the one acquisition
+            # Not held before, so held now only by the acquire above.  The release is the first call
+            # here: an interruption lands after a call returns, and one between a check of the owner
+            # and the release would leave the lock held.
+            try:
                 lock.release()
+            except RuntimeError:
+                pass                                # not acquired: another thread holds it
 
     # ------------------------------------------------------------------ state
     def load(self) -> None:

@@ -64,19 +64,23 @@ def _end_never_written(src: bounded.Source, lo: int, hi: int, window: int) -> bo
     return any(crc32c(v.to_bytes(zeros, "little"), known) == stored for v in range(256 ** zeros))
 
 
-def _looks_incomplete(src: bounded.Source, lo: int, hi: int, window: int = bounded.WINDOW) -> bool:
-    """A frame at ``lo`` with extent [lo, hi) looks like an incomplete write: it runs past the end of
-    the file, its end never reached the disk (_end_never_written), its bytes up to
-    the first sector boundary are all zero, or it holds an all-zero run of ZERO_RUN bytes starting
-    at ``lo`` or at a sector boundary (a sector that never reached the disk).  Reads [lo, hi) a
-    window at a time."""
+def _looks_incomplete(src: bounded.Source, lo: int, hi: int, unit_start: int,
+                      window: int = bounded.WINDOW) -> bool:
+    """A frame at ``lo`` with extent [lo, hi), in the write unit that starts at ``unit_start``, looks
+    like an incomplete write: it runs past the end of the file, its end never reached the disk
+    (_end_never_written), its first sector never did, or it holds an all-zero run of ZERO_RUN bytes
+    starting at ``lo`` or at a sector boundary (a sector that never reached the disk).  Reads
+    [lo, hi) a window at a time."""
     if hi > src.size:
         return True
     if _end_never_written(src, lo, hi, window):
         return True
     first_boundary = (lo // SECTOR + 1) * SECTOR
-    if bounded.all_zero(src, lo, min(hi, first_boundary), window):
-        return True          # the part of the frame in its first sector never reached the disk
+    # A lost first sector is zero from its start, except for bytes of earlier, durable units: the
+    # unit's own earlier frames in it (written by the same write) would be zero too, and fail first.
+    # A few zero bytes at the head of a later frame of the unit are damage, not a lost sector.
+    if bounded.all_zero(src, max(unit_start, lo // SECTOR * SECTOR), min(hi, first_boundary), window):
+        return True
     need = min(ZERO_RUN, hi - lo)
     a = lo
     while a < hi:
@@ -343,7 +347,7 @@ class SegmentScan:
                                       "mid-log corruption is not repaired automatically; restore the node "
                                       "from a snapshot or " + WIPE_ADVICE)
         if not self.tail_may_be_mid_write and self._is_our_frame(src, bad, seq, chain) \
-                and not _looks_incomplete(src, bad, extent_end, window):
+                and not _looks_incomplete(src, bad, extent_end, committed_end, window):
             raise CorruptionError(self.path, bad, f"{detail} in the last batch, and the damage does not look like "
                                   "an incomplete write", "run 'walcrypt verify'; restore from a snapshot if needed")
         return committed_end, (bad, detail)

@@ -109,7 +109,8 @@ class LegacySegment(Segment):
                                           "mid-log corruption is not repaired automatically; restore the node "
                                           "from a snapshot or wipe it and let Raft re-replicate")
             pos = data.find(pattern, pos + 1)
-        if self._is_our_frame(data, bad, seq, chain) and not _legacy_looks_incomplete(data, bad, extent_end):
+        if self._is_our_frame(data, bad, seq, chain) and not _legacy_looks_incomplete(data, bad, extent_end,
+                                                                                         committed_end):
             raise CorruptionError(self.path, bad, f"{detail} in the last batch, and the damage does not look like "
                                   "an incomplete write", "run 'walcrypt verify'; restore from a snapshot if needed")
         return committed_end, (bad, detail)
@@ -140,17 +141,18 @@ def end_never_written(data: bytes, lo: int, hi: int) -> bool:
     return any(crc32c(v.to_bytes(zeros, "little"), known) == stored for v in range(256 ** zeros))
 
 
-def _legacy_looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
+def _legacy_looks_incomplete(data: bytes, lo: int, hi: int, unit_start: int) -> bool:
     """A frame at ``lo`` with extent [lo, hi) looks like an incomplete write: it runs past the end of
-    the file, its last bytes in its last sector (up to ZERO_RUN) are zero, its bytes up to the first sector
-    boundary are all zero, or it holds an all-zero run of ZERO_RUN bytes starting at ``lo`` or at a
-    sector boundary (a sector that never reached the disk)."""
+    the file, its end never reached the disk (end_never_written), its first sector is zero from the
+    sector's start or the unit's, whichever is later, up to the frame's end or the next sector
+    boundary, or it holds an all-zero run of ZERO_RUN bytes starting at ``lo`` or at a sector
+    boundary (a sector that never reached the disk)."""
     if hi > len(data):
         return True
     if hi > lo and end_never_written(data, lo, hi):
         return True          # its end never reached the disk
     first_boundary = (lo // SECTOR + 1) * SECTOR
-    if not any(data[lo:min(hi, first_boundary)]):
+    if not any(data[max(unit_start, lo // SECTOR * SECTOR):min(hi, first_boundary)]):
         return True          # the part of the frame in its first sector never reached the disk
     for s in [lo] + list(range(first_boundary, hi, SECTOR)):
         e = min(hi, s + ZERO_RUN)
