@@ -163,51 +163,6 @@ def _open_under(root: str) -> list[str]:
     return out
 
 
-def _after_call_to(code, name: str) -> int:
-    """Offset of the instruction that follows the call of method ``name`` in ``code`` (where CPython
-    delivers a pending signal's exception once the call returned: tests/test_exception_injection.py,
-    LineInjector)."""
-    import dis
-    ins = list(dis.get_instructions(code))
-    for k, x in enumerate(ins):
-        if x.argval == name and x.opname in ("LOAD_METHOD", "LOAD_ATTR"):
-            for j in range(k + 1, len(ins)):
-                if ins[j].opname in ("CALL", "CALL_FUNCTION_EX", "CALL_METHOD"):
-                    return ins[j + 1].offset
-    raise AssertionError(f"no call of {name} in {code.co_name}")
-
-
-class _InterruptAfter:
-    """Raises KeyboardInterrupt once, at the instruction after the call of ``name`` in ``code`` (an
-    opcode trace event, as the suite's LineInjector raises it)."""
-
-    def __init__(self, code, name: str):
-        self.code, self.offset, self.fired = code, _after_call_to(code, name), False
-
-    def _call(self, frame, event, arg):
-        if frame.f_code is self.code and not self.fired:
-            frame.f_trace_opcodes = True
-            frame.f_trace_lines = False
-            return self._opcode
-        return None
-
-    def _opcode(self, frame, event, arg):
-        if event == "opcode" and not self.fired and frame.f_lasti == self.offset:
-            self.fired = True
-            raise KeyboardInterrupt(f"injected after {frame.f_code.co_name}'s pin()")
-        return self._opcode
-
-    def __enter__(self):
-        import sys
-        sys.settrace(self._call)
-        return self
-
-    def __exit__(self, *exc):
-        import sys
-        sys.settrace(None)
-        return False
-
-
 @pytest.mark.parametrize("where", ["read_frame", "read_entries_records"])
 def test_an_interrupt_as_pin_returns_never_leaks_the_segment_descriptor(tmp_path, where):
     from walcrypt.segment import Segment
@@ -219,7 +174,7 @@ def test_an_interrupt_as_pin_returns_never_leaks_the_segment_descriptor(tmp_path
         assert seg.sealed and seg.last_index >= 6
         s.wal._cache.clear()
         code = getattr(Segment, where).__code__
-        with _InterruptAfter(code, "pin") as inj:
+        with wctest.InterruptAfter(code, "pin") as inj:
             with pytest.raises(KeyboardInterrupt):
                 if where == "read_frame":
                     s.entries(2, 3)                        # one record: read_entries_record -> read_frame
@@ -250,7 +205,7 @@ def test_a_queued_rotation_survives_an_interrupted_start(tmp_path):
         s.rotate_dek()                                      # queued behind it (durable)
         assert s.key_info()["rotation"]["queued"] == 1
         from walcrypt.rotation import Rotation
-        with _InterruptAfter(Rotation.prepare_queued.__code__, "_new_key") as inj:
+        with wctest.InterruptAfter(Rotation.prepare_queued.__code__, "_new_key") as inj:
             with pytest.raises(KeyboardInterrupt):
                 s.save_snapshot(SnapshotMeta(10, 1, CS), b"state at 10")
         assert inj.fired

@@ -6,7 +6,6 @@ found; real files, real LMDB, real threads, the child store writer a real subpro
 from __future__ import annotations
 
 import ctypes
-import dis
 import os
 import subprocess
 import sys
@@ -238,46 +237,6 @@ def test_an_interrupt_as_rotate_dek_gets_key_lock_never_leaves_it_held(tmp_path)
         s.close()
 
 
-def _after_call_to(code, name: str) -> int:
-    ins = list(dis.get_instructions(code))
-    for k, x in enumerate(ins):
-        if x.argval == name and x.opname in ("LOAD_METHOD", "LOAD_ATTR"):
-            for j in range(k + 1, len(ins)):
-                if ins[j].opname in ("CALL", "CALL_FUNCTION_EX", "CALL_METHOD"):
-                    return ins[j + 1].offset
-    raise AssertionError(f"no call of {name} in {code.co_name}")
-
-
-class _InterruptAfter:
-    """KeyboardInterrupt once, at the instruction after the call of ``name`` in ``code`` (an opcode
-    trace event: where CPython delivers a pending signal's exception, as the suite's LineInjector
-    and test_review_pinning._InterruptAfter raise it)."""
-
-    def __init__(self, code, name: str):
-        self.code, self.offset, self.fired = code, _after_call_to(code, name), False
-
-    def _call(self, frame, event, arg):
-        if frame.f_code is self.code and not self.fired:
-            frame.f_trace_opcodes = True
-            frame.f_trace_lines = False
-            return self._opcode
-        return None
-
-    def _opcode(self, frame, event, arg):
-        if event == "opcode" and not self.fired and frame.f_lasti == self.offset:
-            self.fired = True
-            raise KeyboardInterrupt("injected as key_lock.acquire() returned")
-        return self._opcode
-
-    def __enter__(self):
-        sys.settrace(self._call)
-        return self
-
-    def __exit__(self, *exc):
-        sys.settrace(None)
-        return False
-
-
 def test_an_interrupt_as_a_budget_save_gets_key_lock_never_starves_the_rotation(tmp_path, monkeypatch):
     """A save on a Raft worker thread reaches the key budget; its DEK rotation gets key_lock
     (non-blocking) and a KeyboardInterrupt arrives as acquire() returns.  key_lock stays held by that
@@ -294,7 +253,7 @@ def test_an_interrupt_as_a_budget_save_gets_key_lock_never_starves_the_rotation(
 
         def worker():
             i = 11
-            with _InterruptAfter(KEYS_HELD, "acquire") as inj:
+            with wctest.InterruptAfter(KEYS_HELD, "acquire") as inj:
                 try:
                     for _ in range(2000):                 # bounded; the budget is reached within it
                         s.save(HardState(1, 1, i), wctest.term_entries(i, i + 1, 1, b"acknowledged " * 4))

@@ -7,6 +7,7 @@ own code paths, so the tests check the format rather than reuse the code under t
 
 from __future__ import annotations
 
+import dis
 import hashlib
 import os
 import shutil
@@ -454,3 +455,49 @@ def in_thread(fn) -> tuple[threading.Thread, dict]:
     t = threading.Thread(target=go, daemon=True)
     t.start()
     return t, out
+
+
+# ---------------------------------------------------------------------------
+# Interruptions where CPython delivers a signal handler's exception
+# ---------------------------------------------------------------------------
+
+def after_call_to(code, name: str) -> int:
+    """Offset of the instruction that follows the call of method ``name`` in ``code`` (where CPython
+    delivers a pending signal's exception once the call returned: tests/test_exception_injection.py,
+    LineInjector)."""
+    ins = list(dis.get_instructions(code))
+    for k, x in enumerate(ins):
+        if x.argval == name and x.opname in ("LOAD_METHOD", "LOAD_ATTR"):
+            for j in range(k + 1, len(ins)):
+                if ins[j].opname in ("CALL", "CALL_FUNCTION_EX", "CALL_METHOD"):
+                    return ins[j + 1].offset
+    raise AssertionError(f"no call of {name} in {code.co_name}")
+
+
+class InterruptAfter:
+    """Raises KeyboardInterrupt once, at the instruction after the call of ``name`` in ``code`` (an
+    opcode trace event, as the suite's LineInjector raises it), in the thread that enters."""
+
+    def __init__(self, code, name: str):
+        self.code, self.name, self.offset, self.fired = code, name, after_call_to(code, name), False
+
+    def _call(self, frame, event, arg):
+        if frame.f_code is self.code and not self.fired:
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+            return self._opcode
+        return None
+
+    def _opcode(self, frame, event, arg):
+        if event == "opcode" and not self.fired and frame.f_lasti == self.offset:
+            self.fired = True
+            raise KeyboardInterrupt(f"injected after {frame.f_code.co_name}'s {self.name}()")
+        return self._opcode
+
+    def __enter__(self):
+        sys.settrace(self._call)
+        return self
+
+    def __exit__(self, *exc):
+        sys.settrace(None)
+        return False

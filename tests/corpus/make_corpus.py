@@ -53,14 +53,14 @@ import sys
 import tempfile
 import time
 
-from crc32c import crc32c
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 ROOT = os.path.dirname(TESTS)
 for _p in (ROOT, TESTS):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+
+from fuzz.legacy_scan import end_never_written  # noqa: E402  (FORMAT.md 11.4 rule 3, the oracle's reading)
 
 # ---------------------------------------------------------------------------------------------
 # Fixed inputs
@@ -224,20 +224,6 @@ def read(path: str) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # FORMAT.md section 11.4, written out independently of the engine (used to derive expectations)
 # ---------------------------------------------------------------------------------------------
-
-def end_never_written(data: bytes, lo: int, hi: int) -> bool:
-    """FORMAT.md 11.4 rule 3, second case, over the whole file: the frame's last byte and the 32 - 1
-    bytes after it are zero, and when fewer than 3 of its last bytes are zero, one value of them
-    gives the CRC the frame's header holds."""
-    if any(data[hi - 1:hi - 1 + 32]):
-        return False
-    zeros = 3 - len(data[hi - 3:hi].rstrip(b"\x00"))
-    if zeros >= 3:
-        return True
-    known = crc32c(data[lo + 40:hi - zeros], crc32c(data[lo:lo + 36]))
-    stored = int.from_bytes(data[lo + 36:lo + 40], "little")
-    return any(crc32c(v.to_bytes(zeros, "little"), known) == stored for v in range(256 ** zeros))
-
 
 def looks_incomplete(data: bytes, lo: int, hi: int) -> bool:
     """Rule 3 of FORMAT.md 11.4: the frame with extent [lo, hi) looks like an incomplete write."""
