@@ -24,8 +24,6 @@ from walcrypt import (
     ConfState,
     Entry,
     HardState,
-    Kms,
-    Retry,
     SnapshotMeta,
     UsageError,
 )
@@ -110,16 +108,10 @@ class _FlakyService(wctest.FlakyService):
         super()._gate()
 
 
-def _kms(service) -> Kms:
-    k = Kms("flaky", retry=Retry(attempts=2, delay=0.0))
-    k._plugin = service
-    return k
-
-
 def test_rotate_dek_behind_a_completing_snapshot_commit_never_fails_the_store(tmp_path):
     svc = _FlakyService()
     d = str(tmp_path / "data")
-    s = walcrypt.open(d, kek=_kms(svc), sync="batch")
+    s = walcrypt.open(d, kek=wctest.flaky_kms(svc), sync="batch")
     try:
         svc.wal = s.wal
         for i in range(1, 11):

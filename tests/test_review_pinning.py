@@ -26,8 +26,6 @@ from walcrypt import (
     Entry,
     HardState,
     KeyProviderError,
-    Kms,
-    Retry,
     SnapshotMeta,
     UsageError,
 )
@@ -39,12 +37,6 @@ JOIN_S = 20
 _run = wctest.in_thread
 
 
-def _kms(service) -> Kms:
-    k = Kms("flaky", retry=Retry(attempts=2, delay=0.0))
-    k._plugin = service
-    return k
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. rekey() behind a snapshot commit that completes the rotation in flight, during an outage
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +44,7 @@ def _kms(service) -> Kms:
 def test_rekey_behind_a_completing_snapshot_commit_during_an_outage_keeps_the_store(tmp_path):
     svc = wctest.FlakyService(name="review")
     d = str(tmp_path / "data")
-    s = walcrypt.open(d, kek=_kms(svc), sync="batch")
+    s = walcrypt.open(d, kek=wctest.flaky_kms(svc), sync="batch")
     try:
         for i in range(1, 11):
             s.save(HardState(1, 0, i), [Entry(i, 1, b"e%d" % i)])

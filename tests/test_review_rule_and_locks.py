@@ -146,12 +146,6 @@ def test_bit_flip_in_a_frame_ending_one_byte_past_a_sector_boundary_is_not_cut_a
 #       left the engine.  (A `with` statement has no such point.)
 # ---------------------------------------------------------------------------------------------
 
-def _kms(service):
-    k = walcrypt.Kms("flaky", retry=walcrypt.Retry(attempts=1, delay=0.0))
-    k._plugin = service
-    return k
-
-
 class GatedService(FlakyService):
     """A key service whose wrap() waits (bounded) for ``gate`` once armed: a slow KMS."""
 
@@ -192,7 +186,7 @@ def test_an_interrupt_as_rotate_dek_gets_key_lock_never_leaves_it_held(tmp_path)
     thread still holds -- the Raft thread blocks forever (and every later key operation too)."""
     svc = GatedService()
     path = str(tmp_path / "d")
-    s = walcrypt.open(path, kek=_kms(svc), segment_size=4096)
+    s = walcrypt.open(path, kek=wctest.flaky_kms(svc, attempts=1), segment_size=4096)
     try:
         s.save(HardState(1, 1, 10), wctest.term_entries(1, 11, 1))
         svc.armed = True

@@ -443,6 +443,14 @@ class FlakyService:
         return {"key": self.name}
 
 
+def flaky_kms(service: FlakyService, attempts: int = 2) -> walcrypt.Kms:
+    """A KMS key-encryption key served by ``service`` in process (instead of an entry point), with
+    ``attempts`` tries per call and no delay between them."""
+    k = walcrypt.Kms("flaky", retry=walcrypt.Retry(attempts=attempts, delay=0.0))
+    k._plugin = service
+    return k
+
+
 def in_thread(fn) -> tuple[threading.Thread, dict]:
     """Run ``fn()`` in a daemon thread: (the thread, {"ok": result} or {"error": exception})."""
     out: dict = {}
