@@ -459,9 +459,12 @@ class Rotation(KekRotation):
                 with st.meta.write() as tx:
                     self.state["rekey"] = True
                     self._put_state(tx, self.state)
-            elif not self.rotate_dek(reason="rekey", rekey=True, prepared=prepared):
-                # The rotation in flight when the caller prepared (so no key) completed since.
-                self.rotate_dek(reason="rekey", rekey=True, prepared=self.prepare_key())
+            else:
+                # Store.rekey prepared the key with no rotation in flight, and none can start or
+                # complete since (key_lock, snapshot writers excluded): never declined.  The key service
+                # is never asked here, inside the caller's fail-stop guard.
+                started = self.rotate_dek(reason="rekey", rekey=True, prepared=prepared)
+                assert started, "a re-key's new key is prepared before its guard"
         new_id = self.pending_key_id
         assert new_id is not None            # rotate_dek above (or the resumed rotation) left a key pending
         # From the rewrite to the install no save runs: one in between would land in a segment the

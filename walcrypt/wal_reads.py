@@ -38,6 +38,7 @@ _BULK_RECORDS = 3
 # are still in the log, in new segments) locates them again, at most this many times.
 REREADS = 3
 
+
 def _not_in_order(seg: Segment, idx: int, first: int, n: int) -> CorruptionError:
     return CorruptionError(seg.path, None, f"segment {seg.seg_id}: its records do not follow each other "
                            f"(index {idx} expected in a record at {first} x{n})")
